@@ -1,0 +1,34 @@
+#pragma once
+/// \file
+/// Every `LOCKSTEP_*` environment variable lockstep reads, in one place. The README lists the
+/// same table. Variables are read only at the edges (process-group initialisation, the
+/// launcher, logging set-up, the DDP trace), never deep inside the library.
+
+namespace lockstep {
+namespace env {
+
+/// Log level: trace, debug, info, warn, error, off. Default: info.
+constexpr const char* kLogLevel = "LOCKSTEP_LOG_LEVEL";
+/// Rendezvous timeout in seconds (store connection, all ranks joining). Default: 120.
+constexpr const char* kRendezvousTimeout = "LOCKSTEP_RENDEZVOUS_TIMEOUT";
+/// Collective timeout in seconds (a single all-reduce, broadcast, ...). Default: 300.
+constexpr const char* kTimeout = "LOCKSTEP_TIMEOUT";
+/// Job id scoping store keys, so two jobs sharing a store never mix. Default: from the
+/// launcher (`TORCHELASTIC_RUN_ID`, `SLURM_JOB_ID`) or "default".
+constexpr const char* kJobId = "LOCKSTEP_JOB_ID";
+/// Restart round, set by lockstep-run; scopes rendezvous keys of restarted groups. Default: 0.
+constexpr const char* kRestartCount = "LOCKSTEP_RESTART_COUNT";
+/// Network interface Gloo binds to (like GLOO_SOCKET_IFNAME). Default: chosen from the
+/// master address (loopback for a local master, the hostname's address otherwise).
+constexpr const char* kSocketIfname = "LOCKSTEP_SOCKET_IFNAME";
+/// Transport for collectives within a host: gloo, shm or auto. Default: auto.
+constexpr const char* kTransport = "LOCKSTEP_TRANSPORT";
+/// Path of a Chrome trace (chrome://tracing, Perfetto) written by DistributedDataParallel.
+constexpr const char* kTrace = "LOCKSTEP_TRACE";
+/// File where a worker writes its last uncaught error for lockstep-run's summary.
+constexpr const char* kErrorFile = "LOCKSTEP_ERROR_FILE";
+/// Set to 1 by lockstep-run when it hosts the rendezvous store on MASTER_PORT.
+constexpr const char* kAgentStore = "LOCKSTEP_AGENT_STORE";
+
+}  // namespace env
+}  // namespace lockstep

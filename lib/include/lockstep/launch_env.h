@@ -1,0 +1,77 @@
+#pragma once
+/// \file
+/// The launch-environment resolver: turns the environment a launcher left behind into one
+/// topology. Pure (takes the environment as a map), so it is tested without processes.
+///
+/// Precedence, highest first (the first launcher whose rank variable is present wins, and all
+/// of its fields come from that launcher; explicit overrides then replace single fields):
+///   1. explicit arguments (`LaunchOverrides`, e.g. from command-line flags)
+///   2. torchrun / lockstep-run / Kubeflow PyTorchJob: RANK, WORLD_SIZE, LOCAL_RANK,
+///      LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT. TORCHELASTIC_USE_AGENT_STORE
+///      (or LOCKSTEP_AGENT_STORE) = 1/True means the launcher hosts the store on MASTER_PORT,
+///      so every rank, rank 0 too, connects as a client.
+///   3. PET_* (torchrun's own arguments as set by Kubeflow's training operator for a pod that
+///      runs one process): PET_NODE_RANK, PET_NNODES, PET_NPROC_PER_NODE (must be 1),
+///      PET_MASTER_ADDR, PET_MASTER_PORT.
+///   4. Slurm (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID,
+///      SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE; master = MASTER_ADDR or the first host of
+///      SLURM_JOB_NODELIST; port = MASTER_PORT or 20000 + SLURM_JOB_ID % 20000.
+///   5. Open MPI (mpirun): OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE; master from
+///      MASTER_ADDR / MASTER_PORT (pass them with `mpirun -x`).
+///   6. MPICH / Intel MPI (PMI): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS.
+///   7. nothing: a single process (rank 0 of 1).
+/// MASTER_ADDR and MASTER_PORT fill in for launchers that do not set a master themselves;
+/// MASTER_PORT defaults to 29500 (torchrun's default).
+
+#include <map>
+#include <optional>
+#include <string>
+
+namespace lockstep {
+
+/// A process environment as name -> value.
+using EnvMap = std::map<std::string, std::string>;
+
+/// Values that override what the environment says (typically command-line flags).
+struct LaunchOverrides {
+  std::optional<int> rank;
+  std::optional<int> world_size;
+  std::optional<int> local_rank;
+  std::optional<int> local_world_size;
+  std::optional<int> node_rank;
+  std::optional<std::string> master_addr;
+  std::optional<int> master_port;
+};
+
+/// The resolved topology of this process.
+struct LaunchEnv {
+  int rank = 0;              ///< global rank, 0 <= rank < world_size
+  int world_size = 1;        ///< number of processes in the job
+  int local_rank = 0;        ///< rank among the processes on this node
+  int local_world_size = 1;  ///< processes on this node
+  int node_rank = 0;         ///< index of this node
+  std::string master_addr = "127.0.0.1";  ///< host of the rendezvous store
+  int master_port = 29500;                ///< port of the rendezvous store
+  /// True when the launcher already hosts the store (torchrun's agent store, lockstep-run):
+  /// every rank connects as a client.
+  bool launcher_hosts_store = false;
+  std::string job_id = "default";  ///< scopes store keys (LOCKSTEP_JOB_ID, run id, Slurm job)
+  int restart_count = 0;           ///< restart round (LOCKSTEP_RESTART_COUNT, torchelastic)
+  std::string launcher = "none";   ///< which launcher's variables were used
+  /// For every field above: where its value came from ("RANK", "default", "argument", ...).
+  std::map<std::string, std::string> sources;
+
+  /// One line: "rank 1/4 (local 1/2, node 0) master 10.0.0.1:29500 via torchrun [rank<-RANK ...]".
+  std::string describe() const;
+};
+
+/// Resolves the topology from `env` and `overrides` (see the file comment for precedence).
+/// Throws InvalidArgument naming the variable, its value and the allowed range for a
+/// non-numeric or negative value, rank >= world size, local rank >= local world size, a
+/// missing master address when world size > 1, or a port outside 1..65535.
+LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides = {});
+
+/// This process's environment (environ) as an EnvMap.
+EnvMap process_environment();
+
+}  // namespace lockstep

@@ -1,0 +1,11 @@
+#pragma once
+/// \file
+/// Umbrella header: everything a training program needs from lockstep.
+
+#include "lockstep/env_vars.h"
+#include "lockstep/errors.h"
+#include "lockstep/launch_env.h"
+#include "lockstep/log.h"
+#include "lockstep/options.h"
+#include "lockstep/process_group.h"
+#include "lockstep/store.h"

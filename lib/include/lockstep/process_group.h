@@ -1,0 +1,162 @@
+#pragma once
+/// \file
+/// Process groups: the collectives lockstep's DDP and users run across ranks.
+///
+/// `init_process_group()` rendezvouses through a Store and returns a `ProcessGroup` backed by
+/// c10d's ProcessGroupGloo (or, where ranks share a host and the transport allows, lockstep's
+/// shared-memory path). Every collective is asynchronous and returns a `Work`; `wait()`
+/// rethrows failures as lockstep errors carrying `[rank r/w]`, the operation and its sequence
+/// number. Collectives are *collective*: every rank must call the same ones in the same order.
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lockstep/launch_env.h"
+#include "lockstep/options.h"
+#include "lockstep/store.h"
+
+namespace lockstep {
+
+/// Reduction applied by allreduce / reduce_scatter.
+enum class ReduceOp { kSum, kAvg, kMin, kMax, kProduct };
+
+/// "sum", "avg", "min", "max", "product".
+const char* to_string(ReduceOp op);
+
+/// Handle to an asynchronous operation. Thread-safe.
+class Work {
+ public:
+  virtual ~Work() = default;
+  /// True once the operation finished, successfully or not. Does not throw.
+  virtual bool is_completed() = 0;
+  /// Blocks until the operation finished; rethrows its failure (CommError, TimeoutError, ...).
+  /// May be called more than once; every call after a failure rethrows it.
+  virtual void wait() = 0;
+};
+using WorkPtr = std::shared_ptr<Work>;
+
+/// A Work completed by whoever runs the operation (`set_completed` / `set_error`); for
+/// ProcessGroup implementations that run collectives on their own threads.
+class PromiseWork : public Work {
+ public:
+  PromiseWork();
+  ~PromiseWork() override;
+  bool is_completed() override;
+  void wait() override;
+  /// Marks success and wakes waiters. Idempotent with respect to the first outcome.
+  void set_completed();
+  /// Marks failure and wakes waiters; `wait()` rethrows `error`.
+  void set_error(std::exception_ptr error);
+  /// A Work that is already complete.
+  static WorkPtr completed();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+/// Options for `init_process_group`. Every field has a default; unset durations fall back to
+/// the `LOCKSTEP_*` environment variable, then the built-in default.
+struct ProcessGroupOptions {
+  /// "env://" (the launch environment; default), "tcp://host:port" or "file:///path".
+  LOCKSTEP_ARG(std::string, init_method) = "env://";
+  /// Rank of this process; -1 (default): from the launch environment.
+  LOCKSTEP_ARG(int, rank) = -1;
+  /// Number of processes; -1 (default): from the launch environment.
+  LOCKSTEP_ARG(int, world_size) = -1;
+  /// Scopes store keys so that two jobs sharing a store never mix; "" (default): the launch
+  /// environment's job id (LOCKSTEP_JOB_ID, TORCHELASTIC_RUN_ID, SLURM_JOB_ID) or "default".
+  LOCKSTEP_ARG(std::string, job_id) = "";
+  /// Time for the store connection and for all ranks to join; 0 (default):
+  /// LOCKSTEP_RENDEZVOUS_TIMEOUT seconds, else 120 s.
+  LOCKSTEP_ARG(std::chrono::milliseconds, rendezvous_timeout) = std::chrono::milliseconds(0);
+  /// Time one collective may take before it fails; 0 (default): LOCKSTEP_TIMEOUT seconds,
+  /// else 300 s (c10d's default is 30 minutes, which hides a dead peer far too long).
+  LOCKSTEP_ARG(std::chrono::milliseconds, timeout) = std::chrono::milliseconds(0);
+  /// Gloo worker threads (concurrent collectives). Default 2.
+  LOCKSTEP_ARG(int, threads) = 2;
+  /// Network interface Gloo binds to; "" (default): LOCKSTEP_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
+  /// else loopback for a loopback master and the hostname's address otherwise.
+  LOCKSTEP_ARG(std::string, socket_ifname) = "";
+  /// "gloo", "shm" or "auto"; "" (default): LOCKSTEP_TRANSPORT, else "auto".
+  LOCKSTEP_ARG(std::string, transport) = "";
+  /// A store to rendezvous through instead of `init_method` (ranks as threads share
+  /// `Store::hash()`). Default: none.
+  LOCKSTEP_ARG(std::shared_ptr<Store>, store) = nullptr;
+  /// The environment to resolve the topology from; empty (default): this process's.
+  LOCKSTEP_ARG(EnvMap, environment) = {};
+};
+
+/// A group of ranks running collectives together. Obtain one from `init_process_group`.
+/// Methods may be called from any thread, but collectives must be issued in the same order
+/// on every rank.
+class ProcessGroup {
+ public:
+  virtual ~ProcessGroup();
+
+  /// This process's rank in the group.
+  int rank() const { return rank_; }
+  /// Number of ranks in the group.
+  int size() const { return size_; }
+  /// "[rank r/w]", the prefix of every message that concerns this group.
+  std::string where() const;
+
+  /// Name of the transport: "gloo", "shm", "hier", ...
+  virtual std::string backend() const = 0;
+
+  /// Reduces `tensor` in place across ranks. kAvg divides the sum by size() (floating
+  /// types only). Collective.
+  virtual WorkPtr allreduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) = 0;
+  /// Replaces `tensor` with root's on every rank. Collective.
+  virtual WorkPtr broadcast(at::Tensor& tensor, int root = 0) = 0;
+  /// outputs[i] receives rank i's `input`; outputs must hold size() tensors shaped like
+  /// `input`. Collective.
+  virtual WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) = 0;
+  /// `output` receives the reduction over ranks of inputs[rank()]. Collective. The default
+  /// implementation all-reduces the concatenated inputs (Gloo has no native reduce_scatter).
+  virtual WorkPtr reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                                 ReduceOp op = ReduceOp::kSum);
+  /// Completes when every rank reached it. Collective.
+  virtual WorkPtr barrier() = 0;
+
+  /// Timeout of one collective.
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  /// The store the group rendezvoused through (scoped to this group), for small metadata.
+  const std::shared_ptr<Store>& store() const { return store_; }
+
+ protected:
+  ProcessGroup(int rank, int size, std::chrono::milliseconds timeout,
+               std::shared_ptr<Store> store);
+  /// Next collective sequence number of this group (1, 2, ...), for error messages.
+  uint64_t next_sequence();
+  /// Validates the arguments of a collective; throws InvalidArgument naming the operation.
+  void check_tensor(const char* op, const at::Tensor& tensor) const;
+
+ private:
+  int rank_;
+  int size_;
+  std::chrono::milliseconds timeout_;
+  std::shared_ptr<Store> store_;
+  uint64_t sequence_ = 0;
+};
+using ProcessGroupPtr = std::shared_ptr<ProcessGroup>;
+
+/// Rendezvous and create this process's group (see ProcessGroupOptions). Collective: every
+/// rank of the job calls it. At rendezvous every rank checks that all agree on the world size
+/// and that no rank is claimed twice, and raises an error naming the disagreeing ranks.
+/// Throws InvalidArgument (bad topology or init_method), TimeoutError (a rank never joined;
+/// names the missing ranks and the store address) or CommError.
+ProcessGroupPtr init_process_group(const ProcessGroupOptions& options = ProcessGroupOptions());
+
+/// Creates a Gloo group over an existing store, skipping the launch environment: for ranks
+/// that are threads of one process (tests) and for launchers. Collective.
+ProcessGroupPtr new_gloo_group(int rank, int size, std::shared_ptr<Store> store,
+                               const ProcessGroupOptions& options = ProcessGroupOptions());
+
+}  // namespace lockstep

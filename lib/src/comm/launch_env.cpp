@@ -1,0 +1,311 @@
+// The launch-environment resolver (see lockstep/launch_env.h for the precedence).
+#include "lockstep/launch_env.h"
+
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <sstream>
+#include <vector>
+
+#include "lockstep/env_vars.h"
+#include "lockstep/errors.h"
+
+extern char** environ;
+
+namespace lockstep {
+namespace {
+
+using detail::concat;
+
+std::optional<std::string> lookup(const EnvMap& env, const std::string& name) {
+  auto it = env.find(name);
+  if (it == env.end()) return std::nullopt;
+  return it->second;
+}
+
+bool has(const EnvMap& env, const std::string& name) { return env.count(name) > 0; }
+
+// Parses a decimal integer in [lo, hi]; the error names the variable, its value and the range.
+int parse_int(const std::string& name, const std::string& text, long lo, long hi) {
+  const char* begin = text.c_str();
+  char* end = nullptr;
+  errno = 0;
+  long value = std::strtol(begin, &end, 10);
+  bool ok = !text.empty() && end != begin && *end == '\0' && errno == 0;
+  if (!ok || value < lo || value > hi) {
+    throw InvalidArgument(concat("Expected ", name, " to be an integer in [", lo, ", ", hi,
+                              "], but got '", text, "'. Fix the launcher or the variable."));
+  }
+  return static_cast<int>(value);
+}
+
+bool truthy(const std::string& text) {
+  return text == "1" || text == "true" || text == "True" || text == "TRUE" || text == "yes";
+}
+
+// First host of a Slurm node list: "node[001-004,007],gpu01" -> "node001".
+std::string first_slurm_host(const std::string& list) {
+  std::string first;
+  int depth = 0;
+  for (char c : list) {
+    if (c == '[') ++depth;
+    if (c == ']') --depth;
+    if (c == ',' && depth == 0) break;
+    first.push_back(c);
+  }
+  auto open = first.find('[');
+  if (open == std::string::npos) return first;
+  std::string prefix = first.substr(0, open);
+  std::string inside = first.substr(open + 1);
+  std::string range;
+  for (char c : inside) {
+    if (c == ',' || c == '-' || c == ']') break;
+    range.push_back(c);
+  }
+  return prefix + range;
+}
+
+// Tasks on node `node` from SLURM_TASKS_PER_NODE, e.g. "2(x3),1" -> {2,2,2,1}.
+std::optional<int> slurm_tasks_on_node(const std::string& spec, int node) {
+  std::vector<int> counts;
+  std::stringstream ss(spec);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    auto paren = item.find("(x");
+    int count = parse_int("SLURM_TASKS_PER_NODE", item.substr(0, paren), 0, INT_MAX);
+    int repeat = 1;
+    if (paren != std::string::npos) {
+      auto close = item.find(')', paren);
+      repeat = parse_int("SLURM_TASKS_PER_NODE", item.substr(paren + 2, close - paren - 2), 1,
+                         INT_MAX);
+    }
+    for (int i = 0; i < repeat; ++i) counts.push_back(count);
+  }
+  if (node < 0 || node >= static_cast<int>(counts.size())) return std::nullopt;
+  return counts[node];
+}
+
+struct Resolver {
+  const EnvMap& env;
+  LaunchEnv out;
+
+  // Sets an int field from variable `name` when present.
+  bool take(int& field, const char* key, const std::string& name, long lo, long hi = INT_MAX) {
+    auto value = lookup(env, name);
+    if (!value) return false;
+    field = parse_int(name, *value, lo, hi);
+    out.sources[key] = name;
+    return true;
+  }
+  bool take_str(std::string& field, const char* key, const std::string& name) {
+    auto value = lookup(env, name);
+    if (!value || value->empty()) return false;
+    field = *value;
+    out.sources[key] = name;
+    return true;
+  }
+  void require(const std::string& present, const std::string& missing) {
+    if (!has(env, missing)) {
+      throw InvalidArgument(concat("Expected ", missing, " to be set because ", present,
+                                " is set (", out.launcher, " launch), but it is missing. ",
+                                "Set ", missing, " or unset ", present, "."));
+    }
+  }
+};
+
+}  // namespace
+
+std::string LaunchEnv::describe() const {
+  std::ostringstream os;
+  os << "rank " << rank << "/" << world_size << " (local " << local_rank << "/"
+     << local_world_size << ", node " << node_rank << ") master " << master_addr << ":"
+     << master_port << (launcher_hosts_store ? " (launcher's store)" : "") << " job '" << job_id
+     << "' restart " << restart_count << " via " << launcher << " [";
+  bool first = true;
+  for (const auto& [field, source] : sources) {
+    os << (first ? "" : ", ") << field << "<-" << source;
+    first = false;
+  }
+  os << "]";
+  return os.str();
+}
+
+LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides) {
+  Resolver r{env, {}};
+  LaunchEnv& out = r.out;
+  for (const char* field : {"rank", "world_size", "local_rank", "local_world_size", "node_rank",
+                            "master_addr", "master_port", "job_id", "restart_count"}) {
+    out.sources[field] = "default";
+  }
+  bool node_rank_set = false;
+  bool local_world_set = false;
+
+  if (has(env, "RANK")) {
+    out.launcher = has(env, "TORCHELASTIC_RUN_ID")          ? "torchrun"
+                   : has(env, env::kRestartCount)            ? "lockstep-run"
+                   : has(env, "KUBERNETES_SERVICE_HOST")     ? "kubeflow"
+                                                             : "torchrun-style";
+    r.require("RANK", "WORLD_SIZE");
+    r.take(out.world_size, "world_size", "WORLD_SIZE", 1);
+    r.take(out.rank, "rank", "RANK", 0);
+    r.take(out.local_rank, "local_rank", "LOCAL_RANK", 0);
+    local_world_set = r.take(out.local_world_size, "local_world_size", "LOCAL_WORLD_SIZE", 1);
+    node_rank_set = r.take(out.node_rank, "node_rank", "GROUP_RANK", 0);
+    r.take_str(out.master_addr, "master_addr", "MASTER_ADDR");
+  } else if (has(env, "PET_NODE_RANK")) {
+    out.launcher = "kubeflow-pet";
+    int nproc = 1;
+    r.take(nproc, "local_world_size", "PET_NPROC_PER_NODE", 1);
+    if (nproc != 1) {
+      throw InvalidArgument(concat("Expected PET_NPROC_PER_NODE to be 1 for a process started "
+                                "directly in a PyTorchJob pod, but got ", nproc,
+                                ". Start the program under `torchrun --no-python` or "
+                                "`lockstep-run`, which read PET_* and start one process per "
+                                "slot."));
+    }
+    r.require("PET_NODE_RANK", "PET_NNODES");
+    r.take(out.world_size, "world_size", "PET_NNODES", 1);
+    r.take(out.rank, "rank", "PET_NODE_RANK", 0);
+    out.node_rank = out.rank;
+    out.sources["node_rank"] = "PET_NODE_RANK";
+    node_rank_set = true;
+    if (!r.take_str(out.master_addr, "master_addr", "PET_MASTER_ADDR")) {
+      r.take_str(out.master_addr, "master_addr", "MASTER_ADDR");
+    }
+    if (!r.take(out.master_port, "master_port", "PET_MASTER_PORT", 1, 65535)) {
+      r.take(out.master_port, "master_port", "MASTER_PORT", 1, 65535);
+    }
+  } else if (has(env, "SLURM_PROCID")) {
+    out.launcher = "slurm";
+    r.require("SLURM_PROCID", "SLURM_NTASKS");
+    r.take(out.world_size, "world_size", "SLURM_NTASKS", 1);
+    r.take(out.rank, "rank", "SLURM_PROCID", 0);
+    r.take(out.local_rank, "local_rank", "SLURM_LOCALID", 0);
+    node_rank_set = r.take(out.node_rank, "node_rank", "SLURM_NODEID", 0);
+    local_world_set = r.take(out.local_world_size, "local_world_size", "SLURM_NTASKS_PER_NODE", 1);
+    if (!local_world_set) {
+      if (auto spec = lookup(env, "SLURM_TASKS_PER_NODE")) {
+        if (auto n = slurm_tasks_on_node(*spec, out.node_rank)) {
+          out.local_world_size = *n;
+          out.sources["local_world_size"] = "SLURM_TASKS_PER_NODE";
+          local_world_set = true;
+        }
+      }
+    }
+    if (!r.take_str(out.master_addr, "master_addr", "MASTER_ADDR")) {
+      for (const char* list : {"SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST"}) {
+        if (auto nodes = lookup(env, list); nodes && !nodes->empty()) {
+          out.master_addr = first_slurm_host(*nodes);
+          out.sources["master_addr"] = list;
+          break;
+        }
+      }
+    }
+    if (!has(env, "MASTER_PORT")) {
+      if (auto job = lookup(env, "SLURM_JOB_ID")) {
+        int id = parse_int("SLURM_JOB_ID", *job, 0, INT_MAX);
+        out.master_port = 20000 + id % 20000;
+        out.sources["master_port"] = "SLURM_JOB_ID";
+      }
+    }
+  } else if (has(env, "OMPI_COMM_WORLD_RANK")) {
+    out.launcher = "openmpi";
+    r.require("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE");
+    r.take(out.world_size, "world_size", "OMPI_COMM_WORLD_SIZE", 1);
+    r.take(out.rank, "rank", "OMPI_COMM_WORLD_RANK", 0);
+    r.take(out.local_rank, "local_rank", "OMPI_COMM_WORLD_LOCAL_RANK", 0);
+    local_world_set =
+        r.take(out.local_world_size, "local_world_size", "OMPI_COMM_WORLD_LOCAL_SIZE", 1);
+    r.take_str(out.master_addr, "master_addr", "MASTER_ADDR");
+  } else if (has(env, "PMI_RANK")) {
+    out.launcher = "pmi";
+    r.require("PMI_RANK", "PMI_SIZE");
+    r.take(out.world_size, "world_size", "PMI_SIZE", 1);
+    r.take(out.rank, "rank", "PMI_RANK", 0);
+    r.take(out.local_rank, "local_rank", "MPI_LOCALRANKID", 0);
+    local_world_set = r.take(out.local_world_size, "local_world_size", "MPI_LOCALNRANKS", 1);
+    r.take_str(out.master_addr, "master_addr", "MASTER_ADDR");
+  }
+  if (out.sources["master_port"] == "default") {
+    r.take(out.master_port, "master_port", "MASTER_PORT", 1, 65535);
+  }
+
+  // Explicit arguments override single fields.
+  auto apply = [&](const std::optional<int>& v, int& field, const char* key) {
+    if (v) {
+      field = *v;
+      out.sources[key] = "argument";
+    }
+  };
+  apply(overrides.rank, out.rank, "rank");
+  apply(overrides.world_size, out.world_size, "world_size");
+  apply(overrides.local_rank, out.local_rank, "local_rank");
+  if (overrides.local_world_size) local_world_set = true;
+  apply(overrides.local_world_size, out.local_world_size, "local_world_size");
+  if (overrides.node_rank) node_rank_set = true;
+  apply(overrides.node_rank, out.node_rank, "node_rank");
+  apply(overrides.master_port, out.master_port, "master_port");
+  if (overrides.master_addr) {
+    out.master_addr = *overrides.master_addr;
+    out.sources["master_addr"] = "argument";
+  }
+
+  // Launchers that do not say it: every process on one node, or one per node.
+  if (!local_world_set && out.launcher == "none") out.local_world_size = out.world_size;
+  if (!node_rank_set && out.local_world_size > 0) out.node_rank = out.rank / out.local_world_size;
+
+  // Job scope and restart round.
+  for (const char* name : {env::kJobId, "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"}) {
+    if (r.take_str(out.job_id, "job_id", name)) break;
+  }
+  for (const char* name : {env::kRestartCount, "TORCHELASTIC_RESTART_COUNT"}) {
+    if (r.take(out.restart_count, "restart_count", name, 0)) break;
+  }
+  for (const char* name : {"TORCHELASTIC_USE_AGENT_STORE", env::kAgentStore}) {
+    if (auto v = lookup(env, name); v && truthy(*v)) out.launcher_hosts_store = true;
+  }
+
+  // Validation, naming the variable each value came from.
+  auto src = [&](const char* key) { return out.sources[key]; };
+  LOCKSTEP_CHECK(out.world_size >= 1, "Expected world size >= 1, but got ", out.world_size,
+                 " (from ", src("world_size"), ").");
+  LOCKSTEP_CHECK(out.rank >= 0 && out.rank < out.world_size, "Expected rank in [0, ",
+                 out.world_size - 1, "], but got ", out.rank, " (rank from ", src("rank"),
+                 ", world size ", out.world_size, " from ", src("world_size"),
+                 "). Every rank must be below the world size.");
+  LOCKSTEP_CHECK(out.local_world_size >= 1 && out.local_world_size <= out.world_size,
+                 "Expected local world size in [1, ", out.world_size, "], but got ",
+                 out.local_world_size, " (from ", src("local_world_size"), ").");
+  LOCKSTEP_CHECK(out.local_rank >= 0 && out.local_rank < out.local_world_size,
+                 "Expected local rank in [0, ", out.local_world_size - 1, "], but got ",
+                 out.local_rank, " (from ", src("local_rank"), ", local world size from ",
+                 src("local_world_size"), ").");
+  LOCKSTEP_CHECK(out.node_rank >= 0, "Expected node rank >= 0, but got ", out.node_rank,
+                 " (from ", src("node_rank"), ").");
+  LOCKSTEP_CHECK(out.master_port >= 1 && out.master_port <= 65535,
+                 "Expected master port in [1, 65535], but got ", out.master_port, " (from ",
+                 src("master_port"), ").");
+  if (out.world_size > 1 && out.sources["master_addr"] == "default" &&
+      out.launcher != "none") {
+    throw InvalidArgument(concat("Expected a master address for a job of world size ",
+                              out.world_size, " launched by ", out.launcher,
+                              ", but none is set. Set MASTER_ADDR (and MASTER_PORT) to the host "
+                              "of rank 0, e.g. `mpirun -x MASTER_ADDR=host0 -x MASTER_PORT=29500`."));
+  }
+  LOCKSTEP_CHECK(!out.master_addr.empty(), "Expected a non-empty master address (from ",
+                 src("master_addr"), ").");
+  return out;
+}
+
+EnvMap process_environment() {
+  EnvMap env;
+  for (char** e = environ; e && *e; ++e) {
+    std::string entry(*e);
+    auto eq = entry.find('=');
+    if (eq == std::string::npos) continue;
+    env.emplace(entry.substr(0, eq), entry.substr(eq + 1));
+  }
+  return env;
+}
+
+}  // namespace lockstep

@@ -1,0 +1,351 @@
+// ProcessGroup base, PromiseWork, and the rendezvous of init_process_group.
+#include "lockstep/process_group.h"
+
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+#include "adapter/torch_adapter.h"
+#include "lockstep/env_vars.h"
+#include "lockstep/errors.h"
+#include "lockstep/log.h"
+
+namespace lockstep {
+
+using detail::concat;
+
+const char* to_string(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return "sum";
+    case ReduceOp::kAvg: return "avg";
+    case ReduceOp::kMin: return "min";
+    case ReduceOp::kMax: return "max";
+    case ReduceOp::kProduct: return "product";
+  }
+  return "?";
+}
+
+// ---------------------------------------------------------------------------------------------
+// PromiseWork
+
+struct PromiseWork::State {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool done = false;
+  std::exception_ptr error;
+};
+
+PromiseWork::PromiseWork() : state_(std::make_unique<State>()) {}
+PromiseWork::~PromiseWork() = default;
+
+bool PromiseWork::is_completed() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->done;
+}
+
+void PromiseWork::wait() {
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  state_->cv.wait(lock, [&] { return state_->done; });
+  if (state_->error) std::rethrow_exception(state_->error);
+}
+
+void PromiseWork::set_completed() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    if (state_->done) return;
+    state_->done = true;
+  }
+  state_->cv.notify_all();
+}
+
+void PromiseWork::set_error(std::exception_ptr error) {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    if (state_->done) return;
+    state_->done = true;
+    state_->error = std::move(error);
+  }
+  state_->cv.notify_all();
+}
+
+WorkPtr PromiseWork::completed() {
+  auto work = std::make_shared<PromiseWork>();
+  work->set_completed();
+  return work;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ProcessGroup
+
+ProcessGroup::ProcessGroup(int rank, int size, std::chrono::milliseconds timeout,
+                           std::shared_ptr<Store> store)
+    : rank_(rank), size_(size), timeout_(timeout), store_(std::move(store)) {}
+
+ProcessGroup::~ProcessGroup() = default;
+
+std::string ProcessGroup::where() const { return concat("[rank ", rank_, "/", size_, "]"); }
+
+uint64_t ProcessGroup::next_sequence() { return ++sequence_; }
+
+void ProcessGroup::check_tensor(const char* op, const at::Tensor& tensor) const {
+  LOCKSTEP_CHECK(tensor.defined(), where(), " ", op, ": expected a defined tensor, but got an "
+                 "undefined one.");
+  LOCKSTEP_CHECK(tensor.layout() == at::kStrided, where(), " ", op,
+                 ": expected a dense tensor, but got layout ", tensor.layout(), ".");
+  LOCKSTEP_CHECK(tensor.is_contiguous(), where(), " ", op,
+                 ": expected a contiguous tensor, but got sizes ", tensor.sizes(), " strides ",
+                 tensor.strides(), ". Call .contiguous() first.");
+}
+
+WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                                     ReduceOp op) {
+  LOCKSTEP_CHECK(static_cast<int>(inputs.size()) == size(), where(),
+                 " reduce_scatter: expected one input per rank (", size(), "), but got ",
+                 inputs.size(), ".");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    LOCKSTEP_CHECK(inputs[i].sizes() == output.sizes() &&
+                       inputs[i].scalar_type() == output.scalar_type(),
+                   where(), " reduce_scatter: expected input ", i, " to match the output (",
+                   output.sizes(), " ", output.scalar_type(), "), but got ", inputs[i].sizes(),
+                   " ", inputs[i].scalar_type(), ".");
+  }
+  check_tensor("reduce_scatter", output);
+  auto flat = at::cat(inputs).contiguous();
+  auto inner = allreduce(flat, op);
+  auto work = std::make_shared<PromiseWork>();
+  // Completing needs the all-reduce's result; do it lazily on a helper thread so that the
+  // caller gets an asynchronous Work as with every other collective.
+  at::Tensor out = output;
+  int64_t n = output.numel();
+  int64_t offset = static_cast<int64_t>(rank()) * n;
+  std::thread([inner, work, flat, out, n, offset]() mutable {
+    try {
+      inner->wait();
+      out.copy_(flat.narrow(0, offset, n).view(out.sizes()));
+      work->set_completed();
+    } catch (...) {
+      work->set_error(std::current_exception());
+    }
+  }).detach();
+  return work;
+}
+
+// ---------------------------------------------------------------------------------------------
+// init_process_group
+
+namespace {
+
+std::chrono::milliseconds duration_from_env(const EnvMap& env, const char* name,
+                                            std::chrono::milliseconds fallback) {
+  auto it = env.find(name);
+  if (it == env.end() || it->second.empty()) return fallback;
+  char* end = nullptr;
+  double seconds = std::strtod(it->second.c_str(), &end);
+  LOCKSTEP_CHECK(end != it->second.c_str() && *end == '\0' && seconds > 0,
+                 "Expected ", name, " to be a positive number of seconds, but got '",
+                 it->second, "'.");
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+std::string env_or(const EnvMap& env, const char* name, const std::string& fallback) {
+  auto it = env.find(name);
+  return it == env.end() || it->second.empty() ? fallback : it->second;
+}
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+std::string host_identity() {
+  char name[256] = {0};
+  gethostname(name, sizeof(name) - 1);
+  return concat(name, ":", getpid());
+}
+
+// Note [Rendezvous checks]
+// Before Gloo connects, every rank announces itself under the group's scoped store:
+//   1. add("claims/<r>", 1): a result above 1 means rank r was claimed twice; the second
+//      claimant sets "duplicate" and fails, and everyone polling sees "duplicate" and fails.
+//   2. set("world_size/<r>", W) and add("joined", 1).
+//   3. poll until every rank 0..W-1 has announced, comparing each peer's world size with
+//      ours as soon as it appears (fail fast on a mismatch), and "joined" with W (more ranks
+//      than W means some rank believes in a larger world). Deadline: the rendezvous timeout,
+//      after which the error lists the ranks that never joined.
+// Polling backs off from 1 ms to 50 ms; the store has no multi-key "wait for any".
+void rendezvous_checks(Store& store, int rank, int size, std::chrono::milliseconds timeout) {
+  auto where = concat("[rank ", rank, "/", size, "]");
+  if (store.add(concat("claims/", rank), 1) > 1) {
+    store.set("duplicate", concat(rank, " by ", host_identity()));
+    throw InvalidArgument(concat(where, " rendezvous at ", store.describe(), ": rank ", rank,
+                              " was already claimed by another process. Each process needs a "
+                              "distinct RANK; check the launcher's configuration."));
+  }
+  store.set(concat("world_size/", rank), concat(size));
+  store.set(concat("host/", rank), host_identity());
+  store.add("joined", 1);
+
+  std::vector<bool> seen(size, false);
+  int missing = size;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto backoff = std::chrono::milliseconds(1);
+  while (true) {
+    if (store.check({"duplicate"})) {
+      throw InvalidArgument(concat(where, " rendezvous at ", store.describe(), ": rank ",
+                                store.get("duplicate"),
+                                " claimed it a second time. Each process needs a distinct RANK."));
+    }
+    for (int peer = 0; peer < size; ++peer) {
+      if (seen[peer]) continue;
+      auto key = concat("world_size/", peer);
+      if (!store.check({key})) continue;
+      auto theirs = store.get(key);
+      if (theirs != concat(size)) {
+        throw InvalidArgument(concat(where, " rendezvous at ", store.describe(),
+                                  ": world sizes disagree: rank ", peer, " says ", theirs,
+                                  ", rank ", rank, " says ", size,
+                                  ". Every rank must be started with the same WORLD_SIZE."));
+      }
+      seen[peer] = true;
+      --missing;
+    }
+    int64_t joined = store.add("joined", 0);
+    if (joined > size) {
+      throw InvalidArgument(concat(where, " rendezvous at ", store.describe(), ": ", joined,
+                                " ranks joined a group of world size ", size,
+                                ": some rank was started with a larger WORLD_SIZE."));
+    }
+    if (missing == 0) return;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::string absent;
+      for (int peer = 0; peer < size; ++peer) {
+        if (!seen[peer]) absent += (absent.empty() ? "" : ", ") + std::to_string(peer);
+      }
+      throw TimeoutError(concat(where, " rendezvous at ", store.describe(), " timed out after ",
+                             timeout.count() / 1000.0, " s: rank(s) ", absent, " of ", size,
+                             " never joined. Check that every rank started and reaches the "
+                             "store, or raise LOCKSTEP_RENDEZVOUS_TIMEOUT."));
+    }
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(50));
+  }
+}
+
+struct Timeouts {
+  std::chrono::milliseconds collective;
+  std::chrono::milliseconds rendezvous;
+};
+
+Timeouts resolve_timeouts(const ProcessGroupOptions& options, const EnvMap& env) {
+  Timeouts t;
+  t.collective = options.timeout().count() > 0
+                     ? options.timeout()
+                     : duration_from_env(env, env::kTimeout, std::chrono::seconds(300));
+  t.rendezvous = options.rendezvous_timeout().count() > 0
+                     ? options.rendezvous_timeout()
+                     : duration_from_env(env, env::kRendezvousTimeout, std::chrono::seconds(120));
+  return t;
+}
+
+// The interface Gloo binds to: the option, LOCKSTEP_SOCKET_IFNAME, GLOO_SOCKET_IFNAME; else
+// loopback when the master is local, else the address this host's name resolves to.
+adapter::GlooDeviceSpec resolve_device(const ProcessGroupOptions& options, const EnvMap& env,
+                                       const std::string& master_addr) {
+  adapter::GlooDeviceSpec device;
+  device.ifname = options.socket_ifname();
+  if (device.ifname.empty()) device.ifname = env_or(env, env::kSocketIfname, "");
+  if (device.ifname.empty()) device.ifname = env_or(env, "GLOO_SOCKET_IFNAME", "");
+  if (device.ifname.empty()) {
+    if (is_loopback(master_addr)) {
+      device.hostname = "127.0.0.1";
+    } else {
+      char name[256] = {0};
+      gethostname(name, sizeof(name) - 1);
+      device.hostname = name;
+    }
+  }
+  return device;
+}
+
+ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
+                        const ProcessGroupOptions& options, const Timeouts& timeouts,
+                        const adapter::GlooDeviceSpec& device) {
+  store->set_timeout(timeouts.rendezvous);
+  rendezvous_checks(*store, rank, size, timeouts.rendezvous);
+  auto gloo_store = std::make_shared<Store>(store->prefixed("gloo"));
+  return adapter::make_gloo_group(rank, size, gloo_store, timeouts.collective, options.threads(),
+                                  device);
+}
+
+}  // namespace
+
+ProcessGroupPtr new_gloo_group(int rank, int size, std::shared_ptr<Store> store,
+                               const ProcessGroupOptions& options) {
+  LOCKSTEP_CHECK(store != nullptr, "new_gloo_group: expected a store, but got null.");
+  LOCKSTEP_CHECK(size >= 1 && rank >= 0 && rank < size,
+                 "new_gloo_group: expected 0 <= rank < size, but got rank ", rank, " size ",
+                 size, ".");
+  EnvMap env = options.environment().empty() ? process_environment() : options.environment();
+  return connect(rank, size, store, options, resolve_timeouts(options, env),
+                 resolve_device(options, env, "127.0.0.1"));
+}
+
+ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
+  EnvMap env = options.environment().empty() ? process_environment() : options.environment();
+  LaunchOverrides overrides;
+  if (options.rank() >= 0) overrides.rank = options.rank();
+  if (options.world_size() >= 0) overrides.world_size = options.world_size();
+
+  const std::string& method = options.init_method();
+  std::string file_path;
+  if (options.store() == nullptr) {
+    if (method.rfind("tcp://", 0) == 0) {
+      auto hostport = method.substr(6);
+      auto colon = hostport.rfind(':');
+      LOCKSTEP_CHECK(colon != std::string::npos && colon > 0,
+                     "Expected init_method 'tcp://host:port', but got '", method, "'.");
+      overrides.master_addr = hostport.substr(0, colon);
+      char* end = nullptr;
+      long port = std::strtol(hostport.c_str() + colon + 1, &end, 10);
+      LOCKSTEP_CHECK(*end == '\0' && port >= 1 && port <= 65535,
+                     "Expected a port in [1, 65535] in init_method '", method, "'.");
+      overrides.master_port = static_cast<int>(port);
+    } else if (method.rfind("file://", 0) == 0) {
+      file_path = method.substr(7);
+      LOCKSTEP_CHECK(!file_path.empty(), "Expected init_method 'file:///path', but got '", method,
+                     "'.");
+    } else {
+      LOCKSTEP_CHECK(method == "env://", "Expected init_method 'env://', 'tcp://host:port' or "
+                     "'file:///path', but got '", method, "'.");
+    }
+  }
+  LaunchEnv launch = resolve_launch_env(env, overrides);
+  set_log_rank(launch.rank, launch.world_size);
+  Timeouts timeouts = resolve_timeouts(options, env);
+
+  std::shared_ptr<Store> base = options.store();
+  if (!base) {
+    if (!file_path.empty()) {
+      base = std::make_shared<Store>(Store::file(file_path, launch.world_size, timeouts.rendezvous));
+    } else {
+      bool host = launch.rank == 0 && !launch.launcher_hosts_store;
+      base = std::make_shared<Store>(
+          Store::tcp(launch.master_addr, launch.master_port, host, timeouts.rendezvous));
+    }
+  }
+  std::string job = options.job_id().empty() ? launch.job_id : options.job_id();
+  auto scoped = std::make_shared<Store>(
+      base->prefixed(concat("lockstep/", job, "/", launch.restart_count)));
+  auto device = resolve_device(options, env, launch.master_addr);
+  auto pg = connect(launch.rank, launch.world_size, scoped, options, timeouts, device);
+  log_info(concat("process group ready: ", launch.describe(), "; store ", base->describe(),
+               "; gloo on ", device.ifname.empty() ? device.hostname : device.ifname,
+               "; LibTorch ", adapter::torch_version()));
+  return pg;
+}
+
+}  // namespace lockstep

@@ -1,0 +1,168 @@
+// The launch-environment resolver, table-driven: every launcher and every bad value.
+#include <gtest/gtest.h>
+
+#include "lockstep/errors.h"
+#include "lockstep/launch_env.h"
+
+using lockstep::EnvMap;
+using lockstep::LaunchEnv;
+using lockstep::resolve_launch_env;
+
+namespace {
+
+struct Good {
+  const char* name;
+  EnvMap env;
+  int rank, world, local_rank, local_world, node_rank;
+  const char* master;
+  int port;
+  const char* launcher;
+};
+
+class ResolveGood : public ::testing::TestWithParam<Good> {};
+
+TEST_P(ResolveGood, Resolves) {
+  const Good& c = GetParam();
+  LaunchEnv e = resolve_launch_env(c.env);
+  EXPECT_EQ(e.rank, c.rank);
+  EXPECT_EQ(e.world_size, c.world);
+  EXPECT_EQ(e.local_rank, c.local_rank);
+  EXPECT_EQ(e.local_world_size, c.local_world);
+  EXPECT_EQ(e.node_rank, c.node_rank);
+  EXPECT_EQ(e.master_addr, c.master);
+  EXPECT_EQ(e.master_port, c.port);
+  EXPECT_EQ(e.launcher, c.launcher);
+  EXPECT_FALSE(e.describe().empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Launchers, ResolveGood,
+    ::testing::Values(
+        Good{"nothing", {}, 0, 1, 0, 1, 0, "127.0.0.1", 29500, "none"},
+        Good{"torchrun",
+             {{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+              {"GROUP_RANK", "1"}, {"MASTER_ADDR", "10.1.2.3"}, {"MASTER_PORT", "1234"},
+              {"TORCHELASTIC_RUN_ID", "abc"}},
+             3, 4, 1, 2, 1, "10.1.2.3", 1234, "torchrun"},
+        Good{"kubeflow_plain",
+             {{"RANK", "1"}, {"WORLD_SIZE", "3"}, {"MASTER_ADDR", "job-master-0"},
+              {"MASTER_PORT", "23456"}, {"KUBERNETES_SERVICE_HOST", "10.0.0.1"}},
+             1, 3, 0, 1, 1, "job-master-0", 23456, "kubeflow"},
+        Good{"pet",
+             {{"PET_NODE_RANK", "2"}, {"PET_NNODES", "3"}, {"PET_NPROC_PER_NODE", "1"},
+              {"PET_MASTER_ADDR", "m0"}, {"PET_MASTER_PORT", "29400"}},
+             2, 3, 0, 1, 2, "m0", 29400, "kubeflow-pet"},
+        Good{"slurm",
+             {{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+              {"SLURM_NODEID", "2"}, {"SLURM_TASKS_PER_NODE", "2(x4)"},
+              {"SLURM_JOB_NODELIST", "gpu[003-006,009],cpu1"}, {"SLURM_JOB_ID", "123456"}},
+             5, 8, 1, 2, 2, "gpu003", 20000 + 123456 % 20000, "slurm"},
+        Good{"slurm_explicit_master",
+             {{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"},
+              {"SLURM_NODEID", "0"}, {"SLURM_NTASKS_PER_NODE", "2"}, {"MASTER_ADDR", "head"},
+              {"MASTER_PORT", "4000"}, {"SLURM_JOB_NODELIST", "n1"}},
+             0, 2, 0, 2, 0, "head", 4000, "slurm"},
+        Good{"openmpi",
+             {{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "4"},
+              {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+              {"MASTER_ADDR", "h0"}},
+             3, 4, 1, 2, 1, "h0", 29500, "openmpi"},
+        Good{"pmi",
+             {{"PMI_RANK", "1"}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", "1"},
+              {"MPI_LOCALNRANKS", "2"}, {"MASTER_ADDR", "h0"}, {"MASTER_PORT", "7000"}},
+             1, 2, 1, 2, 0, "h0", 7000, "pmi"},
+        Good{"torchrun_beats_slurm",
+             {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"SLURM_PROCID", "0"},
+              {"SLURM_NTASKS", "9"}},
+             1, 2, 0, 1, 1, "a", 29500, "torchrun-style"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(LaunchEnv, AgentStoreAndScope) {
+  auto e = resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "x"},
+                               {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                               {"TORCHELASTIC_RUN_ID", "run7"},
+                               {"TORCHELASTIC_RESTART_COUNT", "2"}});
+  EXPECT_TRUE(e.launcher_hosts_store);
+  EXPECT_EQ(e.job_id, "run7");
+  EXPECT_EQ(e.restart_count, 2);
+  EXPECT_EQ(e.sources.at("rank"), "RANK");
+  auto l = resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"LOCKSTEP_JOB_ID", "j"},
+                               {"TORCHELASTIC_RUN_ID", "r"}});
+  EXPECT_EQ(l.job_id, "j");
+  EXPECT_FALSE(l.launcher_hosts_store);
+}
+
+TEST(LaunchEnv, OverridesWin) {
+  lockstep::LaunchOverrides o;
+  o.rank = 1;
+  o.world_size = 2;
+  o.master_addr = "override";
+  o.master_port = 999;
+  auto e = resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "5"}, {"MASTER_ADDR", "env"}}, o);
+  EXPECT_EQ(e.rank, 1);
+  EXPECT_EQ(e.world_size, 2);
+  EXPECT_EQ(e.master_addr, "override");
+  EXPECT_EQ(e.master_port, 999);
+  EXPECT_EQ(e.sources.at("rank"), "argument");
+}
+
+struct Bad {
+  const char* name;
+  EnvMap env;
+  std::vector<std::string> needles;  // each must appear in the message
+};
+
+class ResolveBad : public ::testing::TestWithParam<Bad> {};
+
+TEST_P(ResolveBad, RaisesNamingTheVariable) {
+  const Bad& c = GetParam();
+  try {
+    resolve_launch_env(c.env);
+    FAIL() << "expected InvalidArgument";
+  } catch (const lockstep::InvalidArgument& e) {
+    std::string what = e.what();
+    for (const auto& needle : c.needles) {
+      EXPECT_NE(what.find(needle), std::string::npos) << "'" << needle << "' not in: " << what;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    BadValues, ResolveBad,
+    ::testing::Values(
+        Bad{"non_numeric_rank", {{"RANK", "one"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}},
+            {"RANK", "'one'", "[0,"}},
+        Bad{"negative_rank", {{"RANK", "-1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}},
+            {"RANK", "'-1'"}},
+        Bad{"rank_too_big", {{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}},
+            {"rank in [0, 1]", "got 2", "RANK", "WORLD_SIZE"}},
+        Bad{"zero_world", {{"RANK", "0"}, {"WORLD_SIZE", "0"}}, {"WORLD_SIZE", "'0'"}},
+        Bad{"missing_world", {{"RANK", "0"}}, {"WORLD_SIZE", "missing"}},
+        Bad{"missing_master", {{"RANK", "0"}, {"WORLD_SIZE", "2"}}, {"MASTER_ADDR", "2"}},
+        Bad{"port_too_big",
+            {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "70000"}},
+            {"MASTER_PORT", "'70000'", "65535"}},
+        Bad{"port_zero",
+            {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "0"}},
+            {"MASTER_PORT", "'0'"}},
+        Bad{"port_text",
+            {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "http"}},
+            {"MASTER_PORT", "'http'"}},
+        Bad{"local_rank_too_big",
+            {{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"},
+             {"MASTER_ADDR", "a"}},
+            {"local rank in [0, 1]", "LOCAL_RANK"}},
+        Bad{"slurm_bad_ntasks", {{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "x"}},
+            {"SLURM_NTASKS", "'x'"}},
+        Bad{"slurm_rank_too_big",
+            {{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}, {"SLURM_JOB_NODELIST", "n1"}},
+            {"SLURM_PROCID", "SLURM_NTASKS"}},
+        Bad{"ompi_no_master", {{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}},
+            {"MASTER_ADDR", "openmpi"}},
+        Bad{"pmi_bad_size", {{"PMI_RANK", "0"}, {"PMI_SIZE", "-3"}}, {"PMI_SIZE", "'-3'"}},
+        Bad{"pet_many_procs",
+            {{"PET_NODE_RANK", "0"}, {"PET_NNODES", "2"}, {"PET_NPROC_PER_NODE", "4"}},
+            {"PET_NPROC_PER_NODE", "4", "torchrun"}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+}  // namespace
