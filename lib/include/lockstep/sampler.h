@@ -52,8 +52,8 @@ struct ShardedSamplerOptions {
   LOCKSTEP_ARG(int64_t, rank) = -1;
   /// Shuffle each epoch (default true); false visits 0, 1, 2, ... before partitioning.
   LOCKSTEP_ARG(bool, shuffle) = true;
-  /// Seed of the permutation; the generator is seeded with `seed + epoch` (default 0). Every
-  /// rank must use the same seed.
+  /// Seed of the permutation; the generator is seeded with `seed + epoch` (default 0), modulo
+  /// 2^64 (Python raises there instead). Every rank must use the same seed.
   LOCKSTEP_ARG(uint64_t, seed) = 0;
   /// Drop the tail so that every rank gets floor(N / W) samples, instead of padding to
   /// ceil(N / W) by repeating samples (default false).
