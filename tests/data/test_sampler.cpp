@@ -244,6 +244,10 @@ TEST(ShardedSamplerLoader, AdvanceEpochOnReset) {
     EXPECT_EQ(drain(*loader), lockstep::distributed_indices(50, 2, 0, e, 1, true, false));
     EXPECT_EQ(sampler.epoch(), e);
   }
+  // An explicit set_epoch wins over the automatic advance for the next loop.
+  sampler.set_epoch(10);
+  EXPECT_EQ(drain(*loader), lockstep::distributed_indices(50, 2, 0, 10, 1, true, false));
+  EXPECT_EQ(drain(*loader), lockstep::distributed_indices(50, 2, 0, 11, 1, true, false));
 }
 
 // Mid-epoch resume through a torch archive, with and without workers (prefetch).

@@ -60,7 +60,8 @@ struct ShardedSamplerOptions {
   LOCKSTEP_ARG(bool, drop_last) = false;
   /// Advance the epoch by one on every `reset()` after the first (default false). The data
   /// loader calls `reset()` in `begin()`, so each `for (auto& b : *loader)` is a new epoch
-  /// without any `set_epoch` call. See Note [Shared handle].
+  /// without any `set_epoch` call; a `set_epoch(e)` before a loop makes that loop epoch e.
+  /// See Note [Shared handle].
   LOCKSTEP_ARG(bool, advance_epoch_on_reset) = false;
 };
 

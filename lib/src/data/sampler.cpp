@@ -269,6 +269,7 @@ struct ShardedSampler::Impl {
   int64_t position = 0;
   bool keep_position_once = false;  // set by load_state: the next reset() keeps `position`
   bool reset_before = false;        // for advance_on_reset
+  bool epoch_chosen = false;        // set_epoch since the last reset(): do not advance
 
   SamplerState make_state(int64_t consumed) const {
     SamplerState s;
@@ -404,9 +405,11 @@ void ShardedSampler::reset(torch::optional<size_t> new_size) {
   if (s.keep_position_once) {
     s.keep_position_once = false;
   } else {
-    s.start_epoch(s.advance_on_reset && s.reset_before ? s.epoch + 1 : s.epoch);
+    const bool advance = s.advance_on_reset && s.reset_before && !s.epoch_chosen;
+    s.start_epoch(advance ? s.epoch + 1 : s.epoch);
   }
   s.reset_before = true;
+  s.epoch_chosen = false;
 }
 
 torch::optional<std::vector<size_t>> ShardedSampler::next(size_t batch_size) {
@@ -441,6 +444,7 @@ void ShardedSampler::set_epoch(int64_t epoch) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   // Keep a just-restored position when the training loop re-selects the restored epoch, so
   // that `load_state(); for (e = state.epoch; ...) { set_epoch(e); ... }` resumes exactly.
+  impl_->epoch_chosen = true;
   if (impl_->keep_position_once && epoch == impl_->epoch) return;
   impl_->start_epoch(epoch);
 }
