@@ -232,6 +232,7 @@ class DistributedDataParallelBase : public torch::nn::Module {
   ProcessGroupPtr pg_;
   DDPOptions options_;
   bool require_sync_ = true;
+  bool require_forward_buffer_sync_ = true;
   std::chrono::steady_clock::time_point forward_start_;
   std::unique_ptr<ddp::Reducer> reducer_;
   std::vector<at::Tensor> buffers_;
