@@ -1,11 +1,14 @@
 // The lockstep-run agent (see agent.h).
 #include "agent.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -101,6 +104,28 @@ class Say {
  private:
   bool quiet_;
 };
+
+// Fails with one line when `port` is taken, before c10d's TCPStore logs its own bind
+// warnings; binds like TCPStore does (SO_REUSEADDR), so a port in TIME_WAIT still counts free.
+void check_port_free(int port) {
+  if (port == 0) return;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  int rc = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  int err = errno;
+  close(fd);
+  if (rc != 0 && err == EADDRINUSE) {
+    throw CommError(concat("cannot host the rendezvous store: --master-port ", port,
+                           " is already in use on this host; pick another port, or use "
+                           "--standalone (or --master-port 0) for a free one"));
+  }
+}
 
 // The program's path, searched in PATH like execvp, resolved before fork.
 std::optional<std::string> find_program(const std::string& program, const EnvMap& env) {
@@ -705,6 +730,7 @@ int Agent::run() {
 
   std::chrono::milliseconds timeout(static_cast<long>(o_.rdzv_timeout * 1000));
   if (o_.node_rank == 0) {
+    check_port_free(o_.master_port);
     store_ = std::make_unique<Store>(Store::tcp(o_.master_addr, o_.master_port, true, timeout));
     o_.master_port = store_->port();
   } else {

@@ -59,12 +59,13 @@ bool write_error_file(const std::string& type, const std::string& message) {
                          {"rank", rank_or_minus_one()},
                          {"pid", static_cast<long>(getpid())},
                          {"time", seconds}};
-  // torchelastic's ErrorHandler format: torchrun reads message.message into its summary.
+  // torchelastic's ErrorHandler format; torchrun 1.13 prints extraInfo.py_callstack as the
+  // failure's "traceback", so that is where the message goes.
   nlohmann::json theirs = {
       {"message",
        {{"message", type + ": " + message},
         {"extraInfo",
-         {{"py_callstack", "(C++ program; no Python traceback)"},
+         {{"py_callstack", type + ": " + message},
           {"timestamp", std::to_string(static_cast<long long>(seconds))}}}}}};
   bool ok = write_json(env::kErrorFile, ours);
   return write_json("TORCHELASTIC_ERROR_FILE", theirs) && ok;
