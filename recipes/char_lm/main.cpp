@@ -202,6 +202,7 @@ int run(int argc, char** argv) {
   recipe::Position pos;
   bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
   if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);
+  DistributedDataParallel ddp(lm, pg);  // averages gradients, overlapped with backward
 
   const int64_t per_epoch = recipe::batches_per_epoch(n, common.batch_size);
   LOCKSTEP_CHECK(per_epoch > 0, "the text gives ", n, " windows, fewer than one global batch (", common.batch_size, ")");
@@ -236,9 +237,8 @@ int run(int argc, char** argv) {
       auto x = torch::stack(xs), y = torch::stack(ys);
       auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
-      auto loss = torch::nn::functional::cross_entropy(lm->forward(x).reshape({-1, kVocab}), y.reshape({-1}));
+      auto loss = torch::nn::functional::cross_entropy(ddp->forward(x).reshape({-1, kVocab}), y.reshape({-1}));
       loss.backward();
-      recipe::average_gradients(*pg, *lm);
       torch::nn::utils::clip_grad_norm_(lm->parameters(), 1.0);
       optimizer.step();
       ++pos.step;

@@ -1,6 +1,8 @@
 // Shared plumbing of the recipes; see recipe.h.
 #include "recipe.h"
 
+#include "lockstep/main.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <csignal>
@@ -218,31 +220,12 @@ std::vector<int64_t> local_batch(const std::vector<int64_t>& order, int64_t batc
   return std::vector<int64_t>(order.begin() + begin, order.begin() + begin + local);
 }
 
-void average_gradients(ProcessGroup& group, torch::nn::Module& module) {
-  if (group.size() == 1) return;
-  std::vector<torch::Tensor> grads;
-  for (auto& p : module.parameters()) {
-    if (p.grad().defined()) grads.push_back(p.grad());
-  }
-  auto flat = torch::cat([&] {
-    std::vector<torch::Tensor> v;
-    for (auto& g : grads) v.push_back(g.reshape({-1}));
-    return v;
-  }());
-  group.allreduce(flat, ReduceOp::kAvg)->wait();
-  int64_t offset = 0;
-  for (auto& g : grads) {
-    g.copy_(flat.narrow(0, offset, g.numel()).view_as(g));
-    offset += g.numel();
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Checkpoints
 
 void save(ProcessGroup& group, const std::string& path, const std::string& recipe,
           torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
-          const std::map<std::string, std::string>& config) {
+          const std::map<std::string, std::string>& config, const std::string& extra_json) {
   // Every rank's generator state travels to rank 0 (dropout streams differ per rank).
   auto gen = at::detail::getDefaultCPUGenerator();
   torch::Tensor mine;
@@ -261,7 +244,8 @@ void save(ProcessGroup& group, const std::string& path, const std::string& recip
                  {"step", position.step},
                  {"world_size", group.size()},
                  {"config", config},
-                 {"config_hash", train::config_hash(config)}};
+                 {"config_hash", train::config_hash(config)},
+                 {"extra", json::parse(extra_json)}};
     ck.metadata = meta.dump();
     train::add_module(ck, model);
     train::add_optimizer(ck, optimizer);
@@ -272,7 +256,7 @@ void save(ProcessGroup& group, const std::string& path, const std::string& recip
 
 bool load(ProcessGroup& group, const std::string& path, const std::string& recipe,
           torch::nn::Module& model, torch::optim::Optimizer& optimizer, Position& position,
-          const std::map<std::string, std::string>& config) {
+          const std::map<std::string, std::string>& config, std::string* extra_json) {
   // All ranks must agree whether there is something to resume from.
   auto exists = torch::tensor({train::checkpoint_exists(path) ? 1 : 0}, torch::kInt);
   auto any = exists.clone();
@@ -308,6 +292,7 @@ bool load(ProcessGroup& group, const std::string& path, const std::string& recip
   position.epoch = meta.at("epoch").get<int64_t>();
   position.batch = meta.at("batch").get<int64_t>();
   position.step = meta.at("step").get<int64_t>();
+  if (extra_json) *extra_json = meta.value("extra", json::object()).dump();
   auto rng = ck.tensors.find(concat("rng.cpu.rank", group.rank()));
   if (meta.value("world_size", 0) == group.size() && rng != ck.tensors.end()) {
     train::load_rng_state(ck, rng->first);
@@ -319,18 +304,33 @@ bool load(ProcessGroup& group, const std::string& path, const std::string& recip
   return true;
 }
 
-int run_main(const std::function<int()>& body) {
-  try {
-    return body();
-  } catch (const HelpShown&) {
-    return kExitOk;
-  } catch (const UsageError& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return kExitUsage;
-  } catch (const std::exception& e) {
-    log_error(e.what());
-    return kExitError;
+void write_ddp_stats(train::MetricsWriter& metrics, int64_t step, const DDPStats& stats) {
+  metrics.write({"ddp", {{"step", double(step)},
+                         {"forward_ms", stats.forward_ms},
+                         {"backward_compute_ms", stats.backward_compute_ms},
+                         {"comm_ms", stats.comm_ms},
+                         {"exposed_comm_ms", stats.exposed_comm_ms}}});
+  for (const auto& b : stats.buckets) {
+    metrics.write({"bucket", {{"step", double(step)},
+                              {"bucket", double(b.index)},
+                              {"bytes", double(b.bytes)},
+                              {"ready_ms", b.ready_ms},
+                              {"start_ms", b.launched_ms},
+                              {"end_ms", b.done_ms}}});
   }
+}
+
+int run_main(const std::function<int()>& body) {
+  return lockstep::run_main([&]() -> int {
+    try {
+      return body();
+    } catch (const HelpShown&) {
+      return kExitOk;
+    } catch (const UsageError& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      return kExitUsage;
+    }
+  });
 }
 
 std::string seconds_text(double s) {

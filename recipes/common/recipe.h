@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "lockstep/ddp.h"
 #include "lockstep/lockstep.h"
 #include "lockstep/train/checkpoint.h"
 #include "lockstep/train/metrics.h"
@@ -98,9 +99,6 @@ std::vector<int64_t> local_batch(const std::vector<int64_t>& order, int64_t batc
 /// Number of full global batches per epoch.
 inline int64_t batches_per_epoch(int64_t n, int64_t global_batch) { return n / global_batch; }
 
-/// Averages every parameter's gradient over the group in one flattened all-reduce.
-/// Collective. (Stands in for DistributedDataParallel until it is merged.)
-void average_gradients(ProcessGroup& group, torch::nn::Module& module);
 
 /// Where a run is: saved in the checkpoint metadata.
 struct Position {
@@ -112,15 +110,21 @@ struct Position {
 /// Collective: saves model, optimizer, position, every rank's RNG state and the config hash.
 void save(ProcessGroup& group, const std::string& path, const std::string& recipe,
           torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
-          const std::map<std::string, std::string>& config);
+          const std::map<std::string, std::string>& config, const std::string& extra_json = "{}");
 
 /// Collective: loads what `save` wrote if `path` exists (returns false otherwise). Rejects a
 /// checkpoint of another recipe or configuration, naming the differing keys.
 bool load(ProcessGroup& group, const std::string& path, const std::string& recipe,
           torch::nn::Module& model, torch::optim::Optimizer& optimizer, Position& position,
-          const std::map<std::string, std::string>& config);
+          const std::map<std::string, std::string>& config, std::string* extra_json = nullptr);
 
-/// Runs `body` with errors mapped to exit codes and printed with the rank.
+/// Writes DDP's statistics of the last iteration as "ddp" and "bucket" records (the report
+/// draws the bucket timeline from them).
+void write_ddp_stats(train::MetricsWriter& metrics, int64_t step, const DDPStats& stats);
+
+/// Runs `body` with errors mapped to exit codes: usage errors print and return kExitUsage,
+/// everything else goes through lockstep::run_main (logged with the rank, written to the
+/// launcher's error file, kExitError).
 int run_main(const std::function<int()>& body);
 
 /// "1:23" for logs.

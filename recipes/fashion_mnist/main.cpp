@@ -12,6 +12,9 @@
 #include <iostream>
 #include <sys/stat.h>
 
+#include <nlohmann/json.hpp>
+
+#include "lockstep/sampler.h"
 #include "lockstep/train/interop.h"
 #include "recipe.h"
 
@@ -161,16 +164,43 @@ int run(int argc, char** argv) {
   Net net(c1, c2, hidden, dropout);
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
   recipe::Position pos;
+  std::string extra;
   bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "fashion_mnist", *net,
-                                               optimizer, pos, config);
+                                               optimizer, pos, config, &extra);
   if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);  // dropout
+  DistributedDataParallel ddp(net, pg);  // averages gradients, overlapped with backward
 
+  // Each rank draws its share of every epoch from the sharded sampler (PyTorch's
+  // DistributedSampler order); drop_last keeps every rank's share equal.
   const int64_t n = train_set.images.size(0);
-  const int64_t per_epoch = recipe::batches_per_epoch(n, common.batch_size);
-  LOCKSTEP_CHECK(per_epoch > 0, "the training set (", n, " examples) is smaller than one global batch (",
-                 common.batch_size, ")");
+  const int64_t local = common.batch_size / world;
+  ShardedSampler sampler(static_cast<size_t>(n), *pg,
+                         ShardedSamplerOptions().seed(common.seed).shuffle(true).drop_last(true));
+  const int64_t per_epoch = (static_cast<int64_t>(sampler.size()) + local - 1) / local;
+  LOCKSTEP_CHECK(per_epoch > 0, "the training set (", n, " examples) is smaller than the ", world, " ranks");
   int64_t total = per_epoch * common.epochs;
   if (common.max_steps > 0) total = std::min(total, common.max_steps);
+  int64_t consumed = 0;  // samples this rank consumed in the current epoch
+  auto sampler_json = [&]() {
+    auto st = sampler.state(consumed);
+    nlohmann::json segs = nlohmann::json::array();
+    for (auto& sg : st.segments) segs.push_back({sg.first, sg.second});
+    return nlohmann::json{{"sampler", {{"epoch", st.epoch}, {"seed", st.seed}, {"shuffle", st.shuffle},
+                                       {"drop_last", st.drop_last}, {"dataset_size", st.dataset_size},
+                                       {"segments", segs}}}}.dump();
+  };
+  bool restore_sampler = false;
+  SamplerState restored;
+  if (resumed) {
+    auto j = nlohmann::json::parse(extra).at("sampler");
+    restored.epoch = j.at("epoch");
+    restored.seed = j.at("seed");
+    restored.shuffle = j.at("shuffle");
+    restored.drop_last = j.at("drop_last");
+    restored.dataset_size = j.at("dataset_size");
+    for (auto& sg : j.at("segments")) restored.segments.emplace_back(sg[0].get<int64_t>(), sg[1].get<int64_t>());
+    restore_sampler = true;
+  }
 
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   train::MetricsWriter metrics(rank == 0 ? metrics_path : "", /*append=*/resumed);
@@ -187,21 +217,30 @@ int run(int argc, char** argv) {
   auto t_start = std::chrono::steady_clock::now();
   bool preempted = false;
   while (pos.step < total && !preempted) {
-    auto order = recipe::epoch_order(n, common.seed, pos.epoch);
+    if (restore_sampler) {
+      sampler.load_state(restored);
+      consumed = pos.batch == 0 ? 0 : restored.segments.empty() ? 0 : sampler.position();
+      restore_sampler = false;
+    } else {
+      sampler.set_epoch(pos.epoch);
+      consumed = 0;
+    }
     progress.set_label(concat("epoch ", pos.epoch + 1, "/", common.epochs));
     double loss_sum = 0;
     int64_t loss_count = 0;
     auto t_epoch = std::chrono::steady_clock::now();
     while (pos.batch < per_epoch && pos.step < total) {
-      auto idx = recipe::local_batch(order, pos.batch, common.batch_size, rank, world);
+      auto next = sampler.next(static_cast<size_t>(local));
+      if (!next) break;
+      std::vector<int64_t> idx(next->begin(), next->end());
+      consumed += static_cast<int64_t>(idx.size());
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
       auto x = train_set.images.index_select(0, index);
       auto y = train_set.labels.index_select(0, index);
       auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
-      auto loss = torch::nn::functional::cross_entropy(net->forward(x), y);
+      auto loss = torch::nn::functional::cross_entropy(ddp->forward(x), y);
       loss.backward();
-      recipe::average_gradients(*pg, *net);
       optimizer.step();
       ++pos.step;
       ++pos.batch;
@@ -213,6 +252,7 @@ int run(int argc, char** argv) {
       if (pos.step % 20 == 0 || pos.step == total) {
         metrics.write({"step", {{"step", double(pos.step)}, {"epoch", double(pos.epoch)},
                                 {"loss", l}, {"samples_per_s", common.batch_size / dt}}});
+        if (world > 1) recipe::write_ddp_stats(metrics, pos.step, ddp->last_stats());
       }
       bool stop = recipe::agree_stop(*pg, common.stop_after > 0 && pos.step >= common.stop_after);
       if (stop) {
@@ -220,7 +260,7 @@ int run(int argc, char** argv) {
         break;
       }
       if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) {
-        recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config);
+        recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
       }
     }
     if (preempted) break;
@@ -241,12 +281,14 @@ int run(int argc, char** argv) {
       }
       ++pos.epoch;
       pos.batch = 0;
+      consumed = 0;
+      sampler.set_epoch(pos.epoch);
     }
-    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config);
+    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
   }
   progress.finish();
   if (preempted) {
-    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config);
+    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
     if (rank == 0) {
       std::printf("preempted after step %lld: checkpoint written to %s; run the same command to "
                   "resume (exit code %d)\n",

@@ -158,6 +158,19 @@ Examples build(const Table& t) {
           torch::tensor(naive), torch::tensor(days)};
 }
 
+struct MlpImpl : torch::nn::Module {
+  MlpImpl(int64_t in, int64_t hidden) {
+    fc1 = register_module("fc1", torch::nn::Linear(in, hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, hidden));
+    out = register_module("out", torch::nn::Linear(hidden, 1));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    return out(torch::relu(fc2(torch::relu(fc1(x))))).squeeze(1);
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, out{nullptr};
+};
+TORCH_MODULE(Mlp);
+
 int run(int argc, char** argv) {
   cxxopts::Options options("lockstep-sales-forecast",
                            "Forecasts next-day sales per store from a CSV (date,store,promo,"
@@ -215,12 +228,11 @@ int run(int argc, char** argv) {
   if (common.limit_train > 0) n = std::min(n, common.limit_train);
 
   torch::manual_seed(common.seed);
-  torch::nn::Sequential net(torch::nn::Linear(ex.x.size(1), hidden), torch::nn::ReLU(),
-                            torch::nn::Linear(hidden, hidden), torch::nn::ReLU(),
-                            torch::nn::Linear(hidden, 1));
+  Mlp net(ex.x.size(1), hidden);
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
   recipe::Position pos;
   bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
+  DistributedDataParallel ddp(net, pg);
   const int64_t per_epoch = recipe::batches_per_epoch(n, common.batch_size);
   LOCKSTEP_CHECK(per_epoch > 0, "fewer training rows (", n, ") than one global batch");
   int64_t total = per_epoch * common.epochs;
@@ -240,7 +252,7 @@ int run(int argc, char** argv) {
     auto xv = ex.x.index_select(0, val_idx);
     auto scale = ex.scale.index_select(0, val_idx);
     auto truth = ex.y.index_select(0, val_idx) * scale;
-    auto pred = net->forward(xv).squeeze(1) * scale;
+    auto pred = net->forward(xv) * scale;
     auto naive = ex.naive.index_select(0, val_idx);
     auto mae = (pred - truth).abs().mean().item<double>();
     auto rmse = (pred - truth).pow(2).mean().sqrt().item<double>();
@@ -259,9 +271,8 @@ int run(int argc, char** argv) {
       auto idx = recipe::local_batch(order, pos.batch, common.batch_size, rank, world);
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
       optimizer.zero_grad();
-      auto loss = torch::mse_loss(net->forward(xtr.index_select(0, index)).squeeze(1), ytr.index_select(0, index));
+      auto loss = torch::mse_loss(ddp->forward(xtr.index_select(0, index)), ytr.index_select(0, index));
       loss.backward();
-      recipe::average_gradients(*pg, *net);
       optimizer.step();
       ++pos.step;
       ++pos.batch;

@@ -49,6 +49,25 @@ if ! cmp "$work/a/checkpoint.lsck" "$work/b/checkpoint.lsck"; then
 fi
 echo "resumed run is bitwise equal to the uninterrupted run"
 
+if [ -n "${LOCKSTEP_RUN:-}" ]; then
+  echo "== under lockstep-run --max-restarts 1, one worker killed with SIGKILL after the first checkpoint"
+  "$LOCKSTEP_RUN" --standalone --nproc-per-node "$world" --max-restarts 1 "$bin" --progress lines \
+    --threads 1 --out-dir "$work/c" --checkpoint-every 2 "$@" > "$work/c.log" 2>&1 &
+  launcher=$!
+  for _ in $(seq 1 3000); do  # bounded wait for the first checkpoint file (up to 300 s)
+    [ -f "$work/c/checkpoint.lsck" ] && break
+    sleep 0.1
+  done
+  victim=$(pgrep -P "$launcher" | head -1 || true)
+  [ -n "$victim" ] || { cat "$work/c.log"; echo "no worker to kill" >&2; exit 1; }
+  kill -9 "$victim"
+  set +e; wait "$launcher"; code=$?; set -e
+  if [ "$code" != 0 ]; then cat "$work/c.log"; echo "lockstep-run exited $code" >&2; exit 1; fi
+  grep -q "resumed at step" "$work/c.log" || { cat "$work/c.log"; echo "the restarted ranks did not resume" >&2; exit 1; }
+  cmp "$work/a/checkpoint.lsck" "$work/c/checkpoint.lsck" || { echo "the run restarted after kill -9 differs from the uninterrupted run" >&2; exit 1; }
+  echo "the run restarted after kill -9 is bitwise equal to the uninterrupted run"
+fi
+
 echo "== config file errors"
 echo '{"learning_rate": 0.1}' > "$work/bad_key.json"
 set +e; out=$("$bin" --config "$work/bad_key.json" 2>&1); code=$?; set -e
