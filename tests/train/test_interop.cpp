@@ -72,10 +72,10 @@ TEST(Interop, ImportsAStateDictSavedByPython) {
       "torch.manual_seed(0)\n"
       "net = torch.nn.Sequential(torch.nn.Linear(3,4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4,2))\n"
       "net.train(); net(torch.randn(8,3))\n"  // moves the BatchNorm running stats
-      "torch.save(net.state_dict(), '" + weights + "')\n"
+      "torch.save(dict(net.state_dict()), '" + weights + "')\n"
       "x = torch.arange(6, dtype=torch.float32).reshape(2,3)\n"
       "net.eval()\n"
-      "torch.save({'y': net(x).detach()}, '" + weights + ".out')\n";
+      "torch.save({'x': x, 'y': net(x).detach()}, '" + weights + ".out')\n";
   ASSERT_EQ(run_python(script), 0);
   auto net = make_net();
   import_weights(*net, weights);

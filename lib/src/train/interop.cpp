@@ -1,7 +1,10 @@
 // Weights exchange with Python's torch.save / torch.load(weights_only=True).
 #include "lockstep/train/interop.h"
 
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/nn/module.h>
 
 #include <cstdio>
@@ -19,13 +22,27 @@ using detail::concat;
 void save_torch_weights(const std::string& path, const std::map<std::string, at::Tensor>& tensors) {
   c10::Dict<std::string, at::Tensor> dict;
   for (const auto& kv : tensors) dict.insert(kv.first, kv.second.detach().to(at::kCPU).contiguous());
-  std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
+  // Note [weights_only export]
+  // torch::jit::pickle_save tags containers with torch.jit._pickle.restore_type_tag, which
+  // Python's weights_only unpickler refuses. Pickling with tag_aggregates=false gives a plain
+  // dict of tensors (rebuilt by torch._utils._rebuild_tensor_v2, which weights_only allows),
+  // in the same zip container that torch.save writes.
+  std::vector<char> pickled;
+  torch::jit::Pickler pickler(
+      [&](const char* buf, size_t n) { pickled.insert(pickled.end(), buf, buf + n); },
+      /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
+      /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(c10::IValue(dict));
+  pickler.stop();
   const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) throw Error(concat("could not write weights file '", tmp, "'"));
+  try {
+    caffe2::serialize::PyTorchStreamWriter writer(tmp);
+    torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(),
+                                       writer);
+    writer.writeEndOfFile();
+  } catch (const std::exception& e) {
+    throw Error(concat("could not write weights file '", tmp, "': ", e.what()));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     throw Error(concat("could not rename '", tmp, "' to '", path, "'"));
@@ -40,8 +57,11 @@ std::map<std::string, at::Tensor> load_torch_weights(const std::string& path) {
   try {
     value = torch::jit::pickle_load(bytes);
   } catch (const std::exception& e) {
+    std::string what = e.what();
+    what = what.substr(0, what.find("\nException raised from"));
     throw InvalidArgument(concat("weights file '", path, "' is not a torch.save file LibTorch "
-                                 "can read (", e.what(), ")"));
+                                 "can read (", what, "). A state_dict saved from Python must be "
+                                 "a plain dict: torch.save(dict(model.state_dict()), path)"));
   }
   if (!value.isGenericDict()) {
     throw InvalidArgument(concat("weights file '", path, "' holds a ", value.tagKind(),

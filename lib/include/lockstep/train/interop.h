@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// Weights exchange with Python: files that `torch.load(path, weights_only=True)` reads, and
-/// state dicts that Python's `torch.save(model.state_dict(), path)` wrote.
+/// state dicts that Python's `torch.save(dict(model.state_dict()), path)` wrote.
 ///
 /// The files are PyTorch's own zip/pickle format (LibTorch's `torch::jit::pickle_save` and
 /// `torch::jit::pickle_load`). Reading uses LibTorch's restricted unpickler, which builds only
@@ -26,8 +26,10 @@ namespace train {
 /// Python's `torch.save`. Throws lockstep::Error naming the path on failure.
 void save_torch_weights(const std::string& path, const std::map<std::string, at::Tensor>& tensors);
 
-/// Reads a dict {name: tensor} (a state_dict, OrderedDict or dict) saved by Python's
-/// `torch.save` or by `save_torch_weights`. Throws InvalidArgument naming the path and what
+/// Reads a dict {name: tensor} saved by Python's `torch.save` or by `save_torch_weights`.
+/// LibTorch 1.13's unpickler cannot rebuild the OrderedDict (with its `_metadata`) that
+/// `model.state_dict()` returns, nor a one-entry dict (pickle SETITEM): save
+/// `dict(model.state_dict())` from Python. Throws InvalidArgument naming the path and what
 /// was found when the file holds anything else.
 std::map<std::string, at::Tensor> load_torch_weights(const std::string& path);
 
