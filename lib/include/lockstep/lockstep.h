@@ -6,6 +6,7 @@
 #include "lockstep/errors.h"
 #include "lockstep/launch_env.h"
 #include "lockstep/log.h"
+#include "lockstep/main.h"
 #include "lockstep/options.h"
 #include "lockstep/process_group.h"
 #include "lockstep/readers.h"
