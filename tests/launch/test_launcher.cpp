@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "support/process.h"
+
 extern char** environ;
 
 namespace {
@@ -29,6 +31,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using Seconds = std::chrono::duration<double>;
 using Env = std::map<std::string, std::string>;
+using lockstep_test::free_port;
+using lockstep_test::TempDir;
 
 const std::string kRun = LOCKSTEP_RUN_PATH;
 const std::string kWorker = LOCKSTEP_WORKER_PATH;
@@ -197,18 +201,6 @@ size_t count(const std::string& text, const std::string& needle) {
   return n;
 }
 
-int free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 double since(Clock::time_point t) { return Seconds(Clock::now() - t).count(); }
 
 // Worker start-up loads LibTorch (seconds on a loaded machine): bounds are generous, but
@@ -350,8 +342,8 @@ TEST(Launcher, AlwaysFailingWorkerGetsExactlyNPlusOneAttempts) {
 }
 
 TEST(Launcher, SigtermIsForwardedAndTheLauncherExits143) {
-  char dir_template[] = "/tmp/lockstep-sigterm-XXXXXX";
-  std::string dir = mkdtemp(dir_template);
+  TempDir tmp;
+  const std::string& dir = tmp.path;
   Proc p(launcher("--standalone --grace-period 5 --nproc-per-node 2",
                   {kWorker, "--mode", "loop", "--signal-dir", dir}),
          kQuietLogs);
@@ -365,9 +357,7 @@ TEST(Launcher, SigtermIsForwardedAndTheLauncherExits143) {
   for (int r = 0; r < 2; ++r) {
     auto marker = dir + "/sigterm_rank_" + std::to_string(r);
     EXPECT_EQ(access(marker.c_str(), F_OK), 0) << "rank " << r << " never saw SIGTERM";
-    unlink(marker.c_str());
   }
-  rmdir(dir.c_str());
   EXPECT_NE(p.err().find("received SIGTERM: forwarding it to 2 worker(s)"), std::string::npos);
   EXPECT_TRUE(all_gone(pids, Seconds(5)));
 }
@@ -383,8 +373,8 @@ TEST(Launcher, WorkersDieWithAKilledLauncher) {
 }
 
 TEST(Launcher, LogDirHoldsOneFilePerRankAndStream) {
-  char dir_template[] = "/tmp/lockstep-logs-XXXXXX";
-  std::string dir = mkdtemp(dir_template);
+  TempDir tmp;
+  const std::string& dir = tmp.path;
   Proc p(launcher("--standalone --run-id logs --log-dir " + dir + " --nproc-per-node 2",
                   {kWorker, "--mode", "ok"}),
          kQuietLogs);
@@ -399,7 +389,6 @@ TEST(Launcher, LogDirHoldsOneFilePerRankAndStream) {
     EXPECT_EQ(o.str().find("[rank"), std::string::npos) << "files hold the worker's own bytes";
     EXPECT_NE(e.str().find("stderr line from rank " + std::to_string(r)), std::string::npos);
   }
-  std::system(("rm -rf " + dir).c_str());
 }
 
 TEST(Launcher, DryRunPrintsTopologyAndEnvironment) {
@@ -415,15 +404,9 @@ TEST(Launcher, DryRunPrintsTopologyAndEnvironment) {
 
 // Bad invocations: one clear line on stderr, a non-zero exit, nothing started.
 TEST(Launcher, BadInvocationsGiveOneLine) {
-  int busy = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_ANY);
-  ASSERT_EQ(bind(busy, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ASSERT_EQ(listen(busy, 1), 0);
-  socklen_t len = sizeof(addr);
-  getsockname(busy, reinterpret_cast<sockaddr*>(&addr), &len);
-  const std::string used = std::to_string(ntohs(addr.sin_port));
+  int busy_port = 0;
+  int busy = lockstep_test::listen_on_ephemeral(&busy_port);
+  const std::string used = std::to_string(busy_port);
   const std::vector<std::pair<std::vector<std::string>, std::string>> table = {
       {{kRun}, "no program"},
       {{kRun, "--nproc-per-node", "2"}, "no program"},

@@ -25,7 +25,9 @@ launch() {
     pids+=($!)
   done
   for p in "${pids[@]}"; do
-    set +e; wait "$p"; codes+=($?); set -e
+    c=0
+    wait "$p" || c=$?
+    codes+=("$c")
   done
   for c in "${codes[@]}"; do
     if [ "$c" != "${codes[0]}" ]; then echo "ranks disagree on the exit code: ${codes[*]}" >&2; return 99; fi
