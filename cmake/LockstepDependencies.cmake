@@ -11,7 +11,22 @@
 #   GTest::gtest_main     tests (libgtest-dev)
 find_package(Threads REQUIRED)
 
-find_package(Torch REQUIRED)
+if(NOT TARGET torch)
+  find_package(Torch REQUIRED)
+  # Imported targets are scoped to the directory that found them. When lockstep is
+  # add_subdirectory()'d, make LibTorch's visible to the parent project, whose targets link
+  # lockstep::lockstep and therefore torch.
+  if(NOT LOCKSTEP_IS_TOP)
+    foreach(t torch torch_cpu torch_cuda c10 c10_cuda torch_library)
+      if(TARGET ${t})
+        get_target_property(_imported ${t} IMPORTED)
+        if(_imported)
+          set_target_properties(${t} PROPERTIES IMPORTED_GLOBAL TRUE)
+        endif()
+      endif()
+    endforeach()
+  endif()
+endif()
 if(NOT TARGET torch)
   message(FATAL_ERROR "find_package(Torch) did not define the CMake target 'torch'. "
                       "Install libtorch-dev (Debian) or point CMAKE_PREFIX_PATH at a LibTorch archive.")
