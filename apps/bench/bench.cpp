@@ -287,8 +287,20 @@ int run_worker(const WorkerConfig& c) {
 #endif
   } else if (c.kind == "dp") {
 #if LOCKSTEP_BENCH_HAS_DP
-    std::cerr << "lockstep-bench: DataParallel glue not written yet" << std::endl;
-    return 3;
+    // BenchNet is not Cloneable: the other replicas come from a factory (their values are
+    // overwritten from the primary at every step anyway).
+    const std::string model = c.model;
+    auto dp = std::make_shared<lockstep::DataParallel<bench::BenchNetImpl>>(
+        net.ptr(),
+        lockstep::DataParallelOptions().cpu_replicas(c.replicas).threads_per_replica(c.threads),
+        [model] { return std::make_shared<bench::BenchNetImpl>(model); });
+    step = [&, dp] {
+      opt.zero_grad();
+      dp->train_step(data.input, data.target, [](const at::Tensor& out, const at::Tensor& y) {
+        return torch::nn::functional::cross_entropy(out, y);
+      });
+      opt.step();
+    };
 #else
     std::cerr << "lockstep-bench: built without lockstep/data_parallel.h" << std::endl;
     return 3;
@@ -602,10 +614,10 @@ std::vector<Scenario> scenarios_for(const Options& o, const std::string& model) 
   if (on("dp")) {
     add({"plain_2t", "plain", "plain LibTorch, 2 threads, 2x batch", "", 1, 2, 1, 2 * b, 0, "",
          ""});
-    add({"dp_r1", "dp", "lockstep DataParallel, 1 replica, 2x batch", "", 1, 1, 1, 2 * b, 0, "",
-         "plain_2t"});
-    add({"dp_r2", "dp", "lockstep DataParallel, 2 replicas, 2x batch", "", 1, 1, 2, 2 * b, 0, "",
-         "plain_2t"});
+    add({"dp_r1", "dp", "lockstep DataParallel, 1 replica x 2 threads, 2x batch", "", 1, 2, 1,
+         2 * b, 0, "", "plain_2t"});
+    add({"dp_r2", "dp", "lockstep DataParallel, 2 replicas x 1 thread, 2x batch", "", 1, 1, 2,
+         2 * b, 0, "", "plain_2t"});
   }
   if (on("bucket_sweep") && model == o.bucket_sweep_model) {
     for (double cap : o.bucket_caps) {
