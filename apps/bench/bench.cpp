@@ -46,21 +46,10 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include "lockstep/data_parallel.h"
+#include "lockstep/ddp.h"
 #include "lockstep/lockstep.h"
 #include "models.h"
-
-#if __has_include("lockstep/ddp.h")
-#include "lockstep/ddp.h"
-#define LOCKSTEP_BENCH_HAS_DDP 1
-#else
-#define LOCKSTEP_BENCH_HAS_DDP 0
-#endif
-#if __has_include("lockstep/data_parallel.h")
-#include "lockstep/data_parallel.h"
-#define LOCKSTEP_BENCH_HAS_DP 1
-#else
-#define LOCKSTEP_BENCH_HAS_DP 0
-#endif
 
 #ifndef LOCKSTEP_BENCH_PY_SCRIPT
 #define LOCKSTEP_BENCH_PY_SCRIPT ""
@@ -223,9 +212,7 @@ int run_worker(const WorkerConfig& c) {
   std::function<void()> step;
   std::function<void()> per_step;  // after each timed step, outside the timer (statistics)
   std::function<void()> after;     // after the timed steps
-#if LOCKSTEP_BENCH_HAS_DDP
   std::vector<lockstep::DDPStats> ddp_stats;
-#endif
 
   if (c.kind == "plain") {
     step = [&] {
@@ -250,7 +237,6 @@ int run_worker(const WorkerConfig& c) {
       opt.step();
     };
   } else if (c.kind == "ddp") {
-#if LOCKSTEP_BENCH_HAS_DDP
     lockstep::DistributedDataParallel<bench::BenchNetImpl> ddp(
         net, pg, lockstep::DDPOptions().bucket_cap_mb(c.bucket_cap_mb));
     step = [&, ddp]() mutable {
@@ -281,12 +267,7 @@ int run_worker(const WorkerConfig& c) {
       d["bucket_bytes"] = sizes;
       out["ddp_stats"] = d;
     };
-#else
-    std::cerr << "lockstep-bench: built without lockstep/ddp.h" << std::endl;
-    return 3;
-#endif
   } else if (c.kind == "dp") {
-#if LOCKSTEP_BENCH_HAS_DP
     // BenchNet is not Cloneable: the other replicas come from a factory (their values are
     // overwritten from the primary at every step anyway).
     const std::string model = c.model;
@@ -301,10 +282,6 @@ int run_worker(const WorkerConfig& c) {
       });
       opt.step();
     };
-#else
-    std::cerr << "lockstep-bench: built without lockstep/data_parallel.h" << std::endl;
-    return 3;
-#endif
   } else {
     std::cerr << "lockstep-bench: unknown worker kind '" << c.kind << "'" << std::endl;
     return 2;
@@ -532,7 +509,7 @@ class Runner {
     for (int r = 0; r < s.world; ++r) {
       if (codes[r] == 0) continue;
       const std::string log = read_file(logs[r]);
-      if (codes[r] == 3 && (s.kind == "torch_ddp" || s.kind == "ddp" || s.kind == "dp")) {
+      if (codes[r] == 3 && s.kind == "torch_ddp") {  // python3 has no torch
         out.status = "skipped";
         out.note = tail(trim(log), 200);
         return;
@@ -931,9 +908,7 @@ json run_coordinator(const Options& o) {
                         {"uname", std::string(u.sysname) + " " + u.release + " " + u.machine},
                         {"libtorch", TORCH_VERSION},
                         {"date", date},
-                        {"loadavg_start", load_average()},
-                        {"lockstep_ddp_built", static_cast<bool>(LOCKSTEP_BENCH_HAS_DDP)},
-                        {"lockstep_dataparallel_built", static_cast<bool>(LOCKSTEP_BENCH_HAS_DP)}};
+                        {"loadavg_start", load_average()}};
   doc["config"] = {{"steps", o.steps},
                    {"warmup", o.warmup},
                    {"repeats", o.repeats},

@@ -53,8 +53,8 @@ void expect_sane_scenario(const json& s, const std::string& model) {
   const std::string status = s["status"];
   ASSERT_TRUE(status == "ok" || status == "skipped") << s.dump();
   if (status == "skipped") {
-    // Only optional peers may be skipped, and always with a reason.
-    EXPECT_TRUE(s["kind"] == "torch_ddp" || s["kind"] == "ddp" || s["kind"] == "dp") << s.dump();
+    // Only the optional peer (python3-torch) may be skipped, and always with a reason.
+    EXPECT_EQ(s["kind"], "torch_ddp") << s.dump();
     EXPECT_FALSE(s.value("note", std::string()).empty());
     return;
   }
@@ -77,7 +77,7 @@ void expect_sane_scenario(const json& s, const std::string& model) {
 
 TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   auto r = run_bench(
-      "--model mlp --scenario plain,ddp,perparam,torch_ddp,allreduce --steps 3 --warmup 1 "
+      "--model mlp --scenario plain,ddp,perparam,torch_ddp,dp,allreduce --steps 3 --warmup 1 "
       "--repeats 1 --batch 8 --sweep-min-bytes 1024 --sweep-max-bytes 65536 --transports gloo "
       "--worker-timeout 60");
   ASSERT_EQ(r.rc, 0) << slurp(r.dir + "/stderr.txt");
@@ -92,12 +92,18 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
     ids.insert(s["id"].get<std::string>());
     expect_sane_scenario(s, "mlp");
   }
-  for (const char* id : {"plain", "ddp_w1", "ddp_w2", "perparam_w2", "torch_ddp_w2"}) {
+  for (const char* id : {"plain", "ddp_w1", "ddp_w2", "perparam_w2", "torch_ddp_w2", "plain_2t",
+                         "dp_r1", "dp_r2"}) {
     EXPECT_TRUE(ids.count(id)) << "scenario " << id << " missing";
   }
-  // The hand-written pattern needs nothing optional: it must have run.
+  // Everything but PyTorch's DDP needs nothing optional: it must have run, and lockstep's
+  // DDP must have reported its own statistics.
   for (const auto& s : m["scenarios"]) {
-    if (s["id"] == "plain" || s["id"] == "perparam_w2") EXPECT_EQ(s["status"], "ok");
+    if (s["kind"] != "torch_ddp") EXPECT_EQ(s["status"], "ok") << s.dump();
+    if (s["kind"] == "ddp") {
+      EXPECT_GE(s["ddp_stats"]["buckets"].get<int>(), 1) << s.dump();
+      EXPECT_GE(s["ddp_stats"]["exposed_comm_ms"].get<double>(), 0.0) << s.dump();
+    }
   }
 
   ASSERT_EQ(r.doc["allreduce"].size(), 1u);
