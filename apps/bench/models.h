@@ -12,7 +12,7 @@
 /// | cnn         | Conv(1,32,3) ReLU MaxPool2 Conv(32,64,3) ReLU MaxPool2      |   225,034 |
 /// |             | Linear(1600,128) ReLU Linear(128,10)  (Fashion-MNIST 28x28) |           |
 /// | transformer | 2 x TransformerEncoderLayer(d=128, heads=4, ff=512, no dropout), |  ~400,000 |
-/// |             | mean over the sequence, Linear(128,10); input (seq=32, batch, 128) |     |
+/// |             | mean over the sequence, Linear(128,10); input (batch, seq=32, 128) |     |
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -74,8 +74,9 @@ struct FashionCnnImpl : torch::nn::Module {
 };
 TORCH_MODULE(FashionCnn);
 
-/// A small Transformer encoder stack. Input (seq, batch, d_model) (LibTorch 1.13 has no
-/// batch_first); output (batch, 10) from the mean over the sequence.
+/// A small Transformer encoder stack. Input (batch, seq, d_model), batch first so that
+/// DataParallel can split it along dimension 0; the layers run on (seq, batch, d_model)
+/// (LibTorch 1.13 has no batch_first). Output (batch, 10) from the mean over the sequence.
 struct TransformerStackImpl : torch::nn::Module {
   explicit TransformerStackImpl(int64_t layers = 2, int64_t d_model = 128, int64_t heads = 4,
                                 int64_t ff = 512) {
@@ -90,6 +91,7 @@ struct TransformerStackImpl : torch::nn::Module {
     head = register_module("head", torch::nn::Linear(d_model, 10));
   }
   torch::Tensor forward(torch::Tensor x) {
+    x = x.transpose(0, 1);
     for (auto& b : blocks) x = b(x);
     return head(x.mean(0));
   }
@@ -154,7 +156,7 @@ inline Batch make_batch(const std::string& name, int64_t batch, uint64_t seed = 
   } else if (name == "cnn") {
     b.input = at::randn({batch, 1, 28, 28}, gen);
   } else if (name == "transformer") {
-    b.input = at::randn({32, batch, 128}, gen);
+    b.input = at::randn({batch, 32, 128}, gen);
   } else {
     throw std::invalid_argument("unknown model '" + name + "'");
   }

@@ -92,7 +92,8 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
     ids.insert(s["id"].get<std::string>());
     expect_sane_scenario(s, "mlp");
   }
-  for (const char* id : {"plain", "ddp_w1", "ddp_w2", "perparam_w2", "torch_ddp_w2", "plain_2t",
+  for (const char* id : {"plain", "ddp_w1", "ddp_w2", "ddp_w2_gloo", "perparam_w2", "torch_ddp_w2",
+                         "plain_2t",
                          "dp_r1", "dp_r2"}) {
     EXPECT_TRUE(ids.count(id)) << "scenario " << id << " missing";
   }
