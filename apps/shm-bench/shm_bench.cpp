@@ -1,6 +1,6 @@
 // lockstep-shm-bench: all-reduce latency and bandwidth of the shared-memory transport against
 // Gloo over loopback, ranks as forked processes on this machine. One command:
-//   lockstep-shm-bench [--world 2] [--min-kib 1] [--max-mib 64] [--reps 20] [--dtype f32]
+//   lockstep-shm-bench [--world 2] [--min-kib 1] [--max-mib 64] [--reps 20] [--bytes N]
 // Prints, per size, the median time of one float32 sum all-reduce (each preceded by a barrier)
 // for each transport, the algorithm bandwidth (bytes / median time) and shm's speedup.
 #include <ATen/ATen.h>
@@ -28,6 +28,7 @@ struct Args {
   int64_t min_bytes = 1024;
   int64_t max_bytes = int64_t{64} << 20;
   int reps = 20;
+  int64_t bytes = 0;  // one size only, when set
 };
 
 Args parse(int argc, char** argv) {
@@ -42,9 +43,11 @@ Args parse(int argc, char** argv) {
     else if (k == "--min-kib") a.min_bytes = next() * 1024;
     else if (k == "--max-mib") a.max_bytes = next() << 20;
     else if (k == "--reps") a.reps = static_cast<int>(next());
+    else if (k == "--bytes") a.bytes = next() / 4 * 4;
     else {
       throw lockstep::InvalidArgument(
-          "usage: lockstep-shm-bench [--world 2] [--min-kib 1] [--max-mib 64] [--reps 20]; "
+          "usage: lockstep-shm-bench [--world 2] [--min-kib 1] [--max-mib 64] [--reps 20] "
+          "[--bytes N]; "
           "unknown argument '" + k + "'");
     }
   }
@@ -55,6 +58,7 @@ Args parse(int argc, char** argv) {
 
 std::vector<int64_t> sizes(const Args& a) {
   std::vector<int64_t> out;
+  if (a.bytes > 0) return {a.bytes};
   for (int64_t b = a.min_bytes; b <= a.max_bytes; b *= 4) out.push_back(b);
   return out;
 }

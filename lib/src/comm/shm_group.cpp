@@ -37,7 +37,9 @@ using detail::concat;
 // Note [Shared-memory protocol]
 // One POSIX shared-memory segment per group, created by rank 0:
 //   header | one cache line per rank (RankLine) | slot 0 .. slot W-1 | result
-// Each slot and the result hold kSlotBytes. Every collective is split into steps of at most
+// Each slot and the result hold slot_bytes(W): about 32 MiB in all, 1 to 8 MiB per slot, so
+// that a typical 25 MB DDP bucket takes few steps (every step costs two rendezvous, and on a
+// busy machine each rendezvous may wait for a peer to be scheduled). Every collective is split into steps of at most
 // one slot per rank, and every step has two phases. A phase ends when every rank has stored
 // the phase number into its own `arrive` word; waiting for it spins briefly, then sleeps on
 // the peer's `arrive` word with a futex (the arriving rank wakes sleepers only when its
@@ -71,7 +73,6 @@ using detail::concat;
 namespace {
 
 constexpr uint64_t kMagic = 0x6c6f636b73746570ULL;  // "lockstep"
-constexpr size_t kSlotBytes = size_t{2} << 20;       // 2 MiB per rank per step
 constexpr size_t kPage = 4096;
 constexpr auto kSpinFor = std::chrono::microseconds(50);
 constexpr auto kMaxSleep = std::chrono::milliseconds(20);
@@ -127,9 +128,13 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free, "abort word must be lo
 
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
+size_t slot_bytes(int size) {
+  constexpr size_t kMiB = size_t{1} << 20;
+  return std::clamp<size_t>((32 * kMiB) / (size + 1) / kMiB * kMiB, kMiB, 8 * kMiB);
+}
 size_t lines_offset() { return round_up(sizeof(Header), 64); }
 size_t data_offset(int size) { return round_up(lines_offset() + size * sizeof(RankLine), kPage); }
-size_t segment_bytes(int size) { return data_offset(size) + (size + 1) * kSlotBytes; }
+size_t segment_bytes(int size) { return data_offset(size) + (size + 1) * slot_bytes(size); }
 
 long futex(std::atomic<uint32_t>* word, int op, uint32_t val, const timespec* ts) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, ts, nullptr, 0);
@@ -395,7 +400,7 @@ class Segment {
       map(fd, where);
       auto* h = header();
       h->size = static_cast<uint32_t>(size);
-      h->slot_bytes = kSlotBytes;
+      h->slot_bytes = slot_bytes(size);
       h->total_bytes = bytes_;
       h->abort_word.store(0);
       std::atomic_thread_fence(std::memory_order_release);
@@ -451,9 +456,10 @@ class Segment {
     return reinterpret_cast<RankLine*>(static_cast<char*>(base_) + lines_offset())[r];
   }
   char* slot(int r) {
-    return static_cast<char*>(base_) + data_offset(header()->size) + r * kSlotBytes;
+    return static_cast<char*>(base_) + data_offset(header()->size) + r * header()->slot_bytes;
   }
   char* result() { return slot(static_cast<int>(header()->size)); }
+  size_t slot_size() { return header()->slot_bytes; }
   const std::string& name() const { return name_; }
 
  private:
@@ -705,7 +711,7 @@ class ShmGroup : public ProcessGroup {
   // Steps of at most one slot: [offset, offset + count) in elements.
   template <typename F>
   void for_each_step(int64_t numel, size_t elem, F&& f) {
-    const int64_t per = static_cast<int64_t>(kSlotBytes / elem);
+    const int64_t per = static_cast<int64_t>(segment_.slot_size() / elem);
     int64_t offset = 0;
     bool first = true;
     do {
@@ -723,17 +729,20 @@ class ShmGroup : public ProcessGroup {
     const int w = size();
     std::vector<const void*> srcs(w);
     for_each_step(t.numel(), es, [&](int64_t off, int64_t count, bool first) {
-      std::memcpy(segment_.slot(rank()), data + off * es, count * es);
-      phase(call);
-      if (first) verify(call);
       // My slice of this step, in whole cache lines where possible.
       int64_t align = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
       int64_t per = (count + w - 1) / w;
       per = (per + align - 1) / align * align;
       int64_t lo = std::min(count, per * rank());
       int64_t hi = std::min(count, lo + per);
+      // Peers read everything but my slice from my slot; I read my slice from my tensor.
+      char* chunk = data + off * es;
+      std::memcpy(segment_.slot(rank()), chunk, lo * es);
+      std::memcpy(segment_.slot(rank()) + hi * es, chunk + hi * es, (count - hi) * es);
+      phase(call);
+      if (first) verify(call);
       if (hi > lo) {
-        for (int r = 0; r < w; ++r) srcs[r] = segment_.slot(r) + lo * es;
+        for (int r = 0; r < w; ++r) srcs[r] = (r == rank() ? chunk : segment_.slot(r)) + lo * es;
         fn(segment_.result() + lo * es, srcs.data(), w, hi - lo, avg);
       }
       phase(call);
