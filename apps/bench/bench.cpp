@@ -769,6 +769,17 @@ std::string num(double v, int prec = 2) {
   return os.str();
 }
 
+// A note on one line (a log tail may hold a stack trace), at most 300 characters.
+std::string one_line(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '\n' || c == '\r') c = ' ';
+    if (c == ' ' && !out.empty() && out.back() == ' ') continue;
+    out += c;
+  }
+  return out.size() > 300 ? out.substr(0, 300) + " [...]" : out;
+}
+
 std::string pct(double v) { return num(100.0 * v, 1) + "%"; }
 
 std::string human_bytes(int64_t b) {
@@ -864,7 +875,8 @@ std::string render_report(const json& doc, bool md) {
     for (const auto& s : m["scenarios"]) {
       if (s["status"] != "ok" && s.contains("note")) {
         os << (md ? "- " : "  ") << s["label"].get<std::string>() << ": "
-           << s["status"].get<std::string>() << ": " << s["note"].get<std::string>() << "\n";
+           << s["status"].get<std::string>() << ": " << one_line(s["note"].get<std::string>())
+           << "\n";
       }
     }
     os << "\n";
@@ -914,7 +926,8 @@ std::string render_report(const json& doc, bool md) {
     for (const auto& a : doc["allreduce"]) {
       if (a["status"] == "ok") continue;
       os << (md ? "- " : "  ") << a["transport"].get<std::string>() << ": "
-         << a["status"].get<std::string>() << ": " << a.value("note", std::string()) << "\n";
+         << a["status"].get<std::string>() << ": " << one_line(a.value("note", std::string()))
+         << "\n";
     }
   }
   return os.str();
