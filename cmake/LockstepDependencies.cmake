@@ -11,7 +11,22 @@
 #   GTest::gtest_main     tests (libgtest-dev)
 find_package(Threads REQUIRED)
 
-find_package(Torch REQUIRED)
+if(NOT TARGET torch)
+  find_package(Torch REQUIRED)
+  # Imported targets are scoped to the directory that found them. When lockstep is
+  # add_subdirectory()'d, make LibTorch's visible to the parent project, whose targets link
+  # lockstep::lockstep and therefore torch.
+  if(NOT LOCKSTEP_IS_TOP)
+    foreach(t torch torch_cpu torch_cuda c10 c10_cuda torch_library)
+      if(TARGET ${t})
+        get_target_property(_imported ${t} IMPORTED)
+        if(_imported)
+          set_target_properties(${t} PROPERTIES IMPORTED_GLOBAL TRUE)
+        endif()
+      endif()
+    endforeach()
+  endif()
+endif()
 if(NOT TARGET torch)
   message(FATAL_ERROR "find_package(Torch) did not define the CMake target 'torch'. "
                       "Install libtorch-dev (Debian) or point CMAKE_PREFIX_PATH at a LibTorch archive.")
@@ -20,15 +35,55 @@ if(Torch_VERSION)
   message(STATUS "lockstep: LibTorch ${Torch_VERSION}")
 endif()
 
-find_package(spdlog REQUIRED)
-find_package(nlohmann_json 3.2 REQUIRED)
+# Without Debian's packages (a pip or archive LibTorch on another distribution), point
+# LOCKSTEP_HEADER_DEPS_DIR at a folder holding spdlog/, fmt/, nlohmann/ and cxxopts.hpp:
+# they are then used header-only. LOCKSTEP_GTEST_SOURCE_DIR likewise takes a googletest
+# source tree (Debian: /usr/src/googletest).
+set(LOCKSTEP_HEADER_DEPS_DIR "" CACHE PATH
+    "Folder with spdlog/, fmt/, nlohmann/, cxxopts.hpp used when their CMake packages are absent")
+set(LOCKSTEP_GTEST_SOURCE_DIR "" CACHE PATH
+    "googletest source tree used when the GTest CMake package is absent")
+
+function(lockstep_header_only_target alias)
+  string(REPLACE "::" "_" name "lockstep_dep_${alias}")
+  add_library(${name} INTERFACE)
+  target_include_directories(${name} SYSTEM INTERFACE ${LOCKSTEP_HEADER_DEPS_DIR})
+  target_compile_definitions(${name} INTERFACE ${ARGN})
+  add_library(${alias} ALIAS ${name})
+endfunction()
+
+function(lockstep_find_or_header_only package alias)
+  find_package(${package} QUIET)
+  if(NOT ${package}_FOUND)
+    if(NOT LOCKSTEP_HEADER_DEPS_DIR)
+      message(FATAL_ERROR "lockstep needs ${package}: install its Debian package "
+                          "(scripts/install-deps.sh) or set LOCKSTEP_HEADER_DEPS_DIR.")
+    endif()
+    lockstep_header_only_target(${alias} ${ARGN})
+    message(STATUS "lockstep: ${package} header-only from ${LOCKSTEP_HEADER_DEPS_DIR}")
+  endif()
+endfunction()
+
+lockstep_find_or_header_only(spdlog spdlog::spdlog
+                             SPDLOG_HEADER_ONLY SPDLOG_FMT_EXTERNAL FMT_HEADER_ONLY)
+lockstep_find_or_header_only(nlohmann_json nlohmann_json::nlohmann_json)
 find_package(ZLIB REQUIRED)
 
 if(LOCKSTEP_BUILD_APPS OR LOCKSTEP_BUILD_TESTS)
-  find_package(cxxopts REQUIRED)
+  lockstep_find_or_header_only(cxxopts cxxopts::cxxopts)
 endif()
 if(LOCKSTEP_BUILD_TESTS)
-  find_package(GTest REQUIRED)
+  find_package(GTest QUIET)
+  if(NOT GTest_FOUND)
+    if(NOT LOCKSTEP_GTEST_SOURCE_DIR)
+      message(FATAL_ERROR "lockstep's tests need GoogleTest: install libgtest-dev or set "
+                          "LOCKSTEP_GTEST_SOURCE_DIR (or configure with -DLOCKSTEP_BUILD_TESTS=OFF).")
+    endif()
+    set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
+    add_subdirectory(${LOCKSTEP_GTEST_SOURCE_DIR} ${CMAKE_BINARY_DIR}/_googletest EXCLUDE_FROM_ALL)
+    add_library(GTest::gtest ALIAS gtest)
+    add_library(GTest::gtest_main ALIAS gtest_main)
+  endif()
 endif()
 
 # ccache when present: LibTorch headers cost ~10 s per translation unit.

@@ -9,4 +9,6 @@
 #include "lockstep/log.h"
 #include "lockstep/options.h"
 #include "lockstep/process_group.h"
+#include "lockstep/readers.h"
+#include "lockstep/sampler.h"
 #include "lockstep/store.h"

@@ -65,6 +65,15 @@ auto store_call(const Store::Impl& impl, const char* op, const std::string& key,
 
 std::vector<uint8_t> to_bytes(const std::string& s) { return {s.begin(), s.end()}; }
 
+// The first line of an exception's message without a trailing full stop, for embedding in
+// one of ours (c10d appends C++ backtraces after the first line).
+std::string brief(const std::exception& e) {
+  std::string what = e.what();
+  what = what.substr(0, what.find('\n'));
+  while (!what.empty() && (what.back() == '.' || what.back() == ' ')) what.pop_back();
+  return what;
+}
+
 }  // namespace
 
 Store Store::tcp(const std::string& host, int port, bool is_server,
@@ -84,8 +93,7 @@ Store Store::tcp(const std::string& host, int port, bool is_server,
     impl->port = tcp->getPort();
     impl->store = tcp;
   } catch (const std::exception& e) {
-    std::string what = e.what();
-    auto first_line = what.substr(0, what.find('\n'));
+    auto first_line = brief(e);
     if (is_server) {
       throw CommError(concat("Could not host the rendezvous store on ", host, ":", port, ": ",
                           first_line, ". The port is probably in use by another job; pick a "
@@ -216,8 +224,7 @@ class GlooWork : public Work {
       done_ = true;
     } catch (const std::exception& e) {
       std::string what = e.what();
-      auto first_line = what.substr(0, what.find('\n'));
-      std::string msg = concat(what_, " failed: ", first_line);
+      std::string msg = concat(what_, " failed: ", brief(e));
       if (looks_like_timeout(what)) {
         error_ = std::make_exception_ptr(TimeoutError(
             msg + ". A peer did not take part in time (stalled, stopped or deadlocked). Check "
@@ -320,8 +327,7 @@ class GlooGroup : public ProcessGroup {
     } catch (const lockstep::Error&) {
       throw;
     } catch (const std::exception& e) {
-      std::string w = e.what();
-      throw CommError(concat(what, " could not start: ", w.substr(0, w.find('\n'))));
+      throw CommError(concat(what, " could not start: ", brief(e)));
     }
   }
 
@@ -346,11 +352,10 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
       options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
   } catch (const std::exception& e) {
-    std::string w = e.what();
     throw InvalidArgument(concat("[rank ", rank, "/", size, "] could not create the Gloo device (",
                               device.ifname.empty() ? "host " + device.hostname
                                                     : "interface " + device.ifname,
-                              "): ", w.substr(0, w.find('\n')),
+                              "): ", brief(e),
                               ". Set LOCKSTEP_SOCKET_IFNAME to an interface that reaches the "
                               "other ranks (see `ip addr`)."));
   }
@@ -360,7 +365,7 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
   } catch (const std::exception& e) {
     std::string w = e.what();
     std::string msg = concat("[rank ", rank, "/", size, "] Gloo could not connect to its peers via ",
-                          store->describe(), ": ", w.substr(0, w.find('\n')));
+                          store->describe(), ": ", brief(e));
     if (looks_like_timeout(w)) {
       throw TimeoutError(msg + ". A rank did not reach the connection step in time; check every "
                                "rank's log.");

@@ -1,0 +1,113 @@
+// Ranks as real processes: peer death, unreachable master, busy port, world-size disagreement
+// and duplicate ranks each fail with a clear message, within a bound the test asserts.
+#include <gtest/gtest.h>
+
+#include "support/process.h"
+
+using namespace lockstep_test;
+using std::chrono::seconds;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::map<std::string, std::string> rank_env(int rank, int world, int port) {
+  return {{"RANK", std::to_string(rank)},
+          {"WORLD_SIZE", std::to_string(world)},
+          {"MASTER_ADDR", "127.0.0.1"},
+          {"MASTER_PORT", std::to_string(port)},
+          {"LOCKSTEP_LOG_LEVEL", "warn"},
+          {"LOCKSTEP_RENDEZVOUS_TIMEOUT", "10"},
+          {"LOCKSTEP_TIMEOUT", "10"},
+          {"OMP_NUM_THREADS", "1"}};
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+TEST(ProcessFaults, KilledPeerFailsTheOthersWithinTheBound) {
+  TempDir dir;
+  int port = free_port();
+  std::vector<Child> ranks;
+  for (int r = 0; r < 3; ++r) {
+    ranks.push_back(spawn({LOCKSTEP_RANK_WORKER, "loop", "1000000000"}, rank_env(r, 3, port), dir,
+                          "rank" + std::to_string(r)));
+  }
+  for (auto& c : ranks) {
+    ASSERT_TRUE(eventually([&] { return contains(c.out(), "ready"); }, seconds(60)))
+        << "a rank never got through its first all-reduce; stderr: " << c.err();
+  }
+  kill(ranks[1].pid, SIGKILL);
+  auto killed_at = Clock::now();
+  for (int r : {0, 2}) {
+    ASSERT_TRUE(wait_for(ranks[r], seconds(30)))
+        << "rank " << r << " still running 30 s after its peer was killed";
+    EXPECT_EQ(ranks[r].exit_code(), 3) << ranks[r].err();
+    auto err = ranks[r].err();
+    EXPECT_TRUE(contains(err, "ERROR CommError") || contains(err, "ERROR TimeoutError")) << err;
+    EXPECT_TRUE(contains(err, "allreduce #")) << "the failing operation is not named: " << err;
+    EXPECT_TRUE(contains(err, "[rank " + std::to_string(r) + "/3]")) << err;
+  }
+  // Bound: the collective timeout (10 s) plus slack; a closed socket is usually seen at once.
+  EXPECT_LT(Clock::now() - killed_at, seconds(15));
+  for (auto& c : ranks) reap(c);
+}
+
+TEST(ProcessFaults, UnreachableMasterFailsWithinTheRendezvousTimeout) {
+  TempDir dir;
+  int port = free_port();  // nobody listens here
+  auto env = rank_env(1, 2, port);
+  env["LOCKSTEP_RENDEZVOUS_TIMEOUT"] = "2";
+  auto start = Clock::now();
+  auto child = spawn({LOCKSTEP_RANK_WORKER, "loop", "1"}, env, dir, "rank1");
+  ASSERT_TRUE(wait_for(child, seconds(20))) << "still waiting for an unreachable master";
+  EXPECT_LT(Clock::now() - start, seconds(12));
+  EXPECT_EQ(child.exit_code(), 3);
+  EXPECT_TRUE(contains(child.err(), "ERROR TimeoutError")) << child.err();
+  EXPECT_TRUE(contains(child.err(), "127.0.0.1:" + std::to_string(port))) << child.err();
+}
+
+TEST(ProcessFaults, BusyPortIsReported) {
+  TempDir dir;
+  int port = 0;
+  int fd = listen_on_ephemeral(&port);
+  auto child = spawn({LOCKSTEP_RANK_WORKER, "loop", "1"}, rank_env(0, 2, port), dir, "rank0");
+  ASSERT_TRUE(wait_for(child, seconds(20)));
+  close(fd);
+  EXPECT_EQ(child.exit_code(), 3);
+  EXPECT_TRUE(contains(child.err(), "in use")) << child.err();
+  EXPECT_TRUE(contains(child.err(), std::to_string(port))) << child.err();
+}
+
+TEST(ProcessFaults, WorldSizeDisagreementIsNamedOnEveryRank) {
+  TempDir dir;
+  int port = free_port();
+  auto r0 = spawn({LOCKSTEP_RANK_WORKER, "loop", "1"}, rank_env(0, 2, port), dir, "rank0");
+  auto r1 = spawn({LOCKSTEP_RANK_WORKER, "loop", "1"}, rank_env(1, 3, port), dir, "rank1");
+  for (Child* c : {&r0, &r1}) {
+    ASSERT_TRUE(wait_for(*c, seconds(20))) << c->err();
+    EXPECT_EQ(c->exit_code(), 3);
+    EXPECT_TRUE(contains(c->err(), "world sizes disagree")) << c->err();
+  }
+}
+
+TEST(ProcessFaults, DuplicateRankIsNamed) {
+  TempDir dir;
+  int port = free_port();
+  // Rank 0 and the first rank 1 keep the job (and rank 0's store) alive, so the second
+  // claimant of rank 1 always reaches the store and must fail naming the claimed rank.
+  auto r0 = spawn({LOCKSTEP_RANK_WORKER, "loop", "1000000000"}, rank_env(0, 2, port), dir, "rank0");
+  auto a = spawn({LOCKSTEP_RANK_WORKER, "loop", "1000000000"}, rank_env(1, 2, port), dir, "rank1a");
+  auto b = spawn({LOCKSTEP_RANK_WORKER, "loop", "1000000000"}, rank_env(1, 2, port), dir, "rank1b");
+  // One of the two claimants must fail with the duplicate message, within the bound.
+  ASSERT_TRUE(eventually([&] { return contains(a.err(), "claimed") || contains(b.err(), "claimed"); },
+                         seconds(30)))
+      << "rank1a: " << a.err() << "\nrank1b: " << b.err() << "\nrank0: " << r0.err();
+  Child& dup = contains(a.err(), "claimed") ? a : b;
+  ASSERT_TRUE(wait_for(dup, seconds(10)));
+  EXPECT_EQ(dup.exit_code(), 3);
+  EXPECT_TRUE(contains(dup.err(), "rank 1 was already claimed")) << dup.err();
+  for (Child* c : {&r0, &a, &b}) reap(*c);
+}
+
+}  // namespace
