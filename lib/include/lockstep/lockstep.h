@@ -2,6 +2,7 @@
 /// \file
 /// Umbrella header: everything a training program needs from lockstep.
 
+#include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
 #include "lockstep/launch_env.h"

@@ -1,0 +1,313 @@
+#pragma once
+/// \file
+/// DistributedDataParallel: wraps any `torch::nn::Module` so that, when `backward()` returns,
+/// every parameter's `.grad` holds the average over all ranks of the process group. Gradients
+/// are copied into flat buckets while backward runs and each bucket is all-reduced as soon as
+/// it is complete, overlapping communication with the rest of backward.
+///
+/// \code
+///   auto pg = lockstep::init_process_group();
+///   auto net = std::make_shared<Net>();            // or a TORCH_MODULE holder
+///   lockstep::DistributedDataParallel ddp(net, pg, lockstep::DDPOptions().bucket_cap_mb(25));
+///   torch::optim::SGD opt(ddp->parameters(), 0.1);
+///   // per step:
+///   opt.zero_grad();
+///   auto loss = loss_fn(ddp->forward(x), y);
+///   loss.backward();                              // gradients are averaged when it returns
+///   opt.step();
+/// \endcode
+///
+/// Construction and every forward are *collective*: all ranks construct their DDP objects in
+/// the same order and call forward/backward the same number of times. See the README's DDP
+/// section for the full semantics.
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "lockstep/options.h"
+#include "lockstep/process_group.h"
+
+namespace lockstep {
+
+// ---------------------------------------------------------------------------------------------
+// Communication hooks
+
+/// One bucket handed to a communication hook.
+struct GradBucket {
+  /// Position of the bucket in launch order (0 is launched first).
+  size_t index = 0;
+  /// The flat bucket: this rank's gradients already divided by the world size, followed by
+  /// one control element per parameter of the bucket (see Note [Bucket control elements] in
+  /// lib/src/ddp/reducer.h). A hook must leave in it the elementwise *sum* over ranks.
+  at::Tensor buffer;
+  /// Number of leading elements of `buffer` that are gradients.
+  int64_t gradient_numel = 0;
+  /// True for the last bucket of the iteration.
+  bool is_last = false;
+};
+
+/// Reduces buckets across ranks. The default all-reduces in the bucket's dtype; lockstep also
+/// ships fp16 and bf16 compression. Implement your own by deriving from it.
+///
+/// Contract: `reduce` is called once per bucket per synchronized backward, in bucket order, on
+/// the autograd engine's thread, while backward continues; it must not block on communication
+/// but return a Work that, once `wait()` returned, has left the elementwise sum over all
+/// ranks in `bucket.buffer`. Every rank calls it for the same buckets in the same order, so a
+/// hook may issue collectives. One hook object serves one DDP instance (it may cache buffers
+/// per bucket index).
+class CommHook {
+ public:
+  virtual ~CommHook() = default;
+  /// Short name for statistics and traces, e.g. "allreduce", "fp16".
+  virtual std::string name() const = 0;
+  /// Starts the reduction of `bucket` on `group`; see the class comment.
+  virtual WorkPtr reduce(ProcessGroup& group, GradBucket& bucket) = 0;
+};
+using CommHookPtr = std::shared_ptr<CommHook>;
+
+/// Plain all-reduce (sum) in the bucket's dtype. The default.
+CommHookPtr allreduce_hook();
+/// Casts the bucket to float16, all-reduces it, and casts back: half the bytes on the wire.
+CommHookPtr fp16_compress_hook();
+/// Casts the bucket to bfloat16, all-reduces it, and casts back: half the bytes on the wire,
+/// float32's range.
+CommHookPtr bf16_compress_hook();
+
+/// A Work that waits for `inner`, then runs `then` once (on the first successful wait), for
+/// hooks that post-process a reduction (e.g. cast back after compression).
+WorkPtr then_work(WorkPtr inner, std::function<void()> then);
+
+// ---------------------------------------------------------------------------------------------
+// Options and statistics
+
+/// Options of `DistributedDataParallel`.
+struct DDPOptions {
+  /// Bucket capacity in MiB: a bucket closes once its gradients reach this size. Default 25.
+  LOCKSTEP_ARG(double, bucket_cap_mb) = 25.0;
+  /// Capacity of the first bucket in MiB (the last gradients of backward), kept small so the
+  /// first all-reduce starts early. Default 1.
+  LOCKSTEP_ARG(double, first_bucket_mb) = 1.0;
+  /// Broadcast buffers (e.g. BatchNorm running statistics) from rank 0 at every forward in
+  /// training mode, as PyTorch's DDP does. Default true.
+  LOCKSTEP_ARG(bool, broadcast_buffers) = true;
+  /// Allow parameters that get no gradient on some or all ranks in an iteration. Off
+  /// (default): such a parameter is an error naming it. On: it contributes zero, and a
+  /// parameter unused on every rank keeps its `.grad` unchanged. Costs nothing extra.
+  LOCKSTEP_ARG(bool, find_unused_parameters) = false;
+  /// Make every parameter's `.grad` a view of its bucket, so that gradients exist only once
+  /// in memory and no copy-back is needed. Default false (as PyTorch).
+  LOCKSTEP_ARG(bool, gradient_as_bucket_view) = false;
+  /// After the first synchronized iteration rebuild the buckets once in the order gradients
+  /// became ready on rank 0. Default true.
+  LOCKSTEP_ARG(bool, rebuild_buckets) = true;
+  /// Verify at construction that all ranks have the same parameters (count, names, shapes,
+  /// dtypes). One extra allgather. Default true.
+  LOCKSTEP_ARG(bool, check_parameters) = true;
+  /// Broadcast parameters and buffers from rank 0 at construction. Default true.
+  LOCKSTEP_ARG(bool, broadcast_parameters) = true;
+  /// How buckets are reduced; nullptr (default): `allreduce_hook()`.
+  LOCKSTEP_ARG(CommHookPtr, comm_hook) = nullptr;
+  /// Chrome trace output path; "" (default): the LOCKSTEP_TRACE environment variable, and no
+  /// trace when that is unset. With more than one rank each rank writes `<stem>-rank<r><ext>`.
+  LOCKSTEP_ARG(std::string, trace_path) = "";
+};
+
+/// Timeline of one bucket in one iteration; times in milliseconds since the iteration's
+/// first gradient hook.
+struct BucketStats {
+  size_t index = 0;           ///< launch position
+  int64_t numel = 0;          ///< gradient elements
+  int64_t bytes = 0;          ///< gradient bytes
+  size_t parameters = 0;      ///< parameters in the bucket
+  std::string dtype;          ///< e.g. "Float"
+  double ready_ms = 0;        ///< last gradient of the bucket arrived
+  double launched_ms = 0;     ///< reduction started
+  double done_ms = 0;         ///< reduction observed complete
+};
+
+/// Statistics of one synchronized iteration (forward + backward).
+struct DDPStats {
+  int64_t iteration = 0;            ///< 1-based count of synchronized backwards
+  double forward_ms = 0;            ///< time inside the wrapper's forward
+  double backward_compute_ms = 0;   ///< first gradient hook to the end of backward compute
+  double comm_ms = 0;               ///< first bucket launched to last bucket done
+  double exposed_comm_ms = 0;       ///< time backward waited for communication at its end
+  std::vector<BucketStats> buckets; ///< one entry per bucket, in launch order
+  /// The statistics as a JSON object.
+  std::string to_json() const;
+};
+
+/// Description of one bucket of the current plan.
+struct BucketInfo {
+  std::vector<std::string> parameters;  ///< parameter names in bucket order
+  int64_t numel = 0;                    ///< gradient elements
+  int64_t bytes = 0;                    ///< gradient bytes
+  std::string dtype;                    ///< e.g. "Float"
+  std::string device;                   ///< e.g. "cpu"
+};
+
+// ---------------------------------------------------------------------------------------------
+// The wrapper
+
+namespace ddp {
+class Reducer;
+}
+
+/// Non-template part of `DistributedDataParallelImpl<M>`, compiled into the library.
+class DistributedDataParallelBase : public torch::nn::Module {
+ public:
+  ~DistributedDataParallelBase() override;
+
+  /// RAII guard returned by `no_sync()`: while it lives, backward passes started by forwards
+  /// inside it do not communicate; gradients accumulate locally and the next synchronized
+  /// backward reduces the accumulated sum. Not a collective.
+  class NoSync {
+   public:
+    NoSync(NoSync&& other) noexcept;
+    NoSync(const NoSync&) = delete;
+    NoSync& operator=(const NoSync&) = delete;
+    NoSync& operator=(NoSync&&) = delete;
+    ~NoSync();
+
+   private:
+    friend class DistributedDataParallelBase;
+    explicit NoSync(DistributedDataParallelBase* owner);
+    DistributedDataParallelBase* owner_;
+    bool previous_;
+  };
+
+  /// Disables gradient synchronization until the returned guard is destroyed.
+  NoSync no_sync();
+  /// Whether forwards started now will synchronize their backward.
+  bool require_gradient_sync() const { return require_sync_; }
+  /// Sets the flag `no_sync()` toggles.
+  void set_require_gradient_sync(bool sync) { require_sync_ = sync; }
+
+  /// The process group gradients are averaged over.
+  const ProcessGroupPtr& process_group() const { return pg_; }
+  /// The options after resolution (trace path filled in from the environment).
+  const DDPOptions& options() const { return options_; }
+  /// Statistics of the last synchronized iteration. Thread-safe copy.
+  DDPStats last_stats() const;
+  /// The current bucket plan, in launch order.
+  std::vector<BucketInfo> buckets() const;
+  /// Writes the Chrome trace collected so far (also written at destruction). No-op without a
+  /// trace path.
+  void flush_trace();
+
+  /// Called around the wrapped forward; public for wrappers with their own forward.
+  /// `begin_forward` is collective (buffer broadcast, bucket rebuild).
+  void begin_forward();
+  void end_forward();
+
+ protected:
+  DistributedDataParallelBase(std::shared_ptr<torch::nn::Module> module, ProcessGroupPtr pg,
+                              DDPOptions options);
+
+  /// Times the wrapped forward and calls begin/end_forward.
+  class ForwardScope {
+   public:
+    explicit ForwardScope(DistributedDataParallelBase& owner) : owner_(owner) {
+      owner_.begin_forward();
+    }
+    ~ForwardScope() { owner_.end_forward(); }
+    ForwardScope(const ForwardScope&) = delete;
+    ForwardScope& operator=(const ForwardScope&) = delete;
+
+   private:
+    DistributedDataParallelBase& owner_;
+  };
+
+ private:
+  ProcessGroupPtr pg_;
+  DDPOptions options_;
+  bool require_sync_ = true;
+  bool require_forward_buffer_sync_ = true;
+  std::chrono::steady_clock::time_point forward_start_;
+  std::unique_ptr<ddp::Reducer> reducer_;
+  std::vector<at::Tensor> buffers_;
+};
+
+/// The module behind `DistributedDataParallel<M>`: registers the wrapped module as submodule
+/// "module" (so `parameters()` and `named_parameters()` are the wrapped module's, with the
+/// "module." prefix in names, as PyTorch's DDP) and forwards any `forward(...)` signature.
+template <typename M>
+class DistributedDataParallelImpl : public DistributedDataParallelBase {
+  static_assert(std::is_base_of<torch::nn::Module, M>::value,
+                "DistributedDataParallel wraps a torch::nn::Module");
+
+ public:
+  DistributedDataParallelImpl(std::shared_ptr<M> module, ProcessGroupPtr pg,
+                              DDPOptions options = DDPOptions())
+      : DistributedDataParallelBase(module, std::move(pg), std::move(options)),
+        module_(std::move(module)) {}
+
+  /// Runs the wrapped module's forward with any arguments; returns what it returns.
+  /// Collective (see `begin_forward`).
+  template <typename... Args>
+  auto forward(Args&&... args)
+      -> decltype(std::declval<M&>().forward(std::forward<Args>(args)...)) {
+    ForwardScope scope(*this);
+    return module_->forward(std::forward<Args>(args)...);
+  }
+
+  /// The wrapped module.
+  const std::shared_ptr<M>& module() const { return module_; }
+
+ private:
+  std::shared_ptr<M> module_;
+};
+
+/// Holder of a `DistributedDataParallelImpl<M>`, like a TORCH_MODULE holder: copyable, shares
+/// one wrapper. `M` is deduced from a `std::shared_ptr<M>` or a `TORCH_MODULE` holder of `M`.
+template <typename M>
+class DistributedDataParallel : public torch::nn::ModuleHolder<DistributedDataParallelImpl<M>> {
+  using Holder = torch::nn::ModuleHolder<DistributedDataParallelImpl<M>>;
+
+ public:
+  /// Wraps `module`; collective (see the file comment).
+  DistributedDataParallel(std::shared_ptr<M> module, ProcessGroupPtr pg,
+                          DDPOptions options = DDPOptions())
+      : Holder(std::make_shared<DistributedDataParallelImpl<M>>(std::move(module), std::move(pg),
+                                                               std::move(options))) {}
+  /// Wraps the module held by a `TORCH_MODULE` holder; collective.
+  DistributedDataParallel(const torch::nn::ModuleHolder<M>& module, ProcessGroupPtr pg,
+                          DDPOptions options = DDPOptions())
+      : DistributedDataParallel(module.ptr(), std::move(pg), std::move(options)) {}
+  /// An empty holder.
+  /* implicit */ DistributedDataParallel(std::nullptr_t) : Holder(nullptr) {}
+  /// Holds an existing wrapper.
+  /* implicit */ DistributedDataParallel(std::shared_ptr<DistributedDataParallelImpl<M>> impl)
+      : Holder(std::move(impl)) {}
+
+  /// `ddp(x...)` is `ddp->forward(x...)` (ModuleHolder's operator() cannot see a template
+  /// forward).
+  template <typename... Args>
+  decltype(auto) operator()(Args&&... args) {
+    return this->get()->forward(std::forward<Args>(args)...);
+  }
+};
+
+template <typename M>
+DistributedDataParallel(std::shared_ptr<M>, ProcessGroupPtr) -> DistributedDataParallel<M>;
+template <typename M>
+DistributedDataParallel(std::shared_ptr<M>, ProcessGroupPtr, DDPOptions)
+    -> DistributedDataParallel<M>;
+template <typename M>
+DistributedDataParallel(torch::nn::ModuleHolder<M>, ProcessGroupPtr)
+    -> DistributedDataParallel<M>;
+template <typename M>
+DistributedDataParallel(torch::nn::ModuleHolder<M>, ProcessGroupPtr, DDPOptions)
+    -> DistributedDataParallel<M>;
+
+}  // namespace lockstep

@@ -1,0 +1,169 @@
+#pragma once
+// The Reducer: averages the gradients of a list of parameters over a ProcessGroup while
+// backward runs. DistributedDataParallel owns one; DataParallel owns one per replica thread.
+//
+// Note [Reducer contract]
+// A Reducer works over ANY lockstep::ProcessGroup (Gloo, shared memory, an in-process group
+// whose ranks are threads) and ANY list of distinct leaf parameters that require grad. The
+// owner promises:
+//   1. Every rank constructs its Reducer with parameters that correspond one to one (same
+//      count, shapes, dtypes, order) over the same group, at the same point of the collective
+//      sequence. The Reducer issues no collective in its constructor; checking that ranks
+//      agree is the owner's job (DistributedDataParallel does it, see ddp.cpp).
+//   2. Before each forward whose backward may run, the owner calls `prepare_for_forward(sync)`
+//      on every rank with the same `sync`. It is collective only when a bucket rebuild is
+//      pending (one broadcast of rank 0's order after the first synchronized backward).
+//   3. backward runs on the thread(s) autograd chooses; the Reducer's hooks (installed on the
+//      parameters' grad accumulators via the torch adapter) copy each gradient into its bucket
+//      and launch complete buckets; the end-of-backward callback it queues waits for all
+//      buckets and writes the averages back. When backward() returns, gradients are averaged.
+//   4. One backward per prepared forward is synchronized; further backwards before the next
+//      `prepare_for_forward` are synchronized too (each is a full iteration), so the owner
+//      must make every rank run the same number of backwards.
+// `install_hooks = false` leaves the autograd hooks out: the owner then calls `mark_ready(i)`
+// after parameter i's gradient is final and `finalize()` after the last one (tests, or an
+// owner that drives reduction itself). The Reducer is not copyable; destroy it only when no
+// backward is running. Every public method is thread-safe.
+//
+// Note [Bucket control elements]
+// Each bucket is one flat tensor: the gradients of its parameters (each already divided by
+// the world size, so the reduced sum is the average) followed by one control element per
+// parameter, 1 when this rank got no gradient for that parameter in this backward and 0
+// otherwise. The control elements travel in the same all-reduce, so after it every rank knows,
+// with no extra collective, how many ranks missed each parameter: with
+// find_unused_parameters off any nonzero count raises the same error on every rank (naming
+// the parameters) instead of a hang; with it on, a parameter missed by every rank keeps its
+// .grad unchanged, as in single-process training. Buckets with a parameter that got no
+// gradient are launched by the end-of-backward callback, still in bucket order.
+//
+// Note [Bucket rebuild]
+// The first plan assumes gradients arrive in reverse registration order. During the first
+// synchronized backward the Reducer records the order in which they actually arrived; at the
+// next prepare_for_forward rank 0's order is broadcast and every rank re-plans with it (once),
+// so all ranks keep identical buckets. Gradients held in bucket views are carried over.
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lockstep/ddp.h"
+#include "lockstep/process_group.h"
+
+namespace lockstep {
+namespace ddp {
+
+/// Configuration of a Reducer (DDPOptions, resolved).
+struct ReducerOptions {
+  int64_t cap_bytes = 25 * 1024 * 1024;       ///< bucket cap
+  int64_t first_cap_bytes = 1 * 1024 * 1024;  ///< first bucket cap
+  bool find_unused_parameters = false;
+  bool gradient_as_bucket_view = false;
+  bool rebuild_buckets = true;
+  CommHookPtr comm_hook;      ///< nullptr: allreduce_hook()
+  bool install_hooks = true;  ///< see Note [Reducer contract]
+  std::string trace_path;     ///< Chrome trace file for this rank; "" for none
+};
+
+class Trace;
+
+class Reducer {
+ public:
+  /// `params` are distinct leaf tensors requiring grad; `names` name them in messages.
+  Reducer(std::vector<at::Tensor> params, std::vector<std::string> names, ProcessGroupPtr group,
+          ReducerOptions options);
+  ~Reducer();
+  Reducer(const Reducer&) = delete;
+  Reducer& operator=(const Reducer&) = delete;
+
+  /// See Note [Reducer contract], step 2. `sync` false: the next backward accumulates
+  /// locally (no_sync). Also recovers from a backward that failed midway.
+  void prepare_for_forward(bool sync);
+  /// Parameter `index`'s gradient is final for this backward.
+  void mark_ready(size_t index);
+  /// End of backward: launches what is left, waits, writes averaged gradients back.
+  void finalize();
+
+  /// Records the forward duration for the statistics of the iteration it belongs to.
+  void record_forward(std::chrono::steady_clock::time_point start,
+                      std::chrono::steady_clock::time_point end);
+  /// Statistics of the last synchronized iteration.
+  DDPStats last_stats() const;
+  /// The current bucket plan.
+  std::vector<BucketInfo> buckets() const;
+  /// Parameter indices per bucket, in launch order (tests).
+  std::vector<std::vector<size_t>> bucket_indices() const;
+  /// Writes the trace (no-op without a trace path).
+  void flush_trace();
+  /// True when nothing needs communicating (world size 1 with the default hook).
+  bool trivial() const { return trivial_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Bucket {
+    std::vector<size_t> params;     // parameter indices, bucket order
+    at::Tensor buffer;              // gradients, then one control element per parameter
+    int64_t gradient_numel = 0;
+    size_t pending = 0;             // parameters not yet ready this backward
+    WorkPtr work;
+    Clock::time_point ready, launched, done;
+    bool done_seen = false;
+  };
+  struct ParamSlot {
+    size_t bucket = 0;
+    size_t position = 0;  // index within the bucket
+    int64_t offset = 0;   // element offset in the bucket buffer
+    at::Tensor view;      // bucket slice shaped like the parameter
+  };
+
+  void build_buckets(const std::vector<size_t>& order);
+  void copy_in(size_t index, bool have_grad);
+  void launch(size_t bucket_index);
+  void poll_done();
+  void write_back(const std::vector<float>& missing_counts);
+  void reset_iteration();
+  void rebuild_if_pending();
+  [[noreturn]] void raise_unused(const std::vector<std::pair<size_t, int>>& missing);
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::string> names_;
+  ProcessGroupPtr group_;
+  ReducerOptions options_;
+  CommHookPtr hook_;
+  int world_ = 1;
+  bool trivial_ = false;
+  double inv_world_ = 1.0;
+
+  mutable std::mutex mutex_;
+  std::vector<Bucket> buckets_;
+  std::vector<ParamSlot> slots_;
+  std::vector<uint8_t> ready_;
+  size_t next_launch_ = 0;
+  size_t next_done_ = 0;
+  bool sync_ = true;
+  bool in_backward_ = false;
+  int64_t iterations_ = 0;
+
+  bool recording_order_ = false;
+  bool rebuild_pending_ = false;
+  bool rebuilt_ = false;
+  std::vector<size_t> ready_order_;
+
+  Clock::time_point backward_start_;
+  Clock::time_point forward_start_, forward_end_;
+  DDPStats last_stats_;
+
+  std::vector<std::shared_ptr<void>> hooks_;
+  std::unique_ptr<Trace> trace_;
+};
+
+/// Copies `src` into `dst` multiplied by `scale` (one pass on contiguous CPU float/double).
+void copy_scaled(at::Tensor& dst, const at::Tensor& src, double scale);
+
+}  // namespace ddp
+}  // namespace lockstep
