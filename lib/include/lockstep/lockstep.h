@@ -2,6 +2,7 @@
 /// \file
 /// Umbrella header: everything a training program needs from lockstep.
 
+#include "lockstep/data_parallel.h"
 #include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
@@ -10,3 +11,4 @@
 #include "lockstep/options.h"
 #include "lockstep/process_group.h"
 #include "lockstep/store.h"
+#include "lockstep/thread_group.h"

@@ -34,13 +34,15 @@ using detail::concat;
 //      replica 0's backward starts from none and the step can add to or restore it), copy
 //      the primary's training mode to the replicas.
 //   2. every replica thread, concurrently:
-//      a. refresh: copy the primary's parameters and buffers into its own, in place;
+//      a. refresh: copy the primary's parameters and buffers into its own, in place; tell the
+//         reduction a step begins (the Reducer's one-time bucket rebuild is a collective);
 //      b. forward on its slice, loss_fn; record an exception instead of throwing;
 //      c. meet the others at a barrier: if any replica failed, all skip backward, so that
 //         no replica waits on a gradient collective that a failed peer will never issue;
 //      d. backward; hooks fill the gradient buckets and launch their reductions (Note
-//         [DataParallel gradient buckets]); finish() waits; replica 0 writes the primary's
-//         .grad. A failure here aborts the thread group so that the peers stop waiting.
+//         [DataParallel gradient reduction]: one DDP Reducer per replica over a thread
+//         group); finish() waits; replica 0's Reducer writes the primary's .grad. A failure
+//         here aborts the thread group so that the peers stop waiting.
 //   3. caller: restore OpenBLAS, add the stashed gradients back (or restore them on
 //      failure), rethrow the first replica's failure naming it, or return the loss.
 // A replica with no samples (batch smaller than the number of replicas) skips 2b and 2d but
@@ -329,7 +331,7 @@ DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module
   bucket_options.cap_bytes = static_cast<int64_t>(options.bucket_cap_mb() * 1024 * 1024);
   bucket_options.first_cap_bytes = std::min<int64_t>(bucket_options.cap_bytes, 256 * 1024);
   if (!m.params[0].empty()) {
-    m.reduction = dp::make_bucketed_reduction(m.params, std::move(names), bucket_options);
+    m.reduction = dp::make_replica_reduction(m.params, std::move(names), bucket_options);
   }
   m.threads = std::make_unique<ReplicaThreads>(m.devices, m.threads_per_replica);
 }
@@ -407,6 +409,7 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
       // Steps 2a and 2b.
       try {
         m.refresh(r);
+        if (m.reduction) m.reduction->begin_step(r);
         if (r > 0) {
           for (auto& p : m.params[r]) p.mutable_grad().reset();
         }
@@ -433,8 +436,10 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
       // Step 2d.
       try {
         double weight = m.options.mean_loss() ? static_cast<double>(sizes[r]) / n : 1.0;
-        if (m.reduction && sizes[r] > 0) m.reduction->prepare(r, weight);
-        if (sizes[r] > 0) loss.reshape({}).backward();
+        if (sizes[r] > 0) {
+          double scale = m.reduction ? m.reduction->prepare(r, weight) : 1.0;
+          (scale == 1.0 ? loss.reshape({}) : loss.reshape({}) * scale).backward();
+        }
         if (m.reduction) m.reduction->finish(r);
       } catch (...) {
         bool first = !backward_failed.exchange(true);
@@ -453,7 +458,7 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
   for (size_t i = 0; i < m.params[0].size(); ++i) {
     if (!stash[i].defined()) continue;
     auto& grad = m.params[0][i].mutable_grad();
-    stash[i].add_(grad);
+    if (grad.defined()) stash[i].add_(grad);  // undefined: no replica used the parameter
     grad = stash[i];
   }
   at::Tensor total;
