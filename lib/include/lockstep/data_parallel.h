@@ -57,11 +57,11 @@ namespace lockstep {
 /// Options of DataParallel.
 struct DataParallelOptions {
   /// Device of each replica; replica 0 is the primary module, which must already live on
-  /// devices[0]. Empty (default): every CUDA device when LibTorch has CUDA and one is
-  /// present, else `cpu_replicas` CPU replicas.
+  /// devices[0]. Empty (default): `cpu_replicas` CPU replicas when it is set, else every CUDA
+  /// device when LibTorch has CUDA and one is present, else one CPU replica per core.
   LOCKSTEP_ARG(std::vector<c10::Device>, devices) = {};
-  /// Number of CPU replicas when `devices` is empty and there is no CUDA device; 0
-  /// (default): one per core (std::thread::hardware_concurrency()).
+  /// Number of CPU replicas when `devices` is empty; 0 (default): CUDA devices if any, else
+  /// one per core (std::thread::hardware_concurrency()).
   LOCKSTEP_ARG(int, cpu_replicas) = 0;
   /// Intra-op threads of each replica's thread (at::set_num_threads on that thread); 0
   /// (default): cores / number of CPU replicas, at least 1; 1 for CUDA replicas.

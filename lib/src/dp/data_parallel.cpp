@@ -34,7 +34,8 @@ using detail::concat;
 //      replica 0's backward starts from none and the step can add to or restore it), copy
 //      the primary's training mode to the replicas.
 //   2. every replica thread, concurrently:
-//      a. refresh: copy the primary's parameters and buffers into its own, in place; tell the
+//      a. refresh: copy the primary's parameters (unless shared, Note [Shared parameter
+//         storage]) and buffers into its own, in place; tell the
 //         reduction a step begins (the Reducer's one-time bucket rebuild is a collective);
 //      b. forward on its slice, loss_fn; record an exception instead of throwing;
 //      c. meet the others at a barrier: if any replica failed, all skip backward, so that
@@ -179,15 +180,17 @@ std::vector<int64_t> split_sizes(int64_t n, int replicas) {
 
 std::vector<c10::Device> resolve_devices(const DataParallelOptions& options) {
   if (!options.devices().empty()) return options.devices();
-  std::vector<c10::Device> devices;
-  int gpus = at::detail::getCUDAHooks().getNumGPUs();
-  if (gpus > 0) {
-    for (int g = 0; g < gpus; ++g) devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(g));
-    return devices;
-  }
   int n = options.cpu_replicas();
   LOCKSTEP_CHECK(n >= 0, "DataParallelOptions: expected cpu_replicas >= 0, but got ", n, ".");
-  if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<c10::Device> devices;
+  if (n == 0) {
+    int gpus = at::detail::getCUDAHooks().getNumGPUs();
+    for (int g = 0; g < gpus; ++g) {
+      devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(g));
+    }
+    if (!devices.empty()) return devices;
+    n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
   devices.assign(n, c10::Device(c10::DeviceType::CPU));
   return devices;
 }
@@ -211,11 +214,17 @@ struct DataParallelCore::Impl {
     return concat("replica ", r, "/", size(), " (", devices[r], ")");
   }
 
-  // Step 2a: in-place copy of the primary's parameters and buffers.
+  // Step 2a: the primary's parameters and buffers into replica r, in place (Note
+  // [Shared parameter storage]).
   void refresh(int r) {
     if (r == 0) return;
     at::NoGradGuard no_grad;
-    for (size_t i = 0; i < all_params[r].size(); ++i) all_params[r][i].copy_(all_params[0][i], /*non_blocking=*/true);
+    for (size_t i = 0; i < all_params[r].size(); ++i) {
+      auto& mine = all_params[r][i];
+      const auto& primary = all_params[0][i];
+      if (mine.is_alias_of(primary)) continue;
+      mine.copy_(primary, /*non_blocking=*/true);
+    }
     for (size_t i = 0; i < buffers[r].size(); ++i) buffers[r][i].copy_(buffers[0][i], /*non_blocking=*/true);
   }
 
@@ -324,6 +333,23 @@ DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module
     m.all_params.push_back(std::move(all));
     m.params.push_back(std::move(trainable));
     m.buffers.push_back(std::move(bufs));
+  }
+  // Note [Shared parameter storage]
+  // A replica on the primary's device only reads its parameters during a step, and the
+  // optimizer updates the primary's in place between steps; so such replicas' parameters
+  // share the primary's storage (distinct leaf tensors with their own .grad, same data): the
+  // per-step refresh of parameters costs nothing and the replicas take no parameter memory.
+  // `refresh` still copies where the storage is not shared (other devices, or an optimizer
+  // that replaced a parameter's data). Buffers are never shared: replicas update their
+  // BatchNorm statistics concurrently, and they are copied from the primary every step.
+  {
+    at::NoGradGuard no_grad;
+    for (int r = 1; r < m.size(); ++r) {
+      if (m.devices[r] != m.devices[0]) continue;
+      for (size_t i = 0; i < m.all_params[r].size(); ++i) {
+        m.all_params[r][i].set_data(m.all_params[0][i]);
+      }
+    }
   }
   for (int r = 0; r < m.size(); ++r) m.refresh(r);
 
