@@ -124,7 +124,8 @@ class DataParallel {
   /// Wraps `module` (the primary, replica 0). The other replicas come from `make_replica`
   /// when given (it must build a module with the same parameters; their values are
   /// overwritten), else from `module->clone(device)`, which needs ModuleType to derive from
-  /// torch::nn::Cloneable. Starts one thread per replica.
+  /// torch::nn::Cloneable. Starts one thread per replica after the first (replica 0 runs on
+  /// the caller's thread during a step).
   explicit DataParallel(std::shared_ptr<ModuleType> module,
                         DataParallelOptions options = DataParallelOptions(),
                         ReplicaFactory make_replica = nullptr)

@@ -20,8 +20,10 @@ namespace lockstep {
 using detail::concat;
 
 // Note [DataParallel step]
-// Replica 0 is the primary module itself; replicas 1..R-1 are created once and kept. Each
-// replica has a persistent thread, which at start-up sets its intra-op thread count
+// Replica 0 is the primary module itself; replicas 1..R-1 are created once and kept. Replica
+// 0 runs on the caller's thread (its intra-op thread count set to the replicas' for the step,
+// then restored: one thread hand-off fewer per step); replicas 1..R-1 each have a persistent
+// thread, which at start-up sets its intra-op thread count
 // (at::set_num_threads acts per thread under OpenMP: it sets the calling thread's
 // omp_set_num_threads; its process-wide default only seeds threads that have not run a
 // parallel region yet, so the caller's count is restored after the workers started).
@@ -72,10 +74,11 @@ struct BlasThreads {
 // Replica threads: run(job) runs job(r) on thread r for every replica and returns when all did.
 class ReplicaThreads {
  public:
-  ReplicaThreads(const std::vector<c10::Device>& devices, int threads_per_replica) {
+  ReplicaThreads(const std::vector<c10::Device>& devices, int threads_per_replica)
+      : size_(static_cast<int>(devices.size())), threads_per_replica_(threads_per_replica) {
     const int caller_threads = at::get_num_threads();
     int started = 0;
-    for (size_t r = 0; r < devices.size(); ++r) {
+    for (size_t r = 1; r < devices.size(); ++r) {
       threads_.emplace_back([this, r, threads_per_replica, &started] {
         at::init_num_threads();
         at::set_num_threads(threads_per_replica);
@@ -88,7 +91,7 @@ class ReplicaThreads {
       });
     }
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return started == static_cast<int>(devices.size()); });
+    cv_.wait(lock, [&] { return started == size_ - 1; });
     lock.unlock();
     at::set_num_threads(caller_threads);  // see Note [DataParallel step]
   }
@@ -102,13 +105,23 @@ class ReplicaThreads {
     for (auto& t : threads_) t.join();
   }
 
-  // `job` must not throw.
+  // Runs job(0) on the calling thread (with its intra-op thread count set to the replicas'
+  // for the duration) and job(r) on thread r. `job` must not throw.
   void run(const std::function<void(int)>& job) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    job_ = &job;
-    remaining_ = static_cast<int>(threads_.size());
-    ++generation_;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      remaining_ = size_ - 1;
+      ++generation_;
+    }
     cv_.notify_all();
+    {
+      const int caller_threads = at::get_num_threads();
+      if (caller_threads != threads_per_replica_) at::set_num_threads(threads_per_replica_);
+      job(0);
+      if (caller_threads != threads_per_replica_) at::set_num_threads(caller_threads);
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, [&] { return remaining_ == 0; });
     job_ = nullptr;
   }
@@ -117,7 +130,7 @@ class ReplicaThreads {
   void arrive_and_wait() {
     std::unique_lock<std::mutex> lock(mutex_);
     uint64_t round = barrier_round_;
-    if (++barrier_count_ == static_cast<int>(threads_.size())) {
+    if (++barrier_count_ == size_) {
       barrier_count_ = 0;
       ++barrier_round_;
       barrier_cv_.notify_all();
@@ -146,7 +159,9 @@ class ReplicaThreads {
     }
   }
 
-  std::vector<std::thread> threads_;
+  int size_;
+  int threads_per_replica_;
+  std::vector<std::thread> threads_;  // replicas 1..size-1; replica 0 runs on the caller
   std::mutex mutex_;
   std::condition_variable cv_, done_cv_, barrier_cv_;
   const std::function<void(int)>* job_ = nullptr;
