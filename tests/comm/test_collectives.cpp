@@ -72,7 +72,7 @@ TEST_P(Collectives, BroadcastFromEveryRoot) {
 TEST_P(Collectives, AllgatherAndReduceScatter) {
   const int world = GetParam();
   with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
-    for (int64_t n : {int64_t{1}, int64_t{1001}}) {
+    for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{1001}}) {
       std::vector<torch::Tensor> out;
       for (int i = 0; i < world; ++i) out.push_back(torch::empty({n}, torch::kFloat64));
       pg->allgather(out, input(pg->rank(), n, torch::kFloat64))->wait();

@@ -21,7 +21,9 @@ constexpr const char* kRestartCount = "LOCKSTEP_RESTART_COUNT";
 /// Network interface Gloo binds to (like GLOO_SOCKET_IFNAME). Default: chosen from the
 /// master address (loopback for a local master, the hostname's address otherwise).
 constexpr const char* kSocketIfname = "LOCKSTEP_SOCKET_IFNAME";
-/// Transport for collectives within a host: gloo, shm or auto. Default: auto.
+/// Transport of the process group: gloo (TCP), shm (shared memory among the ranks of a host;
+/// hierarchical, with Gloo between hosts, when the job spans several) or auto (shm when some
+/// ranks share a host, else gloo). ProcessGroupOptions::transport overrides it. Default: auto.
 constexpr const char* kTransport = "LOCKSTEP_TRANSPORT";
 /// Path of a Chrome trace (chrome://tracing, Perfetto) written by DistributedDataParallel.
 constexpr const char* kTrace = "LOCKSTEP_TRACE";

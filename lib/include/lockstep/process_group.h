@@ -84,8 +84,16 @@ struct ProcessGroupOptions {
   /// Network interface Gloo binds to; "" (default): LOCKSTEP_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
   /// else loopback for a loopback master and the hostname's address otherwise.
   LOCKSTEP_ARG(std::string, socket_ifname) = "";
-  /// "gloo", "shm" or "auto"; "" (default): LOCKSTEP_TRANSPORT, else "auto".
+  /// "gloo", "shm" or "auto"; "" (default): LOCKSTEP_TRANSPORT, else "auto". "auto" uses
+  /// shared memory among ranks that share a host: one host gives a pure shared-memory group
+  /// (backend() "shm"), several hosts a hierarchical one ("hier": shared memory within each
+  /// host, Gloo between hosts); when no two ranks share a host it uses Gloo. "shm" always
+  /// builds the shm or hier group; "gloo" always Gloo.
   LOCKSTEP_ARG(std::string, transport) = "";
+  /// This rank's host identity: ranks with equal identities use shared memory among
+  /// themselves. "" (default): hostname + "/" + the kernel's boot id. Set it when containers
+  /// on one machine share /dev/shm but not a hostname, or to emulate several hosts in a test.
+  LOCKSTEP_ARG(std::string, host_id) = "";
   /// A store to rendezvous through instead of `init_method` (ranks as threads share
   /// `Store::hash()`). Default: none.
   LOCKSTEP_ARG(std::shared_ptr<Store>, store) = nullptr;
@@ -158,5 +166,12 @@ ProcessGroupPtr init_process_group(const ProcessGroupOptions& options = ProcessG
 /// that are threads of one process (tests) and for launchers. Collective.
 ProcessGroupPtr new_gloo_group(int rank, int size, std::shared_ptr<Store> store,
                                const ProcessGroupOptions& options = ProcessGroupOptions());
+
+/// Creates a shared-memory group over an existing store, like `new_gloo_group`: ranks that
+/// are threads of one process (tests) or processes given a store. When the ranks' host
+/// identities (ProcessGroupOptions::host_id) differ it builds the hierarchical group. The
+/// segment is named after options.job_id() ("default" when empty). Collective.
+ProcessGroupPtr new_shm_group(int rank, int size, std::shared_ptr<Store> store,
+                              const ProcessGroupOptions& options = ProcessGroupOptions());
 
 }  // namespace lockstep

@@ -141,7 +141,8 @@ LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides
   bool local_world_set = false;
 
   if (has(env, "RANK")) {
-    out.launcher = has(env, "TORCHELASTIC_RUN_ID")          ? "torchrun"
+    out.launcher = has(env, env::kAgentStore)               ? "lockstep-run"
+                   : has(env, "TORCHELASTIC_RUN_ID")          ? "torchrun"
                    : has(env, env::kRestartCount)            ? "lockstep-run"
                    : has(env, "KUBERNETES_SERVICE_HOST")     ? "kubeflow"
                                                              : "torchrun-style";

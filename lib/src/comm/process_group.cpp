@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "adapter/torch_adapter.h"
+#include "comm/shm_group.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
 #include "lockstep/log.h"
@@ -177,7 +178,10 @@ std::string host_identity() {
 //      than W means some rank believes in a larger world). Deadline: the rendezvous timeout,
 //      after which the error lists the ranks that never joined.
 // Polling backs off from 1 ms to 50 ms; the store has no multi-key "wait for any".
-void rendezvous_checks(Store& store, int rank, int size, std::chrono::milliseconds timeout) {
+//   The host identity (for the shared-memory transport) is set before "joined", so once
+//   every rank has joined, every "hostid/<r>" can be read without waiting.
+void rendezvous_checks(Store& store, int rank, int size, std::chrono::milliseconds timeout,
+                       const std::string& host_id) {
   auto where = concat("[rank ", rank, "/", size, "]");
   if (store.add(concat("claims/", rank), 1) > 1) {
     store.set("duplicate", concat(rank, " by ", host_identity()));
@@ -187,6 +191,7 @@ void rendezvous_checks(Store& store, int rank, int size, std::chrono::millisecon
   }
   store.set(concat("world_size/", rank), concat(size));
   store.set(concat("host/", rank), host_identity());
+  store.set(concat("hostid/", rank), host_id);
   store.add("joined", 1);
 
   std::vector<bool> seen(size, false);
@@ -271,14 +276,51 @@ adapter::GlooDeviceSpec resolve_device(const ProcessGroupOptions& options, const
   return device;
 }
 
+std::string resolve_transport(const ProcessGroupOptions& options, const EnvMap& env) {
+  std::string t = options.transport();
+  const char* source = "ProcessGroupOptions::transport";
+  if (t.empty()) {
+    t = env_or(env, env::kTransport, "auto");
+    source = env::kTransport;
+  }
+  LOCKSTEP_CHECK(t == "gloo" || t == "shm" || t == "auto", "Expected ", source,
+                 " to be gloo, shm or auto, but got '", t, "'.");
+  return t;
+}
+
+// Rendezvous, then the transport (Note [Rendezvous checks]): "gloo"; "shm" (shared memory on
+// one host, hierarchical over several); "auto" = "shm" unless no two ranks share a host.
 ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
                         const ProcessGroupOptions& options, const Timeouts& timeouts,
-                        const adapter::GlooDeviceSpec& device) {
+                        const adapter::GlooDeviceSpec& device, const std::string& transport,
+                        const std::string& job_id) {
   store->set_timeout(timeouts.rendezvous);
-  rendezvous_checks(*store, rank, size, timeouts.rendezvous);
-  auto gloo_store = std::make_shared<Store>(store->prefixed("gloo"));
-  return adapter::make_gloo_group(rank, size, gloo_store, timeouts.collective, options.threads(),
-                                  device);
+  std::string host_id = options.host_id().empty() ? shm::host_identity() : options.host_id();
+  rendezvous_checks(*store, rank, size, timeouts.rendezvous, host_id);
+  auto gloo = [&](int r, int n, const std::shared_ptr<Store>& s) {
+    return adapter::make_gloo_group(r, n, std::make_shared<Store>(s->prefixed("gloo")),
+                                    timeouts.collective, options.threads(), device);
+  };
+  if (transport == "gloo") return gloo(rank, size, store);
+  shm::GroupSpec spec;
+  spec.rank = rank;
+  spec.size = size;
+  spec.store = store;
+  spec.timeout = timeouts.collective;
+  spec.rendezvous_timeout = timeouts.rendezvous;
+  spec.job_id = job_id.empty() ? "default" : job_id;
+  spec.make_leader_group = gloo;
+  for (int r = 0; r < size; ++r) {
+    spec.host_of_rank.push_back(r == rank ? host_id : store->get(concat("hostid/", r)));
+  }
+  if (transport == "auto" && size > 1) {
+    auto sorted = spec.host_of_rank;
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) {
+      return gloo(rank, size, store);  // every rank alone on its host
+    }
+  }
+  return shm::make_group(spec);
 }
 
 }  // namespace
@@ -291,7 +333,18 @@ ProcessGroupPtr new_gloo_group(int rank, int size, std::shared_ptr<Store> store,
                  size, ".");
   EnvMap env = options.environment().empty() ? process_environment() : options.environment();
   return connect(rank, size, store, options, resolve_timeouts(options, env),
-                 resolve_device(options, env, "127.0.0.1"));
+                 resolve_device(options, env, "127.0.0.1"), "gloo", options.job_id());
+}
+
+ProcessGroupPtr new_shm_group(int rank, int size, std::shared_ptr<Store> store,
+                              const ProcessGroupOptions& options) {
+  LOCKSTEP_CHECK(store != nullptr, "new_shm_group: expected a store, but got null.");
+  LOCKSTEP_CHECK(size >= 1 && rank >= 0 && rank < size,
+                 "new_shm_group: expected 0 <= rank < size, but got rank ", rank, " size ",
+                 size, ".");
+  EnvMap env = options.environment().empty() ? process_environment() : options.environment();
+  return connect(rank, size, store, options, resolve_timeouts(options, env),
+                 resolve_device(options, env, "127.0.0.1"), "shm", options.job_id());
 }
 
 ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
@@ -341,9 +394,12 @@ ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
   auto scoped = std::make_shared<Store>(
       base->prefixed(concat("lockstep/", job, "/", launch.restart_count)));
   auto device = resolve_device(options, env, launch.master_addr);
-  auto pg = connect(launch.rank, launch.world_size, scoped, options, timeouts, device);
+  auto transport = resolve_transport(options, env);
+  auto pg = connect(launch.rank, launch.world_size, scoped, options, timeouts, device, transport,
+                    job);
   log_info(concat("process group ready: ", launch.describe(), "; store ", base->describe(),
-               "; gloo on ", device.ifname.empty() ? device.hostname : device.ifname,
+               "; transport ", pg->backend(), " (", transport, "); gloo on ",
+               device.ifname.empty() ? device.hostname : device.ifname,
                "; LibTorch ", adapter::torch_version()));
   return pg;
 }

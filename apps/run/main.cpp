@@ -1,0 +1,39 @@
+// lockstep-run: a torchrun-compatible launcher. See README "Launching" and agent.cpp's
+// Note [lockstep-run rounds].
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "agent.h"
+#include "lockstep/errors.h"
+#include "options.h"
+
+int main(int argc, char** argv) {
+  using namespace lockstep::run;
+  const auto env = lockstep::process_environment();
+  const int cpus = available_cpus();
+  ParseResult parsed;
+  try {
+    parsed = parse_run_options(std::vector<std::string>(argv, argv + argc), env, cpus);
+  } catch (const lockstep::Error& e) {
+    std::cerr << "lockstep-run: error: " << e.what() << std::endl;
+    return kExitUsage;
+  }
+  if (parsed.help) {
+    std::cout << parsed.help_text << std::endl;
+    return 0;
+  }
+  if (parsed.options.dry_run) {
+    print_plan(parsed.options, env, cpus);
+    return 0;
+  }
+  try {
+    return run_agent(parsed.options, env, cpus);
+  } catch (const lockstep::InvalidArgument& e) {
+    std::cerr << "lockstep-run: error: " << e.what() << std::endl;
+    return kExitUsage;
+  } catch (const std::exception& e) {
+    std::cerr << "lockstep-run: error: " << e.what() << std::endl;
+    return kExitLauncherError;
+  }
+}

@@ -1,0 +1,73 @@
+#pragma once
+// lockstep-run's command line and the environment each worker gets. Pure (no processes, no
+// sockets), so tests/launch/test_run_options.cpp covers it table-driven.
+
+#include <string>
+#include <vector>
+
+#include "lockstep/launch_env.h"
+
+namespace lockstep {
+namespace run {
+
+/// Exit code for a bad invocation (one line on stderr, nothing started).
+constexpr int kExitUsage = 2;
+/// Exit code when the launcher itself fails (store unreachable, fork failed, ...).
+constexpr int kExitLauncherError = 1;
+
+/// Everything the command line says. Defaults match torchrun's where torchrun has the flag;
+/// every flag also reads `PET_<FLAG>` (as torchrun does, and as Kubeflow's training operator
+/// sets) when it is not given.
+struct RunOptions {
+  int nproc_per_node = 1;        ///< workers on this node (after resolving "auto")
+  int nnodes = 1;                ///< nodes in the job
+  int node_rank = 0;             ///< this node's index
+  std::string master_addr = "127.0.0.1";  ///< host of node 0 (it hosts the store)
+  int master_port = 29500;       ///< store port; 0 on node 0: pick a free one and print it
+  bool standalone = false;       ///< single node, free port on loopback
+  int max_restarts = 0;          ///< restarts of the whole group after a failure
+  std::string run_id = "none";   ///< job id (scopes store keys; LOCKSTEP_JOB_ID)
+  std::string log_dir;           ///< when set: per-rank stdout/stderr files under it
+  double monitor_interval = 0.1; ///< seconds between checks of the other nodes (store)
+  double grace_period = 30.0;    ///< seconds between SIGTERM and SIGKILL
+  double rdzv_timeout = 120.0;   ///< seconds for every node to join a round
+  bool dry_run = false;          ///< print the plan and each worker's environment, start nothing
+  bool quiet = false;            ///< no [lockstep-run] progress lines (summary still printed)
+  std::string program;           ///< the worker program (searched in PATH)
+  std::vector<std::string> args; ///< its arguments
+};
+
+/// What parsing produced: options to run, or text to print and exit 0 (--help).
+struct ParseResult {
+  RunOptions options;
+  bool help = false;
+  std::string help_text;
+};
+
+/// Parses `argv` (argv[0] included). `env` supplies PET_* defaults; `cpu_count` resolves
+/// `--nproc-per-node auto`. Throws lockstep::InvalidArgument with one line naming the flag,
+/// its value and what is allowed.
+ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap& env,
+                              int cpu_count);
+
+/// Where this node's workers sit in one rendezvous round (from the launchers' rendezvous).
+struct RoundLayout {
+  int world_size = 1;          ///< workers over every node
+  int rank_offset = 0;         ///< global rank of this node's local rank 0
+  std::string master_addr;     ///< address workers connect to
+  int master_port = 0;         ///< bound port of the store
+  int restart_count = 0;       ///< round number (0 for the first attempt)
+};
+
+/// The variables lockstep-run adds for local rank `local_rank` (the worker inherits the rest of
+/// the launcher's
+/// environment `env`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK,
+/// ROLE_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCKSTEP_AGENT_STORE and
+/// TORCHELASTIC_USE_AGENT_STORE, LOCKSTEP_RESTART_COUNT and TORCHELASTIC_RESTART_COUNT,
+/// LOCKSTEP_JOB_ID and TORCHELASTIC_RUN_ID, LOCKSTEP_ERROR_FILE (`error_file`), and
+/// OMP_NUM_THREADS = max(1, cpu_count / nproc_per_node) unless `env` sets it.
+EnvMap worker_env(const RunOptions& options, const RoundLayout& layout, int local_rank,
+                  const std::string& error_file, const EnvMap& env, int cpu_count);
+
+}  // namespace run
+}  // namespace lockstep

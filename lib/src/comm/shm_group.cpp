@@ -1,0 +1,976 @@
+// Shared-memory collectives within a host (ShmGroup) and the hierarchical group (HierGroup).
+#include "comm/shm_group.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <csignal>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "lockstep/errors.h"
+#include "lockstep/log.h"
+
+namespace lockstep {
+namespace shm {
+
+using detail::concat;
+
+// Note [Shared-memory protocol]
+// One POSIX shared-memory segment per group, created by rank 0:
+//   header | one cache line per rank (RankLine) | slot 0 .. slot W-1 | result
+// Each slot and the result hold slot_bytes(W): about 32 MiB in all, 1 to 8 MiB per slot, so
+// that a typical 25 MB DDP bucket takes few steps (every step costs two rendezvous, and on a
+// busy machine each rendezvous may wait for a peer to be scheduled). Every collective is split into steps of at most
+// one slot per rank, and every step has two phases. A phase ends when every rank has stored
+// the phase number into its own `arrive` word; waiting for it spins briefly, then sleeps on
+// the peer's `arrive` word with a futex (the arriving rank wakes sleepers only when its
+// `waiters` count says there are any).
+//   all-reduce step: 1. copy my chunk into my slot; arrive A. 2. after A, reduce my slice
+//     (1/W of the chunk) over slots 0..W-1 in that fixed order into the result; arrive B.
+//     3. after B, copy the whole result out. Every element is reduced by exactly one rank in
+//     one fixed order, so every rank receives the same bits, run after run.
+//   broadcast step: the root copies its chunk into its slot; A; the others copy it out; B.
+//   all-gather step: each rank copies its chunk into its slot; A; all copy all slots out; B.
+//   barrier: A; B.
+// Reuse is safe without double buffering: a slot is only read between A and B of a step, and
+// its owner writes it again only after B; the result is read after B, and written again only
+// after the next A, which no rank reaches before it finished reading.
+// Step 0's phase A also publishes each rank's signature (operation, dtype, count, root or op,
+// sequence number); a rank that issued a different collective is named instead of silently
+// corrupting data.
+//
+// Note [Shared-memory faults]
+// Every wait is bounded by the collective's deadline. While asleep, a waiter wakes at least
+// every 20 ms and checks, for the peer it waits on: the group-wide abort word, whether the
+// peer left (destroyed its group; `departed`), and whether its process still exists (a pidfd
+// opened at rendezvous, else kill(pid, 0)). The first rank that finds a fault records it in
+// the abort word (kind, culprit, finder, sequence number) and wakes every sleeper, so every
+// survivor fails within milliseconds with a message naming the culprit. After a failure the
+// group is unusable; every later collective fails with the same error.
+// The segment is mode 0600, named /lockstep-<job>-<random token>, and unlinked by the last
+// rank to map it (before the group constructor returns on any rank), so a crash at any later
+// point leaves nothing in /dev/shm: the kernel frees the memory with the last mapping.
+
+namespace {
+
+constexpr uint64_t kMagic = 0x6c6f636b73746570ULL;  // "lockstep"
+constexpr size_t kPage = 4096;
+constexpr auto kSpinFor = std::chrono::microseconds(50);
+constexpr auto kMaxSleep = std::chrono::milliseconds(20);
+
+enum class OpKind : uint32_t { kNone = 0, kAllreduce, kBroadcast, kAllgather, kBarrier };
+enum class Fault : uint64_t { kNone = 0, kDied, kDeparted, kTimeout, kMismatch };
+
+const char* op_name(OpKind k) {
+  switch (k) {
+    case OpKind::kAllreduce: return "allreduce";
+    case OpKind::kBroadcast: return "broadcast";
+    case OpKind::kAllgather: return "allgather";
+    case OpKind::kBarrier: return "barrier";
+    case OpKind::kNone: break;
+  }
+  return "none";
+}
+
+struct Signature {
+  uint32_t kind = 0;
+  int32_t dtype = -1;
+  int64_t numel = 0;
+  int32_t arg = 0;  // ReduceOp or root
+  uint32_t seq = 0;
+  bool operator==(const Signature& o) const {
+    return kind == o.kind && dtype == o.dtype && numel == o.numel && arg == o.arg &&
+           seq == o.seq;
+  }
+};
+
+struct alignas(64) RankLine {
+  std::atomic<uint32_t> arrive;
+  std::atomic<uint32_t> waiters;
+  std::atomic<uint32_t> departed;
+  std::atomic<uint32_t> mapped;
+  int32_t pid;
+  uint64_t pid_ns;
+  Signature sig;
+};
+
+struct alignas(64) Header {
+  uint64_t magic;
+  uint32_t size;
+  uint32_t reserved;
+  uint64_t slot_bytes;
+  uint64_t total_bytes;
+  // kind (8 bits) | culprit (16) | finder (16) | sequence (24)
+  alignas(64) std::atomic<uint64_t> abort_word;
+};
+
+static_assert(std::atomic<uint32_t>::is_always_lock_free, "futex words must be lock-free");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "abort word must be lock-free");
+
+size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+
+size_t slot_bytes(int size) {
+  constexpr size_t kMiB = size_t{1} << 20;
+  return std::clamp<size_t>((32 * kMiB) / (size + 1) / kMiB * kMiB, kMiB, 8 * kMiB);
+}
+size_t lines_offset() { return round_up(sizeof(Header), 64); }
+size_t data_offset(int size) { return round_up(lines_offset() + size * sizeof(RankLine), kPage); }
+size_t segment_bytes(int size) { return data_offset(size) + (size + 1) * slot_bytes(size); }
+
+long futex(std::atomic<uint32_t>* word, int op, uint32_t val, const timespec* ts) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, ts, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>* word) { futex(word, FUTEX_WAKE, INT_MAX, nullptr); }
+
+void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nanoseconds d) {
+  timespec ts;
+  ts.tv_sec = static_cast<time_t>(d.count() / 1000000000);
+  ts.tv_nsec = static_cast<long>(d.count() % 1000000000);
+  futex(word, FUTEX_WAIT, expected, &ts);  // EAGAIN / ETIMEDOUT / EINTR: the caller re-checks
+}
+
+inline bool reached(uint32_t value, uint32_t target) {
+  return static_cast<int32_t>(value - target) >= 0;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+uint64_t pid_namespace() {
+  struct stat st;
+  return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
+}
+
+std::string random_token() {
+  std::random_device rd;
+  uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  char buf[17];
+  snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+std::string sanitize(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    bool ok = std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+    out += ok ? c : '_';
+    if (out.size() >= 48) break;
+  }
+  return out.empty() ? "job" : out;
+}
+
+// A peer process whose death we can detect: a pidfd when the kernel has them (immune to pid
+// reuse), else kill(pid, 0). Peers in another pid namespace (or threads of this process)
+// are not checked; the collective timeout still bounds every wait on them.
+class PeerProcess {
+ public:
+  PeerProcess() = default;
+  PeerProcess(int pid, uint64_t ns) : pid_(pid) {
+    if (pid <= 0 || ns != pid_namespace() || pid == getpid()) {
+      pid_ = -1;
+      return;
+    }
+#ifdef SYS_pidfd_open
+    fd_ = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    if (fd_ < 0 && errno == ESRCH) dead_at_start_ = true;
+#endif
+  }
+  PeerProcess(const PeerProcess&) = delete;
+  PeerProcess& operator=(const PeerProcess&) = delete;
+  ~PeerProcess() {
+    if (fd_ >= 0) close(fd_);
+  }
+  int pid() const { return pid_; }
+  bool dead() const {
+    if (pid_ < 0) return false;
+    if (dead_at_start_) return true;
+    if (fd_ >= 0) {
+      pollfd p{fd_, POLLIN, 0};
+      return poll(&p, 1, 0) > 0;  // readable once the process exited (zombie included)
+    }
+    return kill(pid_, 0) == -1 && errno == ESRCH;
+  }
+
+ private:
+  int pid_ = -1;
+  int fd_ = -1;
+  bool dead_at_start_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reduction kernels: accumulate in Acc (float for 16-bit floats), in the order of `srcs`.
+
+struct SumOp {
+  template <typename A>
+  A operator()(A a, A b) const { return a + b; }
+};
+struct ProdOp {
+  template <typename A>
+  A operator()(A a, A b) const { return a * b; }
+};
+struct MinOp {
+  template <typename A>
+  A operator()(A a, A b) const { return b < a ? b : a; }
+};
+struct MaxOp {
+  template <typename A>
+  A operator()(A a, A b) const { return a < b ? b : a; }
+};
+
+using ReduceFn = void (*)(void* dst, const void* const* srcs, int nsrc, int64_t n, bool avg);
+
+template <typename T, typename Acc, typename Op>
+void reduce_kernel(void* dst, const void* const* srcs, int nsrc, int64_t n, bool avg) {
+  constexpr int64_t kBlock = 1024;
+  Acc acc[kBlock];
+  T* out = static_cast<T*>(dst);
+  Op op;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    const T* s0 = static_cast<const T*>(srcs[0]) + b;
+    for (int64_t i = 0; i < m; ++i) acc[i] = static_cast<Acc>(s0[i]);
+    for (int k = 1; k < nsrc; ++k) {
+      const T* sk = static_cast<const T*>(srcs[k]) + b;
+      for (int64_t i = 0; i < m; ++i) acc[i] = op(acc[i], static_cast<Acc>(sk[i]));
+    }
+    if constexpr (std::is_floating_point<Acc>::value) {
+      if (avg) {
+        const Acc w = static_cast<Acc>(nsrc);
+        for (int64_t i = 0; i < m; ++i) acc[i] /= w;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) out[b + i] = static_cast<T>(acc[i]);
+  }
+}
+
+template <typename T, typename Acc>
+ReduceFn pick_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg: return &reduce_kernel<T, Acc, SumOp>;
+    case ReduceOp::kProduct: return &reduce_kernel<T, Acc, ProdOp>;
+    case ReduceOp::kMin: return &reduce_kernel<T, Acc, MinOp>;
+    case ReduceOp::kMax: return &reduce_kernel<T, Acc, MaxOp>;
+  }
+  return nullptr;
+}
+
+ReduceFn pick_kernel(at::ScalarType dtype, ReduceOp op) {
+  switch (dtype) {
+    case at::kFloat: return pick_op<float, float>(op);
+    case at::kDouble: return pick_op<double, double>(op);
+    case at::kHalf: return pick_op<c10::Half, float>(op);
+    case at::kBFloat16: return pick_op<c10::BFloat16, float>(op);
+    case at::kLong: return pick_op<int64_t, int64_t>(op);
+    case at::kInt: return pick_op<int32_t, int32_t>(op);
+    case at::kShort: return pick_op<int16_t, int16_t>(op);
+    case at::kChar: return pick_op<int8_t, int8_t>(op);
+    case at::kByte: return pick_op<uint8_t, uint8_t>(op);
+    default: return nullptr;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A thread that runs a group's collectives one at a time, in issue order.
+
+class SerialExecutor {
+ public:
+  SerialExecutor() : thread_([this] { loop(); }) {}
+  ~SerialExecutor() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  WorkPtr post(std::function<void()> task) {
+    auto work = std::make_shared<PromiseWork>();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.emplace_back(std::move(task), work);
+    }
+    cv_.notify_one();
+    return work;
+  }
+
+ private:
+  void loop() {
+    while (true) {
+      std::pair<std::function<void()>, std::shared_ptr<PromiseWork>> item;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stop requested and drained
+        item = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      try {
+        item.first();
+        item.second->set_completed();
+      } catch (...) {
+        item.second->set_error(std::current_exception());
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::pair<std::function<void()>, std::shared_ptr<PromiseWork>>> queue_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts after the members it uses
+};
+
+// Runs tasks on the executor; after the first failure every later task fails with it.
+class FailStop {
+ public:
+  std::function<void()> wrap(std::function<void()> task) {
+    return [this, task = std::move(task)] {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (error_) std::rethrow_exception(error_);
+      }
+      try {
+        task();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        error_ = std::current_exception();
+        throw;
+      }
+    };
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr error_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The segment: creation, mapping and the early unlink.
+
+class Segment {
+ public:
+  Segment(int rank, int size, Store& store, const std::string& job_id,
+          std::chrono::milliseconds timeout) {
+    auto where = concat("[rank ", rank, "/", size, "] shared-memory rendezvous");
+    bytes_ = segment_bytes(size);
+    if (rank == 0) {
+      name_ = concat("/lockstep-", sanitize(job_id), "-", random_token());
+      int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+      if (fd < 0) {
+        throw CommError(concat(where, ": could not create ", name_, " in /dev/shm: ",
+                            std::strerror(errno),
+                            ". Check that /dev/shm is mounted and writable, or set "
+                            "LOCKSTEP_TRANSPORT=gloo."));
+      }
+      int rc = posix_fallocate(fd, 0, static_cast<off_t>(bytes_));
+      if (rc != 0) {
+        close(fd);
+        shm_unlink(name_.c_str());
+        throw CommError(concat(where, ": could not reserve ", bytes_ >> 20, " MiB in /dev/shm (",
+                            std::strerror(rc), "). Enlarge /dev/shm (docker run --shm-size), "
+                            "or set LOCKSTEP_TRANSPORT=gloo."));
+      }
+      map(fd, where);
+      auto* h = header();
+      h->size = static_cast<uint32_t>(size);
+      h->slot_bytes = slot_bytes(size);
+      h->total_bytes = bytes_;
+      h->abort_word.store(0);
+      std::atomic_thread_fence(std::memory_order_release);
+      h->magic = kMagic;
+      store.set("segment", name_);
+    } else {
+      name_ = store.get("segment");
+      int fd = shm_open(name_.c_str(), O_RDWR, 0600);
+      if (fd < 0) {
+        throw CommError(concat(where, ": could not open ", name_, " created by rank 0: ",
+                            std::strerror(errno),
+                            ". Ranks that share a host identity must share /dev/shm (containers: "
+                            "set ProcessGroupOptions::host_id, or LOCKSTEP_TRANSPORT=gloo)."));
+      }
+      struct stat st;
+      if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes_) {
+        close(fd);
+        throw CommError(concat(where, ": ", name_, " holds ", st.st_size, " bytes, expected ",
+                            bytes_, ". Were the ranks started with different lockstep builds?"));
+      }
+      map(fd, where);
+      if (header()->magic != kMagic || header()->size != static_cast<uint32_t>(size)) {
+        throw CommError(concat(where, ": ", name_, " was created for ", header()->size,
+                            " ranks, expected ", size, "."));
+      }
+    }
+    RankLine& me = line(rank);
+    me.pid = getpid();
+    me.pid_ns = pid_namespace();
+    me.mapped.store(1);
+    // The last rank to map removes the name; everyone waits for that, so once any rank's
+    // constructor returns, /dev/shm no longer holds the segment.
+    if (store.add("mapped", 1) == size) {
+      shm_unlink(name_.c_str());
+      store.set("unlinked", "1");
+    }
+    try {
+      store.wait({"unlinked"}, timeout);
+    } catch (...) {
+      shm_unlink(name_.c_str());  // a rank died before mapping: remove it ourselves
+      throw;
+    }
+  }
+
+  ~Segment() {
+    if (base_ != nullptr) munmap(base_, bytes_);
+  }
+  Segment(const Segment&) = delete;
+  Segment& operator=(const Segment&) = delete;
+
+  Header* header() { return reinterpret_cast<Header*>(base_); }
+  RankLine& line(int r) {
+    return reinterpret_cast<RankLine*>(static_cast<char*>(base_) + lines_offset())[r];
+  }
+  char* slot(int r) {
+    return static_cast<char*>(base_) + data_offset(header()->size) + r * header()->slot_bytes;
+  }
+  char* result() { return slot(static_cast<int>(header()->size)); }
+  size_t slot_size() { return header()->slot_bytes; }
+  const std::string& name() const { return name_; }
+
+ private:
+  void map(int fd, const std::string& where) {
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int err = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+      throw CommError(concat(where, ": mmap of ", name_, " (", bytes_, " bytes) failed: ",
+                          std::strerror(err), "."));
+    }
+    base_ = p;
+  }
+
+  std::string name_;
+  size_t bytes_ = 0;
+  void* base_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------
+// ShmGroup
+
+class ShmGroup : public ProcessGroup {
+ public:
+  ShmGroup(int rank, int size, std::chrono::milliseconds timeout, std::shared_ptr<Store> store,
+           std::chrono::milliseconds rendezvous_timeout, const std::string& job_id)
+      : ProcessGroup(rank, size, timeout, store),
+        segment_(rank, size, *store, job_id, rendezvous_timeout),
+        peers_(size) {
+    for (int r = 0; r < size; ++r) {
+      if (r == rank) continue;
+      auto& l = segment_.line(r);
+      peers_[r] = std::make_unique<PeerProcess>(l.pid, l.pid_ns);
+    }
+    executor_ = std::make_unique<SerialExecutor>();
+  }
+
+  ~ShmGroup() override {
+    executor_.reset();  // finishes queued collectives (each bounded by the timeout)
+    auto& me = segment_.line(rank());
+    me.departed.store(1);
+    futex_wake_all(&me.arrive);
+  }
+
+  std::string backend() const override { return "shm"; }
+
+  WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
+    check_cpu("allreduce", tensor);
+    if (op == ReduceOp::kAvg) {
+      LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
+                     " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
+                     tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
+    }
+    ReduceFn fn = pick_kernel(tensor.scalar_type(), op);
+    LOCKSTEP_CHECK(fn != nullptr, where(), " allreduce: expected float32, float64, float16, "
+                   "bfloat16 or an integer dtype, but got ", tensor.scalar_type(),
+                   ". Use LOCKSTEP_TRANSPORT=gloo for other dtypes.");
+    Call call = make_call(OpKind::kAllreduce, tensor, static_cast<int32_t>(op), to_string(op));
+    at::Tensor t = tensor;
+    return post([this, call, t, fn, op] { run_allreduce(call, t, fn, op == ReduceOp::kAvg); });
+  }
+
+  WorkPtr broadcast(at::Tensor& tensor, int root) override {
+    check_cpu("broadcast", tensor);
+    LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected root in [0, ",
+                   size() - 1, "], but got ", root, ".");
+    Call call = make_call(OpKind::kBroadcast, tensor, root, concat("root ", root));
+    at::Tensor t = tensor;
+    return post([this, call, t, root] { run_broadcast(call, t, root); });
+  }
+
+  WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
+    check_cpu("allgather", input);
+    LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
+                   " allgather: expected one output tensor per rank (", size(), "), but got ",
+                   outputs.size(), ".");
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      check_cpu("allgather", outputs[i]);
+      LOCKSTEP_CHECK(outputs[i].sizes() == input.sizes() &&
+                         outputs[i].scalar_type() == input.scalar_type(),
+                     where(), " allgather: expected output ", i, " to match the input (",
+                     input.sizes(), " ", input.scalar_type(), "), but got ", outputs[i].sizes(),
+                     " ", outputs[i].scalar_type(), ".");
+    }
+    Call call = make_call(OpKind::kAllgather, input, 0, "");
+    at::Tensor in = input;
+    std::vector<at::Tensor> outs = outputs;
+    return post([this, call, in, outs] { run_allgather(call, in, outs); });
+  }
+
+  WorkPtr barrier() override {
+    Call call;
+    call.sig.kind = static_cast<uint32_t>(OpKind::kBarrier);
+    call.seq = next_sequence();
+    call.sig.seq = static_cast<uint32_t>(call.seq);
+    call.what = concat(where(), " barrier #", call.seq, " via shm");
+    return post([this, call]() mutable {
+      begin(call);
+      phase(call);
+      verify(call);
+      phase(call);
+    });
+  }
+
+ private:
+  struct Call {
+    Signature sig;
+    uint64_t seq = 0;
+    std::string what;
+    std::chrono::steady_clock::time_point deadline;
+  };
+
+  void check_cpu(const char* op, const at::Tensor& t) const {
+    check_tensor(op, t);
+    LOCKSTEP_CHECK(t.device().is_cpu(), where(), " ", op,
+                   ": the shared-memory transport needs CPU tensors, but got one on ", t.device(),
+                   ".");
+  }
+
+  Call make_call(OpKind kind, const at::Tensor& t, int32_t arg, const std::string& extra) {
+    Call c;
+    c.seq = next_sequence();
+    c.sig.kind = static_cast<uint32_t>(kind);
+    c.sig.dtype = static_cast<int32_t>(t.scalar_type());
+    c.sig.numel = t.numel();
+    c.sig.arg = arg;
+    c.sig.seq = static_cast<uint32_t>(c.seq);
+    c.what = concat(where(), " ", op_name(kind), " #", c.seq, " (", t.numel(), " x ",
+                    t.scalar_type(), extra.empty() ? "" : ", ", extra, ") via shm");
+    return c;
+  }
+
+  WorkPtr post(std::function<void()> task) { return executor_->post(fail_stop_.wrap(std::move(task))); }
+
+  // --- phases -------------------------------------------------------------------------------
+
+  void begin(Call& call) {
+    call.deadline = std::chrono::steady_clock::now() + timeout();
+    segment_.line(rank()).sig = call.sig;
+  }
+
+  void phase(const Call& call) {
+    ++phase_;
+    auto& me = segment_.line(rank());
+    me.arrive.store(phase_, std::memory_order_seq_cst);
+    if (me.waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(&me.arrive);
+    for (int r = 0; r < size(); ++r) {
+      if (r != rank()) wait_for(call, r, phase_);
+    }
+  }
+
+  void wait_for(const Call& call, int peer, uint32_t target) {
+    auto& line = segment_.line(peer);
+    auto spin_until = std::chrono::steady_clock::now() + kSpinFor;
+    for (int i = 0;; ++i) {
+      if (reached(line.arrive.load(std::memory_order_acquire), target)) return;
+      if ((i & 63) == 63) {
+        check_abort(call);
+        if (std::chrono::steady_clock::now() >= spin_until) break;
+      }
+      cpu_relax();
+    }
+    auto sleep = std::chrono::microseconds(200);
+    while (true) {
+      if (reached(line.arrive.load(std::memory_order_acquire), target)) return;
+      check_abort(call);
+      if (line.departed.load()) fail(call, Fault::kDeparted, peer);
+      if (peers_[peer] && peers_[peer]->dead()) fail(call, Fault::kDied, peer);
+      auto now = std::chrono::steady_clock::now();
+      if (now >= call.deadline) fail(call, Fault::kTimeout, peer);
+      auto nap = std::min<std::chrono::nanoseconds>(sleep, call.deadline - now);
+      line.waiters.fetch_add(1, std::memory_order_seq_cst);
+      uint32_t v = line.arrive.load(std::memory_order_seq_cst);
+      if (!reached(v, target) && segment_.header()->abort_word.load() == 0) {
+        futex_wait(&line.arrive, v, nap);
+      }
+      line.waiters.fetch_sub(1, std::memory_order_seq_cst);
+      sleep = std::min<std::chrono::microseconds>(sleep * 2, kMaxSleep);
+    }
+  }
+
+  void verify(const Call& call) {
+    for (int r = 0; r < size(); ++r) {
+      if (r == rank()) continue;
+      if (!(segment_.line(r).sig == call.sig)) fail(call, Fault::kMismatch, r);
+    }
+  }
+
+  [[noreturn]] void fail(const Call& call, Fault kind, int culprit) {
+    uint64_t word = (static_cast<uint64_t>(kind) << 56) |
+                    (static_cast<uint64_t>(culprit & 0xffff) << 40) |
+                    (static_cast<uint64_t>(rank() & 0xffff) << 24) | (call.seq & 0xffffff);
+    uint64_t expected = 0;
+    segment_.header()->abort_word.compare_exchange_strong(expected, word);
+    for (int r = 0; r < size(); ++r) futex_wake_all(&segment_.line(r).arrive);
+    throw_fault(call, kind, culprit, rank());
+  }
+
+  void check_abort(const Call& call) {
+    uint64_t word = segment_.header()->abort_word.load(std::memory_order_acquire);
+    if (word == 0) return;
+    throw_fault(call, static_cast<Fault>(word >> 56), static_cast<int>((word >> 40) & 0xffff),
+                static_cast<int>((word >> 24) & 0xffff));
+  }
+
+  [[noreturn]] void throw_fault(const Call& call, Fault kind, int culprit, int finder) {
+    std::string by = finder == rank() ? "" : concat(" (detected by rank ", finder, ")");
+    std::string tail = " The group cannot be used any more; restart the job.";
+    switch (kind) {
+      case Fault::kDied: {
+        int pid = segment_.line(culprit).pid;
+        throw CommError(concat(call.what, ": rank ", culprit, " (pid ", pid,
+                               ") died while its peers waited for it", by,
+                               ". Check rank ", culprit, "'s log (killed, out of memory?).",
+                               tail));
+      }
+      case Fault::kDeparted:
+        throw CommError(concat(call.what, ": rank ", culprit,
+                               " destroyed its process group (or exited) before taking part", by,
+                               ". Every rank must issue the same collectives.", tail));
+      case Fault::kTimeout:
+        if (finder == rank()) {
+          throw TimeoutError(concat(call.what, ": rank ", culprit, " did not take part within ",
+                                    timeout().count() / 1000.0,
+                                    " s (stalled, deadlocked or issuing other collectives). "
+                                    "Check rank ", culprit,
+                                    "'s log; raise LOCKSTEP_TIMEOUT if it is just slow.", tail));
+        }
+        throw CommError(concat(call.what, ": rank ", finder, " timed out waiting for rank ",
+                               culprit, ".", tail));
+      case Fault::kMismatch: {
+        const Signature& s = segment_.line(culprit).sig;
+        throw CommError(concat(call.what, ": rank ", culprit, " issued ",
+                               op_name(static_cast<OpKind>(s.kind)), " #", s.seq, " (", s.numel,
+                               " x ", c10::toString(static_cast<at::ScalarType>(
+                                          s.dtype < 0 ? 0 : s.dtype)),
+                               ", arg ", s.arg, ") instead", by,
+                               ". Every rank must issue the same collectives in the same order "
+                               "with the same shapes.", tail));
+      }
+      case Fault::kNone: break;
+    }
+    throw InternalError(concat(call.what, ": unknown shared-memory fault ",
+                               static_cast<int>(kind), "."));
+  }
+
+  // --- collectives --------------------------------------------------------------------------
+
+  // Steps of at most one slot: [offset, offset + count) in elements.
+  template <typename F>
+  void for_each_step(int64_t numel, size_t elem, F&& f) {
+    const int64_t per = static_cast<int64_t>(segment_.slot_size() / elem);
+    int64_t offset = 0;
+    bool first = true;
+    do {
+      int64_t count = std::min(per, numel - offset);
+      f(offset, count, first);
+      offset += count;
+      first = false;
+    } while (offset < numel);
+  }
+
+  void run_allreduce(Call call, const at::Tensor& t, ReduceFn fn, bool avg) {
+    begin(call);
+    char* data = static_cast<char*>(t.data_ptr());
+    const size_t es = t.element_size();
+    const int w = size();
+    std::vector<const void*> srcs(w);
+    for_each_step(t.numel(), es, [&](int64_t off, int64_t count, bool first) {
+      // My slice of this step, in whole cache lines where possible.
+      int64_t align = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
+      int64_t per = (count + w - 1) / w;
+      per = (per + align - 1) / align * align;
+      int64_t lo = std::min(count, per * rank());
+      int64_t hi = std::min(count, lo + per);
+      // Peers read everything but my slice from my slot; I read my slice from my tensor.
+      char* chunk = data + off * es;
+      std::memcpy(segment_.slot(rank()), chunk, lo * es);
+      std::memcpy(segment_.slot(rank()) + hi * es, chunk + hi * es, (count - hi) * es);
+      phase(call);
+      if (first) verify(call);
+      if (hi > lo) {
+        for (int r = 0; r < w; ++r) srcs[r] = (r == rank() ? chunk : segment_.slot(r)) + lo * es;
+        fn(segment_.result() + lo * es, srcs.data(), w, hi - lo, avg);
+      }
+      phase(call);
+      std::memcpy(data + off * es, segment_.result(), count * es);
+    });
+  }
+
+  void run_broadcast(Call call, const at::Tensor& t, int root) {
+    begin(call);
+    char* data = static_cast<char*>(t.data_ptr());
+    const size_t es = t.element_size();
+    for_each_step(t.numel(), es, [&](int64_t off, int64_t count, bool first) {
+      if (rank() == root) std::memcpy(segment_.slot(root), data + off * es, count * es);
+      phase(call);
+      if (first) verify(call);
+      if (rank() != root) std::memcpy(data + off * es, segment_.slot(root), count * es);
+      phase(call);
+    });
+  }
+
+  void run_allgather(Call call, const at::Tensor& in, const std::vector<at::Tensor>& outs) {
+    begin(call);
+    const char* src = static_cast<const char*>(in.data_ptr());
+    const size_t es = in.element_size();
+    if (in.numel() > 0) std::memcpy(outs[rank()].data_ptr(), src, in.numel() * es);
+    for_each_step(in.numel(), es, [&](int64_t off, int64_t count, bool first) {
+      std::memcpy(segment_.slot(rank()), src + off * es, count * es);
+      phase(call);
+      if (first) verify(call);
+      for (int r = 0; r < size(); ++r) {
+        if (r == rank()) continue;
+        std::memcpy(static_cast<char*>(outs[r].data_ptr()) + off * es, segment_.slot(r),
+                    count * es);
+      }
+      phase(call);
+    });
+  }
+
+  Segment segment_;
+  std::vector<std::unique_ptr<PeerProcess>> peers_;
+  uint32_t phase_ = 0;  // only the executor's thread touches it
+  FailStop fail_stop_;
+  std::unique_ptr<SerialExecutor> executor_;  // last: its thread uses everything above
+};
+
+// ---------------------------------------------------------------------------------------------
+// HierGroup
+
+// Note [Hierarchical collectives]
+// Ranks are grouped by host identity; within a host, local rank = position by global rank and
+// the local rank 0 is the host's leader. Leaders form a Gloo group (host index = order of the
+// hosts' lowest global ranks).
+//   allreduce: shm allreduce within the host (avg as sum); Gloo allreduce among leaders;
+//     leaders divide for avg; shm broadcast from the leader. Every rank of a host gets the
+//     leader's bits, and Gloo's ring gives every leader the same bits.
+//   broadcast: on the root's host, shm broadcast from the root; Gloo broadcast among leaders
+//     from the root host's leader; on the other hosts, shm broadcast from the leader.
+//   allgather: shm allgather within the host; leaders exchange host blocks padded to the
+//     largest host; shm broadcast of the full result from the leader.
+//   barrier: shm barrier, Gloo barrier among leaders, shm barrier.
+class HierGroup : public ProcessGroup {
+ public:
+  HierGroup(const GroupSpec& spec, std::vector<std::vector<int>> hosts, int host,
+            ProcessGroupPtr local, ProcessGroupPtr leaders)
+      : ProcessGroup(spec.rank, spec.size, spec.timeout, spec.store),
+        hosts_(std::move(hosts)),
+        host_(host),
+        local_(std::move(local)),
+        leaders_(std::move(leaders)),
+        host_of_(spec.size),
+        local_rank_of_(spec.size) {
+    for (size_t h = 0; h < hosts_.size(); ++h) {
+      for (size_t i = 0; i < hosts_[h].size(); ++i) {
+        host_of_[hosts_[h][i]] = static_cast<int>(h);
+        local_rank_of_[hosts_[h][i]] = static_cast<int>(i);
+      }
+    }
+    executor_ = std::make_unique<SerialExecutor>();
+  }
+
+  ~HierGroup() override { executor_.reset(); }
+
+  std::string backend() const override { return "hier"; }
+
+  WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
+    check_tensor("allreduce", tensor);
+    if (op == ReduceOp::kAvg) {
+      LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
+                     " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
+                     tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
+    }
+    next_sequence();
+    at::Tensor t = tensor;
+    return post([this, t, op]() mutable {
+      ReduceOp inner = op == ReduceOp::kAvg ? ReduceOp::kSum : op;
+      local_->allreduce(t, inner)->wait();
+      if (leaders_) {
+        leaders_->allreduce(t, inner)->wait();
+        if (op == ReduceOp::kAvg) t.div_(size());
+      }
+      local_->broadcast(t, 0)->wait();
+    });
+  }
+
+  WorkPtr broadcast(at::Tensor& tensor, int root) override {
+    check_tensor("broadcast", tensor);
+    LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected root in [0, ",
+                   size() - 1, "], but got ", root, ".");
+    next_sequence();
+    at::Tensor t = tensor;
+    return post([this, t, root]() mutable {
+      int root_host = host_of_[root];
+      if (host_ == root_host) local_->broadcast(t, local_rank_of_[root])->wait();
+      if (leaders_) leaders_->broadcast(t, root_host)->wait();
+      if (host_ != root_host) local_->broadcast(t, 0)->wait();
+    });
+  }
+
+  WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
+    check_tensor("allgather", input);
+    LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
+                   " allgather: expected one output tensor per rank (", size(), "), but got ",
+                   outputs.size(), ".");
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      LOCKSTEP_CHECK(outputs[i].sizes() == input.sizes() &&
+                         outputs[i].scalar_type() == input.scalar_type(),
+                     where(), " allgather: expected output ", i, " to match the input (",
+                     input.sizes(), " ", input.scalar_type(), "), but got ", outputs[i].sizes(),
+                     " ", outputs[i].scalar_type(), ".");
+    }
+    next_sequence();
+    at::Tensor in = input.contiguous();
+    std::vector<at::Tensor> outs = outputs;
+    return post([this, in, outs]() mutable {
+      const int64_t n = in.numel();
+      if (n == 0) return;  // every rank has the same shape; Gloo 1.13 divides by zero on it
+      auto flat_in = in.reshape({n});
+      std::vector<at::Tensor> mine;
+      for (size_t i = 0; i < hosts_[host_].size(); ++i) mine.push_back(at::empty_like(flat_in));
+      local_->allgather(mine, flat_in)->wait();
+      auto all = at::empty({size(), n}, in.options());
+      if (leaders_) {
+        size_t widest = 0;
+        for (auto& h : hosts_) widest = std::max(widest, h.size());
+        auto block = at::zeros({static_cast<int64_t>(widest), n}, in.options());
+        for (size_t i = 0; i < mine.size(); ++i) block[static_cast<int64_t>(i)].copy_(mine[i]);
+        std::vector<at::Tensor> blocks;
+        for (size_t h = 0; h < hosts_.size(); ++h) blocks.push_back(at::empty_like(block));
+        leaders_->allgather(blocks, block)->wait();
+        for (size_t h = 0; h < hosts_.size(); ++h) {
+          for (size_t i = 0; i < hosts_[h].size(); ++i) {
+            all[hosts_[h][i]].copy_(blocks[h][static_cast<int64_t>(i)]);
+          }
+        }
+      }
+      local_->broadcast(all, 0)->wait();
+      for (int r = 0; r < size(); ++r) outs[r].copy_(all[r].view(outs[r].sizes()));
+    });
+  }
+
+  WorkPtr barrier() override {
+    next_sequence();
+    return post([this] {
+      local_->barrier()->wait();
+      if (leaders_) leaders_->barrier()->wait();
+      local_->barrier()->wait();
+    });
+  }
+
+ private:
+  WorkPtr post(std::function<void()> task) { return executor_->post(fail_stop_.wrap(std::move(task))); }
+
+  std::vector<std::vector<int>> hosts_;
+  int host_;
+  ProcessGroupPtr local_;
+  ProcessGroupPtr leaders_;  // null on non-leaders
+  std::vector<int> host_of_;
+  std::vector<int> local_rank_of_;
+  FailStop fail_stop_;
+  std::unique_ptr<SerialExecutor> executor_;
+};
+
+}  // namespace
+
+std::string host_identity() {
+  char name[256] = {0};
+  gethostname(name, sizeof(name) - 1);
+  std::string boot;
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::getline(in, boot);
+  return concat(name, "/", boot.empty() ? "no-boot-id" : boot);
+}
+
+ProcessGroupPtr make_group(const GroupSpec& spec) {
+  LOCKSTEP_ASSERT(static_cast<int>(spec.host_of_rank.size()) == spec.size,
+                  "host list of ", spec.host_of_rank.size(), " for ", spec.size, " ranks");
+  std::vector<std::vector<int>> hosts;
+  std::map<std::string, int> index;
+  for (int r = 0; r < spec.size; ++r) {
+    auto it = index.emplace(spec.host_of_rank[r], static_cast<int>(hosts.size())).first;
+    if (it->second == static_cast<int>(hosts.size())) hosts.emplace_back();
+    hosts[it->second].push_back(r);
+  }
+  if (hosts.size() == 1) {
+    return std::make_shared<ShmGroup>(spec.rank, spec.size, spec.timeout,
+                                      std::make_shared<Store>(spec.store->prefixed("shm")),
+                                      spec.rendezvous_timeout, spec.job_id);
+  }
+  int host = index.at(spec.host_of_rank[spec.rank]);
+  const auto& members = hosts[host];
+  int local_rank = static_cast<int>(std::find(members.begin(), members.end(), spec.rank) -
+                                    members.begin());
+  auto local_store =
+      std::make_shared<Store>(spec.store->prefixed(concat("shm/host", host)));
+  auto local = std::make_shared<ShmGroup>(local_rank, static_cast<int>(members.size()),
+                                          spec.timeout, local_store, spec.rendezvous_timeout,
+                                          spec.job_id);
+  ProcessGroupPtr leaders;
+  if (local_rank == 0) {
+    LOCKSTEP_ASSERT(spec.make_leader_group != nullptr, "no leader group factory");
+    auto leader_store = std::make_shared<Store>(spec.store->prefixed("hier/leaders"));
+    leaders = spec.make_leader_group(host, static_cast<int>(hosts.size()), leader_store);
+  }
+  log_debug(concat("[rank ", spec.rank, "/", spec.size, "] hierarchical group: host ", host,
+                   " of ", hosts.size(), ", local rank ", local_rank, " of ", members.size()));
+  return std::make_shared<HierGroup>(spec, std::move(hosts), host, std::move(local),
+                                     std::move(leaders));
+}
+
+}  // namespace shm
+}  // namespace lockstep

@@ -1,0 +1,42 @@
+#pragma once
+// Shared-memory collectives among the ranks of one host, and the hierarchical group that
+// joins several hosts through Gloo. Internal: users reach them through init_process_group
+// (LOCKSTEP_TRANSPORT / ProcessGroupOptions::transport) or new_shm_group.
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lockstep/process_group.h"
+#include "lockstep/store.h"
+
+namespace lockstep {
+namespace shm {
+
+/// This machine's identity: hostname + "/" + the kernel's boot id. Ranks with equal
+/// identities share /dev/shm (modulo containers; see ProcessGroupOptions::host_id).
+std::string host_identity();
+
+/// Creates a Gloo group of `size` host leaders over `store` (already scoped).
+using LeaderGroupFactory =
+    std::function<ProcessGroupPtr(int rank, int size, const std::shared_ptr<Store>& store)>;
+
+struct GroupSpec {
+  int rank = 0;
+  int size = 1;
+  std::shared_ptr<Store> store;               ///< scoped to this group
+  std::vector<std::string> host_of_rank;      ///< host identity of every rank (size entries)
+  std::chrono::milliseconds timeout{300000};  ///< per collective
+  std::chrono::milliseconds rendezvous_timeout{120000};
+  std::string job_id = "default";             ///< goes into the segment name
+  LeaderGroupFactory make_leader_group;       ///< used when there is more than one host
+};
+
+/// One host: a pure shared-memory group ("shm"). Several hosts: shared memory within each
+/// host and Gloo between one leader per host ("hier"). Collective.
+ProcessGroupPtr make_group(const GroupSpec& spec);
+
+}  // namespace shm
+}  // namespace lockstep

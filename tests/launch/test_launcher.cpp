@@ -1,0 +1,635 @@
+// lockstep-run end to end: real launchers and workers, bounded time, no sleeps to synchronise
+// (the tests poll the launchers' output and /proc with deadlines).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "support/process.h"
+
+extern char** environ;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Seconds = std::chrono::duration<double>;
+using Env = std::map<std::string, std::string>;
+using lockstep_test::free_port;
+using lockstep_test::TempDir;
+
+const std::string kRun = LOCKSTEP_RUN_PATH;
+const std::string kWorker = LOCKSTEP_WORKER_PATH;
+const std::string kSmoke = LOCKSTEP_SMOKE_PATH;
+
+// A child process with its stdout and stderr captured.
+class Proc {
+ public:
+  Proc(const std::vector<std::string>& argv, const Env& extra = {}) {
+    Env env;
+    for (char** e = environ; *e; ++e) {
+      std::string s(*e);
+      auto eq = s.find('=');
+      if (eq != std::string::npos) env[s.substr(0, eq)] = s.substr(eq + 1);
+    }
+    for (const auto& [k, v] : extra) env[k] = v;
+    std::vector<std::string> env_strings;
+    for (const auto& [k, v] : env) env_strings.push_back(k + "=" + v);
+    std::vector<char*> envp, args;
+    for (auto& s : env_strings) envp.push_back(s.data());
+    envp.push_back(nullptr);
+    std::vector<std::string> argv_copy = argv;
+    for (auto& s : argv_copy) args.push_back(s.data());
+    args.push_back(nullptr);
+    int out[2], err[2];
+    EXPECT_EQ(pipe2(out, O_CLOEXEC), 0);
+    EXPECT_EQ(pipe2(err, O_CLOEXEC), 0);
+    pid_ = fork();
+    if (pid_ == 0) {
+      setpgid(0, 0);  // so a failed test can kill whatever is left
+      dup2(out[1], 1);
+      dup2(err[1], 2);
+      execve(args[0], args.data(), envp.data());
+      _exit(127);
+    }
+    setpgid(pid_, pid_);
+    close(out[1]);
+    close(err[1]);
+    fds_[0] = out[0];
+    fds_[1] = err[0];
+  }
+  ~Proc() {
+    if (!exited_) {
+      killpg(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    for (int fd : fds_) {
+      if (fd >= 0) close(fd);
+    }
+  }
+
+  pid_t pid() const { return pid_; }
+  const std::string& out() const { return text_[0]; }
+  const std::string& err() const { return text_[1]; }
+  std::string all() const { return text_[0] + text_[1]; }
+
+  // Reads what is available, waiting up to `ms`.
+  void pump(int ms) {
+    pollfd p[2];
+    int n = 0;
+    int which[2];
+    for (int s = 0; s < 2; ++s) {
+      if (fds_[s] >= 0) {
+        p[n] = {fds_[s], POLLIN, 0};
+        which[n++] = s;
+      }
+    }
+    if (n == 0) {
+      if (ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(std::min(ms, 20)));
+      return;
+    }
+    if (poll(p, static_cast<nfds_t>(n), ms) <= 0) return;
+    for (int i = 0; i < n; ++i) {
+      if (!p[i].revents) continue;
+      char buf[65536];
+      ssize_t got = read(p[i].fd, buf, sizeof(buf));
+      if (got > 0) {
+        text_[which[i]].append(buf, static_cast<size_t>(got));
+      } else {
+        close(fds_[which[i]]);
+        fds_[which[i]] = -1;
+      }
+    }
+  }
+
+  // Pumps until `done()` or `limit` passes; returns whether done.
+  bool until(const std::function<bool()>& done, Seconds limit) {
+    auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(limit);
+    while (!done()) {
+      if (Clock::now() >= deadline) return false;
+      pump(50);
+      poll_exit();
+    }
+    return true;
+  }
+  bool wait_output(const std::string& needle, Seconds limit) {
+    return until([&] { return all().find(needle) != std::string::npos; }, limit);
+  }
+  // Waits for exit and end of output; returns the exit code (128 + signal when killed), or
+  // -1 after killing it when `limit` passed.
+  int wait(Seconds limit) {
+    if (!until([&] { return exited_ && fds_[0] < 0 && fds_[1] < 0; }, limit)) {
+      killpg(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+      exited_ = true;
+      return -1;
+    }
+    return WIFEXITED(status_) ? WEXITSTATUS(status_) : 128 + WTERMSIG(status_);
+  }
+
+ private:
+  void poll_exit() {
+    if (!exited_ && waitpid(pid_, &status_, WNOHANG) == pid_) exited_ = true;
+  }
+  pid_t pid_ = -1;
+  int fds_[2] = {-1, -1};
+  std::string text_[2];
+  bool exited_ = false;
+  int status_ = 0;
+};
+
+std::vector<std::string> launcher(const std::string& flags, const std::vector<std::string>& prog) {
+  std::vector<std::string> argv = {kRun};
+  std::stringstream ss(flags);
+  for (std::string w; ss >> w;) argv.push_back(w);
+  argv.push_back("--");
+  argv.insert(argv.end(), prog.begin(), prog.end());
+  return argv;
+}
+
+// Worker pids by rank, from their "ready rank=R pid=P restart=K" lines.
+std::map<int, pid_t> ready_pids(const std::string& text, int restart = 0) {
+  std::map<int, pid_t> pids;
+  std::regex re("ready rank=(\\d+) pid=(\\d+) restart=(\\d+)");
+  for (std::sregex_iterator it(text.begin(), text.end(), re), end; it != end; ++it) {
+    if (std::stoi((*it)[3]) == restart) pids[std::stoi((*it)[1])] = std::stoi((*it)[2]);
+  }
+  return pids;
+}
+
+bool alive(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat) return false;
+  std::string line;
+  std::getline(stat, line);
+  auto close_paren = line.rfind(')');
+  return close_paren != std::string::npos && close_paren + 2 < line.size() &&
+         line[close_paren + 2] != 'Z';
+}
+
+// True when none of `pids` is alive within `limit` (exited processes are reaped by init).
+bool all_gone(const std::map<int, pid_t>& pids, Seconds limit) {
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(limit);
+  while (true) {
+    bool any = false;
+    for (auto [rank, pid] : pids) any |= alive(pid);
+    if (!any) return true;
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+size_t count(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
+double since(Clock::time_point t) { return Seconds(Clock::now() - t).count(); }
+
+// Worker start-up loads LibTorch (seconds on a loaded machine): bounds are generous, but
+// every one is asserted.
+constexpr double kJobBound = 120;
+
+const Env kQuietLogs = {{"LOCKSTEP_LOG_LEVEL", "warn"}};
+
+TEST(Launcher, TwoAndFourRankJobsCompleteWithTheRightEnvironment) {
+  for (int n : {2, 4}) {
+    SCOPED_TRACE(n);
+    auto start = Clock::now();
+    Proc p(launcher("--standalone --grace-period 2 --nproc-per-node " + std::to_string(n),
+                    {kWorker, "--mode", "ok"}),
+           kQuietLogs);
+    ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+    EXPECT_LT(since(start), kJobBound);
+    std::string port;
+    for (int r = 0; r < n; ++r) {
+      SCOPED_TRACE(r);
+      std::smatch m;
+      std::regex env_re("\\[rank " + std::to_string(r) + "\\] env RANK=" + std::to_string(r) +
+                        " LOCAL_RANK=" + std::to_string(r) + " WORLD_SIZE=" + std::to_string(n) +
+                        " LOCAL_WORLD_SIZE=" + std::to_string(n) +
+                        " GROUP_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=(\\d+) "
+                        "OMP_NUM_THREADS=1 LOCKSTEP_ERROR_FILE=\\S+/attempt_0/rank_" +
+                        std::to_string(r) + "/error.json\n");
+      ASSERT_TRUE(std::regex_search(p.out(), m, env_re)) << p.out();
+      if (port.empty()) port = m[1];
+      EXPECT_EQ(m[1], port) << "every rank must get the same store port";
+      EXPECT_NE(p.out().find("[rank " + std::to_string(r) + "] resolved rank=" +
+                             std::to_string(r) + " world=" + std::to_string(n) + " local_rank=" +
+                             std::to_string(r) + " local_world=" + std::to_string(n) +
+                             " node=0 launcher=lockstep-run agent_store=1 restart=0 job=none"),
+                std::string::npos)
+          << p.out();
+      EXPECT_NE(p.out().find("[rank " + std::to_string(r) + "] done rank=" + std::to_string(r)),
+                std::string::npos);
+      // stdout and stderr stay apart, each line prefixed with its rank.
+      EXPECT_NE(p.err().find("[rank " + std::to_string(r) + "] stderr line from rank " +
+                             std::to_string(r) + "\n"),
+                std::string::npos)
+          << p.err();
+      EXPECT_EQ(p.out().find("stderr line"), std::string::npos);
+    }
+    EXPECT_NE(p.err().find("all " + std::to_string(n) + " worker(s) exited 0"), std::string::npos);
+  }
+}
+
+TEST(Launcher, RunsTheSmokeWorker) {
+  Proc p(launcher("--standalone --nproc-per-node 2", {kSmoke}), kQuietLogs);
+  ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+  EXPECT_NE(p.out().find("[rank 0] [rank 0/2] all-reduce ok"), std::string::npos) << p.out();
+  EXPECT_NE(p.out().find("[rank 1] [rank 1/2] all-reduce ok"), std::string::npos) << p.out();
+}
+
+TEST(Launcher, KillNineOfOneWorkerFailsFastAndLeavesNoWorker) {
+  Proc p(launcher("--standalone --grace-period 2 --nproc-per-node 2", {kWorker, "--mode", "loop"}),
+         kQuietLogs);
+  ASSERT_TRUE(p.until([&] { return ready_pids(p.out()).size() == 2; }, Seconds(kJobBound)))
+      << p.all();
+  auto pids = ready_pids(p.out());
+  auto killed_at = Clock::now();
+  ASSERT_EQ(kill(pids[1], SIGKILL), 0);
+  int code = p.wait(Seconds(30));
+  double took = since(killed_at);
+  EXPECT_EQ(code, 128 + SIGKILL) << p.all();
+  EXPECT_LT(took, 10.0) << "the launcher must fail fast after a worker dies";
+  EXPECT_NE(p.err().find("first failure: rank 1 (local rank 1, node 0) on host "), std::string::npos)
+      << p.err();
+  EXPECT_NE(p.err().find("pid " + std::to_string(pids[1])), std::string::npos);
+  EXPECT_NE(p.err().find("exit:  killed by SIGKILL (exit code 137)"), std::string::npos) << p.err();
+  EXPECT_TRUE(all_gone(pids, Seconds(5))) << "a worker outlived the launcher";
+}
+
+TEST(Launcher, StoppedWorkerMakesPeersTimeOutNamingTheCollective) {
+  Env env = kQuietLogs;
+  env["LOCKSTEP_TIMEOUT"] = "3";
+  Proc p(launcher("--standalone --grace-period 1 --nproc-per-node 2", {kWorker, "--mode", "loop"}),
+         env);
+  ASSERT_TRUE(p.until([&] { return ready_pids(p.out()).size() == 2; }, Seconds(kJobBound)))
+      << p.all();
+  auto pids = ready_pids(p.out());
+  auto stopped_at = Clock::now();
+  ASSERT_EQ(kill(pids[1], SIGSTOP), 0);
+  int code = p.wait(Seconds(60));
+  double took = since(stopped_at);
+  EXPECT_NE(code, 0) << p.all();
+  EXPECT_GT(code, 0) << "timed out: " << p.all();
+  EXPECT_LT(took, 20.0) << p.all();
+  EXPECT_NE(p.err().find("rank 1 (pid " + std::to_string(pids[1]) + ") was stopped by SIGSTOP"),
+            std::string::npos)
+      << p.err();
+  EXPECT_NE(p.err().find("first failure: rank 0"), std::string::npos) << p.err();
+  EXPECT_TRUE(std::regex_search(p.err(), std::regex("error: lockstep::TimeoutError: .*allreduce")))
+      << p.err();
+  EXPECT_TRUE(all_gone(pids, Seconds(5))) << "the stopped worker outlived the launcher";
+}
+
+TEST(Launcher, ThrownErrorAppearsInTheSummary) {
+  Proc p(launcher("--standalone --grace-period 2 --nproc-per-node 2",
+                  {kWorker, "--mode", "throw", "--fail-rank", "1", "--message",
+                   "boom: checkpoint shard 3 is corrupt"}),
+         kQuietLogs);
+  EXPECT_EQ(p.wait(Seconds(kJobBound)), 1) << p.all();
+  EXPECT_NE(p.err().find("first failure: rank 1"), std::string::npos) << p.err();
+  EXPECT_NE(p.err().find("error: lockstep::StateError: boom: checkpoint shard 3 is corrupt"),
+            std::string::npos)
+      << p.err();
+  EXPECT_NE(p.err().find("giving up after 1 attempt(s)"), std::string::npos);
+}
+
+TEST(Launcher, RestartsAfterAFailureAndWorkersSeeTheRestartCount) {
+  Proc p(launcher("--standalone --grace-period 2 --max-restarts 1 --nproc-per-node 2",
+                  {kWorker, "--mode", "fail-once", "--fail-rank", "1"}),
+         kQuietLogs);
+  ASSERT_EQ(p.wait(Seconds(2 * kJobBound)), 0) << p.all();
+  EXPECT_EQ(ready_pids(p.out(), 0).size(), 2u);
+  EXPECT_EQ(ready_pids(p.out(), 1).size(), 2u) << p.out();
+  EXPECT_NE(p.out().find("[rank 0] resolved rank=0 world=2 local_rank=0 local_world=2 node=0 "
+                         "launcher=lockstep-run agent_store=1 restart=1"),
+            std::string::npos);
+  EXPECT_NE(p.err().find("restarting every worker: attempt 2 of 2"), std::string::npos);
+  EXPECT_EQ(count(p.out(), "done rank="), 2u);
+}
+
+TEST(Launcher, AlwaysFailingWorkerGetsExactlyNPlusOneAttempts) {
+  Proc p(launcher("--standalone --grace-period 2 --max-restarts 2 --nproc-per-node 2",
+                  {kWorker, "--mode", "exit", "--fail-rank", "0", "--code", "7"}),
+         kQuietLogs);
+  EXPECT_EQ(p.wait(Seconds(3 * kJobBound)), 7) << p.all();
+  for (int round = 0; round < 3; ++round) EXPECT_EQ(ready_pids(p.out(), round).size(), 2u);
+  EXPECT_EQ(ready_pids(p.out(), 3).size(), 0u);
+  EXPECT_EQ(count(p.err(), "attempt 1 of 3 failed"), 1u);
+  EXPECT_EQ(count(p.err(), "attempt 3 of 3 failed"), 1u);
+  EXPECT_EQ(count(p.err(), " failed ===="), 3u) << p.err();
+  EXPECT_NE(p.err().find("giving up after 3 attempt(s) (--max-restarts 2); exit code 7"),
+            std::string::npos);
+}
+
+TEST(Launcher, SigtermIsForwardedAndTheLauncherExits143) {
+  TempDir tmp;
+  const std::string& dir = tmp.path;
+  Proc p(launcher("--standalone --grace-period 5 --nproc-per-node 2",
+                  {kWorker, "--mode", "loop", "--signal-dir", dir}),
+         kQuietLogs);
+  ASSERT_TRUE(p.until([&] { return ready_pids(p.out()).size() == 2; }, Seconds(kJobBound)))
+      << p.all();
+  auto pids = ready_pids(p.out());
+  auto sent = Clock::now();
+  ASSERT_EQ(kill(p.pid(), SIGTERM), 0);
+  EXPECT_EQ(p.wait(Seconds(30)), 143) << p.all();
+  EXPECT_LT(since(sent), 5.0) << "workers that exit on SIGTERM need no SIGKILL";
+  for (int r = 0; r < 2; ++r) {
+    auto marker = dir + "/sigterm_rank_" + std::to_string(r);
+    EXPECT_EQ(access(marker.c_str(), F_OK), 0) << "rank " << r << " never saw SIGTERM";
+  }
+  EXPECT_NE(p.err().find("received SIGTERM: forwarding it to 2 worker(s)"), std::string::npos);
+  EXPECT_TRUE(all_gone(pids, Seconds(5)));
+}
+
+TEST(Launcher, WorkersDieWithAKilledLauncher) {
+  Proc p(launcher("--standalone --nproc-per-node 2", {kWorker, "--mode", "loop"}), kQuietLogs);
+  ASSERT_TRUE(p.until([&] { return ready_pids(p.out()).size() == 2; }, Seconds(kJobBound)))
+      << p.all();
+  auto pids = ready_pids(p.out());
+  ASSERT_EQ(kill(p.pid(), SIGKILL), 0);
+  EXPECT_EQ(p.wait(Seconds(30)), 128 + SIGKILL);
+  EXPECT_TRUE(all_gone(pids, Seconds(5))) << "orphaned workers (parent-death signal)";
+}
+
+TEST(Launcher, LogDirHoldsOneFilePerRankAndStream) {
+  TempDir tmp;
+  const std::string& dir = tmp.path;
+  Proc p(launcher("--standalone --run-id logs --log-dir " + dir + " --nproc-per-node 2",
+                  {kWorker, "--mode", "ok"}),
+         kQuietLogs);
+  ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+  for (int r = 0; r < 2; ++r) {
+    auto base = dir + "/logs/attempt_0/rank_" + std::to_string(r);
+    std::ifstream out(base + "/stdout.log"), err(base + "/stderr.log");
+    std::stringstream o, e;
+    o << out.rdbuf();
+    e << err.rdbuf();
+    EXPECT_NE(o.str().find("done rank=" + std::to_string(r)), std::string::npos) << base;
+    EXPECT_EQ(o.str().find("[rank"), std::string::npos) << "files hold the worker's own bytes";
+    EXPECT_NE(e.str().find("stderr line from rank " + std::to_string(r)), std::string::npos);
+  }
+}
+
+TEST(Launcher, DryRunPrintsTopologyAndEnvironment) {
+  Proc p(launcher("--dry-run --nnodes 2 --node-rank 1 --master-addr 10.1.2.3 --nproc-per-node 2 "
+                  "--run-id dr",
+                  {kWorker}));
+  ASSERT_EQ(p.wait(Seconds(30)), 0) << p.all();
+  EXPECT_NE(p.out().find("nothing is started"), std::string::npos);
+  EXPECT_NE(p.out().find("on node 0 at 10.1.2.3:29500"), std::string::npos) << p.out();
+  EXPECT_TRUE(std::regex_search(p.out(), std::regex("local rank 1:.* RANK=3 .*WORLD_SIZE=4")))
+      << p.out();
+}
+
+// Bad invocations: one clear line on stderr, a non-zero exit, nothing started.
+TEST(Launcher, BadInvocationsGiveOneLine) {
+  int busy_port = 0;
+  int busy = lockstep_test::listen_on_ephemeral(&busy_port);
+  const std::string used = std::to_string(busy_port);
+  const std::vector<std::pair<std::vector<std::string>, std::string>> table = {
+      {{kRun}, "no program"},
+      {{kRun, "--nproc-per-node", "2"}, "no program"},
+      {{kRun, "--nproc-per-node", "0", "--", kWorker}, "--nproc-per-node"},
+      {{kRun, "--nnodes", "2", "--node-rank", "2", "--", kWorker}, "node rank"},
+      {{kRun, "--master-port", "65536", "--", kWorker}, "--master-port"},
+      {{kRun, "--master-port", "port", "--", kWorker}, "--master-port"},
+      {{kRun, "--", "/nonexistent/train"}, "not found"},
+      {{kRun, "--master-port", used, "--", kWorker}, "in use"},
+  };
+  for (const auto& [argv, says] : table) {
+    SCOPED_TRACE(argv.size() > 1 ? argv[1] + " ..." : "(no arguments)");
+    auto start = Clock::now();
+    Proc p(argv);
+    int code = p.wait(Seconds(60));
+    EXPECT_GT(code, 0);
+    EXPECT_LT(since(start), 60.0);
+    EXPECT_EQ(count(p.err(), "\n"), 1u) << p.err();
+    EXPECT_EQ(p.err().rfind("lockstep-run: error: ", 0), 0u) << p.err();
+    EXPECT_NE(p.err().find(says), std::string::npos) << p.err();
+    EXPECT_EQ(p.out(), "");
+  }
+  close(busy);
+}
+
+// Two launchers on this machine form one job; node 1 runs fewer workers than node 0.
+TEST(Launcher, TwoNodesOnThisMachineFormOneJob) {
+  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id mn --nproc-per-node 2",
+                      {kWorker, "--mode", "ok"}),
+             kQuietLogs);
+  std::smatch m;
+  std::regex hosting("hosting the rendezvous store at 127.0.0.1:(\\d+)");
+  ASSERT_TRUE(node0.until([&] { return std::regex_search(node0.err(), m, hosting); },
+                          Seconds(30)))
+      << node0.all();
+  std::string port = m[1];
+  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
+                          " --run-id mn --nproc-per-node 1",
+                      {kWorker, "--mode", "ok"}),
+             kQuietLogs);
+  EXPECT_EQ(node1.wait(Seconds(kJobBound)), 0) << node1.all();
+  EXPECT_EQ(node0.wait(Seconds(kJobBound)), 0) << node0.all();
+  EXPECT_NE(node1.out().find("[rank 2] resolved rank=2 world=3 local_rank=0 local_world=1 node=1"),
+            std::string::npos)
+      << node1.out();
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(node0.out().find("resolved rank=" + std::to_string(r) + " world=3 local_rank=" +
+                               std::to_string(r) + " local_world=2 node=0"),
+              std::string::npos)
+        << node0.out();
+  }
+}
+
+TEST(Launcher, AFailureOnOneNodeStopsTheOtherAndBothNameIt) {
+  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id mf --grace-period 2 "
+                      "--nproc-per-node 1",
+                      {kWorker, "--mode", "loop"}),
+             kQuietLogs);
+  std::smatch m;
+  std::regex hosting("hosting the rendezvous store at 127.0.0.1:(\\d+)");
+  ASSERT_TRUE(node0.until([&] { return std::regex_search(node0.err(), m, hosting); },
+                          Seconds(30)));
+  std::string port = m[1];
+  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
+                          " --run-id mf --grace-period 2 --nproc-per-node 1",
+                      {kWorker, "--mode", "throw", "--fail-rank", "1", "--message", "node1 broke"}),
+             kQuietLogs);
+  EXPECT_EQ(node1.wait(Seconds(kJobBound)), 1) << node1.all();
+  EXPECT_EQ(node0.wait(Seconds(30)), 1) << node0.all();
+  for (Proc* p : {&node0, &node1}) {
+    EXPECT_NE(p->err().find("first failure: rank 1 (local rank 0, node 1)"), std::string::npos)
+        << p->err();
+    EXPECT_NE(p->err().find("error: lockstep::StateError: node1 broke"), std::string::npos);
+  }
+}
+
+// The same worker under Debian's torchrun (1.13, which needs `-r 1 -t 1` on Python 3.11 and
+// hosts the store itself).
+TEST(Interop, TorchrunNoPython) {
+  if (access("/usr/bin/torchrun", X_OK) != 0) GTEST_SKIP() << "/usr/bin/torchrun not installed";
+  auto port = std::to_string(free_port());
+  Proc p({"/usr/bin/torchrun", "--no_python", "-r", "1", "-t", "1", "--nnodes", "1",
+          "--nproc_per_node", "2", "--master_port", port, kWorker, "--mode", "ok"},
+         kQuietLogs);
+  ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(p.all().find("resolved rank=" + std::to_string(r) + " world=2 local_rank=" +
+                           std::to_string(r) + " local_world=2 node=0 launcher=torchrun "
+                           "agent_store=1 restart=0"),
+              std::string::npos)
+        << p.all();
+    EXPECT_NE(p.all().find("done rank=" + std::to_string(r)), std::string::npos);
+  }
+}
+
+TEST(Interop, TorchrunShowsTheWorkersError) {
+  if (access("/usr/bin/torchrun", X_OK) != 0) GTEST_SKIP() << "/usr/bin/torchrun not installed";
+  auto port = std::to_string(free_port());
+  Proc p({"/usr/bin/torchrun", "--no_python", "-r", "1", "-t", "1", "--nnodes", "1",
+          "--nproc_per_node", "2", "--master_port", port, kWorker, "--mode", "throw",
+          "--fail-rank", "1", "--message", "seen by torchrun"},
+         kQuietLogs);
+  EXPECT_EQ(p.wait(Seconds(kJobBound)), 1) << p.all();
+  EXPECT_NE(p.err().find("lockstep::StateError: seen by torchrun"), std::string::npos) << p.err();
+}
+
+// Workers started with a launcher's variables set by hand (rank 0 hosts the store).
+void run_by_hand(const std::function<Env(int rank)>& env_of, const std::string& launcher_name) {
+  std::vector<std::unique_ptr<Proc>> ranks;
+  for (int r = 0; r < 2; ++r) {
+    Env env = env_of(r);
+    env["LOCKSTEP_LOG_LEVEL"] = "warn";
+    ranks.push_back(std::make_unique<Proc>(std::vector<std::string>{kWorker, "--mode", "ok"}, env));
+  }
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE(r);
+    ASSERT_EQ(ranks[r]->wait(Seconds(kJobBound)), 0) << ranks[r]->all();
+    EXPECT_NE(ranks[r]->out().find("resolved rank=" + std::to_string(r) + " world=2 local_rank=" +
+                                   std::to_string(r) + " local_world=2 node=0 launcher=" +
+                                   launcher_name + " agent_store=0"),
+              std::string::npos)
+        << ranks[r]->out();
+    EXPECT_NE(ranks[r]->out().find("done rank=" + std::to_string(r)), std::string::npos);
+  }
+}
+
+TEST(Interop, SlurmStyleEnvironment) {
+  auto port = std::to_string(free_port());
+  run_by_hand(
+      [&](int r) {
+        return Env{{"SLURM_PROCID", std::to_string(r)}, {"SLURM_LOCALID", std::to_string(r)},
+                   {"SLURM_NTASKS", "2"}, {"SLURM_NODEID", "0"}, {"SLURM_TASKS_PER_NODE", "2"},
+                   {"SLURM_JOB_NODELIST", "localhost"}, {"SLURM_JOB_ID", "4242"},
+                   {"MASTER_PORT", port}};
+      },
+      "slurm");
+}
+
+TEST(Interop, OpenMpiStyleEnvironment) {
+  auto port = std::to_string(free_port());
+  run_by_hand(
+      [&](int r) {
+        return Env{{"OMPI_COMM_WORLD_RANK", std::to_string(r)},
+                   {"OMPI_COMM_WORLD_LOCAL_RANK", std::to_string(r)},
+                   {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+                   {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", port}};
+      },
+      "openmpi");
+}
+
+// Two network namespaces joined by a veth pair: two "hosts" with their own addresses.
+class NetNs {
+ public:
+  NetNs() {
+    tag_ = std::to_string(getpid() % 100000);
+    a_ = "lsa" + tag_;
+    b_ = "lsb" + tag_;
+    std::string sub = "10.231." + std::to_string(getpid() % 250) + ".";
+    addr_a_ = sub + "1";
+    addr_b_ = sub + "2";
+    std::vector<std::string> cmds = {
+        "ip netns add " + a_, "ip netns add " + b_,
+        "ip link add va" + tag_ + " type veth peer name vb" + tag_,
+        "ip link set va" + tag_ + " netns " + a_, "ip link set vb" + tag_ + " netns " + b_,
+        "ip -n " + a_ + " addr add " + addr_a_ + "/24 dev va" + tag_,
+        "ip -n " + b_ + " addr add " + addr_b_ + "/24 dev vb" + tag_,
+        "ip -n " + a_ + " link set va" + tag_ + " up", "ip -n " + b_ + " link set vb" + tag_ + " up",
+        "ip -n " + a_ + " link set lo up", "ip -n " + b_ + " link set lo up"};
+    for (const auto& c : cmds) {
+      if (std::system((c + " 2>/tmp/lockstep-netns-" + tag_ + ".err").c_str()) != 0) {
+        std::ifstream in("/tmp/lockstep-netns-" + tag_ + ".err");
+        std::stringstream ss;
+        ss << in.rdbuf();
+        error_ = "`" + c + "` failed: " + ss.str();
+        return;
+      }
+    }
+    ok_ = true;
+  }
+  ~NetNs() {
+    std::system(("ip netns del " + a_ + " 2>/dev/null; ip netns del " + b_ + " 2>/dev/null").c_str());
+    std::remove(("/tmp/lockstep-netns-" + tag_ + ".err").c_str());
+  }
+  bool ok_ = false;
+  std::string error_, tag_, a_, b_, addr_a_, addr_b_;
+};
+
+TEST(Launcher, TwoNodesInNetworkNamespacesJoinedByAVethPair) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces (ip netns)";
+  if (access("/usr/sbin/ip", X_OK) != 0 && access("/sbin/ip", X_OK) != 0 &&
+      access("/usr/bin/ip", X_OK) != 0 && access("/bin/ip", X_OK) != 0) {
+    GTEST_SKIP() << "iproute2's `ip` is not installed";
+  }
+  NetNs ns;
+  if (!ns.ok_) GTEST_SKIP() << "network namespaces unavailable here: " << ns.error_;
+  std::string ip = access("/usr/sbin/ip", X_OK) == 0 ? "/usr/sbin/ip" : "/sbin/ip";
+  auto in_ns = [&](const std::string& name, std::vector<std::string> argv) {
+    argv.insert(argv.begin(), {ip, "netns", "exec", name});
+    return argv;
+  };
+  Env env0 = kQuietLogs, env1 = kQuietLogs;
+  env0["LOCKSTEP_SOCKET_IFNAME"] = "va" + ns.tag_;
+  env1["LOCKSTEP_SOCKET_IFNAME"] = "vb" + ns.tag_;
+  Proc node0(in_ns(ns.a_, launcher("--nnodes 2 --node-rank 0 --master-addr " + ns.addr_a_ +
+                                       " --master-port 0 --run-id ns --nproc-per-node 1",
+                                   {kWorker, "--mode", "ok"})),
+             env0);
+  std::smatch m;
+  std::regex hosting("hosting the rendezvous store at [0-9.]+:(\\d+)");
+  ASSERT_TRUE(node0.until([&] { return std::regex_search(node0.err(), m, hosting); },
+                          Seconds(30)))
+      << node0.all();
+  std::string port = m[1];
+  Proc node1(in_ns(ns.b_, launcher("--nnodes 2 --node-rank 1 --master-addr " + ns.addr_a_ +
+                                       " --master-port " + port + " --run-id ns --nproc-per-node 1",
+                                   {kWorker, "--mode", "ok"})),
+             env1);
+  EXPECT_EQ(node1.wait(Seconds(kJobBound)), 0) << node1.all();
+  EXPECT_EQ(node0.wait(Seconds(kJobBound)), 0) << node0.all();
+  EXPECT_NE(node1.out().find("resolved rank=1 world=2 local_rank=0 local_world=1 node=1"),
+            std::string::npos)
+      << node1.all();
+  EXPECT_NE(node0.out().find("done rank=0"), std::string::npos);
+}
+
+}  // namespace

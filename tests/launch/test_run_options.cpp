@@ -1,0 +1,193 @@
+// lockstep-run's option parsing and per-worker environment: table-driven, no processes.
+#include <gtest/gtest.h>
+
+#include "lockstep/errors.h"
+#include "options.h"
+
+using lockstep::EnvMap;
+using lockstep::run::parse_run_options;
+using lockstep::run::RoundLayout;
+using lockstep::run::RunOptions;
+using lockstep::run::worker_env;
+
+namespace {
+
+std::vector<std::string> split(const std::string& line) {
+  std::vector<std::string> out = {"lockstep-run"};
+  std::string word;
+  for (char c : line + " ") {
+    if (c == ' ') {
+      if (!word.empty()) out.push_back(word);
+      word.clear();
+    } else {
+      word.push_back(c);
+    }
+  }
+  return out;
+}
+
+struct Good {
+  std::string args;
+  EnvMap env;
+  int nproc, nnodes, node_rank;
+  std::string master_addr;
+  int master_port, max_restarts;
+  std::string program;
+  size_t nargs;
+};
+
+TEST(RunOptions, ParsesTorchrunStyleCommandLines) {
+  const Good table[] = {
+      {"-- ./train", {}, 1, 1, 0, "127.0.0.1", 29500, 0, "./train", 0},
+      {"--nproc-per-node 4 -- ./train --lr 0.1", {}, 4, 1, 0, "127.0.0.1", 29500, 0, "./train", 2},
+      {"--nproc_per_node=2 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=1234 "
+       "./train x",
+       {}, 2, 2, 1, "10.0.0.1", 1234, 0, "./train", 1},
+      {"--nnodes 3:3 --node-rank 2 --master-addr h0 -- prog", {}, 1, 3, 2, "h0", 29500, 0, "prog", 0},
+      {"--nproc-per-node auto -- prog", {}, 8, 1, 0, "127.0.0.1", 29500, 0, "prog", 0},
+      {"--nproc-per-node cpu -- prog", {}, 8, 1, 0, "127.0.0.1", 29500, 0, "prog", 0},
+      {"--standalone --nproc-per-node 2 -- prog", {}, 2, 1, 0, "127.0.0.1", 0, 0, "prog", 0},
+      {"--master-port 0 --max-restarts 3 -- prog", {}, 1, 1, 0, "127.0.0.1", 0, 3, "prog", 0},
+      // Kubeflow's training operator passes torchrun's flags as PET_* variables.
+      {"-- prog",
+       {{"PET_NPROC_PER_NODE", "4"}, {"PET_NNODES", "2"}, {"PET_NODE_RANK", "1"},
+        {"PET_MASTER_ADDR", "job-master-0"}, {"PET_MASTER_PORT", "23456"}},
+       4, 2, 1, "job-master-0", 23456, 0, "prog", 0},
+      // A flag beats its PET_* variable.
+      {"--nproc-per-node 1 -- prog", {{"PET_NPROC_PER_NODE", "4"}}, 1, 1, 0, "127.0.0.1", 29500,
+       0, "prog", 0},
+  };
+  for (const auto& row : table) {
+    SCOPED_TRACE(row.args);
+    auto r = parse_run_options(split(row.args), row.env, /*cpu_count=*/8);
+    ASSERT_FALSE(r.help);
+    const RunOptions& o = r.options;
+    EXPECT_EQ(o.nproc_per_node, row.nproc);
+    EXPECT_EQ(o.nnodes, row.nnodes);
+    EXPECT_EQ(o.node_rank, row.node_rank);
+    EXPECT_EQ(o.master_addr, row.master_addr);
+    EXPECT_EQ(o.master_port, row.master_port);
+    EXPECT_EQ(o.max_restarts, row.max_restarts);
+    EXPECT_EQ(o.program, row.program);
+    EXPECT_EQ(o.args.size(), row.nargs);
+  }
+}
+
+TEST(RunOptions, ProgramArgumentsAreNotLauncherFlags) {
+  auto r = parse_run_options(split("--nproc-per-node 2 ./train --nproc-per-node 7 --help"), {}, 8);
+  EXPECT_EQ(r.options.nproc_per_node, 2);
+  EXPECT_FALSE(r.help);
+  EXPECT_EQ(r.options.args, (std::vector<std::string>{"--nproc-per-node", "7", "--help"}));
+}
+
+TEST(RunOptions, TimesAndFlags) {
+  auto r = parse_run_options(split("--grace-period 0.5 --monitor-interval 0.05 --rdzv-timeout 3 "
+                                   "--run-id job7 --log-dir /tmp/l --dry-run --quiet -- p"),
+                             {}, 8);
+  EXPECT_DOUBLE_EQ(r.options.grace_period, 0.5);
+  EXPECT_DOUBLE_EQ(r.options.monitor_interval, 0.05);
+  EXPECT_DOUBLE_EQ(r.options.rdzv_timeout, 3);
+  EXPECT_EQ(r.options.run_id, "job7");
+  EXPECT_EQ(r.options.log_dir, "/tmp/l");
+  EXPECT_TRUE(r.options.dry_run);
+  EXPECT_TRUE(r.options.quiet);
+}
+
+TEST(RunOptions, HelpExplainsEveryFlagWithItsDefault) {
+  auto r = parse_run_options(split("--help"), {}, 8);
+  ASSERT_TRUE(r.help);
+  for (const char* flag : {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
+                           "--master-port", "--standalone", "--max-restarts", "--run-id",
+                           "--log-dir", "--monitor-interval", "--grace-period", "--dry-run"}) {
+    EXPECT_NE(r.help_text.find(flag), std::string::npos) << flag;
+  }
+  EXPECT_NE(r.help_text.find("(default: 29500)"), std::string::npos) << r.help_text;
+}
+
+struct Bad {
+  std::string args;
+  std::string says;
+};
+
+TEST(RunOptions, RejectsBadInvocationsWithOneLine) {
+  const Bad table[] = {
+      {"", "no program"},
+      {"--nproc-per-node 2", "no program"},
+      {"--nproc-per-node 0 -- p", "--nproc-per-node: expected an integer in [1, 4096], but got '0'"},
+      {"--nproc-per-node two -- p", "--nproc-per-node"},
+      {"--nproc-per-node gpu -- p", "CPU"},
+      {"--nnodes 0 -- p", "--nnodes"},
+      {"--nnodes 1:4 -- p", "elastic"},
+      {"--nnodes 2 --node-rank 2 -- p", "expected a node rank in [0, 1]"},
+      {"--node-rank 1 -- p", "expected a node rank in [0, 0]"},
+      {"--master-port 70000 -- p", "--master-port: expected an integer in [0, 65535], but got '70000'"},
+      {"--master-port -1 -- p", "--master-port"},
+      {"--master-port http -- p", "--master-port"},
+      {"--nnodes 2 --node-rank 1 --master-port 0 -- p", "only node 0"},
+      {"--standalone --nnodes 2 -- p", "--standalone"},
+      {"--max-restarts -2 -- p", "--max-restarts"},
+      {"--run-id a/b -- p", "--run-id"},
+      {"--grace-period x -- p", "--grace-period"},
+      {"--no-such-flag -- p", "no-such-flag"},
+  };
+  for (const auto& row : table) {
+    SCOPED_TRACE(row.args);
+    try {
+      parse_run_options(split(row.args), {}, 8);
+      ADD_FAILURE() << "accepted";
+    } catch (const lockstep::InvalidArgument& e) {
+      std::string what = e.what();
+      EXPECT_NE(what.find(row.says), std::string::npos) << what;
+      EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    }
+  }
+}
+
+TEST(WorkerEnv, SetsTorchrunVariablesPerLocalRank) {
+  auto o = parse_run_options(split("--nproc-per-node 3 --nnodes 2 --node-rank 1 --master-addr h0 "
+                                   "--max-restarts 2 --run-id j -- p"),
+                             {}, 12)
+               .options;
+  RoundLayout layout;
+  layout.world_size = 5;  // node 0 runs 2 workers
+  layout.rank_offset = 2;
+  layout.master_addr = "h0";
+  layout.master_port = 4242;
+  layout.restart_count = 1;
+  auto env = worker_env(o, layout, /*local_rank=*/2, "/e/err.json", {}, /*cpu_count=*/12);
+  const EnvMap expected = {
+      {"RANK", "4"}, {"LOCAL_RANK", "2"}, {"WORLD_SIZE", "5"}, {"LOCAL_WORLD_SIZE", "3"},
+      {"GROUP_RANK", "1"}, {"GROUP_WORLD_SIZE", "2"}, {"ROLE_RANK", "4"},
+      {"ROLE_WORLD_SIZE", "5"}, {"MASTER_ADDR", "h0"}, {"MASTER_PORT", "4242"},
+      {"LOCKSTEP_AGENT_STORE", "1"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+      {"LOCKSTEP_RESTART_COUNT", "1"}, {"TORCHELASTIC_RESTART_COUNT", "1"},
+      {"TORCHELASTIC_MAX_RESTARTS", "2"}, {"LOCKSTEP_JOB_ID", "j"},
+      {"TORCHELASTIC_RUN_ID", "j"}, {"LOCKSTEP_ERROR_FILE", "/e/err.json"},
+      {"OMP_NUM_THREADS", "4"}};
+  EXPECT_EQ(env, expected);
+
+  // The resolver every worker runs agrees with what the launcher meant.
+  EnvMap full = env;
+  auto launch = lockstep::resolve_launch_env(full);
+  EXPECT_EQ(launch.rank, 4);
+  EXPECT_EQ(launch.world_size, 5);
+  EXPECT_EQ(launch.local_rank, 2);
+  EXPECT_EQ(launch.node_rank, 1);
+  EXPECT_TRUE(launch.launcher_hosts_store);
+  EXPECT_EQ(launch.restart_count, 1);
+  EXPECT_EQ(launch.job_id, "j");
+  EXPECT_EQ(launch.launcher, "lockstep-run");
+}
+
+TEST(WorkerEnv, KeepsOmpNumThreadsWhenSetAndNeverGoesBelowOne) {
+  auto o = parse_run_options(split("--nproc-per-node 4 -- p"), {}, 2).options;
+  RoundLayout layout;
+  layout.world_size = 4;
+  layout.master_addr = "127.0.0.1";
+  layout.master_port = 1;
+  EXPECT_EQ(worker_env(o, layout, 0, "e", {}, 2).at("OMP_NUM_THREADS"), "1");
+  EXPECT_EQ(worker_env(o, layout, 0, "e", {{"OMP_NUM_THREADS", "3"}}, 2).count("OMP_NUM_THREADS"),
+            0u);
+}
+
+}  // namespace

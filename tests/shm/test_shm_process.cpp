@@ -1,0 +1,226 @@
+// Shared-memory groups with ranks as forked processes, through init_process_group with a file
+// store: world sizes 1..4, all dtypes, bitwise agreement with the fixed-order reference; a rank
+// killed with SIGKILL (by itself at a known point, and by the parent in the middle of a stream
+// of 8 MiB all-reduces) makes every survivor raise a CommError naming it, quickly; /dev/shm
+// holds nothing of the job afterwards in every case.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <thread>
+
+#include "lockstep/errors.h"
+#include "lockstep/process_group.h"
+#include "shm/shm_support.h"
+
+using lockstep::ReduceOp;
+
+namespace {
+
+struct Job {
+  std::string id;
+  std::string dir;
+  ~Job() {
+    if (getpid() == parent) std::filesystem::remove_all(dir);  // not in the forked ranks
+  }
+  pid_t parent = getpid();
+};
+
+Job make_job(const char* tag) {
+  static int n = 0;
+  char tmpl[] = "/tmp/lockstep-shm-test-XXXXXX";
+  Job job;
+  job.dir = mkdtemp(tmpl);
+  job.id = std::string("shmproc-") + tag + "-" + std::to_string(getpid()) + "-" +
+           std::to_string(n++);
+  return job;
+}
+
+lockstep::ProcessGroupPtr join(const Job& job, int rank, int world, int timeout_s = 20) {
+  return lockstep::init_process_group(lockstep::ProcessGroupOptions()
+                                          .init_method("file://" + job.dir + "/store")
+                                          .rank(rank)
+                                          .world_size(world)
+                                          .job_id(job.id)
+                                          .transport("shm")
+                                          .timeout(std::chrono::seconds(timeout_s))
+                                          .rendezvous_timeout(std::chrono::seconds(20))
+                                          .environment({{"LOCKSTEP_LOG_LEVEL", "warn"}}));
+}
+
+// Forks one process per rank running body(rank) -> exit code (an exception: 99, printed with
+// the rank). `on_started(pids)` runs in the parent once all are forked. Waits for every child,
+// killing all of them after `limit` (then the test fails); returns each rank's wait status.
+std::vector<int> run_processes(int world, const std::function<int(int)>& body,
+                               const std::function<void(const std::vector<pid_t>&)>& on_started =
+                                   nullptr,
+                               std::chrono::seconds limit = std::chrono::seconds(60)) {
+  std::vector<pid_t> pids;
+  for (int r = 0; r < world; ++r) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      int code = 98;
+      try {
+        code = body(r);
+      } catch (const std::exception& e) {
+        fprintf(stderr, "rank %d/%d threw: %s\n", r, world, e.what());
+        code = 99;
+      }
+      fflush(stderr);
+      _exit(code);
+    }
+    pids.push_back(pid);
+  }
+  if (on_started) on_started(pids);
+  std::vector<int> status(world, -1);
+  int left = world;
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (left > 0) {
+    for (int r = 0; r < world; ++r) {
+      if (status[r] != -1) continue;
+      int st = 0;
+      if (waitpid(pids[r], &st, WNOHANG) == pids[r]) {
+        status[r] = st;
+        --left;
+      }
+    }
+    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
+      ADD_FAILURE() << "ranks still running after " << limit.count() << " s: a hang";
+      for (int r = 0; r < world; ++r) {
+        if (status[r] == -1) kill(pids[r], SIGKILL);
+      }
+      limit = std::chrono::seconds(3600);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling the children only
+  }
+  return status;
+}
+
+void expect_exit_zero(const std::vector<int>& status, int skip = -1) {
+  for (size_t r = 0; r < status.size(); ++r) {
+    if (static_cast<int>(r) == skip) continue;
+    EXPECT_TRUE(WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0)
+        << "rank " << r << " ended with status " << status[r] << " (exit code "
+        << (WIFEXITED(status[r]) ? WEXITSTATUS(status[r]) : -1) << "; see its stderr above)";
+  }
+}
+
+class ShmProcesses : public ::testing::TestWithParam<int> {};
+
+TEST_P(ShmProcesses, AllDtypesBitwiseEqualToFixedOrderAndNothingLeftInDevShm) {
+  const int world = GetParam();
+  auto job = make_job("ok");
+  auto status = run_processes(world, [&](int rank) {
+    auto pg = join(job, rank, world);
+    if (pg->backend() != "shm") return 10;
+    if (!shm_test::shm_entries(job.id).empty()) return 11;  // unlinked once everyone mapped
+    for (auto dtype : {at::kFloat, at::kDouble, at::kLong, at::kBFloat16, at::kHalf}) {
+      for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{1001}, int64_t{3 * 512 * 1024 + 7}}) {
+        std::vector<at::Tensor> all;
+        for (int r = 0; r < world; ++r) {
+          all.push_back(dtype == at::kLong ? shm_test::small_input(r, n, dtype)
+                                           : shm_test::random_input(r, n, dtype));
+        }
+        auto t = all[rank].clone();
+        pg->allreduce(t)->wait();
+        if (!shm_test::bitwise_equal(t, shm_test::ordered_reference(all, ReduceOp::kSum))) {
+          fprintf(stderr, "rank %d: %s n=%lld differs from the fixed-order sum\n", rank,
+                  c10::toString(dtype), static_cast<long long>(n));
+          return 12;
+        }
+      }
+    }
+    auto b = at::full({777}, static_cast<double>(rank));
+    pg->broadcast(b, world - 1)->wait();
+    if (!at::equal(b, at::full({777}, static_cast<double>(world - 1)))) return 13;
+    pg->barrier()->wait();
+    return 0;
+  });
+  expect_exit_zero(status);
+  EXPECT_TRUE(shm_test::shm_entries(job.id).empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, ShmProcesses, ::testing::Values(1, 2, 3, 4));
+
+// Survivors' verdict: 0 when the collective failed with a CommError naming `dead` as dead,
+// within `bound`; otherwise a distinct code, with the message on stderr.
+int expect_death_named(const lockstep::ProcessGroupPtr& pg, int dead, at::Tensor t,
+                       double bound_s) {
+  auto start = std::chrono::steady_clock::now();
+  try {
+    for (int i = 0; i < 1000; ++i) pg->allreduce(t)->wait();
+    fprintf(stderr, "%s: no error although rank %d died\n", pg->where().c_str(), dead);
+    return 20;
+  } catch (const lockstep::CommError& e) {
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::string what = e.what();
+    std::string want = "rank " + std::to_string(dead) + " (pid ";
+    if (what.find(want) == std::string::npos || what.find("died") == std::string::npos ||
+        what.find("allreduce #") == std::string::npos) {
+      fprintf(stderr, "%s: message does not name dead rank %d: %s\n", pg->where().c_str(), dead,
+              what.c_str());
+      return 21;
+    }
+    if (s > bound_s) {
+      fprintf(stderr, "%s: took %.2f s to notice: %s\n", pg->where().c_str(), s, what.c_str());
+      return 22;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "%s: wrong error: %s\n", pg->where().c_str(), e.what());
+    return 23;
+  }
+}
+
+TEST(ShmProcessFaults, RankKilledAtAKnownPointIsNamedByEverySurvivor) {
+  const int world = 3;
+  auto job = make_job("kill");
+  auto status = run_processes(world, [&](int rank) {
+    auto pg = join(job, rank, world, /*timeout_s=*/60);
+    auto t = at::ones({100000});
+    pg->allreduce(t)->wait();
+    if (rank == 2) raise(SIGKILL);
+    return expect_death_named(pg, 2, t, /*bound_s=*/5.0);
+  });
+  expect_exit_zero(status, /*skip=*/2);
+  EXPECT_TRUE(WIFSIGNALED(status[2]) && WTERMSIG(status[2]) == SIGKILL);
+  EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "segment left in /dev/shm after a kill";
+}
+
+TEST(ShmProcessFaults, RankKilledByParentMidStreamIsNamedByEverySurvivor) {
+  const int world = 4;
+  auto job = make_job("kill9");
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  auto status = run_processes(
+      world,
+      [&](int rank) {
+        close(ready[0]);
+        auto pg = join(job, rank, world, /*timeout_s=*/60);
+        auto t = at::ones({2 * 1024 * 1024});  // 8 MiB: four steps per all-reduce
+        for (int i = 0; i < 3; ++i) pg->allreduce(t)->wait();
+        char c = 'r';
+        if (write(ready[1], &c, 1) != 1) return 30;
+        close(ready[1]);
+        return expect_death_named(pg, 1, t, /*bound_s=*/5.0);
+      },
+      [&](const std::vector<pid_t>& pids) {
+        close(ready[1]);
+        char c;
+        int got = 0;
+        while (got < world && read(ready[0], &c, 1) == 1) ++got;  // everyone is streaming
+        close(ready[0]);
+        kill(pids[1], SIGKILL);
+      });
+  expect_exit_zero(status, /*skip=*/1);
+  EXPECT_TRUE(WIFSIGNALED(status[1]) && WTERMSIG(status[1]) == SIGKILL);
+  EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "segment left in /dev/shm after kill -9";
+}
+
+}  // namespace
