@@ -1,7 +1,7 @@
 // lockstep-dp-bench: is DataParallel over CPU replicas faster than intra-op threads?
 //
 //   lockstep-dp-bench [--models small_mlp,mlp,deep_mlp,cnn] [--batch 64] [--replicas 2]
-//                     [--steps 10] [--rounds 7] [--warmup 3]
+//                     [--steps 10] [--rounds 7] [--warmup 3] [--bucket-cap-mb 1]
 //
 // For each model: A = DataParallel with `replicas` CPU replicas of one intra-op thread each;
 // B = the same module trained directly with `replicas` intra-op threads (at::set_num_threads
@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
   std::string models = "small_mlp,mlp,deep_mlp,cnn";
   int64_t batch = 64;
   int replicas = 2, steps = 10, rounds = 7, warmup = 3;
+  double bucket_cap_mb = lockstep::DataParallelOptions().bucket_cap_mb();
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--models") models = v;
@@ -102,6 +103,7 @@ int main(int argc, char** argv) {
     else if (k == "--steps") steps = std::stoi(v);
     else if (k == "--rounds") rounds = std::stoi(v);
     else if (k == "--warmup") warmup = std::stoi(v);
+    else if (k == "--bucket-cap-mb") bucket_cap_mb = std::stod(v);
     else {
       std::cerr << "unknown option " << k << "\n";
       return 2;
@@ -115,7 +117,8 @@ int main(int argc, char** argv) {
     auto primary = std::make_shared<NetImpl>(name);
     auto single = std::dynamic_pointer_cast<NetImpl>(primary->clone());
     lockstep::DataParallel<NetImpl> dp(
-        primary, lockstep::DataParallelOptions().cpu_replicas(replicas).threads_per_replica(1));
+        primary, lockstep::DataParallelOptions().cpu_replicas(replicas).threads_per_replica(1).bucket_cap_mb(
+                     bucket_cap_mb));
     torch::optim::SGD dp_opt(primary->parameters(), 0.01);
     torch::optim::SGD single_opt(single->parameters(), 0.01);
     auto x = primary->input(batch);

@@ -323,4 +323,49 @@ TEST(DataParallelErrors, ModuleWithoutCloneNeedsAFactory) {
   EXPECT_TRUE(torch::allclose(dp.forward(x), net->forward(x), 1e-5, 1e-6));
 }
 
+TEST(DataParallel, ResolveDevices) {
+  using lockstep::detail::resolve_devices;
+  EXPECT_EQ(resolve_devices(DataParallelOptions().cpu_replicas(3)),
+            std::vector<c10::Device>(3, c10::Device("cpu")));
+  std::vector<c10::Device> two = {c10::Device("cpu"), c10::Device("cpu")};
+  EXPECT_EQ(resolve_devices(DataParallelOptions().devices(two).cpu_replicas(5)), two);
+  auto defaults = resolve_devices(DataParallelOptions());
+  ASSERT_FALSE(defaults.empty());
+  EXPECT_EQ(defaults[0].is_cuda(), torch::cuda::is_available());
+  EXPECT_THROW(resolve_devices(DataParallelOptions().cpu_replicas(-1)), lockstep::InvalidArgument);
+}
+
+// Two replicas on the first GPU (one is enough to run the CUDA path: device guards, copies,
+// the thread group and the Reducer on CUDA tensors): parity with one CPU module. Skipped
+// without CUDA.
+TEST(DataParallelCuda, MlpParityWithCpuModule) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(23);
+  auto ref = make_mlp();
+  auto net = clone_of(ref);
+  net->to(torch::kCUDA);
+  std::vector<c10::Device> devices(2, c10::Device(torch::kCUDA, 0));
+  DataParallel<Net> dp(net, DataParallelOptions().devices(devices));
+  torch::optim::SGD opt(net->parameters(), 0.05);
+  torch::optim::SGD ref_opt(ref->parameters(), 0.05);
+  for (int step = 0; step < 20; ++step) {
+    auto b = batch_for(false, step == 19 ? 5 : 12);
+    opt.zero_grad();
+    ref_opt.zero_grad();
+    auto loss = dp.train_step(b.x.to(torch::kCUDA), b.y.to(torch::kCUDA),
+                              [](const torch::Tensor& o, const torch::Tensor& y) { return torch::mse_loss(o, y); });
+    EXPECT_TRUE(loss.is_cuda());
+    torch::mse_loss(ref->forward(b.x), b.y).backward();
+    for (size_t i = 0; i < ref->parameters().size(); ++i) {
+      auto g = net->parameters()[i].grad().cpu();
+      EXPECT_TRUE(torch::allclose(g, ref->parameters()[i].grad(), 1e-4, 1e-5)) << "step " << step << " grad " << i;
+    }
+    opt.step();
+    ref_opt.step();
+  }
+  auto x = torch::randn({7, 20});
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::allclose(dp.forward(x.to(torch::kCUDA)).cpu(), ref->forward(x), 1e-4, 1e-5));
+}
+
 }  // namespace

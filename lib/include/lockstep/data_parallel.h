@@ -57,11 +57,11 @@ namespace lockstep {
 /// Options of DataParallel.
 struct DataParallelOptions {
   /// Device of each replica; replica 0 is the primary module, which must already live on
-  /// devices[0]. Empty (default): every CUDA device when LibTorch has CUDA and one is
-  /// present, else `cpu_replicas` CPU replicas.
+  /// devices[0]. Empty (default): `cpu_replicas` CPU replicas when it is set, else every CUDA
+  /// device when LibTorch has CUDA and one is present, else one CPU replica per core.
   LOCKSTEP_ARG(std::vector<c10::Device>, devices) = {};
-  /// Number of CPU replicas when `devices` is empty and there is no CUDA device; 0
-  /// (default): one per core (std::thread::hardware_concurrency()).
+  /// Number of CPU replicas when `devices` is empty; 0 (default): CUDA devices if any, else
+  /// one per core (std::thread::hardware_concurrency()).
   LOCKSTEP_ARG(int, cpu_replicas) = 0;
   /// Intra-op threads of each replica's thread (at::set_num_threads on that thread); 0
   /// (default): cores / number of CPU replicas, at least 1; 1 for CUDA replicas.
@@ -124,7 +124,8 @@ class DataParallel {
   /// Wraps `module` (the primary, replica 0). The other replicas come from `make_replica`
   /// when given (it must build a module with the same parameters; their values are
   /// overwritten), else from `module->clone(device)`, which needs ModuleType to derive from
-  /// torch::nn::Cloneable. Starts one thread per replica.
+  /// torch::nn::Cloneable. Starts one thread per replica after the first (replica 0 runs on
+  /// the caller's thread during a step).
   explicit DataParallel(std::shared_ptr<ModuleType> module,
                         DataParallelOptions options = DataParallelOptions(),
                         ReplicaFactory make_replica = nullptr)

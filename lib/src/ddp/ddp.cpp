@@ -56,8 +56,11 @@ class AllreduceHook : public CommHook {
 
 // Note [Compression hooks]
 // The bucket already holds gradients divided by the world size, so the reduced half-precision
-// values stay in the range of the averages (no overflow from summing first). The cast buffer
-// of each bucket is allocated once and reused.
+// values stay in the range of the averages (no overflow from summing first). Cast buffers are
+// allocated once per bucket and reused. Gloo (LibTorch 1.13) cannot sum bfloat16, so the bf16
+// hook allgathers the bf16 bits (as a same-width type Gloo can move) and every rank sums the W
+// contributions in float32 in rank order: bitwise identical on all ranks, half the bytes of a
+// float32 ring all-reduce at two ranks, growing with the world size beyond that.
 class CastHook : public CommHook {
  public:
   CastHook(at::ScalarType dtype, std::string name) : dtype_(dtype), name_(std::move(name)) {}
@@ -67,22 +70,42 @@ class CastHook : public CommHook {
       return group.allreduce(bucket.buffer, ReduceOp::kSum);
     }
     if (cache_.size() <= bucket.index) cache_.resize(bucket.index + 1);
-    auto& cast = cache_[bucket.index];
-    if (!cast.defined() || cast.numel() != bucket.buffer.numel() ||
-        cast.device() != bucket.buffer.device()) {
-      cast = at::empty_like(bucket.buffer, bucket.buffer.options().dtype(dtype_));
+    auto& slot = cache_[bucket.index];
+    if (!slot.cast.defined() || slot.cast.numel() != bucket.buffer.numel() ||
+        slot.cast.device() != bucket.buffer.device()) {
+      slot.cast = at::empty_like(bucket.buffer, bucket.buffer.options().dtype(dtype_));
+      slot.gathered.clear();
     }
-    cast.copy_(bucket.buffer);
-    auto work = group.allreduce(cast, ReduceOp::kSum);
+    slot.cast.copy_(bucket.buffer);
     at::Tensor out = bucket.buffer;
-    at::Tensor in = cast;
-    return then_work(std::move(work), [out, in]() mutable { out.copy_(in); });
+    if (dtype_ != at::kBFloat16) {
+      at::Tensor in = slot.cast;
+      auto work = group.allreduce(slot.cast, ReduceOp::kSum);
+      return then_work(std::move(work), [out, in]() mutable { out.copy_(in); });
+    }
+    const int world = group.size();
+    if (static_cast<int>(slot.gathered.size()) != world) {
+      slot.gathered.clear();
+      for (int r = 0; r < world; ++r) slot.gathered.push_back(at::empty_like(slot.cast).view(at::kHalf));
+    }
+    auto bits = slot.cast.view(at::kHalf);
+    auto work = group.allgather(slot.gathered, bits);
+    std::vector<at::Tensor> parts = slot.gathered;
+    return then_work(std::move(work), [out, parts]() mutable {
+      auto sum = parts[0].view(at::kBFloat16).to(at::kFloat);
+      for (size_t r = 1; r < parts.size(); ++r) sum.add_(parts[r].view(at::kBFloat16));
+      out.copy_(sum);
+    });
   }
 
  private:
+  struct Slot {
+    at::Tensor cast;
+    std::vector<at::Tensor> gathered;
+  };
   at::ScalarType dtype_;
   std::string name_;
-  std::vector<at::Tensor> cache_;
+  std::vector<Slot> cache_;
 };
 
 }  // namespace

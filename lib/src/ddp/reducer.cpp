@@ -42,6 +42,18 @@ bool same_memory(const at::Tensor& a, const at::Tensor& b) {
          a.strides() == b.strides();
 }
 
+// A tensor over `buffer`'s storage at `offset` shaped `sizes` (contiguous). Not an autograd
+// view: the C++ optimizers' zero_grad() calls grad.detach_(), which views refuse, and a
+// gradient that aliases a bucket must survive it (gradient_as_bucket_view).
+at::Tensor alias_slice(const at::Tensor& buffer, int64_t offset, at::IntArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
+    strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
+  }
+  return at::empty({0}, buffer.options())
+      .set_(buffer.storage(), buffer.storage_offset() + offset, sizes, strides);
+}
+
 void scale_in_place(at::Tensor& t, double scale) {
   if (scale == 1.0) return;
   if (t.device().is_cpu() && t.is_contiguous()) {
@@ -226,7 +238,7 @@ void Reducer::build_buckets(const std::vector<size_t>& order) {
       slot.bucket = b;
       slot.position = k;
       slot.offset = offset;
-      slot.view = bucket.buffer.narrow(0, offset, params_[i].numel()).view(params_[i].sizes());
+      slot.view = alias_slice(bucket.buffer, offset, params_[i].sizes());
       offset += params_[i].numel();
     }
   }
@@ -329,7 +341,7 @@ void Reducer::mark_ready(size_t index) {
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     launch(next_launch_++);
   }
-  poll_done(now);
+  poll_done();
 }
 
 void Reducer::copy_in(size_t index, bool have_grad) {
@@ -371,9 +383,9 @@ void Reducer::launch(size_t b) {
   LOCKSTEP_ASSERT(bucket.work != nullptr, "comm hook '", hook_->name(), "' returned no Work");
 }
 
-void Reducer::poll_done(Clock::time_point now) {
+void Reducer::poll_done() {
   while (next_done_ < next_launch_ && buckets_[next_done_].work->is_completed()) {
-    buckets_[next_done_].done = now;
+    buckets_[next_done_].done = Clock::now();
     buckets_[next_done_].done_seen = true;
     ++next_done_;
   }

@@ -124,7 +124,7 @@ class Reducer {
   void build_buckets(const std::vector<size_t>& order);
   void copy_in(size_t index, bool have_grad);
   void launch(size_t bucket_index);
-  void poll_done(Clock::time_point now);
+  void poll_done();
   void write_back(const std::vector<float>& missing_counts);
   void reset_iteration();
   void rebuild_if_pending();

@@ -20,8 +20,10 @@ namespace lockstep {
 using detail::concat;
 
 // Note [DataParallel step]
-// Replica 0 is the primary module itself; replicas 1..R-1 are created once and kept. Each
-// replica has a persistent thread, which at start-up sets its intra-op thread count
+// Replica 0 is the primary module itself; replicas 1..R-1 are created once and kept. Replica
+// 0 runs on the caller's thread (its intra-op thread count set to the replicas' for the step,
+// then restored: one thread hand-off fewer per step); replicas 1..R-1 each have a persistent
+// thread, which at start-up sets its intra-op thread count
 // (at::set_num_threads acts per thread under OpenMP: it sets the calling thread's
 // omp_set_num_threads; its process-wide default only seeds threads that have not run a
 // parallel region yet, so the caller's count is restored after the workers started).
@@ -34,13 +36,16 @@ using detail::concat;
 //      replica 0's backward starts from none and the step can add to or restore it), copy
 //      the primary's training mode to the replicas.
 //   2. every replica thread, concurrently:
-//      a. refresh: copy the primary's parameters and buffers into its own, in place;
+//      a. refresh: copy the primary's parameters (unless shared, Note [Shared parameter
+//         storage]) and buffers into its own, in place; tell the
+//         reduction a step begins (the Reducer's one-time bucket rebuild is a collective);
 //      b. forward on its slice, loss_fn; record an exception instead of throwing;
 //      c. meet the others at a barrier: if any replica failed, all skip backward, so that
 //         no replica waits on a gradient collective that a failed peer will never issue;
 //      d. backward; hooks fill the gradient buckets and launch their reductions (Note
-//         [DataParallel gradient buckets]); finish() waits; replica 0 writes the primary's
-//         .grad. A failure here aborts the thread group so that the peers stop waiting.
+//         [DataParallel gradient reduction]: one DDP Reducer per replica over a thread
+//         group); finish() waits; replica 0's Reducer writes the primary's .grad. A failure
+//         here aborts the thread group so that the peers stop waiting.
 //   3. caller: restore OpenBLAS, add the stashed gradients back (or restore them on
 //      failure), rethrow the first replica's failure naming it, or return the loss.
 // A replica with no samples (batch smaller than the number of replicas) skips 2b and 2d but
@@ -69,10 +74,11 @@ struct BlasThreads {
 // Replica threads: run(job) runs job(r) on thread r for every replica and returns when all did.
 class ReplicaThreads {
  public:
-  ReplicaThreads(const std::vector<c10::Device>& devices, int threads_per_replica) {
+  ReplicaThreads(const std::vector<c10::Device>& devices, int threads_per_replica)
+      : size_(static_cast<int>(devices.size())), threads_per_replica_(threads_per_replica) {
     const int caller_threads = at::get_num_threads();
     int started = 0;
-    for (size_t r = 0; r < devices.size(); ++r) {
+    for (size_t r = 1; r < devices.size(); ++r) {
       threads_.emplace_back([this, r, threads_per_replica, &started] {
         at::init_num_threads();
         at::set_num_threads(threads_per_replica);
@@ -85,7 +91,7 @@ class ReplicaThreads {
       });
     }
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return started == static_cast<int>(devices.size()); });
+    cv_.wait(lock, [&] { return started == size_ - 1; });
     lock.unlock();
     at::set_num_threads(caller_threads);  // see Note [DataParallel step]
   }
@@ -99,13 +105,23 @@ class ReplicaThreads {
     for (auto& t : threads_) t.join();
   }
 
-  // `job` must not throw.
+  // Runs job(0) on the calling thread (with its intra-op thread count set to the replicas'
+  // for the duration) and job(r) on thread r. `job` must not throw.
   void run(const std::function<void(int)>& job) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    job_ = &job;
-    remaining_ = static_cast<int>(threads_.size());
-    ++generation_;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      remaining_ = size_ - 1;
+      ++generation_;
+    }
     cv_.notify_all();
+    {
+      const int caller_threads = at::get_num_threads();
+      if (caller_threads != threads_per_replica_) at::set_num_threads(threads_per_replica_);
+      job(0);
+      if (caller_threads != threads_per_replica_) at::set_num_threads(caller_threads);
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, [&] { return remaining_ == 0; });
     job_ = nullptr;
   }
@@ -114,7 +130,7 @@ class ReplicaThreads {
   void arrive_and_wait() {
     std::unique_lock<std::mutex> lock(mutex_);
     uint64_t round = barrier_round_;
-    if (++barrier_count_ == static_cast<int>(threads_.size())) {
+    if (++barrier_count_ == size_) {
       barrier_count_ = 0;
       ++barrier_round_;
       barrier_cv_.notify_all();
@@ -143,7 +159,9 @@ class ReplicaThreads {
     }
   }
 
-  std::vector<std::thread> threads_;
+  int size_;
+  int threads_per_replica_;
+  std::vector<std::thread> threads_;  // replicas 1..size-1; replica 0 runs on the caller
   std::mutex mutex_;
   std::condition_variable cv_, done_cv_, barrier_cv_;
   const std::function<void(int)>* job_ = nullptr;
@@ -177,15 +195,17 @@ std::vector<int64_t> split_sizes(int64_t n, int replicas) {
 
 std::vector<c10::Device> resolve_devices(const DataParallelOptions& options) {
   if (!options.devices().empty()) return options.devices();
-  std::vector<c10::Device> devices;
-  int gpus = at::detail::getCUDAHooks().getNumGPUs();
-  if (gpus > 0) {
-    for (int g = 0; g < gpus; ++g) devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(g));
-    return devices;
-  }
   int n = options.cpu_replicas();
   LOCKSTEP_CHECK(n >= 0, "DataParallelOptions: expected cpu_replicas >= 0, but got ", n, ".");
-  if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<c10::Device> devices;
+  if (n == 0) {
+    int gpus = at::detail::getCUDAHooks().getNumGPUs();
+    for (int g = 0; g < gpus; ++g) {
+      devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(g));
+    }
+    if (!devices.empty()) return devices;
+    n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
   devices.assign(n, c10::Device(c10::DeviceType::CPU));
   return devices;
 }
@@ -209,11 +229,17 @@ struct DataParallelCore::Impl {
     return concat("replica ", r, "/", size(), " (", devices[r], ")");
   }
 
-  // Step 2a: in-place copy of the primary's parameters and buffers.
+  // Step 2a: the primary's parameters and buffers into replica r, in place (Note
+  // [Shared parameter storage]).
   void refresh(int r) {
     if (r == 0) return;
     at::NoGradGuard no_grad;
-    for (size_t i = 0; i < all_params[r].size(); ++i) all_params[r][i].copy_(all_params[0][i], /*non_blocking=*/true);
+    for (size_t i = 0; i < all_params[r].size(); ++i) {
+      auto& mine = all_params[r][i];
+      const auto& primary = all_params[0][i];
+      if (mine.is_alias_of(primary)) continue;
+      mine.copy_(primary, /*non_blocking=*/true);
+    }
     for (size_t i = 0; i < buffers[r].size(); ++i) buffers[r][i].copy_(buffers[0][i], /*non_blocking=*/true);
   }
 
@@ -323,13 +349,30 @@ DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module
     m.params.push_back(std::move(trainable));
     m.buffers.push_back(std::move(bufs));
   }
+  // Note [Shared parameter storage]
+  // A replica on the primary's device only reads its parameters during a step, and the
+  // optimizer updates the primary's in place between steps; so such replicas' parameters
+  // share the primary's storage (distinct leaf tensors with their own .grad, same data): the
+  // per-step refresh of parameters costs nothing and the replicas take no parameter memory.
+  // `refresh` still copies where the storage is not shared (other devices, or an optimizer
+  // that replaced a parameter's data). Buffers are never shared: replicas update their
+  // BatchNorm statistics concurrently, and they are copied from the primary every step.
+  {
+    at::NoGradGuard no_grad;
+    for (int r = 1; r < m.size(); ++r) {
+      if (m.devices[r] != m.devices[0]) continue;
+      for (size_t i = 0; i < m.all_params[r].size(); ++i) {
+        m.all_params[r][i].set_data(m.all_params[0][i]);
+      }
+    }
+  }
   for (int r = 0; r < m.size(); ++r) m.refresh(r);
 
   dp::BucketOptions bucket_options;
   bucket_options.cap_bytes = static_cast<int64_t>(options.bucket_cap_mb() * 1024 * 1024);
   bucket_options.first_cap_bytes = std::min<int64_t>(bucket_options.cap_bytes, 256 * 1024);
   if (!m.params[0].empty()) {
-    m.reduction = dp::make_bucketed_reduction(m.params, std::move(names), bucket_options);
+    m.reduction = dp::make_replica_reduction(m.params, std::move(names), bucket_options);
   }
   m.threads = std::make_unique<ReplicaThreads>(m.devices, m.threads_per_replica);
 }
@@ -407,6 +450,7 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
       // Steps 2a and 2b.
       try {
         m.refresh(r);
+        if (m.reduction) m.reduction->begin_step(r);
         if (r > 0) {
           for (auto& p : m.params[r]) p.mutable_grad().reset();
         }
@@ -433,8 +477,10 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
       // Step 2d.
       try {
         double weight = m.options.mean_loss() ? static_cast<double>(sizes[r]) / n : 1.0;
-        if (m.reduction && sizes[r] > 0) m.reduction->prepare(r, weight);
-        if (sizes[r] > 0) loss.reshape({}).backward();
+        if (sizes[r] > 0) {
+          double scale = m.reduction ? m.reduction->prepare(r, weight) : 1.0;
+          (scale == 1.0 ? loss.reshape({}) : loss.reshape({}) * scale).backward();
+        }
         if (m.reduction) m.reduction->finish(r);
       } catch (...) {
         bool first = !backward_failed.exchange(true);
@@ -453,7 +499,7 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
   for (size_t i = 0; i < m.params[0].size(); ++i) {
     if (!stash[i].defined()) continue;
     auto& grad = m.params[0][i].mutable_grad();
-    stash[i].add_(grad);
+    if (grad.defined()) stash[i].add_(grad);  // undefined: no replica used the parameter
     grad = stash[i];
   }
   at::Tensor total;

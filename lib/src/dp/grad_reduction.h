@@ -2,8 +2,7 @@
 // How DataParallel reduces its replicas' gradients into the primary's .grad. Internal.
 //
 // The interface is what DataParallel needs from a reducer, so that the implementation behind
-// it (today: BucketedReduction over a thread group; DDP's Reducer over the same group when it
-// fits) is a local change.
+// it (DDP's Reducer over an in-process thread group) stays a local change.
 
 #include <ATen/core/Tensor.h>
 
@@ -19,12 +18,15 @@ namespace dp {
 class GradReduction {
  public:
   virtual ~GradReduction() = default;
-  /// Before replica r's backward: its gradients will be scaled by `weight` (its share of the
-  /// batch) and reduced as they become ready.
-  virtual void prepare(int replica, double weight) = 0;
+  /// Every replica, every step, before its forward (may run a collective).
+  virtual void begin_step(int replica) = 0;
+  /// Before replica r's backward, when it has samples: `weight` is its share of the batch
+  /// (n_r / N, or 1 for summed losses). Returns the factor to multiply its loss by.
+  virtual double prepare(int replica, double weight) = 0;
   /// After replica r's backward returned, or instead of it for a replica that had no samples
   /// (it contributes zeros). Blocks until the reduction is complete; on replica 0 the reduced
-  /// gradient is then in the primary's .grad (replacing the tensor there).
+  /// gradient is then in the primary's .grad; a parameter no replica produced a gradient for
+  /// keeps its .grad.
   virtual void finish(int replica) = 0;
   /// Makes every replica blocked in the reduction fail with CommError (a peer died).
   virtual void abort(const std::string& reason) = 0;
@@ -32,23 +34,16 @@ class GradReduction {
   virtual void reset() = 0;
 };
 
-/// Options of the bucketed reduction.
+/// Bucket caps of the reduction.
 struct BucketOptions {
   int64_t cap_bytes = 1 << 20;
   int64_t first_cap_bytes = 256 << 10;
 };
 
-/// Plans buckets: parameters in reverse order (backward produces the last layers' gradients
-/// first), grouped by dtype, a bucket closing when it would exceed its cap (the first bucket
-/// has the smaller `first_cap_bytes`, so that the first reduction starts early). A parameter
-/// larger than the cap gets a bucket of its own. Returns parameter indices per bucket. Pure.
-std::vector<std::vector<size_t>> plan_buckets(const std::vector<int64_t>& bytes,
-                                              const std::vector<int>& dtypes,
-                                              const BucketOptions& options);
-
-/// Bucketed reduction over an in-process thread group: params[r] are replica r's parameters
-/// (same order and shapes on every replica; replica 0's are the primary's); names for errors.
-std::unique_ptr<GradReduction> make_bucketed_reduction(
+/// The reduction DataParallel uses: one ddp::Reducer per replica over an in-process thread
+/// group (see replica_reduction.cpp). params[r] are replica r's trainable parameters (same
+/// order and shapes on every replica; replica 0's are the primary's); names for messages.
+std::unique_ptr<GradReduction> make_replica_reduction(
     std::vector<std::vector<at::Tensor>> params, std::vector<std::string> names,
     const BucketOptions& options);
 

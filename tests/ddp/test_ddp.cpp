@@ -1,0 +1,806 @@
+// DistributedDataParallel with ranks as threads over Gloo: parity with single-process training
+// on the concatenated batch, bitwise agreement across ranks, no_sync, bucket views, rebuild,
+// comm hooks, statistics, trace, and every error message.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <unordered_set>
+
+#include "ddp/reducer.h"
+#include "lockstep/ddp.h"
+#include "lockstep/errors.h"
+#include "support/threads.h"
+
+namespace {
+
+using lockstep::DDPOptions;
+using lockstep::DistributedDataParallel;
+using lockstep_test::with_groups;
+using torch::Tensor;
+namespace nn = torch::nn;
+
+constexpr int64_t kBatch = 4;  // samples per rank
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+struct Mlp : nn::Module {
+  nn::Linear l1{nullptr}, l2{nullptr}, l3{nullptr};
+  Mlp() {
+    l1 = register_module("l1", nn::Linear(10, 32));
+    l2 = register_module("l2", nn::Linear(32, 16));
+    l3 = register_module("l3", nn::Linear(16, 4));
+  }
+  Tensor forward(Tensor x) { return l3(torch::relu(l2(torch::relu(l1(x))))); }
+};
+
+struct Cnn : nn::Module {
+  nn::Conv2d c1{nullptr}, c2{nullptr};
+  nn::Linear fc{nullptr};
+  Cnn() {
+    c1 = register_module("c1", nn::Conv2d(nn::Conv2dOptions(1, 4, 3)));
+    c2 = register_module("c2", nn::Conv2d(nn::Conv2dOptions(4, 8, 3)));
+    fc = register_module("fc", nn::Linear(32, 5));
+  }
+  Tensor forward(Tensor x) {
+    x = torch::max_pool2d(torch::relu(c1(x)), 2);
+    x = torch::relu(c2(x));
+    return fc(x.flatten(1));
+  }
+};
+
+struct EmbeddingNet : nn::Module {
+  nn::Embedding emb{nullptr};
+  nn::Linear fc{nullptr};
+  EmbeddingNet() {
+    emb = register_module("emb", nn::Embedding(30, 8));
+    fc = register_module("fc", nn::Linear(8, 3));
+  }
+  Tensor forward(Tensor idx) { return fc(emb(idx).mean(1)); }
+};
+
+// Branch a on odd ranks, b on even ones; `dead` is never used anywhere.
+struct BranchNet : nn::Module {
+  nn::Linear trunk{nullptr}, a{nullptr}, b{nullptr}, dead{nullptr};
+  BranchNet() {
+    trunk = register_module("trunk", nn::Linear(6, 8));
+    a = register_module("a", nn::Linear(8, 2));
+    b = register_module("b", nn::Linear(8, 2));
+    dead = register_module("dead", nn::Linear(8, 2));
+  }
+  Tensor forward(Tensor x, bool use_b) {
+    auto h = torch::relu(trunk(x));
+    return use_b ? b(h) : a(h);
+  }
+};
+
+// One tensor registered in two submodules (tied input and output embeddings).
+struct Holder : nn::Module {
+  Tensor w;
+  explicit Holder(Tensor weight) { w = register_parameter("w", weight); }
+};
+struct TiedNet : nn::Module {
+  std::shared_ptr<Holder> enc, dec;
+  nn::Linear mid{nullptr};
+  TiedNet() {
+    auto w = torch::randn({20, 6}) * 0.3;
+    enc = register_module("enc", std::make_shared<Holder>(w));
+    dec = register_module("dec", std::make_shared<Holder>(enc->w));
+    mid = register_module("mid", nn::Linear(6, 6));
+  }
+  Tensor forward(Tensor idx) {
+    auto h = torch::embedding(enc->w, idx).mean(1);
+    return torch::tanh(mid(h)).matmul(dec->w.t());
+  }
+};
+
+// Each case: make(), data(n) -> (x, y) for n samples, output(fwd, x, rank), loss(out, y).
+struct MlpCase {
+  using Model = Mlp;
+  static std::pair<Tensor, Tensor> data(int64_t n) {
+    return {torch::randn({n, 10}), torch::randn({n, 4})};
+  }
+  template <typename F>
+  static Tensor output(F&& f, const Tensor& x, int) { return f(x); }
+  static Tensor loss(const Tensor& out, const Tensor& y) { return torch::mse_loss(out, y); }
+};
+struct CnnCase {
+  using Model = Cnn;
+  static std::pair<Tensor, Tensor> data(int64_t n) {
+    return {torch::randn({n, 1, 10, 10}), torch::randint(0, 5, {n})};
+  }
+  template <typename F>
+  static Tensor output(F&& f, const Tensor& x, int) { return f(x); }
+  static Tensor loss(const Tensor& out, const Tensor& y) {
+    return torch::cross_entropy_loss(out, y);
+  }
+};
+struct EmbeddingCase {
+  using Model = EmbeddingNet;
+  static std::pair<Tensor, Tensor> data(int64_t n) {
+    return {torch::randint(0, 30, {n, 5}), torch::randint(0, 3, {n})};
+  }
+  template <typename F>
+  static Tensor output(F&& f, const Tensor& x, int) { return f(x); }
+  static Tensor loss(const Tensor& out, const Tensor& y) {
+    return torch::cross_entropy_loss(out, y);
+  }
+};
+struct BranchCase {
+  using Model = BranchNet;
+  static std::pair<Tensor, Tensor> data(int64_t n) {
+    return {torch::randn({n, 6}), torch::randn({n, 2})};
+  }
+  template <typename F>
+  static Tensor output(F&& f, const Tensor& x, int rank) { return f(x, rank % 2 == 0); }
+  static Tensor loss(const Tensor& out, const Tensor& y) { return torch::mse_loss(out, y); }
+};
+struct TiedCase {
+  using Model = TiedNet;
+  static std::pair<Tensor, Tensor> data(int64_t n) {
+    return {torch::randint(0, 20, {n, 4}), torch::randint(0, 20, {n})};
+  }
+  template <typename F>
+  static Tensor output(F&& f, const Tensor& x, int) { return f(x); }
+  static Tensor loss(const Tensor& out, const Tensor& y) {
+    return torch::cross_entropy_loss(out, y);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+std::vector<Tensor> unique_params(nn::Module& m) {
+  std::vector<Tensor> out;
+  std::unordered_set<const void*> seen;
+  for (auto& p : m.parameters()) {
+    if (seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
+  }
+  return out;
+}
+
+std::vector<Tensor> clone_all(const std::vector<Tensor>& ts) {
+  std::vector<Tensor> out;
+  for (auto& t : ts) out.push_back(t.defined() ? t.detach().clone() : Tensor());
+  return out;
+}
+
+std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
+  std::vector<Tensor> out;
+  for (auto& p : params) out.push_back(p.grad().defined() ? p.grad().clone() : Tensor());
+  return out;
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::vector<Tensor>& params,
+                                                        bool adam) {
+  if (adam) return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(1e-2));
+  return std::make_unique<torch::optim::SGD>(params,
+                                             torch::optim::SGDOptions(0.05).momentum(0.9));
+}
+
+double rel_diff(const Tensor& a, const Tensor& b) {
+  auto denom = std::max(b.norm().item<double>(), 1e-30);
+  return (a - b).norm().item<double>() / denom;
+}
+
+void expect_close(const std::vector<Tensor>& got, const std::vector<Tensor>& want, double tol,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i].defined(), want[i].defined()) << what << " tensor " << i;
+    if (!got[i].defined()) continue;
+    EXPECT_LE(rel_diff(got[i], want[i]), tol) << what << " tensor " << i;
+  }
+}
+
+struct ParityConfig {
+  int world = 2;
+  torch::Dtype dtype = torch::kFloat;
+  bool adam = false;
+  int steps = 20;
+  DDPOptions options = DDPOptions();
+};
+
+// W ranks with kBatch samples each vs one process on the concatenated batch (mean loss).
+template <typename Case>
+void check_parity(const ParityConfig& cfg) {
+  const int world = cfg.world;
+  const double tol = cfg.dtype == torch::kDouble ? 1e-10 : 1e-5;
+  const std::string what = ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+                           std::string(" world ") + std::to_string(world) +
+                           (cfg.adam ? " Adam" : " SGD");
+  torch::manual_seed(7);
+  auto ref = std::make_shared<typename Case::Model>();
+  ref->to(cfg.dtype);
+  std::vector<std::pair<Tensor, Tensor>> data;
+  for (int s = 0; s < cfg.steps; ++s) {
+    auto d = Case::data(world * kBatch);
+    if (d.first.is_floating_point()) d.first = d.first.to(cfg.dtype);
+    if (d.second.is_floating_point()) d.second = d.second.to(cfg.dtype);
+    data.push_back(d);
+  }
+  auto ref_params = unique_params(*ref);
+  auto init = clone_all(ref_params);
+
+  // Single process.
+  std::vector<Tensor> ref_grads;
+  {
+    auto opt = make_optimizer(ref_params, cfg.adam);
+    for (int s = 0; s < cfg.steps; ++s) {
+      opt->zero_grad();
+      std::vector<Tensor> outs;
+      for (int r = 0; r < world; ++r) {
+        auto x = data[s].first.narrow(0, r * kBatch, kBatch);
+        outs.push_back(Case::output([&](auto&&... a) { return ref->forward(a...); }, x, r));
+      }
+      Case::loss(torch::cat(outs), data[s].second).backward();
+      if (s == 0) ref_grads = grads_of(ref_params);
+      opt->step();
+    }
+  }
+  auto ref_final = clone_all(ref_params);
+
+  // DDP. Only rank 0 starts from the reference weights: construction must broadcast them.
+  std::vector<std::vector<Tensor>> finals(world), grads(world);
+  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+    const int r = pg->rank();
+    auto model = std::make_shared<typename Case::Model>();
+    model->to(cfg.dtype);
+    auto params = unique_params(*model);
+    if (r == 0) {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < params.size(); ++i) params[i].copy_(init[i]);
+    }
+    DistributedDataParallel ddp(model, pg, cfg.options);
+    auto opt = make_optimizer(params, cfg.adam);
+    for (int s = 0; s < cfg.steps; ++s) {
+      opt->zero_grad();
+      auto x = data[s].first.narrow(0, r * kBatch, kBatch);
+      auto y = data[s].second.narrow(0, r * kBatch, kBatch);
+      auto out = Case::output([&](auto&&... a) { return ddp->forward(a...); }, x, r);
+      Case::loss(out, y).backward();
+      if (s == 0) grads[r] = grads_of(params);
+      opt->step();
+    }
+    finals[r] = clone_all(params);
+  });
+  for (int r = 0; r < world; ++r) {
+    expect_close(grads[r], ref_grads, tol, what + " gradients of step 1, rank " +
+                                               std::to_string(r));
+    expect_close(finals[r], ref_final, tol, what + " parameters, rank " + std::to_string(r));
+    for (size_t i = 0; i < finals[r].size() && r > 0; ++i) {
+      EXPECT_TRUE(torch::equal(finals[r][i], finals[0][i]))
+          << what << ": parameter " << i << " differs bitwise between rank 0 and rank " << r;
+    }
+  }
+}
+
+std::string message_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parity
+
+TEST(DDPParity, MlpFloat) {
+  for (int world : {1, 2, 3}) {
+    for (bool adam : {false, true}) {
+      ParityConfig cfg;
+      cfg.world = world;
+      cfg.adam = adam;
+      check_parity<MlpCase>(cfg);
+    }
+  }
+}
+
+TEST(DDPParity, MlpDouble) {
+  for (int world : {1, 2, 3}) {
+    for (bool adam : {false, true}) {
+      ParityConfig cfg;
+      cfg.world = world;
+      cfg.adam = adam;
+      cfg.dtype = torch::kDouble;
+      check_parity<MlpCase>(cfg);
+    }
+  }
+}
+
+TEST(DDPParity, MlpSmallBucketsAndBucketView) {
+  for (int world : {2, 3}) {
+    for (bool view : {false, true}) {
+      ParityConfig cfg;
+      cfg.world = world;
+      cfg.options = DDPOptions().bucket_cap_mb(0.002).first_bucket_mb(0.0005)
+                        .gradient_as_bucket_view(view);
+      check_parity<MlpCase>(cfg);
+    }
+  }
+}
+
+TEST(DDPParity, Cnn) {
+  for (int world : {1, 2, 3}) {
+    for (bool adam : {false, true}) {
+      ParityConfig cfg;
+      cfg.world = world;
+      cfg.adam = adam;
+      cfg.options = DDPOptions().first_bucket_mb(0.001);
+      check_parity<CnnCase>(cfg);
+    }
+  }
+  ParityConfig cfg;
+  cfg.dtype = torch::kDouble;
+  check_parity<CnnCase>(cfg);
+}
+
+TEST(DDPParity, Embedding) {
+  for (int world : {1, 2, 3}) {
+    for (bool adam : {false, true}) {
+      ParityConfig cfg;
+      cfg.world = world;
+      cfg.adam = adam;
+      check_parity<EmbeddingCase>(cfg);
+    }
+  }
+}
+
+TEST(DDPParity, BranchUnusedOnSomeRanks) {
+  for (int world : {1, 2, 3}) {
+    for (bool adam : {false, true}) {
+      for (bool view : {false, true}) {
+        ParityConfig cfg;
+        cfg.world = world;
+        cfg.adam = adam;
+        cfg.options = DDPOptions().find_unused_parameters(true).gradient_as_bucket_view(view)
+                          .first_bucket_mb(0.0001);
+        check_parity<BranchCase>(cfg);
+      }
+    }
+  }
+}
+
+TEST(DDPParity, TiedParameters) {
+  for (int world : {1, 2, 3}) {
+    for (bool adam : {false, true}) {
+      ParityConfig cfg;
+      cfg.world = world;
+      cfg.adam = adam;
+      check_parity<TiedCase>(cfg);
+    }
+  }
+}
+
+TEST(DDPParity, Float64Models) {
+  for (int world : {2, 3}) {
+    ParityConfig cfg;
+    cfg.world = world;
+    cfg.dtype = torch::kDouble;
+    cfg.adam = true;
+    check_parity<EmbeddingCase>(cfg);
+    check_parity<TiedCase>(cfg);
+    cfg.options = DDPOptions().find_unused_parameters(true);
+    check_parity<BranchCase>(cfg);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Semantics
+
+TEST(DDP, NoSyncAccumulationEqualsOneBigBatch) {
+  const int world = 2;
+  torch::manual_seed(3);
+  auto ref = std::make_shared<Mlp>();
+  auto init = clone_all(unique_params(*ref));
+  auto x = torch::randn({world * 3 * kBatch, 10});
+  auto y = torch::randn({world * 3 * kBatch, 4});
+  // Rank r's micro-batch k is rows [(r*3 + k) * kBatch, ...).
+  for (int r = 0; r < world; ++r) {
+    for (int k = 0; k < 3; ++k) {
+      auto rows = (r * 3 + k) * kBatch;
+      (torch::mse_loss(ref->forward(x.narrow(0, rows, kBatch)), y.narrow(0, rows, kBatch)) /
+       world)
+          .backward();
+    }
+  }
+  auto want = grads_of(unique_params(*ref));
+  for (bool view : {false, true}) {
+    std::vector<std::vector<Tensor>> got(world);
+    std::vector<lockstep::DDPStats> stats(world);
+    with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+      const int r = pg->rank();
+      auto model = std::make_shared<Mlp>();
+      auto params = unique_params(*model);
+      {
+        torch::NoGradGuard no_grad;
+        for (size_t i = 0; i < params.size(); ++i) params[i].copy_(init[i]);
+      }
+      DistributedDataParallel ddp(model, pg, DDPOptions().gradient_as_bucket_view(view));
+      for (int k = 0; k < 3; ++k) {
+        auto rows = (r * 3 + k) * kBatch;
+        auto loss = [&] {
+          return torch::mse_loss(ddp->forward(x.narrow(0, rows, kBatch)),
+                                 y.narrow(0, rows, kBatch));
+        };
+        if (k < 2) {
+          auto guard = ddp->no_sync();
+          EXPECT_FALSE(ddp->require_gradient_sync());
+          loss().backward();
+        } else {
+          EXPECT_TRUE(ddp->require_gradient_sync());
+          loss().backward();
+        }
+      }
+      got[r] = grads_of(params);
+      stats[r] = ddp->last_stats();
+    });
+    for (int r = 0; r < world; ++r) {
+      expect_close(got[r], want, 1e-5, "no_sync rank " + std::to_string(r));
+      EXPECT_EQ(stats[r].iteration, 1) << "only the synchronized backward counts";
+    }
+  }
+}
+
+TEST(DDP, GradientAsBucketViewAliasesOneBuffer) {
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<Mlp>();
+    DistributedDataParallel ddp(model, pg, DDPOptions().gradient_as_bucket_view(true));
+    ASSERT_EQ(ddp->buckets().size(), 1u);
+    for (int step = 0; step < 2; ++step) {
+      torch::mse_loss(ddp->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+      const void* storage = nullptr;
+      for (auto& p : model->parameters()) {
+        ASSERT_TRUE(p.grad().defined());
+        const void* s = p.grad().storage().unsafeGetStorageImpl();
+        if (storage == nullptr) storage = s;
+        EXPECT_EQ(s, storage) << "every gradient should live in the single bucket";
+      }
+      model->zero_grad();
+    }
+  });
+}
+
+TEST(DDP, RebuildsBucketsInReadyOrder) {
+  // Registered l0, l1, l2 but used l2 -> l1 -> l0: gradients arrive l0 first, which reverse
+  // registration order (the first plan) gets wrong.
+  struct Reversed : nn::Module {
+    nn::Linear l0{nullptr}, l1{nullptr}, l2{nullptr};
+    Reversed() {
+      l0 = register_module("l0", nn::Linear(4, 4));
+      l1 = register_module("l1", nn::Linear(4, 4));
+      l2 = register_module("l2", nn::Linear(4, 4));
+    }
+    Tensor forward(Tensor x) { return l0(l1(l2(x))); }
+  };
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<Reversed>();
+    // 80-byte caps: weight (64 B) + bias (16 B) of one layer per bucket.
+    DistributedDataParallel ddp(model, pg, DDPOptions().bucket_cap_mb(80.0 / (1 << 20))
+                                               .first_bucket_mb(80.0 / (1 << 20)));
+    auto names = [&] {
+      std::vector<std::string> out;
+      for (auto& b : ddp->buckets()) {
+        std::string s;
+        for (auto& n : b.parameters) s += n + " ";
+        out.push_back(s);
+      }
+      return out;
+    };
+    EXPECT_EQ(names(), (std::vector<std::string>{"l2.bias l2.weight ", "l1.bias l1.weight ",
+                                                 "l0.bias l0.weight "}));
+    for (int step = 0; step < 3; ++step) {
+      torch::mse_loss(ddp->forward(torch::randn({kBatch, 4})), torch::zeros({kBatch, 4}))
+          .backward();
+      if (step == 0) {
+        EXPECT_EQ(ddp->buckets().size(), 3u);
+        EXPECT_EQ(names()[0], "l2.bias l2.weight ") << "no rebuild before the next forward";
+      } else {
+        auto n = names();
+        ASSERT_EQ(n.size(), 3u);
+        EXPECT_EQ(n[0].substr(0, 2), "l0");
+        EXPECT_EQ(n[1].substr(0, 2), "l1");
+        EXPECT_EQ(n[2].substr(0, 2), "l2");
+      }
+    }
+  });
+}
+
+TEST(DDP, BuffersFollowRankZero) {
+  struct BnNet : nn::Module {
+    nn::Linear fc{nullptr};
+    nn::BatchNorm1d bn{nullptr};
+    BnNet() {
+      fc = register_module("fc", nn::Linear(3, 3));
+      bn = register_module("bn", nn::BatchNorm1d(3));
+    }
+    Tensor forward(Tensor x) { return bn(fc(x)); }
+  };
+  std::vector<Tensor> first(2), second(2), batch_mean(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<BnNet>();
+    DistributedDataParallel ddp(model, pg);
+    auto x = torch::randn({kBatch, 3}) + pg->rank();
+    ddp->forward(x).sum().backward();
+    first[pg->rank()] = model->bn->running_mean.clone();
+    {
+      torch::NoGradGuard g;
+      batch_mean[pg->rank()] = model->fc(x).mean(0);
+    }
+    ddp->forward(x).sum().backward();
+    second[pg->rank()] = model->bn->running_mean.clone();
+  });
+  EXPECT_FALSE(torch::equal(first[0], first[1])) << "per-rank statistics after one forward";
+  // The second forward starts from rank 0's statistics (momentum 0.1), then adds its batch.
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(torch::allclose(second[r], first[0] * 0.9 + batch_mean[r] * 0.1, 1e-5, 1e-6))
+        << "rank " << r;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comm hooks, statistics, trace
+
+class CountingHook : public lockstep::CommHook {
+ public:
+  std::string name() const override { return "counting"; }
+  lockstep::WorkPtr reduce(lockstep::ProcessGroup& group, lockstep::GradBucket& b) override {
+    indices.push_back(b.index);
+    if (b.is_last) ++last;
+    return group.allreduce(b.buffer);
+  }
+  std::vector<size_t> indices;
+  int last = 0;
+};
+
+TEST(DDP, CommHooks) {
+  for (int kind = 1; kind < 3; ++kind) {
+    // Compression: close to the exact average, not equal.
+    std::vector<Tensor> grads(2), exact(2);
+    torch::manual_seed(11);
+    auto init = std::make_shared<Mlp>();
+    auto init_params = clone_all(unique_params(*init));
+    auto x = torch::randn({2 * kBatch, 10});
+    with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+      for (int compressed = 0; compressed < 2; ++compressed) {
+        auto model = std::make_shared<Mlp>();
+        {
+          torch::NoGradGuard g;
+          auto ps = unique_params(*model);
+          for (size_t i = 0; i < ps.size(); ++i) ps[i].copy_(init_params[i]);
+        }
+        DDPOptions o;
+        if (compressed) {
+          o.comm_hook(kind == 1 ? lockstep::fp16_compress_hook() : lockstep::bf16_compress_hook());
+        }
+        DistributedDataParallel ddp(model, pg, o);
+        ddp->forward(x.narrow(0, pg->rank() * kBatch, kBatch)).pow(2).mean().backward();
+        auto g = model->l1->weight.grad().clone();
+        (compressed ? grads : exact)[pg->rank()] = g;
+      }
+    });
+    for (int r = 0; r < 2; ++r) {
+      double tol = kind == 1 ? 2e-3 : 1e-2;
+      EXPECT_LE(rel_diff(grads[r], exact[r]), tol) << (kind == 1 ? "fp16" : "bf16");
+      EXPECT_GT(rel_diff(grads[r], exact[r]), 0.0) << "compression should change the values";
+    }
+  }
+}
+
+TEST(DDP, CustomHookSeesBucketsInOrder) {
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto hook = std::make_shared<CountingHook>();
+    auto model = std::make_shared<Mlp>();
+    DistributedDataParallel ddp(
+        model, pg, DDPOptions().comm_hook(hook).first_bucket_mb(0.001).rebuild_buckets(false));
+    const size_t n = ddp->buckets().size();
+    ASSERT_GT(n, 1u);
+    for (int step = 0; step < 2; ++step) {
+      torch::mse_loss(ddp->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+    }
+    ASSERT_EQ(hook->indices.size(), 2 * n);
+    for (size_t i = 0; i < hook->indices.size(); ++i) EXPECT_EQ(hook->indices[i], i % n);
+    EXPECT_EQ(hook->last, 2);
+  });
+}
+
+TEST(DDP, StatisticsAndTrace) {
+  auto dir = std::string(::testing::TempDir()) + "lockstep_ddp_trace_" +
+             std::to_string(::getpid());
+  std::vector<lockstep::DDPStats> stats(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<Mlp>();
+    DistributedDataParallel ddp(
+        model, pg, DDPOptions().first_bucket_mb(0.001).trace_path(dir + ".json"));
+    for (int step = 0; step < 3; ++step) {
+      torch::mse_loss(ddp->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+    }
+    stats[pg->rank()] = ddp->last_stats();
+    ddp->flush_trace();
+  });
+  for (int r = 0; r < 2; ++r) {
+    const auto& s = stats[r];
+    EXPECT_EQ(s.iteration, 3);
+    EXPECT_GT(s.forward_ms, 0);
+    EXPECT_GT(s.backward_compute_ms, 0);
+    EXPECT_GE(s.exposed_comm_ms, 0);
+    ASSERT_GT(s.buckets.size(), 1u);
+    int64_t total = 0;
+    for (auto& b : s.buckets) {
+      total += b.bytes;
+      EXPECT_LE(b.ready_ms, b.launched_ms + 1e-9);
+      EXPECT_LE(b.launched_ms, b.done_ms + 1e-9);
+      EXPECT_EQ(b.dtype, "Float");
+    }
+    EXPECT_EQ(total, (10 * 32 + 32 + 32 * 16 + 16 + 16 * 4 + 4) * 4);
+    auto json = s.to_json();
+    for (const char* key : {"\"iteration\":3", "\"forward_ms\"", "\"backward_compute_ms\"",
+                            "\"comm_ms\"", "\"exposed_comm_ms\"", "\"buckets\":[{"}) {
+      EXPECT_NE(json.find(key), std::string::npos) << key << " missing in " << json;
+    }
+    std::ifstream in(dir + "-rank" + std::to_string(r) + ".json");
+    ASSERT_TRUE(in.good()) << "trace of rank " << r;
+    std::stringstream text;
+    text << in.rdbuf();
+    auto t = text.str();
+    EXPECT_NE(t.find("\"traceEvents\""), std::string::npos);
+    EXPECT_NE(t.find("\"name\":\"bucket 0\""), std::string::npos);
+    EXPECT_NE(t.find("\"name\":\"bucket 1\""), std::string::npos);
+    EXPECT_NE(t.find("\"name\":\"allreduce\""), std::string::npos);
+    EXPECT_NE(t.find("\"name\":\"ready\""), std::string::npos);
+    EXPECT_NE(t.find("\"name\":\"backward\""), std::string::npos);
+    std::remove((dir + "-rank" + std::to_string(r) + ".json").c_str());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+TEST(DDPErrors, ParameterShapeMismatchNamesTheParameter) {
+  std::vector<std::string> messages(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    struct Net : nn::Module {
+      explicit Net(int64_t width) {
+        register_module("a", nn::Linear(4, 4));
+        register_module("b", nn::Linear(4, width));
+      }
+      Tensor forward(Tensor x) { return x; }
+    };
+    auto model = std::make_shared<Net>(pg->rank() == 0 ? 3 : 5);
+    messages[pg->rank()] = message_of([&] { DistributedDataParallel ddp(model, pg); });
+  });
+  for (int r = 0; r < 2; ++r) {
+    const auto& m = messages[r];
+    EXPECT_NE(m.find("[rank " + std::to_string(r) + "/2]"), std::string::npos) << m;
+    EXPECT_NE(m.find("parameter #2 is 'b.weight Float [3, 4]' on rank 0 but 'b.weight Float "
+                     "[5, 4]' on rank 1"),
+              std::string::npos)
+        << m;
+  }
+}
+
+TEST(DDPErrors, ParameterCountMismatch) {
+  std::vector<std::string> messages(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    struct Net : nn::Module {
+      explicit Net(bool extra) {
+        register_module("a", nn::Linear(4, 4));
+        if (extra) register_module("extra", nn::Linear(4, 4));
+      }
+      Tensor forward(Tensor x) { return x; }
+    };
+    auto model = std::make_shared<Net>(pg->rank() == 1);
+    messages[pg->rank()] = message_of([&] { DistributedDataParallel ddp(model, pg); });
+  });
+  for (const auto& m : messages) {
+    EXPECT_NE(m.find("rank 0 has 2 parameters that require grad but rank 1 has 4"),
+              std::string::npos) << m;
+    EXPECT_NE(m.find("'extra.weight Float [4, 4]'"), std::string::npos) << m;
+  }
+}
+
+TEST(DDPErrors, UnusedParameterWithoutFindUnused) {
+  // `dead` is unused everywhere; branch a or b is unused on one rank each.
+  std::vector<std::string> messages(2);
+  std::vector<std::string> types(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<BranchNet>();
+    DistributedDataParallel ddp(model, pg);
+    messages[pg->rank()] = message_of([&] {
+      try {
+        ddp->forward(torch::randn({kBatch, 6}), pg->rank() == 0).sum().backward();
+      } catch (const lockstep::InvalidArgument&) {
+        types[pg->rank()] = "InvalidArgument";
+        throw;
+      }
+    });
+    // The reducer recovers: the next (valid) iteration works.
+    auto next = message_of([&] {
+      ddp->forward(torch::randn({kBatch, 6}), pg->rank() == 0).sum().backward();
+    });
+    EXPECT_FALSE(next.empty()) << "still unused, still an error";
+  });
+  for (int r = 0; r < 2; ++r) {
+    const auto& m = messages[r];
+    EXPECT_EQ(types[r], "InvalidArgument") << m;
+    EXPECT_NE(m.find("'a.bias' (on 1 of 2 ranks)"), std::string::npos) << m;
+    EXPECT_NE(m.find("'b.weight' (on 1 of 2 ranks)"), std::string::npos) << m;
+    EXPECT_NE(m.find("'dead.weight' (on 2 of 2 ranks)"), std::string::npos) << m;
+    EXPECT_NE(m.find("find_unused_parameters(true)"), std::string::npos) << m;
+  }
+}
+
+TEST(DDPErrors, UnusedParameterWorldOne) {
+  with_groups(1, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<BranchNet>();
+    DistributedDataParallel ddp(model, pg);
+    auto m = message_of([&] { ddp->forward(torch::randn({kBatch, 6}), true).sum().backward(); });
+    EXPECT_NE(m.find("'dead.weight' (on 1 of 1 rank)"), std::string::npos) << m;
+    EXPECT_NE(m.find("'a.weight'"), std::string::npos) << m;
+  });
+}
+
+TEST(DDPErrors, HookFiringTwiceNamesTheParameter) {
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto w = torch::zeros({3}, torch::requires_grad());
+    w.mutable_grad() = torch::ones({3});
+    lockstep::ddp::ReducerOptions o;
+    o.install_hooks = false;
+    lockstep::ddp::Reducer reducer({w}, {"encoder.w"}, pg, o);
+    reducer.prepare_for_forward(true);
+    reducer.mark_ready(0);
+    try {
+      reducer.mark_ready(0);
+      ADD_FAILURE() << "expected a StateError";
+    } catch (const lockstep::StateError& e) {
+      std::string m = e.what();
+      EXPECT_NE(m.find("'encoder.w' fired twice in one backward"), std::string::npos) << m;
+    }
+    reducer.finalize();
+    EXPECT_TRUE(torch::allclose(w.grad(), torch::ones({3})));
+  });
+}
+
+TEST(DDPErrors, BadOptions) {
+  with_groups(1, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<Mlp>();
+    auto m = message_of([&] {
+      DistributedDataParallel ddp(model, pg, DDPOptions().bucket_cap_mb(0));
+    });
+    EXPECT_NE(m.find("bucket_cap_mb > 0"), std::string::npos) << m;
+  });
+}
+
+// The holder types: TORCH_MODULE holders and shared_ptrs both wrap, forward any signature.
+struct TwoArgImpl : nn::Module {
+  nn::Linear fc{nullptr};
+  TwoArgImpl() { fc = register_module("fc", nn::Linear(2, 2)); }
+  std::tuple<Tensor, Tensor> forward(Tensor a, double scale) { return {fc(a) * scale, a}; }
+};
+TORCH_MODULE(TwoArg);
+
+TEST(DDP, WrapsHoldersAndAnyForward) {
+  with_groups(1, [&](const lockstep::ProcessGroupPtr& pg) {
+    TwoArg net;
+    DistributedDataParallel ddp(net, pg);
+    auto out = ddp->forward(torch::ones({1, 2}), 2.0);
+    std::get<0>(out).sum().backward();
+    EXPECT_TRUE(net->fc->weight.grad().defined());
+    auto again = ddp(torch::ones({1, 2}), 1.0);
+    EXPECT_EQ(std::get<1>(again).size(1), 2);
+    EXPECT_EQ(ddp->module().get(), net.get());
+    EXPECT_EQ(ddp->named_parameters().size(), 2u);
+    EXPECT_TRUE(ddp->named_parameters().contains("module.fc.weight"));
+  });
+}
+
+}  // namespace
