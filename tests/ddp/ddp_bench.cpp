@@ -5,7 +5,8 @@
 //   ddp_bench --model mlp|deep|cnn [--world 2] [--steps 60] [--warmup 10] [--bucket-cap 25]
 //             [--plain] [--view]
 // --world W forks W ranks (file:// rendezvous in /tmp); --plain trains without DDP (world 1),
-// for the wrapper's overhead. Prints one line per run: model, mode, median and mean step ms.
+// for the wrapper's overhead; --overhead alternates plain and wrapped steps in one process at
+// world size 1 (robust on a loaded machine). Prints one line per run: model, mode, median and mean step ms.
 #include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -70,7 +71,42 @@ struct Args {
   double bucket_cap = 25;
   bool plain = false;
   bool view = false;
+  bool overhead = false;
 };
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// World size 1: a plain model and a DDP-wrapped copy take steps alternately, so load changes on
+// a shared machine hit both alike. Prints both medians and the wrapper's overhead.
+template <typename M>
+void overhead(const Args& a, const lockstep::ProcessGroupPtr& pg, Tensor x, Tensor y) {
+  torch::manual_seed(0);
+  auto plain = std::make_shared<M>();
+  auto wrapped = std::make_shared<M>();
+  lockstep::DistributedDataParallel<M> ddp(
+      wrapped, pg, lockstep::DDPOptions().bucket_cap_mb(a.bucket_cap).gradient_as_bucket_view(a.view));
+  torch::optim::SGD opt_plain(plain->parameters(), 0.01), opt_ddp(wrapped->parameters(), 0.01);
+  std::vector<double> tp, td;
+  for (int s = 0; s < a.warmup + a.steps; ++s) {
+    for (int which = 0; which < 2; ++which) {
+      auto t0 = std::chrono::steady_clock::now();
+      auto& opt = which ? opt_ddp : opt_plain;
+      opt.zero_grad();
+      auto out = which ? ddp->forward(x) : plain->forward(x);
+      torch::cross_entropy_loss(out, y).backward();
+      opt.step();
+      double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (s >= a.warmup) (which ? td : tp).push_back(ms);
+    }
+  }
+  std::printf("lockstep model=%s overhead world=1 plain_median_ms=%.3f ddp_median_ms=%.3f "
+              "overhead=%.2f%%\n", a.model.c_str(), median(tp), median(td),
+              100.0 * (median(td) / median(tp) - 1.0));
+  std::fflush(stdout);
+}
 
 template <typename M>
 std::vector<double> train(const Args& a, const lockstep::ProcessGroupPtr& pg, Tensor x,
@@ -113,6 +149,12 @@ int run_rank(const Args& a, int rank, const std::string& store) {
   torch::manual_seed(rank + 1);
   std::vector<double> t;
   auto y = torch::randint(0, 10, {batch});
+  if (a.overhead) {
+    if (a.model == "mlp") overhead<Mlp>(a, pg, torch::randn({batch, 784}), y);
+    else if (a.model == "deep") overhead<DeepMlp>(a, pg, torch::randn({batch, 256}), y);
+    else overhead<Cnn>(a, pg, torch::randn({batch, 1, 28, 28}), y);
+    return 0;
+  }
   if (a.model == "mlp") {
     t = train<Mlp>(a, pg, torch::randn({batch, 784}), y);
   } else if (a.model == "deep") {
@@ -147,6 +189,7 @@ int main(int argc, char** argv) {
     else if (k == "--bucket-cap") a.bucket_cap = std::stod(next());
     else if (k == "--plain") a.plain = true;
     else if (k == "--view") a.view = true;
+    else if (k == "--overhead") a.overhead = true, a.world = 1;
     else {
       std::fprintf(stderr, "unknown argument %s\n", k.c_str());
       return 2;

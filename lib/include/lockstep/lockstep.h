@@ -2,6 +2,7 @@
 /// \file
 /// Umbrella header: everything a training program needs from lockstep.
 
+#include "lockstep/data_parallel.h"
 #include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
@@ -13,3 +14,4 @@
 #include "lockstep/readers.h"
 #include "lockstep/sampler.h"
 #include "lockstep/store.h"
+#include "lockstep/thread_group.h"

@@ -1,0 +1,434 @@
+// In-process process groups: ranks are threads, collectives are memory reductions.
+#include "lockstep/thread_group.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+
+#include "lockstep/errors.h"
+
+namespace lockstep {
+
+using detail::concat;
+
+namespace {
+
+// Note [Thread group protocol]
+// Ranks are threads sharing one `GroupState`. Collective number s of every rank meets in one
+// `Op`, created by whichever rank arrives first:
+//   1. A rank validates its own arguments (throwing InvalidArgument on its thread, and marking
+//      the op failed so that its peers fail fast instead of timing out), records its tensors
+//      in the op and returns a Work at once.
+//   2. The last rank to arrive checks that all ranks agree (operation, element count, dtype,
+//      op, root) and marks the op ready; a disagreement fails every rank's Work, naming the
+//      ranks and both values.
+//   3. The work is cut into slices (`slice_bytes`; one per rank for allgather and
+//      reduce_scatter). The last rank claims slices until none is left, inline; ranks blocked
+//      in `wait()` claim slices too, so idle ranks help. A slice of an all-reduce reduces
+//      ranks 0, 1, ..., size-1 in that order into rank 0's tensor and copies the result to the
+//      others, so every rank holds bitwise the same values whoever ran the slice.
+//   4. The rank finishing the last slice marks the op done and wakes the waiters.
+// `abort` fails every op still waiting for arrivals and every later one: a DataParallel
+// replica that threw mid-backward uses it so that its peers stop waiting.
+
+enum class Kind { kAllreduce, kBroadcast, kAllgather, kReduceScatter, kBarrier };
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::kAllreduce: return "allreduce";
+    case Kind::kBroadcast: return "broadcast";
+    case Kind::kAllgather: return "allgather";
+    case Kind::kReduceScatter: return "reduce_scatter";
+    case Kind::kBarrier: return "barrier";
+  }
+  return "?";
+}
+
+struct Op {
+  Kind kind = Kind::kBarrier;
+  ReduceOp reduce = ReduceOp::kSum;
+  int root = 0;
+  uint64_t sequence = 0;
+  std::vector<bool> arrived;
+  std::vector<Kind> kinds;
+  std::vector<at::Tensor> tensors;               // allreduce, broadcast: each rank's tensor;
+                                                 // allgather: each rank's input;
+                                                 // reduce_scatter: each rank's output
+  std::vector<std::vector<at::Tensor>> lists;    // allgather outputs / reduce_scatter inputs
+  std::vector<ReduceOp> reduces;
+  std::vector<int> roots;
+  int count = 0;
+  int64_t slices = 0;
+  int64_t slice_numel = 0;
+  std::atomic<int64_t> next_slice{0};
+  std::atomic<int64_t> done_slices{0};
+  bool ready = false;
+  bool done = false;
+  std::exception_ptr error;
+  std::condition_variable cv;
+};
+
+struct GroupState {
+  int size = 0;
+  ThreadGroupOptions options;
+  std::mutex mutex;
+  std::map<uint64_t, std::shared_ptr<Op>> pending;  // ops still waiting for arrivals
+  std::vector<uint64_t> issued;                     // per rank: collectives issued
+  std::exception_ptr aborted;
+
+  void abort(std::exception_ptr error) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!aborted) aborted = error;
+    for (auto& kv : pending) {
+      if (!kv.second->done) {
+        kv.second->error = error;
+        kv.second->done = true;
+        kv.second->cv.notify_all();
+      }
+    }
+    pending.clear();
+  }
+};
+
+void combine(at::Tensor& acc, const at::Tensor& x, ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg: acc.add_(x); break;
+    case ReduceOp::kProduct: acc.mul_(x); break;
+    case ReduceOp::kMin: at::minimum_out(acc, acc, x); break;
+    case ReduceOp::kMax: at::maximum_out(acc, acc, x); break;
+  }
+}
+
+at::Tensor on(const at::Tensor& t, const at::Device& device) {
+  return t.device() == device ? t : t.to(device);
+}
+
+// Runs slice `s` of a ready op (see Note [Thread group protocol], step 3).
+void run_slice(Op& op, int size, int64_t s) {
+  auto flat_slice = [&](const at::Tensor& t) {
+    int64_t lo = s * op.slice_numel;
+    int64_t len = std::min(op.slice_numel, t.numel() - lo);
+    return t.view({-1}).narrow(0, lo, len);
+  };
+  switch (op.kind) {
+    case Kind::kAllreduce: {
+      auto acc = flat_slice(op.tensors[0]);
+      for (int r = 1; r < size; ++r) combine(acc, on(flat_slice(op.tensors[r]), acc.device()), op.reduce);
+      if (op.reduce == ReduceOp::kAvg) acc.div_(size);
+      for (int r = 1; r < size; ++r) flat_slice(op.tensors[r]).copy_(acc);
+      break;
+    }
+    case Kind::kBroadcast: {
+      auto src = flat_slice(op.tensors[op.root]);
+      for (int r = 0; r < size; ++r) {
+        if (r != op.root) flat_slice(op.tensors[r]).copy_(src);
+      }
+      break;
+    }
+    case Kind::kAllgather: {  // slice s: rank s's input into everyone's outputs[s]
+      for (int r = 0; r < size; ++r) op.lists[r][s].copy_(op.tensors[s].view(op.lists[r][s].sizes()));
+      break;
+    }
+    case Kind::kReduceScatter: {  // slice s: rank s's output = reduction of inputs[*][s]
+      auto& out = op.tensors[s];
+      out.copy_(op.lists[0][s]);
+      for (int r = 1; r < size; ++r) combine(out, on(op.lists[r][s], out.device()), op.reduce);
+      if (op.reduce == ReduceOp::kAvg) out.div_(size);
+      break;
+    }
+    case Kind::kBarrier: break;
+  }
+}
+
+class ThreadGroup;
+
+class ThreadWork : public Work {
+ public:
+  ThreadWork(std::shared_ptr<GroupState> state, std::shared_ptr<Op> op, std::string where)
+      : state_(std::move(state)), op_(std::move(op)), where_(std::move(where)) {}
+
+  bool is_completed() override {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return op_->done;
+  }
+
+  void wait() override {
+    help(*state_, op_);
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    auto deadline = std::chrono::steady_clock::now() + state_->options.timeout();
+    while (!op_->done) {
+      if (op_->ready && op_->next_slice.load() < op_->slices) {
+        lock.unlock();
+        help(*state_, op_);
+        lock.lock();
+        continue;
+      }
+      if (op_->cv.wait_until(lock, deadline) == std::cv_status::timeout && !op_->done) {
+        std::string missing;
+        for (int r = 0; r < state_->size; ++r) {
+          if (!op_->arrived[r]) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        }
+        throw TimeoutError(concat(
+            where_, " ", kind_name(op_->kind), " #", op_->sequence, " (thread group) timed out "
+            "after ", state_->options.timeout().count() / 1000.0, " s",
+            missing.empty() ? std::string(": every rank arrived but the reduction did not finish")
+                            : concat(" waiting for rank(s) ", missing, " to reach it"),
+            ". Every rank's thread must issue the same collectives in the same order."));
+      }
+    }
+    if (op_->error) std::rethrow_exception(op_->error);
+  }
+
+  // Claims and runs slices of a ready op until none is left (step 3); marks it done (step 4).
+  static void help(GroupState& state, const std::shared_ptr<Op>& op) {
+    {
+      std::lock_guard<std::mutex> lock(state.mutex);
+      if (!op->ready || op->done) return;
+    }
+    while (true) {
+      int64_t s = op->next_slice.fetch_add(1);
+      if (s >= op->slices) return;
+      std::exception_ptr error;
+      try {
+        run_slice(*op, state.size, s);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      bool last = op->done_slices.fetch_add(1) + 1 == op->slices;
+      if (error || last) {
+        std::lock_guard<std::mutex> lock(state.mutex);
+        if (error && !op->error) op->error = error;
+        if (last) {
+          op->done = true;
+          op->cv.notify_all();
+        }
+      }
+    }
+  }
+
+ private:
+  std::shared_ptr<GroupState> state_;
+  std::shared_ptr<Op> op_;
+  std::string where_;
+};
+
+class ThreadGroup : public ProcessGroup {
+ public:
+  ThreadGroup(int rank, std::shared_ptr<GroupState> state, std::shared_ptr<Store> store)
+      : ProcessGroup(rank, state->size, state->options.timeout(), std::move(store)),
+        state_(std::move(state)) {}
+
+  std::string backend() const override { return "threads"; }
+
+  WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
+    return issue(Kind::kAllreduce, [&](Op& o) {
+      check_tensor("allreduce", tensor);
+      LOCKSTEP_CHECK(op != ReduceOp::kAvg || at::isFloatingType(tensor.scalar_type()) ||
+                         at::isComplexType(tensor.scalar_type()),
+                     where(), " allreduce: expected a floating tensor for op avg, but got ",
+                     tensor.scalar_type(), ". Use sum and divide.");
+      o.tensors[rank()] = tensor;
+      o.reduces[rank()] = op;
+    });
+  }
+
+  WorkPtr broadcast(at::Tensor& tensor, int root) override {
+    return issue(Kind::kBroadcast, [&](Op& o) {
+      check_tensor("broadcast", tensor);
+      LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected a root in [0, ",
+                     size(), "), but got ", root, ".");
+      o.tensors[rank()] = tensor;
+      o.roots[rank()] = root;
+    });
+  }
+
+  WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
+    return issue(Kind::kAllgather, [&](Op& o) {
+      check_tensor("allgather", input);
+      LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
+                     " allgather: expected one output per rank (", size(), "), but got ",
+                     outputs.size(), ".");
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        check_tensor("allgather", outputs[i]);
+        LOCKSTEP_CHECK(outputs[i].numel() == input.numel() &&
+                           outputs[i].scalar_type() == input.scalar_type(),
+                       where(), " allgather: expected output ", i, " to match the input (",
+                       input.numel(), " x ", input.scalar_type(), "), but got ",
+                       outputs[i].numel(), " x ", outputs[i].scalar_type(), ".");
+      }
+      o.tensors[rank()] = input;
+      o.lists[rank()] = outputs;
+    });
+  }
+
+  WorkPtr reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                         ReduceOp op) override {
+    return issue(Kind::kReduceScatter, [&](Op& o) {
+      check_tensor("reduce_scatter", output);
+      LOCKSTEP_CHECK(static_cast<int>(inputs.size()) == size(), where(),
+                     " reduce_scatter: expected one input per rank (", size(), "), but got ",
+                     inputs.size(), ".");
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        LOCKSTEP_CHECK(inputs[i].sizes() == output.sizes() &&
+                           inputs[i].scalar_type() == output.scalar_type(),
+                       where(), " reduce_scatter: expected input ", i, " to match the output (",
+                       output.sizes(), " ", output.scalar_type(), "), but got ",
+                       inputs[i].sizes(), " ", inputs[i].scalar_type(), ".");
+      }
+      LOCKSTEP_CHECK(op != ReduceOp::kAvg || at::isFloatingType(output.scalar_type()), where(),
+                     " reduce_scatter: expected a floating tensor for op avg, but got ",
+                     output.scalar_type(), ".");
+      o.tensors[rank()] = output;
+      o.lists[rank()] = inputs;
+      o.reduces[rank()] = op;
+    });
+  }
+
+  WorkPtr barrier() override {
+    return issue(Kind::kBarrier, [](Op&) {});
+  }
+
+  const std::shared_ptr<GroupState>& state() const { return state_; }
+
+ private:
+  // Steps 1 and 2 of Note [Thread group protocol].
+  template <typename Fill>
+  WorkPtr issue(Kind kind, Fill&& fill) {
+    std::shared_ptr<Op> op;
+    std::exception_ptr local_error;
+    bool complete = false;
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      if (state_->aborted) {
+        auto failed = std::make_shared<PromiseWork>();
+        failed->set_error(state_->aborted);
+        return failed;
+      }
+      uint64_t seq = ++state_->issued[rank()];
+      auto& slot = state_->pending[seq];
+      if (!slot) {
+        slot = std::make_shared<Op>();
+        slot->sequence = seq;
+        slot->arrived.assign(size(), false);
+        slot->kinds.assign(size(), kind);
+        slot->tensors.resize(size());
+        slot->lists.resize(size());
+        slot->reduces.assign(size(), ReduceOp::kSum);
+        slot->roots.assign(size(), 0);
+      }
+      op = slot;
+      op->kinds[rank()] = kind;
+      try {
+        fill(*op);
+      } catch (...) {
+        local_error = std::current_exception();
+        if (!op->error) {
+          op->error = std::make_exception_ptr(InvalidArgument(concat(
+              where(), " ", kind_name(kind), " #", seq, ": rank ", rank(),
+              " passed invalid arguments (see its error), so this collective failed.")));
+        }
+      }
+      op->arrived[rank()] = true;
+      if (++op->count == size()) {
+        state_->pending.erase(seq);
+        if (!op->error) validate(*op);
+        if (op->error || op->slices == 0) {
+          op->done = true;
+          op->cv.notify_all();
+        } else {
+          op->ready = true;
+          op->cv.notify_all();
+          complete = true;
+        }
+      }
+    }
+    if (local_error) std::rethrow_exception(local_error);
+    if (complete) ThreadWork::help(*state_, op);
+    return std::make_shared<ThreadWork>(state_, op, where());
+  }
+
+  // Checks that all ranks agree and plans the slices. Called with the state lock held.
+  void validate(Op& op) {
+    const int n = size();
+    auto fail = [&](const std::string& what) {
+      op.error = std::make_exception_ptr(InvalidArgument(concat(
+          "[thread group of ", n, "] collective #", op.sequence, ": ", what,
+          ". Every rank must issue the same collectives in the same order with matching "
+          "tensors.")));
+    };
+    for (int r = 1; r < n; ++r) {
+      if (op.kinds[r] != op.kinds[0]) {
+        return fail(concat("rank 0 issued ", kind_name(op.kinds[0]), " but rank ", r,
+                           " issued ", kind_name(op.kinds[r])));
+      }
+    }
+    op.kind = op.kinds[0];
+    op.reduce = op.reduces[0];
+    op.root = op.roots[0];
+    for (int r = 1; r < n; ++r) {
+      if (op.kind == Kind::kBarrier) break;
+      const auto& a = op.tensors[0];
+      const auto& b = op.tensors[r];
+      if (a.numel() != b.numel() || a.scalar_type() != b.scalar_type()) {
+        return fail(concat(kind_name(op.kind), ": rank 0 has ", a.numel(), " x ",
+                           a.scalar_type(), " but rank ", r, " has ", b.numel(), " x ",
+                           b.scalar_type()));
+      }
+      if (op.reduces[r] != op.reduce) {
+        return fail(concat(kind_name(op.kind), ": rank 0 reduces with ", to_string(op.reduce),
+                           " but rank ", r, " with ", to_string(op.reduces[r])));
+      }
+      if (op.roots[r] != op.root) {
+        return fail(concat("broadcast: rank 0 names root ", op.root, " but rank ", r,
+                           " names root ", op.roots[r]));
+      }
+    }
+    switch (op.kind) {
+      case Kind::kAllreduce:
+      case Kind::kBroadcast: {
+        int64_t numel = op.tensors[0].numel();
+        int64_t item = static_cast<int64_t>(op.tensors[0].element_size());
+        op.slice_numel = std::max<int64_t>(1, state_->options.slice_bytes() / item);
+        op.slices = (numel + op.slice_numel - 1) / op.slice_numel;
+        break;
+      }
+      case Kind::kAllgather:
+      case Kind::kReduceScatter: op.slices = op.tensors[0].numel() == 0 ? 0 : n; break;
+      case Kind::kBarrier: op.slices = 0; break;
+    }
+  }
+
+  std::shared_ptr<GroupState> state_;
+};
+
+}  // namespace
+
+std::vector<ProcessGroupPtr> new_thread_groups(int size, const ThreadGroupOptions& options) {
+  LOCKSTEP_CHECK(size >= 1, "new_thread_groups: expected size >= 1, but got ", size, ".");
+  LOCKSTEP_CHECK(options.timeout().count() > 0 && options.slice_bytes() > 0,
+                 "new_thread_groups: expected a positive timeout and slice_bytes, but got ",
+                 options.timeout().count(), " ms and ", options.slice_bytes(), " bytes.");
+  auto state = std::make_shared<GroupState>();
+  state->size = size;
+  state->options = options;
+  state->issued.assign(size, 0);
+  auto store = std::make_shared<Store>(Store::hash());
+  std::vector<ProcessGroupPtr> groups;
+  for (int r = 0; r < size; ++r) groups.push_back(std::make_shared<ThreadGroup>(r, state, store));
+  return groups;
+}
+
+void abort_thread_groups(const ProcessGroupPtr& group, const std::string& reason) {
+  auto* tg = dynamic_cast<ThreadGroup*>(group.get());
+  LOCKSTEP_CHECK(tg != nullptr, "abort_thread_groups: expected a group from new_thread_groups, "
+                 "but got backend '", group ? group->backend() : std::string("null"), "'.");
+  tg->state()->abort(std::make_exception_ptr(
+      CommError(concat("[thread group of ", tg->size(), "] aborted: ", reason))));
+}
+
+}  // namespace lockstep
