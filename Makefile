@@ -5,6 +5,11 @@ BUILD_TYPE ?= Release
 JOBS ?= $(shell nproc)
 CTEST_ARGS ?=
 
+# ccache (installed by scripts/install-deps.sh, used by CMake when present): rewrite paths
+# under this checkout as relative ones, so that clones in other folders share cache entries.
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := 1
+
 .PHONY: all deps configure build run test unit clean
 
 all: build

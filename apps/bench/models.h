@@ -1,0 +1,175 @@
+#pragma once
+/// \file
+/// The benchmark models, defined layer for layer like `apps/bench/torch_ddp_bench.py` so that
+/// lockstep and PyTorch's DDP run the same parameter shapes in the same registration order
+/// (which decides the gradient buckets). Initialisation is whatever the frontend does: it does
+/// not matter for timing. Header-only so that recipes and tests can reuse the models.
+///
+/// | name        | layers                                                    | parameters |
+/// |-------------|-----------------------------------------------------------|-----------:|
+/// | mlp         | Linear(784,1024) ReLU Linear(1024,1024) ReLU Linear(1024,10) | 1,863,690 |
+/// | deep_mlp    | 48 x [Linear(256,256) ReLU] (no activation after the last)  | 3,158,016 |
+/// | cnn         | Conv(1,32,3) ReLU MaxPool2 Conv(32,64,3) ReLU MaxPool2      |   225,034 |
+/// |             | Linear(1600,128) ReLU Linear(128,10)  (Fashion-MNIST 28x28) |           |
+/// | transformer | 2 x TransformerEncoderLayer(d=128, heads=4, ff=512, no dropout), |  ~400,000 |
+/// |             | mean over the sequence, Linear(128,10); input (batch, seq=32, 128) |     |
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace lockstep {
+namespace bench {
+
+/// Linear(784,1024) ReLU Linear(1024,1024) ReLU Linear(1024,10): about 1.86M parameters,
+/// 7.5 MB of float32 gradients. Input (batch, 784).
+struct MlpImpl : torch::nn::Module {
+  MlpImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(784, 1024))),
+        fc2(register_module("fc2", torch::nn::Linear(1024, 1024))),
+        fc3(register_module("fc3", torch::nn::Linear(1024, 10))) {}
+  torch::Tensor forward(torch::Tensor x) {
+    return fc3(torch::relu(fc2(torch::relu(fc1(x)))));
+  }
+  torch::nn::Linear fc1, fc2, fc3;
+};
+TORCH_MODULE(Mlp);
+
+/// `depth` x Linear(width,width) with ReLU between: many small tensors, the case where one
+/// all-reduce per parameter hurts most. Input (batch, width).
+struct DeepMlpImpl : torch::nn::Module {
+  explicit DeepMlpImpl(int64_t depth = 48, int64_t width = 256) {
+    for (int64_t i = 0; i < depth; ++i) {
+      layers.push_back(register_module("fc" + std::to_string(i), torch::nn::Linear(width, width)));
+    }
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      x = layers[i](x);
+      if (i + 1 < layers.size()) x = torch::relu(x);
+    }
+    return x;
+  }
+  std::vector<torch::nn::Linear> layers;
+};
+TORCH_MODULE(DeepMlp);
+
+/// The two-convolution Fashion-MNIST CNN. Input (batch, 1, 28, 28).
+struct FashionCnnImpl : torch::nn::Module {
+  FashionCnnImpl()
+      : conv1(register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3)))),
+        conv2(register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3)))),
+        fc1(register_module("fc1", torch::nn::Linear(64 * 5 * 5, 128))),
+        fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
+    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
+    x = torch::relu(fc1(x.flatten(1)));
+    return fc2(x);
+  }
+  torch::nn::Conv2d conv1, conv2;
+  torch::nn::Linear fc1, fc2;
+};
+TORCH_MODULE(FashionCnn);
+
+/// A small Transformer encoder stack. Input (batch, seq, d_model), batch first so that
+/// DataParallel can split it along dimension 0; the layers run on (seq, batch, d_model)
+/// (LibTorch 1.13 has no batch_first). Output (batch, 10) from the mean over the sequence.
+struct TransformerStackImpl : torch::nn::Module {
+  explicit TransformerStackImpl(int64_t layers = 2, int64_t d_model = 128, int64_t heads = 4,
+                                int64_t ff = 512) {
+    for (int64_t i = 0; i < layers; ++i) {
+      blocks.push_back(register_module(
+          "layer" + std::to_string(i),
+          torch::nn::TransformerEncoderLayer(
+              torch::nn::TransformerEncoderLayerOptions(d_model, heads)
+                  .dim_feedforward(ff)
+                  .dropout(0.0))));
+    }
+    head = register_module("head", torch::nn::Linear(d_model, 10));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = x.transpose(0, 1);
+    for (auto& b : blocks) x = b(x);
+    return head(x.mean(0));
+  }
+  std::vector<torch::nn::TransformerEncoderLayer> blocks;
+  torch::nn::Linear head{nullptr};
+};
+TORCH_MODULE(TransformerStack);
+
+/// One benchmark model behind one concrete type, so that every scenario (and DDP's template,
+/// whatever its spelling) is instantiated once. The wrapped model is registered as "net".
+struct BenchNetImpl : torch::nn::Module {
+  explicit BenchNetImpl(const std::string& name) : name_(name) {
+    if (name == "mlp") {
+      net_ = torch::nn::AnyModule(Mlp());
+      register_module("net", net_.ptr());
+    } else if (name == "deep_mlp") {
+      net_ = torch::nn::AnyModule(DeepMlp());
+      register_module("net", net_.ptr());
+    } else if (name == "cnn") {
+      net_ = torch::nn::AnyModule(FashionCnn());
+      register_module("net", net_.ptr());
+    } else if (name == "transformer") {
+      net_ = torch::nn::AnyModule(TransformerStack());
+      register_module("net", net_.ptr());
+    } else {
+      throw std::invalid_argument("unknown model '" + name +
+                                  "': expected mlp, deep_mlp, cnn or transformer");
+    }
+  }
+  torch::Tensor forward(torch::Tensor x) { return net_.forward(x); }
+  const std::string& model_name() const { return name_; }
+
+ private:
+  std::string name_;
+  torch::nn::AnyModule net_;
+};
+TORCH_MODULE(BenchNet);
+
+/// The model names, in the order the benchmark runs them.
+inline std::vector<std::string> model_names() { return {"mlp", "deep_mlp", "cnn", "transformer"}; }
+
+/// Default per-rank batch size of a model (the same in the Python peer).
+inline int64_t default_batch(const std::string& name) {
+  if (name == "transformer") return 16;
+  return 64;
+}
+
+/// A synthetic batch for `name`: inputs of the model's shape and integer class targets.
+struct Batch {
+  torch::Tensor input;
+  torch::Tensor target;
+};
+inline Batch make_batch(const std::string& name, int64_t batch, uint64_t seed = 0) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  Batch b;
+  int64_t classes = 10;
+  if (name == "mlp") {
+    b.input = at::randn({batch, 784}, gen);
+  } else if (name == "deep_mlp") {
+    b.input = at::randn({batch, 256}, gen);
+    classes = 256;
+  } else if (name == "cnn") {
+    b.input = at::randn({batch, 1, 28, 28}, gen);
+  } else if (name == "transformer") {
+    b.input = at::randn({batch, 32, 128}, gen);
+  } else {
+    throw std::invalid_argument("unknown model '" + name + "'");
+  }
+  b.target = at::randint(classes, {batch}, gen, at::kLong);
+  return b;
+}
+
+/// Number of parameters (elements) of a module.
+inline int64_t parameter_count(torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  return n;
+}
+
+}  // namespace bench
+}  // namespace lockstep

@@ -1,0 +1,176 @@
+#!/usr/bin/python3
+"""PyTorch's own DistributedDataParallel as lockstep-bench's peer.
+
+lockstep-bench starts one process per rank with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+set (loopback, a free port) and reads the JSON this script writes to --result. The models are
+the ones in apps/bench/models.h, layer for layer and in the same registration order, so the
+gradient buckets match; the data is synthetic, the same shapes and batch per rank.
+
+Only the standard library and torch (python3-torch) are used. Exit code 3 means torch is
+missing, so the caller can skip the scenario with a note instead of failing.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+try:
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError as e:  # pragma: no cover - depends on the machine
+    print("torch_ddp_bench: python3-torch is not installed (%s)" % e, file=sys.stderr)
+    sys.exit(3)
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 1024)
+        self.fc2 = nn.Linear(1024, 1024)
+        self.fc3 = nn.Linear(1024, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class DeepMlp(nn.Module):
+    def __init__(self, depth=48, width=256):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x):
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < n:
+                x = F.relu(x)
+        return x
+
+
+class FashionCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.fc1 = nn.Linear(64 * 5 * 5, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class TransformerStack(nn.Module):
+    def __init__(self, layers=2, d_model=128, heads=4, ff=512):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=ff, dropout=0.0)
+            for _ in range(layers)])
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x):  # x: (batch, seq, d_model), as in models.h
+        x = x.transpose(0, 1)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(0))
+
+
+def make_model(name):
+    return {"mlp": Mlp, "deep_mlp": DeepMlp, "cnn": FashionCnn,
+            "transformer": TransformerStack}[name]()
+
+
+def make_batch(name, batch):
+    g = torch.Generator().manual_seed(0)
+    classes = 10
+    if name == "mlp":
+        x = torch.randn(batch, 784, generator=g)
+    elif name == "deep_mlp":
+        x = torch.randn(batch, 256, generator=g)
+        classes = 256
+    elif name == "cnn":
+        x = torch.randn(batch, 1, 28, 28, generator=g)
+    else:
+        x = torch.randn(batch, 32, 128, generator=g)
+    return x, torch.randint(classes, (batch,), generator=g)
+
+
+def vm_hwm_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--allreduce-iters", type=int, default=10)
+    ap.add_argument("--result", required=True)
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    model = make_model(a.model)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_cap_mb)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    x, y = make_batch(a.model, a.batch)
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(a.warmup):
+        step()
+    dist.barrier()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    # The all-reduce time of all gradients in one flat tensor: the denominator of the
+    # exposed-communication fraction.
+    n = sum(p.numel() for p in model.parameters())
+    flat = torch.zeros(n)
+    dist.barrier()
+    ar = []
+    for _ in range(a.allreduce_iters):
+        t0 = time.perf_counter()
+        dist.all_reduce(flat)
+        ar.append((time.perf_counter() - t0) * 1e3)
+    ar.sort()
+
+    out = {
+        "rank": rank, "world": world, "backend": "gloo (torch %s)" % torch.__version__,
+        "params": n, "step_ms": times, "vmhwm_kb": vm_hwm_kb(),
+        "allreduce_all_grads_ms": ar[len(ar) // 2] if ar else None,
+    }
+    with open(a.result, "w") as f:
+        json.dump(out, f)
+    dist.barrier()
+    # torch 1.13's Gloo teardown at interpreter exit has been seen to hang one rank for
+    # minutes after both wrote their results; nothing is left to do, so leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
