@@ -424,3 +424,36 @@ void queue_backward_callback(std::function<void()> callback) {
 
 }  // namespace adapter
 }  // namespace lockstep
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer state (for checkpoints)
+
+#include <torch/optim/optimizer.h>
+
+namespace lockstep {
+namespace adapter {
+
+namespace {
+#if TORCH_VERSION_MAJOR >= 2
+void* optimizer_state_key(const at::Tensor& param) { return param.unsafeGetTensorImpl(); }
+#else
+std::string optimizer_state_key(const at::Tensor& param) {
+  return c10::guts::to_string(param.unsafeGetTensorImpl());
+}
+#endif
+}  // namespace
+
+torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer& optimizer,
+                                                        const at::Tensor& param) {
+  auto& state = optimizer.state();
+  auto it = state.find(optimizer_state_key(param));
+  return it == state.end() ? nullptr : it->second.get();
+}
+
+void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
+                         std::unique_ptr<torch::optim::OptimizerParamState> state) {
+  optimizer.state()[optimizer_state_key(param)] = std::move(state);
+}
+
+}  // namespace adapter
+}  // namespace lockstep

@@ -51,3 +51,25 @@ void queue_backward_callback(std::function<void()> callback);
 
 }  // namespace adapter
 }  // namespace lockstep
+
+namespace torch {
+namespace optim {
+class Optimizer;
+class OptimizerParamState;
+}  // namespace optim
+}  // namespace torch
+
+namespace lockstep {
+namespace adapter {
+
+/// The optimizer's state for `param`, or nullptr before its first step. (The state map's
+/// key type changed from the TensorImpl address as a string in 1.x to a void* in 2.x.)
+torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer& optimizer,
+                                                        const at::Tensor& param);
+
+/// Replaces the optimizer's state for `param`.
+void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
+                         std::unique_ptr<torch::optim::OptimizerParamState> state);
+
+}  // namespace adapter
+}  // namespace lockstep

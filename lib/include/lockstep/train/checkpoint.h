@@ -1,0 +1,113 @@
+#pragma once
+/// \file
+/// Checkpoints: lockstep's own versioned file format of named tensors plus JSON metadata,
+/// with checksums, written atomically by rank 0 and read without running any code.
+///
+/// Note [Checkpoint format]
+/// A checkpoint file is, in order (all integers little-endian):
+///   1. magic "LSTPCKPT" (8 bytes), format version (u32, currently 1), header length (u64);
+///   2. the header: UTF-8 JSON {"metadata": <user JSON>, "tensors": [{"name", "dtype",
+///      "shape", "offset", "nbytes", "crc32"}, ...]}, then its CRC-32 (u32);
+///   3. the tensor data, contiguous, at the offsets the header names (relative to the
+///      start of the data section);
+///   4. a trailer: "LSTPEND!" (8 bytes) and the total file length (u64).
+/// Reading checks every one of those before returning anything: a truncated file fails on
+/// the trailer or an offset past the end, a flipped bit fails a CRC, a file of another
+/// version fails on the version, and `load_module` / `load_optimizer` reject a file of
+/// another model by its missing or unexpected keys and shape differences. Nothing is
+/// unpickled and no TorchScript runs, so a hostile file can at worst be rejected.
+///
+/// Note [Atomic checkpoint writes]
+/// `write_checkpoint_file` writes `<path>.tmp.<pid>`, fsyncs it, renames it over `path`
+/// and fsyncs the directory: a crash at any moment leaves either the previous checkpoint or
+/// the new one, never a torn file. `save_checkpoint` lets rank 0 do that and then makes all
+/// ranks agree on the outcome with one all-reduce, so a failed save (disk full, permission)
+/// raises the same error on every rank instead of leaving the others waiting.
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "lockstep/process_group.h"
+
+namespace torch {
+namespace nn {
+class Module;
+}
+namespace optim {
+class Optimizer;
+}
+}  // namespace torch
+
+namespace lockstep {
+namespace train {
+
+/// Version written by this build; `read_checkpoint_file` accepts only this version.
+constexpr uint32_t kCheckpointFormatVersion = 1;
+
+/// The contents of one checkpoint: named CPU tensors and free-form JSON metadata.
+struct Checkpoint {
+  /// Tensors by name (sorted, so files are reproducible). CPU, any dense dtype.
+  std::map<std::string, at::Tensor> tensors;
+  /// A JSON object as text (step, epoch, sampler position, config hash, ...). Default "{}".
+  std::string metadata = "{}";
+};
+
+/// Writes `checkpoint` to `path` atomically (see Note [Atomic checkpoint writes]). Not a
+/// collective. Throws lockstep::Error naming the path and the failing system call.
+void write_checkpoint_file(const std::string& path, const Checkpoint& checkpoint);
+
+/// Reads and fully validates the checkpoint at `path`. Not a collective. Throws
+/// InvalidArgument naming the path and the reason (truncated, checksum mismatch at a named
+/// tensor, wrong version, not a checkpoint, ...). Returns nothing partial.
+Checkpoint read_checkpoint_file(const std::string& path);
+
+/// Rank 0 writes `checkpoint` to `path` atomically; every rank returns only after all agree
+/// that it was written, or every rank throws the same error (rank 0's reason travels through
+/// the group's store). Collective. Ranks other than 0 may pass an empty checkpoint.
+void save_checkpoint(ProcessGroup& group, const std::string& path, const Checkpoint& checkpoint);
+
+/// Every rank reads `path`; returns only when every rank read it successfully, else every
+/// rank throws (naming the ranks that failed and why on those ranks). Collective.
+Checkpoint load_checkpoint(ProcessGroup& group, const std::string& path);
+
+/// True when `path` exists (a checkpoint to resume from). Not a collective.
+bool checkpoint_exists(const std::string& path);
+
+/// Adds `module`'s parameters and buffers as "<prefix><name>" (detached CPU copies).
+void add_module(Checkpoint& checkpoint, const torch::nn::Module& module,
+                const std::string& prefix = "model.");
+
+/// Copies "<prefix><name>" tensors into `module`'s parameters and buffers. Validates first
+/// (missing keys, unexpected keys under `prefix`, shape and dtype differences, all named in
+/// one error) and copies nothing unless everything matches.
+void load_module(const Checkpoint& checkpoint, torch::nn::Module& module,
+                 const std::string& prefix = "model.");
+
+/// Adds the optimizer's per-parameter state (SGD momentum; Adam/AdamW step and moments)
+/// and each group's learning rate. Throws InvalidArgument for other optimizer types.
+void add_optimizer(Checkpoint& checkpoint, torch::optim::Optimizer& optimizer,
+                   const std::string& prefix = "optim.");
+
+/// Restores what `add_optimizer` saved, validating everything before changing anything.
+void load_optimizer(const Checkpoint& checkpoint, torch::optim::Optimizer& optimizer,
+                    const std::string& prefix = "optim.");
+
+/// Adds the default CPU generator's state as "<name>".
+void add_rng_state(Checkpoint& checkpoint, const std::string& name = "rng.cpu");
+
+/// Restores the default CPU generator's state saved by `add_rng_state`.
+void load_rng_state(const Checkpoint& checkpoint, const std::string& name = "rng.cpu");
+
+/// A stable 64-bit hash (FNV-1a) of `config` as sorted "key=value" lines, as 16 hex digits.
+std::string config_hash(const std::map<std::string, std::string>& config);
+
+/// Compares `config` across ranks. Collective. Returns normally when all ranks hold the same
+/// configuration; otherwise every rank throws InvalidArgument naming each differing key, its
+/// value on rank 0 and the ranks that differ (e.g. "lr: rank 0 has 0.1, ranks 1,3 have 0.2").
+void check_config_agreement(ProcessGroup& group, const std::map<std::string, std::string>& config);
+
+}  // namespace train
+}  // namespace lockstep

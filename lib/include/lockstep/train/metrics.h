@@ -1,0 +1,113 @@
+#pragma once
+/// \file
+/// What a person sees of a training run: a progress bar or plain progress lines on rank 0,
+/// metrics as JSON lines, and a self-contained HTML report (inline SVG, no scripts, no
+/// network) drawn from those lines.
+
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lockstep/options.h"
+
+namespace lockstep {
+namespace train {
+
+/// Options of `Progress`.
+struct ProgressOptions {
+  /// Steps in the run (for the bar and the ETA); 0: unknown. Default 0.
+  LOCKSTEP_ARG(int64_t, total_steps) = 0;
+  /// This process's rank: only rank 0 prints. Default 0.
+  LOCKSTEP_ARG(int, rank) = 0;
+  /// 1: draw a bar, 0: plain lines, -1 (default): a bar when stdout is a terminal.
+  LOCKSTEP_ARG(int, tty) = -1;
+  /// Seconds between plain lines (and bar redraws). Default 5 (bar: 0.2).
+  LOCKSTEP_ARG(double, every_seconds) = 5.0;
+  /// Prefix of every line, e.g. "epoch 3". Default "train".
+  LOCKSTEP_ARG(std::string, label) = "train";
+};
+
+/// Progress of a run on rank 0's stdout: a bar with samples/s, loss and ETA on a terminal,
+/// else a plain line every `every_seconds`. Other ranks print nothing. Not thread-safe.
+class Progress {
+ public:
+  explicit Progress(ProgressOptions options = ProgressOptions());
+  /// Records that `step` (1-based, of total_steps) finished, with `samples` processed by the
+  /// whole job since the previous call, and the step's loss. Prints when due.
+  void update(int64_t step, int64_t samples, double loss);
+  /// Changes the label (e.g. the epoch) of following lines.
+  void set_label(const std::string& label) { options_.label(label); }
+  /// Finishes the bar's line (prints a newline on a terminal).
+  void finish();
+  /// True when this instance prints a bar.
+  bool is_bar() const { return bar_; }
+
+ private:
+  void print(int64_t step, double loss, bool final_line);
+  ProgressOptions options_;
+  bool bar_ = false;
+  bool enabled_ = false;
+  std::chrono::steady_clock::time_point start_, last_print_;
+  int64_t samples_ = 0;
+  int64_t steps_in_window_ = 0;
+  int64_t first_step_ = -1;
+  int64_t last_step_ = 0;
+  double last_loss_ = 0;
+  bool dirty_ = false;
+  bool line_open_ = false;
+};
+
+/// One JSON-lines record: a kind ("step", "epoch", "eval", "bucket", ...) and numeric fields.
+struct MetricRecord {
+  std::string kind;
+  std::vector<std::pair<std::string, double>> fields;
+};
+
+/// Appends JSON-lines records to a file, one object per line with "kind" and "time" (seconds
+/// since the writer was created) besides the fields. A writer constructed with an empty path
+/// (ranks other than 0) writes nothing. Flushes every line. Not thread-safe.
+class MetricsWriter {
+ public:
+  explicit MetricsWriter(const std::string& path, bool append = false);
+  ~MetricsWriter();
+  /// Writes {"kind": kind, "time": t, field: value, ...}.
+  void write(const MetricRecord& record);
+  /// Path written to ("" when disabled).
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::unique_ptr<std::ofstream> out_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+/// Key/value lines of a report's summary table.
+using SummaryLines = std::vector<std::pair<std::string, std::string>>;
+
+/// Options of `write_report`.
+struct ReportOptions {
+  /// The JSON-lines file written by MetricsWriter. Required.
+  LOCKSTEP_ARG(std::string, metrics_path) = "";
+  /// Where to write the HTML report. Required.
+  LOCKSTEP_ARG(std::string, output_path) = "";
+  /// Title of the page. Default "lockstep training report".
+  LOCKSTEP_ARG(std::string, title) = "lockstep training report";
+  /// Key/value lines shown in a summary table at the top (final accuracy, config, ...).
+  LOCKSTEP_ARG(SummaryLines, summary) = {};
+  /// A free-text block shown verbatim (e.g. a generated text sample). Default none.
+  LOCKSTEP_ARG(std::string, preformatted) = "";
+};
+
+/// Writes a self-contained HTML page with one SVG line chart per numeric field of the "step"
+/// and "epoch" records (loss, accuracy, samples/s, ...) and, when "bucket" records (fields
+/// step, bucket, start_ms, end_ms) are present, a timeline of DDP bucket all-reduces.
+/// Atomic (temp file + rename). Throws lockstep::Error naming the path on I/O failure.
+void write_report(const ReportOptions& options);
+
+}  // namespace train
+}  // namespace lockstep

@@ -1,0 +1,373 @@
+// Progress lines, JSON-lines metrics and the HTML/SVG report. No LibTorch headers here.
+#include "lockstep/train/metrics.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "lockstep/errors.h"
+
+namespace lockstep {
+namespace train {
+
+using detail::concat;
+using nlohmann::json;
+
+namespace {
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  auto s = static_cast<long>(seconds + 0.5);
+  char buf[32];
+  if (s >= 3600) {
+    std::snprintf(buf, sizeof(buf), "%ld:%02ld:%02ld", s / 3600, (s / 60) % 60, s % 60);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%ld:%02ld", s / 60, s % 60);
+  }
+  return buf;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Progress
+
+Progress::Progress(ProgressOptions options) : options_(std::move(options)) {
+  enabled_ = options_.rank() == 0;
+  bar_ = enabled_ && (options_.tty() == 1 || (options_.tty() == -1 && ::isatty(STDOUT_FILENO)));
+  start_ = last_print_ = std::chrono::steady_clock::now();
+}
+
+void Progress::update(int64_t step, int64_t samples, double loss) {
+  if (!enabled_) return;
+  if (first_step_ < 0) first_step_ = step - 1;
+  samples_ += samples;
+  ++steps_in_window_;
+  last_step_ = step;
+  last_loss_ = loss;
+  dirty_ = true;
+  auto now = std::chrono::steady_clock::now();
+  double since = std::chrono::duration<double>(now - last_print_).count();
+  double every = bar_ ? 0.2 : options_.every_seconds();
+  bool last = options_.total_steps() > 0 && step >= options_.total_steps();
+  if (since >= every || last) print(step, loss, last);
+}
+
+void Progress::print(int64_t step, double loss, bool final_line) {
+  auto now = std::chrono::steady_clock::now();
+  double elapsed = std::chrono::duration<double>(now - start_).count();
+  double rate = elapsed > 0 ? samples_ / elapsed : 0.0;
+  double steps_per_s = elapsed > 0 ? (step - first_step_) / elapsed : 0.0;
+  const int64_t total = options_.total_steps();
+  double eta = (total > 0 && steps_per_s > 0) ? (total - step) / steps_per_s : -1;
+  char stats[160];
+  std::snprintf(stats, sizeof(stats), "loss %.4f | %.0f samples/s | elapsed %s | ETA %s", loss,
+                rate, format_duration(elapsed).c_str(),
+                total > 0 ? format_duration(eta).c_str() : "?");
+  if (bar_) {
+    const int width = 28;
+    int filled = total > 0 ? static_cast<int>(width * std::min<double>(1.0, double(step) / total)) : 0;
+    std::string bar(filled, '#');
+    bar += std::string(width - filled, '.');
+    std::printf("\r%s [%s] %lld/%lld %s\033[K", options_.label().c_str(), bar.c_str(),
+                static_cast<long long>(step), static_cast<long long>(total), stats);
+    line_open_ = !final_line;
+    if (final_line) std::printf("\n");
+  } else {
+    if (total > 0) {
+      std::printf("%s step %lld/%lld (%.1f%%) %s\n", options_.label().c_str(),
+                  static_cast<long long>(step), static_cast<long long>(total),
+                  100.0 * step / total, stats);
+    } else {
+      std::printf("%s step %lld %s\n", options_.label().c_str(), static_cast<long long>(step),
+                  stats);
+    }
+  }
+  std::fflush(stdout);
+  last_print_ = now;
+  dirty_ = false;
+}
+
+void Progress::finish() {
+  if (!enabled_) return;
+  if (dirty_) print(last_step_, last_loss_, /*final_line=*/false);
+  if (bar_ && line_open_) {
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+  line_open_ = false;
+  dirty_ = false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+MetricsWriter::MetricsWriter(const std::string& path, bool append)
+    : path_(path), start_(std::chrono::steady_clock::now()) {
+  if (path_.empty()) return;
+  out_ = std::make_unique<std::ofstream>(path_, append ? std::ios::app : std::ios::trunc);
+  if (!*out_) {
+    throw Error(concat("could not open metrics file '", path_, "' for writing; check that its "
+                       "directory exists and is writable"));
+  }
+}
+
+MetricsWriter::~MetricsWriter() = default;
+
+void MetricsWriter::write(const MetricRecord& record) {
+  if (!out_) return;
+  json j;
+  j["kind"] = record.kind;
+  j["time"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  for (const auto& kv : record.fields) {
+    j[kv.first] = std::isfinite(kv.second) ? json(kv.second) : json(nullptr);
+  }
+  *out_ << j.dump() << '\n';
+  out_->flush();
+  if (!*out_) throw Error(concat("writing metrics file '", path_, "' failed"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+namespace {
+
+std::string html_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '&': out += "&amp;"; break;
+      case '"': out += "&quot;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string num(double v) {
+  char buf[32];
+  if (v != 0 && (std::fabs(v) >= 1e5 || std::fabs(v) < 1e-3)) {
+    std::snprintf(buf, sizeof(buf), "%.3g", v);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%.4g", v);
+  }
+  return buf;
+}
+
+struct Series {
+  std::vector<double> x, y;
+};
+
+// One line chart, 640x260, with axes, 5 ticks each and the last value in the title.
+std::string line_chart(const std::string& title, const std::string& xlabel,
+                       const std::vector<std::pair<std::string, Series>>& lines) {
+  const double W = 640, H = 260, L = 64, R = 16, T = 28, B = 40;
+  double xmin = std::numeric_limits<double>::infinity(), xmax = -xmin, ymin = xmin, ymax = -xmin;
+  for (const auto& l : lines) {
+    for (size_t i = 0; i < l.second.x.size(); ++i) {
+      xmin = std::min(xmin, l.second.x[i]);
+      xmax = std::max(xmax, l.second.x[i]);
+      ymin = std::min(ymin, l.second.y[i]);
+      ymax = std::max(ymax, l.second.y[i]);
+    }
+  }
+  if (!std::isfinite(xmin)) return "";
+  if (xmax == xmin) xmax = xmin + 1;
+  if (ymax == ymin) {
+    ymax += 0.5 * (std::fabs(ymax) + 1e-9);
+    ymin -= 0.5 * (std::fabs(ymin) + 1e-9);
+  }
+  auto px = [&](double x) { return L + (x - xmin) / (xmax - xmin) * (W - L - R); };
+  auto py = [&](double y) { return T + (ymax - y) / (ymax - ymin) * (H - T - B); };
+  static const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"};
+  std::ostringstream os;
+  os << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
+     << "' viewBox='0 0 " << W << " " << H << "'>";
+  os << "<rect width='100%' height='100%' fill='white' stroke='#ccc'/>";
+  os << "<text x='" << L << "' y='18' font-size='14' font-weight='bold'>" << html_escape(title)
+     << "</text>";
+  for (int i = 0; i <= 4; ++i) {
+    double yv = ymin + (ymax - ymin) * i / 4, xv = xmin + (xmax - xmin) * i / 4;
+    os << "<line x1='" << L << "' x2='" << W - R << "' y1='" << py(yv) << "' y2='" << py(yv)
+       << "' stroke='#eee'/>";
+    os << "<text x='" << L - 4 << "' y='" << py(yv) + 4
+       << "' font-size='10' text-anchor='end'>" << num(yv) << "</text>";
+    os << "<text x='" << px(xv) << "' y='" << H - B + 14
+       << "' font-size='10' text-anchor='middle'>" << num(xv) << "</text>";
+  }
+  os << "<text x='" << (L + W - R) / 2 << "' y='" << H - 8
+     << "' font-size='11' text-anchor='middle'>" << html_escape(xlabel) << "</text>";
+  os << "<rect x='" << L << "' y='" << T << "' width='" << W - L - R << "' height='"
+     << H - T - B << "' fill='none' stroke='#888'/>";
+  int c = 0;
+  double legend_x = W - R - 8;
+  for (const auto& l : lines) {
+    const char* color = colors[c++ % 5];
+    os << "<polyline fill='none' stroke='" << color << "' stroke-width='1.5' points='";
+    for (size_t i = 0; i < l.second.x.size(); ++i) {
+      os << px(l.second.x[i]) << "," << py(l.second.y[i]) << " ";
+    }
+    os << "'/>";
+    if (l.second.x.size() <= 60) {
+      for (size_t i = 0; i < l.second.x.size(); ++i) {
+        os << "<circle cx='" << px(l.second.x[i]) << "' cy='" << py(l.second.y[i])
+           << "' r='2.5' fill='" << color << "'/>";
+      }
+    }
+    os << "<text x='" << legend_x << "' y='" << T + 14 * c << "' font-size='11' fill='" << color
+       << "' text-anchor='end'>" << html_escape(l.first) << " (last "
+       << num(l.second.y.empty() ? 0 : l.second.y.back()) << ")</text>";
+  }
+  os << "</svg>";
+  return os.str();
+}
+
+// A Gantt-style chart: one row per bucket, one bar per all-reduce, for the last few steps.
+std::string bucket_timeline(const std::vector<json>& records) {
+  std::set<double> steps;
+  for (const auto& r : records) steps.insert(r.value("step", 0.0));
+  std::set<double> shown;
+  for (auto it = steps.rbegin(); it != steps.rend() && shown.size() < 3; ++it) shown.insert(*it);
+  double t0 = std::numeric_limits<double>::infinity(), t1 = -t0;
+  int buckets = 0;
+  for (const auto& r : records) {
+    if (!shown.count(r.value("step", 0.0))) continue;
+    t0 = std::min(t0, r.value("start_ms", 0.0));
+    t1 = std::max(t1, r.value("end_ms", 0.0));
+    buckets = std::max(buckets, static_cast<int>(r.value("bucket", 0.0)) + 1);
+  }
+  if (!std::isfinite(t0) || buckets == 0) return "";
+  if (t1 <= t0) t1 = t0 + 1;
+  const double W = 640, L = 64, R = 16, T = 28, row = 16;
+  const double H = T + row * buckets + 30;
+  std::ostringstream os;
+  os << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H << "'>";
+  os << "<rect width='100%' height='100%' fill='white' stroke='#ccc'/>";
+  os << "<text x='" << L << "' y='18' font-size='14' font-weight='bold'>DDP bucket all-reduce "
+        "timeline (last "
+     << shown.size() << " steps)</text>";
+  for (int b = 0; b < buckets; ++b) {
+    os << "<text x='" << L - 4 << "' y='" << T + row * b + 11
+       << "' font-size='10' text-anchor='end'>bucket " << b << "</text>";
+  }
+  for (const auto& r : records) {
+    if (!shown.count(r.value("step", 0.0))) continue;
+    double s = r.value("start_ms", 0.0), e = r.value("end_ms", 0.0);
+    int b = static_cast<int>(r.value("bucket", 0.0));
+    double x = L + (s - t0) / (t1 - t0) * (W - L - R);
+    double w = std::max(1.0, (e - s) / (t1 - t0) * (W - L - R));
+    os << "<rect x='" << x << "' y='" << T + row * b + 2 << "' width='" << w
+       << "' height='" << row - 4 << "' fill='#2ca02c'><title>step " << num(r.value("step", 0.0))
+       << " bucket " << b << ": " << num(e - s) << " ms</title></rect>";
+  }
+  os << "<text x='" << L << "' y='" << H - 8 << "' font-size='10'>0 ms</text>";
+  os << "<text x='" << W - R << "' y='" << H - 8 << "' font-size='10' text-anchor='end'>"
+     << num(t1 - t0) << " ms</text></svg>";
+  return os.str();
+}
+
+}  // namespace
+
+void write_report(const ReportOptions& options) {
+  LOCKSTEP_CHECK(!options.metrics_path().empty() && !options.output_path().empty(),
+                 "write_report needs metrics_path and output_path");
+  std::ifstream in(options.metrics_path());
+  if (!in) throw Error(concat("cannot read metrics file '", options.metrics_path(), "'"));
+  std::map<std::string, std::vector<json>> by_kind;
+  std::string line;
+  size_t lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (line.empty()) continue;
+    try {
+      json j = json::parse(line);
+      by_kind[j.value("kind", std::string("?"))].push_back(std::move(j));
+    } catch (const std::exception& e) {
+      throw Error(concat("metrics file '", options.metrics_path(), "' line ", lineno,
+                         " is not JSON: ", e.what()));
+    }
+  }
+  std::ostringstream html;
+  html << "<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+       << html_escape(options.title())
+       << "</title><style>body{font-family:sans-serif;margin:24px;max-width:1340px}"
+          "svg{margin:6px}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px "
+          "8px}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style></head><body>";
+  html << "<h1>" << html_escape(options.title()) << "</h1>";
+  if (!options.summary().empty()) {
+    html << "<table>";
+    for (const auto& kv : options.summary()) {
+      html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
+           << "</td></tr>";
+    }
+    html << "</table>";
+  }
+  if (!options.preformatted().empty()) {
+    html << "<pre>" << html_escape(options.preformatted()) << "</pre>";
+  }
+  for (const char* kind : {"epoch", "step"}) {
+    auto it = by_kind.find(kind);
+    if (it == by_kind.end()) continue;
+    const std::string xkey = kind;
+    std::vector<std::string> fields;
+    for (const auto& r : it->second) {
+      for (const auto& kv : r.items()) {
+        if (kv.key() == "kind" || kv.key() == "time" || kv.key() == xkey) continue;
+        if (kv.key() == "epoch" && xkey == "step") continue;
+        if (!kv.value().is_number()) continue;
+        if (std::find(fields.begin(), fields.end(), kv.key()) == fields.end()) fields.push_back(kv.key());
+      }
+    }
+    html << "<h2>per " << kind << "</h2><div>";
+    // Losses share one chart; everything else gets its own.
+    std::vector<std::pair<std::string, Series>> losses;
+    for (const auto& f : fields) {
+      Series s;
+      for (const auto& r : it->second) {
+        if (r.contains(f) && r[f].is_number() && r.contains(xkey)) {
+          s.x.push_back(r[xkey].get<double>());
+          s.y.push_back(r[f].get<double>());
+        }
+      }
+      if (f.find("loss") != std::string::npos) {
+        losses.emplace_back(f, std::move(s));
+      } else {
+        html << line_chart(f, kind, {{f, std::move(s)}});
+      }
+    }
+    if (!losses.empty()) html << line_chart("loss", kind, losses);
+    html << "</div>";
+  }
+  auto buckets = by_kind.find("bucket");
+  if (buckets != by_kind.end()) {
+    html << "<h2>DDP communication</h2>" << bucket_timeline(buckets->second);
+  } else {
+    html << "<p><i>No DDP bucket statistics were recorded (single rank, or the run did not "
+            "log them).</i></p>";
+  }
+  html << "<p style='color:#888'>metrics: " << html_escape(options.metrics_path())
+       << "</p></body></html>\n";
+
+  const std::string tmp = options.output_path() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << html.str();
+    out.flush();
+    if (!out) throw Error(concat("could not write report '", tmp, "'"));
+  }
+  if (std::rename(tmp.c_str(), options.output_path().c_str()) != 0) {
+    throw Error(concat("could not rename '", tmp, "' to '", options.output_path(), "'"));
+  }
+}
+
+}  // namespace train
+}  // namespace lockstep

@@ -1,0 +1,343 @@
+// Shared plumbing of the recipes; see recipe.h.
+#include "recipe.h"
+
+#include "lockstep/main.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <csignal>
+#include <mutex>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace lockstep {
+namespace recipe {
+
+using detail::concat;
+using nlohmann::json;
+
+void add_common_options(cxxopts::Options& options, int default_epochs, int default_batch,
+                        double default_lr) {
+  // clang-format off
+  options.add_options("common")
+    ("h,help", "Print this help and exit")
+    ("config", "JSON file of settings: an object whose keys are these long flag names "
+               "(e.g. {\"lr\": 0.01}); flags on the command line override it",
+     cxxopts::value<std::string>()->default_value(""))
+    ("epochs", "Passes over the training data", cxxopts::value<int>()->default_value(std::to_string(default_epochs)))
+    ("batch-size", "Global batch size (split evenly over the ranks; must be divisible by their number)",
+     cxxopts::value<int64_t>()->default_value(std::to_string(default_batch)))
+    ("lr", "Learning rate", cxxopts::value<double>()->default_value(concat(default_lr)))
+    ("seed", "Random seed (model initialisation, data order, dropout)", cxxopts::value<uint64_t>()->default_value("1"))
+    ("threads", "Intra-op threads per rank", cxxopts::value<int>()->default_value("1"))
+    ("out-dir", "Directory for the checkpoint, metrics, report and exported weights",
+     cxxopts::value<std::string>()->default_value("out"))
+    ("checkpoint", "Checkpoint path (default: OUT_DIR/checkpoint.lsck)", cxxopts::value<std::string>()->default_value(""))
+    ("resume", "Resume from the checkpoint when it exists", cxxopts::value<bool>()->default_value("true"))
+    ("checkpoint-every", "Also checkpoint every N steps (0: at the end of each epoch only)",
+     cxxopts::value<int64_t>()->default_value("0"))
+    ("max-steps", "Finish after N steps in total (0: run all epochs)", cxxopts::value<int64_t>()->default_value("0"))
+    ("stop-after", "Testing: act as if preempted after N steps in total (checkpoint, exit 75)",
+     cxxopts::value<int64_t>()->default_value("0"))
+    ("limit-train", "Use only the first N training examples (0: all)", cxxopts::value<int64_t>()->default_value("0"))
+    ("limit-eval", "Use only the first N evaluation examples (0: all)", cxxopts::value<int64_t>()->default_value("0"))
+    ("progress", "Progress display: auto (bar on a terminal), bar or lines",
+     cxxopts::value<std::string>()->default_value("auto"));
+  // clang-format on
+}
+
+namespace {
+
+std::set<std::string> long_names(const cxxopts::Options& options) {
+  std::set<std::string> names;
+  for (const auto& group : options.groups()) {
+    for (const auto& o : options.group_help(group).options) {
+      for (const auto& l : o.l) names.insert(l);
+    }
+  }
+  return names;
+}
+
+std::string scalar_text(const json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  return v.dump();
+}
+
+}  // namespace
+
+cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv) {
+  // Find --config first (cxxopts cannot re-parse, so scan by hand).
+  std::string config_path;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--config" && i + 1 < argc) config_path = argv[i + 1];
+    if (a.rfind("--config=", 0) == 0) config_path = a.substr(9);
+  }
+  std::vector<std::string> args = {argv[0]};
+  if (!config_path.empty()) {
+    std::ifstream in(config_path);
+    if (!in) throw UsageError(concat("cannot read config file '", config_path, "'"));
+    json j;
+    try {
+      in >> j;
+    } catch (const std::exception& e) {
+      throw UsageError(concat("config file '", config_path, "' is not valid JSON: ", e.what()));
+    }
+    if (!j.is_object()) throw UsageError(concat("config file '", config_path, "' must hold a JSON object"));
+    auto known = long_names(options);
+    for (const auto& kv : j.items()) {
+      if (!known.count(kv.key()) || kv.key() == "help" || kv.key() == "config") {
+        throw UsageError(concat("config file '", config_path, "': unknown key '", kv.key(),
+                                "'. Known keys are the long flags listed by --help."));
+      }
+      if (kv.value().is_object() || kv.value().is_array() || kv.value().is_null()) {
+        throw UsageError(concat("config file '", config_path, "': key '", kv.key(),
+                                "' must be a string, number or boolean, but got ", kv.value().dump()));
+      }
+      std::string arg = concat("--", kv.key(), "=", scalar_text(kv.value()));
+      // Parse each key alone first so that a bad value is reported with its key and file.
+      try {
+        std::vector<const char*> one = {argv[0], arg.c_str()};
+        cxxopts::Options probe = options;
+        probe.parse(2, one.data());
+      } catch (const std::exception& e) {
+        throw UsageError(concat("config file '", config_path, "': bad value for '", kv.key(),
+                                "': ", kv.value().dump(), " (", e.what(), ")"));
+      }
+      args.push_back(arg);
+    }
+  }
+  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
+  std::vector<const char*> ptrs;
+  for (const auto& a : args) ptrs.push_back(a.c_str());
+  cxxopts::ParseResult result;
+  try {
+    result = options.parse(static_cast<int>(ptrs.size()), ptrs.data());
+  } catch (const std::exception& e) {
+    throw UsageError(concat(e.what(), ". See --help."));
+  }
+  if (result.count("help")) {
+    std::cout << options.help() << "\nExit codes: 0 finished, 1 error, 2 bad flag or config, "
+                 "75 preempted (checkpoint written; run again to resume).\n";
+    throw HelpShown{};
+  }
+  if (!result.unmatched().empty()) {
+    throw UsageError(concat("unexpected argument '", result.unmatched().front(), "'. See --help."));
+  }
+  return result;
+}
+
+std::map<std::string, std::string> Common::as_config() const {
+  // Run-control flags (stop-after, resume, progress, paths) are left out: a resumed run may
+  // differ in them without being a different experiment.
+  return {{"epochs", std::to_string(epochs)},        {"batch-size", std::to_string(batch_size)},
+          {"lr", concat(lr)},                         {"seed", std::to_string(seed)},
+          {"max-steps", std::to_string(max_steps)},   {"limit-train", std::to_string(limit_train)},
+          {"limit-eval", std::to_string(limit_eval)}};
+}
+
+Common read_common(const cxxopts::ParseResult& r) {
+  Common c;
+  c.epochs = r["epochs"].as<int>();
+  c.batch_size = r["batch-size"].as<int64_t>();
+  c.lr = r["lr"].as<double>();
+  c.seed = r["seed"].as<uint64_t>();
+  c.threads = r["threads"].as<int>();
+  c.out_dir = r["out-dir"].as<std::string>();
+  c.checkpoint = r["checkpoint"].as<std::string>();
+  if (c.checkpoint.empty()) c.checkpoint = c.out_dir + "/checkpoint.lsck";
+  c.resume = r["resume"].as<bool>();
+  c.checkpoint_every = r["checkpoint-every"].as<int64_t>();
+  c.stop_after = r["stop-after"].as<int64_t>();
+  c.max_steps = r["max-steps"].as<int64_t>();
+  c.limit_train = r["limit-train"].as<int64_t>();
+  c.limit_eval = r["limit-eval"].as<int64_t>();
+  std::string p = r["progress"].as<std::string>();
+  if (p == "auto") c.progress = -1;
+  else if (p == "bar") c.progress = 1;
+  else if (p == "lines") c.progress = 0;
+  else throw UsageError(concat("--progress must be auto, bar or lines, but got '", p, "'"));
+  if (c.epochs < 1) throw UsageError(concat("--epochs must be >= 1, but got ", c.epochs));
+  if (c.batch_size < 1) throw UsageError(concat("--batch-size must be >= 1, but got ", c.batch_size));
+  if (!(c.lr > 0)) throw UsageError(concat("--lr must be > 0, but got ", c.lr));
+  if (c.threads < 1) throw UsageError(concat("--threads must be >= 1, but got ", c.threads));
+  for (auto* v : {&c.checkpoint_every, &c.stop_after, &c.max_steps, &c.limit_train, &c.limit_eval}) {
+    if (*v < 0) throw UsageError("step and limit flags must be >= 0");
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+
+namespace {
+volatile std::sig_atomic_t g_stop = 0;
+extern "C" void on_stop_signal(int) { g_stop = 1; }
+}  // namespace
+
+void install_stop_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
+
+bool stop_signalled() { return g_stop != 0; }
+
+bool agree_stop(ProcessGroup& group, bool force) {
+  auto flag = torch::tensor({(stop_signalled() || force) ? 1 : 0}, torch::kInt);
+  if (group.size() > 1) group.allreduce(flag, ReduceOp::kMax)->wait();
+  return flag.item<int>() != 0;
+}
+
+ProcessGroupPtr start(int threads) {
+  torch::set_num_threads(threads);
+  at::set_num_interop_threads(1);
+  return init_process_group();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data order and gradients
+
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ull + static_cast<uint64_t>(epoch));
+  auto perm = torch::randperm(n, gen, torch::kLong);
+  return std::vector<int64_t>(perm.data_ptr<int64_t>(), perm.data_ptr<int64_t>() + n);
+}
+
+std::vector<int64_t> local_batch(const std::vector<int64_t>& order, int64_t batch,
+                                 int64_t global_batch, int rank, int world) {
+  const int64_t local = global_batch / world;
+  const int64_t begin = batch * global_batch + rank * local;
+  if ((batch + 1) * global_batch > static_cast<int64_t>(order.size())) return {};
+  return std::vector<int64_t>(order.begin() + begin, order.begin() + begin + local);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+
+void save(ProcessGroup& group, const std::string& path, const std::string& recipe,
+          torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
+          const std::map<std::string, std::string>& config, const std::string& extra_json) {
+  // Every rank's generator state travels to rank 0 (dropout streams differ per rank).
+  auto gen = at::detail::getDefaultCPUGenerator();
+  torch::Tensor mine;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    mine = gen.get_state().clone();
+  }
+  std::vector<torch::Tensor> states(group.size());
+  for (auto& s : states) s = torch::empty_like(mine);
+  group.allgather(states, mine)->wait();
+  train::Checkpoint ck;
+  if (group.rank() == 0) {
+    json meta = {{"recipe", recipe},
+                 {"epoch", position.epoch},
+                 {"batch", position.batch},
+                 {"step", position.step},
+                 {"world_size", group.size()},
+                 {"config", config},
+                 {"config_hash", train::config_hash(config)},
+                 {"extra", json::parse(extra_json)}};
+    ck.metadata = meta.dump();
+    train::add_module(ck, model);
+    train::add_optimizer(ck, optimizer);
+    for (int r = 0; r < group.size(); ++r) ck.tensors[concat("rng.cpu.rank", r)] = states[r];
+  }
+  train::save_checkpoint(group, path, ck);
+}
+
+bool load(ProcessGroup& group, const std::string& path, const std::string& recipe,
+          torch::nn::Module& model, torch::optim::Optimizer& optimizer, Position& position,
+          const std::map<std::string, std::string>& config, std::string* extra_json) {
+  // All ranks must agree whether there is something to resume from.
+  auto exists = torch::tensor({train::checkpoint_exists(path) ? 1 : 0}, torch::kInt);
+  auto any = exists.clone();
+  if (group.size() > 1) {
+    group.allreduce(exists, ReduceOp::kMin)->wait();
+    group.allreduce(any, ReduceOp::kMax)->wait();
+  }
+  if (any.item<int>() == 0) return false;
+  LOCKSTEP_CHECK(exists.item<int>() == 1, group.where(), " checkpoint '", path,
+                 "' exists on some ranks but not on others; put it on a shared file system or "
+                 "copy it to every host");
+  auto ck = train::load_checkpoint(group, path);
+  json meta = json::parse(ck.metadata);
+  LOCKSTEP_CHECK(meta.value("recipe", "") == recipe, "checkpoint '", path, "' was written by recipe '",
+                 meta.value("recipe", ""), "', not '", recipe, "'; use another --out-dir or --checkpoint");
+  std::map<std::string, std::string> saved = meta.value("config", std::map<std::string, std::string>{});
+  if (saved != config) {
+    std::ostringstream os;
+    os << "checkpoint '" << path << "' was written with another configuration; resume with the "
+          "same settings or start afresh with another --out-dir (--resume=false overwrites it):";
+    std::set<std::string> keys;
+    for (auto& kv : saved) keys.insert(kv.first);
+    for (auto& kv : config) keys.insert(kv.first);
+    for (const auto& k : keys) {
+      auto a = saved.count(k) ? saved.at(k) : "<unset>";
+      auto b = config.count(k) ? config.at(k) : "<unset>";
+      if (a != b) os << "\n  " << k << ": checkpoint has '" << a << "', this run has '" << b << "'";
+    }
+    throw InvalidArgument(os.str());
+  }
+  train::load_module(ck, model);
+  train::load_optimizer(ck, optimizer);
+  position.epoch = meta.at("epoch").get<int64_t>();
+  position.batch = meta.at("batch").get<int64_t>();
+  position.step = meta.at("step").get<int64_t>();
+  if (extra_json) *extra_json = meta.value("extra", json::object()).dump();
+  auto rng = ck.tensors.find(concat("rng.cpu.rank", group.rank()));
+  if (meta.value("world_size", 0) == group.size() && rng != ck.tensors.end()) {
+    train::load_rng_state(ck, rng->first);
+  } else {
+    log_warn(concat("checkpoint '", path, "' was written by ", meta.value("world_size", 0),
+                    " ranks, this run has ", group.size(), ": dropout streams start afresh"));
+    torch::manual_seed(static_cast<uint64_t>(position.step) * 7919 + group.rank());
+  }
+  return true;
+}
+
+void write_ddp_stats(train::MetricsWriter& metrics, int64_t step, const DDPStats& stats) {
+  metrics.write({"ddp", {{"step", double(step)},
+                         {"forward_ms", stats.forward_ms},
+                         {"backward_compute_ms", stats.backward_compute_ms},
+                         {"comm_ms", stats.comm_ms},
+                         {"exposed_comm_ms", stats.exposed_comm_ms}}});
+  for (const auto& b : stats.buckets) {
+    metrics.write({"bucket", {{"step", double(step)},
+                              {"bucket", double(b.index)},
+                              {"bytes", double(b.bytes)},
+                              {"ready_ms", b.ready_ms},
+                              {"start_ms", b.launched_ms},
+                              {"end_ms", b.done_ms}}});
+  }
+}
+
+int run_main(const std::function<int()>& body) {
+  return lockstep::run_main([&]() -> int {
+    try {
+      return body();
+    } catch (const HelpShown&) {
+      return kExitOk;
+    } catch (const UsageError& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      return kExitUsage;
+    }
+  });
+}
+
+std::string seconds_text(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%d:%02d", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  return buf;
+}
+
+}  // namespace recipe
+}  // namespace lockstep

@@ -1,0 +1,330 @@
+// Fashion-MNIST: a two-convolution CNN trained data-parallel on the real dataset
+// (Debian package dataset-fashion-mnist), evaluated on its 10,000 test images.
+//
+//   lockstep-run --nproc-per-node 2 lockstep-fashion-mnist --out-dir out/fashion_mnist
+//
+// Ends by printing the test accuracy and the path of the HTML report. Resumes from
+// OUT_DIR/checkpoint.lsck when present. See recipes/common/recipe.h for exit codes.
+#include <zlib.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include "lockstep/sampler.h"
+#include "lockstep/train/interop.h"
+#include "recipe.h"
+
+using namespace lockstep;
+using lockstep::detail::concat;
+
+namespace {
+
+// Reads a gzip'd IDX file (big-endian header: magic, dimensions; then uint8 data).
+torch::Tensor read_idx_gz(const std::string& path, int expected_dims) {
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (!f) throw InvalidArgument(concat("cannot open '", path, "'; install the Debian package "
+                                       "dataset-fashion-mnist or pass --data-dir"));
+  std::string bytes;
+  char buf[1 << 16];
+  int n;
+  while ((n = gzread(f, buf, sizeof(buf))) > 0) bytes.append(buf, static_cast<size_t>(n));
+  gzclose(f);
+  auto be32 = [&](size_t off) {
+    LOCKSTEP_CHECK(off + 4 <= bytes.size(), "'", path, "' is truncated at offset ", off);
+    const auto* p = reinterpret_cast<const unsigned char*>(bytes.data() + off);
+    return (int64_t(p[0]) << 24) | (int64_t(p[1]) << 16) | (int64_t(p[2]) << 8) | int64_t(p[3]);
+  };
+  int64_t magic = be32(0);
+  LOCKSTEP_CHECK(magic == 0x800 + expected_dims, "'", path, "': expected IDX uint8 magic 0x",
+                 std::hex, 0x800 + expected_dims, ", but got 0x", magic);
+  std::vector<int64_t> dims;
+  int64_t numel = 1;
+  for (int d = 0; d < expected_dims; ++d) {
+    dims.push_back(be32(4 + 4 * d));
+    numel *= dims.back();
+  }
+  size_t start = 4 + 4 * expected_dims;
+  LOCKSTEP_CHECK(bytes.size() == start + static_cast<size_t>(numel), "'", path, "': expected ",
+                 start + numel, " bytes for dimensions, but the file has ", bytes.size());
+  auto t = torch::empty(dims, torch::kUInt8);
+  std::memcpy(t.data_ptr(), bytes.data() + start, static_cast<size_t>(numel));
+  return t;
+}
+
+struct Split {
+  torch::Tensor images;  // N x 1 x 28 x 28 float, normalised
+  torch::Tensor labels;  // N long
+};
+
+Split load_split(const std::string& dir, const std::string& prefix, int64_t limit) {
+  auto images = read_idx_gz(dir + "/" + prefix + "-images-idx3-ubyte.gz", 3);
+  auto labels = read_idx_gz(dir + "/" + prefix + "-labels-idx1-ubyte.gz", 1);
+  LOCKSTEP_CHECK(images.size(0) == labels.size(0), "'", dir, "': ", images.size(0),
+                 " images but ", labels.size(0), " labels in ", prefix);
+  if (limit > 0 && limit < images.size(0)) {
+    images = images.narrow(0, 0, limit);
+    labels = labels.narrow(0, 0, limit);
+  }
+  // Mean and standard deviation of the Fashion-MNIST training pixels.
+  auto x = (images.to(torch::kFloat).div_(255.0).sub_(0.2860).div_(0.3530)).unsqueeze(1);
+  return {x.contiguous(), labels.to(torch::kLong)};
+}
+
+struct NetImpl : torch::nn::Module {
+  NetImpl(int64_t c1, int64_t c2, int64_t hidden, double dropout) {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, c1, 3).padding(1)));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(c1, c2, 3).padding(1)));
+    fc1 = register_module("fc1", torch::nn::Linear(c2 * 7 * 7, hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, 10));
+    drop = register_module("drop", torch::nn::Dropout(dropout));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
+    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
+    x = drop(torch::relu(fc1(x.flatten(1))));
+    return fc2(x);
+  }
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::Dropout drop{nullptr};
+};
+TORCH_MODULE(Net);
+
+// Accuracy and mean loss over `split`, sharded over ranks and summed. Collective.
+std::pair<double, double> evaluate(ProcessGroup& pg, Net& net, const Split& split) {
+  torch::NoGradGuard no_grad;
+  net->eval();
+  const int64_t n = split.images.size(0);
+  const int64_t per = (n + pg.size() - 1) / pg.size();
+  const int64_t begin = std::min(n, per * pg.rank()), end = std::min(n, begin + per);
+  auto sums = torch::zeros({3}, torch::kDouble);  // correct, loss sum, count
+  for (int64_t i = begin; i < end; i += 1000) {
+    int64_t len = std::min<int64_t>(1000, end - i);
+    auto logits = net->forward(split.images.narrow(0, i, len));
+    auto y = split.labels.narrow(0, i, len);
+    sums[0] += logits.argmax(1).eq(y).sum().item<double>();
+    sums[1] += torch::nn::functional::cross_entropy(
+                   logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                   .item<double>();
+    sums[2] += static_cast<double>(len);
+  }
+  if (pg.size() > 1) pg.allreduce(sums)->wait();
+  net->train();
+  double count = std::max(1.0, sums[2].item<double>());
+  return {sums[0].item<double>() / count, sums[1].item<double>() / count};
+}
+
+int run(int argc, char** argv) {
+  cxxopts::Options options("lockstep-fashion-mnist",
+                           "Trains a two-convolution CNN on Fashion-MNIST with lockstep, on 1 or "
+                           "more ranks (launch with lockstep-run or torchrun).");
+  recipe::add_common_options(options, /*epochs=*/3, /*batch=*/64, /*lr=*/1e-3);
+  // clang-format off
+  options.add_options("fashion_mnist")
+    ("data-dir", "Directory of the *-idx?-ubyte.gz files", cxxopts::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"))
+    ("conv1", "Channels of the first convolution", cxxopts::value<int64_t>()->default_value("32"))
+    ("conv2", "Channels of the second convolution", cxxopts::value<int64_t>()->default_value("64"))
+    ("hidden", "Width of the hidden fully-connected layer", cxxopts::value<int64_t>()->default_value("128"))
+    ("dropout", "Dropout before the last layer", cxxopts::value<double>()->default_value("0.25"));
+  // clang-format on
+  auto args = recipe::parse(options, argc, argv);
+  auto common = recipe::read_common(args);
+  const std::string data_dir = args["data-dir"].as<std::string>();
+  const int64_t c1 = args["conv1"].as<int64_t>(), c2 = args["conv2"].as<int64_t>();
+  const int64_t hidden = args["hidden"].as<int64_t>();
+  const double dropout = args["dropout"].as<double>();
+  if (c1 < 1 || c2 < 1 || hidden < 1) throw recipe::UsageError("--conv1, --conv2 and --hidden must be >= 1");
+  if (dropout < 0 || dropout >= 1) throw recipe::UsageError(concat("--dropout must be in [0, 1), but got ", dropout));
+
+  recipe::install_stop_handlers();
+  auto pg = recipe::start(common.threads);
+  const int rank = pg->rank(), world = pg->size();
+  if (common.batch_size % world != 0) {
+    throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ",
+                                    world, " ranks"));
+  }
+  auto config = common.as_config();
+  config["recipe"] = "fashion_mnist";
+  config["conv1"] = std::to_string(c1);
+  config["conv2"] = std::to_string(c2);
+  config["hidden"] = std::to_string(hidden);
+  config["dropout"] = concat(dropout);
+  train::check_config_agreement(*pg, config);  // before step 0, naming any differing keys
+
+  if (rank == 0) ::mkdir(common.out_dir.c_str(), 0755);
+  pg->barrier()->wait();
+  auto train_set = load_split(data_dir, "train", common.limit_train);
+  auto test_set = load_split(data_dir, "t10k", common.limit_eval);
+
+  torch::manual_seed(common.seed);  // same initial weights on every rank
+  Net net(c1, c2, hidden, dropout);
+  torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
+  recipe::Position pos;
+  std::string extra;
+  bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "fashion_mnist", *net,
+                                               optimizer, pos, config, &extra);
+  if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);  // dropout
+  DistributedDataParallel ddp(net, pg);  // averages gradients, overlapped with backward
+
+  // Each rank draws its share of every epoch from the sharded sampler (PyTorch's
+  // DistributedSampler order); drop_last keeps every rank's share equal.
+  const int64_t n = train_set.images.size(0);
+  const int64_t local = common.batch_size / world;
+  ShardedSampler sampler(static_cast<size_t>(n), *pg,
+                         ShardedSamplerOptions().seed(common.seed).shuffle(true).drop_last(true));
+  const int64_t per_epoch = (static_cast<int64_t>(sampler.size()) + local - 1) / local;
+  LOCKSTEP_CHECK(per_epoch > 0, "the training set (", n, " examples) is smaller than the ", world, " ranks");
+  int64_t total = per_epoch * common.epochs;
+  if (common.max_steps > 0) total = std::min(total, common.max_steps);
+  int64_t consumed = 0;  // samples this rank consumed in the current epoch
+  auto sampler_json = [&]() {
+    auto st = sampler.state(consumed);
+    nlohmann::json segs = nlohmann::json::array();
+    for (auto& sg : st.segments) segs.push_back({sg.first, sg.second});
+    return nlohmann::json{{"sampler", {{"epoch", st.epoch}, {"seed", st.seed}, {"shuffle", st.shuffle},
+                                       {"drop_last", st.drop_last}, {"dataset_size", st.dataset_size},
+                                       {"segments", segs}}}}.dump();
+  };
+  bool restore_sampler = false;
+  SamplerState restored;
+  if (resumed) {
+    auto j = nlohmann::json::parse(extra).at("sampler");
+    restored.epoch = j.at("epoch");
+    restored.seed = j.at("seed");
+    restored.shuffle = j.at("shuffle");
+    restored.drop_last = j.at("drop_last");
+    restored.dataset_size = j.at("dataset_size");
+    for (auto& sg : j.at("segments")) restored.segments.emplace_back(sg[0].get<int64_t>(), sg[1].get<int64_t>());
+    restore_sampler = true;
+  }
+
+  const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  train::MetricsWriter metrics(rank == 0 ? metrics_path : "", /*append=*/resumed);
+  train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
+  if (rank == 0) {
+    std::printf("fashion_mnist: %d rank(s), %lld training / %lld test images, global batch %lld, "
+                "%lld steps%s\n",
+                world, static_cast<long long>(n), static_cast<long long>(test_set.images.size(0)),
+                static_cast<long long>(common.batch_size), static_cast<long long>(total),
+                resumed ? concat(", resumed at step ", pos.step).c_str() : "");
+    std::fflush(stdout);
+  }
+
+  auto t_start = std::chrono::steady_clock::now();
+  bool preempted = false;
+  while (pos.step < total && !preempted) {
+    if (restore_sampler) {
+      sampler.load_state(restored);
+      consumed = pos.batch == 0 ? 0 : restored.segments.empty() ? 0 : sampler.position();
+      restore_sampler = false;
+    } else {
+      sampler.set_epoch(pos.epoch);
+      consumed = 0;
+    }
+    progress.set_label(concat("epoch ", pos.epoch + 1, "/", common.epochs));
+    double loss_sum = 0;
+    int64_t loss_count = 0;
+    auto t_epoch = std::chrono::steady_clock::now();
+    while (pos.batch < per_epoch && pos.step < total) {
+      auto next = sampler.next(static_cast<size_t>(local));
+      if (!next) break;
+      std::vector<int64_t> idx(next->begin(), next->end());
+      consumed += static_cast<int64_t>(idx.size());
+      auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
+      auto x = train_set.images.index_select(0, index);
+      auto y = train_set.labels.index_select(0, index);
+      auto t0 = std::chrono::steady_clock::now();
+      optimizer.zero_grad();
+      auto loss = torch::nn::functional::cross_entropy(ddp->forward(x), y);
+      loss.backward();
+      optimizer.step();
+      ++pos.step;
+      ++pos.batch;
+      double l = loss.item<double>();
+      loss_sum += l;
+      ++loss_count;
+      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      progress.update(pos.step, common.batch_size, l);
+      if (pos.step % 20 == 0 || pos.step == total) {
+        metrics.write({"step", {{"step", double(pos.step)}, {"epoch", double(pos.epoch)},
+                                {"loss", l}, {"samples_per_s", common.batch_size / dt}}});
+        if (world > 1) recipe::write_ddp_stats(metrics, pos.step, ddp->last_stats());
+      }
+      bool stop = recipe::agree_stop(*pg, common.stop_after > 0 && pos.step >= common.stop_after);
+      if (stop) {
+        preempted = true;
+        break;
+      }
+      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) {
+        recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
+      }
+    }
+    if (preempted) break;
+    if (pos.batch >= per_epoch) {  // epoch finished: evaluate, checkpoint
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch).count();
+      auto [acc, test_loss] = evaluate(*pg, net, test_set);
+      progress.finish();
+      metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)},
+                               {"train_loss", loss_sum / std::max<int64_t>(1, loss_count)},
+                               {"test_loss", test_loss},
+                               {"test_accuracy", acc},
+                               {"samples_per_s", loss_count * common.batch_size / secs}}});
+      if (rank == 0) {
+        std::printf("epoch %lld: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
+                    static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, loss_count),
+                    test_loss, 100 * acc, recipe::seconds_text(secs).c_str());
+        std::fflush(stdout);
+      }
+      ++pos.epoch;
+      pos.batch = 0;
+      consumed = 0;
+      sampler.set_epoch(pos.epoch);
+    }
+    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
+  }
+  progress.finish();
+  if (preempted) {
+    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
+    if (rank == 0) {
+      std::printf("preempted after step %lld: checkpoint written to %s; run the same command to "
+                  "resume (exit code %d)\n",
+                  static_cast<long long>(pos.step), common.checkpoint.c_str(), recipe::kExitPreempted);
+    }
+    return recipe::kExitPreempted;
+  }
+  auto [acc, test_loss] = evaluate(*pg, net, test_set);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  if (rank == 0) {
+    const std::string weights = common.out_dir + "/fashion_mnist_weights.pt";
+    train::export_weights(*net, weights);
+    const std::string report = common.out_dir + "/report.html";
+    train::write_report(train::ReportOptions()
+                            .metrics_path(metrics_path)
+                            .output_path(report)
+                            .title("lockstep: Fashion-MNIST CNN")
+                            .summary({{"test accuracy", concat(100 * acc, " %")},
+                                      {"test loss", concat(test_loss)},
+                                      {"ranks", std::to_string(world)},
+                                      {"global batch", std::to_string(common.batch_size)},
+                                      {"steps", std::to_string(pos.step)},
+                                      {"config hash", train::config_hash(config)},
+                                      {"weights (torch.load)", weights}}));
+    std::printf("test accuracy: %.2f%% (test loss %.4f, %lld steps, %d rank(s), this run %s)\n",
+                100 * acc, test_loss, static_cast<long long>(pos.step), world,
+                recipe::seconds_text(secs).c_str());
+    std::printf("report: %s\n", report.c_str());
+    std::fflush(stdout);
+  }
+  pg->barrier()->wait();
+  return recipe::kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return recipe::run_main([&] { return run(argc, argv); });
+}
