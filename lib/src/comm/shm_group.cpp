@@ -2,11 +2,13 @@
 #include "comm/shm_group.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -76,6 +78,28 @@ constexpr uint64_t kMagic = 0x6c6f636b73746570ULL;  // "lockstep"
 constexpr size_t kPage = 4096;
 constexpr auto kSpinFor = std::chrono::microseconds(50);
 constexpr auto kMaxSleep = std::chrono::milliseconds(20);
+
+// Note [Spinning only on spare cores]
+// Spinning before sleeping saves a futex round trip (a few microseconds) only when the peer
+// runs on another core at that moment. When the host's ranks already occupy every core (2
+// ranks x 1 intra-op thread on 2 cores, the benchmark's setting), a spinning collective thread
+// takes the core away from a rank's backward pass, which is the very work the peer is waiting
+// for. So the group spins only when the CPUs this process may run on outnumber the threads the
+// host's ranks compute with (ranks x intra-op threads); otherwise it goes straight to the futex.
+// The sleep itself has no periodic wakeups beyond the liveness check every kMaxSleep: an
+// arriving rank wakes sleepers through `waiters` (Note [Shared-memory protocol]).
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+std::chrono::microseconds spin_budget(int local_ranks) {
+  const int busy = local_ranks * std::max(1, at::get_num_threads());
+  return usable_cpus() > busy ? kSpinFor : std::chrono::microseconds(0);
+}
 
 enum class OpKind : uint32_t { kNone = 0, kAllreduce, kBroadcast, kAllgather, kBarrier };
 enum class Fault : uint64_t { kNone = 0, kDied, kDeparted, kTimeout, kMismatch };
@@ -613,8 +637,8 @@ class ShmGroup : public ProcessGroup {
 
   void wait_for(const Call& call, int peer, uint32_t target) {
     auto& line = segment_.line(peer);
-    auto spin_until = std::chrono::steady_clock::now() + kSpinFor;
-    for (int i = 0;; ++i) {
+    auto spin_until = std::chrono::steady_clock::now() + spin_;
+    for (int i = 0; spin_.count() > 0; ++i) {
       if (reached(line.arrive.load(std::memory_order_acquire), target)) return;
       if ((i & 63) == 63) {
         check_abort(call);
@@ -622,7 +646,6 @@ class ShmGroup : public ProcessGroup {
       }
       cpu_relax();
     }
-    auto sleep = std::chrono::microseconds(200);
     while (true) {
       if (reached(line.arrive.load(std::memory_order_acquire), target)) return;
       check_abort(call);
@@ -630,14 +653,13 @@ class ShmGroup : public ProcessGroup {
       if (peers_[peer] && peers_[peer]->dead()) fail(call, Fault::kDied, peer);
       auto now = std::chrono::steady_clock::now();
       if (now >= call.deadline) fail(call, Fault::kTimeout, peer);
-      auto nap = std::min<std::chrono::nanoseconds>(sleep, call.deadline - now);
+      auto nap = std::min<std::chrono::nanoseconds>(kMaxSleep, call.deadline - now);
       line.waiters.fetch_add(1, std::memory_order_seq_cst);
       uint32_t v = line.arrive.load(std::memory_order_seq_cst);
       if (!reached(v, target) && segment_.header()->abort_word.load() == 0) {
         futex_wait(&line.arrive, v, nap);
       }
       line.waiters.fetch_sub(1, std::memory_order_seq_cst);
-      sleep = std::min<std::chrono::microseconds>(sleep * 2, kMaxSleep);
     }
   }
 
@@ -784,6 +806,7 @@ class ShmGroup : public ProcessGroup {
   Segment segment_;
   std::vector<std::unique_ptr<PeerProcess>> peers_;
   uint32_t phase_ = 0;  // only the executor's thread touches it
+  std::chrono::microseconds spin_{spin_budget(size())};  // Note [Spinning only on spare cores]
   FailStop fail_stop_;
   std::unique_ptr<SerialExecutor> executor_;  // last: its thread uses everything above
 };

@@ -2,6 +2,7 @@
 #include "lockstep/data_parallel.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/DeviceGuard.h>
@@ -27,6 +28,13 @@ using detail::concat;
 // (at::set_num_threads acts per thread under OpenMP: it sets the calling thread's
 // omp_set_num_threads; its process-wide default only seeds threads that have not run a
 // parallel region yet, so the caller's count is restored after the workers started).
+// Note [Caller's intra-op threads]
+// at::set_num_threads is not cheap to toggle: besides the calling thread's OpenMP count it
+// resizes LibTorch's process-wide pthreadpool (QNNPACK/XNNPACK) by destroying and re-creating
+// it, which measured ~8 ms for a 1 -> 2 round trip on this 2-core machine: more than a whole
+// small-MLP step. So the per-step scope on the caller's thread (CallerThreads) sets only the
+// thread's own OpenMP count (omp_set_num_threads, what at::get_num_threads and at::parallel_for
+// read under OpenMP builds); other ATen parallel back-ends fall back to at::set_num_threads.
 // OpenBLAS keeps its own process-wide pool, which would let two replicas' GEMMs fight over
 // the same cores; with `scope_blas_threads` a step sets it to threads_per_replica and restores
 // it afterwards.
@@ -69,6 +77,46 @@ struct BlasThreads {
     static BlasThreads blas;
     return blas;
   }
+};
+
+// Sets the calling thread's intra-op thread count for its lifetime, then restores it (Note
+// [Caller's intra-op threads]).
+class CallerThreads {
+ public:
+  explicit CallerThreads(int threads) {
+#if AT_PARALLEL_OPENMP
+    static const auto omp = OmpThreads();
+    if (omp.set) {
+      saved_ = omp.get();
+      if (saved_ != threads) omp.set(threads), set_ = omp.set;
+      return;
+    }
+#endif
+    saved_ = at::get_num_threads();
+    if (saved_ != threads) at::set_num_threads(threads), global_ = true;
+  }
+  ~CallerThreads() {
+    if (set_) set_(saved_);
+    if (global_) at::set_num_threads(saved_);
+  }
+  CallerThreads(const CallerThreads&) = delete;
+  CallerThreads& operator=(const CallerThreads&) = delete;
+
+ private:
+  using SetFn = void (*)(int);
+  using GetFn = int (*)();
+  struct OmpThreads {
+    SetFn set = nullptr;
+    GetFn get = nullptr;
+    OmpThreads() {
+      set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+      get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+      if (!set || !get) set = nullptr, get = nullptr;
+    }
+  };
+  int saved_ = 0;
+  SetFn set_ = nullptr;
+  bool global_ = false;
 };
 
 // Replica threads: run(job) runs job(r) on thread r for every replica and returns when all did.
@@ -116,10 +164,8 @@ class ReplicaThreads {
     }
     cv_.notify_all();
     {
-      const int caller_threads = at::get_num_threads();
-      if (caller_threads != threads_per_replica_) at::set_num_threads(threads_per_replica_);
+      CallerThreads scope(threads_per_replica_);
       job(0);
-      if (caller_threads != threads_per_replica_) at::set_num_threads(caller_threads);
     }
     std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, [&] { return remaining_ == 0; });
