@@ -1,10 +1,10 @@
-// Sales forecasting from a CSV (date, store, promo, holiday, sales): an MLP predicts each
+// Sales forecasting from a CSV (date as YYYYMMDD, store, promo, holiday, sales; all numeric): an MLP predicts each
 // store's next-day sales from the last four weeks, trained data-parallel; reports validation
 // error against the seasonal-naive baseline (the same weekday one week earlier).
 //
 // No Debian package ships a retail sales table, so by default the recipe generates one with
 // the documented process of `generate_sales` below (seeded, so every run and every rank
-// sees the same file) and then reads it back through the CSV reader like any user file.
+// sees the same file) and then reads it back with lockstep::read_csv like any user file.
 // Pass --data FILE.csv with the same columns to use real data.
 //
 //   lockstep-run --nproc-per-node 2 lockstep-sales-forecast --out-dir out/sales
@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
-#include <sstream>
 #include <sys/stat.h>
 
 #include "recipe.h"
@@ -65,7 +64,7 @@ void generate_sales(const std::string& path, int stores, int days, uint64_t seed
                  (prev_promo ? 1.08 : 1.0) * (holiday ? 0.3 : 1.0) * std::exp(noise(rng));
       prev_promo = promo;
       char date[16];
-      std::strftime(date, sizeof(date), "%Y-%m-%d", &t);
+      std::strftime(date, sizeof(date), "%Y%m%d", &t);
       out << date << "," << s << "," << promo << "," << (holiday ? 1 : 0) << ","
           << std::lround(v) << "\n";
     }
@@ -76,86 +75,94 @@ void generate_sales(const std::string& path, int stores, int days, uint64_t seed
   }
 }
 
-struct Table {
-  std::vector<std::string> dates;  // per row
-  std::vector<int64_t> store;
-  std::vector<double> promo, holiday, sales;
-};
-
-// Reads the CSV, checking the header and every field; errors name the file, line and column.
-Table read_csv(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw InvalidArgument(concat("cannot read '", path, "'"));
-  std::string line;
-  std::getline(in, line);
-  if (!line.empty() && line.back() == '\r') line.pop_back();
-  LOCKSTEP_CHECK(line == "date,store,promo,holiday,sales", "'", path,
-                 "': expected the header 'date,store,promo,holiday,sales', but got '", line, "'");
-  Table t;
-  size_t lineno = 1;
-  while (std::getline(in, line)) {
-    ++lineno;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line.empty()) continue;
-    std::vector<std::string> f;
-    std::stringstream ss(line);
-    std::string cell;
-    while (std::getline(ss, cell, ',')) f.push_back(cell);
-    LOCKSTEP_CHECK(f.size() == 5, "'", path, "' line ", lineno, ": expected 5 fields, got ", f.size());
-    try {
-      size_t used = 0;
-      t.store.push_back(std::stoll(f[1], &used));
-      t.promo.push_back(std::stod(f[2]));
-      t.holiday.push_back(std::stod(f[3]));
-      t.sales.push_back(std::stod(f[4]));
-    } catch (const std::exception&) {
-      throw InvalidArgument(concat("'", path, "' line ", lineno, ": a field is not a number: '", line, "'"));
-    }
-    t.dates.push_back(f[0]);
-  }
-  LOCKSTEP_CHECK(!t.sales.empty(), "'", path, "' has no rows");
-  return t;
+// Day number (days since 1970-01-01, a Thursday) of a YYYYMMDD date; InvalidArgument naming
+// the row otherwise.
+int64_t day_number(double yyyymmdd, const std::string& path, int64_t row) {
+  const auto v = static_cast<int64_t>(yyyymmdd);
+  std::tm t{};
+  t.tm_year = static_cast<int>(v / 10000) - 1900;
+  t.tm_mon = static_cast<int>(v / 100 % 100) - 1;
+  t.tm_mday = static_cast<int>(v % 100);
+  t.tm_hour = 12;  // noon: the division below is exact whatever the time zone
+  std::time_t secs = -1;
+  const int mon = t.tm_mon, mday = t.tm_mday;
+  LOCKSTEP_CHECK(static_cast<double>(v) == yyyymmdd && v > 0 && (secs = std::mktime(&t)) != -1 && t.tm_mon == mon &&
+                     t.tm_mday == mday,
+                 "'", path, "' data row ", row + 1, ": expected a date as YYYYMMDD, got ", std::to_string(yyyymmdd));
+  return static_cast<int64_t>(secs) / 86400;
 }
 
 constexpr int kLags = 28;
 
-// One example per (store, day >= kLags): features from the previous four weeks of that store
-// (sales / store mean), the target day's weekday, promo and holiday flags; target = sales /
-// store mean. Rows must be grouped by store and sorted by date (as the generator writes them).
+// Note [Sales features]
+// A plain MLP on raw lags does worse than the seasonal-naive forecast (same weekday last
+// week): it has to rediscover the weekly cycle, and its errors on the level dominate. So the
+// model predicts the *correction* to the naive forecast, on a per-store, causal scale:
+//   scale_i  = mean sales of the store over days [i - 28, i)   (nothing from day i or later)
+//   target   = (sales_i - sales_{i-7}) / scale_i, standardised with the training mean/std
+//   features = sales_{i-k} / scale_i - 1 and promo_{i-k}, holiday_{i-k} for k = 1..28 (so the
+//              model can see why last week's value was high or low), the target day's
+//              weekday (one-hot), promo and holiday
+//   forecast = sales_{i-7} + scale_i * (target_mean + target_std * net(features))
+// The output layer starts at zero, so the untrained model is the naive forecast plus the mean
+// training correction, and training only has to learn what improves on it (averaging the same weekday over four weeks
+// to cancel noise, promotion and holiday effects).
 struct Examples {
-  torch::Tensor x, y, scale, naive;  // naive: sales 7 days earlier (the baseline), raw units
+  torch::Tensor x, y, scale, naive;  // y: raw correction; naive: sales 7 days earlier
+  torch::Tensor truth;               // sales, raw units
   torch::Tensor day;                 // day index within its store, to split by time
 };
 
-Examples build(const Table& t) {
-  std::vector<float> xs, ys, scales, naive, days;
-  const size_t n = t.sales.size();
+// Reads a CSV with the numeric columns date (YYYYMMDD), store, promo (0/1), holiday (0/1),
+// sales, in any order, through lockstep::read_csv. Rows must be grouped by store, with
+// consecutive days in date order (as the generator writes them).
+Examples build(const std::string& path) {
+  auto table = read_csv(path, CsvOptions().dtype(torch::kDouble));
+  auto col = [&](const char* name) {
+    auto c = table.column(name).contiguous();
+    return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+  };
+  const auto date = col("date"), store = col("store"), promo = col("promo"), holiday = col("holiday"),
+             sales = col("sales");
+  const size_t n = sales.size();
+  LOCKSTEP_CHECK(n > 0, "'", path, "' has no rows");
+  std::vector<float> xs, ys, scales, naive, truth, days;
   size_t begin = 0;
   while (begin < n) {
     size_t end = begin;
-    while (end < n && t.store[end] == t.store[begin]) ++end;
-    double mean = 0;
-    for (size_t i = begin; i < end; ++i) mean += t.sales[i];
-    mean = std::max(1.0, mean / (end - begin));
+    while (end < n && store[end] == store[begin]) ++end;
+    const int64_t first_day = day_number(date[begin], path, static_cast<int64_t>(begin));
+    const int first_weekday = static_cast<int>((first_day + 3) % 7);  // 0 = Monday
+    for (size_t i = begin + 1; i < end; ++i) {
+      LOCKSTEP_CHECK(day_number(date[i], path, static_cast<int64_t>(i)) == first_day + static_cast<int64_t>(i - begin),
+                     "'", path, "' data row ", i + 1, ": store ", store[i], "'s date ", static_cast<int64_t>(date[i]),
+                     " is not the day after ", static_cast<int64_t>(date[i - 1]),
+                     "; sort the rows by store, then date, one row per day");
+    }
     for (size_t i = begin + kLags; i < end; ++i) {
-      for (int k = 1; k <= kLags; ++k) xs.push_back(static_cast<float>(t.sales[i - k] / mean));
-      int weekday = static_cast<int>((i - begin) % 7);
+      double scale = 0;
+      for (int k = 1; k <= kLags; ++k) scale += sales[i - k];
+      scale = std::max(1.0, scale / kLags);
+      for (int k = 1; k <= kLags; ++k) xs.push_back(static_cast<float>(sales[i - k] / scale - 1));
+      for (int k = 1; k <= kLags; ++k) xs.push_back(static_cast<float>(promo[i - k]));
+      for (int k = 1; k <= kLags; ++k) xs.push_back(static_cast<float>(holiday[i - k]));
+      const int weekday = static_cast<int>((first_weekday + (i - begin)) % 7);
       for (int w = 0; w < 7; ++w) xs.push_back(w == weekday ? 1.f : 0.f);
-      xs.push_back(static_cast<float>(t.promo[i]));
-      xs.push_back(static_cast<float>(t.promo[i - 1]));
-      xs.push_back(static_cast<float>(t.holiday[i]));
-      xs.push_back(static_cast<float>(t.holiday[i - 7]));
-      ys.push_back(static_cast<float>(t.sales[i] / mean));
-      scales.push_back(static_cast<float>(mean));
-      naive.push_back(static_cast<float>(t.sales[i - 7]));
+      xs.push_back(static_cast<float>(promo[i]));
+      xs.push_back(static_cast<float>(holiday[i]));
+      ys.push_back(static_cast<float>((sales[i] - sales[i - 7]) / scale));
+      scales.push_back(static_cast<float>(scale));
+      naive.push_back(static_cast<float>(sales[i - 7]));
+      truth.push_back(static_cast<float>(sales[i]));
       days.push_back(static_cast<float>(i - begin));
     }
     begin = end;
   }
   const int64_t m = static_cast<int64_t>(ys.size());
-  const int64_t f = kLags + 7 + 4;
-  return {torch::tensor(xs).reshape({m, f}), torch::tensor(ys), torch::tensor(scales),
-          torch::tensor(naive), torch::tensor(days)};
+  LOCKSTEP_CHECK(m > 0, "'", path, "': no store has more than ", kLags, " days of history");
+  const int64_t f = 3 * kLags + 7 + 2;
+  return {torch::tensor(xs).reshape({m, f}), torch::tensor(ys), torch::tensor(scales), torch::tensor(naive),
+          torch::tensor(truth), torch::tensor(days)};
 }
 
 struct MlpImpl : torch::nn::Module {
@@ -163,6 +170,9 @@ struct MlpImpl : torch::nn::Module {
     fc1 = register_module("fc1", torch::nn::Linear(in, hidden));
     fc2 = register_module("fc2", torch::nn::Linear(hidden, hidden));
     out = register_module("out", torch::nn::Linear(hidden, 1));
+    torch::NoGradGuard no_grad;  // Note [Sales features]: start as the naive forecast
+    out->weight.zero_();
+    out->bias.zero_();
   }
   torch::Tensor forward(torch::Tensor x) {
     return out(torch::relu(fc2(torch::relu(fc1(x))))).squeeze(1);
@@ -179,7 +189,7 @@ int run(int argc, char** argv) {
   recipe::add_common_options(options, /*epochs=*/8, /*batch=*/128, /*lr=*/2e-3);
   // clang-format off
   options.add_options("sales_forecast")
-    ("data", "CSV file; empty: generate OUT_DIR/sales.csv (see --stores, --days, --data-seed)", cxxopts::value<std::string>()->default_value(""))
+    ("data", "CSV file with numeric columns date (YYYYMMDD), store, promo, holiday, sales, rows grouped by store in date order; empty: generate OUT_DIR/sales.csv (see --stores, --days, --data-seed)", cxxopts::value<std::string>()->default_value(""))
     ("stores", "Stores in the generated data", cxxopts::value<int>()->default_value("20"))
     ("days", "Days per store in the generated data", cxxopts::value<int>()->default_value("730"))
     ("data-seed", "Seed of the generated data", cxxopts::value<uint64_t>()->default_value("2024"))
@@ -217,13 +227,15 @@ int run(int argc, char** argv) {
   }
   pg->barrier()->wait();
   if (data.empty()) data = common.out_dir + "/sales.csv";
-  auto table = read_csv(data);
-  auto ex = build(table);
+  auto ex = build(data);
   // Time split: for every store, the last val_days days validate.
   auto max_day = ex.day.max().item<float>();
   auto val_mask = ex.day > (max_day - val_days);
   auto train_idx = torch::nonzero(~val_mask).squeeze(1), val_idx = torch::nonzero(val_mask).squeeze(1);
-  auto xtr = ex.x.index_select(0, train_idx), ytr = ex.y.index_select(0, train_idx);
+  auto xtr = ex.x.index_select(0, train_idx), ytr_raw = ex.y.index_select(0, train_idx);
+  // Standardise the target with training statistics only (Note [Sales features]).
+  const double y_mean = ytr_raw.mean().item<double>(), y_std = std::max(1e-6, ytr_raw.std().item<double>());
+  auto ytr = (ytr_raw - y_mean) / y_std;
   int64_t n = xtr.size(0);
   if (common.limit_train > 0) n = std::min(n, common.limit_train);
 
@@ -251,9 +263,9 @@ int run(int argc, char** argv) {
     torch::NoGradGuard no_grad;
     auto xv = ex.x.index_select(0, val_idx);
     auto scale = ex.scale.index_select(0, val_idx);
-    auto truth = ex.y.index_select(0, val_idx) * scale;
-    auto pred = net->forward(xv) * scale;
+    auto truth = ex.truth.index_select(0, val_idx);
     auto naive = ex.naive.index_select(0, val_idx);
+    auto pred = naive + scale * (y_mean + y_std * net->forward(xv));
     auto mae = (pred - truth).abs().mean().item<double>();
     auto rmse = (pred - truth).pow(2).mean().sqrt().item<double>();
     auto nmae = (naive - truth).abs().mean().item<double>();

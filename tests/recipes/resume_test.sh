@@ -5,6 +5,8 @@
 #      then started again: it must resume and end with a checkpoint byte-identical to (1)
 #      (parameters, optimizer state, RNG state, position);
 #   3. a config file with an unknown key and one with a bad value are rejected by name (exit 2).
+# If RECIPE_CHECK is set, it is a Python expression over `r`, the last "epoch" record of run
+# (1)'s metrics.jsonl, that must be true (a quality bar, e.g. the model beats a baseline).
 # Usage: resume_test.sh BINARY WORLD STOP [recipe flags...]
 set -euo pipefail
 bin=$1 world=$2 stop=$3
@@ -39,6 +41,19 @@ echo "== uninterrupted run ($world rank(s))"
 launch --out-dir "$work/a" "$@"
 test -f "$work/a/checkpoint.lsck"
 test -f "$work/a/report.html"
+if [ -n "${RECIPE_CHECK:-}" ]; then
+  /usr/bin/python3 - "$work/a/metrics.jsonl" "$RECIPE_CHECK" <<'PY'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+epochs = [x for x in records if x.get("kind") == "epoch"]
+if not epochs:
+    sys.exit(f"{sys.argv[1]} has no epoch record")
+r = epochs[-1]
+if not eval(sys.argv[2], {}, {"r": r}):
+    sys.exit(f"quality check failed: {sys.argv[2]} with r = {r}")
+print(f"quality check passed: {sys.argv[2]} with r = {r}")
+PY
+fi
 
 echo "== stopped after $stop steps"
 set +e; launch --out-dir "$work/b" --stop-after "$stop" "$@"; code=$?; set -e
