@@ -234,7 +234,11 @@ TEST(ShmSelection, TransportOptionEnvironmentAndAuto) {
                       .transport(transport)
                       .environment(env)
                       .host_id(host_ids[r]);
-      backends[r] = lockstep::init_process_group(opts)->backend();
+      auto pg = lockstep::init_process_group(opts);
+      backends[r] = pg->backend();
+      // Keep the group until every rank has connected: a leader that destroys its Gloo
+      // group early closes sockets a slower leader is still connecting to.
+      pg->barrier()->wait();
     });
     for (int r = 1; r < world; ++r) EXPECT_EQ(backends[r], backends[0]);
     return backends[0];

@@ -171,7 +171,8 @@ std::string host_identity() {
 // Note [Rendezvous checks]
 // Before Gloo connects, every rank announces itself under the group's scoped store:
 //   1. add("claims/<r>", 1): a result above 1 means rank r was claimed twice; the second
-//      claimant sets "duplicate" and fails, and everyone polling sees "duplicate" and fails.
+//      claimant publishes the failure under "abort" (fail_rendezvous), and everyone polling
+//      sees "abort" and fails with that reason; so do the world-size checks below.
 //   2. set("world_size/<r>", W) and add("joined", 1).
 //   3. poll until every rank 0..W-1 has announced, comparing each peer's world size with
 //      ours as soon as it appears (fail fast on a mismatch), and "joined" with W (more ranks
@@ -180,14 +181,37 @@ std::string host_identity() {
 // Polling backs off from 1 ms to 50 ms; the store has no multi-key "wait for any".
 //   The host identity (for the shared-memory transport) is set before "joined", so once
 //   every rank has joined, every "hostid/<r>" can be read without waiting.
+// A rendezvous failure every rank must report: publish it under "abort" so that peers fail
+// with the same reason instead of a later timeout, then linger (at most 2 s) until every rank
+// that joined has seen it, because the rank hosting the store must not exit (taking the store
+// with it) before its peers have read the reason. `joined_self`: this rank is one of "joined".
+[[noreturn]] void fail_rendezvous(Store& store, const std::string& message, bool joined_self) {
+  try {
+    if (!store.check({"abort"})) store.set("abort", message);
+    if (joined_self) {
+      int64_t seen = store.add("abort_seen", 1);
+      auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      while (seen < store.add("joined", 0) && std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        seen = store.add("abort_seen", 0);
+      }
+    }
+  } catch (const Error&) {
+    // The store is gone: nobody is left to tell.
+  }
+  throw InvalidArgument(message);
+}
+
 void rendezvous_checks(Store& store, int rank, int size, std::chrono::milliseconds timeout,
                        const std::string& host_id) {
   auto where = concat("[rank ", rank, "/", size, "]");
   if (store.add(concat("claims/", rank), 1) > 1) {
-    store.set("duplicate", concat(rank, " by ", host_identity()));
-    throw InvalidArgument(concat(where, " rendezvous at ", store.describe(), ": rank ", rank,
-                              " was already claimed by another process. Each process needs a "
-                              "distinct RANK; check the launcher's configuration."));
+    fail_rendezvous(store,
+                    concat(where, " rendezvous at ", store.describe(), ": rank ", rank,
+                           " was already claimed by another process (the second claimant is ",
+                           host_identity(), "). Each process needs a distinct RANK; check the "
+                           "launcher's configuration."),
+                    /*joined_self=*/false);
   }
   store.set(concat("world_size/", rank), concat(size));
   store.set(concat("host/", rank), host_identity());
@@ -199,10 +223,10 @@ void rendezvous_checks(Store& store, int rank, int size, std::chrono::millisecon
   auto deadline = std::chrono::steady_clock::now() + timeout;
   auto backoff = std::chrono::milliseconds(1);
   while (true) {
-    if (store.check({"duplicate"})) {
-      throw InvalidArgument(concat(where, " rendezvous at ", store.describe(), ": rank ",
-                                store.get("duplicate"),
-                                " claimed it a second time. Each process needs a distinct RANK."));
+    if (store.check({"abort"})) {
+      fail_rendezvous(store, concat(where, " rendezvous failed because a peer found: ",
+                                    store.get("abort")),
+                      /*joined_self=*/true);
     }
     for (int peer = 0; peer < size; ++peer) {
       if (seen[peer]) continue;
@@ -210,19 +234,23 @@ void rendezvous_checks(Store& store, int rank, int size, std::chrono::millisecon
       if (!store.check({key})) continue;
       auto theirs = store.get(key);
       if (theirs != concat(size)) {
-        throw InvalidArgument(concat(where, " rendezvous at ", store.describe(),
-                                  ": world sizes disagree: rank ", peer, " says ", theirs,
-                                  ", rank ", rank, " says ", size,
-                                  ". Every rank must be started with the same WORLD_SIZE."));
+        fail_rendezvous(store,
+                        concat(where, " rendezvous at ", store.describe(),
+                               ": world sizes disagree: rank ", peer, " says ", theirs,
+                               ", rank ", rank, " says ", size,
+                               ". Every rank must be started with the same WORLD_SIZE."),
+                        /*joined_self=*/true);
       }
       seen[peer] = true;
       --missing;
     }
     int64_t joined = store.add("joined", 0);
     if (joined > size) {
-      throw InvalidArgument(concat(where, " rendezvous at ", store.describe(), ": ", joined,
-                                " ranks joined a group of world size ", size,
-                                ": some rank was started with a larger WORLD_SIZE."));
+      fail_rendezvous(store,
+                      concat(where, " rendezvous at ", store.describe(), ": ", joined,
+                             " ranks joined a group of world size ", size,
+                             ": some rank was started with a larger WORLD_SIZE."),
+                      /*joined_self=*/true);
     }
     if (missing == 0) return;
     if (std::chrono::steady_clock::now() >= deadline) {
