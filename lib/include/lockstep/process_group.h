@@ -145,6 +145,13 @@ class ProcessGroup {
   uint64_t next_sequence();
   /// Validates the arguments of a collective; throws InvalidArgument naming the operation.
   void check_tensor(const char* op, const at::Tensor& tensor) const;
+  /// Validates allgather's arguments: one output per rank, each a valid tensor shaped and
+  /// typed like `input`. Throws InvalidArgument naming the first mismatch.
+  void check_allgather(const std::vector<at::Tensor>& outputs, const at::Tensor& input) const;
+  /// Validates reduce_scatter's arguments: one input per rank, each shaped and typed like
+  /// `output`. Throws InvalidArgument naming the first mismatch.
+  void check_reduce_scatter(const at::Tensor& output,
+                            const std::vector<at::Tensor>& inputs) const;
 
  private:
   int rank_;

@@ -289,18 +289,7 @@ class GlooGroup : public ProcessGroup {
   }
 
   WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
-    check_tensor("allgather", input);
-    LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
-                   " allgather: expected one output tensor per rank (", size(), "), but got ",
-                   outputs.size(), ".");
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      check_tensor("allgather", outputs[i]);
-      LOCKSTEP_CHECK(outputs[i].sizes() == input.sizes() &&
-                         outputs[i].scalar_type() == input.scalar_type(),
-                     where(), " allgather: expected output ", i, " to match the input (",
-                     input.sizes(), " ", input.scalar_type(), "), but got ", outputs[i].sizes(),
-                     " ", outputs[i].scalar_type(), ".");
-    }
+    check_allgather(outputs, input);
     auto what = describe("allgather", input, "");
     // Gloo 1.13 divides by the element count and dies of SIGFPE on an empty allgather;
     // there is nothing to exchange, so complete locally (every rank takes this branch).

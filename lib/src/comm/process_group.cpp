@@ -103,8 +103,25 @@ void ProcessGroup::check_tensor(const char* op, const at::Tensor& tensor) const 
                  tensor.strides(), ". Call .contiguous() first.");
 }
 
-WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
-                                     ReduceOp op) {
+void ProcessGroup::check_allgather(const std::vector<at::Tensor>& outputs,
+                                   const at::Tensor& input) const {
+  check_tensor("allgather", input);
+  LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
+                 " allgather: expected one output tensor per rank (", size(), "), but got ",
+                 outputs.size(), ".");
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    check_tensor("allgather", outputs[i]);
+    LOCKSTEP_CHECK(outputs[i].sizes() == input.sizes() &&
+                       outputs[i].scalar_type() == input.scalar_type(),
+                   where(), " allgather: expected output ", i, " to match the input (",
+                   input.sizes(), " ", input.scalar_type(), "), but got ", outputs[i].sizes(),
+                   " ", outputs[i].scalar_type(), ".");
+  }
+}
+
+void ProcessGroup::check_reduce_scatter(const at::Tensor& output,
+                                        const std::vector<at::Tensor>& inputs) const {
+  check_tensor("reduce_scatter", output);
   LOCKSTEP_CHECK(static_cast<int>(inputs.size()) == size(), where(),
                  " reduce_scatter: expected one input per rank (", size(), "), but got ",
                  inputs.size(), ".");
@@ -115,7 +132,11 @@ WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::T
                    output.sizes(), " ", output.scalar_type(), "), but got ", inputs[i].sizes(),
                    " ", inputs[i].scalar_type(), ".");
   }
-  check_tensor("reduce_scatter", output);
+}
+
+WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                                     ReduceOp op) {
+  check_reduce_scatter(output, inputs);
   auto flat = at::cat(inputs).contiguous();
   auto inner = allreduce(flat, op);
   auto work = std::make_shared<PromiseWork>();

@@ -557,17 +557,8 @@ class ShmGroup : public ProcessGroup {
 
   WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
     check_cpu("allgather", input);
-    LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
-                   " allgather: expected one output tensor per rank (", size(), "), but got ",
-                   outputs.size(), ".");
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      check_cpu("allgather", outputs[i]);
-      LOCKSTEP_CHECK(outputs[i].sizes() == input.sizes() &&
-                         outputs[i].scalar_type() == input.scalar_type(),
-                     where(), " allgather: expected output ", i, " to match the input (",
-                     input.sizes(), " ", input.scalar_type(), "), but got ", outputs[i].sizes(),
-                     " ", outputs[i].scalar_type(), ".");
-    }
+    for (const auto& out : outputs) check_cpu("allgather", out);
+    check_allgather(outputs, input);
     Call call = make_call(OpKind::kAllgather, input, 0, "");
     at::Tensor in = input;
     std::vector<at::Tensor> outs = outputs;

@@ -269,17 +269,7 @@ class ThreadGroup : public ProcessGroup {
   WorkPtr reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
                          ReduceOp op) override {
     return issue(Kind::kReduceScatter, [&](Op& o) {
-      check_tensor("reduce_scatter", output);
-      LOCKSTEP_CHECK(static_cast<int>(inputs.size()) == size(), where(),
-                     " reduce_scatter: expected one input per rank (", size(), "), but got ",
-                     inputs.size(), ".");
-      for (size_t i = 0; i < inputs.size(); ++i) {
-        LOCKSTEP_CHECK(inputs[i].sizes() == output.sizes() &&
-                           inputs[i].scalar_type() == output.scalar_type(),
-                       where(), " reduce_scatter: expected input ", i, " to match the output (",
-                       output.sizes(), " ", output.scalar_type(), "), but got ",
-                       inputs[i].sizes(), " ", inputs[i].scalar_type(), ".");
-      }
+      check_reduce_scatter(output, inputs);
       LOCKSTEP_CHECK(op != ReduceOp::kAvg || at::isFloatingType(output.scalar_type()), where(),
                      " reduce_scatter: expected a floating tensor for op avg, but got ",
                      output.scalar_type(), ".");
