@@ -374,26 +374,30 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
 
 }  // namespace
 
-ProcessGroupPtr new_gloo_group(int rank, int size, std::shared_ptr<Store> store,
-                               const ProcessGroupOptions& options) {
-  LOCKSTEP_CHECK(store != nullptr, "new_gloo_group: expected a store, but got null.");
-  LOCKSTEP_CHECK(size >= 1 && rank >= 0 && rank < size,
-                 "new_gloo_group: expected 0 <= rank < size, but got rank ", rank, " size ",
-                 size, ".");
+namespace {
+
+// new_gloo_group and new_shm_group: a group of `transport` over a store the caller provides.
+ProcessGroupPtr new_group_over_store(const char* caller, const char* transport, int rank,
+                                     int size, const std::shared_ptr<Store>& store,
+                                     const ProcessGroupOptions& options) {
+  LOCKSTEP_CHECK(store != nullptr, caller, ": expected a store, but got null.");
+  LOCKSTEP_CHECK(size >= 1 && rank >= 0 && rank < size, caller,
+                 ": expected 0 <= rank < size, but got rank ", rank, " size ", size, ".");
   EnvMap env = options.environment().empty() ? process_environment() : options.environment();
   return connect(rank, size, store, options, resolve_timeouts(options, env),
-                 resolve_device(options, env, "127.0.0.1"), "gloo", options.job_id());
+                 resolve_device(options, env, "127.0.0.1"), transport, options.job_id());
+}
+
+}  // namespace
+
+ProcessGroupPtr new_gloo_group(int rank, int size, std::shared_ptr<Store> store,
+                               const ProcessGroupOptions& options) {
+  return new_group_over_store("new_gloo_group", "gloo", rank, size, store, options);
 }
 
 ProcessGroupPtr new_shm_group(int rank, int size, std::shared_ptr<Store> store,
                               const ProcessGroupOptions& options) {
-  LOCKSTEP_CHECK(store != nullptr, "new_shm_group: expected a store, but got null.");
-  LOCKSTEP_CHECK(size >= 1 && rank >= 0 && rank < size,
-                 "new_shm_group: expected 0 <= rank < size, but got rank ", rank, " size ",
-                 size, ".");
-  EnvMap env = options.environment().empty() ? process_environment() : options.environment();
-  return connect(rank, size, store, options, resolve_timeouts(options, env),
-                 resolve_device(options, env, "127.0.0.1"), "shm", options.job_id());
+  return new_group_over_store("new_shm_group", "shm", rank, size, store, options);
 }
 
 ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
