@@ -124,6 +124,66 @@ TEST(DataParallel, GradientsAccumulateLikeBackward) {
   expect_close(grads_of(net), grads_of(ref), "accumulated gradient");
 }
 
+// Layer `fc2` is used only by slices of more than two samples, `idle` never.
+struct BranchyImpl : nn::Cloneable<BranchyImpl> {
+  BranchyImpl() { reset(); }
+  void reset() override {
+    fc1 = register_module("fc1", nn::Linear(4, 3));
+    fc2 = register_module("fc2", nn::Linear(3, 3));
+    idle = register_module("idle", nn::Linear(2, 2));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = fc1->forward(x);
+    return x.size(0) > 2 ? fc2->forward(torch::relu(h)) : h;
+  }
+  nn::Linear fc1{nullptr}, fc2{nullptr}, idle{nullptr};
+};
+
+TEST(DataParallel, ParametersUnusedOnSomeReplicasGetTheOthersGradient) {
+  torch::manual_seed(23);
+  auto net = std::make_shared<BranchyImpl>();
+  auto ref = std::dynamic_pointer_cast<BranchyImpl>(net->clone());
+  DataParallel<BranchyImpl> dp(net, DataParallelOptions().cpu_replicas(2).threads_per_replica(1));
+  auto mse = [](const torch::Tensor& o, const torch::Tensor& y) { return torch::mse_loss(o, y); };
+  net->idle->weight.mutable_grad() = torch::full({2, 2}, 7.0);
+  ref->idle->weight.mutable_grad() = torch::full({2, 2}, 7.0);
+  // Batches of 5 split 3 + 2: replica 1 never uses fc2. Step 1 starts without gradients
+  // (fc1, fc2), step 2 adds to them.
+  for (int step = 0; step < 2; ++step) {
+    auto x = torch::randn({5, 4});
+    auto y = torch::randn({5, 3});
+    dp.train_step(x, y, mse);
+    (mse(ref->forward(x.narrow(0, 0, 3)), y.narrow(0, 0, 3)) * (3.0 / 5) +
+     mse(ref->forward(x.narrow(0, 3, 2)), y.narrow(0, 3, 2)) * (2.0 / 5))
+        .backward();
+    std::vector<torch::Tensor> got, want;
+    for (auto* m : {&net->fc1, &net->fc2}) got.insert(got.end(), {(*m)->weight.grad(), (*m)->bias.grad()});
+    for (auto* m : {&ref->fc1, &ref->fc2}) want.insert(want.end(), {(*m)->weight.grad(), (*m)->bias.grad()});
+    expect_close(got, want, "step " + std::to_string(step));
+    EXPECT_TRUE(torch::equal(net->idle->weight.grad(), torch::full({2, 2}, 7.0)));
+    EXPECT_FALSE(net->idle->bias.grad().defined());
+  }
+}
+
+TEST(DataParallel, GradientKeepsItsTensorAcrossSteps) {
+  torch::manual_seed(29);
+  auto net = make_mlp();
+  DataParallel<Net> dp(net, DataParallelOptions().cpu_replicas(2).threads_per_replica(1));
+  auto mse = [](const torch::Tensor& o, const torch::Tensor& y) { return torch::mse_loss(o, y); };
+  auto b = batch_for(false, 8);
+  dp.train_step(b.x, b.y, mse);
+  std::vector<void*> first;
+  for (auto& p : net->parameters()) first.push_back(p.grad().data_ptr());
+  for (int step = 0; step < 3; ++step) {
+    for (auto& p : net->parameters()) p.mutable_grad().zero_();
+    dp.train_step(b.x, b.y, mse);
+  }
+  auto params = net->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_EQ(params[i].grad().data_ptr(), first[i]) << "parameter " << i << "'s .grad moved";
+  }
+}
+
 TEST(DataParallel, ReplicasAreKeptAndRefreshedInPlace) {
   torch::manual_seed(5);
   auto net = make_mlp();

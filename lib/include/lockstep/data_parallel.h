@@ -24,10 +24,14 @@
 ///   by in-place copy from the primary: their storage never changes.
 /// - `train_step` splits the batch along dimension 0 (sizes differ by at most one; with fewer
 ///   samples than replicas the surplus replicas sit the step out), runs forward, the loss and
-///   backward of every replica concurrently on its own thread, and reduces the replicas'
-///   gradients into the primary's `.grad`, bucketed and overlapped with backward. The result
-///   equals the gradient of the mean loss over the whole batch (with `mean_loss`, the
-///   default), and is *added* to `.grad` like a plain backward() would.
+///   backward of every replica concurrently on its own thread, and sums the replicas'
+///   gradients into the primary's `.grad` piece by piece as backward produces them (idle
+///   replica threads do the summing while the others still compute). The result equals the
+///   gradient of the mean loss over the whole batch (with `mean_loss`, the default), and is
+///   *added* to `.grad` in place like a plain backward() would (a parameter whose .grad was
+///   undefined gets a new tensor).
+/// - A parameter that some replicas do not use in their forward contributes zeros from
+///   them; one that no replica uses keeps its `.grad` unchanged.
 /// - Buffers follow the primary: BatchNorm statistics are computed per replica over its
 ///   slice (as in PyTorch's DataParallel); the primary's running statistics are updated from
 ///   replica 0's slice only, and the other replicas' updates are overwritten at the next
@@ -66,16 +70,19 @@ struct DataParallelOptions {
   /// Intra-op threads of each replica's thread (at::set_num_threads on that thread); 0
   /// (default): cores / number of CPU replicas, at least 1; 1 for CUDA replicas.
   LOCKSTEP_ARG(int, threads_per_replica) = 0;
-  /// Gradient bucket cap in MiB; a bucket is reduced as soon as every replica filled it,
-  /// while backward goes on. Default 1 (in-process reduction needs no large messages).
+  /// Largest unit of gradient-reduction work in MiB: a parameter's gradient is summed over
+  /// the replicas as soon as every replica produced it, in pieces of at most this size that
+  /// idle replica threads share. Default 1.
   LOCKSTEP_ARG(double, bucket_cap_mb) = 1.0;
   /// true (default): the loss function returns the mean over its samples, and replica
   /// gradients are weighted by their share of the batch, so that the result is the gradient
   /// of the full batch's mean loss. false: the loss is a sum over samples, gradients add up.
   LOCKSTEP_ARG(bool, mean_loss) = true;
   /// true (default): while a step runs on CPU replicas, set OpenBLAS's process-wide thread
-  /// count to `threads_per_replica` (restored after the step), so that concurrent GEMMs of
-  /// the replicas do not oversubscribe the cores. No effect without OpenBLAS.
+  /// count to `threads_per_replica` (restored after the step). With a count above 1,
+  /// OpenBLAS runs concurrent GEMMs one at a time under a process-wide lock, so the replicas
+  /// would not compute in parallel at all (Note [OpenBLAS and replica threads] in
+  /// lib/src/dp/data_parallel.cpp). No effect without OpenBLAS (resolved at run time).
   LOCKSTEP_ARG(bool, scope_blas_threads) = true;
 };
 

@@ -9,16 +9,19 @@
 #include <dlfcn.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
-#include <condition_variable>
+#include <atomic>
+#include <chrono>
 #include <mutex>
 #include <thread>
 
 #include "dp/grad_reduction.h"
+#include "dp/spin_wait.h"
 #include "lockstep/log.h"
 
 namespace lockstep {
 
 using detail::concat;
+using dp::SpinWait;
 
 // Note [DataParallel step]
 // Replica 0 is the primary module itself; replicas 1..R-1 are created once and kept. Replica
@@ -35,29 +38,66 @@ using detail::concat;
 // small-MLP step. So the per-step scope on the caller's thread (CallerThreads) sets only the
 // thread's own OpenMP count (omp_set_num_threads, what at::get_num_threads and at::parallel_for
 // read under OpenMP builds); other ATen parallel back-ends fall back to at::set_num_threads.
-// OpenBLAS keeps its own process-wide pool, which would let two replicas' GEMMs fight over
-// the same cores; with `scope_blas_threads` a step sets it to threads_per_replica and restores
-// it afterwards.
+// OpenBLAS's own thread count is process-wide and not touched by at::set_num_threads: see
+// Note [OpenBLAS and replica threads].
+//
+// Note [OpenBLAS and replica threads]
+// LibTorch's CPU matmuls call sgemm/dgemm from the system BLAS, on Debian usually OpenBLAS
+// (libopenblas0-pthread). Its thread count (blas_cpu_number) is one per process, read from
+// OPENBLAS_NUM_THREADS / GOTO_NUM_THREADS / OMP_NUM_THREADS when the library loads, changed
+// only by openblas_set_num_threads. When it is above 1, every GEMM large enough to thread
+// (m*n*k above 262144) goes through the threaded level-3 driver, which in the pthread build
+// holds one process-wide mutex (level3_lock in driver/level3/level3_thread.c, 0.3.x) for the
+// whole call and hands parts to one shared pool of helper threads. Replica threads calling
+// GEMMs concurrently would then run them one at a time, each spread over the same helpers:
+// no parallelism between replicas at all. With the count at 1 the interface calls the
+// single-threaded driver directly on the calling thread, without that lock (perf on the
+// MLP shows only sgemm_nn/sgemm_tn, no thread server, in each replica thread). So with
+// `scope_blas_threads` (the default) a step on CPU replicas sets the count to
+// threads_per_replica through openblas_set_num_threads and restores it afterwards (BlasScope;
+// both functions resolved with dlsym, so lockstep neither links nor needs OpenBLAS). Two
+// limits remain: with threads_per_replica > 1 the replicas' threaded GEMMs still serialise on
+// that lock (give each replica one thread, or use more replicas); and OpenBLAS's helper
+// threads keep polling (sched_yield) for about 2^28 cycles (~0.1 s) after the last threaded
+// GEMM before they sleep, so a program that runs multi-threaded BLAS work (evaluation with
+// intra-op threads) just before DataParallel steps loses part of a core for that long; set
+// OPENBLAS_THREAD_TIMEOUT=4 (before the program starts) to make them sleep almost at once,
+// or OMP_NUM_THREADS=1 when all the BLAS work happens inside DataParallel.
 //
 // train_step(x, y, loss_fn):
 //   1. caller: check the batch, split it (split_sizes), stash the primary's .grad (so that
-//      replica 0's backward starts from none and the step can add to or restore it), copy
-//      the primary's training mode to the replicas.
+//      replica 0's backward starts from none, and the stash is the base the reduction adds
+//      to, or what a failed step restores), copy the primary's training mode to the
+//      replicas, start the reduction's step.
 //   2. every replica thread, concurrently:
 //      a. refresh: copy the primary's parameters (unless shared, Note [Shared parameter
-//         storage]) and buffers into its own, in place; tell the
-//         reduction a step begins (the Reducer's one-time bucket rebuild is a collective);
+//         storage]) and buffers into its own, in place; drop its gradients of the last step;
 //      b. forward on its slice, loss_fn; record an exception instead of throwing;
 //      c. meet the others at a barrier: if any replica failed, all skip backward, so that
-//         no replica waits on a gradient collective that a failed peer will never issue;
-//      d. backward; hooks fill the gradient buckets and launch their reductions (Note
-//         [DataParallel gradient reduction]: one DDP Reducer per replica over a thread
-//         group); finish() waits; replica 0's Reducer writes the primary's .grad. A failure
-//         here aborts the thread group so that the peers stop waiting.
-//   3. caller: restore OpenBLAS, add the stashed gradients back (or restore them on
-//      failure), rethrow the first replica's failure naming it, or return the loss.
-// A replica with no samples (batch smaller than the number of replicas) skips 2b and 2d but
-// still calls finish(), contributing zeros to every bucket.
+//         no replica waits for gradients that a failed peer will never produce;
+//      d. backward of loss * n_r / N; hooks queue the gradients that every replica produced
+//         (Note [DataParallel gradient reduction]); finish() sums queued pieces into the
+//         primary's .grad until all are done. A failure here aborts the reduction so that
+//         the peers stop waiting.
+//   3. caller: restore OpenBLAS, restore the stash where no replica produced a gradient (or
+//      everywhere on failure), rethrow the first replica's failure naming it, or return the
+//      loss.
+// Note [Gradient memory]
+// Autograd allocates every gradient anew each step (it steals the matmul's output). Freeing
+// the last step's gradients before the new ones exist left glibc's malloc with a large free
+// block at the top of the heap, above its trim threshold, which it returned to the kernel;
+// the next backward then faulted every page back in (about 1,500 page faults per step on the
+// MLP, in OpenBLAS's first write to its output). So each replica drops its last step's
+// gradients only at the end of its job, after the new ones were allocated, and replica 0's
+// new gradients (the result lives in the stashed .grad) are kept until the end of the next
+// step: the allocator then reuses their memory in place (about 550 faults per step remain,
+// from the replica threads' arenas). This costs one extra set of gradients per replica in
+// memory, as much as the flat buckets of the first version.
+//
+// A replica with no samples (batch smaller than the number of replicas) skips 2b and the
+// backward of 2d but still calls finish(), helping with the reduction.
+// Every hand-off between the threads spins briefly before it blocks (Note [Spin before
+// blocking] in dp/spin_wait.h).
 
 namespace {
 
@@ -119,104 +159,93 @@ class CallerThreads {
   bool global_ = false;
 };
 
-// Replica threads: run(job) runs job(r) on thread r for every replica and returns when all did.
+// Replica threads: run(job) runs job(r) on thread r for every replica and returns when all
+// did. Every hand-off spins briefly before blocking (Note [Spin before blocking]).
 class ReplicaThreads {
  public:
-  ReplicaThreads(const std::vector<c10::Device>& devices, int threads_per_replica)
-      : size_(static_cast<int>(devices.size())), threads_per_replica_(threads_per_replica) {
+  ReplicaThreads(const std::vector<c10::Device>& devices, int threads_per_replica,
+                 std::chrono::microseconds spin)
+      : size_(static_cast<int>(devices.size())),
+        threads_per_replica_(threads_per_replica),
+        start_(spin),
+        done_(spin),
+        barrier_(spin) {
     const int caller_threads = at::get_num_threads();
-    int started = 0;
+    std::atomic<int> started{0};
+    SpinWait started_wait;
     for (size_t r = 1; r < devices.size(); ++r) {
-      threads_.emplace_back([this, r, threads_per_replica, &started] {
+      threads_.emplace_back([this, r, threads_per_replica, &started, &started_wait] {
         at::init_num_threads();
         at::set_num_threads(threads_per_replica);
-        {
-          std::lock_guard<std::mutex> lock(mutex_);
-          ++started;
-        }
-        cv_.notify_all();
+        started.fetch_add(1, std::memory_order_release);
+        started_wait.notify();
         loop(static_cast<int>(r));
       });
     }
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return started == size_ - 1; });
-    lock.unlock();
+    started_wait.wait([&] { return started.load(std::memory_order_acquire) == size_ - 1; });
     at::set_num_threads(caller_threads);  // see Note [DataParallel step]
   }
 
   ~ReplicaThreads() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    cv_.notify_all();
+    stop_.store(true, std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+    start_.notify();
     for (auto& t : threads_) t.join();
   }
 
   // Runs job(0) on the calling thread (with its intra-op thread count set to the replicas'
   // for the duration) and job(r) on thread r. `job` must not throw.
   void run(const std::function<void(int)>& job) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      remaining_ = size_ - 1;
-      ++generation_;
-    }
-    cv_.notify_all();
+    job_ = &job;
+    remaining_.store(size_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_acq_rel);  // publishes job_ and remaining_
+    start_.notify();
     {
       CallerThreads scope(threads_per_replica_);
       job(0);
     }
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_cv_.wait(lock, [&] { return remaining_ == 0; });
+    done_.wait([&] { return remaining_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;
   }
 
   // Barrier among the replica threads within one job.
   void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    uint64_t round = barrier_round_;
-    if (++barrier_count_ == size_) {
-      barrier_count_ = 0;
-      ++barrier_round_;
-      barrier_cv_.notify_all();
+    const uint64_t round = barrier_round_.load(std::memory_order_acquire);
+    if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) + 1 == size_) {
+      barrier_count_.store(0, std::memory_order_relaxed);
+      barrier_round_.fetch_add(1, std::memory_order_acq_rel);
+      barrier_.notify();
       return;
     }
-    barrier_cv_.wait(lock, [&] { return barrier_round_ != round; });
+    barrier_.wait([&] { return barrier_round_.load(std::memory_order_acquire) != round; });
   }
 
  private:
   void loop(int r) {
     uint64_t seen = 0;
     while (true) {
-      const std::function<void(int)>* job = nullptr;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        job = job_;
-      }
-      (*job)(r);
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (--remaining_ == 0) done_cv_.notify_all();
-      }
+      start_.wait([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_.load(std::memory_order_acquire)) return;
+      (*job_)(r);
+      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify();
     }
   }
 
   int size_;
   int threads_per_replica_;
   std::vector<std::thread> threads_;  // replicas 1..size-1; replica 0 runs on the caller
-  std::mutex mutex_;
-  std::condition_variable cv_, done_cv_, barrier_cv_;
   const std::function<void(int)>* job_ = nullptr;
-  uint64_t generation_ = 0;
-  int remaining_ = 0;
-  bool stop_ = false;
-  int barrier_count_ = 0;
-  uint64_t barrier_round_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> barrier_count_{0};
+  std::atomic<uint64_t> barrier_round_{0};
+  SpinWait start_, done_, barrier_;
 };
+
+// How long a hand-off between replica threads polls before it blocks.
+constexpr int kSpinMicroseconds = 50;
 
 std::string describe(std::exception_ptr e) {
   try {
@@ -267,6 +296,7 @@ struct DataParallelCore::Impl {
   std::vector<std::vector<at::Tensor>> buffers;  // [replica][i]
   std::vector<std::vector<at::Tensor>> all_params;  // [replica][i], every parameter
   std::unique_ptr<dp::GradReduction> reduction;
+  std::vector<at::Tensor> last_fresh;  // Note [Gradient memory]
   std::unique_ptr<ReplicaThreads> threads;
 
   int size() const { return static_cast<int>(modules.size()); }
@@ -414,13 +444,18 @@ DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module
   }
   for (int r = 0; r < m.size(); ++r) m.refresh(r);
 
-  dp::BucketOptions bucket_options;
-  bucket_options.cap_bytes = static_cast<int64_t>(options.bucket_cap_mb() * 1024 * 1024);
-  bucket_options.first_cap_bytes = std::min<int64_t>(bucket_options.cap_bytes, 256 * 1024);
+  // Note [Spin before blocking]: only when every replica thread has a hardware thread.
+  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const auto spin = m.size() * (m.all_cpu ? m.threads_per_replica : 1) <= hardware
+                        ? std::chrono::microseconds(kSpinMicroseconds)
+                        : std::chrono::microseconds(0);
+  dp::ReductionOptions reduction_options;
+  reduction_options.piece_bytes = static_cast<int64_t>(options.bucket_cap_mb() * 1024 * 1024);
+  reduction_options.spin = spin;
   if (!m.params[0].empty()) {
-    m.reduction = dp::make_replica_reduction(m.params, std::move(names), bucket_options);
+    m.reduction = dp::make_replica_reduction(m.params, std::move(names), reduction_options);
   }
-  m.threads = std::make_unique<ReplicaThreads>(m.devices, m.threads_per_replica);
+  m.threads = std::make_unique<ReplicaThreads>(m.devices, m.threads_per_replica, spin);
 }
 
 DataParallelCore::~DataParallelCore() = default;
@@ -470,11 +505,16 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
   auto sizes = split_sizes(n, m.size());
   for (int r = 1; r < m.size(); ++r) m.modules[r]->train(m.modules[0]->is_training());
 
-  // Step 1: stash the primary's gradients.
+  // Step 1: stash the primary's gradients; they are the base of the reduction.
   std::vector<at::Tensor> stash;
   for (auto& p : m.params[0]) {
     stash.push_back(p.grad());
     p.mutable_grad().reset();
+  }
+  if (m.reduction) {
+    std::vector<uint8_t> active(m.size());
+    for (int r = 0; r < m.size(); ++r) active[r] = sizes[r] > 0 ? 1 : 0;
+    m.reduction->start_step(stash, std::move(active));
   }
 
   std::vector<at::Tensor> losses(m.size());
@@ -493,12 +533,15 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
     m.threads->run([&](int r) {
       c10::DeviceGuard guard(m.devices[r]);
       at::Tensor loss;
+      // The last step's gradients of replica r, released when this job ends (Note [Gradient
+      // memory]).
+      std::vector<at::Tensor> last;
       // Steps 2a and 2b.
       try {
         m.refresh(r);
-        if (m.reduction) m.reduction->begin_step(r);
         if (r > 0) {
-          for (auto& p : m.params[r]) p.mutable_grad().reset();
+          last.reserve(m.params[r].size());
+          for (auto& p : m.params[r]) last.push_back(std::move(p.mutable_grad()));
         }
         if (sizes[r] > 0) {
           auto out = m.forward_fn(static_cast<size_t>(r), m.slice(input, sizes, r));
@@ -538,16 +581,19 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
 
   // Step 3.
   if (first_failure >= 0) {
-    if (backward_failed && m.reduction) m.reduction->reset();
     for (size_t i = 0; i < m.params[0].size(); ++i) m.params[0][i].mutable_grad() = stash[i];
     m.rethrow("train_step", first_failure, errors[first_failure]);
   }
+  std::vector<at::Tensor> fresh;  // replica 0's gradients of this step, where not the result
   for (size_t i = 0; i < m.params[0].size(); ++i) {
-    if (!stash[i].defined()) continue;
+    // The reduction wrote base + step into the stashed tensor (undefined: no replica used
+    // the parameter, and the stash is unchanged).
     auto& grad = m.params[0][i].mutable_grad();
-    if (grad.defined()) stash[i].add_(grad);  // undefined: no replica used the parameter
+    if (!stash[i].defined()) continue;
+    if (grad.defined()) fresh.push_back(std::move(grad));
     grad = stash[i];
   }
+  m.last_fresh = std::move(fresh);  // releases the previous step's (Note [Gradient memory])
   at::Tensor total;
   for (int r = 0; r < m.size(); ++r) {
     if (!losses[r].defined()) continue;
