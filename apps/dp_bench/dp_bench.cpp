@@ -1,21 +1,37 @@
 // lockstep-dp-bench: is DataParallel over CPU replicas faster than intra-op threads?
 //
 //   lockstep-dp-bench [--models small_mlp,mlp,deep_mlp,cnn] [--batch 64] [--replicas 2]
-//                     [--steps 10] [--rounds 7] [--warmup 3] [--bucket-cap-mb 1]
+//                     [--steps 20] [--rounds 5] [--warmup 5] [--bucket-cap-mb 1]
+//                     [--json FILE]
 //
 // For each model: A = DataParallel with `replicas` CPU replicas of one intra-op thread each;
-// B = the same module trained directly with `replicas` intra-op threads (at::set_num_threads
-// and OpenBLAS's pool). Same initial weights, same batches, same SGD step. Rounds alternate
-// A B A B ... (`steps` timed steps each, after `warmup`), so machine noise hits both; the table
-// shows median step times over all timed steps and the speedup B/A. One JSON line per model
-// follows for machines (`lockstep-bench` can run this binary as its DataParallel scenario).
-#include <dlfcn.h>
+// B = the same module trained directly with `replicas` intra-op threads. Same initial weights,
+// same batch, same SGD step.
+//
+// Note [How lockstep-dp-bench compares]
+// Every (model, round, scenario) runs in a fresh process (this binary re-executed with
+// --worker), so that nothing one scenario leaves behind (OpenBLAS's helper threads polling
+// for ~0.1 s after a multi-threaded GEMM, OpenMP's spinning workers, the allocator's state)
+// slows the other: the first version timed A and B in one process and A paid for B's
+// polling BLAS helper. Each worker gets the thread environment a user would give it:
+// OMP_NUM_THREADS=1 for A (so OpenBLAS loads with one thread and LibTorch's intra-op pool is
+// 1), OMP_NUM_THREADS=replicas for B (OpenBLAS and LibTorch both use that many). Rounds
+// alternate the order (A B, B A, ...) so that drift in machine load hits both alike. A worker
+// warms up, times `steps` steps, and reports its step times and the CPU time it used per
+// wall-clock second ("cpus": about `replicas` when it had the cores to itself; much less means
+// another process took them, and that round's numbers say little). The table shows the
+// median step time over all timed steps of all rounds, and the speedup B/A (throughput ratio,
+// same batch); the JSON lines add the per-round medians, p10/p90 and cpus.
+#include <sys/resource.h>
+#include <unistd.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -70,15 +86,17 @@ struct NetImpl : nn::Cloneable<NetImpl> {
   std::vector<nn::Linear> layers;
 };
 
-void set_blas_threads(int n) {
-  using SetFn = void (*)(int);
-  static auto set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-  if (set) set(n);
-}
 
 double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
   std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
+  return v[v.size() / 2];
+}
+
+double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
 }
 
 std::vector<std::string> split(const std::string& s) {
@@ -88,81 +106,186 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+double cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+struct Config {
+  std::string models = "small_mlp,mlp,deep_mlp,cnn";
+  int64_t batch = 64;
+  int replicas = 2, steps = 20, rounds = 5, warmup = 5;
+  double bucket_cap_mb = lockstep::DataParallelOptions().bucket_cap_mb();
+  std::string json_path;
+  std::string worker;  // "dp" or "intraop": run one scenario and print its result line
+};
+
+// One scenario in this process; prints "result <cpus> <ms> <ms> ..." on stdout.
+int run_worker(const Config& c, const std::string& model) {
+  torch::manual_seed(0);
+  auto net = std::make_shared<NetImpl>(model);
+  auto x = net->input(c.batch);
+  auto y = torch::randint(0, 10, {c.batch}, torch::kLong);
+  auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& t) {
+    return torch::nn::functional::cross_entropy(out, t);
+  };
+  torch::optim::SGD opt(net->parameters(), 0.01);
+  std::function<void()> step;
+  std::unique_ptr<lockstep::DataParallel<NetImpl>> dp;
+  if (c.worker == "dp") {
+    dp = std::make_unique<lockstep::DataParallel<NetImpl>>(
+        net, lockstep::DataParallelOptions().cpu_replicas(c.replicas).threads_per_replica(1).bucket_cap_mb(
+                 c.bucket_cap_mb));
+    step = [&] {
+      opt.zero_grad();
+      dp->train_step(x, y, loss_fn);
+      opt.step();
+    };
+  } else {
+    at::set_num_threads(c.replicas);
+    step = [&] {
+      opt.zero_grad();
+      loss_fn(net->forward(x), y).backward();
+      opt.step();
+    };
+  }
+  for (int i = 0; i < c.warmup; ++i) step();
+  std::vector<double> ms;
+  const double cpu0 = cpu_seconds();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < c.steps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    step();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("result %.3f", (cpu_seconds() - cpu0) / wall);
+  for (double v : ms) std::printf(" %.4f", v);
+  std::printf("\n");
+  return 0;
+}
+
+struct Run {
+  std::vector<double> ms;
+  double cpus = 0;
+};
+
+// Re-executes this binary as a worker (Note [How lockstep-dp-bench compares]).
+Run spawn_worker(const std::string& self, const Config& c, const std::string& model,
+                 const std::string& kind) {
+  const int threads = kind == "dp" ? 1 : c.replicas;
+  std::ostringstream cmd;
+  cmd << "OMP_NUM_THREADS=" << threads << " '" << self << "' --worker " << kind << " --models "
+      << model << " --batch " << c.batch << " --replicas " << c.replicas << " --steps "
+      << c.steps << " --warmup " << c.warmup << " --bucket-cap-mb " << c.bucket_cap_mb;
+  FILE* pipe = popen(cmd.str().c_str(), "r");
+  if (!pipe) throw std::runtime_error("could not start " + cmd.str());
+  Run run;
+  char line[1 << 16];
+  bool got = false;
+  while (std::fgets(line, sizeof(line), pipe)) {
+    std::istringstream is(line);
+    std::string tag;
+    is >> tag;
+    if (tag != "result") continue;
+    is >> run.cpus;
+    for (double v; is >> v;) run.ms.push_back(v);
+    got = true;
+  }
+  const int status = pclose(pipe);
+  if (!got || status != 0) {
+    throw std::runtime_error("worker failed (exit status " + std::to_string(status) + "): " + cmd.str());
+  }
+  return run;
+}
+
+std::string self_path() {
+  std::vector<char> buf(4096);
+  const ssize_t n = readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+  if (n <= 0) throw std::runtime_error("cannot read /proc/self/exe");
+  return std::string(buf.data(), static_cast<size_t>(n));
+}
+
+std::string load_average() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string models = "small_mlp,mlp,deep_mlp,cnn";
-  int64_t batch = 64;
-  int replicas = 2, steps = 10, rounds = 7, warmup = 3;
-  double bucket_cap_mb = lockstep::DataParallelOptions().bucket_cap_mb();
+  Config c;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
-    if (k == "--models") models = v;
-    else if (k == "--batch") batch = std::stoll(v);
-    else if (k == "--replicas") replicas = std::stoi(v);
-    else if (k == "--steps") steps = std::stoi(v);
-    else if (k == "--rounds") rounds = std::stoi(v);
-    else if (k == "--warmup") warmup = std::stoi(v);
-    else if (k == "--bucket-cap-mb") bucket_cap_mb = std::stod(v);
+    if (k == "--models") c.models = v;
+    else if (k == "--batch") c.batch = std::stoll(v);
+    else if (k == "--replicas") c.replicas = std::stoi(v);
+    else if (k == "--steps") c.steps = std::stoi(v);
+    else if (k == "--rounds") c.rounds = std::stoi(v);
+    else if (k == "--warmup") c.warmup = std::stoi(v);
+    else if (k == "--bucket-cap-mb") c.bucket_cap_mb = std::stod(v);
+    else if (k == "--json") c.json_path = v;
+    else if (k == "--worker") c.worker = v;
     else {
-      std::cerr << "unknown option " << k << "\n";
+      std::cerr << "lockstep-dp-bench: unknown option " << k << "\n";
       return 2;
     }
   }
-  torch::manual_seed(0);
-  std::printf("%-10s %6s %9s %14s %14s %8s\n", "model", "batch", "replicas", "dp ms (1 thr)",
-              "intra-op ms", "speedup");
-  std::vector<std::string> json;
-  for (const auto& name : split(models)) {
-    auto primary = std::make_shared<NetImpl>(name);
-    auto single = std::dynamic_pointer_cast<NetImpl>(primary->clone());
-    lockstep::DataParallel<NetImpl> dp(
-        primary, lockstep::DataParallelOptions().cpu_replicas(replicas).threads_per_replica(1).bucket_cap_mb(
-                     bucket_cap_mb));
-    torch::optim::SGD dp_opt(primary->parameters(), 0.01);
-    torch::optim::SGD single_opt(single->parameters(), 0.01);
-    auto x = primary->input(batch);
-    auto y = torch::randint(0, 10, {batch}, torch::kLong);
-    auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& t) {
-      return torch::nn::functional::cross_entropy(out, t);
-    };
-    auto dp_step = [&] {
-      dp_opt.zero_grad();
-      dp.train_step(x, y, loss_fn);
-      dp_opt.step();
-    };
-    auto single_step = [&] {
-      single_opt.zero_grad();
-      loss_fn(single->forward(x), y).backward();
-      single_opt.step();
-    };
-    at::set_num_threads(replicas);
-    set_blas_threads(replicas);
-    std::vector<double> a_ms, b_ms;
-    auto timed = [&](const std::function<void()>& step, std::vector<double>& out, int n) {
-      for (int i = 0; i < n; ++i) {
-        auto t0 = std::chrono::steady_clock::now();
-        step();
-        out.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  try {
+    if (!c.worker.empty()) return run_worker(c, c.models);
+    const std::string self = self_path();
+    std::printf("load average at start: %s\n", load_average().c_str());
+    std::printf("%-10s %6s %9s %14s %14s %8s %11s\n", "model", "batch", "replicas",
+                "dp ms (1 thr)", "intra-op ms", "speedup", "cpus dp/io");
+    std::vector<std::string> json;
+    for (const auto& model : split(c.models)) {
+      std::vector<double> a_ms, b_ms, a_round, b_round, a_cpus, b_cpus;
+      for (int r = 0; r < c.rounds; ++r) {
+        for (int k = 0; k < 2; ++k) {
+          const bool dp_now = (k == 0) == (r % 2 == 0);
+          Run run = spawn_worker(self, c, model, dp_now ? "dp" : "intraop");
+          auto& all = dp_now ? a_ms : b_ms;
+          all.insert(all.end(), run.ms.begin(), run.ms.end());
+          (dp_now ? a_round : b_round).push_back(median(run.ms));
+          (dp_now ? a_cpus : b_cpus).push_back(run.cpus);
+        }
       }
-    };
-    std::vector<double> sink;
-    timed(dp_step, sink, warmup);
-    timed(single_step, sink, warmup);
-    for (int r = 0; r < rounds; ++r) {
-      timed(dp_step, a_ms, steps);
-      timed(single_step, b_ms, steps);
+      const double a = median(a_ms), b = median(b_ms);
+      std::printf("%-10s %6lld %9d %14.2f %14.2f %7.2fx %5.2f/%4.2f\n", model.c_str(),
+                  static_cast<long long>(c.batch), c.replicas, a, b, b / a, median(a_cpus),
+                  median(b_cpus));
+      std::fflush(stdout);
+      auto list = [](const std::vector<double>& v) {
+        std::ostringstream os;
+        os << "[";
+        for (size_t i = 0; i < v.size(); ++i) os << (i ? "," : "") << v[i];
+        os << "]";
+        return os.str();
+      };
+      std::ostringstream js;
+      js << "{\"model\":\"" << model << "\",\"batch\":" << c.batch << ",\"replicas\":" << c.replicas
+         << ",\"rounds\":" << c.rounds << ",\"steps\":" << c.steps << ",\"dp_median_ms\":" << a
+         << ",\"intraop_median_ms\":" << b << ",\"speedup\":" << b / a
+         << ",\"dp_p10_ms\":" << quantile(a_ms, 0.1) << ",\"dp_p90_ms\":" << quantile(a_ms, 0.9)
+         << ",\"intraop_p10_ms\":" << quantile(b_ms, 0.1)
+         << ",\"intraop_p90_ms\":" << quantile(b_ms, 0.9) << ",\"dp_round_medians_ms\":" << list(a_round)
+         << ",\"intraop_round_medians_ms\":" << list(b_round) << ",\"dp_cpus\":" << list(a_cpus)
+         << ",\"intraop_cpus\":" << list(b_cpus) << "}";
+      json.push_back(js.str());
     }
-    double a = median(a_ms), b = median(b_ms);
-    std::printf("%-10s %6lld %9d %14.2f %14.2f %7.2fx\n", name.c_str(),
-                static_cast<long long>(batch), replicas, a, b, b / a);
-    std::ostringstream js;
-    js << "{\"model\":\"" << name << "\",\"batch\":" << batch << ",\"replicas\":" << replicas
-       << ",\"dp_median_ms\":" << a << ",\"intraop_median_ms\":" << b << ",\"speedup\":" << b / a
-       << ",\"dp_min_ms\":" << *std::min_element(a_ms.begin(), a_ms.end())
-       << ",\"intraop_min_ms\":" << *std::min_element(b_ms.begin(), b_ms.end()) << "}";
-    json.push_back(js.str());
+    std::printf("load average at end: %s\n", load_average().c_str());
+    for (const auto& j : json) std::printf("%s\n", j.c_str());
+    if (!c.json_path.empty()) {
+      std::ofstream out(c.json_path);
+      for (const auto& j : json) out << j << "\n";
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "lockstep-dp-bench: " << e.what() << "\n";
+    return 1;
   }
-  for (const auto& j : json) std::printf("%s\n", j.c_str());
   return 0;
 }
