@@ -2,7 +2,7 @@
 //
 //   lockstep-dp-bench [--models small_mlp,mlp,deep_mlp,cnn] [--batch 64] [--replicas 2]
 //                     [--steps 20] [--rounds 5] [--warmup 5] [--bucket-cap-mb 1]
-//                     [--json FILE]
+//                     [--json FILE] [--dp-omp-threads 1] [--scope-blas 1]
 //
 // For each model: A = DataParallel with `replicas` CPU replicas of one intra-op thread each;
 // B = the same module trained directly with `replicas` intra-op threads. Same initial weights,
@@ -19,7 +19,9 @@
 // alternate the order (A B, B A, ...) so that drift in machine load hits both alike. A worker
 // warms up, times `steps` steps, and reports its step times and the CPU time it used per
 // wall-clock second ("cpus": about `replicas` when it had the cores to itself; much less means
-// another process took them, and that round's numbers say little). The table shows the
+// another process took them, and that round's numbers say little). --dp-omp-threads N and
+// --scope-blas 0 show what Note [OpenBLAS and replica threads] is about: the DataParallel
+// workers then load OpenBLAS with N threads and DataParallel leaves its count alone. The table shows the
 // median step time over all timed steps of all rounds, and the speedup B/A (throughput ratio,
 // same batch); the JSON lines add the per-round medians, p10/p90 and cpus.
 #include <sys/resource.h>
@@ -119,6 +121,8 @@ struct Config {
   int replicas = 2, steps = 20, rounds = 5, warmup = 5;
   double bucket_cap_mb = lockstep::DataParallelOptions().bucket_cap_mb();
   std::string json_path;
+  bool scope_blas = true;   // DataParallelOptions::scope_blas_threads (to show what it does)
+  int dp_omp_threads = 1;   // OMP_NUM_THREADS of the DataParallel workers
   std::string worker;  // "dp" or "intraop": run one scenario and print its result line
 };
 
@@ -137,7 +141,7 @@ int run_worker(const Config& c, const std::string& model) {
   if (c.worker == "dp") {
     dp = std::make_unique<lockstep::DataParallel<NetImpl>>(
         net, lockstep::DataParallelOptions().cpu_replicas(c.replicas).threads_per_replica(1).bucket_cap_mb(
-                 c.bucket_cap_mb));
+                 c.bucket_cap_mb).scope_blas_threads(c.scope_blas));
     step = [&] {
       opt.zero_grad();
       dp->train_step(x, y, loss_fn);
@@ -175,11 +179,12 @@ struct Run {
 // Re-executes this binary as a worker (Note [How lockstep-dp-bench compares]).
 Run spawn_worker(const std::string& self, const Config& c, const std::string& model,
                  const std::string& kind) {
-  const int threads = kind == "dp" ? 1 : c.replicas;
+  const int threads = kind == "dp" ? c.dp_omp_threads : c.replicas;
   std::ostringstream cmd;
   cmd << "OMP_NUM_THREADS=" << threads << " '" << self << "' --worker " << kind << " --models "
       << model << " --batch " << c.batch << " --replicas " << c.replicas << " --steps "
-      << c.steps << " --warmup " << c.warmup << " --bucket-cap-mb " << c.bucket_cap_mb;
+      << c.steps << " --warmup " << c.warmup << " --bucket-cap-mb " << c.bucket_cap_mb
+      << " --scope-blas " << (c.scope_blas ? 1 : 0);
   FILE* pipe = popen(cmd.str().c_str(), "r");
   if (!pipe) throw std::runtime_error("could not start " + cmd.str());
   Run run;
@@ -229,6 +234,8 @@ int main(int argc, char** argv) {
     else if (k == "--warmup") c.warmup = std::stoi(v);
     else if (k == "--bucket-cap-mb") c.bucket_cap_mb = std::stod(v);
     else if (k == "--json") c.json_path = v;
+    else if (k == "--scope-blas") c.scope_blas = v != "0";
+    else if (k == "--dp-omp-threads") c.dp_omp_threads = std::stoi(v);
     else if (k == "--worker") c.worker = v;
     else {
       std::cerr << "lockstep-dp-bench: unknown option " << k << "\n";
