@@ -2,7 +2,7 @@
 //
 //   lockstep-dp-bench [--models small_mlp,mlp,deep_mlp,cnn] [--batch 64] [--replicas 2]
 //                     [--steps 20] [--rounds 5] [--warmup 5] [--bucket-cap-mb 1]
-//                     [--json FILE] [--dp-omp-threads 1] [--scope-blas 1]
+//                     [--retries 2] [--json FILE] [--dp-omp-threads 1] [--scope-blas 1]
 //
 // For each model: A = DataParallel with `replicas` CPU replicas of one intra-op thread each;
 // B = the same module trained directly with `replicas` intra-op threads. Same initial weights,
@@ -18,12 +18,18 @@
 // 1), OMP_NUM_THREADS=replicas for B (OpenBLAS and LibTorch both use that many). Rounds
 // alternate the order (A B, B A, ...) so that drift in machine load hits both alike. A worker
 // warms up, times `steps` steps, and reports its step times and the CPU time it used per
-// wall-clock second ("cpus": about `replicas` when it had the cores to itself; much less means
-// another process took them, and that round's numbers say little). --dp-omp-threads N and
+// wall-clock second ("cpus"), and the CPU time every *other* process used meanwhile, per
+// wall-clock second, from /proc/stat ("others"). A worker with others above 0.25 shared the
+// cores with something else and says little: such a process is "disturbed", rerun (up to
+// --retries times), and left out of the medians if it stays disturbed. Disturbance does not
+// hit both alike: the intra-op reference, whose threads meet at every operator and spin while
+// they wait, slowed down 5-20x when another process held one of two cores, DataParallel about
+// 2x. --dp-omp-threads N and
 // --scope-blas 0 show what Note [OpenBLAS and replica threads] is about: the DataParallel
 // workers then load OpenBLAS with N threads and DataParallel leaves its count alone. The table shows the
 // median step time over all timed steps of all rounds, and the speedup B/A (throughput ratio,
-// same batch); the JSON lines add the per-round medians, p10/p90 and cpus.
+// same batch) over the undisturbed workers; the JSON lines add the per-round medians,
+// p10/p90, cpus, others and the number of disturbed workers.
 #include <sys/resource.h>
 #include <unistd.h>
 #include <torch/torch.h>
@@ -108,6 +114,17 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+// CPU time (seconds) all processes used so far, from /proc/stat's first line.
+double system_busy_seconds() {
+  std::ifstream f("/proc/stat");
+  std::string cpu;
+  f >> cpu;
+  double user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  f >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
+  const double hz = static_cast<double>(sysconf(_SC_CLK_TCK));
+  return (user + nice + system + irq + softirq + steal) / hz;
+}
+
 double cpu_seconds() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -118,7 +135,7 @@ double cpu_seconds() {
 struct Config {
   std::string models = "small_mlp,mlp,deep_mlp,cnn";
   int64_t batch = 64;
-  int replicas = 2, steps = 20, rounds = 5, warmup = 5;
+  int replicas = 2, steps = 20, rounds = 5, warmup = 5, retries = 2;
   double bucket_cap_mb = lockstep::DataParallelOptions().bucket_cap_mb();
   std::string json_path;
   bool scope_blas = true;   // DataParallelOptions::scope_blas_threads (to show what it does)
@@ -126,7 +143,7 @@ struct Config {
   std::string worker;  // "dp" or "intraop": run one scenario and print its result line
 };
 
-// One scenario in this process; prints "result <cpus> <ms> <ms> ..." on stdout.
+// One scenario in this process; prints "result <cpus> <others> <ms> <ms> ..." on stdout.
 int run_worker(const Config& c, const std::string& model) {
   torch::manual_seed(0);
   auto net = std::make_shared<NetImpl>(model);
@@ -158,6 +175,7 @@ int run_worker(const Config& c, const std::string& model) {
   for (int i = 0; i < c.warmup; ++i) step();
   std::vector<double> ms;
   const double cpu0 = cpu_seconds();
+  const double busy0 = system_busy_seconds();
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < c.steps; ++i) {
     auto t0 = std::chrono::steady_clock::now();
@@ -165,15 +183,21 @@ int run_worker(const Config& c, const std::string& model) {
     ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("result %.3f", (cpu_seconds() - cpu0) / wall);
+  const double own = cpu_seconds() - cpu0;
+  const double others = std::max(0.0, system_busy_seconds() - busy0 - own) / wall;
+  std::printf("result %.3f %.3f", own / wall, others);
   for (double v : ms) std::printf(" %.4f", v);
   std::printf("\n");
   return 0;
 }
 
+// Other processes' CPU use (cores) above which a worker's numbers are left out.
+constexpr double kDisturbed = 0.25;
+
 struct Run {
   std::vector<double> ms;
   double cpus = 0;
+  double others = 0;
 };
 
 // Re-executes this binary as a worker (Note [How lockstep-dp-bench compares]).
@@ -195,7 +219,7 @@ Run spawn_worker(const std::string& self, const Config& c, const std::string& mo
     std::string tag;
     is >> tag;
     if (tag != "result") continue;
-    is >> run.cpus;
+    is >> run.cpus >> run.others;
     for (double v; is >> v;) run.ms.push_back(v);
     got = true;
   }
@@ -231,6 +255,7 @@ int main(int argc, char** argv) {
     else if (k == "--replicas") c.replicas = std::stoi(v);
     else if (k == "--steps") c.steps = std::stoi(v);
     else if (k == "--rounds") c.rounds = std::stoi(v);
+    else if (k == "--retries") c.retries = std::stoi(v);
     else if (k == "--warmup") c.warmup = std::stoi(v);
     else if (k == "--bucket-cap-mb") c.bucket_cap_mb = std::stod(v);
     else if (k == "--json") c.json_path = v;
@@ -246,25 +271,33 @@ int main(int argc, char** argv) {
     if (!c.worker.empty()) return run_worker(c, c.models);
     const std::string self = self_path();
     std::printf("load average at start: %s\n", load_average().c_str());
-    std::printf("%-10s %6s %9s %14s %14s %8s %11s\n", "model", "batch", "replicas",
-                "dp ms (1 thr)", "intra-op ms", "speedup", "cpus dp/io");
+    std::printf("%-10s %6s %9s %14s %14s %8s %11s %9s\n", "model", "batch", "replicas",
+                "dp ms (1 thr)", "intra-op ms", "speedup", "cpus dp/io", "disturbed");
     std::vector<std::string> json;
     for (const auto& model : split(c.models)) {
-      std::vector<double> a_ms, b_ms, a_round, b_round, a_cpus, b_cpus;
+      std::vector<double> a_ms, b_ms, a_round, b_round, a_cpus, b_cpus, a_others, b_others;
+      int disturbed = 0;
       for (int r = 0; r < c.rounds; ++r) {
         for (int k = 0; k < 2; ++k) {
           const bool dp_now = (k == 0) == (r % 2 == 0);
-          Run run = spawn_worker(self, c, model, dp_now ? "dp" : "intraop");
+          Run run;
+          for (int attempt = 0; attempt <= c.retries; ++attempt) {
+            run = spawn_worker(self, c, model, dp_now ? "dp" : "intraop");
+            if (run.others <= kDisturbed) break;
+            ++disturbed;
+          }
+          (dp_now ? a_cpus : b_cpus).push_back(run.cpus);
+          (dp_now ? a_others : b_others).push_back(run.others);
+          if (run.others > kDisturbed) continue;
           auto& all = dp_now ? a_ms : b_ms;
           all.insert(all.end(), run.ms.begin(), run.ms.end());
           (dp_now ? a_round : b_round).push_back(median(run.ms));
-          (dp_now ? a_cpus : b_cpus).push_back(run.cpus);
         }
       }
       const double a = median(a_ms), b = median(b_ms);
-      std::printf("%-10s %6lld %9d %14.2f %14.2f %7.2fx %5.2f/%4.2f\n", model.c_str(),
+      std::printf("%-10s %6lld %9d %14.2f %14.2f %7.2fx %5.2f/%4.2f %9d\n", model.c_str(),
                   static_cast<long long>(c.batch), c.replicas, a, b, b / a, median(a_cpus),
-                  median(b_cpus));
+                  median(b_cpus), disturbed);
       std::fflush(stdout);
       auto list = [](const std::vector<double>& v) {
         std::ostringstream os;
@@ -281,7 +314,8 @@ int main(int argc, char** argv) {
          << ",\"intraop_p10_ms\":" << quantile(b_ms, 0.1)
          << ",\"intraop_p90_ms\":" << quantile(b_ms, 0.9) << ",\"dp_round_medians_ms\":" << list(a_round)
          << ",\"intraop_round_medians_ms\":" << list(b_round) << ",\"dp_cpus\":" << list(a_cpus)
-         << ",\"intraop_cpus\":" << list(b_cpus) << "}";
+         << ",\"intraop_cpus\":" << list(b_cpus) << ",\"dp_others\":" << list(a_others)
+         << ",\"intraop_others\":" << list(b_others) << ",\"disturbed\":" << disturbed << "}";
       json.push_back(js.str());
     }
     std::printf("load average at end: %s\n", load_average().c_str());

@@ -1,8 +1,9 @@
 #pragma once
 /// \file
 /// Process groups whose ranks are threads of one process: collectives by direct memory
-/// reduction, no sockets, no store round trips. DataParallel runs its replicas over them; tests
-/// and programs that run ranks as threads can use them too.
+/// reduction, no sockets, no store round trips. For tests and programs that run ranks as
+/// threads (DataParallel sums its replicas' gradients directly instead: a collective's
+/// staging copies cost more than the sum itself in one address space).
 
 #include <chrono>
 #include <vector>

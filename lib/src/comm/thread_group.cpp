@@ -32,8 +32,8 @@ namespace {
 //      ranks 0, 1, ..., size-1 in that order into rank 0's tensor and copies the result to the
 //      others, so every rank holds bitwise the same values whoever ran the slice.
 //   4. The rank finishing the last slice marks the op done and wakes the waiters.
-// `abort` fails every op still waiting for arrivals and every later one: a DataParallel
-// replica that threw mid-backward uses it so that its peers stop waiting.
+// `abort` fails every op still waiting for arrivals and every later one: a rank whose thread
+// failed mid-iteration uses it so that its peers stop waiting.
 
 enum class Kind { kAllreduce, kBroadcast, kAllgather, kReduceScatter, kBarrier };
 
