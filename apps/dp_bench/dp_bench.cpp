@@ -309,7 +309,7 @@ int main(int argc, char** argv) {
       std::ostringstream js;
       js << "{\"model\":\"" << model << "\",\"batch\":" << c.batch << ",\"replicas\":" << c.replicas
          << ",\"rounds\":" << c.rounds << ",\"steps\":" << c.steps << ",\"dp_median_ms\":" << a
-         << ",\"intraop_median_ms\":" << b << ",\"speedup\":" << b / a
+         << ",\"intraop_median_ms\":" << b << ",\"speedup\":" << (a > 0 && b > 0 ? std::to_string(b / a) : "null")
          << ",\"dp_p10_ms\":" << quantile(a_ms, 0.1) << ",\"dp_p90_ms\":" << quantile(a_ms, 0.9)
          << ",\"intraop_p10_ms\":" << quantile(b_ms, 0.1)
          << ",\"intraop_p90_ms\":" << quantile(b_ms, 0.9) << ",\"dp_round_medians_ms\":" << list(a_round)
