@@ -203,6 +203,7 @@ struct ParityConfig {
   bool adam = false;
   int steps = 20;
   DDPOptions options = DDPOptions();
+  std::string transport = "gloo";  // or "shm": buckets reduced in place in shared memory
 };
 
 // W ranks with kBatch samples each vs one process on the concatenated batch (mean loss).
@@ -267,7 +268,7 @@ void check_parity(const ParityConfig& cfg) {
       opt->step();
     }
     finals[r] = clone_all(params);
-  });
+  }, lockstep::ProcessGroupOptions().transport(cfg.transport));
   for (int r = 0; r < world; ++r) {
     expect_close(grads[r], ref_grads, tol, what + " gradients of step 1, rank " +
                                                std::to_string(r));
@@ -326,6 +327,29 @@ TEST(DDPParity, MlpSmallBucketsAndBucketView) {
   }
 }
 
+// The shared-memory transport reduces DDP buckets in place (Note [Shared reduction buffers]):
+// the same parity, with and without gradient_as_bucket_view, several buckets, W = 1..3.
+TEST(DDPParity, MlpOverSharedMemory) {
+  for (int world : {1, 2, 3}) {
+    for (bool view : {false, true}) {
+      for (bool adam : {false, true}) {
+        ParityConfig cfg;
+        cfg.world = world;
+        cfg.adam = adam;
+        cfg.transport = "shm";
+        cfg.options = DDPOptions().bucket_cap_mb(0.002).first_bucket_mb(0.0005)
+                          .gradient_as_bucket_view(view);
+        check_parity<MlpCase>(cfg);
+      }
+    }
+  }
+  ParityConfig cfg;
+  cfg.world = 2;
+  cfg.dtype = torch::kDouble;
+  cfg.transport = "shm";
+  check_parity<MlpCase>(cfg);
+}
+
 TEST(DDPParity, Cnn) {
   for (int world : {1, 2, 3}) {
     for (bool adam : {false, true}) {
@@ -362,6 +386,10 @@ TEST(DDPParity, BranchUnusedOnSomeRanks) {
         cfg.options = DDPOptions().find_unused_parameters(true).gradient_as_bucket_view(view)
                           .first_bucket_mb(0.0001);
         check_parity<BranchCase>(cfg);
+        if (world > 1 && !adam) {  // control elements through the in-place shm reduction
+          cfg.transport = "shm";
+          check_parity<BranchCase>(cfg);
+        }
       }
     }
   }
@@ -640,11 +668,13 @@ TEST(DDP, StatisticsAndTrace) {
       EXPECT_LE(b.ready_ms, b.launched_ms + 1e-9);
       EXPECT_LE(b.launched_ms, b.done_ms + 1e-9);
       EXPECT_EQ(b.dtype, "Float");
+      EXPECT_EQ(b.transport, "gloo");
     }
     EXPECT_EQ(total, (10 * 32 + 32 + 32 * 16 + 16 + 16 * 4 + 4) * 4);
     auto json = s.to_json();
     for (const char* key : {"\"iteration\":3", "\"forward_ms\"", "\"backward_compute_ms\"",
-                            "\"comm_ms\"", "\"exposed_comm_ms\"", "\"buckets\":[{"}) {
+                            "\"comm_ms\"", "\"exposed_comm_ms\"", "\"buckets\":[{",
+                            "\"transport\":\"gloo\""}) {
       EXPECT_NE(json.find(key), std::string::npos) << key << " missing in " << json;
     }
     std::ifstream in(dir + "-rank" + std::to_string(r) + ".json");
@@ -659,6 +689,30 @@ TEST(DDP, StatisticsAndTrace) {
     EXPECT_NE(t.find("\"name\":\"ready\""), std::string::npos);
     EXPECT_NE(t.find("\"name\":\"backward\""), std::string::npos);
     std::remove((dir + "-rank" + std::to_string(r) + ".json").c_str());
+  }
+}
+
+TEST(DDP, StatisticsNameTheSharedMemoryPathOfEachBucket) {
+  std::vector<lockstep::DDPStats> stats(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<Mlp>();
+    DistributedDataParallel ddp(model, pg, DDPOptions().first_bucket_mb(0.001));
+    DistributedDataParallel fp16(std::make_shared<Mlp>(), pg,
+                                 DDPOptions().comm_hook(lockstep::fp16_compress_hook()));
+    for (int step = 0; step < 2; ++step) {
+      torch::mse_loss(ddp->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+      torch::mse_loss(fp16->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+    }
+    stats[pg->rank()] = ddp->last_stats();
+    auto compressed = fp16->last_stats();
+    ASSERT_FALSE(compressed.buckets.empty());
+    EXPECT_EQ(compressed.buckets[0].transport, "fp16 over shm");
+  }, lockstep::ProcessGroupOptions().transport("shm"));
+  for (const auto& s : stats) {
+    ASSERT_GT(s.buckets.size(), 1u);
+    for (const auto& b : s.buckets) EXPECT_EQ(b.transport, "shm (in place)");
   }
 }
 
