@@ -588,7 +588,7 @@ class ShmGroup : public ProcessGroup {
   std::string backend() const override { return "shm"; }
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
-    check_cpu("allreduce", tensor);
+    check_device("allreduce", tensor);
     if (op == ReduceOp::kAvg) {
       LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
                      " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
@@ -599,6 +599,15 @@ class ShmGroup : public ProcessGroup {
                    "bfloat16 or an integer dtype, but got ", tensor.scalar_type(),
                    ". Use LOCKSTEP_TRANSPORT=gloo for other dtypes.");
     const bool avg = op == ReduceOp::kAvg;
+    if (!tensor.device().is_cpu()) {  // Note [Device tensors over shared memory]
+      at::Tensor host = tensor.to(at::kCPU);
+      Call call = make_call(OpKind::kAllreduce, host, static_cast<int32_t>(op), to_string(op));
+      at::Tensor t = tensor;
+      return post([this, call, host, t, fn, avg]() mutable {
+        run_allreduce(call, host, fn, avg);
+        t.copy_(host);
+      });
+    }
     if (auto buffer = find_buffer(tensor)) {  // Note [Shared reduction buffers]
       Call call = make_call(OpKind::kAllreduceShared, tensor, static_cast<int32_t>(op),
                             to_string(op));
@@ -644,19 +653,39 @@ class ShmGroup : public ProcessGroup {
   }
 
   WorkPtr broadcast(at::Tensor& tensor, int root) override {
-    check_cpu("broadcast", tensor);
+    check_device("broadcast", tensor);
     LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected root in [0, ",
                    size() - 1, "], but got ", root, ".");
     Call call = make_call(OpKind::kBroadcast, tensor, root, concat("root ", root));
+    if (!tensor.device().is_cpu()) {  // Note [Device tensors over shared memory]
+      at::Tensor host = rank() == root ? tensor.to(at::kCPU)
+                                       : at::empty(tensor.sizes(), tensor.options().device(at::kCPU));
+      at::Tensor t = tensor;
+      return post([this, call, host, t, root]() mutable {
+        run_broadcast(call, host, root);
+        if (rank() != root) t.copy_(host);
+      });
+    }
     at::Tensor t = tensor;
     return post([this, call, t, root] { run_broadcast(call, t, root); });
   }
 
   WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
-    check_cpu("allgather", input);
-    for (const auto& out : outputs) check_cpu("allgather", out);
+    check_device("allgather", input);
+    for (const auto& out : outputs) check_device("allgather", out);
     check_allgather(outputs, input);
     Call call = make_call(OpKind::kAllgather, input, 0, "");
+    bool on_device = !input.device().is_cpu();
+    for (const auto& out : outputs) on_device = on_device || !out.device().is_cpu();
+    if (on_device) {  // Note [Device tensors over shared memory]
+      at::Tensor in = input.to(at::kCPU);
+      std::vector<at::Tensor> host, outs = outputs;
+      for (size_t i = 0; i < outputs.size(); ++i) host.push_back(at::empty_like(in));
+      return post([this, call, in, host, outs]() mutable {
+        run_allgather(call, in, host);
+        for (size_t i = 0; i < outs.size(); ++i) outs[i].copy_(host[i]);
+      });
+    }
     at::Tensor in = input;
     std::vector<at::Tensor> outs = outputs;
     return post([this, call, in, outs] { run_allgather(call, in, outs); });
@@ -684,11 +713,18 @@ class ShmGroup : public ProcessGroup {
     std::chrono::steady_clock::time_point deadline;
   };
 
-  void check_cpu(const char* op, const at::Tensor& t) const {
+  // Note [Device tensors over shared memory]
+  // A CUDA tensor (a DDP bucket of a model on a GPU, parameters broadcast at construction) is
+  // staged through host memory: the caller's thread copies it to the host, which orders the
+  // copy after the kernels that produced it on the caller's current stream; the collective
+  // runs on the host copy; the executor copies the result back (a blocking copy, so it is on
+  // the device when the Work completes). Gloo stages CUDA tensors the same way. Other devices
+  // are rejected.
+  void check_device(const char* op, const at::Tensor& t) const {
     check_tensor(op, t);
-    LOCKSTEP_CHECK(t.device().is_cpu(), where(), " ", op,
-                   ": the shared-memory transport needs CPU tensors, but got one on ", t.device(),
-                   ".");
+    LOCKSTEP_CHECK(t.device().is_cpu() || t.device().is_cuda(), where(), " ", op,
+                   ": the shared-memory transport takes CPU or CUDA tensors, but got one on ",
+                   t.device(), ". Move it to the CPU, or use LOCKSTEP_TRANSPORT=gloo.");
   }
 
   Call make_call(OpKind kind, const at::Tensor& t, int32_t arg, const std::string& extra) {
