@@ -117,6 +117,7 @@ def main():
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--allreduce-iters", type=int, default=10)
+    ap.add_argument("--gradient-as-bucket-view", action="store_true")
     ap.add_argument("--result", required=True)
     a = ap.parse_args()
 
@@ -126,7 +127,9 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
 
     model = make_model(a.model)
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_cap_mb)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, bucket_cap_mb=a.bucket_cap_mb,
+        gradient_as_bucket_view=a.gradient_as_bucket_view)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
     x, y = make_batch(a.model, a.batch)
 

@@ -7,12 +7,14 @@
 #include <atomic>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 #include <unordered_set>
 
 #include "ddp/reducer.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
+#include "support/process.h"
 #include "support/threads.h"
 
 namespace {
@@ -203,80 +205,116 @@ struct ParityConfig {
   bool adam = false;
   int steps = 20;
   DDPOptions options = DDPOptions();
+  std::string transport = "gloo";  // or "shm": buckets reduced in place in shared memory
+  torch::Device device = torch::kCPU;  // CUDA: model, data and buckets on the GPU
+  double tolerance = 0;                // 0: 1e-5 (float32) or 1e-10 (float64)
 };
 
-// W ranks with kBatch samples each vs one process on the concatenated batch (mean loss).
+// The single-process side of a parity check: the data of every step, the initial weights,
+// and the gradients of step 1 and the final weights of one process on the concatenated batch.
+struct ParityReference {
+  std::vector<std::pair<Tensor, Tensor>> data;
+  std::vector<Tensor> init, grads, final_params;
+};
+
 template <typename Case>
-void check_parity(const ParityConfig& cfg) {
+ParityReference parity_reference(const ParityConfig& cfg) {
   const int world = cfg.world;
-  const double tol = cfg.dtype == torch::kDouble ? 1e-10 : 1e-5;
-  const std::string what = ::testing::UnitTest::GetInstance()->current_test_info()->name() +
-                           std::string(" world ") + std::to_string(world) +
-                           (cfg.adam ? " Adam" : " SGD");
+  ParityReference out;
   torch::manual_seed(7);
   auto ref = std::make_shared<typename Case::Model>();
   ref->to(cfg.dtype);
-  std::vector<std::pair<Tensor, Tensor>> data;
+  ref->to(cfg.device);
   for (int s = 0; s < cfg.steps; ++s) {
     auto d = Case::data(world * kBatch);
     if (d.first.is_floating_point()) d.first = d.first.to(cfg.dtype);
     if (d.second.is_floating_point()) d.second = d.second.to(cfg.dtype);
-    data.push_back(d);
+    out.data.push_back({d.first.to(cfg.device), d.second.to(cfg.device)});
   }
   auto ref_params = unique_params(*ref);
-  auto init = clone_all(ref_params);
-
-  // Single process.
-  std::vector<Tensor> ref_grads;
-  {
-    auto opt = make_optimizer(ref_params, cfg.adam);
-    for (int s = 0; s < cfg.steps; ++s) {
-      opt->zero_grad();
-      std::vector<Tensor> outs;
-      for (int r = 0; r < world; ++r) {
-        auto x = data[s].first.narrow(0, r * kBatch, kBatch);
-        outs.push_back(Case::output([&](auto&&... a) { return ref->forward(a...); }, x, r));
-      }
-      Case::loss(torch::cat(outs), data[s].second).backward();
-      if (s == 0) ref_grads = grads_of(ref_params);
-      opt->step();
+  out.init = clone_all(ref_params);
+  auto opt = make_optimizer(ref_params, cfg.adam);
+  for (int s = 0; s < cfg.steps; ++s) {
+    opt->zero_grad();
+    std::vector<Tensor> outs;
+    for (int r = 0; r < world; ++r) {
+      auto x = out.data[s].first.narrow(0, r * kBatch, kBatch);
+      outs.push_back(Case::output([&](auto&&... a) { return ref->forward(a...); }, x, r));
     }
+    Case::loss(torch::cat(outs), out.data[s].second).backward();
+    if (s == 0) out.grads = grads_of(ref_params);
+    opt->step();
   }
-  auto ref_final = clone_all(ref_params);
+  out.final_params = clone_all(ref_params);
+  return out;
+}
 
-  // DDP. Only rank 0 starts from the reference weights: construction must broadcast them.
-  std::vector<std::vector<Tensor>> finals(world), grads(world);
-  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
-    const int r = pg->rank();
-    auto model = std::make_shared<typename Case::Model>();
-    model->to(cfg.dtype);
-    auto params = unique_params(*model);
-    if (r == 0) {
-      torch::NoGradGuard no_grad;
-      for (size_t i = 0; i < params.size(); ++i) params[i].copy_(init[i]);
-    }
-    DistributedDataParallel ddp(model, pg, cfg.options);
-    auto opt = make_optimizer(params, cfg.adam);
-    for (int s = 0; s < cfg.steps; ++s) {
-      opt->zero_grad();
-      auto x = data[s].first.narrow(0, r * kBatch, kBatch);
-      auto y = data[s].second.narrow(0, r * kBatch, kBatch);
-      auto out = Case::output([&](auto&&... a) { return ddp->forward(a...); }, x, r);
-      Case::loss(out, y).backward();
-      if (s == 0) grads[r] = grads_of(params);
-      opt->step();
-    }
-    finals[r] = clone_all(params);
-  });
-  for (int r = 0; r < world; ++r) {
-    expect_close(grads[r], ref_grads, tol, what + " gradients of step 1, rank " +
-                                               std::to_string(r));
-    expect_close(finals[r], ref_final, tol, what + " parameters, rank " + std::to_string(r));
+// One rank's side: kBatch samples of every step through DDP. Only rank 0 starts from the
+// reference weights: construction must broadcast them. Returns {step-1 grads, final params}.
+template <typename Case>
+std::pair<std::vector<Tensor>, std::vector<Tensor>> parity_rank(
+    const ParityConfig& cfg, const lockstep::ProcessGroupPtr& pg, const ParityReference& ref) {
+  const int r = pg->rank();
+  auto model = std::make_shared<typename Case::Model>();
+  model->to(cfg.dtype);
+  model->to(cfg.device);
+  auto params = unique_params(*model);
+  if (r == 0) {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(ref.init[i]);
+  }
+  DistributedDataParallel ddp(model, pg, cfg.options);
+  auto opt = make_optimizer(params, cfg.adam);
+  std::vector<Tensor> grads;
+  for (int s = 0; s < cfg.steps; ++s) {
+    opt->zero_grad();
+    auto x = ref.data[s].first.narrow(0, r * kBatch, kBatch);
+    auto y = ref.data[s].second.narrow(0, r * kBatch, kBatch);
+    auto out = Case::output([&](auto&&... a) { return ddp->forward(a...); }, x, r);
+    Case::loss(out, y).backward();
+    if (s == 0) grads = grads_of(params);
+    opt->step();
+  }
+  return {grads, clone_all(params)};
+}
+
+double parity_tolerance(const ParityConfig& cfg) {
+  return cfg.tolerance > 0 ? cfg.tolerance : cfg.dtype == torch::kDouble ? 1e-10 : 1e-5;
+}
+
+std::string parity_label(const ParityConfig& cfg) {
+  return ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+         std::string(" world ") + std::to_string(cfg.world) + (cfg.adam ? " Adam" : " SGD") +
+         " " + cfg.transport + (cfg.options.gradient_as_bucket_view() ? " view" : " copy") +
+         (cfg.dtype == torch::kDouble ? " float64" : "");
+}
+
+void expect_parity(const ParityConfig& cfg, const ParityReference& ref,
+                   const std::vector<std::vector<Tensor>>& grads,
+                   const std::vector<std::vector<Tensor>>& finals) {
+  const double tol = parity_tolerance(cfg);
+  const std::string what = parity_label(cfg);
+  for (int r = 0; r < cfg.world; ++r) {
+    expect_close(grads[r], ref.grads, tol, what + " gradients of step 1, rank " +
+                                              std::to_string(r));
+    expect_close(finals[r], ref.final_params, tol, what + " parameters, rank " +
+                                                      std::to_string(r));
     for (size_t i = 0; i < finals[r].size() && r > 0; ++i) {
       EXPECT_TRUE(torch::equal(finals[r][i], finals[0][i]))
           << what << ": parameter " << i << " differs bitwise between rank 0 and rank " << r;
     }
   }
+}
+
+// W ranks (threads) with kBatch samples each vs one process on the concatenated batch.
+template <typename Case>
+void check_parity(const ParityConfig& cfg) {
+  auto ref = parity_reference<Case>(cfg);
+  std::vector<std::vector<Tensor>> finals(cfg.world), grads(cfg.world);
+  with_groups(cfg.world, [&](const lockstep::ProcessGroupPtr& pg) {
+    std::tie(grads[pg->rank()], finals[pg->rank()]) = parity_rank<Case>(cfg, pg, ref);
+  }, lockstep::ProcessGroupOptions().transport(cfg.transport));
+  expect_parity(cfg, ref, grads, finals);
 }
 
 std::string message_of(const std::function<void()>& fn) {
@@ -326,6 +364,107 @@ TEST(DDPParity, MlpSmallBucketsAndBucketView) {
   }
 }
 
+// The shared-memory transport reduces DDP buckets in place (Note [Shared reduction buffers]):
+// the same parity, with and without gradient_as_bucket_view, several buckets, W = 1..3.
+TEST(DDPParity, MlpOverSharedMemory) {
+  for (int world : {1, 2, 3}) {
+    for (bool view : {false, true}) {
+      for (bool adam : {false, true}) {
+        ParityConfig cfg;
+        cfg.world = world;
+        cfg.adam = adam;
+        cfg.transport = "shm";
+        cfg.options = DDPOptions().bucket_cap_mb(0.002).first_bucket_mb(0.0005)
+                          .gradient_as_bucket_view(view);
+        check_parity<MlpCase>(cfg);
+      }
+    }
+  }
+  ParityConfig cfg;
+  cfg.world = 2;
+  cfg.dtype = torch::kDouble;
+  cfg.transport = "shm";
+  check_parity<MlpCase>(cfg);
+}
+
+// Note [CUDA buckets]: buckets on the GPU, reduced through Gloo (which stages them via host
+// memory) and through the shared-memory group (Note [Device tensors over shared memory]).
+// The ranks are processes (this binary re-run with DDPCudaRank.Run): as threads of one process
+// they would share autograd's single worker thread for GPU 0, and one rank's end-of-backward
+// wait would block the other's backward. Both ranks use GPU 0. Runs only with CUDA and a GPU.
+ParityConfig cuda_config(const std::string& transport, bool view, bool dbl) {
+  ParityConfig cfg;
+  cfg.world = 2;
+  cfg.steps = 10;
+  cfg.device = torch::Device(torch::kCUDA, 0);
+  cfg.transport = transport;
+  cfg.dtype = dbl ? torch::kDouble : torch::kFloat;
+  cfg.tolerance = dbl ? 1e-10 : 1e-4;  // float32 GPU kernels are not bitwise the CPU's
+  cfg.options = DDPOptions().first_bucket_mb(0.0005).gradient_as_bucket_view(view);
+  return cfg;
+}
+
+// One rank (this process) of every configuration of DDPParity.MlpOnCuda, self-checking:
+// gradients and weights against the single-process reference it recomputes (same seed), and
+// the final weights bitwise against rank 0's (broadcast through the group). Normally spawned
+// by MlpOnCuda; a launcher may also start the two ranks itself (LOCKSTEP_TEST_CUDA_DIR a
+// shared empty directory, LOCKSTEP_TEST_CUDA_RANK 0 or 1).
+TEST(DDPCudaRank, Run) {
+  const char* dir = std::getenv("LOCKSTEP_TEST_CUDA_DIR");
+  if (dir == nullptr) GTEST_SKIP() << "one rank of DDPParity.MlpOnCuda, run by it";
+  const int rank = std::atoi(std::getenv("LOCKSTEP_TEST_CUDA_RANK"));
+  int index = 0;
+  for (const std::string transport : {"gloo", "shm"}) {
+    for (bool view : {false, true}) {
+      for (bool dbl : {false, true}) {
+        auto cfg = cuda_config(transport, view, dbl);
+        auto ref = parity_reference<MlpCase>(cfg);  // same seed: the same data and weights
+        auto store = std::make_shared<lockstep::Store>(lockstep::Store::file(
+            std::string(dir) + "/store" + std::to_string(index++), 2, std::chrono::seconds(60)));
+        auto options = lockstep::ProcessGroupOptions().timeout(std::chrono::seconds(60))
+                           .rendezvous_timeout(std::chrono::seconds(60)).job_id("cudatest");
+        auto pg = transport == "shm" ? lockstep::new_shm_group(rank, 2, store, options)
+                                     : lockstep::new_gloo_group(rank, 2, store, options);
+        auto result = parity_rank<MlpCase>(cfg, pg, ref);
+        const double tol = parity_tolerance(cfg);
+        const std::string what = parity_label(cfg) + " rank " + std::to_string(rank);
+        expect_close(result.first, ref.grads, tol, what + " gradients of step 1");
+        expect_close(result.second, ref.final_params, tol, what + " parameters");
+        for (size_t i = 0; i < result.second.size(); ++i) {
+          auto mine = result.second[i].clone();
+          auto theirs = result.second[i].clone();
+          pg->broadcast(theirs, 0)->wait();
+          EXPECT_TRUE(torch::equal(mine, theirs))
+              << what << ": parameter " << i << " differs bitwise from rank 0's";
+        }
+        std::cout << "[cuda rank " << rank << "] " << what << ": checked" << std::endl;
+      }
+    }
+  }
+}
+
+// Spawns the two ranks of DDPCudaRank.Run and checks that both pass.
+TEST(DDPParity, MlpOnCuda) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  lockstep_test::TempDir dir;
+  std::vector<lockstep_test::Child> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.push_back(lockstep_test::spawn(
+        {"/proc/self/exe", "--gtest_filter=DDPCudaRank.Run"},
+        {{"LOCKSTEP_TEST_CUDA_DIR", dir.path}, {"LOCKSTEP_TEST_CUDA_RANK", std::to_string(r)}},
+        dir.path, "rank" + std::to_string(r)));
+  }
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(lockstep_test::wait_for(ranks[r], std::chrono::seconds(240)))
+        << "rank " << r << " hung: " << ranks[r].out() << ranks[r].err();
+    EXPECT_EQ(ranks[r].exit_code(), 0) << "rank " << r << ": " << ranks[r].out()
+                                       << ranks[r].err();
+    EXPECT_NE(ranks[r].out().find("[  PASSED  ] 1 test"), std::string::npos)
+        << "rank " << r << ": " << ranks[r].out();
+  }
+  for (auto& c : ranks) lockstep_test::reap(c);
+}
+
 TEST(DDPParity, Cnn) {
   for (int world : {1, 2, 3}) {
     for (bool adam : {false, true}) {
@@ -362,6 +501,10 @@ TEST(DDPParity, BranchUnusedOnSomeRanks) {
         cfg.options = DDPOptions().find_unused_parameters(true).gradient_as_bucket_view(view)
                           .first_bucket_mb(0.0001);
         check_parity<BranchCase>(cfg);
+        if (world > 1 && !adam) {  // control elements through the in-place shm reduction
+          cfg.transport = "shm";
+          check_parity<BranchCase>(cfg);
+        }
       }
     }
   }
@@ -640,11 +783,13 @@ TEST(DDP, StatisticsAndTrace) {
       EXPECT_LE(b.ready_ms, b.launched_ms + 1e-9);
       EXPECT_LE(b.launched_ms, b.done_ms + 1e-9);
       EXPECT_EQ(b.dtype, "Float");
+      EXPECT_EQ(b.transport, "gloo");
     }
     EXPECT_EQ(total, (10 * 32 + 32 + 32 * 16 + 16 + 16 * 4 + 4) * 4);
     auto json = s.to_json();
     for (const char* key : {"\"iteration\":3", "\"forward_ms\"", "\"backward_compute_ms\"",
-                            "\"comm_ms\"", "\"exposed_comm_ms\"", "\"buckets\":[{"}) {
+                            "\"comm_ms\"", "\"exposed_comm_ms\"", "\"buckets\":[{",
+                            "\"transport\":\"gloo\""}) {
       EXPECT_NE(json.find(key), std::string::npos) << key << " missing in " << json;
     }
     std::ifstream in(dir + "-rank" + std::to_string(r) + ".json");
@@ -659,6 +804,30 @@ TEST(DDP, StatisticsAndTrace) {
     EXPECT_NE(t.find("\"name\":\"ready\""), std::string::npos);
     EXPECT_NE(t.find("\"name\":\"backward\""), std::string::npos);
     std::remove((dir + "-rank" + std::to_string(r) + ".json").c_str());
+  }
+}
+
+TEST(DDP, StatisticsNameTheSharedMemoryPathOfEachBucket) {
+  std::vector<lockstep::DDPStats> stats(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto model = std::make_shared<Mlp>();
+    DistributedDataParallel ddp(model, pg, DDPOptions().first_bucket_mb(0.001));
+    DistributedDataParallel fp16(std::make_shared<Mlp>(), pg,
+                                 DDPOptions().comm_hook(lockstep::fp16_compress_hook()));
+    for (int step = 0; step < 2; ++step) {
+      torch::mse_loss(ddp->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+      torch::mse_loss(fp16->forward(torch::randn({kBatch, 10})), torch::zeros({kBatch, 4}))
+          .backward();
+    }
+    stats[pg->rank()] = ddp->last_stats();
+    auto compressed = fp16->last_stats();
+    ASSERT_FALSE(compressed.buckets.empty());
+    EXPECT_EQ(compressed.buckets[0].transport, "fp16 over shm");
+  }, lockstep::ProcessGroupOptions().transport("shm"));
+  for (const auto& s : stats) {
+    ASSERT_GT(s.buckets.size(), 1u);
+    for (const auto& b : s.buckets) EXPECT_EQ(b.transport, "shm (in place)");
   }
 }
 

@@ -1,6 +1,9 @@
 // Ranks as real processes: peer death, unreachable master, busy port, world-size disagreement
 // and duplicate ranks each fail with a clear message, within a bound the test asserts.
+#include <execinfo.h>
 #include <gtest/gtest.h>
+
+#include <csignal>
 
 #include "support/process.h"
 
@@ -9,6 +12,20 @@ using std::chrono::seconds;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+// A crash of the harness itself (seen once on a foreign toolchain) prints its stack to stderr.
+void print_stack_and_reraise(int sig) {
+  void* frames[64];
+  int n = backtrace(frames, 64);
+  backtrace_symbols_fd(frames, n, 2);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+const bool kStackOnCrash = [] {
+  std::signal(SIGSEGV, print_stack_and_reraise);
+  std::signal(SIGBUS, print_stack_and_reraise);
+  return true;
+}();
 
 std::map<std::string, std::string> rank_env(int rank, int world, int port) {
   return {{"RANK", std::to_string(rank)},

@@ -128,6 +128,75 @@ TEST_P(ShmWorld, RandomFloatsBitwiseIdenticalAcrossRanksAndCloseToGloo) {
   }
 }
 
+// Note [Shared reduction buffers]: new_buffer memory is reduced in place, with the same bits
+// as the copying path (and so the same fixed order) on every rank, reusable step after step.
+TEST_P(ShmWorld, SharedBufferAllreduceInPlaceMatchesCopyingPathBitwise) {
+  const int world = GetParam();
+  auto job = unique_job("buf");
+  with_shm(world, [&](const ProcessGroupPtr& pg) {
+    for (auto dtype : kDtypes) {
+      for (int64_t n : kCounts) {
+        auto buf = pg->new_buffer(n, at::TensorOptions().dtype(dtype));
+        ASSERT_EQ(buf.numel(), n);
+        ASSERT_EQ(buf.scalar_type(), dtype);
+        ASSERT_TRUE(at::all(buf == 0).item<bool>()) << "new_buffer must be zero-filled";
+        // (An empty tensor has no address: it takes the copying path, which moves nothing.)
+        EXPECT_EQ(pg->transport_for(buf), n > 0 ? "shm (in place)" : "shm");
+        EXPECT_EQ(pg->transport_for(buf.clone()), "shm");
+        std::vector<at::Tensor> all;
+        for (int r = 0; r < world; ++r) all.push_back(shm_test::random_input(r, n, dtype));
+        for (auto op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax}) {
+          if (op == ReduceOp::kAvg && dtype == at::kLong) continue;
+          for (int round = 0; round < 2; ++round) {  // the buffer is reused
+            buf.copy_(all[pg->rank()]);
+            pg->allreduce(buf, op)->wait();
+            auto copied = all[pg->rank()].clone();
+            pg->allreduce(copied, op)->wait();
+            ASSERT_TRUE(bitwise_equal(buf, copied))
+                << pg->where() << " op " << lockstep::to_string(op) << " dtype " << dtype
+                << " n " << n << " round " << round;
+            ASSERT_TRUE(bitwise_equal(buf, shm_test::ordered_reference(all, op)))
+                << pg->where() << " dtype " << dtype << " n " << n;
+          }
+        }
+      }
+    }
+    // A view of a buffer is not the buffer: it takes the copying path, with the same result.
+    auto buf = pg->new_buffer(100, at::TensorOptions().dtype(at::kFloat));
+    buf.fill_(pg->rank() + 1);
+    auto part = buf.narrow(0, 10, 50);
+    EXPECT_EQ(pg->transport_for(part), "shm");
+    pg->allreduce(part)->wait();
+    EXPECT_EQ(buf[10].item<float>(), world * (world + 1) / 2.0f);
+    EXPECT_EQ(buf[0].item<float>(), pg->rank() + 1.0f);
+  }, test_options(job));
+  // Every buffer's object was unlinked once all ranks mapped it.
+  EXPECT_TRUE(shm_test::shm_entries(job).empty());
+}
+
+TEST(ShmSharedBuffer, OutlivesTheGroupAndMismatchedPathsAreNamed) {
+  at::Tensor survivor;
+  std::vector<std::string> messages(2);
+  with_shm(2, [&](const ProcessGroupPtr& pg) {
+    auto buf = pg->new_buffer(1000, at::TensorOptions().dtype(at::kFloat));
+    if (pg->rank() == 0) survivor = buf;
+    // Rank 0 reduces its buffer, rank 1 an ordinary tensor: named, not a silent mix-up.
+    auto other = at::ones({1000});
+    try {
+      pg->allreduce(pg->rank() == 0 ? buf : other)->wait();
+      messages[pg->rank()] = "no error";
+    } catch (const lockstep::CommError& e) {
+      messages[pg->rank()] = e.what();
+    }
+  }, test_options(unique_job("bufmix")));
+  EXPECT_NE(messages[0].find("rank 1 issued allreduce #1"), std::string::npos) << messages[0];
+  EXPECT_NE(messages[1].find("rank 0 issued allreduce (shared buffer) #1"), std::string::npos)
+      << messages[1];
+  // The tensor keeps its mapping after the group is gone.
+  survivor.fill_(3);
+  EXPECT_EQ(survivor.sum().item<float>(), 3000.0f);
+}
+
 TEST_P(ShmWorld, BroadcastAllgatherReduceScatterBarrier) {
   const int world = GetParam();
   with_shm(world, [&](const ProcessGroupPtr& pg) {

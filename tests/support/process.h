@@ -2,7 +2,6 @@
 // Spawning real rank processes for tests: environment, captured output, bounded waits.
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
@@ -79,14 +78,22 @@ inline Child spawn(const std::vector<std::string>& argv, const std::map<std::str
   std::vector<std::string> argv_copy = argv;
   for (auto& s : argv_copy) args.push_back(s.data());
   args.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, child.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, child.err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (posix_spawn(&child.pid, args[0], &actions, nullptr, args.data(), envp.data()) != 0) {
-    child.pid = -1;
+  // fork + execve rather than posix_spawn: on one CUDA build of LibTorch (pip 2.11) the test
+  // binaries crashed inside posix_spawn (a jump to address 0) while the same helper compiled
+  // alone worked. Between fork and exec the child only makes async-signal-safe calls.
+  const char* out_path = child.out_path.c_str();
+  const char* err_path = child.err_path.c_str();
+  pid_t pid = fork();
+  if (pid == 0) {
+    int out = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int err = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) _exit(126);
+    close(out);
+    close(err);
+    execve(args[0], args.data(), envp.data());
+    _exit(127);
   }
-  posix_spawn_file_actions_destroy(&actions);
+  child.pid = pid > 0 ? pid : -1;
   return child;
 }
 

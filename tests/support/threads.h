@@ -39,8 +39,8 @@ inline void run_ranks(int world, const std::function<void(int)>& fn) {
   }
 }
 
-/// Creates `world` Gloo groups over one in-process store, one per thread, and runs
-/// fn(group) on each rank's thread.
+/// Creates `world` groups over one in-process store, one per thread, and runs fn(group) on
+/// each rank's thread: Gloo groups, or shared-memory ones when options.transport() is "shm".
 inline void with_groups(int world,
                         const std::function<void(const lockstep::ProcessGroupPtr&)>& fn,
                         lockstep::ProcessGroupOptions options = lockstep::ProcessGroupOptions()) {
@@ -48,7 +48,8 @@ inline void with_groups(int world,
   if (options.timeout().count() == 0) options.timeout(std::chrono::seconds(20));
   if (options.rendezvous_timeout().count() == 0) options.rendezvous_timeout(std::chrono::seconds(20));
   run_ranks(world, [&](int r) {
-    auto pg = lockstep::new_gloo_group(r, world, store, options);
+    auto pg = options.transport() == "shm" ? lockstep::new_shm_group(r, world, store, options)
+                                           : lockstep::new_gloo_group(r, world, store, options);
     fn(pg);
   });
 }

@@ -104,9 +104,13 @@ struct DDPOptions {
   /// (default): such a parameter is an error naming it. On: it contributes zero, and a
   /// parameter unused on every rank keeps its `.grad` unchanged. Costs nothing extra.
   LOCKSTEP_ARG(bool, find_unused_parameters) = false;
-  /// Make every parameter's `.grad` a view of its bucket, so that gradients exist only once
-  /// in memory and no copy-back is needed. Default false (as PyTorch).
-  LOCKSTEP_ARG(bool, gradient_as_bucket_view) = false;
+  /// Make every parameter's `.grad` alias its bucket, so that gradients exist only once in
+  /// memory and are never copied in or back. Default true (PyTorch's default is false: in
+  /// Python a view gradient breaks `grad.detach_()`; lockstep's aliases survive the C++
+  /// optimizers' `zero_grad()`, and a gradient that autograd re-creates, e.g. after
+  /// `zero_grad(/*set_to_none=*/true)`, is copied into the bucket and aliased again). False:
+  /// `.grad` stays its own tensor and receives a copy of the average.
+  LOCKSTEP_ARG(bool, gradient_as_bucket_view) = true;
   /// After the first synchronized iteration rebuild the buckets once in the order gradients
   /// became ready on rank 0. Default true.
   LOCKSTEP_ARG(bool, rebuild_buckets) = true;
@@ -130,6 +134,7 @@ struct BucketStats {
   int64_t bytes = 0;          ///< gradient bytes
   size_t parameters = 0;      ///< parameters in the bucket
   std::string dtype;          ///< e.g. "Float"
+  std::string transport;      ///< how it travelled: "shm (in place)", "gloo", "fp16 over shm", ...
   double ready_ms = 0;        ///< last gradient of the bucket arrived
   double launched_ms = 0;     ///< reduction started
   double done_ms = 0;         ///< reduction observed complete

@@ -133,6 +133,18 @@ class ProcessGroup {
   /// Completes when every rank reached it. Collective.
   virtual WorkPtr barrier() = 0;
 
+  /// A zero-filled flat tensor of `numel` elements meant to be all-reduced again and again
+  /// (a DDP bucket). A transport with a faster path for memory it owns returns such memory:
+  /// the shared-memory group maps a region every local rank can read, and an all-reduce of
+  /// exactly this tensor then reduces in place with no copy in or out. The default returns
+  /// at::zeros. The tensor keeps its memory alive; views of it are fine, but only the whole
+  /// tensor takes the fast path. Collective: every rank calls it in the same order with the
+  /// same `numel` and options.
+  virtual at::Tensor new_buffer(int64_t numel, const at::TensorOptions& options);
+  /// How an all-reduce of `tensor` would travel, for statistics and traces: backend() by
+  /// default; e.g. "shm (in place)" for a shared-memory group's own buffer.
+  virtual std::string transport_for(const at::Tensor& tensor);
+
   /// Timeout of one collective.
   std::chrono::milliseconds timeout() const { return timeout_; }
   /// The store the group rendezvoused through (scoped to this group), for small metadata.

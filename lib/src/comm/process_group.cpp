@@ -134,6 +134,14 @@ void ProcessGroup::check_reduce_scatter(const at::Tensor& output,
   }
 }
 
+at::Tensor ProcessGroup::new_buffer(int64_t numel, const at::TensorOptions& options) {
+  LOCKSTEP_CHECK(numel >= 0, where(), " new_buffer: expected a non-negative element count, but "
+                 "got ", numel, ".");
+  return at::zeros({numel}, options);
+}
+
+std::string ProcessGroup::transport_for(const at::Tensor& /*tensor*/) { return backend(); }
+
 WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
                                      ReduceOp op) {
   check_reduce_scatter(output, inputs);

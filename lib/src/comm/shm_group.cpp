@@ -101,12 +101,14 @@ std::chrono::microseconds spin_budget(int local_ranks) {
   return usable_cpus() > busy ? kSpinFor : std::chrono::microseconds(0);
 }
 
-enum class OpKind : uint32_t { kNone = 0, kAllreduce, kBroadcast, kAllgather, kBarrier };
+enum class OpKind : uint32_t { kNone = 0, kAllreduce, kBroadcast, kAllgather, kBarrier,
+                                kAllreduceShared };
 enum class Fault : uint64_t { kNone = 0, kDied, kDeparted, kTimeout, kMismatch };
 
 const char* op_name(OpKind k) {
   switch (k) {
     case OpKind::kAllreduce: return "allreduce";
+    case OpKind::kAllreduceShared: return "allreduce (shared buffer)";
     case OpKind::kBroadcast: return "broadcast";
     case OpKind::kAllgather: return "allgather";
     case OpKind::kBarrier: return "barrier";
@@ -398,12 +400,19 @@ class FailStop {
 // ---------------------------------------------------------------------------------------------
 // The segment: creation, mapping and the early unlink.
 
-class Segment {
+// A POSIX shared-memory object every rank of the group maps. Rank 0 creates it (mode 0600,
+// named /lockstep-<job>-<random token>) and announces the name under `key` in the store; the
+// last rank to map it unlinks it, and no rank returns before that, so a crash at any later
+// point leaves nothing in /dev/shm (Note [Shared-memory faults]). `on_mapped` runs on every
+// rank right after mapping, before the rank is counted as mapped (the creator's runs before
+// the name is announced).
+class Mapping {
  public:
-  Segment(int rank, int size, Store& store, const std::string& job_id,
-          std::chrono::milliseconds timeout) {
-    auto where = concat("[rank ", rank, "/", size, "] shared-memory rendezvous");
-    bytes_ = segment_bytes(size);
+  Mapping(int rank, int size, Store& store, const std::string& key, const std::string& job_id,
+          size_t bytes, std::chrono::milliseconds timeout,
+          const std::function<void(char* base, bool created)>& on_mapped)
+      : bytes_(bytes) {
+    auto where = concat("[rank ", rank, "/", size, "] shared-memory rendezvous (", key, ")");
     if (rank == 0) {
       name_ = concat("/lockstep-", sanitize(job_id), "-", random_token());
       int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -417,21 +426,16 @@ class Segment {
       if (rc != 0) {
         close(fd);
         shm_unlink(name_.c_str());
-        throw CommError(concat(where, ": could not reserve ", bytes_ >> 20, " MiB in /dev/shm (",
-                            std::strerror(rc), "). Enlarge /dev/shm (docker run --shm-size), "
+        throw CommError(concat(where, ": could not reserve ", (bytes_ + (1 << 20) - 1) >> 20,
+                            " MiB in /dev/shm (", std::strerror(rc),
+                            "). Enlarge /dev/shm (docker run --shm-size), "
                             "or set LOCKSTEP_TRANSPORT=gloo."));
       }
       map(fd, where);
-      auto* h = header();
-      h->size = static_cast<uint32_t>(size);
-      h->slot_bytes = slot_bytes(size);
-      h->total_bytes = bytes_;
-      h->abort_word.store(0);
-      std::atomic_thread_fence(std::memory_order_release);
-      h->magic = kMagic;
-      store.set("segment", name_);
+      if (on_mapped) on_mapped(base(), true);
+      store.set(key + "/name", name_);
     } else {
-      name_ = store.get("segment");
+      name_ = store.get(key + "/name");
       int fd = shm_open(name_.c_str(), O_RDWR, 0600);
       if (fd < 0) {
         throw CommError(concat(where, ": could not open ", name_, " created by rank 0: ",
@@ -443,47 +447,32 @@ class Segment {
       if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes_) {
         close(fd);
         throw CommError(concat(where, ": ", name_, " holds ", st.st_size, " bytes, expected ",
-                            bytes_, ". Were the ranks started with different lockstep builds?"));
+                            bytes_, ". Were the ranks started with different lockstep builds, "
+                            "or did they ask for different sizes?"));
       }
       map(fd, where);
-      if (header()->magic != kMagic || header()->size != static_cast<uint32_t>(size)) {
-        throw CommError(concat(where, ": ", name_, " was created for ", header()->size,
-                            " ranks, expected ", size, "."));
-      }
+      if (on_mapped) on_mapped(base(), false);
     }
-    RankLine& me = line(rank);
-    me.pid = getpid();
-    me.pid_ns = pid_namespace();
-    me.mapped.store(1);
-    // The last rank to map removes the name; everyone waits for that, so once any rank's
-    // constructor returns, /dev/shm no longer holds the segment.
-    if (store.add("mapped", 1) == size) {
+    // The last rank to map removes the name; everyone waits for that.
+    if (store.add(key + "/mapped", 1) == size) {
       shm_unlink(name_.c_str());
-      store.set("unlinked", "1");
+      store.set(key + "/unlinked", "1");
     }
     try {
-      store.wait({"unlinked"}, timeout);
+      store.wait({key + "/unlinked"}, timeout);
     } catch (...) {
       shm_unlink(name_.c_str());  // a rank died before mapping: remove it ourselves
       throw;
     }
   }
-
-  ~Segment() {
+  ~Mapping() {
     if (base_ != nullptr) munmap(base_, bytes_);
   }
-  Segment(const Segment&) = delete;
-  Segment& operator=(const Segment&) = delete;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
 
-  Header* header() { return reinterpret_cast<Header*>(base_); }
-  RankLine& line(int r) {
-    return reinterpret_cast<RankLine*>(static_cast<char*>(base_) + lines_offset())[r];
-  }
-  char* slot(int r) {
-    return static_cast<char*>(base_) + data_offset(header()->size) + r * header()->slot_bytes;
-  }
-  char* result() { return slot(static_cast<int>(header()->size)); }
-  size_t slot_size() { return header()->slot_bytes; }
+  char* base() const { return static_cast<char*>(base_); }
+  size_t bytes() const { return bytes_; }
   const std::string& name() const { return name_; }
 
  private:
@@ -503,6 +492,72 @@ class Segment {
   void* base_ = nullptr;
 };
 
+// The group's control segment (Note [Shared-memory protocol]).
+class Segment {
+ public:
+  Segment(int rank, int size, Store& store, const std::string& job_id,
+          std::chrono::milliseconds timeout)
+      : mapping_(rank, size, store, "segment", job_id, segment_bytes(size), timeout,
+                 [rank, size](char* base, bool created) { prepare(base, rank, size, created); }) {}
+
+  Header* header() { return header_of(mapping_.base()); }
+  RankLine& line(int r) { return line_of(mapping_.base(), r); }
+  char* slot(int r) {
+    return mapping_.base() + data_offset(header()->size) + r * header()->slot_bytes;
+  }
+  char* result() { return slot(static_cast<int>(header()->size)); }
+  size_t slot_size() { return header()->slot_bytes; }
+  const std::string& name() const { return mapping_.name(); }
+
+ private:
+  static Header* header_of(char* base) { return reinterpret_cast<Header*>(base); }
+  static RankLine& line_of(char* base, int r) {
+    return reinterpret_cast<RankLine*>(base + lines_offset())[r];
+  }
+  // Runs before this rank counts as mapped: the creator fills the header; every rank checks
+  // it and publishes its pid for the liveness checks of its peers.
+  static void prepare(char* base, int rank, int size, bool created) {
+    Header* h = header_of(base);
+    if (created) {
+      h->size = static_cast<uint32_t>(size);
+      h->slot_bytes = slot_bytes(size);
+      h->total_bytes = segment_bytes(size);
+      h->abort_word.store(0);
+      std::atomic_thread_fence(std::memory_order_release);
+      h->magic = kMagic;
+    } else if (h->magic != kMagic || h->size != static_cast<uint32_t>(size)) {
+      throw CommError(concat("[rank ", rank, "/", size, "] shared-memory rendezvous: the "
+                             "segment was created for ", h->size, " ranks, expected ", size,
+                             ". Were the ranks started with different world sizes?"));
+    }
+    RankLine& me = line_of(base, rank);
+    me.pid = getpid();
+    me.pid_ns = pid_namespace();
+    me.mapped.store(1);
+  }
+
+  Mapping mapping_;
+};
+
+// Note [Shared reduction buffers]
+// ShmGroup::new_buffer(numel) maps one more shared object holding one region per rank (each
+// rounded up to whole pages) and returns a tensor over this rank's region. An all-reduce of
+// exactly that tensor copies nothing in or out: after phase A every rank sums its slice of the
+// element range over regions 0..W-1 (in that order) in place into its own region; after
+// phase B it copies the other ranks' reduced slices from their regions into its own; phase C
+// keeps a rank from writing its region again (the next backward's gradients) while a peer still
+// reads from it. A slice is written only by its owner and read by others only after B, and
+// the owner's region is not written by anyone else, so no slice is read while it is written.
+// Memory traffic per rank for N bytes: read N, write N/W (the reduction), read and write
+// N (W-1)/W (the gather), against about 3N read and 3N written through the slots.
+struct SharedBuffer {
+  std::unique_ptr<Mapping> mapping;
+  size_t region_bytes = 0;
+  int64_t numel = 0;
+  at::ScalarType dtype = at::kFloat;
+  char* region(int r) const { return mapping->base() + r * region_bytes; }
+};
+
 // ---------------------------------------------------------------------------------------------
 // ShmGroup
 
@@ -512,6 +567,8 @@ class ShmGroup : public ProcessGroup {
            std::chrono::milliseconds rendezvous_timeout, const std::string& job_id)
       : ProcessGroup(rank, size, timeout, store),
         segment_(rank, size, *store, job_id, rendezvous_timeout),
+        job_id_(job_id),
+        rendezvous_timeout_(rendezvous_timeout),
         peers_(size) {
     for (int r = 0; r < size; ++r) {
       if (r == rank) continue;
@@ -531,7 +588,7 @@ class ShmGroup : public ProcessGroup {
   std::string backend() const override { return "shm"; }
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
-    check_cpu("allreduce", tensor);
+    check_device("allreduce", tensor);
     if (op == ReduceOp::kAvg) {
       LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
                      " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
@@ -541,25 +598,94 @@ class ShmGroup : public ProcessGroup {
     LOCKSTEP_CHECK(fn != nullptr, where(), " allreduce: expected float32, float64, float16, "
                    "bfloat16 or an integer dtype, but got ", tensor.scalar_type(),
                    ". Use LOCKSTEP_TRANSPORT=gloo for other dtypes.");
+    const bool avg = op == ReduceOp::kAvg;
+    if (!tensor.device().is_cpu()) {  // Note [Device tensors over shared memory]
+      at::Tensor host = tensor.to(at::kCPU);
+      Call call = make_call(OpKind::kAllreduce, host, static_cast<int32_t>(op), to_string(op));
+      at::Tensor t = tensor;
+      return post([this, call, host, t, fn, avg]() mutable {
+        run_allreduce(call, host, fn, avg);
+        t.copy_(host);
+      });
+    }
+    if (auto buffer = find_buffer(tensor)) {  // Note [Shared reduction buffers]
+      Call call = make_call(OpKind::kAllreduceShared, tensor, static_cast<int32_t>(op),
+                            to_string(op));
+      return post([this, call, buffer, fn, avg] { run_allreduce_shared(call, *buffer, fn, avg); });
+    }
     Call call = make_call(OpKind::kAllreduce, tensor, static_cast<int32_t>(op), to_string(op));
     at::Tensor t = tensor;
-    return post([this, call, t, fn, op] { run_allreduce(call, t, fn, op == ReduceOp::kAvg); });
+    return post([this, call, t, fn, avg] { run_allreduce(call, t, fn, avg); });
+  }
+
+  at::Tensor new_buffer(int64_t numel, const at::TensorOptions& options) override {
+    LOCKSTEP_CHECK(numel >= 0, where(), " new_buffer: expected a non-negative element count, "
+                   "but got ", numel, ".");
+    const auto dtype = c10::typeMetaToScalarType(options.dtype());
+    if (!options.device().is_cpu() || pick_kernel(dtype, ReduceOp::kSum) == nullptr) {
+      return ProcessGroup::new_buffer(numel, options);
+    }
+    auto buffer = std::make_shared<SharedBuffer>();
+    const size_t es = c10::elementSize(dtype);
+    buffer->region_bytes = round_up(std::max<size_t>(1, numel * es), kPage);
+    buffer->numel = numel;
+    buffer->dtype = dtype;
+    buffer->mapping = std::make_unique<Mapping>(
+        rank(), size(), *store(), concat("buffer", ++buffers_created_), job_id_,
+        buffer->region_bytes * size(), rendezvous_timeout_, nullptr);
+    char* mine = buffer->region(rank());
+    {
+      std::lock_guard<std::mutex> lock(buffers_mutex_);
+      for (auto it = buffers_.begin(); it != buffers_.end();) {
+        it = it->second.expired() ? buffers_.erase(it) : std::next(it);
+      }
+      buffers_[mine] = buffer;
+    }
+    // The tensor owns the mapping: it stays mapped while the tensor (or a view) lives, and
+    // any collective queued on it holds it too.
+    return at::from_blob(
+        mine, {numel}, [buffer](void*) mutable { buffer.reset(); },
+        at::TensorOptions().dtype(dtype).device(at::kCPU));
+  }
+
+  std::string transport_for(const at::Tensor& tensor) override {
+    return find_buffer(tensor) ? "shm (in place)" : "shm";
   }
 
   WorkPtr broadcast(at::Tensor& tensor, int root) override {
-    check_cpu("broadcast", tensor);
+    check_device("broadcast", tensor);
     LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected root in [0, ",
                    size() - 1, "], but got ", root, ".");
     Call call = make_call(OpKind::kBroadcast, tensor, root, concat("root ", root));
+    if (!tensor.device().is_cpu()) {  // Note [Device tensors over shared memory]
+      at::Tensor host = rank() == root ? tensor.to(at::kCPU)
+                                       : at::empty(tensor.sizes(), tensor.options().device(at::kCPU));
+      at::Tensor t = tensor;
+      return post([this, call, host, t, root]() mutable {
+        run_broadcast(call, host, root);
+        if (rank() != root) t.copy_(host);
+      });
+    }
     at::Tensor t = tensor;
     return post([this, call, t, root] { run_broadcast(call, t, root); });
   }
 
   WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
-    check_cpu("allgather", input);
-    for (const auto& out : outputs) check_cpu("allgather", out);
+    check_device("allgather", input);
+    for (const auto& out : outputs) check_device("allgather", out);
     check_allgather(outputs, input);
     Call call = make_call(OpKind::kAllgather, input, 0, "");
+    bool on_device = !input.device().is_cpu();
+    for (const auto& out : outputs) on_device = on_device || !out.device().is_cpu();
+    if (on_device) {  // Note [Device tensors over shared memory]
+      at::Tensor in = input.to(at::kCPU);
+      std::vector<at::Tensor> host, outs = outputs;
+      for (size_t i = 0; i < outputs.size(); ++i) host.push_back(at::empty_like(in));
+      return post([this, call, in, host, outs]() mutable {
+        run_allgather(call, in, host);
+        for (size_t i = 0; i < outs.size(); ++i) outs[i].copy_(host[i]);
+      });
+    }
     at::Tensor in = input;
     std::vector<at::Tensor> outs = outputs;
     return post([this, call, in, outs] { run_allgather(call, in, outs); });
@@ -587,11 +713,18 @@ class ShmGroup : public ProcessGroup {
     std::chrono::steady_clock::time_point deadline;
   };
 
-  void check_cpu(const char* op, const at::Tensor& t) const {
+  // Note [Device tensors over shared memory]
+  // A CUDA tensor (a DDP bucket of a model on a GPU, parameters broadcast at construction) is
+  // staged through host memory: the caller's thread copies it to the host, which orders the
+  // copy after the kernels that produced it on the caller's current stream; the collective
+  // runs on the host copy; the executor copies the result back (a blocking copy, so it is on
+  // the device when the Work completes). Gloo stages CUDA tensors the same way. Other devices
+  // are rejected.
+  void check_device(const char* op, const at::Tensor& t) const {
     check_tensor(op, t);
-    LOCKSTEP_CHECK(t.device().is_cpu(), where(), " ", op,
-                   ": the shared-memory transport needs CPU tensors, but got one on ", t.device(),
-                   ".");
+    LOCKSTEP_CHECK(t.device().is_cpu() || t.device().is_cuda(), where(), " ", op,
+                   ": the shared-memory transport takes CPU or CUDA tensors, but got one on ",
+                   t.device(), ". Move it to the CPU, or use LOCKSTEP_TRANSPORT=gloo.");
   }
 
   Call make_call(OpKind kind, const at::Tensor& t, int32_t arg, const std::string& extra) {
@@ -763,6 +896,35 @@ class ShmGroup : public ProcessGroup {
     });
   }
 
+  // Note [Shared reduction buffers]. The slices are whole cache lines where possible.
+  void run_allreduce_shared(Call call, const SharedBuffer& buffer, ReduceFn fn, bool avg) {
+    begin(call);
+    const int w = size();
+    const int64_t n = buffer.numel;
+    const size_t es = c10::elementSize(buffer.dtype);
+    const int64_t align = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
+    const int64_t per = ((n + w - 1) / w + align - 1) / align * align;
+    auto lo_of = [&](int q) { return std::min(n, per * q); };
+    auto hi_of = [&](int q) { return std::min(n, per * (q + 1)); };
+    phase(call);  // A: every region holds its rank's contribution
+    verify(call);
+    if (w == 1) return;
+    const int64_t lo = lo_of(rank()), hi = hi_of(rank());
+    if (hi > lo) {
+      std::vector<const void*> srcs(w);
+      for (int q = 0; q < w; ++q) srcs[q] = buffer.region(q) + lo * es;
+      fn(buffer.region(rank()) + lo * es, srcs.data(), w, hi - lo, avg);
+    }
+    phase(call);  // B: every slice is reduced in its owner's region
+    for (int q = 0; q < w; ++q) {
+      const int64_t qlo = lo_of(q), qhi = hi_of(q);
+      if (q == rank() || qhi <= qlo) continue;
+      std::memcpy(buffer.region(rank()) + qlo * es, buffer.region(q) + qlo * es,
+                  (qhi - qlo) * es);
+    }
+    phase(call);  // C: nobody reads this rank's region any more
+  }
+
   void run_broadcast(Call call, const at::Tensor& t, int root) {
     begin(call);
     char* data = static_cast<char*>(t.data_ptr());
@@ -794,7 +956,23 @@ class ShmGroup : public ProcessGroup {
     });
   }
 
+  // The shared buffer `t` is exactly (all of this rank's region), or null.
+  std::shared_ptr<SharedBuffer> find_buffer(const at::Tensor& t) {
+    if (!t.defined() || !t.device().is_cpu() || !t.is_contiguous()) return nullptr;
+    std::lock_guard<std::mutex> lock(buffers_mutex_);
+    auto it = buffers_.find(t.data_ptr());
+    if (it == buffers_.end()) return nullptr;
+    auto buffer = it->second.lock();
+    if (!buffer || buffer->numel != t.numel() || buffer->dtype != t.scalar_type()) return nullptr;
+    return buffer;
+  }
+
   Segment segment_;
+  std::string job_id_;
+  std::chrono::milliseconds rendezvous_timeout_;
+  std::mutex buffers_mutex_;
+  std::map<const void*, std::weak_ptr<SharedBuffer>> buffers_;
+  uint64_t buffers_created_ = 0;
   std::vector<std::unique_ptr<PeerProcess>> peers_;
   uint32_t phase_ = 0;  // only the executor's thread touches it
   std::chrono::microseconds spin_{spin_budget(size())};  // Note [Spinning only on spare cores]
@@ -840,6 +1018,14 @@ class HierGroup : public ProcessGroup {
   ~HierGroup() override { executor_.reset(); }
 
   std::string backend() const override { return "hier"; }
+
+  at::Tensor new_buffer(int64_t numel, const at::TensorOptions& options) override {
+    return local_->new_buffer(numel, options);  // the host phase then reduces it in place
+  }
+
+  std::string transport_for(const at::Tensor& tensor) override {
+    return concat(local_->transport_for(tensor), " + gloo between hosts");
+  }
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
     check_tensor("allreduce", tensor);

@@ -134,7 +134,7 @@ std::string DDPStats::to_json() const {
     if (i) os << ",";
     os << "{\"index\":" << b.index << ",\"numel\":" << b.numel << ",\"bytes\":" << b.bytes
        << ",\"parameters\":" << b.parameters << ",\"dtype\":\"" << b.dtype
-       << "\",\"ready_ms\":" << b.ready_ms << ",\"launched_ms\":" << b.launched_ms
+       << "\",\"transport\":\"" << b.transport << "\",\"ready_ms\":" << b.ready_ms << ",\"launched_ms\":" << b.launched_ms
        << ",\"done_ms\":" << b.done_ms << "}";
   }
   os << "]}";

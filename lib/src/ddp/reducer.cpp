@@ -229,8 +229,13 @@ void Reducer::build_buckets(const std::vector<size_t>& order) {
     // Note [CUDA buckets]: a CUDA bucket lives on its parameters' device; ProcessGroupGloo
     // stages CUDA tensors through pinned host memory itself, so the same code path serves
     // both. Compiled and run only where LibTorch has CUDA (at::hasCUDA()).
-    bucket.buffer = at::zeros({numel + static_cast<int64_t>(bucket.params.size())},
-                              first.options().requires_grad(false));
+    // The group may hand out memory it reduces faster (Note [Shared reduction buffers] in
+    // comm/shm_group.cpp). Collective: every rank plans the same buckets in the same order.
+    bucket.buffer = group_->new_buffer(numel + static_cast<int64_t>(bucket.params.size()),
+                                       first.options().requires_grad(false));
+    bucket.transport = options_.comm_hook
+                           ? concat(hook_->name(), " over ", group_->backend())
+                           : group_->transport_for(bucket.buffer);
     int64_t offset = 0;
     for (size_t k = 0; k < bucket.params.size(); ++k) {
       size_t i = bucket.params[k];
@@ -497,6 +502,7 @@ void Reducer::finalize() {
     bs.bytes = bucket.gradient_numel * static_cast<int64_t>(first.element_size());
     bs.parameters = bucket.params.size();
     bs.dtype = c10::toString(first.scalar_type());
+    bs.transport = trivial_ ? "none (world size 1)" : bucket.transport;
     if (!trivial_) {
       bs.ready_ms = ms_between(backward_start_, bucket.ready);
       bs.launched_ms = ms_between(backward_start_, bucket.launched);
@@ -515,7 +521,8 @@ void Reducer::finalize() {
         trace_->instant(static_cast<int>(b) + 1, "ready", bucket.ready);
         trace_->span(static_cast<int>(b) + 1, hook_->name(), bucket.launched, bucket.done,
                      concat("{\"iteration\":", stats.iteration, ",\"bytes\":",
-                            stats.buckets[b].bytes, "}"));
+                            stats.buckets[b].bytes, ",\"transport\":\"",
+                            stats.buckets[b].transport, "\"}"));
       }
     }
   }

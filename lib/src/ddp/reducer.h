@@ -109,6 +109,7 @@ class Reducer {
     std::vector<size_t> params;     // parameter indices, bucket order
     at::Tensor buffer;              // gradients, then one control element per parameter
     int64_t gradient_numel = 0;
+    std::string transport;          // BucketStats::transport
     size_t pending = 0;             // parameters not yet ready this backward
     WorkPtr work;
     Clock::time_point ready, launched, done;
