@@ -17,19 +17,19 @@
 // OMP_NUM_THREADS=1 for A (so OpenBLAS loads with one thread and LibTorch's intra-op pool is
 // 1), OMP_NUM_THREADS=replicas for B (OpenBLAS and LibTorch both use that many). Rounds
 // alternate the order (A B, B A, ...) so that drift in machine load hits both alike. A worker
-// warms up, times `steps` steps, and reports its step times and the CPU time it used per
-// wall-clock second ("cpus"), and the CPU time every *other* process used meanwhile, per
-// wall-clock second, from /proc/stat ("others"). A worker with others above 0.25 shared the
-// cores with something else and says little: such a process is "disturbed", rerun (up to
-// --retries times), and left out of the medians if it stays disturbed. Disturbance does not
-// hit both alike: the intra-op reference, whose threads meet at every operator and spin while
-// they wait, slowed down 5-20x when another process held one of two cores, DataParallel about
-// 2x. --dp-omp-threads N and
-// --scope-blas 0 show what Note [OpenBLAS and replica threads] is about: the DataParallel
-// workers then load OpenBLAS with N threads and DataParallel leaves its count alone. The table shows the
-// median step time over all timed steps of all rounds, and the speedup B/A (throughput ratio,
-// same batch) over the undisturbed workers; the JSON lines add the per-round medians,
-// p10/p90, cpus, others and the number of disturbed workers.
+// warms up, times `steps` steps, and reports its step times, the CPU time it used per
+// wall-clock second ("cpus"), and the CPU time every *other* process used meanwhile per
+// wall-clock second, from /proc/stat ("others"). A worker with others above 0.1 shared the
+// cores with something else and says little: it counts as "disturbed", is rerun (up to
+// --retries times), and is left out of the medians if it stays disturbed. Disturbance does
+// not hit both alike: the intra-op reference, whose threads meet at every operator and spin
+// while they wait, slowed down 5-20x when another process held one of the two cores,
+// DataParallel about 2x. The table shows the median step time over all timed steps of the
+// undisturbed workers and the speedup B/A (throughput ratio, same batch); the JSON lines add
+// the per-round medians, p10/p90, cpus, others and the number of disturbed workers.
+// --dp-omp-threads N with --scope-blas 0 shows what Note [OpenBLAS and replica threads] is
+// about: the DataParallel workers then load OpenBLAS with N threads and DataParallel leaves
+// that count alone.
 #include <sys/resource.h>
 #include <unistd.h>
 #include <torch/torch.h>
@@ -192,7 +192,7 @@ int run_worker(const Config& c, const std::string& model) {
 }
 
 // Other processes' CPU use (cores) above which a worker's numbers are left out.
-constexpr double kDisturbed = 0.25;
+constexpr double kDisturbed = 0.1;
 
 struct Run {
   std::vector<double> ms;
@@ -295,8 +295,10 @@ int main(int argc, char** argv) {
         }
       }
       const double a = median(a_ms), b = median(b_ms);
-      std::printf("%-10s %6lld %9d %14.2f %14.2f %7.2fx %5.2f/%4.2f %9d\n", model.c_str(),
-                  static_cast<long long>(c.batch), c.replicas, a, b, b / a, median(a_cpus),
+      char speedup[32] = "     n/a";
+      if (a > 0 && b > 0) std::snprintf(speedup, sizeof(speedup), "%7.2fx", b / a);
+      std::printf("%-10s %6lld %9d %14.2f %14.2f %s %5.2f/%4.2f %9d\n", model.c_str(),
+                  static_cast<long long>(c.batch), c.replicas, a, b, speedup, median(a_cpus),
                   median(b_cpus), disturbed);
       std::fflush(stdout);
       auto list = [](const std::vector<double>& v) {
