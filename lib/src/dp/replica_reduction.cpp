@@ -49,7 +49,9 @@ using detail::concat;
 //      that starts when every backward is over and every first-phase piece is done. A piece
 //      run after every backward is over does both in one pass. The sum is evaluated in the
 //      same order either way, so the result does not depend on scheduling. Without a base
-//      (first step, or .grad set to None) the result is g_0 itself.
+//      (first step, or .grad set to None) the result is g_0 itself. (An error inside the
+//      summing itself after every backward is over, say out of memory on the ATen path,
+//      would leave the base partly updated; replicas' failures cannot.)
 //   5. A parameter that some replicas with samples gave no gradient (unused in their
 //      forward) is summed over those that did, by the last replica to finish backward; one
 //      that none did keeps an undefined .grad (DataParallel then restores its base).
