@@ -157,6 +157,8 @@ class ProcessGroup {
   uint64_t next_sequence();
   /// Validates the arguments of a collective; throws InvalidArgument naming the operation.
   void check_tensor(const char* op, const at::Tensor& tensor) const;
+  /// Validates allreduce's arguments (check_tensor, and a floating-point dtype for kAvg).
+  void check_allreduce(const at::Tensor& tensor, ReduceOp op) const;
   /// Validates allgather's arguments: one output per rank, each a valid tensor shaped and
   /// typed like `input`. Throws InvalidArgument naming the first mismatch.
   void check_allgather(const std::vector<at::Tensor>& outputs, const at::Tensor& input) const;

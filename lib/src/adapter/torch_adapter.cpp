@@ -256,12 +256,7 @@ class GlooGroup : public ProcessGroup {
   std::string backend() const override { return "gloo"; }
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
-    check_tensor("allreduce", tensor);
-    if (op == ReduceOp::kAvg) {
-      LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
-                     " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
-                     tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
-    }
+    check_allreduce(tensor, op);
     auto what = describe("allreduce", tensor, to_string(op));
     std::vector<at::Tensor> tensors{tensor};
     c10d::AllreduceOptions opts;

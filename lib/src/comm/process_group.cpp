@@ -103,6 +103,13 @@ void ProcessGroup::check_tensor(const char* op, const at::Tensor& tensor) const 
                  tensor.strides(), ". Call .contiguous() first.");
 }
 
+void ProcessGroup::check_allreduce(const at::Tensor& tensor, ReduceOp op) const {
+  check_tensor("allreduce", tensor);
+  LOCKSTEP_CHECK(op != ReduceOp::kAvg || tensor.is_floating_point(), where(),
+                 " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
+                 tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
+}
+
 void ProcessGroup::check_allgather(const std::vector<at::Tensor>& outputs,
                                    const at::Tensor& input) const {
   check_tensor("allgather", input);

@@ -589,11 +589,7 @@ class ShmGroup : public ProcessGroup {
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
     check_device("allreduce", tensor);
-    if (op == ReduceOp::kAvg) {
-      LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
-                     " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
-                     tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
-    }
+    check_allreduce(tensor, op);
     ReduceFn fn = pick_kernel(tensor.scalar_type(), op);
     LOCKSTEP_CHECK(fn != nullptr, where(), " allreduce: expected float32, float64, float16, "
                    "bfloat16 or an integer dtype, but got ", tensor.scalar_type(),
@@ -1028,12 +1024,7 @@ class HierGroup : public ProcessGroup {
   }
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
-    check_tensor("allreduce", tensor);
-    if (op == ReduceOp::kAvg) {
-      LOCKSTEP_CHECK(tensor.is_floating_point(), where(),
-                     " allreduce: expected a floating-point tensor for ReduceOp avg, but got ",
-                     tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
-    }
+    check_allreduce(tensor, op);
     next_sequence();
     at::Tensor t = tensor;
     return post([this, t, op]() mutable {
