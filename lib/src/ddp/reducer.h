@@ -1,6 +1,6 @@
 #pragma once
 // The Reducer: averages the gradients of a list of parameters over a ProcessGroup while
-// backward runs. DistributedDataParallel owns one; DataParallel owns one per replica thread.
+// backward runs. DistributedDataParallel owns one.
 //
 // Note [Reducer contract]
 // A Reducer works over ANY lockstep::ProcessGroup (Gloo, shared memory, an in-process group
