@@ -180,6 +180,7 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
   inv_world_ = 1.0 / world_;
   hook_ = options_.comm_hook ? options_.comm_hook : allreduce_hook();
   trivial_ = world_ == 1 && !options_.comm_hook;
+  fused_average_ = world_ > 1 && !options_.comm_hook;  // Note [Where the average is taken]
   if (!options_.trace_path.empty()) {
     trace_ = std::make_unique<Trace>(options_.trace_path, group_->rank());
   }
@@ -359,18 +360,19 @@ void Reducer::copy_in(size_t index, bool have_grad) {
                    "' has a sparse gradient, which DDP does not reduce. Use a dense gradient "
                    "(e.g. Embedding without sparse=true).");
   }
+  const double scale = fused_average_ ? 1.0 : inv_world_;
   if (options_.gradient_as_bucket_view) {
     if (same_memory(grad, slot.view)) {
-      scale_in_place(slot.view, inv_world_);
+      scale_in_place(slot.view, scale);
     } else if (grad.defined()) {
       // The gradient was (re)created by autograd, e.g. after zero_grad set it to None.
-      copy_scaled(slot.view, grad, inv_world_);
+      copy_scaled(slot.view, grad, scale);
       grad = slot.view;
     } else {
       slot.view.zero_();
     }
   } else if (grad.defined()) {
-    copy_scaled(slot.view, grad, inv_world_);
+    copy_scaled(slot.view, grad, scale);
   } else {
     slot.view.zero_();
   }
@@ -384,7 +386,8 @@ void Reducer::launch(size_t b) {
   gb.buffer = bucket.buffer;
   gb.gradient_numel = bucket.gradient_numel;
   gb.is_last = b + 1 == buckets_.size();
-  bucket.work = hook_->reduce(*group_, gb);
+  bucket.work = fused_average_ ? group_->allreduce(bucket.buffer, ReduceOp::kAvg)
+                               : hook_->reduce(*group_, gb);
   LOCKSTEP_ASSERT(bucket.work != nullptr, "comm hook '", hook_->name(), "' returned no Work");
 }
 
@@ -444,10 +447,12 @@ void Reducer::finalize() {
       auto as_float = control_cpu.scalar_type() == at::kFloat ? control_cpu
                                                                : control_cpu.to(at::kFloat);
       const float* c = as_float.data_ptr<float>();
+      const float undo = fused_average_ ? static_cast<float>(world_) : 1.0f;
       bool any = false;
       for (size_t k = 0; k < bucket.params.size(); ++k) {
-        if (c[k] > 0.5f) {
-          missing.emplace_back(bucket.params[k], static_cast<int>(std::lround(c[k])));
+        const float count = c[k] * undo;  // ranks that missed the parameter
+        if (count > 0.5f) {
+          missing.emplace_back(bucket.params[k], static_cast<int>(std::lround(count)));
           any = true;
         }
       }

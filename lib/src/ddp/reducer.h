@@ -26,8 +26,8 @@
 // backward is running. Every public method is thread-safe.
 //
 // Note [Bucket control elements]
-// Each bucket is one flat tensor: the gradients of its parameters (each already divided by
-// the world size, so the reduced sum is the average) followed by one control element per
+// Each bucket is one flat tensor: the gradients of its parameters (averaged by the reduction;
+// Note [Where the average is taken]) followed by one control element per
 // parameter, 1 when this rank got no gradient for that parameter in this backward and 0
 // otherwise. The control elements travel in the same all-reduce, so after it every rank knows,
 // with no extra collective, how many ranks missed each parameter: with
@@ -35,6 +35,15 @@
 // the parameters) instead of a hang; with it on, a parameter missed by every rank keeps its
 // .grad unchanged, as in single-process training. Buckets with a parameter that got no
 // gradient are launched by the end-of-backward callback, still in bucket order.
+//
+// Note [Where the average is taken]
+// With a comm hook, each gradient is divided by the world size as it enters its bucket (the
+// compression hooks need averages: summing half-precision values first could overflow). With
+// the default all-reduce, nothing is scaled on the way in and the bucket is all-reduced with
+// ReduceOp::kAvg instead: the shared-memory group divides inside its reduction pass (in
+// place, so with gradient_as_bucket_view no pass over the gradients remains at all), Gloo
+// divides after its sum. The control elements are averaged too; they are multiplied back by
+// the world size before they are read (exact: counts are small integers).
 //
 // Note [Bucket rebuild]
 // The first plan assumes gradients arrive in reverse registration order. During the first
@@ -138,6 +147,7 @@ class Reducer {
   CommHookPtr hook_;
   int world_ = 1;
   bool trivial_ = false;
+  bool fused_average_ = false;  // Note [Where the average is taken]
   double inv_world_ = 1.0;
 
   mutable std::mutex mutex_;
