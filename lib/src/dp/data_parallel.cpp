@@ -101,23 +101,25 @@ using dp::SpinWait;
 
 namespace {
 
-// Process-wide OpenBLAS thread count, through dlsym so that lockstep does not depend on
-// OpenBLAS (absent: both are no-ops and get returns 0).
-struct BlasThreads {
+// A process-wide thread-count setter and getter resolved through dlsym, so that lockstep
+// depends on neither OpenBLAS nor OpenMP: both found, or both null.
+struct ThreadCountFns {
   using SetFn = void (*)(int);
   using GetFn = int (*)();
   SetFn set = nullptr;
   GetFn get = nullptr;
-  BlasThreads() {
-    set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-    get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  ThreadCountFns(const char* set_name, const char* get_name) {
+    set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, set_name));
+    get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, get_name));
     if (!set || !get) set = nullptr, get = nullptr;
   }
-  static BlasThreads& instance() {
-    static BlasThreads blas;
-    return blas;
-  }
 };
+
+// OpenBLAS's process-wide thread count (absent: both null).
+ThreadCountFns& blas_threads() {
+  static ThreadCountFns blas("openblas_set_num_threads", "openblas_get_num_threads");
+  return blas;
+}
 
 // Sets the calling thread's intra-op thread count for its lifetime, then restores it (Note
 // [Caller's intra-op threads]).
@@ -125,7 +127,7 @@ class CallerThreads {
  public:
   explicit CallerThreads(int threads) {
 #if AT_PARALLEL_OPENMP
-    static const auto omp = OmpThreads();
+    static const ThreadCountFns omp("omp_set_num_threads", "omp_get_max_threads");
     if (omp.set) {
       saved_ = omp.get();
       if (saved_ != threads) omp.set(threads), set_ = omp.set;
@@ -143,19 +145,8 @@ class CallerThreads {
   CallerThreads& operator=(const CallerThreads&) = delete;
 
  private:
-  using SetFn = void (*)(int);
-  using GetFn = int (*)();
-  struct OmpThreads {
-    SetFn set = nullptr;
-    GetFn get = nullptr;
-    OmpThreads() {
-      set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
-      get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
-      if (!set || !get) set = nullptr, get = nullptr;
-    }
-  };
   int saved_ = 0;
-  SetFn set_ = nullptr;
+  ThreadCountFns::SetFn set_ = nullptr;
   bool global_ = false;
 };
 
@@ -349,14 +340,14 @@ struct DataParallelCore::Impl {
   struct BlasScope {
     int saved = 0;
     BlasScope(bool enabled, int threads) {
-      auto& blas = BlasThreads::instance();
+      auto& blas = blas_threads();
       if (!enabled || !blas.set) return;
       saved = blas.get();
       if (saved != threads) blas.set(threads);
       else saved = 0;
     }
     ~BlasScope() {
-      if (saved > 0) BlasThreads::instance().set(saved);
+      if (saved > 0) blas_threads().set(saved);
     }
   };
 };
