@@ -278,10 +278,7 @@ int run(int argc, char** argv) {
   }
   progress.finish();
   if (preempted) {
-    recipe::save(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
-    if (rank == 0) std::printf("preempted after step %lld: checkpoint written to %s\n",
-                               static_cast<long long>(pos.step), common.checkpoint.c_str());
-    return recipe::kExitPreempted;
+    return recipe::exit_preempted(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
   }
   double val = evaluate(*pg, lm, val_data, context, common.limit_eval);
   double train_loss = evaluate(*pg, lm, train_data, context, common.limit_eval > 0 ? common.limit_eval : 2000);

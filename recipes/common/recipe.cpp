@@ -223,6 +223,20 @@ std::vector<int64_t> local_batch(const std::vector<int64_t>& order, int64_t batc
 // ---------------------------------------------------------------------------------------------
 // Checkpoints
 
+int exit_preempted(ProcessGroup& group, const std::string& path, const std::string& recipe,
+                   torch::nn::Module& model, torch::optim::Optimizer& optimizer,
+                   const Position& position, const std::map<std::string, std::string>& config,
+                   const std::string& extra_json) {
+  save(group, path, recipe, model, optimizer, position, config, extra_json);
+  if (group.rank() == 0) {
+    std::printf("preempted after step %lld: checkpoint written to %s; run the same command to "
+                "resume (exit code %d)\n",
+                static_cast<long long>(position.step), path.c_str(), kExitPreempted);
+    std::fflush(stdout);
+  }
+  return kExitPreempted;
+}
+
 void save(ProcessGroup& group, const std::string& path, const std::string& recipe,
           torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
           const std::map<std::string, std::string>& config, const std::string& extra_json) {

@@ -112,6 +112,13 @@ void save(ProcessGroup& group, const std::string& path, const std::string& recip
           torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
           const std::map<std::string, std::string>& config, const std::string& extra_json = "{}");
 
+/// Collective: the end of a run stopped early (preemption, --stop-after): saves like `save`,
+/// tells the user (rank 0) how to resume, and returns kExitPreempted.
+int exit_preempted(ProcessGroup& group, const std::string& path, const std::string& recipe,
+                   torch::nn::Module& model, torch::optim::Optimizer& optimizer,
+                   const Position& position, const std::map<std::string, std::string>& config,
+                   const std::string& extra_json = "{}");
+
 /// Collective: loads what `save` wrote if `path` exists (returns false otherwise). Rejects a
 /// checkpoint of another recipe or configuration, naming the differing keys.
 bool load(ProcessGroup& group, const std::string& path, const std::string& recipe,

@@ -288,13 +288,7 @@ int run(int argc, char** argv) {
   }
   progress.finish();
   if (preempted) {
-    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
-    if (rank == 0) {
-      std::printf("preempted after step %lld: checkpoint written to %s; run the same command to "
-                  "resume (exit code %d)\n",
-                  static_cast<long long>(pos.step), common.checkpoint.c_str(), recipe::kExitPreempted);
-    }
-    return recipe::kExitPreempted;
+    return recipe::exit_preempted(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
   }
   auto [acc, test_loss] = evaluate(*pg, net, test_set);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();

@@ -318,10 +318,7 @@ int run(int argc, char** argv) {
   }
   progress.finish();
   if (preempted) {
-    recipe::save(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
-    if (rank == 0) std::printf("preempted after step %lld: checkpoint written to %s\n",
-                               static_cast<long long>(pos.step), common.checkpoint.c_str());
-    return recipe::kExitPreempted;
+    return recipe::exit_preempted(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
   }
   auto v = validate();
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
