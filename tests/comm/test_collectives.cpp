@@ -91,6 +91,33 @@ TEST_P(Collectives, AllgatherAndReduceScatter) {
   });
 }
 
+// ProcessGroup::reduce's default implementation (one all-reduce per dtype, copied back on the
+// root): a mixed list, every root, sum and avg; the other ranks' tensors stay unchanged.
+TEST_P(Collectives, ReduceListIntoEveryRoot) {
+  const int world = GetParam();
+  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+    for (int root = 0; root < world; ++root) {
+      for (auto op : {ReduceOp::kSum, ReduceOp::kAvg}) {
+        std::vector<torch::Tensor> mine = {input(pg->rank(), 1001, torch::kFloat32),
+                                           input(pg->rank(), 0, torch::kFloat64),
+                                           input(pg->rank(), 6, torch::kFloat64).view({2, 3}),
+                                           input(pg->rank(), 1, torch::kFloat32)};
+        std::vector<torch::Tensor> before;
+        for (auto& t : mine) before.push_back(t.clone());
+        pg->reduce(mine, root, op)->wait();
+        for (size_t i = 0; i < mine.size(); ++i) {
+          auto want = pg->rank() == root
+                          ? expected(op, world, before[i].numel(), before[i].scalar_type())
+                                .view(before[i].sizes())
+                          : before[i];
+          ASSERT_TRUE(torch::equal(mine[i], want))
+              << pg->where() << " root " << root << " op " << lockstep::to_string(op) << " tensor " << i;
+        }
+      }
+    }
+  });
+}
+
 TEST_P(Collectives, ManyAsyncInFlightCompleteInOrder) {
   const int world = GetParam();
   with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {

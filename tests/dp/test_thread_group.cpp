@@ -132,6 +132,53 @@ TEST_P(ThreadGroup, AllgatherAndReduceScatter) {
   });
 }
 
+// reduce straight into root's tensors: a list of mixed dtypes and sizes (one spanning many
+// slices), every root, sum and avg; root's values are the bits of a sum starting from its own
+// tensor and adding the others in rank order; the other ranks' tensors are untouched.
+TEST_P(ThreadGroup, ReduceListIntoEveryRootInRankOrder) {
+  const int world = GetParam();
+  const std::vector<std::pair<int64_t, at::ScalarType>> shapes = {
+      {700 * 1000 + 3, at::kFloat}, {1001, at::kDouble}, {0, at::kFloat}, {1, at::kLong}};
+  std::vector<std::vector<at::Tensor>> inputs(world);
+  for (int r = 0; r < world; ++r) {
+    for (const auto& s : shapes) {
+      inputs[r].push_back(s.second == at::kLong
+                              ? at::full({s.first}, static_cast<int64_t>(r + 2), at::kLong)
+                              : (at::randn({s.first}, at::kDouble) * (r + 1) * 1e3).to(s.second));
+    }
+  }
+  for (auto options : {lockstep::ThreadGroupOptions().slice_bytes(4096),
+                       lockstep::ThreadGroupOptions().spin(std::chrono::microseconds(50))}) {
+    for (int root = 0; root < world; ++root) {
+      for (auto op : {ReduceOp::kSum, ReduceOp::kAvg}) {
+        std::vector<std::vector<at::Tensor>> results(world);
+        with_thread_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+          auto& mine = results[pg->rank()];
+          for (const auto& t : inputs[pg->rank()]) mine.push_back(t.clone());
+          // Avg needs floating tensors: leave the int64 one out for avg.
+          if (op == ReduceOp::kAvg) mine.pop_back();
+          pg->reduce(mine, root, op)->wait();
+        }, options);
+        for (int r = 0; r < world; ++r) {
+          for (size_t i = 0; i < results[r].size(); ++i) {
+            at::Tensor want = inputs[r][i];
+            if (r == root) {
+              want = inputs[root][i].clone();
+              for (int q = 0; q < world; ++q) {
+                if (q != root) want.add_(inputs[q][i]);
+              }
+              if (op == ReduceOp::kAvg) want.div_(world);
+            }
+            ASSERT_TRUE(at::equal(results[r][i], want))
+                << "rank " << r << " root " << root << " tensor " << i << " op "
+                << lockstep::to_string(op);
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_P(ThreadGroup, ManyAsyncInFlightComplete) {
   const int world = GetParam();
   with_thread_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
@@ -196,6 +243,30 @@ TEST(ThreadGroupErrors, MismatchedCollectivesAreNamed) {
     EXPECT_NE(sizes[r].find("rank 0 has 4 x Float but rank 1 has 5 x Float"), std::string::npos)
         << sizes[r];
   }
+}
+
+TEST(ThreadGroupErrors, MismatchedReduceListsAreNamed) {
+  std::vector<std::string> counts(2), roots(2), shapes(2);
+  with_thread_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    std::vector<at::Tensor> list(pg->rank() == 0 ? 2 : 3, at::ones({4}));
+    counts[pg->rank()] = message_of(pg->reduce(list, 0));
+    std::vector<at::Tensor> two = {at::ones({4}), at::ones({4})};
+    roots[pg->rank()] = message_of(pg->reduce(two, pg->rank()));
+    std::vector<at::Tensor> odd = {at::ones({4}), at::ones({pg->rank() == 0 ? 4 : 6})};
+    shapes[pg->rank()] = message_of(pg->reduce(odd, 0));
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(counts[r].find("reduce: rank 0 passes 2 tensors but rank 1 passes 3"),
+              std::string::npos) << counts[r];
+    EXPECT_NE(roots[r].find("reduce: rank 0 names root 0 but rank 1 names root 1"),
+              std::string::npos) << roots[r];
+    EXPECT_NE(shapes[r].find("reduce: tensor 1 is 4 x Float on rank 0 but 6 x Float on rank 1"),
+              std::string::npos) << shapes[r];
+  }
+  with_thread_groups(1, [&](const lockstep::ProcessGroupPtr& pg) {
+    std::vector<at::Tensor> one = {at::ones({2})};
+    EXPECT_THROW(pg->reduce(one, 1), lockstep::InvalidArgument);
+  });
 }
 
 TEST(ThreadGroupErrors, MissingRankTimesOutNamingIt) {

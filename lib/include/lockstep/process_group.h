@@ -130,6 +130,15 @@ class ProcessGroup {
   /// implementation all-reduces the concatenated inputs (Gloo has no native reduce_scatter).
   virtual WorkPtr reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
                                  ReduceOp op = ReduceOp::kSum);
+  /// Reduces each tensor of `tensors` element-wise across ranks into root's tensors, as one
+  /// collective: every rank passes a list of the same length, with the same element counts
+  /// and dtypes in the same order. Only root's tensors change; the other ranks' are only
+  /// read (and must not be touched until the Work completed). kAvg divides by size()
+  /// (floating types only). The default implementation all-reduces the concatenated tensors
+  /// of each dtype and copies the result back on root; the thread group reduces straight
+  /// into root's tensors, with no copy (DataParallel's gradient reduction). Collective.
+  virtual WorkPtr reduce(std::vector<at::Tensor>& tensors, int root = 0,
+                         ReduceOp op = ReduceOp::kSum);
   /// Completes when every rank reached it. Collective.
   virtual WorkPtr barrier() = 0;
 
@@ -159,6 +168,9 @@ class ProcessGroup {
   void check_tensor(const char* op, const at::Tensor& tensor) const;
   /// Validates allreduce's arguments (check_tensor, and a floating-point dtype for kAvg).
   void check_allreduce(const at::Tensor& tensor, ReduceOp op) const;
+  /// Validates reduce's arguments: a root in [0, size()), defined contiguous dense tensors,
+  /// floating-point ones for kAvg. Throws InvalidArgument naming the first bad tensor.
+  void check_reduce(const std::vector<at::Tensor>& tensors, int root, ReduceOp op) const;
   /// Validates allgather's arguments: one output per rank, each a valid tensor shaped and
   /// typed like `input`. Throws InvalidArgument naming the first mismatch.
   void check_allgather(const std::vector<at::Tensor>& outputs, const at::Tensor& input) const;

@@ -1,9 +1,9 @@
 #pragma once
 /// \file
 /// Process groups whose ranks are threads of one process: collectives by direct memory
-/// reduction, no sockets, no store round trips. For tests and programs that run ranks as
-/// threads (DataParallel sums its replicas' gradients directly instead: a collective's
-/// staging copies cost more than the sum itself in one address space).
+/// reduction, no sockets, no store round trips. For tests, programs that run ranks as
+/// threads, and DataParallel (one DDP Reducer per replica over a thread group, reducing with
+/// `ProcessGroup::reduce` straight into the primary's gradients).
 
 #include <chrono>
 #include <vector>
@@ -21,6 +21,9 @@ struct ThreadGroupOptions {
   /// every rank that waits on the collective reduces slices alongside the last rank to
   /// arrive. Default 256 KiB.
   LOCKSTEP_ARG(int64_t, slice_bytes) = 256 * 1024;
+  /// How long `Work::wait()` polls (helping with slices) before it blocks on a condition
+  /// variable: worth it only when every rank's thread has a core of its own. Default 0.
+  LOCKSTEP_ARG(std::chrono::microseconds, spin) = std::chrono::microseconds(0);
 };
 
 /// Creates `size` groups sharing one in-process state; `groups[r]` is rank r's group and is

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -110,6 +111,18 @@ void ProcessGroup::check_allreduce(const at::Tensor& tensor, ReduceOp op) const 
                  tensor.scalar_type(), ". Use sum and divide, or convert the tensor.");
 }
 
+void ProcessGroup::check_reduce(const std::vector<at::Tensor>& tensors, int root,
+                                ReduceOp op) const {
+  LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " reduce: expected a root in [0, ", size(),
+                 "), but got ", root, ".");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor("reduce", tensors[i]);
+    LOCKSTEP_CHECK(op != ReduceOp::kAvg || tensors[i].is_floating_point(), where(),
+                   " reduce: expected floating-point tensors for ReduceOp avg, but tensor ", i,
+                   " is ", tensors[i].scalar_type(), ". Use sum and divide.");
+  }
+}
+
 void ProcessGroup::check_allgather(const std::vector<at::Tensor>& outputs,
                                    const at::Tensor& input) const {
   check_tensor("allgather", input);
@@ -170,6 +183,66 @@ WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::T
     }
   }).detach();
   return work;
+}
+
+namespace {
+
+// A Work that runs `then` once, on the first wait() after `inner` succeeded.
+class ThenWork : public Work {
+ public:
+  ThenWork(std::vector<WorkPtr> inner, std::function<void()> then)
+      : inner_(std::move(inner)), then_(std::move(then)) {}
+  bool is_completed() override {
+    for (auto& w : inner_) {
+      if (!w->is_completed()) return false;
+    }
+    return true;
+  }
+  void wait() override {
+    for (auto& w : inner_) w->wait();
+    std::call_once(once_, [this] { then_(); });
+  }
+
+ private:
+  std::vector<WorkPtr> inner_;
+  std::function<void()> then_;
+  std::once_flag once_;
+};
+
+}  // namespace
+
+WorkPtr ProcessGroup::reduce(std::vector<at::Tensor>& tensors, int root, ReduceOp op) {
+  check_reduce(tensors, root, op);
+  // One all-reduce per dtype, over the concatenation of that dtype's tensors (in list order).
+  std::vector<std::vector<size_t>> groups;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const std::vector<size_t>& g) {
+      return tensors[g.front()].scalar_type() == tensors[i].scalar_type() &&
+             tensors[g.front()].device() == tensors[i].device();
+    });
+    if (it == groups.end()) groups.push_back({i});
+    else it->push_back(i);
+  }
+  std::vector<WorkPtr> works;
+  std::vector<at::Tensor> flats;
+  for (const auto& g : groups) {
+    std::vector<at::Tensor> parts;
+    for (size_t i : g) parts.push_back(tensors[i].reshape({-1}));
+    flats.push_back(at::cat(parts));
+    works.push_back(allreduce(flats.back(), op));
+  }
+  if (rank() != root) return std::make_shared<ThenWork>(std::move(works), [flats] {});
+  std::vector<at::Tensor> outs = tensors;
+  return std::make_shared<ThenWork>(std::move(works), [groups, flats, outs]() mutable {
+    for (size_t k = 0; k < groups.size(); ++k) {
+      int64_t offset = 0;
+      for (size_t i : groups[k]) {
+        const int64_t n = outs[i].numel();
+        outs[i].view({-1}).copy_(flats[k].narrow(0, offset, n));
+        offset += n;
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ namespace {
 // `abort` fails every op still waiting for arrivals and every later one: a rank whose thread
 // failed mid-iteration uses it so that its peers stop waiting.
 
-enum class Kind { kAllreduce, kBroadcast, kAllgather, kReduceScatter, kBarrier };
+enum class Kind { kAllreduce, kBroadcast, kAllgather, kReduceScatter, kReduce, kBarrier };
 
 const char* kind_name(Kind k) {
   switch (k) {
@@ -43,6 +43,7 @@ const char* kind_name(Kind k) {
     case Kind::kBroadcast: return "broadcast";
     case Kind::kAllgather: return "allgather";
     case Kind::kReduceScatter: return "reduce_scatter";
+    case Kind::kReduce: return "reduce";
     case Kind::kBarrier: return "barrier";
   }
   return "?";
@@ -58,7 +59,13 @@ struct Op {
   std::vector<at::Tensor> tensors;               // allreduce, broadcast: each rank's tensor;
                                                  // allgather: each rank's input;
                                                  // reduce_scatter: each rank's output
-  std::vector<std::vector<at::Tensor>> lists;    // allgather outputs / reduce_scatter inputs
+  std::vector<std::vector<at::Tensor>> lists;    // allgather outputs / reduce_scatter inputs /
+                                                 // reduce tensors
+  struct Piece {
+    size_t tensor;
+    int64_t offset, numel;
+  };
+  std::vector<Piece> pieces;                     // reduce: slice s is pieces[s]
   std::vector<ReduceOp> reduces;
   std::vector<int> roots;
   int count = 0;
@@ -68,6 +75,7 @@ struct Op {
   std::atomic<int64_t> done_slices{0};
   bool ready = false;
   bool done = false;
+  std::atomic<bool> finished{false};  // `done`, readable without the lock (spinning waiters)
   std::exception_ptr error;
   std::condition_variable cv;
 };
@@ -87,6 +95,7 @@ struct GroupState {
       if (!kv.second->done) {
         kv.second->error = error;
         kv.second->done = true;
+        kv.second->finished.store(true, std::memory_order_release);
         kv.second->cv.notify_all();
       }
     }
@@ -141,6 +150,18 @@ void run_slice(Op& op, int size, int64_t s) {
       if (op.reduce == ReduceOp::kAvg) out.div_(size);
       break;
     }
+    case Kind::kReduce: {  // root's piece += every other rank's, in rank order
+      const auto& piece = op.pieces[s];
+      auto part = [&](int r) {
+        return op.lists[r][piece.tensor].view({-1}).narrow(0, piece.offset, piece.numel);
+      };
+      auto acc = part(op.root);
+      for (int r = 0; r < size; ++r) {
+        if (r != op.root) combine(acc, on(part(r), acc.device()), op.reduce);
+      }
+      if (op.reduce == ReduceOp::kAvg) acc.div_(size);
+      break;
+    }
     case Kind::kBarrier: break;
   }
 }
@@ -159,6 +180,18 @@ class ThreadWork : public Work {
 
   void wait() override {
     help(*state_, op_);
+    // Poll briefly before blocking (ThreadGroupOptions::spin); an op that becomes ready
+    // meanwhile is helped with below, once the spin is over.
+    const auto spin = state_->options.spin();
+    if (spin.count() > 0 && !op_->finished.load(std::memory_order_acquire)) {
+      const auto until = std::chrono::steady_clock::now() + spin;
+      while (!op_->finished.load(std::memory_order_acquire) &&
+             std::chrono::steady_clock::now() < until) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+    }
     std::unique_lock<std::mutex> lock(state_->mutex);
     auto deadline = std::chrono::steady_clock::now() + state_->options.timeout();
     while (!op_->done) {
@@ -205,6 +238,7 @@ class ThreadWork : public Work {
         if (error && !op->error) op->error = error;
         if (last) {
           op->done = true;
+          op->finished.store(true, std::memory_order_release);
           op->cv.notify_all();
         }
       }
@@ -279,6 +313,15 @@ class ThreadGroup : public ProcessGroup {
     });
   }
 
+  WorkPtr reduce(std::vector<at::Tensor>& tensors, int root, ReduceOp op) override {
+    return issue(Kind::kReduce, [&](Op& o) {
+      check_reduce(tensors, root, op);
+      o.lists[rank()] = tensors;
+      o.reduces[rank()] = op;
+      o.roots[rank()] = root;
+    });
+  }
+
   WorkPtr barrier() override {
     return issue(Kind::kBarrier, [](Op&) {});
   }
@@ -329,6 +372,7 @@ class ThreadGroup : public ProcessGroup {
         if (!op->error) validate(*op);
         if (op->error || op->slices == 0) {
           op->done = true;
+          op->finished.store(true, std::memory_order_release);
           op->cv.notify_all();
         } else {
           op->ready = true;
@@ -362,20 +406,36 @@ class ThreadGroup : public ProcessGroup {
     op.root = op.roots[0];
     for (int r = 1; r < n; ++r) {
       if (op.kind == Kind::kBarrier) break;
+      if (op.roots[r] != op.root) {
+        return fail(concat(kind_name(op.kind), ": rank 0 names root ", op.root, " but rank ", r,
+                           " names root ", op.roots[r]));
+      }
+      if (op.reduces[r] != op.reduce) {
+        return fail(concat(kind_name(op.kind), ": rank 0 reduces with ", to_string(op.reduce),
+                           " but rank ", r, " with ", to_string(op.reduces[r])));
+      }
+      if (op.kind == Kind::kReduce) {
+        const auto& a = op.lists[0];
+        const auto& b = op.lists[r];
+        if (a.size() != b.size()) {
+          return fail(concat("reduce: rank 0 passes ", a.size(), " tensors but rank ", r,
+                             " passes ", b.size()));
+        }
+        for (size_t i = 0; i < a.size(); ++i) {
+          if (a[i].numel() != b[i].numel() || a[i].scalar_type() != b[i].scalar_type()) {
+            return fail(concat("reduce: tensor ", i, " is ", a[i].numel(), " x ",
+                               a[i].scalar_type(), " on rank 0 but ", b[i].numel(), " x ",
+                               b[i].scalar_type(), " on rank ", r));
+          }
+        }
+        continue;
+      }
       const auto& a = op.tensors[0];
       const auto& b = op.tensors[r];
       if (a.numel() != b.numel() || a.scalar_type() != b.scalar_type()) {
         return fail(concat(kind_name(op.kind), ": rank 0 has ", a.numel(), " x ",
                            a.scalar_type(), " but rank ", r, " has ", b.numel(), " x ",
                            b.scalar_type()));
-      }
-      if (op.reduces[r] != op.reduce) {
-        return fail(concat(kind_name(op.kind), ": rank 0 reduces with ", to_string(op.reduce),
-                           " but rank ", r, " with ", to_string(op.reduces[r])));
-      }
-      if (op.roots[r] != op.root) {
-        return fail(concat("broadcast: rank 0 names root ", op.root, " but rank ", r,
-                           " names root ", op.roots[r]));
       }
     }
     switch (op.kind) {
@@ -389,6 +449,19 @@ class ThreadGroup : public ProcessGroup {
       }
       case Kind::kAllgather:
       case Kind::kReduceScatter: op.slices = op.tensors[0].numel() == 0 ? 0 : n; break;
+      case Kind::kReduce: {
+        op.pieces.clear();
+        for (size_t i = 0; i < op.lists[0].size(); ++i) {
+          const auto& t = op.lists[0][i];
+          const int64_t item = static_cast<int64_t>(t.element_size());
+          const int64_t per = std::max<int64_t>(1, state_->options.slice_bytes() / item);
+          for (int64_t lo = 0; lo < t.numel(); lo += per) {
+            op.pieces.push_back({i, lo, std::min(per, t.numel() - lo)});
+          }
+        }
+        op.slices = static_cast<int64_t>(op.pieces.size());
+        break;
+      }
       case Kind::kBarrier: op.slices = 0; break;
     }
   }
