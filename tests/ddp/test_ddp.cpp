@@ -14,6 +14,7 @@
 #include "ddp/reducer.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
+#include "lockstep/thread_group.h"
 #include "support/process.h"
 #include "support/threads.h"
 
@@ -937,6 +938,80 @@ TEST(DDPErrors, HookFiringTwiceNamesTheParameter) {
     reducer.finalize();
     EXPECT_TRUE(torch::allclose(w.grad(), torch::ones({3})));
   });
+}
+
+// Note [Reducing into a root]: three ranks as threads over a thread group, root 1. Rank r's
+// gradients are r + 1 (w), 10 * (r + 1) (b, missing on rank 2); nobody produces `dead`,
+// whose stale .grad on the root must survive. Then an iteration in which rank 0 runs no
+// backward at all (finalize only). Sum and average.
+TEST(ReducerRoot, ReducesIntoTheRootOnlyWithMissingGradientsAsZeros) {
+  for (bool average : {false, true}) {
+    auto groups = lockstep::new_thread_groups(3);
+    std::vector<std::vector<Tensor>> grads(3);
+    std::vector<std::string> errors(3);
+    std::vector<std::vector<lockstep::DDPStats>> stats(3);
+    lockstep_test::run_ranks(3, [&](int r) {
+      auto w = torch::zeros({5}, torch::requires_grad());
+      auto b = torch::zeros({3}, torch::requires_grad());
+      auto dead = torch::zeros({2}, torch::requires_grad());
+      if (r == 1) dead.mutable_grad() = torch::full({2}, 7.0);
+      lockstep::ddp::ReducerOptions o;
+      o.install_hooks = false;
+      o.root = 1;
+      o.average = average;
+      o.find_unused_parameters = true;
+      lockstep::ddp::Reducer reducer({w, b, dead}, {"w", "b", "dead"}, groups[r], o);
+      for (int iteration = 0; iteration < 2; ++iteration) {
+        reducer.prepare_for_forward(true);
+        const bool runs_backward = !(iteration == 1 && r == 0);
+        if (runs_backward) {
+          w.mutable_grad() = torch::full({5}, static_cast<float>(r + 1));
+          reducer.mark_ready(0);
+          if (r != 2) {
+            b.mutable_grad() = torch::full({3}, static_cast<float>(10 * (r + 1)));
+            reducer.mark_ready(1);
+          }
+        }
+        reducer.finalize();
+        stats[r].push_back(reducer.last_stats());
+        grads[r].push_back(w.grad().defined() ? w.grad().clone() : Tensor());
+        grads[r].push_back(b.grad().defined() ? b.grad().clone() : Tensor());
+        grads[r].push_back(dead.grad().defined() ? dead.grad().clone() : Tensor());
+        w.mutable_grad().reset();
+        b.mutable_grad().reset();
+      }
+    });
+    const float div = average ? 3.0f : 1.0f;
+    // Iteration 0: root 1 holds the sums; ranks 0 and 2 keep their own gradients.
+    EXPECT_TRUE(torch::equal(grads[1][0], torch::full({5}, 6.0f / div))) << grads[1][0];
+    EXPECT_TRUE(torch::equal(grads[1][1], torch::full({3}, 30.0f / div))) << grads[1][1];
+    EXPECT_TRUE(torch::equal(grads[1][2], torch::full({2}, 7.0f))) << "stale .grad of 'dead'";
+    EXPECT_TRUE(torch::equal(grads[0][0], torch::full({5}, 1.0f)));
+    EXPECT_TRUE(torch::equal(grads[2][0], torch::full({5}, 3.0f)));
+    EXPECT_FALSE(grads[2][1].defined()) << "rank 2 got no gradient for b and must not get one";
+    // Iteration 1: rank 0 ran no backward and contributed zeros.
+    EXPECT_TRUE(torch::equal(grads[1][3], torch::full({5}, 5.0f / div))) << grads[1][3];
+    EXPECT_TRUE(torch::equal(grads[1][4], torch::full({3}, 20.0f / div))) << grads[1][4];
+    EXPECT_TRUE(torch::equal(grads[1][5], torch::full({2}, 7.0f)));
+    ASSERT_FALSE(stats[1][0].buckets.empty());
+    EXPECT_EQ(stats[1][0].buckets[0].transport, "threads (reduce into rank 1)");
+  }
+}
+
+TEST(ReducerRoot, BadRootAndHookAreRejected) {
+  auto groups = lockstep::new_thread_groups(1);
+  auto w = torch::zeros({2}, torch::requires_grad());
+  lockstep::ddp::ReducerOptions o;
+  o.root = 1;
+  try {
+    lockstep::ddp::Reducer reducer({w}, {"w"}, groups[0], o);
+    ADD_FAILURE() << "expected InvalidArgument";
+  } catch (const lockstep::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("a rank below 1, but got 1"), std::string::npos) << e.what();
+  }
+  o.root = 0;
+  o.comm_hook = lockstep::fp16_compress_hook();
+  EXPECT_THROW(lockstep::ddp::Reducer({w}, {"w"}, groups[0], o), lockstep::InvalidArgument);
 }
 
 TEST(DDPErrors, BadOptions) {

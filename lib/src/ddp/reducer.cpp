@@ -177,7 +177,13 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
                    "'; pass shared (tied) parameters once.");
   }
   world_ = group_->size();
-  inv_world_ = 1.0 / world_;
+  root_mode_ = options_.root >= 0;
+  LOCKSTEP_CHECK(options_.root < world_, group_->where(), " Expected the Reducer's root to be "
+                 "-1 (all-reduce) or a rank below ", world_, ", but got ", options_.root, ".");
+  LOCKSTEP_CHECK(!root_mode_ || !options_.comm_hook, group_->where(), " A Reducer that reduces "
+                 "into a root does not take a comm hook (Note [Reducing into a root]).");
+  inv_world_ = options_.average ? 1.0 / world_ : 1.0;
+  op_ = options_.average ? ReduceOp::kAvg : ReduceOp::kSum;
   hook_ = options_.comm_hook ? options_.comm_hook : allreduce_hook();
   trivial_ = world_ == 1 && !options_.comm_hook;
   fused_average_ = world_ > 1 && !options_.comm_hook;  // Note [Where the average is taken]
@@ -227,6 +233,14 @@ void Reducer::build_buckets(const std::vector<size_t>& order) {
     bucket.gradient_numel = numel;
     const auto& first = params_[bucket.params.front()];
     if (trivial_) continue;  // nothing is communicated: no buffers
+    if (root_mode_) {  // Note [Reducing into a root]: the gradients are the bucket
+      bucket.control = at::zeros({static_cast<int64_t>(bucket.params.size())},
+                                 first.options().dtype(at::kFloat).requires_grad(false));
+      bucket.inputs.resize(bucket.params.size() + 1);
+      bucket.inputs.back() = bucket.control;
+      bucket.transport = concat(group_->backend(), " (reduce into rank ", options_.root, ")");
+      continue;
+    }
     // Note [CUDA buckets]: a CUDA bucket lives on its parameters' device; ProcessGroupGloo
     // stages CUDA tensors through pinned host memory itself, so the same code path serves
     // both. Compiled and run only where LibTorch has CUDA (at::hasCUDA()).
@@ -254,7 +268,7 @@ void Reducer::build_buckets(const std::vector<size_t>& order) {
       slots[plan[b][k]].position = k;
     }
   }
-  if (!trivial_ && options_.gradient_as_bucket_view) {
+  if (!trivial_ && !root_mode_ && options_.gradient_as_bucket_view) {
     // Carry existing gradients into the new views and alias them.
     for (size_t i = 0; i < params_.size(); ++i) {
       auto& grad = params_[i].mutable_grad();
@@ -324,12 +338,7 @@ void Reducer::mark_ready(size_t index) {
   if (!sync_) return;
   LOCKSTEP_ASSERT(index < params_.size(), "parameter index ", index, " out of range");
   auto now = Clock::now();
-  if (!in_backward_) {
-    in_backward_ = true;
-    backward_start_ = now;
-    recording_order_ = options_.rebuild_buckets && !rebuilt_ && !trivial_;
-    if (options_.install_hooks) adapter::queue_backward_callback([this] { finalize(); });
-  }
+  if (!in_backward_) begin_iteration(now);
   if (ready_[index]) {
     throw StateError(concat(
         group_->where(), " DDP: the gradient hook of parameter '", names_[index],
@@ -350,6 +359,13 @@ void Reducer::mark_ready(size_t index) {
   poll_done();
 }
 
+void Reducer::begin_iteration(Clock::time_point now) {
+  in_backward_ = true;
+  backward_start_ = now;
+  recording_order_ = options_.rebuild_buckets && !rebuilt_ && !trivial_;
+  if (options_.install_hooks) adapter::queue_backward_callback([this] { finalize(); });
+}
+
 void Reducer::copy_in(size_t index, bool have_grad) {
   auto& slot = slots_[index];
   auto& grad = params_[index].mutable_grad();
@@ -359,6 +375,29 @@ void Reducer::copy_in(size_t index, bool have_grad) {
     LOCKSTEP_CHECK(!grad.is_sparse(), group_->where(), " DDP: parameter '", names_[index],
                    "' has a sparse gradient, which DDP does not reduce. Use a dense gradient "
                    "(e.g. Embedding without sparse=true).");
+  }
+  if (root_mode_) {  // Note [Reducing into a root]: no copy, the gradient is the input
+    auto& input = buckets_[slot.bucket].inputs[slot.position];
+    const bool root = group_->rank() == options_.root;
+    if (have_grad) {
+      if (!grad.is_contiguous()) {
+        if (root) grad = grad.contiguous();
+        input = grad.contiguous();
+      } else {
+        input = grad;
+      }
+    } else if (root) {
+      slot.saved = grad;
+      slot.replaced = true;
+      grad = at::zeros_like(params_[index], at::MemoryFormat::Contiguous);
+      input = grad;
+    } else {
+      if (!slot.zeros.defined()) {
+        slot.zeros = at::zeros_like(params_[index], at::MemoryFormat::Contiguous);
+      }
+      input = slot.zeros;
+    }
+    return;
   }
   const double scale = fused_average_ ? 1.0 : inv_world_;
   if (options_.gradient_as_bucket_view) {
@@ -386,8 +425,12 @@ void Reducer::launch(size_t b) {
   gb.buffer = bucket.buffer;
   gb.gradient_numel = bucket.gradient_numel;
   gb.is_last = b + 1 == buckets_.size();
-  bucket.work = fused_average_ ? group_->allreduce(bucket.buffer, ReduceOp::kAvg)
-                               : hook_->reduce(*group_, gb);
+  if (root_mode_) {
+    bucket.work = group_->reduce(bucket.inputs, options_.root, op_);
+  } else {
+    bucket.work = fused_average_ ? group_->allreduce(bucket.buffer, op_)
+                                 : hook_->reduce(*group_, gb);
+  }
   LOCKSTEP_ASSERT(bucket.work != nullptr, "comm hook '", hook_->name(), "' returned no Work");
 }
 
@@ -401,7 +444,13 @@ void Reducer::poll_done() {
 
 void Reducer::finalize() {
   std::unique_lock<std::mutex> lock(mutex_);
-  if (!in_backward_) return;
+  if (!in_backward_) {
+    // With hooks, finalize runs only after a backward began. Without, the owner calls it
+    // after every synchronized forward: a rank that ran no backward still joins every
+    // bucket's collective, with every parameter missing (Note [Reducer contract]).
+    if (options_.install_hooks || !sync_) return;
+    begin_iteration(Clock::now());
+  }
   const auto compute_end = Clock::now();
 
   std::vector<std::pair<size_t, int>> missing;  // (parameter, ranks that missed it)
@@ -419,7 +468,12 @@ void Reducer::finalize() {
         size_t i = bucket.params[k];
         if (ready_[i]) continue;
         copy_in(i, /*have_grad=*/false);
-        bucket.buffer[bucket.gradient_numel + static_cast<int64_t>(k)].fill_(1);
+        if (root_mode_) {
+          bucket.control[static_cast<int64_t>(k)].fill_(1);
+          bucket.control_set = true;
+        } else {
+          bucket.buffer[bucket.gradient_numel + static_cast<int64_t>(k)].fill_(1);
+        }
       }
       bucket.pending = 0;
       bucket.ready = compute_end;
@@ -441,13 +495,21 @@ void Reducer::finalize() {
     }
     for (size_t b = 0; b < buckets_.size(); ++b) {
       auto& bucket = buckets_[b];
-      auto control = bucket.buffer.narrow(0, bucket.gradient_numel,
-                                          static_cast<int64_t>(bucket.params.size()));
+      if (root_mode_ && group_->rank() != options_.root) {
+        // Only the root receives the counts (Note [Reducing into a root]).
+        if (bucket.control_set) bucket.control.zero_();
+        bucket.control_set = false;
+        continue;
+      }
+      auto control = root_mode_ ? bucket.control
+                                : bucket.buffer.narrow(0, bucket.gradient_numel,
+                                                       static_cast<int64_t>(bucket.params.size()));
       auto control_cpu = control.device().is_cpu() ? control : control.cpu();
       auto as_float = control_cpu.scalar_type() == at::kFloat ? control_cpu
                                                                : control_cpu.to(at::kFloat);
       const float* c = as_float.data_ptr<float>();
-      const float undo = fused_average_ ? static_cast<float>(world_) : 1.0f;
+      const float undo =
+          fused_average_ && op_ == ReduceOp::kAvg ? static_cast<float>(world_) : 1.0f;
       bool any = false;
       for (size_t k = 0; k < bucket.params.size(); ++k) {
         const float count = c[k] * undo;  // ranks that missed the parameter
@@ -457,6 +519,7 @@ void Reducer::finalize() {
         }
       }
       if (any) control.zero_();
+      bucket.control_set = false;
     }
   }
   std::sort(missing.begin(), missing.end());
@@ -474,6 +537,13 @@ void Reducer::finalize() {
       while (m < missing.size() && missing[m].first < i) ++m;
       bool everywhere_unused = m < missing.size() && missing[m].first == i &&
                                missing[m].second >= world_;
+      if (root_mode_) {  // the result is in place; undo the zeros of a parameter nobody used
+        auto& slot = slots_[i];
+        if (slot.replaced && everywhere_unused) params_[i].mutable_grad() = slot.saved;
+        slot.saved = at::Tensor();
+        slot.replaced = false;
+        continue;
+      }
       if (everywhere_unused) continue;
       auto& grad = params_[i].mutable_grad();
       auto& view = slots_[i].view;
@@ -542,6 +612,18 @@ void Reducer::reset_iteration() {
     b.pending = b.params.size();
     b.work.reset();
     b.done_seen = false;
+    if (root_mode_) {  // drop this iteration's gradient references; clear the controls
+      for (size_t k = 0; k + 1 < b.inputs.size(); ++k) b.inputs[k] = at::Tensor();
+      if (b.control_set) b.control.zero_();
+      b.control_set = false;
+    }
+  }
+  for (size_t i = 0; i < slots_.size(); ++i) {  // after a failure: the .grad it replaced
+    auto& slot = slots_[i];
+    if (!slot.replaced) continue;
+    params_[i].mutable_grad() = slot.saved;
+    slot.saved = at::Tensor();
+    slot.replaced = false;
   }
   next_launch_ = 0;
   next_done_ = 0;

@@ -22,7 +22,8 @@
 //      must make every rank run the same number of backwards.
 // `install_hooks = false` leaves the autograd hooks out: the owner then calls `mark_ready(i)`
 // after parameter i's gradient is final and `finalize()` after the last one (tests, or an
-// owner that drives reduction itself). The Reducer is not copyable; destroy it only when no
+// owner that drives reduction itself); it calls finalize() after every synchronized forward,
+// also on a rank that ran no backward (every parameter then counts as missing there). The Reducer is not copyable; destroy it only when no
 // backward is running. Every public method is thread-safe.
 //
 // Note [Bucket control elements]
@@ -44,6 +45,21 @@
 // place, so with gradient_as_bucket_view no pass over the gradients remains at all), Gloo
 // divides after its sum. The control elements are averaged too; they are multiplied back by
 // the world size before they are read (exact: counts are small integers).
+//
+// Note [Reducing into a root]
+// With ReducerOptions::root = r >= 0 the Reducer reduces into rank r instead of all-reducing:
+// only rank r's gradients receive the result; the other ranks' gradients are only read.
+// Buckets are then not flat buffers but lists of the gradient tensors themselves (and one
+// control tensor per bucket): a complete bucket is reduced with ProcessGroup::reduce, which
+// the in-process thread group runs straight from every rank's gradients into rank r's, with
+// no copy in or out (DataParallel: one Reducer per replica over a thread group, root 0, the
+// primary). Everything else is the same: readiness hooks, bucket order and rebuild, launch
+// while backward runs, control elements for unused parameters, statistics and trace. What
+// differs: only the root learns which ranks missed a parameter, so only the root raises the
+// unused-parameter error; a parameter this rank got no gradient for contributes zeros (on
+// the root a zero tensor becomes its .grad, and its old .grad is restored if every rank
+// missed it); comm hooks and gradient_as_bucket_view do not apply (the gradients are the
+// buckets already). With `average` false the result is the sum instead of the average.
 //
 // Note [Bucket rebuild]
 // The first plan assumes gradients arrive in reverse registration order. During the first
@@ -76,6 +92,8 @@ struct ReducerOptions {
   bool rebuild_buckets = true;
   CommHookPtr comm_hook;      ///< nullptr: allreduce_hook()
   bool install_hooks = true;  ///< see Note [Reducer contract]
+  int root = -1;              ///< -1: all-reduce; r: reduce into rank r (Note [Reducing into a root])
+  bool average = true;        ///< false: sum over ranks instead of the average
   std::string trace_path;     ///< Chrome trace file for this rank; "" for none
 };
 
@@ -118,6 +136,9 @@ class Reducer {
     std::vector<size_t> params;     // parameter indices, bucket order
     at::Tensor buffer;              // gradients, then one control element per parameter
     int64_t gradient_numel = 0;
+    std::vector<at::Tensor> inputs; // root mode: this rank's gradients, then `control`
+    at::Tensor control;             // root mode: one control element per parameter
+    bool control_set = false;       // root mode: a control element of this rank is 1
     std::string transport;          // BucketStats::transport
     size_t pending = 0;             // parameters not yet ready this backward
     WorkPtr work;
@@ -129,6 +150,9 @@ class Reducer {
     size_t position = 0;  // index within the bucket
     int64_t offset = 0;   // element offset in the bucket buffer
     at::Tensor view;      // bucket slice shaped like the parameter
+    at::Tensor zeros;     // root mode, non-root rank: what a missing gradient contributes
+    bool replaced = false;  // root mode, root: .grad set to zeros for a missing gradient
+    at::Tensor saved;     // ... and the .grad it replaced
   };
 
   void build_buckets(const std::vector<size_t>& order);
@@ -137,6 +161,7 @@ class Reducer {
   void poll_done();
   void write_back(const std::vector<float>& missing_counts);
   void reset_iteration();
+  void begin_iteration(Clock::time_point now);
   void rebuild_if_pending();
   [[noreturn]] void raise_unused(const std::vector<std::pair<size_t, int>>& missing);
 
@@ -148,6 +173,8 @@ class Reducer {
   int world_ = 1;
   bool trivial_ = false;
   bool fused_average_ = false;  // Note [Where the average is taken]
+  bool root_mode_ = false;      // Note [Reducing into a root]
+  ReduceOp op_ = ReduceOp::kAvg;  // default hook's reduction
   double inv_world_ = 1.0;
 
   mutable std::mutex mutex_;
