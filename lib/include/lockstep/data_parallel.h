@@ -25,8 +25,9 @@
 /// - `train_step` splits the batch along dimension 0 (sizes differ by at most one; with fewer
 ///   samples than replicas the surplus replicas sit the step out), runs forward, the loss and
 ///   backward of every replica concurrently on its own thread, and sums the replicas'
-///   gradients into the primary's `.grad` piece by piece as backward produces them (idle
-///   replica threads do the summing while the others still compute). The result equals the
+///   gradients into the primary's `.grad` while backward runs: each replica has a DDP Reducer
+///   over an in-process thread group, which reduces complete buckets straight into replica
+///   0's gradients (no flat buffers, no copies). The result equals the
 ///   gradient of the mean loss over the whole batch (with `mean_loss`, the default), and is
 ///   *added* to `.grad` in place like a plain backward() would (a parameter whose .grad was
 ///   undefined gets a new tensor).
@@ -70,9 +71,8 @@ struct DataParallelOptions {
   /// Intra-op threads of each replica's thread (at::set_num_threads on that thread); 0
   /// (default): cores / number of CPU replicas, at least 1; 1 for CUDA replicas.
   LOCKSTEP_ARG(int, threads_per_replica) = 0;
-  /// Largest unit of gradient-reduction work in MiB: a parameter's gradient is summed over
-  /// the replicas as soon as every replica produced it, in pieces of at most this size that
-  /// idle replica threads share. Default 1.
+  /// Bucket cap of the replicas' Reducers in MiB: a bucket of gradients is reduced into the
+  /// primary as soon as every replica produced it, while backward goes on. Default 1.
   LOCKSTEP_ARG(double, bucket_cap_mb) = 1.0;
   /// true (default): the loss function returns the mean over its samples, and replica
   /// gradients are weighted by their share of the batch, so that the result is the gradient

@@ -75,10 +75,11 @@ using dp::SpinWait;
 //      b. forward on its slice, loss_fn; record an exception instead of throwing;
 //      c. meet the others at a barrier: if any replica failed, all skip backward, so that
 //         no replica waits for gradients that a failed peer will never produce;
-//      d. backward of loss * n_r / N; hooks queue the gradients that every replica produced
-//         (Note [DataParallel gradient reduction]); finish() sums queued pieces into the
-//         primary's .grad until all are done. A failure here aborts the reduction so that
-//         the peers stop waiting.
+//      d. backward of loss * n_r / N; each replica's DDP Reducer launches complete buckets
+//         into replica 0's gradients while backward goes on (Note [DataParallel gradient
+//         reduction]); finish() finalizes the Reducer, then the replicas share adding the
+//         base into the result. A failure here aborts the reduction so that the peers stop
+//         waiting.
 //   3. caller: restore OpenBLAS, restore the stash where no replica produced a gradient (or
 //      everywhere on failure), rethrow the first replica's failure naming it, or return the
 //      loss.
@@ -95,7 +96,7 @@ using dp::SpinWait;
 // memory, as much as the flat buckets of the first version.
 //
 // A replica with no samples (batch smaller than the number of replicas) skips 2b and the
-// backward of 2d but still calls finish(), helping with the reduction.
+// backward of 2d but still calls finish(): its Reducer joins every bucket with zeros.
 // Every hand-off between the threads spins briefly before it blocks (Note [Spin before
 // blocking] in dp/spin_wait.h).
 
@@ -441,7 +442,7 @@ DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module
                         ? std::chrono::microseconds(kSpinMicroseconds)
                         : std::chrono::microseconds(0);
   dp::ReductionOptions reduction_options;
-  reduction_options.piece_bytes = static_cast<int64_t>(options.bucket_cap_mb() * 1024 * 1024);
+  reduction_options.bucket_bytes = static_cast<int64_t>(options.bucket_cap_mb() * 1024 * 1024);
   reduction_options.spin = spin;
   if (!m.params[0].empty()) {
     m.reduction = dp::make_replica_reduction(m.params, std::move(names), reduction_options);

@@ -39,11 +39,12 @@ class GradReduction {
 
 /// How the reduction cuts and schedules its work.
 struct ReductionOptions {
-  int64_t piece_bytes = 1 << 20;              ///< largest unit of work (one slice of one gradient)
+  int64_t bucket_bytes = 1 << 20;             ///< the Reducers' bucket cap
   std::chrono::microseconds spin{0};          ///< Note [Spin before blocking]
 };
 
-/// The reduction DataParallel uses (see replica_reduction.cpp). params[r] are replica r's
+/// The reduction DataParallel uses: one DDP Reducer per replica over an in-process thread
+/// group, reducing into replica 0 (see replica_reduction.cpp). params[r] are replica r's
 /// trainable parameters (same order and shapes on every replica; replica 0's are the
 /// primary's); names for messages.
 std::unique_ptr<GradReduction> make_replica_reduction(
