@@ -162,32 +162,11 @@ at::Tensor ProcessGroup::new_buffer(int64_t numel, const at::TensorOptions& opti
 
 std::string ProcessGroup::transport_for(const at::Tensor& /*tensor*/) { return backend(); }
 
-WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
-                                     ReduceOp op) {
-  check_reduce_scatter(output, inputs);
-  auto flat = at::cat(inputs).contiguous();
-  auto inner = allreduce(flat, op);
-  auto work = std::make_shared<PromiseWork>();
-  // Completing needs the all-reduce's result; do it lazily on a helper thread so that the
-  // caller gets an asynchronous Work as with every other collective.
-  at::Tensor out = output;
-  int64_t n = output.numel();
-  int64_t offset = static_cast<int64_t>(rank()) * n;
-  std::thread([inner, work, flat, out, n, offset]() mutable {
-    try {
-      inner->wait();
-      out.copy_(flat.narrow(0, offset, n).view(out.sizes()));
-      work->set_completed();
-    } catch (...) {
-      work->set_error(std::current_exception());
-    }
-  }).detach();
-  return work;
-}
-
 namespace {
 
-// A Work that runs `then` once, on the first wait() after `inner` succeeded.
+// A Work that completes `inner` and then runs `then` (the part of a composite collective that
+// needs their result: a copy back) exactly once, before anyone can observe completion: on the
+// first wait(), or on the first is_completed() that finds every inner Work complete.
 class ThenWork : public Work {
  public:
   ThenWork(std::vector<WorkPtr> inner, std::function<void()> then)
@@ -195,6 +174,10 @@ class ThenWork : public Work {
   bool is_completed() override {
     for (auto& w : inner_) {
       if (!w->is_completed()) return false;
+    }
+    try {
+      wait();  // does not block now; a failure is rethrown by wait(), not here
+    } catch (...) {
     }
     return true;
   }
@@ -210,6 +193,20 @@ class ThenWork : public Work {
 };
 
 }  // namespace
+
+WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                                     ReduceOp op) {
+  check_reduce_scatter(output, inputs);
+  auto flat = at::cat(inputs).contiguous();
+  std::vector<WorkPtr> inner = {allreduce(flat, op)};
+  at::Tensor out = output;
+  const int64_t n = output.numel();
+  const int64_t offset = static_cast<int64_t>(rank()) * n;
+  return std::make_shared<ThenWork>(std::move(inner), [flat, out, n, offset]() mutable {
+    out.copy_(flat.narrow(0, offset, n).view(out.sizes()));
+  });
+}
+
 
 WorkPtr ProcessGroup::reduce(std::vector<at::Tensor>& tensors, int root, ReduceOp op) {
   check_reduce(tensors, root, op);
