@@ -380,12 +380,8 @@ void Reducer::copy_in(size_t index, bool have_grad) {
     auto& input = buckets_[slot.bucket].inputs[slot.position];
     const bool root = group_->rank() == options_.root;
     if (have_grad) {
-      if (!grad.is_contiguous()) {
-        if (root) grad = grad.contiguous();
-        input = grad.contiguous();
-      } else {
-        input = grad;
-      }
+      input = grad.contiguous();  // the gradient itself when it is contiguous
+      if (root) grad = input;
     } else if (root) {
       slot.saved = grad;
       slot.replaced = true;
@@ -495,12 +491,9 @@ void Reducer::finalize() {
     }
     for (size_t b = 0; b < buckets_.size(); ++b) {
       auto& bucket = buckets_[b];
-      if (root_mode_ && group_->rank() != options_.root) {
-        // Only the root receives the counts (Note [Reducing into a root]).
-        if (bucket.control_set) bucket.control.zero_();
-        bucket.control_set = false;
-        continue;
-      }
+      // Only the root receives the counts (Note [Reducing into a root]); reset_iteration
+      // clears the other ranks' controls.
+      if (root_mode_ && group_->rank() != options_.root) continue;
       auto control = root_mode_ ? bucket.control
                                 : bucket.buffer.narrow(0, bucket.gradient_numel,
                                                        static_cast<int64_t>(bucket.params.size()));
@@ -537,11 +530,14 @@ void Reducer::finalize() {
       while (m < missing.size() && missing[m].first < i) ++m;
       bool everywhere_unused = m < missing.size() && missing[m].first == i &&
                                missing[m].second >= world_;
-      if (root_mode_) {  // the result is in place; undo the zeros of a parameter nobody used
+      if (root_mode_) {
+        // The result is in place. A zero stand-in that some rank reduced into stays the
+        // gradient; reset_iteration restores the .grad it replaced for one nobody used.
         auto& slot = slots_[i];
-        if (slot.replaced && everywhere_unused) params_[i].mutable_grad() = slot.saved;
-        slot.saved = at::Tensor();
-        slot.replaced = false;
+        if (slot.replaced && !everywhere_unused) {
+          slot.saved = at::Tensor();
+          slot.replaced = false;
+        }
         continue;
       }
       if (everywhere_unused) continue;
@@ -618,7 +614,9 @@ void Reducer::reset_iteration() {
       b.control_set = false;
     }
   }
-  for (size_t i = 0; i < slots_.size(); ++i) {  // after a failure: the .grad it replaced
+  // Root mode: the .grad a zero stand-in replaced, for a parameter no rank used or after a
+  // failure.
+  for (size_t i = 0; i < slots_.size(); ++i) {
     auto& slot = slots_[i];
     if (!slot.replaced) continue;
     params_[i].mutable_grad() = slot.saved;
