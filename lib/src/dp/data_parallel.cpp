@@ -35,7 +35,7 @@ using dp::SpinWait;
 // at::set_num_threads is not cheap to toggle: besides the calling thread's OpenMP count it
 // resizes LibTorch's process-wide pthreadpool (QNNPACK/XNNPACK) by destroying and re-creating
 // it, which measured ~8 ms for a 1 -> 2 round trip on this 2-core machine: more than a whole
-// small-MLP step. So the per-step scope on the caller's thread (CallerThreads) sets only the
+// small-MLP step. So the per-step scope on the caller's thread (caller_threads) sets only the
 // thread's own OpenMP count (omp_set_num_threads, what at::get_num_threads and at::parallel_for
 // read under OpenMP builds); other ATen parallel back-ends fall back to at::set_num_threads.
 // OpenBLAS's own thread count is process-wide and not touched by at::set_num_threads: see
@@ -54,8 +54,9 @@ using dp::SpinWait;
 // single-threaded driver directly on the calling thread, without that lock (perf on the
 // MLP shows only sgemm_nn/sgemm_tn, no thread server, in each replica thread). So with
 // `scope_blas_threads` (the default) a step on CPU replicas sets the count to
-// threads_per_replica through openblas_set_num_threads and restores it afterwards (BlasScope;
-// both functions resolved with dlsym, so lockstep neither links nor needs OpenBLAS). Two
+// threads_per_replica through openblas_set_num_threads and restores it afterwards
+// (blas_for_step; both functions resolved with dlsym, so lockstep neither links nor needs
+// OpenBLAS). Two
 // limits remain: with threads_per_replica > 1 the replicas' threaded GEMMs still serialise on
 // that lock (give each replica one thread, or use more replicas); and OpenBLAS's helper
 // threads keep polling (sched_yield) for about 2^28 cycles (~0.1 s) after the last threaded
@@ -114,6 +115,30 @@ struct ThreadCountFns {
     get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, get_name));
     if (!set || !get) set = nullptr, get = nullptr;
   }
+  ThreadCountFns(SetFn set_fn, GetFn get_fn) : set(set_fn), get(get_fn) {}
+};
+
+// Sets a thread count through `fns` (nullptr, or functions not found: nothing) for the
+// scope's lifetime, then restores it.
+class ThreadCountScope {
+ public:
+  ThreadCountScope(const ThreadCountFns* fns, int threads) {
+    if (!fns || !fns->set) return;
+    const int current = fns->get();
+    if (current == threads) return;
+    fns->set(threads);
+    restore_ = fns->set;
+    saved_ = current;
+  }
+  ~ThreadCountScope() {
+    if (restore_) restore_(saved_);
+  }
+  ThreadCountScope(const ThreadCountScope&) = delete;
+  ThreadCountScope& operator=(const ThreadCountScope&) = delete;
+
+ private:
+  ThreadCountFns::SetFn restore_ = nullptr;
+  int saved_ = 0;
 };
 
 // OpenBLAS's process-wide thread count (absent: both null).
@@ -122,34 +147,16 @@ ThreadCountFns& blas_threads() {
   return blas;
 }
 
-// Sets the calling thread's intra-op thread count for its lifetime, then restores it (Note
-// [Caller's intra-op threads]).
-class CallerThreads {
- public:
-  explicit CallerThreads(int threads) {
+// The calling thread's intra-op thread count (Note [Caller's intra-op threads]): its own
+// OpenMP count under OpenMP builds, else ATen's.
+const ThreadCountFns& caller_threads() {
 #if AT_PARALLEL_OPENMP
-    static const ThreadCountFns omp("omp_set_num_threads", "omp_get_max_threads");
-    if (omp.set) {
-      saved_ = omp.get();
-      if (saved_ != threads) omp.set(threads), set_ = omp.set;
-      return;
-    }
+  static const ThreadCountFns omp("omp_set_num_threads", "omp_get_max_threads");
+  if (omp.set) return omp;
 #endif
-    saved_ = at::get_num_threads();
-    if (saved_ != threads) at::set_num_threads(threads), global_ = true;
-  }
-  ~CallerThreads() {
-    if (set_) set_(saved_);
-    if (global_) at::set_num_threads(saved_);
-  }
-  CallerThreads(const CallerThreads&) = delete;
-  CallerThreads& operator=(const CallerThreads&) = delete;
-
- private:
-  int saved_ = 0;
-  ThreadCountFns::SetFn set_ = nullptr;
-  bool global_ = false;
-};
+  static const ThreadCountFns aten(&at::set_num_threads, &at::get_num_threads);
+  return aten;
+}
 
 // Replica threads: run(job) runs job(r) on thread r for every replica and returns when all
 // did. Every hand-off spins briefly before blocking (Note [Spin before blocking]).
@@ -193,7 +200,7 @@ class ReplicaThreads {
     generation_.fetch_add(1, std::memory_order_acq_rel);  // publishes job_ and remaining_
     start_.notify();
     {
-      CallerThreads scope(threads_per_replica_);
+      ThreadCountScope scope(&caller_threads(), threads_per_replica_);
       job(0);
     }
     done_.wait([&] { return remaining_.load(std::memory_order_acquire) == 0; });
@@ -337,20 +344,11 @@ struct DataParallelCore::Impl {
     }
   }
 
-  // Scopes OpenBLAS's process-wide thread count to the step (Note [DataParallel step]).
-  struct BlasScope {
-    int saved = 0;
-    BlasScope(bool enabled, int threads) {
-      auto& blas = blas_threads();
-      if (!enabled || !blas.set) return;
-      saved = blas.get();
-      if (saved != threads) blas.set(threads);
-      else saved = 0;
-    }
-    ~BlasScope() {
-      if (saved > 0) blas_threads().set(saved);
-    }
-  };
+  // OpenBLAS's process-wide thread count for a step (Note [DataParallel step]): the
+  // replicas' count while the step runs on CPU replicas, unless the option is off.
+  const ThreadCountFns* blas_for_step() const {
+    return options.scope_blas_threads() && all_cpu ? &blas_threads() : nullptr;
+  }
 };
 
 DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module>> replicas,
@@ -462,7 +460,7 @@ at::Tensor DataParallelCore::forward(const at::Tensor& input) {
   std::vector<at::Tensor> outputs(m.size());
   std::vector<std::exception_ptr> errors(m.size());
   {
-    Impl::BlasScope blas(m.options.scope_blas_threads() && m.all_cpu, m.threads_per_replica);
+    ThreadCountScope blas(m.blas_for_step(), m.threads_per_replica);
     m.threads->run([&](int r) {
       try {
         c10::DeviceGuard guard(m.devices[r]);
@@ -521,7 +519,7 @@ at::Tensor DataParallelCore::train_step(const at::Tensor& input, const at::Tenso
   std::atomic<bool> forward_failed{false};
   std::atomic<bool> backward_failed{false};
   {
-    Impl::BlasScope blas(m.options.scope_blas_threads() && m.all_cpu, m.threads_per_replica);
+    ThreadCountScope blas(m.blas_for_step(), m.threads_per_replica);
     m.threads->run([&](int r) {
       c10::DeviceGuard guard(m.devices[r]);
       at::Tensor loss;

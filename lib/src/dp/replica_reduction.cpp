@@ -77,7 +77,7 @@ class ReducerReduction : public GradReduction {
   void start_step(std::vector<at::Tensor> base, std::vector<uint8_t> active) override {
     LOCKSTEP_ASSERT(base.size() == params_[0].size() &&
                     active.size() == static_cast<size_t>(replicas_));
-    if (broken_) build();  // step 6
+    if (aborted()) build();  // step 6: the last step was aborted
     base_ = std::move(base);
     active_ = std::move(active);
     pieces_.clear();
@@ -126,7 +126,6 @@ class ReducerReduction : public GradReduction {
   }
 
   void abort(const std::string& reason) override {
-    broken_ = true;
     aborted_.store(true, std::memory_order_release);
     abort_thread_groups(groups_[0], reason);
     wait_.notify();
@@ -153,7 +152,6 @@ class ReducerReduction : public GradReduction {
     for (int r = 0; r < replicas_; ++r) {
       reducers_.push_back(std::make_unique<ddp::Reducer>(params_[r], names_, groups_[r], o));
     }
-    broken_ = false;
   }
 
   bool aborted() const { return aborted_.load(std::memory_order_acquire); }
@@ -194,7 +192,6 @@ class ReducerReduction : public GradReduction {
   const int replicas_;
   std::vector<ProcessGroupPtr> groups_;
   std::vector<std::unique_ptr<ddp::Reducer>> reducers_;
-  std::atomic<bool> broken_{false};  // set by abort(), read by the next start_step
 
   // Per step.
   std::vector<at::Tensor> base_;
@@ -203,7 +200,7 @@ class ReducerReduction : public GradReduction {
   std::unique_ptr<std::atomic<bool>[]> in_step_;  // per replica: its hooks mark ready
   std::atomic<bool> root_done_{false};
   std::atomic<int64_t> next_piece_{0}, pieces_done_{0};
-  std::atomic<bool> aborted_{false};
+  std::atomic<bool> aborted_{false};  // until the next start_step, which then rebuilds
   SpinWait wait_;
   std::vector<adapter::HookHandle> hooks_;  // last member: removed first
 };
