@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -40,7 +41,7 @@ RunVerdict judge_run(double others, double limit, int attempt, int retries, bool
 }
 
 double others_cpus(double busy_s, double ranks_cpu_s, double wall_s) {
-  if (!(wall_s > 0)) return 0;
+  if (!(wall_s >= kMinJudgedSeconds)) return std::nan("");
   return std::max(0.0, busy_s - ranks_cpu_s) / wall_s;
 }
 
@@ -181,10 +182,8 @@ class Runner {
       for (const auto& j : ranks) cpu += j.value("cpu_s", 0.0);
       const double wall = ranks[0].value("wall_s", 0.0);
       const double others = others_cpus(ranks[0].value("busy_s", 0.0), cpu, wall);
-      if (wall > 0) {
-        out.cpus.push_back(cpu / wall);
-        out.others.push_back(others);
-      }
+      if (wall > 0) out.cpus.push_back(cpu / wall);
+      if (!std::isnan(others)) out.others.push_back(others);
       const RunVerdict v =
           judge_run(others, o_.disturbance_cpus, attempt, o_.retries, o_.keep_disturbed);
       if (v == RunVerdict::kRerun) {
@@ -340,12 +339,15 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
     note = "every run was disturbed by other processes (up to " +
            fixed(*std::max_element(r.others.begin(), r.others.end())) +
            " cores; limit --disturbance-cpus " + format_number(disturbance_cpus) +
-           "): run on a quieter machine, raise --retries, or pass --keep-disturbed";
+           "): run on a quieter machine, raise --retries, or pass --keep-disturbed" +
+           (r.failed_runs ? "; " + std::to_string(r.failed_runs) + " of " + std::to_string(r.runs) +
+                                " runs failed: " + r.note
+                          : std::string());
   }
   if (!note.empty()) j["note"] = note;
   j["reference"] = s.reference.empty() ? json(nullptr) : json(s.reference);
   // Note [Disturbed runs]: every attempt's CPU use, and what was rerun or left out.
-  if (!r.others.empty()) {
+  if (!r.cpus.empty()) {
     j["cpus"] = median(r.cpus);
     j["others_cpus"] = r.others;
     j["reruns"] = r.reruns;

@@ -31,7 +31,9 @@
 /// of the run, per second of rank 0's timed steps, is "others" (in cores). A run with others
 /// above --disturbance-cpus (0.1) is rerun up to --retries times (2); one that stays disturbed
 /// is left out of the medians (and counted), unless --keep-disturbed. A scenario whose every
-/// run was left out has status "disturbed".
+/// run was left out has status "disturbed". /proc/stat counts in ticks of 10 ms per CPU, so
+/// the timed steps of a run shorter than kMinJudgedSeconds say nothing about others at the
+/// 0.1-core level: such a run is not judged (it counts, and has no "others" entry).
 
 #include <nlohmann/json.hpp>
 #include <string>
@@ -40,6 +42,9 @@
 
 namespace lockstep {
 namespace bench {
+
+/// Timed steps shorter than this (seconds) are not judged (Note [Disturbed runs]).
+constexpr double kMinJudgedSeconds = 0.5;
 
 /// What to do with one run after measuring its disturbance (Note [Disturbed runs]).
 enum class RunVerdict {
@@ -55,7 +60,8 @@ enum class RunVerdict {
 RunVerdict judge_run(double others_cpus, double limit, int attempt, int retries, bool keep);
 
 /// Other processes' CPU use (cores) during a run: the machine's busy seconds during rank 0's
-/// timed steps less what all ranks used, per second of them; 0 when nothing was measured.
+/// timed steps less what all ranks used, per second of them, at least 0; NaN (not judged)
+/// when the steps took less than kMinJudgedSeconds.
 double others_cpus(double machine_busy_s, double ranks_cpu_s, double wall_s);
 
 /// Runs the benchmark `options` describes (Note [How lockstep-bench runs scenarios]) and

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -288,7 +289,10 @@ TEST(BenchCoordinator, RerunsDisturbedRunsThenLeavesThemOut) {
   }
   EXPECT_DOUBLE_EQ(bench::others_cpus(/*busy=*/3.0, /*ranks=*/2.0, /*wall=*/2.0), 0.5);
   EXPECT_DOUBLE_EQ(bench::others_cpus(1.0, 2.0, 2.0), 0.0);  // never negative
-  EXPECT_DOUBLE_EQ(bench::others_cpus(1.0, 0.0, 0.0), 0.0);  // nothing measured
+  // Too short to tell from /proc/stat's 10 ms ticks: not judged, so counted.
+  EXPECT_TRUE(std::isnan(bench::others_cpus(1.0, 0.0, 0.0)));
+  EXPECT_TRUE(std::isnan(bench::others_cpus(1.0, 0.0, bench::kMinJudgedSeconds / 2)));
+  EXPECT_EQ(bench::judge_run(std::nan(""), 0.1, 0, 0, false), V::kAccept);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,9 +347,10 @@ void expect_sane_scenario(const json& s, const std::string& model) {
   if (s["world"].get<int>() == 2) {
     EXPECT_GT(s["allreduce_all_grads_ms"].get<double>(), 0.0);
   }
-  // Note [Disturbed runs]: every worker reports its CPU use; --retries 0 --keep-disturbed.
+  // Note [Disturbed runs]: every worker reports its CPU use (the run is judged only when its
+  // steps took long enough); --retries 0 --keep-disturbed.
   EXPECT_GT(s["cpus"].get<double>(), 0.0) << s.dump();
-  EXPECT_EQ(s["others_cpus"].size(), 1u) << s.dump();
+  EXPECT_LE(s["others_cpus"].size(), 1u) << s.dump();
   EXPECT_EQ(s["reruns"].get<int>(), 0);
 }
 
