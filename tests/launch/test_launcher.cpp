@@ -724,6 +724,79 @@ class NetNs {
   std::string error_, tag_, a_, b_, addr_a_, addr_b_;
 };
 
+// TCP ports `pid` listens on (its sockets in LISTEN state, from /proc).
+std::vector<int> listening_ports(pid_t pid) {
+  std::set<std::string> inodes;
+  std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
+  for (int fd = 0; fd < 1024; ++fd) {
+    char target[256] = {0};
+    auto path = fd_dir + "/" + std::to_string(fd);
+    ssize_t n = readlink(path.c_str(), target, sizeof(target) - 1);
+    std::string t(target, n > 0 ? static_cast<size_t>(n) : 0);
+    if (t.rfind("socket:[", 0) == 0) inodes.insert(t.substr(8, t.size() - 9));
+  }
+  std::vector<int> ports;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::stringstream ss(line);
+      std::string slot, local, remote, state, queues, timer, retr, uid, timeout, inode;
+      ss >> slot >> local >> remote >> state >> queues >> timer >> retr >> uid >> timeout >> inode;
+      if (state == "0A" && inodes.count(inode)) {
+        ports.push_back(std::stoi(local.substr(local.find(':') + 1), nullptr, 16));
+      }
+    }
+  }
+  return ports;
+}
+
+// A program started without any launch variables fails, saying how to launch it; with
+// LOCKSTEP_STANDALONE=1 it runs as one process and listens on no port; a partial set names
+// what is missing.
+TEST(LaunchVariables, NoneOrPartialFailAndStandaloneRunsAloneWithoutASocket) {
+  for (const auto& var : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                          "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                          "PMI_RANK", "PET_NODE_RANK", "LOCKSTEP_STANDALONE"}) {
+    if (std::getenv(var)) GTEST_SKIP() << var << " is set in the test's own environment";
+  }
+  {
+    Proc p({kWorker, "--mode", "ok"}, kQuietLogs);
+    EXPECT_EQ(p.wait(Seconds(kJobBound)), 1) << p.all();
+    EXPECT_NE(p.err().find("lockstep::InvalidArgument: Expected a launch environment"),
+              std::string::npos)
+        << p.err();
+    EXPECT_NE(p.err().find("LOCKSTEP_STANDALONE=1"), std::string::npos) << p.err();
+    EXPECT_NE(p.err().find("lockstep-run --standalone"), std::string::npos) << p.err();
+  }
+  {
+    Env env = kQuietLogs;
+    env["WORLD_SIZE"] = "2";
+    Proc p({kWorker, "--mode", "ok"}, env);
+    EXPECT_EQ(p.wait(Seconds(kJobBound)), 1) << p.all();
+    EXPECT_NE(p.err().find("Expected RANK to be set because WORLD_SIZE is set"),
+              std::string::npos)
+        << p.err();
+  }
+  {
+    Env env = kQuietLogs;
+    env["LOCKSTEP_STANDALONE"] = "1";
+    Proc p({kWorker, "--mode", "loop"}, env);
+    ASSERT_TRUE(p.until([&] { return ready_pids(p.out()).size() == 1; }, Seconds(kJobBound)))
+        << p.all();
+    EXPECT_NE(p.out().find("resolved rank=0 world=1 local_rank=0 local_world=1 node=0 "
+                           "launcher=none agent_store=0"),
+              std::string::npos)
+        << p.out();
+    auto pid = ready_pids(p.out())[0];
+    auto ports = listening_ports(pid);
+    EXPECT_TRUE(ports.empty()) << "a standalone process listens on port " << ports.front();
+    kill(pid, SIGKILL);
+    EXPECT_EQ(p.wait(Seconds(30)), 128 + SIGKILL);
+  }
+}
+
 TEST(Launcher, TwoNodesInNetworkNamespacesJoinedByAVethPair) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces (ip netns)";
   if (access("/usr/sbin/ip", X_OK) != 0 && access("/sbin/ip", X_OK) != 0 &&
