@@ -569,6 +569,11 @@ TEST(Launcher, EarlyExitZeroOnOneNodeFailsBothNodes) {
         << p->err();
     EXPECT_EQ(p->err().find("exited 0 (attempt"), std::string::npos) << p->err();
   }
+  auto pids = ready_pids(node0.out());
+  auto pids1 = ready_pids(node1.out());
+  pids.insert(pids1.begin(), pids1.end());
+  EXPECT_EQ(pids.size(), 2u);
+  EXPECT_TRUE(all_gone(pids, Seconds(5))) << "a worker outlived its launcher";
 }
 
 // Across nodes: node 1's worker is stopped; node 0's times out. Both launchers name the
