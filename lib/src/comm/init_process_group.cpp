@@ -299,6 +299,8 @@ ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
   if (!base) {
     if (!file_path.empty()) {
       base = std::make_shared<Store>(Store::file(file_path, launch.world_size, timeouts.rendezvous));
+    } else if (launch.single_process) {  // nobody else joins: no listening socket
+      base = std::make_shared<Store>(Store::hash(timeouts.rendezvous));
     } else {
       bool host = launch.rank == 0 && !launch.launcher_hosts_store;
       base = std::make_shared<Store>(
