@@ -163,6 +163,9 @@ std::unique_ptr<TcpStoreClient::Connection> TcpStoreClient::connect() {
     hints.ai_flags = AI_NUMERICSERV;
     addrinfo* found = nullptr;
     int rc = getaddrinfo(host_.c_str(), std::to_string(port_).c_str(), &hints, &found);
+    std::unique_ptr<addrinfo, void (*)(addrinfo*)> found_guard(found, [](addrinfo* a) {
+      if (a != nullptr) freeaddrinfo(a);
+    });
     if (rc != 0) {
       last_error = concat("cannot resolve '", host_, "' (", gai_strerror(rc), ")");
     }
@@ -204,7 +207,6 @@ std::unique_ptr<TcpStoreClient::Connection> TcpStoreClient::connect() {
         }
         Hello hello = decode_hello(body);
         if (hello.version != kStoreProtocolVersion) {
-          freeaddrinfo(found);
           throw CommError(concat("The store at ", where, " speaks protocol version ",
                                  hello.version, ", this client version ", kStoreProtocolVersion,
                                  ". Use the same lockstep build on every rank and the launcher."));
@@ -217,7 +219,6 @@ std::unique_ptr<TcpStoreClient::Connection> TcpStoreClient::connect() {
         body = conn->read_frame(deadline);
         Reply r = decode_reply(body, handshake_limits);
         if (r.type == MessageType::kError && r.code == ErrorCode::kAuthRefused) {
-          freeaddrinfo(found);
           throw InvalidArgument(concat(
               "The store at ", where, " refused this client: wrong or missing job token (",
               env::kStoreToken, " or ", env::kStoreTokenFile, "). Give every rank this job's "
@@ -229,7 +230,6 @@ std::unique_ptr<TcpStoreClient::Connection> TcpStoreClient::connect() {
         if (r.type != MessageType::kAuthOk ||
             !core::constant_time_equal(expected.data(), expected.size(), r.value.data(),
                                        r.value.size())) {
-          freeaddrinfo(found);
           throw InvalidArgument(concat(
               "The store at ", where, " could not prove that it holds this job's token: "
               "another program may be listening on that port, or the store was started for "
@@ -241,7 +241,6 @@ std::unique_ptr<TcpStoreClient::Connection> TcpStoreClient::connect() {
           std::lock_guard<std::mutex> lock(mutex_);
           server_limits_ = hello.limits;
         }
-        freeaddrinfo(found);
         return conn;
       } catch (const Retry& e) {
         last_error = e.why;
@@ -254,7 +253,6 @@ std::unique_ptr<TcpStoreClient::Connection> TcpStoreClient::connect() {
         last_error = concat("the server sent ", e.what(), " during the handshake");
       }
     }
-    if (found != nullptr) freeaddrinfo(found);
     const auto now = Clock::now();
     if (now >= deadline) break;
     // A retry delay (not synchronisation), ending at the deadline for one last attempt.
