@@ -1,11 +1,14 @@
 // Shared-memory groups with ranks as forked processes, through init_process_group with a file
 // store: world sizes 1..4, all dtypes, bitwise agreement with the fixed-order reference; a rank
 // killed with SIGKILL (by itself at a known point, and by the parent in the middle of a stream
-// of 8 MiB all-reduces) makes every survivor raise a CommError naming it, quickly; /dev/shm
-// holds nothing of the job afterwards in every case.
+// of 8 MiB all-reduces) makes every survivor raise a CommError naming it, quickly; so does a
+// rank that dies during set-up (rank 0 killed by a file-size limit while it reserves the
+// segment; rank 0 ended by SIGTERM, promptly, while it waits in a shared buffer's set-up);
+// /dev/shm holds nothing of the job afterwards in every case.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -42,7 +45,8 @@ Job make_job(const char* tag) {
   return job;
 }
 
-lockstep::ProcessGroupPtr join(const Job& job, int rank, int world, int timeout_s = 20) {
+lockstep::ProcessGroupPtr join(const Job& job, int rank, int world, int timeout_s = 20,
+                               int rendezvous_timeout_s = 20) {
   return lockstep::init_process_group(lockstep::ProcessGroupOptions()
                                           .init_method("file://" + job.dir + "/store")
                                           .rank(rank)
@@ -50,7 +54,7 @@ lockstep::ProcessGroupPtr join(const Job& job, int rank, int world, int timeout_
                                           .job_id(job.id)
                                           .transport("shm")
                                           .timeout(std::chrono::seconds(timeout_s))
-                                          .rendezvous_timeout(std::chrono::seconds(20))
+                                          .rendezvous_timeout(std::chrono::seconds(rendezvous_timeout_s))
                                           .environment({{"LOCKSTEP_LOG_LEVEL", "warn"}}));
 }
 
@@ -221,6 +225,132 @@ TEST(ShmProcessFaults, RankKilledByParentMidStreamIsNamedByEverySurvivor) {
   expect_exit_zero(status, /*skip=*/1);
   EXPECT_TRUE(WIFSIGNALED(status[1]) && WTERMSIG(status[1]) == SIGKILL);
   EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "segment left in /dev/shm after kill -9";
+}
+
+// Death during set-up (Note [Shared-memory setup faults]): a survivor's join must fail with a
+// CommError naming `dead` within `bound_s`, far below the 60 s rendezvous timeout.
+int expect_setup_death_named(const Job& job, int rank, int world, int dead, double bound_s) {
+  auto start = std::chrono::steady_clock::now();
+  try {
+    auto pg = join(job, rank, world, /*timeout_s=*/60, /*rendezvous_timeout_s=*/60);
+    fprintf(stderr, "rank %d: joined although rank %d died during set-up\n", rank, dead);
+    return 40;
+  } catch (const lockstep::CommError& e) {
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::string what = e.what();
+    std::string want = "rank " + std::to_string(dead) + " (pid ";
+    if (what.find(want) == std::string::npos || what.find("died") == std::string::npos ||
+        what.find("shared-memory setup") == std::string::npos ||
+        what.find("check its log") == std::string::npos ||
+        what.find("[rank " + std::to_string(rank) + "/") == std::string::npos) {
+      fprintf(stderr, "rank %d: message does not name dead rank %d: %s\n", rank, dead,
+              what.c_str());
+      return 41;
+    }
+    if (s > bound_s) {
+      fprintf(stderr, "rank %d: took %.2f s to notice: %s\n", rank, s, what.c_str());
+      return 42;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "rank %d: wrong error: %s\n", rank, e.what());
+    return 43;
+  }
+}
+
+// The reproduction: a file-size limit kills rank 0 (SIGXFSZ) in posix_fallocate, right
+// after it created the segment's entry in /dev/shm.
+TEST(ShmProcessFaults, RankZeroDyingDuringSetupIsNamedAndLeavesNothingInDevShm) {
+  const int world = 2;
+  auto job = make_job("setup");
+  auto status = run_processes(world, [&](int rank) {
+    if (rank == 0) {
+      rlimit none{0, 0}, small{1 << 20, 1 << 20};  // the segment is 32 MiB
+      setrlimit(RLIMIT_CORE, &none);
+      setrlimit(RLIMIT_FSIZE, &small);
+      auto pg = join(job, rank, world, /*timeout_s=*/60, /*rendezvous_timeout_s=*/60);
+      return 50;  // must not get here
+    }
+    return expect_setup_death_named(job, rank, world, /*dead=*/0, /*bound_s=*/5.0);
+  });
+  EXPECT_TRUE(WIFSIGNALED(status[0]) && WTERMSIG(status[0]) == SIGXFSZ)
+      << "rank 0 ended with status " << status[0];
+  expect_exit_zero(status, /*skip=*/0);
+  EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "segment left in /dev/shm";
+}
+
+// SIGTERM reaches rank 0 while it waits in the set-up of a shared reduction buffer (rank 1
+// has not come yet): it ends at once. Rank 1 then comes, finds rank 0 dead, names it well
+// before the rendezvous timeout, and removes the buffer's name from /dev/shm.
+TEST(ShmProcessFaults, SigtermDuringBufferSetupEndsTheRankAndItsPeerNamesIt) {
+  const int world = 2;
+  auto job = make_job("sigterm");
+  int joined[2], go[2];
+  ASSERT_EQ(pipe(joined), 0);
+  ASSERT_EQ(pipe(go), 0);
+  auto status = run_processes(
+      world,
+      [&](int rank) {
+        close(joined[0]);
+        close(go[1]);
+        auto pg = join(job, rank, world, /*timeout_s=*/60, /*rendezvous_timeout_s=*/60);
+        char c = 'j';
+        if (write(joined[1], &c, 1) != 1) return 30;
+        close(joined[1]);
+        if (rank == 0) {
+          pg->new_buffer(1000, at::kFloat);  // waits for rank 1 until SIGTERM
+          return 52;  // must not get here
+        }
+        if (read(go[0], &c, 1) != 0) return 31;  // until the parent closes it: rank 0 is dead
+        auto start = std::chrono::steady_clock::now();
+        try {
+          pg->new_buffer(1000, at::kFloat);
+          return 53;
+        } catch (const lockstep::CommError& e) {
+          double s =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          std::string what = e.what();
+          if (what.find("[rank 1/2] shared-memory setup (buffer1): rank 0 (pid ") ==
+                  std::string::npos ||
+              what.find("died") == std::string::npos ||
+              what.find("check its log") == std::string::npos || s > 5.0) {
+            fprintf(stderr, "rank 1 after %.2f s: %s\n", s, what.c_str());
+            return 54;
+          }
+          return 0;
+        }
+      },
+      [&](const std::vector<pid_t>& pids) {
+        close(joined[1]);
+        close(go[0]);
+        char c;
+        int got = 0;
+        while (got < 2 && read(joined[0], &c, 1) == 1) ++got;
+        close(joined[0]);
+        // Rank 0 is in the buffer's set-up once the buffer exists in /dev/shm (the segment's
+        // name is gone by then: it is unlinked before join returns).
+        auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+        while (shm_test::shm_entries(job.id).empty() && std::chrono::steady_clock::now() < limit) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling /dev/shm
+        }
+        EXPECT_FALSE(shm_test::shm_entries(job.id).empty()) << "rank 0 never created the buffer";
+        auto sent = std::chrono::steady_clock::now();
+        kill(pids[0], SIGTERM);
+        siginfo_t info{};
+        // WNOWAIT: run_processes reaps it
+        while (waitid(P_PID, pids[0], &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+               info.si_pid == 0 &&
+               std::chrono::steady_clock::now() - sent < std::chrono::seconds(10)) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling the child
+        }
+        double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - sent).count();
+        EXPECT_LT(s, 2.0) << "rank 0 still running " << s << " s after SIGTERM";
+        close(go[1]);  // rank 1 goes on to the buffer's set-up
+      });
+  EXPECT_TRUE(WIFSIGNALED(status[0]) && WTERMSIG(status[0]) == SIGTERM)
+      << "rank 0 ended with status " << status[0];
+  expect_exit_zero(status, /*skip=*/0);
+  EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "buffer left in /dev/shm";
 }
 
 }  // namespace

@@ -13,8 +13,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <random>
+#include <thread>
+#include <vector>
 
 #include "lockstep/errors.h"
 
@@ -87,60 +90,137 @@ bool PeerProcess::dead() const {
   return kill(pid_, 0) == -1 && errno == ESRCH;
 }
 
+// Note [Shared-memory setup faults]
+// Every wait of the setup polls the store in slices of kSetupPoll and, between slices, checks
+// the processes of the ranks it waits for (PeerProcess: a pidfd, else kill(pid, 0)), so a rank
+// that dies during setup makes every survivor fail within about a second, naming it, instead
+// of at the rendezvous timeout. For that every rank publishes "pid/<rank>" ("pid
+// pid-namespace") before it waits for anything, in the group's store, so that a shared
+// buffer's setup knows the pid of a rank that died before it got there. Rank 0 publishes the object's name before it
+// creates the object, so whichever rank fails (or finds a peer dead) can shm_unlink it: on
+// every failure path each rank unlinks the name it knows, and nothing is left in /dev/shm
+// (unlinking a name twice is harmless). No wait blocks in the store: a blocking get would also
+// keep the rank in a system call for the whole timeout.
+namespace {
+
+constexpr auto kSetupPoll = std::chrono::milliseconds(50);
+
+class SetupWatch {
+ public:
+  SetupWatch(int rank, int size, Store& store, const std::string& key, std::string where)
+      : rank_(rank), size_(size), store_(store), key_(key), where_(std::move(where)),
+        peers_(size) {}
+
+  // Waits until `k` exists, polling; fails when a peer in `watch` (all when empty) died.
+  void wait(const std::string& k, std::chrono::steady_clock::time_point deadline,
+            const std::string& before, int only = -1) {
+    while (!store_.check({k})) {
+      check_peers(before, only);
+      if (std::chrono::steady_clock::now() >= deadline) {
+        throw TimeoutError(concat(where_, ": timed out waiting for ", k, " (", before,
+                                  "). A rank may not have started, or may be stalled; check "
+                                  "every rank's log; raise LOCKSTEP_RENDEZVOUS_TIMEOUT if the "
+                                  "ranks start slowly."));
+      }
+      std::this_thread::sleep_for(kSetupPoll);  // a poll of the store, not a synchronisation
+    }
+  }
+
+ private:
+  void check_peers(const std::string& before, int only) {
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_ || (only >= 0 && r != only)) continue;
+      if (!peers_[r]) {
+        const std::string pk = concat("pid/", r);
+        if (!store_.check({pk})) continue;  // not published yet: the deadline bounds it
+        long long pid = 0;
+        unsigned long long ns = 0;
+        std::string v = store_.get(pk);
+        if (sscanf(v.c_str(), "%lld %llu", &pid, &ns) != 2) continue;
+        peers_[r] = std::make_unique<PeerProcess>(static_cast<int>(pid), ns);
+      }
+      if (peers_[r]->dead()) {
+        throw CommError(concat(where_, ": rank ", r, " (pid ", peers_[r]->pid(), ") died ",
+                               before, "; check its log (killed, out of memory, a file-size "
+                               "limit?). The job cannot continue; restart it."));
+      }
+    }
+  }
+
+  int rank_, size_;
+  Store& store_;
+  std::string key_, where_;
+  std::vector<std::unique_ptr<PeerProcess>> peers_;
+};
+
+}  // namespace
+
 Mapping::Mapping(int rank, int size, Store& store, const std::string& key, const std::string& job_id,
         size_t bytes, std::chrono::milliseconds timeout,
         const std::function<void(char* base, bool created)>& on_mapped)
     : bytes_(bytes) {
-  auto where = concat("[rank ", rank, "/", size, "] shared-memory rendezvous (", key, ")");
-  if (rank == 0) {
-    name_ = concat("/lockstep-", sanitize(job_id), "-", random_token());
-    int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0) {
-      throw CommError(concat(where, ": could not create ", name_, " in /dev/shm: ",
-                          std::strerror(errno),
-                          ". Check that /dev/shm is mounted and writable, or set "
-                          "LOCKSTEP_TRANSPORT=gloo."));
-    }
-    int rc = posix_fallocate(fd, 0, static_cast<off_t>(bytes_));
-    if (rc != 0) {
-      close(fd);
-      shm_unlink(name_.c_str());
-      throw CommError(concat(where, ": could not reserve ", (bytes_ + (1 << 20) - 1) >> 20,
-                          " MiB in /dev/shm (", std::strerror(rc),
-                          "). Enlarge /dev/shm (docker run --shm-size), "
-                          "or set LOCKSTEP_TRANSPORT=gloo."));
-    }
-    map(fd, where);
-    if (on_mapped) on_mapped(base(), true);
-    store.set(key + "/name", name_);
-  } else {
-    name_ = store.get(key + "/name");
-    int fd = shm_open(name_.c_str(), O_RDWR, 0600);
-    if (fd < 0) {
-      throw CommError(concat(where, ": could not open ", name_, " created by rank 0: ",
-                          std::strerror(errno),
-                          ". Ranks that share a host identity must share /dev/shm (containers: "
-                          "set ProcessGroupOptions::host_id, or LOCKSTEP_TRANSPORT=gloo)."));
-    }
-    struct stat st;
-    if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes_) {
-      close(fd);
-      throw CommError(concat(where, ": ", name_, " holds ", st.st_size, " bytes, expected ",
-                          bytes_, ". Were the ranks started with different lockstep builds, "
-                          "or did they ask for different sizes?"));
-    }
-    map(fd, where);
-    if (on_mapped) on_mapped(base(), false);
-  }
-  // The last rank to map removes the name; everyone waits for that.
-  if (store.add(key + "/mapped", 1) == size) {
-    shm_unlink(name_.c_str());
-    store.set(key + "/unlinked", "1");
-  }
+  auto where = concat("[rank ", rank, "/", size, "] shared-memory setup (", key, ")");
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  SetupWatch watch(rank, size, store, key, where);
+  // Note [Shared-memory setup faults]
+  store.set(concat("pid/", rank), concat(getpid(), " ", pid_namespace()));
   try {
-    store.wait({key + "/unlinked"}, timeout);
+    if (rank == 0) {
+      name_ = concat("/lockstep-", sanitize(job_id), "-", random_token());
+      store.set(key + "/name", name_);  // before creating: survivors can unlink it
+      int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+      if (fd < 0) {
+        throw CommError(concat(where, ": could not create ", name_, " in /dev/shm: ",
+                            std::strerror(errno),
+                            ". Check that /dev/shm is mounted and writable, or set "
+                            "LOCKSTEP_TRANSPORT=gloo."));
+      }
+      int rc = posix_fallocate(fd, 0, static_cast<off_t>(bytes_));
+      if (rc != 0) {
+        close(fd);
+        throw CommError(concat(where, ": could not reserve ", (bytes_ + (1 << 20) - 1) >> 20,
+                            " MiB in /dev/shm (", std::strerror(rc),
+                            "). Enlarge /dev/shm (docker run --shm-size), "
+                            "or set LOCKSTEP_TRANSPORT=gloo."));
+      }
+      map(fd, where);
+      if (on_mapped) on_mapped(base(), true);
+      store.set(key + "/created", "1");
+    } else {
+      watch.wait(key + "/name", deadline, "before it named the shared-memory object", 0);
+      name_ = store.get(key + "/name");
+      watch.wait(key + "/created", deadline, "before it created the shared-memory object", 0);
+      int fd = shm_open(name_.c_str(), O_RDWR, 0600);
+      if (fd < 0) {
+        throw CommError(concat(where, ": could not open ", name_, " created by rank 0: ",
+                            std::strerror(errno),
+                            ". Ranks that share a host identity must share /dev/shm (containers: "
+                            "set ProcessGroupOptions::host_id, or LOCKSTEP_TRANSPORT=gloo)."));
+      }
+      struct stat st;
+      if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes_) {
+        close(fd);
+        throw CommError(concat(where, ": ", name_, " holds ", st.st_size, " bytes, expected ",
+                            bytes_, ". Were the ranks started with different lockstep builds, "
+                            "or did they ask for different sizes?"));
+      }
+      map(fd, where);
+      if (on_mapped) on_mapped(base(), false);
+    }
+    // The last rank to map removes the name; everyone waits for that.
+    if (store.add(key + "/mapped", 1) == size) {
+      shm_unlink(name_.c_str());
+      store.set(key + "/unlinked", "1");
+    }
+    watch.wait(key + "/unlinked", deadline, "before it mapped the shared-memory object");
   } catch (...) {
-    shm_unlink(name_.c_str());  // a rank died before mapping: remove it ourselves
+    if (base_ != nullptr) munmap(base_, bytes_);
+    base_ = nullptr;
+    try {
+      if (name_.empty() && store.check({key + "/name"})) name_ = store.get(key + "/name");
+    } catch (...) {  // the store itself failed: report the first error
+    }
+    if (!name_.empty()) shm_unlink(name_.c_str());  // whoever fails removes the name
     throw;
   }
 }

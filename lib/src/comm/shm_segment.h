@@ -105,7 +105,8 @@ class PeerProcess {
 };
 
 // A POSIX shared-memory object every rank of the group maps. Rank 0 creates it (mode 0600,
-// named /lockstep-<job>-<random token>) and announces the name under `key` in the store; the
+// named /lockstep-<job>-<random token>), announcing the name under `key` in the store before
+// it creates it (Note [Shared-memory setup faults] in shm_segment.cpp); the
 // last rank to map it unlinks it, and no rank returns before that, so a crash at any later
 // point leaves nothing in /dev/shm (Note [Shared-memory faults]). `on_mapped` runs on every
 // rank right after mapping, before the rank is counted as mapped (the creator's runs before
