@@ -164,8 +164,7 @@ int run(int argc, char** argv) {
     if (!(c == '\n' || (c >= 32 && c < 127))) throw recipe::UsageError("--prompt must be printable ASCII");
   }
 
-  recipe::install_stop_handlers();
-  auto pg = recipe::start(common.threads);
+  auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
   if (common.batch_size % world != 0) {
     throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ", world, " ranks"));

@@ -200,7 +200,12 @@ bool agree_stop(ProcessGroup& group, bool force) {
 ProcessGroupPtr start(int threads) {
   torch::set_num_threads(threads);
   at::set_num_interop_threads(1);
-  return init_process_group();
+  // Note [Preemption]: the handlers go in only once the group is up. Installed before, they
+  // turned a SIGTERM during set-up into a flag nobody reads until the first step, so a rank
+  // whose peer died during set-up ignored the launcher's SIGTERM until the rendezvous timeout.
+  auto pg = init_process_group();
+  install_stop_handlers();
+  return pg;
 }
 
 // ---------------------------------------------------------------------------------------------

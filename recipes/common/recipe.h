@@ -15,7 +15,9 @@
 // The signal handler only sets a flag (async-signal-safe). After every step all ranks
 // all-reduce their flags (max), so a signal that reached one rank stops every rank after the
 // same step; they then write one checkpoint together and exit with kExitPreempted. lib/
-// never installs handlers or exits: that is the program's business.
+// never installs handlers or exits: that is the program's business. start() installs the
+// handlers only once the process group is up: during set-up there is nothing to save, and a
+// SIGTERM there must end the rank at once (default action), not set a flag nobody reads yet.
 
 #include <cxxopts.hpp>
 #include <torch/torch.h>
@@ -84,7 +86,8 @@ bool stop_signalled();
 bool agree_stop(ProcessGroup& group, bool force = false);
 
 /// The process group of this run (from the launch environment; one rank without one) and
-/// torch's intra-op threads set to `threads`.
+/// torch's intra-op threads set to `threads`; then installs the stop handlers (Note
+/// [Preemption]).
 ProcessGroupPtr start(int threads);
 
 /// Positions of one epoch's examples: a permutation of [0, n) drawn from (seed, epoch).

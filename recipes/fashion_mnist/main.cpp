@@ -140,8 +140,7 @@ int run(int argc, char** argv) {
   if (c1 < 1 || c2 < 1 || hidden < 1) throw recipe::UsageError("--conv1, --conv2 and --hidden must be >= 1");
   if (dropout < 0 || dropout >= 1) throw recipe::UsageError(concat("--dropout must be in [0, 1), but got ", dropout));
 
-  recipe::install_stop_handlers();
-  auto pg = recipe::start(common.threads);
+  auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
   if (common.batch_size % world != 0) {
     throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ",

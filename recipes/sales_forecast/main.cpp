@@ -206,8 +206,7 @@ int run(int argc, char** argv) {
     throw recipe::UsageError(concat("need --stores >= 1, --val-days >= 1, --hidden >= 1 and --days >= ",
                                     kLags + 14, " + --val-days"));
   }
-  recipe::install_stop_handlers();
-  auto pg = recipe::start(common.threads);
+  auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
   if (common.batch_size % world != 0) {
     throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ", world, " ranks"));
