@@ -127,4 +127,42 @@ TEST(ProcessFaults, DuplicateRankIsNamed) {
   for (Child* c : {&r0, &a, &b}) reap(*c);
 }
 
+// Over Gloo a lost peer shows as a socket error ("Connection reset by peer" at some address);
+// the survivor's error must still name the dead rank and its pid, the operation and its
+// sequence number, and what to do (Note [Naming the peer of a Gloo failure]).
+void expect_gloo_death_named(int world, int victim) {
+  TempDir dir;
+  int port = free_port();
+  std::vector<Child> ranks;
+  for (int r = 0; r < world; ++r) {
+    auto env = rank_env(r, world, port);
+    env["LOCKSTEP_TRANSPORT"] = "gloo";
+    ranks.push_back(spawn({LOCKSTEP_RANK_WORKER, "loop", "1000000000"}, env, dir,
+                          "rank" + std::to_string(r)));
+  }
+  for (auto& c : ranks) {
+    ASSERT_TRUE(eventually([&] { return contains(c.out(), "ready"); }, seconds(60)))
+        << "a rank never got through its first all-reduce; stderr: " << c.err();
+  }
+  kill(ranks[victim].pid, SIGKILL);
+  auto killed_at = Clock::now();
+  ASSERT_TRUE(wait_for(ranks[0], seconds(30))) << "rank 0 still running 30 s after the kill";
+  EXPECT_LT(Clock::now() - killed_at, seconds(5)) << ranks[0].err();
+  auto err = ranks[0].err();
+  EXPECT_EQ(ranks[0].exit_code(), 3) << err;
+  EXPECT_TRUE(contains(err, "ERROR CommError")) << err;
+  EXPECT_TRUE(contains(err, "[rank 0/" + std::to_string(world) + "] allreduce #")) << err;
+  EXPECT_TRUE(contains(err, "rank " + std::to_string(victim) + " (pid " +
+                                std::to_string(ranks[victim].pid) + " on "))
+      << "the dead rank is not named: " << err;
+  EXPECT_TRUE(contains(err, "died while its peers waited for it")) << err;
+  EXPECT_TRUE(contains(err, "Check rank " + std::to_string(victim) + "'s log")) << err;
+  EXPECT_TRUE(contains(err, "restart the job")) << err;
+  for (auto& c : ranks) reap(c);
+}
+
+TEST(ProcessFaults, GlooErrorNamesTheKilledPeer) { expect_gloo_death_named(2, 1); }
+
+TEST(ProcessFaults, GlooErrorNamesTheKilledPeerOfThree) { expect_gloo_death_named(3, 2); }
+
 }  // namespace

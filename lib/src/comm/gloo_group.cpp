@@ -1,9 +1,16 @@
 // The Gloo process group (see gloo_group.h).
 #include "comm/gloo_group.h"
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 #include "comm/foreign_error.h"
+#include "comm/shm_group.h"
+#include "comm/shm_segment.h"
 #include "comm/store_impl.h"
 #include "lockstep/errors.h"
 
@@ -26,11 +33,150 @@ adapter::GlooReduceOp to_gloo(ReduceOp op) {
   return adapter::GlooReduceOp::kSum;
 }
 
-// A c10d Work whose failure becomes a lockstep error naming the operation (`what`).
+// Note [Naming the peer of a Gloo failure]
+// Gloo reports a lost peer by its socket address ("Read error [127.0.0.1]:29083: Connection
+// reset by peer"), which names no rank. So before connecting, every rank publishes
+// "peer/<rank>" = "<pid> <pid namespace> <host identity>" in the group's store, and after the
+// mesh is connected (every rank got past publishing) reads its peers'. When a collective fails
+// with anything but a timeout, the failing rank checks the peers on its own host (same host
+// identity and pid namespace) with PeerProcess (pidfd, else kill(pid, 0)) for up to
+// kDeathGrace, in 20 ms slices (a process closes its sockets a moment before it becomes a
+// zombie), and names every rank it found dead with its pid and host. Peers on other hosts
+// cannot be checked without a network round trip that a dead host would not answer; the
+// message then lists them so the user knows whose logs to read.
+// A survivor that lost a connection itself exits too, so a third rank may find two dead
+// peers: the victim and a survivor that already gave up. Every rank that sees a failure first
+// sets "failed/<rank>", so the ranks found dead without that key are named as the cause and
+// the others as having failed after them.
+constexpr auto kDeathGrace = std::chrono::milliseconds(1000);
+
+struct PeerInfo {
+  std::string host;                      // host identity ("" when unknown)
+  int pid = -1;
+  std::unique_ptr<shm::PeerProcess> process;  // null when not on this host
+};
+
+class PeerTable {
+ public:
+  PeerTable(int rank, int size, std::shared_ptr<Store> store)
+      : rank_(rank), peers_(size), store_(std::move(store)) {}
+
+  static std::string my_entry() {
+    return concat(getpid(), " ", shm::pid_namespace(), " ", shm::host_identity());
+  }
+
+  // After the mesh is connected; never fails (a peer without an entry stays unknown).
+  void read() {
+    Store& store = *store_;
+    const std::string me = shm::host_identity();
+    for (size_t r = 0; r < peers_.size(); ++r) {
+      if (static_cast<int>(r) == rank_) continue;
+      try {
+        auto key = concat("peer/", r);
+        if (!store.check({key})) continue;
+        std::string v = store.get(key);
+        long long pid = 0;
+        unsigned long long ns = 0;
+        int used = 0;
+        if (sscanf(v.c_str(), "%lld %llu %n", &pid, &ns, &used) != 2) continue;
+        peers_[r].pid = static_cast<int>(pid);
+        peers_[r].host = v.substr(used);
+        if (peers_[r].host == me) {
+          auto process = std::make_unique<shm::PeerProcess>(static_cast<int>(pid), ns);
+          if (process->pid() > 0) peers_[r].process = std::move(process);  // else not checkable
+        }
+      } catch (const std::exception&) {
+      }
+    }
+  }
+
+  struct Diagnosis {
+    std::string cause;   // who died, or who may have
+    std::string advice;  // whose log to read
+  };
+
+  // Who among the peers died, as the cause of a lost connection.
+  Diagnosis diagnose() const {
+    try {
+      store_->set(concat("failed/", rank_), "1");
+    } catch (const std::exception&) {  // the store went with a dead peer: nothing to record
+    }
+    auto until = std::chrono::steady_clock::now() + kDeathGrace;
+    std::vector<int> dead;
+    bool checkable = false;
+    for (const auto& p : peers_) checkable = checkable || p.process != nullptr;
+    while (checkable) {
+      for (size_t r = 0; r < peers_.size(); ++r) {
+        if (peers_[r].process && peers_[r].process->dead()) dead.push_back(static_cast<int>(r));
+      }
+      if (!dead.empty() || std::chrono::steady_clock::now() >= until) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling pidfds
+    }
+    std::vector<int> followers;
+    for (auto it = dead.begin(); it != dead.end() && dead.size() > 1;) {
+      bool gave_up = false;
+      try {
+        gave_up = store_->check({concat("failed/", *it)});
+      } catch (const std::exception&) {
+      }
+      if (gave_up) {
+        followers.push_back(*it);
+        it = dead.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    std::string after;
+    for (int r : followers) {
+      after += concat(after.empty() ? "; " : ", ", "rank ", r, " (pid ", peers_[r].pid,
+                      ") failed after it");
+    }
+    if (!dead.empty()) {
+      std::string who;
+      for (size_t i = 0; i < dead.size(); ++i) {
+        const auto& p = peers_[dead[i]];
+        who += concat(i == 0 ? "" : (i + 1 == dead.size() ? " and " : ", "), "rank ", dead[i],
+                      " (pid ", p.pid, " on ", host_name(p.host), ")");
+      }
+      return {concat(who, dead.size() == 1 ? " died while its peers waited for it"
+                                           : " died while their peers waited for them",
+                     after),
+              concat("Check rank ", dead.front(), "'s log (killed, out of memory?)")};
+    }
+    std::string remote;
+    for (size_t r = 0; r < peers_.size(); ++r) {
+      if (static_cast<int>(r) == rank_ || peers_[r].process) continue;
+      remote += concat(remote.empty() ? "" : ", ", "rank ", r,
+                       peers_[r].host.empty() ? "" : concat(" on ", host_name(peers_[r].host)));
+    }
+    if (remote.empty()) {
+      return {"a peer closed its connection, but no rank on this host died (a peer may have "
+              "failed and exited)",
+              "Check the other ranks' logs"};
+    }
+    return {concat("a peer closed its connection, and no rank on this host died; the lost peer "
+                   "is among ", remote, " (their liveness cannot be checked from here)"),
+            "Check their logs"};
+  }
+
+ private:
+  static std::string host_name(const std::string& identity) {  // "name/boot-id" -> "name"
+    auto slash = identity.find('/');
+    return identity.empty() ? "an unknown host" : identity.substr(0, slash);
+  }
+
+  int rank_;
+  std::vector<PeerInfo> peers_;
+  std::shared_ptr<Store> store_;
+};
+
+// A c10d Work whose failure becomes a lockstep error naming the operation (`what`) and, for
+// a lost connection, the peer (Note [Naming the peer of a Gloo failure]).
 class GlooWork : public Work {
  public:
-  GlooWork(adapter::GlooWorkHandlePtr work, std::string what)
-      : work_(std::move(work)), what_(std::move(what)) {}
+  GlooWork(adapter::GlooWorkHandlePtr work, std::string what,
+           std::shared_ptr<const PeerTable> peers)
+      : work_(std::move(work)), what_(std::move(what)), peers_(std::move(peers)) {}
 
   bool is_completed() override { return work_->is_completed(); }
 
@@ -48,9 +194,12 @@ class GlooWork : public Work {
             msg + ". A peer did not take part in time (stalled, stopped or deadlocked). Check "
                   "the other ranks' logs; raise LOCKSTEP_TIMEOUT if the operation is slow."));
       } else {
+        PeerTable::Diagnosis d{"a peer probably died or closed its connection",
+                               "Check the other ranks' logs"};
+        if (peers_) d = peers_->diagnose();
         error_ = std::make_exception_ptr(CommError(
-            msg + ". A peer probably died or closed its connection; the group cannot be used "
-                  "any more. Check the other ranks' logs, then restart the job."));
+            concat(what_, ": ", d.cause, " (Gloo: ", brief(e), "). ", d.advice,
+                   ". The group cannot be used any more; restart the job.")));
       }
       std::rethrow_exception(error_);
     }
@@ -59,6 +208,7 @@ class GlooWork : public Work {
  private:
   adapter::GlooWorkHandlePtr work_;
   std::string what_;
+  std::shared_ptr<const PeerTable> peers_;
   std::mutex mutex_;
   bool done_ = false;
   std::exception_ptr error_;
@@ -67,8 +217,9 @@ class GlooWork : public Work {
 class GlooGroup : public ProcessGroup {
  public:
   GlooGroup(int rank, int size, std::chrono::milliseconds timeout, std::shared_ptr<Store> store,
-            std::shared_ptr<adapter::GlooBackend> backend)
-      : ProcessGroup(rank, size, timeout, std::move(store)), backend_(std::move(backend)) {}
+            std::shared_ptr<adapter::GlooBackend> backend, std::shared_ptr<const PeerTable> peers)
+      : ProcessGroup(rank, size, timeout, std::move(store)), backend_(std::move(backend)),
+        peers_(std::move(peers)) {}
 
   std::string backend() const override { return "gloo"; }
 
@@ -111,7 +262,7 @@ class GlooGroup : public ProcessGroup {
   template <typename F>
   WorkPtr start(const std::string& what, F&& f) {
     try {
-      return std::make_shared<GlooWork>(f(), what);
+      return std::make_shared<GlooWork>(f(), what, peers_);
     } catch (const lockstep::Error&) {
       throw;
     } catch (const std::exception& e) {
@@ -120,6 +271,7 @@ class GlooGroup : public ProcessGroup {
   }
 
   std::shared_ptr<adapter::GlooBackend> backend_;
+  std::shared_ptr<const PeerTable> peers_;
 };
 
 }  // namespace
@@ -129,6 +281,7 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
                                 const adapter::GlooDeviceSpec& device) {
   LOCKSTEP_CHECK(threads >= 1, "Expected at least 1 Gloo thread, but got ", threads, ".");
   std::shared_ptr<adapter::GlooBackend> backend;
+  store->set(concat("peer/", rank), PeerTable::my_entry());  // Note [Naming the peer of a Gloo failure]
   try {
     backend = adapter::make_gloo_backend(store->impl()->kv, rank, size, timeout, threads, device);
   } catch (const adapter::GlooDeviceError& e) {
@@ -150,7 +303,10 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
     }
     throw CommError(msg + ". Check that the ranks can reach each other (LOCKSTEP_SOCKET_IFNAME).");
   }
-  return std::make_shared<GlooGroup>(rank, size, timeout, store, std::move(backend));
+  auto peers = std::make_shared<PeerTable>(rank, size, store);
+  peers->read();
+  return std::make_shared<GlooGroup>(rank, size, timeout, store, std::move(backend),
+                                     std::move(peers));
 }
 
 }  // namespace comm
