@@ -9,6 +9,7 @@ packages=(
   libopenblas0-pthread dataset-fashion-mnist
   fortunes        # English text for the char_lm recipe (BSD licence)
   python3-torch   # test oracle and benchmark peer only; never a runtime dependency
+  clang libclang-rt-14-dev  # libFuzzer with ASan/UBSan for tests/fuzz; never a runtime dependency
 )
 
 missing=()
