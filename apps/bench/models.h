@@ -3,11 +3,14 @@
 /// The benchmark models, defined layer for layer like `apps/bench/torch_ddp_bench.py` so that
 /// lockstep and PyTorch's DDP run the same parameter shapes in the same registration order
 /// (which decides the gradient buckets). Initialisation is whatever the frontend does: it does
-/// not matter for timing. Header-only so that recipes and tests can reuse the models.
+/// not matter for timing. Header-only so that recipes and tests can reuse the models. The
+/// one list of their names is in scenarios.h (`all_model_names()`); the benchmark's smoke test
+/// builds every one of them.
 ///
 /// | name        | layers                                                    | parameters |
 /// |-------------|-----------------------------------------------------------|-----------:|
 /// | mlp         | Linear(784,1024) ReLU Linear(1024,1024) ReLU Linear(1024,10) | 1,863,690 |
+/// | small_mlp   | Linear(784,128) ReLU Linear(128,128) ReLU Linear(128,10)  |   118,282 |
 /// | deep_mlp    | 48 x [Linear(256,256) ReLU] (no activation after the last)  | 3,158,016 |
 /// | cnn         | Conv(1,32,3) ReLU MaxPool2 Conv(32,64,3) ReLU MaxPool2      |   225,034 |
 /// |             | Linear(1600,128) ReLU Linear(128,10)  (Fashion-MNIST 28x28) |           |
@@ -23,13 +26,13 @@
 namespace lockstep {
 namespace bench {
 
-/// Linear(784,1024) ReLU Linear(1024,1024) ReLU Linear(1024,10): about 1.86M parameters,
-/// 7.5 MB of float32 gradients. Input (batch, 784).
+/// Linear(784,h) ReLU Linear(h,h) ReLU Linear(h,10). h = 1024 (mlp): about 1.86M
+/// parameters, 7.5 MB of float32 gradients; h = 128 (small_mlp): 118K. Input (batch, 784).
 struct MlpImpl : torch::nn::Module {
-  MlpImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(784, 1024))),
-        fc2(register_module("fc2", torch::nn::Linear(1024, 1024))),
-        fc3(register_module("fc3", torch::nn::Linear(1024, 10))) {}
+  explicit MlpImpl(int64_t hidden = 1024)
+      : fc1(register_module("fc1", torch::nn::Linear(784, hidden))),
+        fc2(register_module("fc2", torch::nn::Linear(hidden, hidden))),
+        fc3(register_module("fc3", torch::nn::Linear(hidden, 10))) {}
   torch::Tensor forward(torch::Tensor x) {
     return fc3(torch::relu(fc2(torch::relu(fc1(x)))));
   }
@@ -107,6 +110,9 @@ struct BenchNetImpl : torch::nn::Module {
     if (name == "mlp") {
       net_ = torch::nn::AnyModule(Mlp());
       register_module("net", net_.ptr());
+    } else if (name == "small_mlp") {
+      net_ = torch::nn::AnyModule(Mlp(128));
+      register_module("net", net_.ptr());
     } else if (name == "deep_mlp") {
       net_ = torch::nn::AnyModule(DeepMlp());
       register_module("net", net_.ptr());
@@ -118,7 +124,7 @@ struct BenchNetImpl : torch::nn::Module {
       register_module("net", net_.ptr());
     } else {
       throw std::invalid_argument("unknown model '" + name +
-                                  "': expected mlp, deep_mlp, cnn or transformer");
+                                  "': expected mlp, deep_mlp, cnn, transformer or small_mlp");
     }
   }
   torch::Tensor forward(torch::Tensor x) { return net_.forward(x); }
@@ -130,15 +136,6 @@ struct BenchNetImpl : torch::nn::Module {
 };
 TORCH_MODULE(BenchNet);
 
-/// The model names, in the order the benchmark runs them.
-inline std::vector<std::string> model_names() { return {"mlp", "deep_mlp", "cnn", "transformer"}; }
-
-/// Default per-rank batch size of a model (the same in the Python peer).
-inline int64_t default_batch(const std::string& name) {
-  if (name == "transformer") return 16;
-  return 64;
-}
-
 /// A synthetic batch for `name`: inputs of the model's shape and integer class targets.
 struct Batch {
   torch::Tensor input;
@@ -148,7 +145,7 @@ inline Batch make_batch(const std::string& name, int64_t batch, uint64_t seed = 
   auto gen = at::detail::createCPUGenerator(seed);
   Batch b;
   int64_t classes = 10;
-  if (name == "mlp") {
+  if (name == "mlp" || name == "small_mlp") {
     b.input = at::randn({batch, 784}, gen);
   } else if (name == "deep_mlp") {
     b.input = at::randn({batch, 256}, gen);

@@ -26,11 +26,11 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 
 
 class Mlp(nn.Module):
-    def __init__(self):
+    def __init__(self, hidden=1024):
         super().__init__()
-        self.fc1 = nn.Linear(784, 1024)
-        self.fc2 = nn.Linear(1024, 1024)
-        self.fc3 = nn.Linear(1024, 10)
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 10)
 
     def forward(self, x):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
@@ -81,14 +81,14 @@ class TransformerStack(nn.Module):
 
 
 def make_model(name):
-    return {"mlp": Mlp, "deep_mlp": DeepMlp, "cnn": FashionCnn,
+    return {"mlp": Mlp, "small_mlp": lambda: Mlp(128), "deep_mlp": DeepMlp, "cnn": FashionCnn,
             "transformer": TransformerStack}[name]()
 
 
 def make_batch(name, batch):
     g = torch.Generator().manual_seed(0)
     classes = 10
-    if name == "mlp":
+    if name in ("mlp", "small_mlp"):
         x = torch.randn(batch, 784, generator=g)
     elif name == "deep_mlp":
         x = torch.randn(batch, 256, generator=g)
@@ -106,6 +106,14 @@ def vm_hwm_kb():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
+
+
+def machine_busy_seconds():
+    """CPU time all processes used so far, as lockstep-bench's proc.cpp counts it."""
+    with open("/proc/stat") as f:
+        v = [float(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = v
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
@@ -143,10 +151,14 @@ def main():
         step()
     dist.barrier()
     times = []
+    # Note [Disturbed runs] in coordinator.h reads cpu_s, busy_s and wall_s.
+    cpu0, busy0, start = time.process_time(), machine_busy_seconds(), time.perf_counter()
     for _ in range(a.steps):
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
+    wall = time.perf_counter() - start
+    cpu, busy = time.process_time() - cpu0, machine_busy_seconds() - busy0
 
     # The all-reduce time of all gradients in one flat tensor: the denominator of the
     # exposed-communication fraction.
@@ -163,6 +175,7 @@ def main():
     out = {
         "rank": rank, "world": world, "backend": "gloo (torch %s)" % torch.__version__,
         "params": n, "step_ms": times, "vmhwm_kb": vm_hwm_kb(),
+        "wall_s": wall, "cpu_s": cpu, "busy_s": busy,
         "allreduce_all_grads_ms": ar[len(ar) // 2] if ar else None,
     }
     with open(a.result, "w") as f:

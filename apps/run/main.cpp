@@ -1,5 +1,5 @@
-// lockstep-run: a torchrun-compatible launcher. See README "Launching" and agent.cpp's
-// Note [lockstep-run rounds].
+// lockstep-run: a torchrun-compatible launcher. See README "Launching", Note [lockstep-run
+// rounds] (rounds.h) and Note [Root cause] (verdict.h).
 #include <iostream>
 #include <string>
 #include <vector>
@@ -7,6 +7,7 @@
 #include "agent.h"
 #include "lockstep/errors.h"
 #include "options.h"
+#include "processes.h"
 
 int main(int argc, char** argv) {
   using namespace lockstep::run;

@@ -1,19 +1,31 @@
-// lockstep-bench end to end on a tiny configuration: it must spawn its workers, write JSON
-// whose numbers are sane (positive, ordered percentiles, peak RSS, a ratio where a reference
-// ran, a sweep covering the requested sizes) and a markdown table. Nothing here is timed.
+// lockstep-bench: its units without processes (the models, the scenario catalogue, the
+// targets, the report rendered from JSON alone, the verdict on disturbed runs), then the
+// program end to end on a tiny configuration: it must spawn its workers, write JSON whose
+// numbers are sane (positive, ordered percentiles, peak RSS, a ratio where a reference ran, the
+// synchronized floor and DDP's ratio to it, a sweep covering the requested sizes) and a
+// markdown report. Nothing here is timed.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
 
-#include <nlohmann/json.hpp>
+#include "coordinator.h"
+#include "models.h"
+#include "options.h"
+#include "report.h"
+#include "scenarios.h"
 
 using json = nlohmann::json;
+namespace bench = lockstep::bench;
 
 namespace {
 
@@ -23,6 +35,268 @@ std::string slurp(const std::string& path) {
   ss << f.rdbuf();
   return ss.str();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Units, no processes
+
+TEST(BenchModels, EveryNamedModelBuildsAndRunsItsBatch) {
+  const std::map<std::string, int64_t> params = {{"mlp", 1863690}, {"small_mlp", 118282}};
+  for (const auto& name : bench::all_model_names()) {
+    SCOPED_TRACE(name);
+    bench::BenchNet net(name);
+    auto batch = bench::make_batch(name, 3);
+    auto out = net->forward(batch.input);
+    ASSERT_EQ(out.dim(), 2);
+    EXPECT_EQ(out.size(0), 3);
+    EXPECT_GT(out.size(1), batch.target.max().item<int64_t>());
+    if (params.count(name)) {
+      EXPECT_EQ(bench::parameter_count(*net), params.at(name));
+    }
+  }
+  try {
+    bench::BenchNet net("resnet");
+    ADD_FAILURE() << "no error for an unknown model";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(
+                  "unknown model 'resnet': expected mlp, deep_mlp, cnn, transformer or small_mlp"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+bench::BenchOptions options_with(std::vector<std::string> families) {
+  bench::BenchOptions o;
+  o.families = std::move(families);
+  return o;
+}
+
+const bench::Scenario* find(const std::vector<bench::Scenario>& v, const std::string& id) {
+  for (const auto& s : v) {
+    if (s.id == id) return &s;
+  }
+  return nullptr;
+}
+
+TEST(BenchScenarios, EveryModelGetsTheSynchronizedFloorBesideDdp) {
+  for (const auto& model : bench::all_model_names()) {
+    SCOPED_TRACE(model);
+    for (const auto& family : {"floor", "ddp", "torch_ddp", "perparam"}) {
+      const auto v = bench::scenarios_for(options_with({family}), model);
+      const auto* f = find(v, "floor_w2");
+      ASSERT_NE(f, nullptr) << family;
+      EXPECT_EQ(f->kind, "floor");
+      EXPECT_EQ(f->world, 2);
+      EXPECT_EQ(f->model, model);
+      EXPECT_EQ(f->batch, bench::default_batch(model));
+      EXPECT_TRUE(f->transport.empty()) << "the floor synchronises over the default transport";
+    }
+  }
+  // Alone, the floor brings nothing else; DDP brings plain and the floor with it, and its
+  // reference to PyTorch's DDP is cleared when that does not run.
+  const auto floor_only = bench::scenarios_for(options_with({"floor"}), "mlp");
+  ASSERT_EQ(floor_only.size(), 1u);
+  const auto ddp = bench::scenarios_for(options_with({"ddp"}), "mlp");
+  std::vector<std::string> ids;
+  for (const auto& s : ddp) ids.push_back(s.id);
+  EXPECT_EQ(ids,
+            (std::vector<std::string>{"plain", "floor_w2", "ddp_w1", "ddp_w2", "ddp_w2_gloo"}));
+  EXPECT_EQ(find(ddp, "ddp_w1")->reference, "plain");
+  EXPECT_EQ(find(ddp, "ddp_w2")->reference, "");
+  const auto with_torch = bench::scenarios_for(options_with({"ddp", "torch_ddp"}), "mlp");
+  EXPECT_EQ(find(with_torch, "ddp_w2")->reference, "torch_ddp_w2");
+  EXPECT_TRUE(find(with_torch, "torch_ddp_view_w2")->grad_view);
+}
+
+TEST(BenchScenarios, DataParallelGetsTheThreadsAUserWouldGiveIt) {
+  auto o = options_with({"dp"});
+  const auto v = bench::scenarios_for(o, "cnn");
+  ASSERT_EQ(v.size(), 3u);
+  const auto* ref = find(v, "plain_2t");
+  const auto* one = find(v, "dp_r1");
+  const auto* two = find(v, "dp_r2");
+  ASSERT_TRUE(ref && one && two);
+  EXPECT_EQ(ref->threads, 2);
+  EXPECT_EQ(ref->omp_threads, 0);  // OMP_NUM_THREADS = its 2 threads
+  EXPECT_EQ(ref->batch, 128);
+  EXPECT_EQ(two->replicas, 2);
+  EXPECT_EQ(two->threads, 1);
+  EXPECT_EQ(two->omp_threads, 1);
+  EXPECT_EQ(two->batch, 128);
+  EXPECT_EQ(two->reference, "plain_2t");
+  EXPECT_EQ(one->threads, 2);
+  EXPECT_EQ(one->reference, "plain_2t");
+  o.dp_replicas = 3;
+  o.dp_omp_threads = 2;
+  o.dp_scope_blas = false;
+  o.batch = 10;
+  const auto three = bench::scenarios_for(o, "cnn");
+  ASSERT_NE(find(three, "plain_3t"), nullptr);
+  const auto* r3 = find(three, "dp_r3");
+  ASSERT_NE(r3, nullptr);
+  EXPECT_EQ(r3->omp_threads, 2);
+  EXPECT_FALSE(r3->scope_blas);
+  EXPECT_EQ(r3->batch, 30);
+}
+
+TEST(BenchScenarios, SweepsAndBucketCapsFollowTheirOptions) {
+  auto o = options_with({"allreduce", "bucket_sweep"});
+  o.transports = {"gloo", "shm"};
+  o.sweep_world = 3;
+  const auto sweeps = bench::sweep_scenarios(o);
+  ASSERT_EQ(sweeps.size(), 2u);
+  EXPECT_EQ(sweeps[1].transport, "shm");
+  EXPECT_EQ(sweeps[1].world, 3);
+  EXPECT_TRUE(bench::scenarios_for(o, "mlp").empty());
+  const auto caps = bench::scenarios_for(o, "deep_mlp");
+  ASSERT_EQ(caps.size(), 4u);
+  EXPECT_EQ(caps[0].id, "ddp_w2_cap1");
+  EXPECT_EQ(caps[0].bucket_cap_mb, 1);
+  EXPECT_TRUE(bench::sweep_scenarios(options_with({"ddp"})).empty());
+}
+
+json scenario(const std::string& id, const std::string& kind, double median_ms, int world = 2) {
+  return {{"id", id},
+          {"kind", kind},
+          {"label", id + " label"},
+          {"status", "ok"},
+          {"world", world},
+          {"median_ms", median_ms},
+          {"p10_ms", median_ms},
+          {"p90_ms", median_ms},
+          {"samples_per_s", 1000.0},
+          {"peak_rss_mib", 100.0},
+          {"reference", nullptr},
+          {"backend", "shm"}};
+}
+
+json synthetic_doc(bool with_floor) {
+  json m = {{"model", "mlp"}, {"params", 1863690}, {"batch", 64}, {"scenarios", json::array()}};
+  m["scenarios"].push_back(scenario("plain", "plain", 10.0, 1));
+  if (with_floor) m["scenarios"].push_back(scenario("floor_w2", "floor", 12.5));
+  json d2 = scenario("ddp_w2", "ddp", 15.0);
+  d2["reference"] = "torch_ddp_w2";
+  d2["ratio"] = 0.75;
+  if (with_floor) d2["vs_floor"] = 1.2;
+  m["scenarios"].push_back(d2);
+  json td = scenario("torch_ddp_w2", "torch_ddp", 20.0);
+  if (with_floor) td["vs_floor"] = 1.6;
+  m["scenarios"].push_back(td);
+  json alt = scenario("ddp_w1_alt", "overhead", 10.2, 1);
+  alt["plain_median_ms"] = 10.0;
+  m["scenarios"].push_back(alt);
+  json doc = {{"command", "lockstep-bench --model mlp"},
+              {"environment",
+               {{"nproc", 2},
+                {"uname", "Linux"},
+                {"libtorch", "1.13.0"},
+                {"date", "today"},
+                {"loadavg_start", "0 0 0"},
+                {"loadavg_end", "0 0 0"}}},
+              {"config", {{"repeats", 1}, {"steps", 3}, {"warmup", 1}, {"bucket_cap_mb", 25.0}}},
+              {"models", json::array({m})},
+              {"allreduce", json::array()}};
+  doc["targets"] = bench::compute_targets(doc["models"]);
+  return doc;
+}
+
+const json* find_target(const json& targets, const std::string& what) {
+  for (const auto& t : targets) {
+    if (t["target"] == what) return &t;
+  }
+  return nullptr;
+}
+
+TEST(BenchTargets, DdpAgainstTheFloorAndWorldOneInOneProcess) {
+  const json doc = synthetic_doc(/*with_floor=*/true);
+  const json* floor =
+      find_target(doc["targets"], "lockstep DDP / synchronized floor step time (2 ranks)");
+  ASSERT_NE(floor, nullptr) << doc["targets"].dump(2);
+  EXPECT_DOUBLE_EQ((*floor)["value"].get<double>(), 1.2);
+  EXPECT_EQ((*floor)["goal"], "<= 1.10");
+  EXPECT_FALSE((*floor)["goal_met"].get<bool>());
+  const json* peer =
+      find_target(doc["targets"], "PyTorch DDP / synchronized floor step time (2 ranks)");
+  ASSERT_NE(peer, nullptr);
+  EXPECT_DOUBLE_EQ((*peer)["value"].get<double>(), 1.6);
+  const json* alt = find_target(
+      doc["targets"], "lockstep DDP world 1 overhead over plain, alternating steps in one process");
+  ASSERT_NE(alt, nullptr);
+  EXPECT_NEAR((*alt)["value"].get<double>(), 0.02, 1e-12);
+  EXPECT_TRUE((*alt)["met"].get<bool>());
+  EXPECT_EQ(find_target(synthetic_doc(false)["targets"],
+                        "lockstep DDP / synchronized floor step time (2 ranks)"),
+            nullptr);
+}
+
+TEST(BenchReport, HeadlineShowsDdpOverTheFloorBesidePyTorchDdp) {
+  const std::string md = bench::render_report(synthetic_doc(/*with_floor=*/true), true);
+  EXPECT_NE(md.find("**Headline**"), std::string::npos) << md;
+  EXPECT_NE(md.find("| model | synchronized floor ms | lockstep DDP ms | DDP / floor | "
+                    "PyTorch DDP ms | DDP / PyTorch DDP |"),
+            std::string::npos)
+      << md;
+  // The headline's row: floor, DDP, DDP / floor, PyTorch DDP, DDP / PyTorch DDP.
+  const size_t row = md.find("| mlp ", md.find("**Headline**"));
+  ASSERT_NE(row, std::string::npos) << md;
+  std::string line = md.substr(row, md.find('\n', row) - row);
+  line.erase(std::remove(line.begin(), line.end(), ' '), line.end());
+  EXPECT_EQ(line, "|mlp|12.50|15.00|1.20x|20.00|0.75x|") << md;
+  EXPECT_NE(md.find("| vs floor |"), std::string::npos) << md;
+  EXPECT_NE(md.find("1.60x"), std::string::npos) << md;
+  // A result without the floor (an older run) renders as it did: no headline column for the
+  // floor, no "vs floor" column.
+  const std::string old = bench::render_report(synthetic_doc(/*with_floor=*/false), true);
+  EXPECT_EQ(old.find("vs floor"), std::string::npos) << old;
+  EXPECT_NE(old.find("| model | synchronized floor ms |"), std::string::npos)
+      << "the headline still shows DDP beside PyTorch's\n"
+      << old;
+  const std::string terminal = bench::render_report(synthetic_doc(true), false);
+  EXPECT_NE(terminal.find("== headline"), std::string::npos) << terminal;
+}
+
+TEST(BenchReport, DisturbedScenariosSayWhy) {
+  json doc = synthetic_doc(true);
+  json& s = doc["models"][0]["scenarios"][1];
+  s["reruns"] = 2;
+  s["disturbed_runs"] = 1;
+  s["disturbed_runs_kept"] = false;
+  s["others_cpus"] = {0.5, 0.25, 0.75};
+  const std::string md = bench::render_report(doc, true);
+  EXPECT_NE(md.find("- floor_w2 label: 2 reruns, 1 disturbed run left out (other processes used "
+                    "up to 0.75 cores)"),
+            std::string::npos)
+      << md;
+}
+
+TEST(BenchCoordinator, RerunsDisturbedRunsThenLeavesThemOut) {
+  using V = bench::RunVerdict;
+  struct Case {
+    double others;
+    int attempt, retries;
+    bool keep;
+    V expected;
+  };
+  const std::vector<Case> cases = {
+      {0.0, 0, 2, false, V::kAccept},    {0.1, 0, 2, false, V::kAccept},
+      {0.11, 0, 2, false, V::kRerun},    {0.11, 1, 2, false, V::kRerun},
+      {0.11, 2, 2, false, V::kLeaveOut}, {0.11, 2, 2, true, V::kKeepDisturbed},
+      {0.5, 0, 0, false, V::kLeaveOut},  {0.5, 0, 0, true, V::kKeepDisturbed},
+      {0.05, 2, 2, false, V::kAccept},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(bench::judge_run(c.others, 0.1, c.attempt, c.retries, c.keep), c.expected)
+        << "others " << c.others << " attempt " << c.attempt << " retries " << c.retries;
+  }
+  EXPECT_DOUBLE_EQ(bench::others_cpus(/*busy=*/3.0, /*ranks=*/2.0, /*wall=*/2.0), 0.5);
+  EXPECT_DOUBLE_EQ(bench::others_cpus(1.0, 2.0, 2.0), 0.0);  // never negative
+  // Too short to tell from /proc/stat's 10 ms ticks: not judged, so counted.
+  EXPECT_TRUE(std::isnan(bench::others_cpus(1.0, 0.0, 0.0)));
+  EXPECT_TRUE(std::isnan(bench::others_cpus(1.0, 0.0, bench::kMinJudgedSeconds / 2)));
+  EXPECT_EQ(bench::judge_run(std::nan(""), 0.1, 0, 0, false), V::kAccept);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The program
 
 struct BenchRun {
   std::string dir;
@@ -73,13 +347,18 @@ void expect_sane_scenario(const json& s, const std::string& model) {
   if (s["world"].get<int>() == 2) {
     EXPECT_GT(s["allreduce_all_grads_ms"].get<double>(), 0.0);
   }
+  // Note [Disturbed runs]: every worker reports its CPU use (the run is judged only when its
+  // steps took long enough); --retries 0 --keep-disturbed.
+  EXPECT_GT(s["cpus"].get<double>(), 0.0) << s.dump();
+  EXPECT_LE(s["others_cpus"].size(), 1u) << s.dump();
+  EXPECT_EQ(s["reruns"].get<int>(), 0);
 }
 
 TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   auto r = run_bench(
-      "--model mlp --scenario plain,ddp,perparam,torch_ddp,dp,allreduce --steps 3 --warmup 1 "
-      "--repeats 1 --batch 8 --sweep-min-bytes 1024 --sweep-max-bytes 65536 --transports gloo "
-      "--worker-timeout 60");
+      "--model mlp --scenario plain,floor,ddp,perparam,torch_ddp,overhead,dp,allreduce "
+      "--steps 3 --warmup 1 --repeats 1 --batch 8 --sweep-min-bytes 1024 --sweep-max-bytes 65536 "
+      "--transports gloo,shm --worker-timeout 60 --retries 0 --keep-disturbed");
   ASSERT_EQ(r.rc, 0) << slurp(r.dir + "/stderr.txt");
   ASSERT_TRUE(r.doc.is_object()) << "no JSON written";
 
@@ -87,43 +366,72 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   const json& m = r.doc["models"][0];
   EXPECT_EQ(m["model"], "mlp");
   EXPECT_EQ(m["batch"].get<int>(), 8);
+  EXPECT_EQ(m["params"].get<int64_t>(), 1863690);
   std::set<std::string> ids;
+  std::map<std::string, const json*> by_id;
   for (const auto& s : m["scenarios"]) {
     ids.insert(s["id"].get<std::string>());
+    by_id[s["id"]] = &s;
     expect_sane_scenario(s, "mlp");
   }
-  for (const char* id : {"plain", "ddp_w1", "ddp_w2", "ddp_w2_gloo", "perparam_w2", "torch_ddp_w2",
-                         "plain_2t",
-                         "dp_r1", "dp_r2"}) {
+  for (const char* id : {"plain", "floor_w2", "ddp_w1", "ddp_w2", "ddp_w2_gloo", "perparam_w2",
+                         "torch_ddp_w2", "ddp_w1_alt", "plain_2t", "dp_r1", "dp_r2"}) {
     EXPECT_TRUE(ids.count(id)) << "scenario " << id << " missing";
   }
   // Everything but PyTorch's DDP needs nothing optional: it must have run, and lockstep's
   // DDP must have reported its own statistics.
   for (const auto& s : m["scenarios"]) {
-    if (s["kind"] != "torch_ddp") EXPECT_EQ(s["status"], "ok") << s.dump();
+    if (s["kind"] != "torch_ddp") {
+      EXPECT_EQ(s["status"], "ok") << s.dump();
+    }
     if (s["kind"] == "ddp") {
       EXPECT_GE(s["ddp_stats"]["buckets"].get<int>(), 1) << s.dump();
       EXPECT_GE(s["ddp_stats"]["exposed_comm_ms"].get<double>(), 0.0) << s.dump();
     }
   }
+  // The synchronized floor: two ranks over the default transport, and every other two-rank
+  // scenario's ratio to it.
+  const json& floor = *by_id.at("floor_w2");
+  EXPECT_EQ(floor["kind"], "floor");
+  EXPECT_EQ(floor["world"].get<int>(), 2);
+  EXPECT_FALSE(floor.contains("vs_floor"));
+  EXPECT_NEAR(by_id.at("ddp_w2")->at("vs_floor").get<double>(),
+              by_id.at("ddp_w2")->at("median_ms").get<double>() / floor["median_ms"].get<double>(),
+              1e-9);
+  EXPECT_TRUE(by_id.at("perparam_w2")->contains("vs_floor"));
+  EXPECT_FALSE(by_id.at("ddp_w1")->contains("vs_floor"));
+  // World 1 in one process: the plain steps between the wrapped ones.
+  EXPECT_GT(by_id.at("ddp_w1_alt")->at("plain_median_ms").get<double>(), 0.0);
 
-  ASSERT_EQ(r.doc["allreduce"].size(), 1u);
-  const json& a = r.doc["allreduce"][0];
-  ASSERT_EQ(a["status"], "ok") << a.dump();
-  ASSERT_EQ(a["sweep"].size(), 4u);  // 1, 4, 16, 64 KiB
-  int64_t bytes = 1024;
-  for (const auto& row : a["sweep"]) {
-    EXPECT_EQ(row["bytes"].get<int64_t>(), bytes);
-    EXPECT_GT(row["ms"].get<double>(), 0.0);
-    EXPECT_GT(row["busbw_gbps"].get<double>(), 0.0);
-    bytes *= 4;
+  ASSERT_EQ(r.doc["allreduce"].size(), 2u);
+  for (const json& a : r.doc["allreduce"]) {
+    ASSERT_EQ(a["status"], "ok") << a.dump();
+    EXPECT_EQ(a["world"].get<int>(), 2);
+    ASSERT_EQ(a["sweep"].size(), 4u);  // 1, 4, 16, 64 KiB
+    int64_t bytes = 1024;
+    for (const auto& row : a["sweep"]) {
+      EXPECT_EQ(row["bytes"].get<int64_t>(), bytes);
+      EXPECT_GT(row["ms"].get<double>(), 0.0);
+      EXPECT_GT(row["busbw_gbps"].get<double>(), 0.0);
+      bytes *= 4;
+    }
   }
 
+  std::set<std::string> targets;
   for (const auto& t : r.doc["targets"]) {
     EXPECT_TRUE(t["value"].is_number()) << t.dump();
-    EXPECT_FALSE(t["target"].get<std::string>().empty());
+    targets.insert(t["target"].get<std::string>());
   }
+  EXPECT_TRUE(targets.count("lockstep DDP / synchronized floor step time (2 ranks)"));
+  EXPECT_TRUE(
+      targets.count("lockstep DDP world 1 overhead over plain, alternating steps in one process"));
+  EXPECT_TRUE(targets.count("DataParallel 2 replicas / 1 module x 2 threads throughput"));
+
   EXPECT_NE(r.markdown.find("| plain LibTorch, 1 process"), std::string::npos) << r.markdown;
+  EXPECT_NE(r.markdown.find("| synchronized floor: 2 ranks"), std::string::npos) << r.markdown;
+  EXPECT_NE(r.markdown.find("**Headline**"), std::string::npos) << r.markdown;
+  EXPECT_NE(r.markdown.find("| vs floor |"), std::string::npos) << r.markdown;
+  EXPECT_NE(r.markdown.find("| gloo / shm |"), std::string::npos) << r.markdown;
   EXPECT_NE(r.markdown.find("lockstep-bench --model mlp"), std::string::npos)
       << "the markdown must carry the reproducing command";
   EXPECT_NE(r.terminal.find("per-parameter all-reduce, world 2"), std::string::npos);
@@ -135,12 +443,36 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   EXPECT_EQ(slurp(r.dir + "/again.md"), r.markdown);
 }
 
-TEST(BenchSmoke, RejectsUnknownModel) {
-  const std::string cmd =
-      std::string(LOCKSTEP_BENCH_EXE) + " --model resnet --steps 1 > /dev/null 2>&1";
-  const int rc = std::system(cmd.c_str());
+int exit_code(const std::string& args, const std::string& out) {
+  const int rc =
+      std::system((std::string(LOCKSTEP_BENCH_EXE) + " " + args + " > " + out + " 2>&1").c_str());
   EXPECT_TRUE(WIFEXITED(rc));
-  EXPECT_EQ(WEXITSTATUS(rc), 2);
+  return WEXITSTATUS(rc);
+}
+
+TEST(BenchSmoke, HelpPrintsOptionsAndRunsNothing) {
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  EXPECT_EQ(exit_code("--help --json " + dir + "/out.json", dir + "/help.txt"), 0);
+  const std::string help = slurp(dir + "/help.txt");
+  EXPECT_NE(help.find("--scenario"), std::string::npos) << help;
+  EXPECT_EQ(help.find("repeat 1/"), std::string::npos) << "--help ran the benchmark:\n" << help;
+  EXPECT_TRUE(slurp(dir + "/out.json").empty());
+}
+
+TEST(BenchSmoke, BadInvocationsExitWithTwoAndSayWhy) {
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  EXPECT_EQ(exit_code("--model resnet --steps 1", dir + "/a.txt"), 2);
+  EXPECT_NE(slurp(dir + "/a.txt").find("--model: unknown 'resnet'"), std::string::npos);
+  EXPECT_EQ(exit_code("--from-json " + dir + "/missing.json", dir + "/b.txt"), 2);
+  EXPECT_NE(
+      slurp(dir + "/b.txt")
+          .find("missing.json: cannot read it (or it is empty); expected a file written by --json"),
+      std::string::npos)
+      << slurp(dir + "/b.txt");
 }
 
 }  // namespace

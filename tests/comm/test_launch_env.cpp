@@ -1,4 +1,5 @@
-// The launch-environment resolver, table-driven: every launcher and every bad value.
+// The launch-environment resolver, table-driven: every launcher, every bad value, every partial
+// set of launch variables (each message checked) and the explicit single-process opt-in.
 #include <gtest/gtest.h>
 
 #include "lockstep/errors.h"
@@ -38,7 +39,10 @@ TEST_P(ResolveGood, Resolves) {
 INSTANTIATE_TEST_SUITE_P(
     Launchers, ResolveGood,
     ::testing::Values(
-        Good{"nothing", {}, 0, 1, 0, 1, 0, "127.0.0.1", 29500, "none"},
+        Good{"standalone", {{"LOCKSTEP_STANDALONE", "1"}}, 0, 1, 0, 1, 0, "127.0.0.1", 29500,
+             "none"},
+        Good{"world_of_one_needs_no_master", {{"RANK", "0"}, {"WORLD_SIZE", "1"}}, 0, 1, 0, 1, 0,
+             "127.0.0.1", 29500, "torchrun-style"},
         Good{"torchrun",
              {{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
               {"GROUP_RANK", "1"}, {"MASTER_ADDR", "10.1.2.3"}, {"MASTER_PORT", "1234"},
@@ -65,21 +69,21 @@ INSTANTIATE_TEST_SUITE_P(
         Good{"openmpi",
              {{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "4"},
               {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
-              {"MASTER_ADDR", "h0"}},
-             3, 4, 1, 2, 1, "h0", 29500, "openmpi"},
+              {"MASTER_ADDR", "h0"}, {"MASTER_PORT", "29400"}},
+             3, 4, 1, 2, 1, "h0", 29400, "openmpi"},
         Good{"pmi",
              {{"PMI_RANK", "1"}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", "1"},
               {"MPI_LOCALNRANKS", "2"}, {"MASTER_ADDR", "h0"}, {"MASTER_PORT", "7000"}},
              1, 2, 1, 2, 0, "h0", 7000, "pmi"},
         Good{"torchrun_beats_slurm",
-             {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"SLURM_PROCID", "0"},
-              {"SLURM_NTASKS", "9"}},
+             {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "29500"},
+              {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "9"}},
              1, 2, 0, 1, 1, "a", 29500, "torchrun-style"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(LaunchEnv, AgentStoreAndScope) {
   auto e = resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "x"},
-                               {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                               {"MASTER_PORT", "29500"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"},
                                {"TORCHELASTIC_RUN_ID", "run7"},
                                {"TORCHELASTIC_RESTART_COUNT", "2"}});
   EXPECT_TRUE(e.launcher_hosts_store);
@@ -104,6 +108,58 @@ TEST(LaunchEnv, OverridesWin) {
   EXPECT_EQ(e.master_addr, "override");
   EXPECT_EQ(e.master_port, 999);
   EXPECT_EQ(e.sources.at("rank"), "argument");
+}
+
+// Who rendezvouses in-process: a job of one with no master given, and no launcher's store.
+TEST(LaunchEnv, SingleProcess) {
+  EXPECT_TRUE(resolve_launch_env({{"LOCKSTEP_STANDALONE", "1"}}).single_process);
+  EXPECT_TRUE(resolve_launch_env({{"LOCKSTEP_STANDALONE", "true"}}).single_process);
+  EXPECT_TRUE(resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "1"}}).single_process);
+  EXPECT_FALSE(resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_PORT", "5"}})
+                   .single_process);
+  EXPECT_FALSE(resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "1"},
+                                   {"TORCHELASTIC_USE_AGENT_STORE", "True"}})
+                   .single_process);
+  EXPECT_FALSE(resolve_launch_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"},
+                                   {"MASTER_PORT", "5"}})
+                   .single_process);
+  EXPECT_EQ(resolve_launch_env({{"LOCKSTEP_STANDALONE", "1"}}).sources.at("world_size"),
+            "LOCKSTEP_STANDALONE");
+}
+
+// Explicit rank and world size say the topology without any launcher.
+TEST(LaunchEnv, ArgumentsWithoutALauncher) {
+  lockstep::LaunchOverrides one;
+  one.rank = 0;
+  one.world_size = 1;
+  auto e = resolve_launch_env({}, one);
+  EXPECT_EQ(e.world_size, 1);
+  EXPECT_TRUE(e.single_process);
+  lockstep::LaunchOverrides two;
+  two.rank = 1;
+  two.world_size = 2;
+  auto t = resolve_launch_env({}, two);
+  EXPECT_EQ(t.rank, 1);
+  EXPECT_FALSE(t.single_process);
+  lockstep::LaunchOverrides tcp = one;
+  tcp.master_addr = "127.0.0.1";
+  tcp.master_port = 4000;
+  EXPECT_FALSE(resolve_launch_env({}, tcp).single_process) << "tcp:// asks for a TCP store";
+  for (bool give_rank : {true, false}) {
+    lockstep::LaunchOverrides half;
+    if (give_rank) half.rank = 0;
+    else half.world_size = 1;
+    try {
+      resolve_launch_env({}, half);
+      ADD_FAILURE() << "expected InvalidArgument";
+    } catch (const lockstep::InvalidArgument& ex) {
+      std::string what = ex.what();
+      EXPECT_NE(what.find(give_rank ? "only the rank was given" : "only the world size was given"),
+                std::string::npos)
+          << what;
+      EXPECT_NE(what.find("ProcessGroupOptions().rank(0).world_size(1)"), std::string::npos);
+    }
+  }
 }
 
 struct Bad {
@@ -137,8 +193,37 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"rank_too_big", {{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}},
             {"rank in [0, 1]", "got 2", "RANK", "WORLD_SIZE"}},
         Bad{"zero_world", {{"RANK", "0"}, {"WORLD_SIZE", "0"}}, {"WORLD_SIZE", "'0'"}},
-        Bad{"missing_world", {{"RANK", "0"}}, {"WORLD_SIZE", "missing"}},
-        Bad{"missing_master", {{"RANK", "0"}, {"WORLD_SIZE", "2"}}, {"MASTER_ADDR", "2"}},
+        Bad{"missing_world", {{"RANK", "0"}},
+            {"Expected WORLD_SIZE to be set because RANK is set", "missing", "lockstep-run"}},
+        Bad{"missing_master", {{"RANK", "0"}, {"WORLD_SIZE", "2"}},
+            {"world size 2", "MASTER_ADDR and MASTER_PORT are not set", "rank from RANK"}},
+        Bad{"missing_master_port", {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}},
+            {"MASTER_PORT is not set", "`MASTER_ADDR=host0 MASTER_PORT=29500`", "lockstep-run"}},
+        Bad{"missing_master_addr", {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "7"}},
+            {"MASTER_ADDR is not set"}},
+        Bad{"no_launch_variables", {},
+            {"Expected a launch environment", "none is set",
+             "`lockstep-run --standalone --nproc-per-node N -- <program> [args]`", "torchrun",
+             "LOCKSTEP_STANDALONE=1"}},
+        Bad{"standalone_off", {{"LOCKSTEP_STANDALONE", "0"}}, {"none is set"}},
+        Bad{"standalone_bad_value", {{"LOCKSTEP_STANDALONE", "maybe"}},
+            {"Expected LOCKSTEP_STANDALONE to be 1 or 0", "'maybe'"}},
+        Bad{"standalone_beside_a_launcher",
+            {{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"LOCKSTEP_STANDALONE", "1"}},
+            {"LOCKSTEP_STANDALONE=1 asks for a single process", "torchrun-style",
+             "rank from RANK", "Unset LOCKSTEP_STANDALONE"}},
+        Bad{"world_size_without_rank", {{"WORLD_SIZE", "2"}},
+            {"Expected RANK to be set because WORLD_SIZE is set", "RANK is missing",
+             "unset WORLD_SIZE", "LOCKSTEP_STANDALONE=1"}},
+        Bad{"world_size_without_rank_even_when_standalone",
+            {{"WORLD_SIZE", "2"}, {"LOCKSTEP_STANDALONE", "1"}},
+            {"because WORLD_SIZE is set", "RANK is missing"}},
+        Bad{"local_rank_without_rank", {{"LOCAL_RANK", "0"}, {"MASTER_ADDR", "a"}},
+            {"because LOCAL_RANK is set", "RANK is missing", "unset LOCAL_RANK"}},
+        Bad{"local_world_size_without_rank", {{"LOCAL_WORLD_SIZE", "2"}},
+            {"because LOCAL_WORLD_SIZE is set", "RANK is missing"}},
+        Bad{"group_rank_without_rank", {{"GROUP_RANK", "1"}},
+            {"because GROUP_RANK is set", "RANK is missing"}},
         Bad{"port_too_big",
             {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "70000"}},
             {"MASTER_PORT", "'70000'", "65535"}},
@@ -158,7 +243,11 @@ INSTANTIATE_TEST_SUITE_P(
             {{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}, {"SLURM_JOB_NODELIST", "n1"}},
             {"SLURM_PROCID", "SLURM_NTASKS"}},
         Bad{"ompi_no_master", {{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}},
-            {"MASTER_ADDR", "openmpi"}},
+            {"MASTER_ADDR and MASTER_PORT are not set", "openmpi", "rank from OMPI_COMM_WORLD_RANK",
+             "`mpirun -x MASTER_ADDR=host0 -x MASTER_PORT=29500 ...`"}},
+        Bad{"ompi_no_port",
+            {{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}},
+            {"MASTER_PORT is not set", "openmpi"}},
         Bad{"pmi_bad_size", {{"PMI_RANK", "0"}, {"PMI_SIZE", "-3"}}, {"PMI_SIZE", "'-3'"}},
         Bad{"pet_many_procs",
             {{"PET_NODE_RANK", "0"}, {"PET_NNODES", "2"}, {"PET_NPROC_PER_NODE", "4"}},

@@ -83,9 +83,7 @@ CommHookPtr fp16_compress_hook();
 /// float32's range.
 CommHookPtr bf16_compress_hook();
 
-/// A Work that waits for `inner`, then runs `then` once (on the first successful wait), for
-/// hooks that post-process a reduction (e.g. cast back after compression).
-WorkPtr then_work(WorkPtr inner, std::function<void()> then);
+// then_work (process_group.h) chains a post-processing step onto a hook's reduction.
 
 // ---------------------------------------------------------------------------------------------
 // Options and statistics

@@ -29,6 +29,10 @@ constexpr const char* kTransport = "LOCKSTEP_TRANSPORT";
 constexpr const char* kTrace = "LOCKSTEP_TRACE";
 /// File where a worker writes its last uncaught error for lockstep-run's summary.
 constexpr const char* kErrorFile = "LOCKSTEP_ERROR_FILE";
+/// 1: a program started without any launcher's variables runs as a single process (rank 0 of
+/// 1, rendezvous in-process, no listening socket). Without it such a program fails with an
+/// error that says how to launch it; with a launcher's variables set it is an error. Default: 0.
+constexpr const char* kStandalone = "LOCKSTEP_STANDALONE";
 /// The job's store token in hex (at least 32 bytes): every store connection proves it holds
 /// it (challenge-response; the token never crosses the wire). Set by lockstep-run for its
 /// workers; with another launcher, give every rank the same value, never on a command line.

@@ -19,9 +19,15 @@
 ///   5. Open MPI (mpirun): OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE; master from
 ///      MASTER_ADDR / MASTER_PORT (pass them with `mpirun -x`).
 ///   6. MPICH / Intel MPI (PMI): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS.
-///   7. nothing: a single process (rank 0 of 1).
-/// MASTER_ADDR and MASTER_PORT fill in for launchers that do not set a master themselves;
-/// MASTER_PORT defaults to 29500 (torchrun's default).
+///   7. nothing: an InvalidArgument that says how to launch the program, unless it says it
+///      runs alone: LOCKSTEP_STANDALONE=1, or both rank and world size given as overrides.
+/// MASTER_ADDR and MASTER_PORT fill in for launchers that do not set a master themselves; a job
+/// of more than one process needs both (Slurm derives the port from SLURM_JOB_ID).
+///
+/// A partial set is an InvalidArgument naming what is missing and what to do: WORLD_SIZE,
+/// LOCAL_RANK, LOCAL_WORLD_SIZE or GROUP_RANK without RANK; RANK without WORLD_SIZE; a world
+/// size above 1 without MASTER_ADDR or MASTER_PORT; LOCKSTEP_STANDALONE=1 beside a launcher's
+/// variables.
 
 #include <map>
 #include <optional>
@@ -58,6 +64,10 @@ struct LaunchEnv {
   std::string job_id = "default";  ///< scopes store keys (LOCKSTEP_JOB_ID, run id, Slurm job)
   int restart_count = 0;           ///< restart round (LOCKSTEP_RESTART_COUNT, torchelastic)
   std::string launcher = "none";   ///< which launcher's variables were used
+  /// True for a job of this process alone with no master given (LOCKSTEP_STANDALONE=1,
+  /// RANK=0 WORLD_SIZE=1, or rank 0 / world size 1 as overrides): init_process_group then
+  /// rendezvouses in-process and opens no listening socket.
+  bool single_process = false;
   /// For every field above: where its value came from ("RANK", "default", "argument", ...).
   std::map<std::string, std::string> sources;
 
@@ -67,8 +77,9 @@ struct LaunchEnv {
 
 /// Resolves the topology from `env` and `overrides` (see the file comment for precedence).
 /// Throws InvalidArgument naming the variable, its value and the allowed range for a
-/// non-numeric or negative value, rank >= world size, local rank >= local world size, a
-/// missing master address when world size > 1, or a port outside 1..65535.
+/// non-numeric or negative value, rank >= world size, local rank >= local world size, or a
+/// port outside 1..65535; and naming what is missing and how to launch for a partial set of
+/// variables or none at all (see the file comment).
 LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides = {});
 
 /// This process's environment (environ) as an EnvMap.

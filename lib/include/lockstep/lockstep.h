@@ -2,6 +2,7 @@
 /// \file
 /// Umbrella header: everything a training program needs from lockstep.
 
+#include "lockstep/agreement.h"
 #include "lockstep/data_parallel.h"
 #include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -60,6 +61,16 @@ class PromiseWork : public Work {
   struct State;
   std::unique_ptr<State> state_;
 };
+
+/// A Work that completes when every Work of `inner` completed, after running `then` exactly
+/// once: the step of a composite operation that needs their result (a copy back, a division,
+/// a cast back after compression). `then` runs on the first wait(), or on the first
+/// is_completed() that finds every inner Work complete, so nobody observes completion before
+/// it ran. wait() rethrows the first inner failure (and `then` does not run); a `then` that
+/// throws is rethrown by that wait() and runs again on the next one.
+WorkPtr then_work(std::vector<WorkPtr> inner, std::function<void()> then);
+/// then_work over one Work.
+WorkPtr then_work(WorkPtr inner, std::function<void()> then);
 
 /// Options for `init_process_group`. Every field has a default; unset durations fall back to
 /// the `LOCKSTEP_*` environment variable, then the built-in default.
@@ -164,20 +175,25 @@ class ProcessGroup {
                std::shared_ptr<Store> store);
   /// Next collective sequence number of this group (1, 2, ...), for error messages.
   uint64_t next_sequence();
-  /// Validates the arguments of a collective; throws InvalidArgument naming the operation.
+
+  // Note [Argument checks]
+  // Every transport validates a collective's arguments with these, before anything is sent or
+  // any rank waits, so the same mistake gets the same message on every transport. Each
+  // throws InvalidArgument naming this rank, the operation and the offending tensor.
+  /// A defined, dense, contiguous tensor.
   void check_tensor(const char* op, const at::Tensor& tensor) const;
-  /// Validates allreduce's arguments (check_tensor, and a floating-point dtype for kAvg).
+  /// check_tensor, and a floating-point or complex dtype for kAvg.
   void check_allreduce(const at::Tensor& tensor, ReduceOp op) const;
-  /// Validates reduce's arguments: a root in [0, size()), defined contiguous dense tensors,
-  /// floating-point ones for kAvg. Throws InvalidArgument naming the first bad tensor.
+  /// check_tensor, and a root in [0, size()).
+  void check_broadcast(const at::Tensor& tensor, int root) const;
+  /// A root in [0, size()), valid tensors, floating-point or complex ones for kAvg.
   void check_reduce(const std::vector<at::Tensor>& tensors, int root, ReduceOp op) const;
-  /// Validates allgather's arguments: one output per rank, each a valid tensor shaped and
-  /// typed like `input`. Throws InvalidArgument naming the first mismatch.
+  /// One output per rank, each a valid tensor shaped and typed like `input`.
   void check_allgather(const std::vector<at::Tensor>& outputs, const at::Tensor& input) const;
-  /// Validates reduce_scatter's arguments: one input per rank, each shaped and typed like
-  /// `output`. Throws InvalidArgument naming the first mismatch.
-  void check_reduce_scatter(const at::Tensor& output,
-                            const std::vector<at::Tensor>& inputs) const;
+  /// One input per rank, each shaped and typed like a valid `output`; a floating-point or
+  /// complex dtype for kAvg.
+  void check_reduce_scatter(const at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                            ReduceOp op) const;
 
  private:
   int rank_;

@@ -2,21 +2,35 @@
 // The one place that knows which LibTorch version lockstep is built against.
 //
 // Note [Torch adapter]
-// c10d (stores, ProcessGroupGloo, Work) and the autograd engine's hook API move between
-// LibTorch releases (1.13 here, 2.x in Debian 13 and the official archives). Everything that
-// touches them is implemented in torch_adapter.cpp, behind the version-neutral declarations
-// below; the rest of lockstep includes only this header. Keep it that way: a new c10d or
-// autograd call goes into torch_adapter.cpp, with any #if on TORCH_VERSION_* beside it.
+// c10d (its stores and ProcessGroupGloo), the autograd engine's hook API, the optimizers'
+// state maps and TorchScript's pickler move between LibTorch releases (1.13 here, 2.x in
+// Debian 13 and the official archives). Everything that touches them is implemented in
+// lib/src/adapter/, behind the version-neutral declarations below. The adapter is a side room:
+// it includes nothing of lockstep above core/ (errors, the KeyValueStore interface), so comm,
+// ddp and train call down into it and it never calls up. c10d objects cross this boundary
+// only as the opaque handles below; their failures cross as the std::exception c10d threw,
+// and comm/ translates them into lockstep errors that name rank, operation and peer. Keep it
+// that way: a new c10d, autograd or pickling call goes into the adapter, with any #if on
+// TORCH_VERSION_* beside it.
 
 #include <ATen/core/Tensor.h>
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
-#include "lockstep/process_group.h"
-#include "lockstep/store.h"
+#include "core/key_value_store.h"
+
+namespace torch {
+namespace optim {
+class Optimizer;
+class OptimizerParamState;
+}  // namespace optim
+}  // namespace torch
 
 namespace lockstep {
 namespace adapter {
@@ -24,17 +38,72 @@ namespace adapter {
 /// LibTorch's version as "major.minor.patch".
 std::string torch_version();
 
+// ---------------------------------------------------------------------------------------------
+// c10d stores
+
+/// c10d's TCPStore at host:port (hosting it when `is_server`; port 0 binds an ephemeral one).
+/// `bound_port` receives the port. Throws c10d's exception when it cannot host or connect.
+std::shared_ptr<detail::KeyValueStore> make_c10d_tcp_store(const std::string& host, int port,
+                                                           bool is_server,
+                                                           std::chrono::milliseconds timeout,
+                                                           int* bound_port);
+
+/// c10d's FileStore at `path` for `world_size` processes.
+std::shared_ptr<detail::KeyValueStore> make_c10d_file_store(const std::string& path,
+                                                            int world_size,
+                                                            std::chrono::milliseconds timeout);
+
+/// c10d's HashStore (in-process).
+std::shared_ptr<detail::KeyValueStore> make_c10d_hash_store(std::chrono::milliseconds timeout);
+
+// ---------------------------------------------------------------------------------------------
+// ProcessGroupGloo
+
+/// The reductions c10d's Gloo backend runs natively (no average: comm divides after a sum).
+enum class GlooReduceOp { kSum, kMin, kMax, kProduct };
+
+/// A c10d Work. wait() rethrows c10d's exception untranslated.
+class GlooWorkHandle {
+ public:
+  virtual ~GlooWorkHandle() = default;
+  virtual bool is_completed() = 0;
+  virtual void wait() = 0;
+};
+using GlooWorkHandlePtr = std::shared_ptr<GlooWorkHandle>;
+
 /// How Gloo picks the network device.
 struct GlooDeviceSpec {
   std::string ifname;    ///< bind to this interface when non-empty
   std::string hostname;  ///< else bind to this host's address when non-empty
 };                       ///< else c10d's default device (the hostname, falling back to lo)
 
-/// A ProcessGroupGloo over `store` (the caller scopes the store). Connects the full mesh, so
-/// it is collective and bounded by the store's timeout.
-ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>& store,
-                                std::chrono::milliseconds timeout, int threads,
-                                const GlooDeviceSpec& device);
+/// A connected c10d ProcessGroupGloo. Each call starts the collective and returns its Work;
+/// a failure to start throws c10d's exception.
+class GlooBackend {
+ public:
+  virtual ~GlooBackend() = default;
+  virtual GlooWorkHandlePtr allreduce(at::Tensor& tensor, GlooReduceOp op) = 0;
+  virtual GlooWorkHandlePtr broadcast(at::Tensor& tensor, int root) = 0;
+  virtual GlooWorkHandlePtr allgather(std::vector<at::Tensor>& outputs,
+                                      const at::Tensor& input) = 0;
+  virtual GlooWorkHandlePtr barrier() = 0;
+};
+
+/// The Gloo device could not be created (no such interface, an unresolvable host).
+struct GlooDeviceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Builds the Gloo device (throws GlooDeviceError when the interface or host is unusable),
+/// then connects the full mesh of `size` ranks through `store` (collective, bounded by
+/// `timeout`); throws c10d's exception on failure.
+std::shared_ptr<GlooBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueStore> store,
+                                               int rank, int size,
+                                               std::chrono::milliseconds timeout, int threads,
+                                               const GlooDeviceSpec& device);
+
+// ---------------------------------------------------------------------------------------------
+// Autograd
 
 /// Keeps a hook registered (and the grad accumulator alive) while held; dropping the last
 /// copy removes the hook.
@@ -49,18 +118,8 @@ HookHandle add_grad_accumulated_hook(const at::Tensor& param, std::function<void
 /// thread, before backward() returns). Must be called from within backward.
 void queue_backward_callback(std::function<void()> callback);
 
-}  // namespace adapter
-}  // namespace lockstep
-
-namespace torch {
-namespace optim {
-class Optimizer;
-class OptimizerParamState;
-}  // namespace optim
-}  // namespace torch
-
-namespace lockstep {
-namespace adapter {
+// ---------------------------------------------------------------------------------------------
+// Optimizer state
 
 /// The optimizer's state for `param`, or nullptr before its first step. (The state map's
 /// key type changed from the TensorImpl address as a string in 1.x to a void* in 2.x.)
@@ -70,6 +129,18 @@ torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer&
 /// Replaces the optimizer's state for `param`.
 void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
                          std::unique_ptr<torch::optim::OptimizerParamState> state);
+
+// ---------------------------------------------------------------------------------------------
+// Pickling (torch.save's zip container)
+
+/// Writes `tensors` (CPU, contiguous) as a plain dict in the zip container torch.save writes,
+/// loadable by Python's torch.load(weights_only=True). Throws std::exception on failure.
+void write_tensor_dict_archive(const std::string& path,
+                               const std::map<std::string, at::Tensor>& tensors);
+
+/// Reads the dict of name -> tensor in `bytes` (a torch.save file). Throws InvalidArgument
+/// saying what the bytes hold instead, without naming a file (the caller adds it).
+std::map<std::string, at::Tensor> read_tensor_dict_archive(const std::vector<char>& bytes);
 
 }  // namespace adapter
 }  // namespace lockstep

@@ -43,6 +43,21 @@ bool truthy(const std::string& text) {
   return text == "1" || text == "true" || text == "True" || text == "TRUE" || text == "yes";
 }
 
+bool falsy(const std::string& text) {
+  return text.empty() || text == "0" || text == "false" || text == "False" || text == "FALSE" ||
+         text == "no";
+}
+
+// How to start a program so that it gets a launch environment; ends every "not launched" error.
+const char* const kHowToLaunch =
+    "Start it with `lockstep-run --standalone --nproc-per-node N -- <program> [args]` (or "
+    "`torchrun --no-python ...`, srun, mpirun), or set LOCKSTEP_STANDALONE=1 to run it as a "
+    "single process (rank 0 of 1).";
+
+// RANK's companions: set by torchrun-style launchers together with RANK, never alone.
+const char* const kRankCompanions[] = {"WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                       "GROUP_RANK"};
+
 // First host of a Slurm node list: "node[001-004,007],gpu01" -> "node001".
 std::string first_slurm_host(const std::string& list) {
   std::string first;
@@ -107,8 +122,10 @@ struct Resolver {
   void require(const std::string& present, const std::string& missing) {
     if (!has(env, missing)) {
       throw InvalidArgument(concat("Expected ", missing, " to be set because ", present,
-                                " is set (", out.launcher, " launch), but it is missing. ",
-                                "Set ", missing, " or unset ", present, "."));
+                                " is set (", out.launcher, " launch), but it is missing. A "
+                                "launcher sets both: set ", missing, " on every process, or "
+                                "unset ", present, " and start the program with a launcher. ",
+                                kHowToLaunch));
     }
   }
 };
@@ -231,6 +248,46 @@ LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides
     r.take(out.master_port, "master_port", "MASTER_PORT", 1, 65535);
   }
 
+  // No launcher: a partial set, an explicit single process, explicit arguments, or an error.
+  bool standalone = false;
+  if (auto v = lookup(env, env::kStandalone)) {
+    standalone = truthy(*v);
+    LOCKSTEP_CHECK(standalone || falsy(*v), "Expected ", env::kStandalone,
+                   " to be 1 or 0, but got '", *v, "'.");
+  }
+  if (out.launcher == "none") {
+    for (const char* name : kRankCompanions) {
+      if (has(env, name)) {
+        throw InvalidArgument(concat("Expected RANK to be set because ", name, " is set, but "
+                                     "RANK is missing: the launch environment is partial, so "
+                                     "this process cannot know its rank. A launcher sets RANK, "
+                                     "WORLD_SIZE, MASTER_ADDR and MASTER_PORT together: set "
+                                     "RANK on every process, or unset ", name, ". ",
+                                     kHowToLaunch));
+      }
+    }
+    if (overrides.rank.has_value() != overrides.world_size.has_value()) {
+      throw InvalidArgument(concat("Expected both a rank and a world size as arguments, but only "
+                                   "the ", overrides.rank ? "rank" : "world size", " was given "
+                                   "and no launcher's variables are set. Give both (e.g. "
+                                   "ProcessGroupOptions().rank(0).world_size(1)), or launch the "
+                                   "program. ", kHowToLaunch));
+    }
+    if (!standalone && !overrides.rank) {
+      throw InvalidArgument(concat("Expected a launch environment (RANK, WORLD_SIZE, "
+                                   "MASTER_ADDR, MASTER_PORT from lockstep-run or torchrun; "
+                                   "SLURM_PROCID from srun; OMPI_COMM_WORLD_RANK from mpirun), "
+                                   "but none is set, and the program did not say it runs "
+                                   "alone. ", kHowToLaunch));
+    }
+    if (standalone) out.sources["world_size"] = env::kStandalone;
+  } else if (standalone) {
+    throw InvalidArgument(concat(env::kStandalone, "=1 asks for a single process, but this "
+                                 "process was started by ", out.launcher, " (rank from ",
+                                 out.sources["rank"], "). Unset ", env::kStandalone,
+                                 " when a launcher starts the program."));
+  }
+
   // Explicit arguments override single fields.
   auto apply = [&](const std::optional<int>& v, int& field, const char* key) {
     if (v) {
@@ -286,13 +343,25 @@ LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides
   LOCKSTEP_CHECK(out.master_port >= 1 && out.master_port <= 65535,
                  "Expected master port in [1, 65535], but got ", out.master_port, " (from ",
                  src("master_port"), ").");
-  if (out.world_size > 1 && out.sources["master_addr"] == "default" &&
-      out.launcher != "none") {
-    throw InvalidArgument(concat("Expected a master address for a job of world size ",
-                              out.world_size, " launched by ", out.launcher,
-                              ", but none is set. Set MASTER_ADDR (and MASTER_PORT) to the host "
-                              "of rank 0, e.g. `mpirun -x MASTER_ADDR=host0 -x MASTER_PORT=29500`."));
+  bool no_addr = out.sources["master_addr"] == "default";
+  bool no_port = out.sources["master_port"] == "default";
+  if (out.world_size > 1 && (no_addr || no_port) && out.launcher != "none") {
+    std::string missing = no_addr && no_port ? "MASTER_ADDR and MASTER_PORT"
+                          : no_addr          ? "MASTER_ADDR"
+                                             : "MASTER_PORT";
+    std::string example = out.launcher == "openmpi"
+                              ? "`mpirun -x MASTER_ADDR=host0 -x MASTER_PORT=29500 ...`"
+                              : "`MASTER_ADDR=host0 MASTER_PORT=29500`";
+    throw InvalidArgument(concat("Expected MASTER_ADDR and MASTER_PORT for a job of world size ",
+                              out.world_size, " launched by ", out.launcher, " (rank from ",
+                              out.sources["rank"], "), but ", missing,
+                              no_addr && no_port ? " are" : " is", " not set: every rank must "
+                              "find rank 0's store. Set both on every process to the host of "
+                              "rank 0 and a free port, e.g. ", example,
+                              ", or start the program with lockstep-run or torchrun, which set "
+                              "them."));
   }
+  out.single_process = out.world_size == 1 && no_addr && no_port && !out.launcher_hosts_store;
   LOCKSTEP_CHECK(!out.master_addr.empty(), "Expected a non-empty master address (from ",
                  src("master_addr"), ").");
   return out;

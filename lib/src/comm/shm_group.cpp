@@ -1,10 +1,9 @@
-// Shared-memory collectives within a host (ShmGroup) and the hierarchical group (HierGroup).
+// Shared-memory collectives within a host (ShmGroup), and make_group, which builds it or the
+// hierarchical group.
 #include "comm/shm_group.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -28,12 +27,19 @@
 #include <random>
 #include <thread>
 
+#include "comm/hier_group.h"
+#include "comm/serial_executor.h"
+#include "comm/shm_kernels.h"
+#include "comm/shm_segment.h"
+#include "core/spin_wait.h"
 #include "lockstep/errors.h"
 #include "lockstep/log.h"
 
 namespace lockstep {
 namespace shm {
 
+using comm::FailStop;
+using comm::SerialExecutor;
 using detail::concat;
 
 // Note [Shared-memory protocol]
@@ -74,8 +80,6 @@ using detail::concat;
 
 namespace {
 
-constexpr uint64_t kMagic = 0x6c6f636b73746570ULL;  // "lockstep"
-constexpr size_t kPage = 4096;
 constexpr auto kSpinFor = std::chrono::microseconds(50);
 constexpr auto kMaxSleep = std::chrono::milliseconds(20);
 
@@ -101,6 +105,7 @@ std::chrono::microseconds spin_budget(int local_ranks) {
   return usable_cpus() > busy ? kSpinFor : std::chrono::microseconds(0);
 }
 
+
 enum class OpKind : uint32_t { kNone = 0, kAllreduce, kBroadcast, kAllgather, kBarrier,
                                 kAllreduceShared };
 enum class Fault : uint64_t { kNone = 0, kDied, kDeparted, kTimeout, kMismatch };
@@ -117,448 +122,7 @@ const char* op_name(OpKind k) {
   return "none";
 }
 
-struct Signature {
-  uint32_t kind = 0;
-  int32_t dtype = -1;
-  int64_t numel = 0;
-  int32_t arg = 0;  // ReduceOp or root
-  uint32_t seq = 0;
-  bool operator==(const Signature& o) const {
-    return kind == o.kind && dtype == o.dtype && numel == o.numel && arg == o.arg &&
-           seq == o.seq;
-  }
-};
 
-struct alignas(64) RankLine {
-  std::atomic<uint32_t> arrive;
-  std::atomic<uint32_t> waiters;
-  std::atomic<uint32_t> departed;
-  std::atomic<uint32_t> mapped;
-  int32_t pid;
-  uint64_t pid_ns;
-  Signature sig;
-};
-
-struct alignas(64) Header {
-  uint64_t magic;
-  uint32_t size;
-  uint32_t reserved;
-  uint64_t slot_bytes;
-  uint64_t total_bytes;
-  // kind (8 bits) | culprit (16) | finder (16) | sequence (24)
-  alignas(64) std::atomic<uint64_t> abort_word;
-};
-
-static_assert(std::atomic<uint32_t>::is_always_lock_free, "futex words must be lock-free");
-static_assert(std::atomic<uint64_t>::is_always_lock_free, "abort word must be lock-free");
-
-size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
-
-size_t slot_bytes(int size) {
-  constexpr size_t kMiB = size_t{1} << 20;
-  return std::clamp<size_t>((32 * kMiB) / (size + 1) / kMiB * kMiB, kMiB, 8 * kMiB);
-}
-size_t lines_offset() { return round_up(sizeof(Header), 64); }
-size_t data_offset(int size) { return round_up(lines_offset() + size * sizeof(RankLine), kPage); }
-size_t segment_bytes(int size) { return data_offset(size) + (size + 1) * slot_bytes(size); }
-
-long futex(std::atomic<uint32_t>* word, int op, uint32_t val, const timespec* ts) {
-  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, ts, nullptr, 0);
-}
-
-void futex_wake_all(std::atomic<uint32_t>* word) { futex(word, FUTEX_WAKE, INT_MAX, nullptr); }
-
-void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nanoseconds d) {
-  timespec ts;
-  ts.tv_sec = static_cast<time_t>(d.count() / 1000000000);
-  ts.tv_nsec = static_cast<long>(d.count() % 1000000000);
-  futex(word, FUTEX_WAIT, expected, &ts);  // EAGAIN / ETIMEDOUT / EINTR: the caller re-checks
-}
-
-inline bool reached(uint32_t value, uint32_t target) {
-  return static_cast<int32_t>(value - target) >= 0;
-}
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-uint64_t pid_namespace() {
-  struct stat st;
-  return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
-}
-
-std::string random_token() {
-  std::random_device rd;
-  uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
-  char buf[17];
-  snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
-std::string sanitize(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    bool ok = std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
-    out += ok ? c : '_';
-    if (out.size() >= 48) break;
-  }
-  return out.empty() ? "job" : out;
-}
-
-// A peer process whose death we can detect: a pidfd when the kernel has them (immune to pid
-// reuse), else kill(pid, 0). Peers in another pid namespace (or threads of this process)
-// are not checked; the collective timeout still bounds every wait on them.
-class PeerProcess {
- public:
-  PeerProcess() = default;
-  PeerProcess(int pid, uint64_t ns) : pid_(pid) {
-    if (pid <= 0 || ns != pid_namespace() || pid == getpid()) {
-      pid_ = -1;
-      return;
-    }
-#ifdef SYS_pidfd_open
-    fd_ = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
-    if (fd_ < 0 && errno == ESRCH) dead_at_start_ = true;
-#endif
-  }
-  PeerProcess(const PeerProcess&) = delete;
-  PeerProcess& operator=(const PeerProcess&) = delete;
-  ~PeerProcess() {
-    if (fd_ >= 0) close(fd_);
-  }
-  int pid() const { return pid_; }
-  bool dead() const {
-    if (pid_ < 0) return false;
-    if (dead_at_start_) return true;
-    if (fd_ >= 0) {
-      pollfd p{fd_, POLLIN, 0};
-      return poll(&p, 1, 0) > 0;  // readable once the process exited (zombie included)
-    }
-    return kill(pid_, 0) == -1 && errno == ESRCH;
-  }
-
- private:
-  int pid_ = -1;
-  int fd_ = -1;
-  bool dead_at_start_ = false;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Reduction kernels: accumulate in Acc (float for 16-bit floats), in the order of `srcs`.
-
-struct SumOp {
-  template <typename A>
-  A operator()(A a, A b) const { return a + b; }
-};
-struct ProdOp {
-  template <typename A>
-  A operator()(A a, A b) const { return a * b; }
-};
-struct MinOp {
-  template <typename A>
-  A operator()(A a, A b) const { return b < a ? b : a; }
-};
-struct MaxOp {
-  template <typename A>
-  A operator()(A a, A b) const { return a < b ? b : a; }
-};
-
-using ReduceFn = void (*)(void* dst, const void* const* srcs, int nsrc, int64_t n, bool avg);
-
-template <typename T, typename Acc, typename Op>
-void reduce_kernel(void* dst, const void* const* srcs, int nsrc, int64_t n, bool avg) {
-  constexpr int64_t kBlock = 1024;
-  Acc acc[kBlock];
-  T* out = static_cast<T*>(dst);
-  Op op;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t m = std::min(kBlock, n - b);
-    const T* s0 = static_cast<const T*>(srcs[0]) + b;
-    for (int64_t i = 0; i < m; ++i) acc[i] = static_cast<Acc>(s0[i]);
-    for (int k = 1; k < nsrc; ++k) {
-      const T* sk = static_cast<const T*>(srcs[k]) + b;
-      for (int64_t i = 0; i < m; ++i) acc[i] = op(acc[i], static_cast<Acc>(sk[i]));
-    }
-    if constexpr (std::is_floating_point<Acc>::value) {
-      if (avg) {
-        const Acc w = static_cast<Acc>(nsrc);
-        for (int64_t i = 0; i < m; ++i) acc[i] /= w;
-      }
-    }
-    for (int64_t i = 0; i < m; ++i) out[b + i] = static_cast<T>(acc[i]);
-  }
-}
-
-template <typename T, typename Acc>
-ReduceFn pick_op(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg: return &reduce_kernel<T, Acc, SumOp>;
-    case ReduceOp::kProduct: return &reduce_kernel<T, Acc, ProdOp>;
-    case ReduceOp::kMin: return &reduce_kernel<T, Acc, MinOp>;
-    case ReduceOp::kMax: return &reduce_kernel<T, Acc, MaxOp>;
-  }
-  return nullptr;
-}
-
-ReduceFn pick_kernel(at::ScalarType dtype, ReduceOp op) {
-  switch (dtype) {
-    case at::kFloat: return pick_op<float, float>(op);
-    case at::kDouble: return pick_op<double, double>(op);
-    case at::kHalf: return pick_op<c10::Half, float>(op);
-    case at::kBFloat16: return pick_op<c10::BFloat16, float>(op);
-    case at::kLong: return pick_op<int64_t, int64_t>(op);
-    case at::kInt: return pick_op<int32_t, int32_t>(op);
-    case at::kShort: return pick_op<int16_t, int16_t>(op);
-    case at::kChar: return pick_op<int8_t, int8_t>(op);
-    case at::kByte: return pick_op<uint8_t, uint8_t>(op);
-    default: return nullptr;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A thread that runs a group's collectives one at a time, in issue order.
-
-class SerialExecutor {
- public:
-  SerialExecutor() : thread_([this] { loop(); }) {}
-  ~SerialExecutor() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
-  WorkPtr post(std::function<void()> task) {
-    auto work = std::make_shared<PromiseWork>();
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      queue_.emplace_back(std::move(task), work);
-    }
-    cv_.notify_one();
-    return work;
-  }
-
- private:
-  void loop() {
-    while (true) {
-      std::pair<std::function<void()>, std::shared_ptr<PromiseWork>> item;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;  // stop requested and drained
-        item = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      try {
-        item.first();
-        item.second->set_completed();
-      } catch (...) {
-        item.second->set_error(std::current_exception());
-      }
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::deque<std::pair<std::function<void()>, std::shared_ptr<PromiseWork>>> queue_;
-  bool stop_ = false;
-  std::thread thread_;  // last: starts after the members it uses
-};
-
-// Runs tasks on the executor; after the first failure every later task fails with it.
-class FailStop {
- public:
-  std::function<void()> wrap(std::function<void()> task) {
-    return [this, task = std::move(task)] {
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (error_) std::rethrow_exception(error_);
-      }
-      try {
-        task();
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        error_ = std::current_exception();
-        throw;
-      }
-    };
-  }
-
- private:
-  std::mutex mutex_;
-  std::exception_ptr error_;
-};
-
-// ---------------------------------------------------------------------------------------------
-// The segment: creation, mapping and the early unlink.
-
-// A POSIX shared-memory object every rank of the group maps. Rank 0 creates it (mode 0600,
-// named /lockstep-<job>-<random token>) and announces the name under `key` in the store; the
-// last rank to map it unlinks it, and no rank returns before that, so a crash at any later
-// point leaves nothing in /dev/shm (Note [Shared-memory faults]). `on_mapped` runs on every
-// rank right after mapping, before the rank is counted as mapped (the creator's runs before
-// the name is announced).
-class Mapping {
- public:
-  Mapping(int rank, int size, Store& store, const std::string& key, const std::string& job_id,
-          size_t bytes, std::chrono::milliseconds timeout,
-          const std::function<void(char* base, bool created)>& on_mapped)
-      : bytes_(bytes) {
-    auto where = concat("[rank ", rank, "/", size, "] shared-memory rendezvous (", key, ")");
-    if (rank == 0) {
-      name_ = concat("/lockstep-", sanitize(job_id), "-", random_token());
-      int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-      if (fd < 0) {
-        throw CommError(concat(where, ": could not create ", name_, " in /dev/shm: ",
-                            std::strerror(errno),
-                            ". Check that /dev/shm is mounted and writable, or set "
-                            "LOCKSTEP_TRANSPORT=gloo."));
-      }
-      int rc = posix_fallocate(fd, 0, static_cast<off_t>(bytes_));
-      if (rc != 0) {
-        close(fd);
-        shm_unlink(name_.c_str());
-        throw CommError(concat(where, ": could not reserve ", (bytes_ + (1 << 20) - 1) >> 20,
-                            " MiB in /dev/shm (", std::strerror(rc),
-                            "). Enlarge /dev/shm (docker run --shm-size), "
-                            "or set LOCKSTEP_TRANSPORT=gloo."));
-      }
-      map(fd, where);
-      if (on_mapped) on_mapped(base(), true);
-      store.set(key + "/name", name_);
-    } else {
-      name_ = store.get(key + "/name");
-      int fd = shm_open(name_.c_str(), O_RDWR, 0600);
-      if (fd < 0) {
-        throw CommError(concat(where, ": could not open ", name_, " created by rank 0: ",
-                            std::strerror(errno),
-                            ". Ranks that share a host identity must share /dev/shm (containers: "
-                            "set ProcessGroupOptions::host_id, or LOCKSTEP_TRANSPORT=gloo)."));
-      }
-      struct stat st;
-      if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes_) {
-        close(fd);
-        throw CommError(concat(where, ": ", name_, " holds ", st.st_size, " bytes, expected ",
-                            bytes_, ". Were the ranks started with different lockstep builds, "
-                            "or did they ask for different sizes?"));
-      }
-      map(fd, where);
-      if (on_mapped) on_mapped(base(), false);
-    }
-    // The last rank to map removes the name; everyone waits for that.
-    if (store.add(key + "/mapped", 1) == size) {
-      shm_unlink(name_.c_str());
-      store.set(key + "/unlinked", "1");
-    }
-    try {
-      store.wait({key + "/unlinked"}, timeout);
-    } catch (...) {
-      shm_unlink(name_.c_str());  // a rank died before mapping: remove it ourselves
-      throw;
-    }
-  }
-  ~Mapping() {
-    if (base_ != nullptr) munmap(base_, bytes_);
-  }
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
-
-  char* base() const { return static_cast<char*>(base_); }
-  size_t bytes() const { return bytes_; }
-  const std::string& name() const { return name_; }
-
- private:
-  void map(int fd, const std::string& where) {
-    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int err = errno;
-    close(fd);
-    if (p == MAP_FAILED) {
-      throw CommError(concat(where, ": mmap of ", name_, " (", bytes_, " bytes) failed: ",
-                          std::strerror(err), "."));
-    }
-    base_ = p;
-  }
-
-  std::string name_;
-  size_t bytes_ = 0;
-  void* base_ = nullptr;
-};
-
-// The group's control segment (Note [Shared-memory protocol]).
-class Segment {
- public:
-  Segment(int rank, int size, Store& store, const std::string& job_id,
-          std::chrono::milliseconds timeout)
-      : mapping_(rank, size, store, "segment", job_id, segment_bytes(size), timeout,
-                 [rank, size](char* base, bool created) { prepare(base, rank, size, created); }) {}
-
-  Header* header() { return header_of(mapping_.base()); }
-  RankLine& line(int r) { return line_of(mapping_.base(), r); }
-  char* slot(int r) {
-    return mapping_.base() + data_offset(header()->size) + r * header()->slot_bytes;
-  }
-  char* result() { return slot(static_cast<int>(header()->size)); }
-  size_t slot_size() { return header()->slot_bytes; }
-  const std::string& name() const { return mapping_.name(); }
-
- private:
-  static Header* header_of(char* base) { return reinterpret_cast<Header*>(base); }
-  static RankLine& line_of(char* base, int r) {
-    return reinterpret_cast<RankLine*>(base + lines_offset())[r];
-  }
-  // Runs before this rank counts as mapped: the creator fills the header; every rank checks
-  // it and publishes its pid for the liveness checks of its peers.
-  static void prepare(char* base, int rank, int size, bool created) {
-    Header* h = header_of(base);
-    if (created) {
-      h->size = static_cast<uint32_t>(size);
-      h->slot_bytes = slot_bytes(size);
-      h->total_bytes = segment_bytes(size);
-      h->abort_word.store(0);
-      std::atomic_thread_fence(std::memory_order_release);
-      h->magic = kMagic;
-    } else if (h->magic != kMagic || h->size != static_cast<uint32_t>(size)) {
-      throw CommError(concat("[rank ", rank, "/", size, "] shared-memory rendezvous: the "
-                             "segment was created for ", h->size, " ranks, expected ", size,
-                             ". Were the ranks started with different world sizes?"));
-    }
-    RankLine& me = line_of(base, rank);
-    me.pid = getpid();
-    me.pid_ns = pid_namespace();
-    me.mapped.store(1);
-  }
-
-  Mapping mapping_;
-};
-
-// Note [Shared reduction buffers]
-// ShmGroup::new_buffer(numel) maps one more shared object holding one region per rank (each
-// rounded up to whole pages) and returns a tensor over this rank's region. An all-reduce of
-// exactly that tensor copies nothing in or out: after phase A every rank sums its slice of the
-// element range over regions 0..W-1 (in that order) in place into its own region; after
-// phase B it copies the other ranks' reduced slices from their regions into its own; phase C
-// keeps a rank from writing its region again (the next backward's gradients) while a peer still
-// reads from it. A slice is written only by its owner and read by others only after B, and
-// the owner's region is not written by anyone else, so no slice is read while it is written.
-// Memory traffic per rank for N bytes: read N, write N/W (the reduction), read and write
-// N (W-1)/W (the gather), against about 3N read and 3N written through the slots.
-struct SharedBuffer {
-  std::unique_ptr<Mapping> mapping;
-  size_t region_bytes = 0;
-  int64_t numel = 0;
-  at::ScalarType dtype = at::kFloat;
-  char* region(int r) const { return mapping->base() + r * region_bytes; }
-};
-
-// ---------------------------------------------------------------------------------------------
 // ShmGroup
 
 class ShmGroup : public ProcessGroup {
@@ -650,8 +214,7 @@ class ShmGroup : public ProcessGroup {
 
   WorkPtr broadcast(at::Tensor& tensor, int root) override {
     check_device("broadcast", tensor);
-    LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected root in [0, ",
-                   size() - 1, "], but got ", root, ".");
+    check_broadcast(tensor, root);
     Call call = make_call(OpKind::kBroadcast, tensor, root, concat("root ", root));
     if (!tensor.device().is_cpu()) {  // Note [Device tensors over shared memory]
       at::Tensor host = rank() == root ? tensor.to(at::kCPU)
@@ -757,14 +320,10 @@ class ShmGroup : public ProcessGroup {
 
   void wait_for(const Call& call, int peer, uint32_t target) {
     auto& line = segment_.line(peer);
-    auto spin_until = std::chrono::steady_clock::now() + spin_;
-    for (int i = 0; spin_.count() > 0; ++i) {
-      if (reached(line.arrive.load(std::memory_order_acquire), target)) return;
-      if ((i & 63) == 63) {
-        check_abort(call);
-        if (std::chrono::steady_clock::now() >= spin_until) break;
-      }
-      cpu_relax();
+    if (detail::spin_until(
+            [&] { return reached(line.arrive.load(std::memory_order_acquire), target); }, spin_,
+            [&] { check_abort(call); })) {
+      return;
     }
     while (true) {
       if (reached(line.arrive.load(std::memory_order_acquire), target)) return;
@@ -976,145 +535,6 @@ class ShmGroup : public ProcessGroup {
   std::unique_ptr<SerialExecutor> executor_;  // last: its thread uses everything above
 };
 
-// ---------------------------------------------------------------------------------------------
-// HierGroup
-
-// Note [Hierarchical collectives]
-// Ranks are grouped by host identity; within a host, local rank = position by global rank and
-// the local rank 0 is the host's leader. Leaders form a Gloo group (host index = order of the
-// hosts' lowest global ranks).
-//   allreduce: shm allreduce within the host (avg as sum); Gloo allreduce among leaders;
-//     leaders divide for avg; shm broadcast from the leader. Every rank of a host gets the
-//     leader's bits, and Gloo's ring gives every leader the same bits.
-//   broadcast: on the root's host, shm broadcast from the root; Gloo broadcast among leaders
-//     from the root host's leader; on the other hosts, shm broadcast from the leader.
-//   allgather: shm allgather within the host; leaders exchange host blocks padded to the
-//     largest host; shm broadcast of the full result from the leader.
-//   barrier: shm barrier, Gloo barrier among leaders, shm barrier.
-class HierGroup : public ProcessGroup {
- public:
-  HierGroup(const GroupSpec& spec, std::vector<std::vector<int>> hosts, int host,
-            ProcessGroupPtr local, ProcessGroupPtr leaders)
-      : ProcessGroup(spec.rank, spec.size, spec.timeout, spec.store),
-        hosts_(std::move(hosts)),
-        host_(host),
-        local_(std::move(local)),
-        leaders_(std::move(leaders)),
-        host_of_(spec.size),
-        local_rank_of_(spec.size) {
-    for (size_t h = 0; h < hosts_.size(); ++h) {
-      for (size_t i = 0; i < hosts_[h].size(); ++i) {
-        host_of_[hosts_[h][i]] = static_cast<int>(h);
-        local_rank_of_[hosts_[h][i]] = static_cast<int>(i);
-      }
-    }
-    executor_ = std::make_unique<SerialExecutor>();
-  }
-
-  ~HierGroup() override { executor_.reset(); }
-
-  std::string backend() const override { return "hier"; }
-
-  at::Tensor new_buffer(int64_t numel, const at::TensorOptions& options) override {
-    return local_->new_buffer(numel, options);  // the host phase then reduces it in place
-  }
-
-  std::string transport_for(const at::Tensor& tensor) override {
-    return concat(local_->transport_for(tensor), " + gloo between hosts");
-  }
-
-  WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
-    check_allreduce(tensor, op);
-    next_sequence();
-    at::Tensor t = tensor;
-    return post([this, t, op]() mutable {
-      ReduceOp inner = op == ReduceOp::kAvg ? ReduceOp::kSum : op;
-      local_->allreduce(t, inner)->wait();
-      if (leaders_) {
-        leaders_->allreduce(t, inner)->wait();
-        if (op == ReduceOp::kAvg) t.div_(size());
-      }
-      local_->broadcast(t, 0)->wait();
-    });
-  }
-
-  WorkPtr broadcast(at::Tensor& tensor, int root) override {
-    check_tensor("broadcast", tensor);
-    LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected root in [0, ",
-                   size() - 1, "], but got ", root, ".");
-    next_sequence();
-    at::Tensor t = tensor;
-    return post([this, t, root]() mutable {
-      int root_host = host_of_[root];
-      if (host_ == root_host) local_->broadcast(t, local_rank_of_[root])->wait();
-      if (leaders_) leaders_->broadcast(t, root_host)->wait();
-      if (host_ != root_host) local_->broadcast(t, 0)->wait();
-    });
-  }
-
-  WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
-    check_tensor("allgather", input);
-    LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
-                   " allgather: expected one output tensor per rank (", size(), "), but got ",
-                   outputs.size(), ".");
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      LOCKSTEP_CHECK(outputs[i].sizes() == input.sizes() &&
-                         outputs[i].scalar_type() == input.scalar_type(),
-                     where(), " allgather: expected output ", i, " to match the input (",
-                     input.sizes(), " ", input.scalar_type(), "), but got ", outputs[i].sizes(),
-                     " ", outputs[i].scalar_type(), ".");
-    }
-    next_sequence();
-    at::Tensor in = input.contiguous();
-    std::vector<at::Tensor> outs = outputs;
-    return post([this, in, outs]() mutable {
-      const int64_t n = in.numel();
-      if (n == 0) return;  // every rank has the same shape; Gloo 1.13 divides by zero on it
-      auto flat_in = in.reshape({n});
-      std::vector<at::Tensor> mine;
-      for (size_t i = 0; i < hosts_[host_].size(); ++i) mine.push_back(at::empty_like(flat_in));
-      local_->allgather(mine, flat_in)->wait();
-      auto all = at::empty({size(), n}, in.options());
-      if (leaders_) {
-        size_t widest = 0;
-        for (auto& h : hosts_) widest = std::max(widest, h.size());
-        auto block = at::zeros({static_cast<int64_t>(widest), n}, in.options());
-        for (size_t i = 0; i < mine.size(); ++i) block[static_cast<int64_t>(i)].copy_(mine[i]);
-        std::vector<at::Tensor> blocks;
-        for (size_t h = 0; h < hosts_.size(); ++h) blocks.push_back(at::empty_like(block));
-        leaders_->allgather(blocks, block)->wait();
-        for (size_t h = 0; h < hosts_.size(); ++h) {
-          for (size_t i = 0; i < hosts_[h].size(); ++i) {
-            all[hosts_[h][i]].copy_(blocks[h][static_cast<int64_t>(i)]);
-          }
-        }
-      }
-      local_->broadcast(all, 0)->wait();
-      for (int r = 0; r < size(); ++r) outs[r].copy_(all[r].view(outs[r].sizes()));
-    });
-  }
-
-  WorkPtr barrier() override {
-    next_sequence();
-    return post([this] {
-      local_->barrier()->wait();
-      if (leaders_) leaders_->barrier()->wait();
-      local_->barrier()->wait();
-    });
-  }
-
- private:
-  WorkPtr post(std::function<void()> task) { return executor_->post(fail_stop_.wrap(std::move(task))); }
-
-  std::vector<std::vector<int>> hosts_;
-  int host_;
-  ProcessGroupPtr local_;
-  ProcessGroupPtr leaders_;  // null on non-leaders
-  std::vector<int> host_of_;
-  std::vector<int> local_rank_of_;
-  FailStop fail_stop_;
-  std::unique_ptr<SerialExecutor> executor_;
-};
 
 }  // namespace
 
@@ -1159,8 +579,7 @@ ProcessGroupPtr make_group(const GroupSpec& spec) {
   }
   log_debug(concat("[rank ", spec.rank, "/", spec.size, "] hierarchical group: host ", host,
                    " of ", hosts.size(), ", local rank ", local_rank, " of ", members.size()));
-  return std::make_shared<HierGroup>(spec, std::move(hosts), host, std::move(local),
-                                     std::move(leaders));
+  return make_hier_group(spec, std::move(hosts), host, std::move(local), std::move(leaders));
 }
 
 }  // namespace shm

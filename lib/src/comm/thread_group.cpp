@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 
+#include "core/spin_wait.h"
 #include "lockstep/errors.h"
 
 namespace lockstep {
@@ -182,16 +183,8 @@ class ThreadWork : public Work {
     help(*state_, op_);
     // Poll briefly before blocking (ThreadGroupOptions::spin); an op that becomes ready
     // meanwhile is helped with below, once the spin is over.
-    const auto spin = state_->options.spin();
-    if (spin.count() > 0 && !op_->finished.load(std::memory_order_acquire)) {
-      const auto until = std::chrono::steady_clock::now() + spin;
-      while (!op_->finished.load(std::memory_order_acquire) &&
-             std::chrono::steady_clock::now() < until) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      }
-    }
+    detail::spin_until([&] { return op_->finished.load(std::memory_order_acquire); },
+                       state_->options.spin());
     std::unique_lock<std::mutex> lock(state_->mutex);
     auto deadline = std::chrono::steady_clock::now() + state_->options.timeout();
     while (!op_->done) {
@@ -261,11 +254,7 @@ class ThreadGroup : public ProcessGroup {
 
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
     return issue(Kind::kAllreduce, [&](Op& o) {
-      check_tensor("allreduce", tensor);
-      LOCKSTEP_CHECK(op != ReduceOp::kAvg || at::isFloatingType(tensor.scalar_type()) ||
-                         at::isComplexType(tensor.scalar_type()),
-                     where(), " allreduce: expected a floating tensor for op avg, but got ",
-                     tensor.scalar_type(), ". Use sum and divide.");
+      check_allreduce(tensor, op);
       o.tensors[rank()] = tensor;
       o.reduces[rank()] = op;
     });
@@ -273,9 +262,7 @@ class ThreadGroup : public ProcessGroup {
 
   WorkPtr broadcast(at::Tensor& tensor, int root) override {
     return issue(Kind::kBroadcast, [&](Op& o) {
-      check_tensor("broadcast", tensor);
-      LOCKSTEP_CHECK(root >= 0 && root < size(), where(), " broadcast: expected a root in [0, ",
-                     size(), "), but got ", root, ".");
+      check_broadcast(tensor, root);
       o.tensors[rank()] = tensor;
       o.roots[rank()] = root;
     });
@@ -283,18 +270,7 @@ class ThreadGroup : public ProcessGroup {
 
   WorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
     return issue(Kind::kAllgather, [&](Op& o) {
-      check_tensor("allgather", input);
-      LOCKSTEP_CHECK(static_cast<int>(outputs.size()) == size(), where(),
-                     " allgather: expected one output per rank (", size(), "), but got ",
-                     outputs.size(), ".");
-      for (size_t i = 0; i < outputs.size(); ++i) {
-        check_tensor("allgather", outputs[i]);
-        LOCKSTEP_CHECK(outputs[i].numel() == input.numel() &&
-                           outputs[i].scalar_type() == input.scalar_type(),
-                       where(), " allgather: expected output ", i, " to match the input (",
-                       input.numel(), " x ", input.scalar_type(), "), but got ",
-                       outputs[i].numel(), " x ", outputs[i].scalar_type(), ".");
-      }
+      check_allgather(outputs, input);
       o.tensors[rank()] = input;
       o.lists[rank()] = outputs;
     });
@@ -303,10 +279,7 @@ class ThreadGroup : public ProcessGroup {
   WorkPtr reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
                          ReduceOp op) override {
     return issue(Kind::kReduceScatter, [&](Op& o) {
-      check_reduce_scatter(output, inputs);
-      LOCKSTEP_CHECK(op != ReduceOp::kAvg || at::isFloatingType(output.scalar_type()), where(),
-                     " reduce_scatter: expected a floating tensor for op avg, but got ",
-                     output.scalar_type(), ".");
+      check_reduce_scatter(output, inputs, op);
       o.tensors[rank()] = output;
       o.lists[rank()] = inputs;
       o.reduces[rank()] = op;

@@ -11,6 +11,7 @@
 
 #include "ddp/bucket_planner.h"
 #include "ddp/reducer.h"
+#include "lockstep/agreement.h"
 #include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
@@ -24,27 +25,6 @@ using detail::concat;
 // Communication hooks
 
 namespace {
-
-class ThenWork : public Work {
- public:
-  ThenWork(WorkPtr inner, std::function<void()> then)
-      : inner_(std::move(inner)), then_(std::move(then)) {}
-  bool is_completed() override { return inner_->is_completed(); }
-  void wait() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    inner_->wait();
-    if (then_) {
-      auto then = std::move(then_);
-      then_ = nullptr;
-      then();
-    }
-  }
-
- private:
-  WorkPtr inner_;
-  std::function<void()> then_;
-  std::mutex mutex_;
-};
 
 class AllreduceHook : public CommHook {
  public:
@@ -110,11 +90,6 @@ class CastHook : public CommHook {
 
 }  // namespace
 
-WorkPtr then_work(WorkPtr inner, std::function<void()> then) {
-  LOCKSTEP_CHECK(inner != nullptr, "Expected a Work to chain onto, but got null.");
-  return std::make_shared<ThenWork>(std::move(inner), std::move(then));
-}
-
 CommHookPtr allreduce_hook() { return std::make_shared<AllreduceHook>(); }
 CommHookPtr fp16_compress_hook() { return std::make_shared<CastHook>(at::kHalf, "fp16"); }
 CommHookPtr bf16_compress_hook() { return std::make_shared<CastHook>(at::kBFloat16, "bf16"); }
@@ -170,22 +145,8 @@ void verify_parameters(ProcessGroup& pg, const std::vector<std::string>& names,
   std::string mine;
   for (size_t i = 0; i < params.size(); ++i) mine += describe_param(names[i], params[i]) + "\n";
   const int world = pg.size();
-  auto length = at::full({1}, static_cast<int64_t>(mine.size()), at::kLong);
-  std::vector<at::Tensor> lengths;
-  for (int r = 0; r < world; ++r) lengths.push_back(at::empty({1}, at::kLong));
-  pg.allgather(lengths, length)->wait();
-  int64_t max_len = 1;
-  for (auto& l : lengths) max_len = std::max(max_len, l.item<int64_t>());
-  auto bytes = at::zeros({max_len}, at::kByte);
-  std::memcpy(bytes.data_ptr(), mine.data(), mine.size());
-  std::vector<at::Tensor> all;
-  for (int r = 0; r < world; ++r) all.push_back(at::empty({max_len}, at::kByte));
-  pg.allgather(all, bytes)->wait();
   std::vector<std::vector<std::string>> lists;
-  for (int r = 0; r < world; ++r) {
-    auto n = lengths[r].item<int64_t>();
-    lists.push_back(split_lines(std::string(static_cast<const char*>(all[r].data_ptr()), n)));
-  }
+  for (const auto& text : allgather_strings(pg, mine)) lists.push_back(split_lines(text));
   const auto& ref = lists[0];
   for (int r = 1; r < world; ++r) {
     const auto& other = lists[r];

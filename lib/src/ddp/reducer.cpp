@@ -2,17 +2,14 @@
 #include "ddp/reducer.h"
 
 #include <ATen/ATen.h>
-#include <c10/util/irange.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstring>
-#include <fstream>
 #include <sstream>
 #include <unordered_map>
 
 #include "adapter/torch_adapter.h"
 #include "ddp/bucket_planner.h"
+#include "ddp/trace.h"
 #include "lockstep/errors.h"
 #include "lockstep/log.h"
 
@@ -27,132 +24,7 @@ double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_c
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-template <typename T>
-void scale_loop(T* dst, const T* src, int64_t n, T scale) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
-}
-
-template <typename T>
-void scale_inplace(T* data, int64_t n, T scale) {
-  for (int64_t i = 0; i < n; ++i) data[i] *= scale;
-}
-
-bool same_memory(const at::Tensor& a, const at::Tensor& b) {
-  return a.defined() && b.defined() && a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
-         a.strides() == b.strides();
-}
-
-// A tensor over `buffer`'s storage at `offset` shaped `sizes` (contiguous). Not an autograd
-// view: the C++ optimizers' zero_grad() calls grad.detach_(), which views refuse, and a
-// gradient that aliases a bucket must survive it (gradient_as_bucket_view).
-at::Tensor alias_slice(const at::Tensor& buffer, int64_t offset, at::IntArrayRef sizes) {
-  std::vector<int64_t> strides(sizes.size(), 1);
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
-    strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
-  }
-  return at::empty({0}, buffer.options())
-      .set_(buffer.storage(), buffer.storage_offset() + offset, sizes, strides);
-}
-
-void scale_in_place(at::Tensor& t, double scale) {
-  if (scale == 1.0) return;
-  if (t.device().is_cpu() && t.is_contiguous()) {
-    if (t.scalar_type() == at::kFloat) {
-      return scale_inplace(t.data_ptr<float>(), t.numel(), static_cast<float>(scale));
-    }
-    if (t.scalar_type() == at::kDouble) {
-      return scale_inplace(t.data_ptr<double>(), t.numel(), scale);
-    }
-  }
-  t.mul_(scale);
-}
-
 }  // namespace
-
-void copy_scaled(at::Tensor& dst, const at::Tensor& src, double scale) {
-  if (dst.device().is_cpu() && src.device().is_cpu() && src.is_contiguous() &&
-      dst.is_contiguous() && src.scalar_type() == dst.scalar_type() &&
-      src.numel() == dst.numel()) {
-    const int64_t n = src.numel();
-    if (scale == 1.0) {
-      std::memcpy(dst.data_ptr(), src.data_ptr(), n * src.element_size());
-      return;
-    }
-    if (src.scalar_type() == at::kFloat) {
-      return scale_loop(dst.data_ptr<float>(), src.data_ptr<float>(), n,
-                        static_cast<float>(scale));
-    }
-    if (src.scalar_type() == at::kDouble) {
-      return scale_loop(dst.data_ptr<double>(), src.data_ptr<double>(), n, scale);
-    }
-  }
-  dst.copy_(src);
-  if (scale != 1.0) dst.mul_(scale);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Chrome trace
-
-// Collects events in memory (bounded) and writes the Trace Event Format: one process per rank,
-// track 0 for forward/backward, track 1 + b for bucket b.
-class Trace {
- public:
-  using Clock = std::chrono::steady_clock;
-  Trace(std::string path, int rank) : path_(std::move(path)), rank_(rank), origin_(Clock::now()) {}
-
-  void span(int track, const std::string& name, Clock::time_point begin, Clock::time_point end,
-            const std::string& args_json) {
-    if (events_.size() >= kMaxEvents) return;
-    max_track_ = std::max(max_track_, track);
-    std::ostringstream os;
-    os << "{\"name\":\"" << name << "\",\"ph\":\"X\",\"pid\":" << rank_ << ",\"tid\":" << track
-       << ",\"ts\":" << us(begin) << ",\"dur\":" << std::max(0.0, us(end) - us(begin));
-    if (!args_json.empty()) os << ",\"args\":" << args_json;
-    os << "}";
-    events_.push_back(os.str());
-  }
-
-  void instant(int track, const std::string& name, Clock::time_point at) {
-    if (events_.size() >= kMaxEvents) return;
-    max_track_ = std::max(max_track_, track);
-    std::ostringstream os;
-    os << "{\"name\":\"" << name << "\",\"ph\":\"i\",\"s\":\"t\",\"pid\":" << rank_
-       << ",\"tid\":" << track << ",\"ts\":" << us(at) << "}";
-    events_.push_back(os.str());
-  }
-
-  void write() {
-    std::ofstream out(path_, std::ios::trunc);
-    if (!out) {
-      log_warn(concat("could not write the DDP trace to ", path_));
-      return;
-    }
-    out << "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n";
-    out << "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":" << rank_
-        << ",\"args\":{\"name\":\"rank " << rank_ << "\"}}";
-    for (int t = 0; t <= max_track_; ++t) {
-      out << ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":" << rank_ << ",\"tid\":" << t
-          << ",\"args\":{\"name\":\"" << (t == 0 ? std::string("step") : concat("bucket ", t - 1))
-          << "\"}}";
-    }
-    for (const auto& e : events_) out << ",\n" << e;
-    out << "\n]}\n";
-  }
-
- private:
-  static constexpr size_t kMaxEvents = 1000000;
-  double us(Clock::time_point t) const {
-    return std::chrono::duration<double, std::micro>(t - origin_).count();
-  }
-  std::string path_;
-  int rank_;
-  Clock::time_point origin_;
-  int max_track_ = 0;
-  std::vector<std::string> events_;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Reducer
 
 Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
                  ProcessGroupPtr group, ReducerOptions options)
@@ -177,16 +49,19 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
                    "'; pass shared (tied) parameters once.");
   }
   world_ = group_->size();
-  root_mode_ = options_.root >= 0;
   LOCKSTEP_CHECK(options_.root < world_, group_->where(), " Expected the Reducer's root to be "
                  "-1 (all-reduce) or a rank below ", world_, ", but got ", options_.root, ".");
-  LOCKSTEP_CHECK(!root_mode_ || !options_.comm_hook, group_->where(), " A Reducer that reduces "
-                 "into a root does not take a comm hook (Note [Reducing into a root]).");
-  inv_world_ = options_.average ? 1.0 / world_ : 1.0;
-  op_ = options_.average ? ReduceOp::kAvg : ReduceOp::kSum;
   hook_ = options_.comm_hook ? options_.comm_hook : allreduce_hook();
   trivial_ = world_ == 1 && !options_.comm_hook;
-  fused_average_ = world_ > 1 && !options_.comm_hook;  // Note [Where the average is taken]
+  BucketContext context;
+  context.params = &params_;
+  context.names = &names_;
+  context.group = group_.get();
+  context.options = &options_;
+  context.hook = hook_.get();
+  context.world = world_;
+  auto strategy = options_.root >= 0 ? make_root_lists(context) : make_flat_buckets(context);
+  if (!trivial_) strategy_ = std::move(strategy);  // nothing is communicated: no buckets
   if (!options_.trace_path.empty()) {
     trace_ = std::make_unique<Trace>(options_.trace_path, group_->rank());
   }
@@ -228,58 +103,18 @@ void Reducer::build_buckets(const std::vector<size_t>& order) {
   for (size_t b = 0; b < plan.size(); ++b) {
     auto& bucket = buckets[b];
     bucket.params = plan[b];
-    int64_t numel = 0;
-    for (size_t i : bucket.params) numel += params_[i].numel();
-    bucket.gradient_numel = numel;
-    const auto& first = params_[bucket.params.front()];
-    if (trivial_) continue;  // nothing is communicated: no buffers
-    if (root_mode_) {  // Note [Reducing into a root]: the gradients are the bucket
-      bucket.control = at::zeros({static_cast<int64_t>(bucket.params.size())},
-                                 first.options().dtype(at::kFloat).requires_grad(false));
-      bucket.inputs.resize(bucket.params.size() + 1);
-      bucket.inputs.back() = bucket.control;
-      bucket.transport = concat(group_->backend(), " (reduce into rank ", options_.root, ")");
-      continue;
-    }
-    // Note [CUDA buckets]: a CUDA bucket lives on its parameters' device; ProcessGroupGloo
-    // stages CUDA tensors through pinned host memory itself, so the same code path serves
-    // both. Compiled and run only where LibTorch has CUDA (at::hasCUDA()).
-    // The group may hand out memory it reduces faster (Note [Shared reduction buffers] in
-    // comm/shm_group.cpp). Collective: every rank plans the same buckets in the same order.
-    bucket.buffer = group_->new_buffer(numel + static_cast<int64_t>(bucket.params.size()),
-                                       first.options().requires_grad(false));
-    bucket.transport = options_.comm_hook
-                           ? concat(hook_->name(), " over ", group_->backend())
-                           : group_->transport_for(bucket.buffer);
-    int64_t offset = 0;
     for (size_t k = 0; k < bucket.params.size(); ++k) {
-      size_t i = bucket.params[k];
-      auto& slot = slots[i];
-      slot.bucket = b;
-      slot.position = k;
-      slot.offset = offset;
-      slot.view = alias_slice(bucket.buffer, offset, params_[i].sizes());
-      offset += params_[i].numel();
+      bucket.gradient_numel += params_[bucket.params[k]].numel();
+      slots[bucket.params[k]] = {b, k};
     }
+    bucket.pending = bucket.params.size();
   }
-  for (size_t b = 0; b < plan.size(); ++b) {
-    for (size_t k = 0; k < plan[b].size(); ++k) {
-      slots[plan[b][k]].bucket = b;
-      slots[plan[b][k]].position = k;
-    }
-  }
-  if (!trivial_ && !root_mode_ && options_.gradient_as_bucket_view) {
-    // Carry existing gradients into the new views and alias them.
-    for (size_t i = 0; i < params_.size(); ++i) {
-      auto& grad = params_[i].mutable_grad();
-      if (!grad.defined()) continue;
-      if (!same_memory(grad, slots[i].view)) slots[i].view.copy_(grad);
-      grad = slots[i].view;
-    }
+  if (strategy_) {
+    auto transports = strategy_->build(plan);
+    for (size_t b = 0; b < plan.size(); ++b) buckets[b].transport = transports[b];
   }
   buckets_ = std::move(buckets);
   slots_ = std::move(slots);
-  for (auto& b : buckets_) b.pending = b.params.size();
 }
 
 void Reducer::prepare_for_forward(bool sync) {
@@ -350,7 +185,8 @@ void Reducer::mark_ready(size_t index) {
   ready_[index] = 1;
   if (recording_order_) ready_order_.push_back(index);
   if (trivial_) return;
-  copy_in(index, /*have_grad=*/true);
+  check_gradient(index);
+  strategy_->copy_in(index, /*have_grad=*/true);
   auto& bucket = buckets_[slots_[index].bucket];
   if (--bucket.pending == 0) bucket.ready = now;
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
@@ -366,68 +202,19 @@ void Reducer::begin_iteration(Clock::time_point now) {
   if (options_.install_hooks) adapter::queue_backward_callback([this] { finalize(); });
 }
 
-void Reducer::copy_in(size_t index, bool have_grad) {
-  auto& slot = slots_[index];
-  auto& grad = params_[index].mutable_grad();
-  if (have_grad) {
-    LOCKSTEP_CHECK(grad.defined(), group_->where(), " DDP: parameter '", names_[index],
-                   "' was marked ready but has no gradient.");
-    LOCKSTEP_CHECK(!grad.is_sparse(), group_->where(), " DDP: parameter '", names_[index],
-                   "' has a sparse gradient, which DDP does not reduce. Use a dense gradient "
-                   "(e.g. Embedding without sparse=true).");
-  }
-  if (root_mode_) {  // Note [Reducing into a root]: no copy, the gradient is the input
-    auto& input = buckets_[slot.bucket].inputs[slot.position];
-    const bool root = group_->rank() == options_.root;
-    if (have_grad) {
-      input = grad.contiguous();  // the gradient itself when it is contiguous
-      if (root) grad = input;
-    } else if (root) {
-      slot.saved = grad;
-      slot.replaced = true;
-      grad = at::zeros_like(params_[index], at::MemoryFormat::Contiguous);
-      input = grad;
-    } else {
-      if (!slot.zeros.defined()) {
-        slot.zeros = at::zeros_like(params_[index], at::MemoryFormat::Contiguous);
-      }
-      input = slot.zeros;
-    }
-    return;
-  }
-  const double scale = fused_average_ ? 1.0 : inv_world_;
-  if (options_.gradient_as_bucket_view) {
-    if (same_memory(grad, slot.view)) {
-      scale_in_place(slot.view, scale);
-    } else if (grad.defined()) {
-      // The gradient was (re)created by autograd, e.g. after zero_grad set it to None.
-      copy_scaled(slot.view, grad, scale);
-      grad = slot.view;
-    } else {
-      slot.view.zero_();
-    }
-  } else if (grad.defined()) {
-    copy_scaled(slot.view, grad, scale);
-  } else {
-    slot.view.zero_();
-  }
+void Reducer::check_gradient(size_t index) {
+  const auto& grad = params_[index].grad();
+  LOCKSTEP_CHECK(grad.defined(), group_->where(), " DDP: parameter '", names_[index],
+                 "' was marked ready but has no gradient.");
+  LOCKSTEP_CHECK(!grad.is_sparse(), group_->where(), " DDP: parameter '", names_[index],
+                 "' has a sparse gradient, which DDP does not reduce. Use a dense gradient "
+                 "(e.g. Embedding without sparse=true).");
 }
 
 void Reducer::launch(size_t b) {
   auto& bucket = buckets_[b];
   bucket.launched = Clock::now();
-  GradBucket gb;
-  gb.index = b;
-  gb.buffer = bucket.buffer;
-  gb.gradient_numel = bucket.gradient_numel;
-  gb.is_last = b + 1 == buckets_.size();
-  if (root_mode_) {
-    bucket.work = group_->reduce(bucket.inputs, options_.root, op_);
-  } else {
-    bucket.work = fused_average_ ? group_->allreduce(bucket.buffer, op_)
-                                 : hook_->reduce(*group_, gb);
-  }
-  LOCKSTEP_ASSERT(bucket.work != nullptr, "comm hook '", hook_->name(), "' returned no Work");
+  bucket.work = strategy_->launch(b, /*is_last=*/b + 1 == buckets_.size());
 }
 
 void Reducer::poll_done() {
@@ -448,112 +235,88 @@ void Reducer::finalize() {
     begin_iteration(Clock::now());
   }
   const auto compute_end = Clock::now();
-
-  std::vector<std::pair<size_t, int>> missing;  // (parameter, ranks that missed it)
+  Missing missing;
   if (trivial_) {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (!ready_[i]) missing.emplace_back(i, 1);
-    }
+    missing = missing_locally();
   } else {
-    // Buckets with parameters that got no gradient here: mark them in the control elements
-    // (Note [Bucket control elements]) and launch, in order.
-    for (size_t b = next_launch_; b < buckets_.size(); ++b) {
-      auto& bucket = buckets_[b];
-      if (bucket.pending == 0) continue;
-      for (size_t k = 0; k < bucket.params.size(); ++k) {
-        size_t i = bucket.params[k];
-        if (ready_[i]) continue;
-        copy_in(i, /*have_grad=*/false);
-        if (root_mode_) {
-          bucket.control[static_cast<int64_t>(k)].fill_(1);
-          bucket.control_set = true;
-        } else {
-          bucket.buffer[bucket.gradient_numel + static_cast<int64_t>(k)].fill_(1);
-        }
-      }
-      bucket.pending = 0;
-      bucket.ready = compute_end;
-    }
-    while (next_launch_ < buckets_.size()) launch(next_launch_++);
-
-    std::exception_ptr comm_error;
-    for (auto& bucket : buckets_) {
-      try {
-        bucket.work->wait();
-      } catch (...) {
-        if (!comm_error) comm_error = std::current_exception();
-      }
-      if (!bucket.done_seen) bucket.done = Clock::now();
-    }
-    if (comm_error) {
-      reset_iteration();
-      std::rethrow_exception(comm_error);
-    }
-    for (size_t b = 0; b < buckets_.size(); ++b) {
-      auto& bucket = buckets_[b];
-      // Only the root receives the counts (Note [Reducing into a root]); reset_iteration
-      // clears the other ranks' controls.
-      if (root_mode_ && group_->rank() != options_.root) continue;
-      auto control = root_mode_ ? bucket.control
-                                : bucket.buffer.narrow(0, bucket.gradient_numel,
-                                                       static_cast<int64_t>(bucket.params.size()));
-      auto control_cpu = control.device().is_cpu() ? control : control.cpu();
-      auto as_float = control_cpu.scalar_type() == at::kFloat ? control_cpu
-                                                               : control_cpu.to(at::kFloat);
-      const float* c = as_float.data_ptr<float>();
-      const float undo =
-          fused_average_ && op_ == ReduceOp::kAvg ? static_cast<float>(world_) : 1.0f;
-      bool any = false;
-      for (size_t k = 0; k < bucket.params.size(); ++k) {
-        const float count = c[k] * undo;  // ranks that missed the parameter
-        if (count > 0.5f) {
-          missing.emplace_back(bucket.params[k], static_cast<int>(std::lround(count)));
-          any = true;
-        }
-      }
-      if (any) control.zero_();
-      bucket.control_set = false;
-    }
+    launch_remaining(compute_end);
+    wait_for_buckets();
+    missing = collect_missing();
   }
-  std::sort(missing.begin(), missing.end());
-
   if (!missing.empty() && !options_.find_unused_parameters) {
     reset_iteration();
     lock.unlock();
     raise_unused(missing);
   }
+  write_back(missing);
+  record_statistics(compute_end);
+  if (recording_order_) rebuild_pending_ = true;
+  reset_iteration();
+}
 
-  // Write the averages back. A parameter missed by every rank keeps its gradient unchanged.
-  if (!trivial_) {
-    size_t m = 0;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      while (m < missing.size() && missing[m].first < i) ++m;
-      bool everywhere_unused = m < missing.size() && missing[m].first == i &&
-                               missing[m].second >= world_;
-      if (root_mode_) {
-        // The result is in place. A zero stand-in that some rank reduced into stays the
-        // gradient; reset_iteration restores the .grad it replaced for one nobody used.
-        auto& slot = slots_[i];
-        if (slot.replaced && !everywhere_unused) {
-          slot.saved = at::Tensor();
-          slot.replaced = false;
-        }
-        continue;
-      }
-      if (everywhere_unused) continue;
-      auto& grad = params_[i].mutable_grad();
-      auto& view = slots_[i].view;
-      if (options_.gradient_as_bucket_view) {
-        if (!same_memory(grad, view)) grad = view;
-      } else if (grad.defined() && !same_memory(grad, view)) {
-        copy_scaled(grad, view, 1.0);
-      } else {
-        grad = view.clone();
-      }
-    }
+Reducer::Missing Reducer::missing_locally() const {
+  Missing missing;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!ready_[i]) missing.emplace_back(i, 1);
   }
+  return missing;
+}
 
-  // Statistics and trace.
+// Buckets with parameters that got no gradient here: mark them in the control elements
+// (Note [Bucket control elements]) and launch every bucket not launched yet, in order.
+void Reducer::launch_remaining(Clock::time_point compute_end) {
+  for (size_t b = next_launch_; b < buckets_.size(); ++b) {
+    auto& bucket = buckets_[b];
+    if (bucket.pending == 0) continue;
+    for (size_t k = 0; k < bucket.params.size(); ++k) {
+      size_t i = bucket.params[k];
+      if (ready_[i]) continue;
+      strategy_->copy_in(i, /*have_grad=*/false);
+      strategy_->mark_missing(b, k);
+    }
+    bucket.pending = 0;
+    bucket.ready = compute_end;
+  }
+  while (next_launch_ < buckets_.size()) launch(next_launch_++);
+}
+
+// Waits for every bucket; after a failure, drops the iteration and rethrows the first one.
+void Reducer::wait_for_buckets() {
+  std::exception_ptr comm_error;
+  for (auto& bucket : buckets_) {
+    try {
+      bucket.work->wait();
+    } catch (...) {
+      if (!comm_error) comm_error = std::current_exception();
+    }
+    if (!bucket.done_seen) bucket.done = Clock::now();
+  }
+  if (comm_error) {
+    reset_iteration();
+    std::rethrow_exception(comm_error);
+  }
+}
+
+Reducer::Missing Reducer::collect_missing() {
+  Missing missing;
+  for (size_t b = 0; b < buckets_.size(); ++b) strategy_->read_missing(b, missing);
+  std::sort(missing.begin(), missing.end());
+  return missing;
+}
+
+// Writes the reduced gradients back. A parameter missed by every rank keeps its gradient.
+void Reducer::write_back(const Missing& missing) {
+  if (trivial_) return;
+  size_t m = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    while (m < missing.size() && missing[m].first < i) ++m;
+    const bool unused_everywhere =
+        m < missing.size() && missing[m].first == i && missing[m].second >= world_;
+    strategy_->write_back(i, unused_everywhere);
+  }
+}
+
+void Reducer::record_statistics(Clock::time_point compute_end) {
   const auto end = Clock::now();
   DDPStats stats;
   stats.iteration = ++iterations_;
@@ -598,8 +361,6 @@ void Reducer::finalize() {
     }
   }
   last_stats_ = std::move(stats);
-  if (recording_order_) rebuild_pending_ = true;
-  reset_iteration();
 }
 
 void Reducer::reset_iteration() {
@@ -608,28 +369,15 @@ void Reducer::reset_iteration() {
     b.pending = b.params.size();
     b.work.reset();
     b.done_seen = false;
-    if (root_mode_) {  // drop this iteration's gradient references; clear the controls
-      for (size_t k = 0; k + 1 < b.inputs.size(); ++k) b.inputs[k] = at::Tensor();
-      if (b.control_set) b.control.zero_();
-      b.control_set = false;
-    }
   }
-  // Root mode: the .grad a zero stand-in replaced, for a parameter no rank used or after a
-  // failure.
-  for (size_t i = 0; i < slots_.size(); ++i) {
-    auto& slot = slots_[i];
-    if (!slot.replaced) continue;
-    params_[i].mutable_grad() = slot.saved;
-    slot.saved = at::Tensor();
-    slot.replaced = false;
-  }
+  if (strategy_) strategy_->reset();
   next_launch_ = 0;
   next_done_ = 0;
   in_backward_ = false;
   recording_order_ = false;
 }
 
-void Reducer::raise_unused(const std::vector<std::pair<size_t, int>>& missing) {
+void Reducer::raise_unused(const Missing& missing) {
   std::ostringstream names;
   const size_t shown = std::min<size_t>(missing.size(), 20);
   for (size_t k = 0; k < shown; ++k) {

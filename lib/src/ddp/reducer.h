@@ -61,6 +61,9 @@
 // missed it); comm hooks and gradient_as_bucket_view do not apply (the gradients are the
 // buckets already). With `average` false the result is the sum instead of the average.
 //
+// Which of the two (flat buckets or gradient lists into a root) is chosen once, at
+// construction: Note [Bucket strategies] in bucket_strategy.h.
+//
 // Note [Bucket rebuild]
 // The first plan assumes gradients arrive in reverse registration order. During the first
 // synchronized backward the Reducer records the order in which they actually arrived; at the
@@ -77,6 +80,7 @@
 #include <string>
 #include <vector>
 
+#include "ddp/bucket_strategy.h"
 #include "lockstep/ddp.h"
 #include "lockstep/process_group.h"
 
@@ -134,11 +138,7 @@ class Reducer {
   using Clock = std::chrono::steady_clock;
   struct Bucket {
     std::vector<size_t> params;     // parameter indices, bucket order
-    at::Tensor buffer;              // gradients, then one control element per parameter
     int64_t gradient_numel = 0;
-    std::vector<at::Tensor> inputs; // root mode: this rank's gradients, then `control`
-    at::Tensor control;             // root mode: one control element per parameter
-    bool control_set = false;       // root mode: a control element of this rank is 1
     std::string transport;          // BucketStats::transport
     size_t pending = 0;             // parameters not yet ready this backward
     WorkPtr work;
@@ -148,22 +148,24 @@ class Reducer {
   struct ParamSlot {
     size_t bucket = 0;
     size_t position = 0;  // index within the bucket
-    int64_t offset = 0;   // element offset in the bucket buffer
-    at::Tensor view;      // bucket slice shaped like the parameter
-    at::Tensor zeros;     // root mode, non-root rank: what a missing gradient contributes
-    bool replaced = false;  // root mode, root: .grad set to zeros for a missing gradient
-    at::Tensor saved;     // ... and the .grad it replaced
   };
+  using Missing = std::vector<std::pair<size_t, int>>;  // (parameter, ranks that missed it)
 
   void build_buckets(const std::vector<size_t>& order);
-  void copy_in(size_t index, bool have_grad);
+  void check_gradient(size_t index);
   void launch(size_t bucket_index);
   void poll_done();
-  void write_back(const std::vector<float>& missing_counts);
   void reset_iteration();
   void begin_iteration(Clock::time_point now);
   void rebuild_if_pending();
-  [[noreturn]] void raise_unused(const std::vector<std::pair<size_t, int>>& missing);
+  // The steps of finalize(), in order.
+  Missing missing_locally() const;
+  void launch_remaining(Clock::time_point compute_end);
+  void wait_for_buckets();
+  Missing collect_missing();
+  void write_back(const Missing& missing);
+  void record_statistics(Clock::time_point compute_end);
+  [[noreturn]] void raise_unused(const Missing& missing);
 
   std::vector<at::Tensor> params_;
   std::vector<std::string> names_;
@@ -172,10 +174,7 @@ class Reducer {
   CommHookPtr hook_;
   int world_ = 1;
   bool trivial_ = false;
-  bool fused_average_ = false;  // Note [Where the average is taken]
-  bool root_mode_ = false;      // Note [Reducing into a root]
-  ReduceOp op_ = ReduceOp::kAvg;  // default hook's reduction
-  double inv_world_ = 1.0;
+  std::unique_ptr<BucketStrategy> strategy_;  // Note [Bucket strategies]; null when trivial
 
   mutable std::mutex mutex_;
   std::vector<Bucket> buckets_;
@@ -199,9 +198,6 @@ class Reducer {
   std::vector<std::shared_ptr<void>> hooks_;
   std::unique_ptr<Trace> trace_;
 };
-
-/// Copies `src` into `dst` multiplied by `scale` (one pass on contiguous CPU float/double).
-void copy_scaled(at::Tensor& dst, const at::Tensor& src, double scale);
 
 }  // namespace ddp
 }  // namespace lockstep

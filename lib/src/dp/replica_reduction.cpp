@@ -8,7 +8,7 @@
 #include "adapter/torch_adapter.h"
 #include "ddp/reducer.h"
 #include "dp/grad_reduction.h"
-#include "dp/spin_wait.h"
+#include "core/spin_wait.h"
 #include "lockstep/errors.h"
 #include "lockstep/thread_group.h"
 
@@ -201,7 +201,7 @@ class ReducerReduction : public GradReduction {
   std::atomic<bool> root_done_{false};
   std::atomic<int64_t> next_piece_{0}, pieces_done_{0};
   std::atomic<bool> aborted_{false};  // until the next start_step, which then rebuilds
-  SpinWait wait_;
+  detail::SpinWait wait_;
   std::vector<adapter::HookHandle> hooks_;  // last member: removed first
 };
 

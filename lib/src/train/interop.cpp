@@ -1,16 +1,13 @@
 // Weights exchange with Python's torch.save / torch.load(weights_only=True).
 #include "lockstep/train/interop.h"
 
-#include <caffe2/serialize/inline_container.h>
-#include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/pickle.h>
-#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/nn/module.h>
 
 #include <cstdio>
 #include <fstream>
 #include <iterator>
 
+#include "adapter/torch_adapter.h"
 #include "lockstep/errors.h"
 #include "lockstep/train/checkpoint.h"
 
@@ -20,31 +17,17 @@ namespace train {
 using detail::concat;
 
 void save_torch_weights(const std::string& path, const std::map<std::string, at::Tensor>& tensors) {
-  c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& kv : tensors) dict.insert(kv.first, kv.second.detach().to(at::kCPU).contiguous());
-  // Note [weights_only export]
-  // torch::jit::pickle_save tags containers with torch.jit._pickle.restore_type_tag, which
-  // Python's weights_only unpickler refuses. Pickling with tag_aggregates=false gives a plain
-  // dict of tensors (rebuilt by torch._utils._rebuild_tensor_v2, which weights_only allows),
-  // in the same zip container that torch.save writes.
-  std::vector<char> pickled;
-  torch::jit::Pickler pickler(
-      [&](const char* buf, size_t n) { pickled.insert(pickled.end(), buf, buf + n); },
-      /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
-      /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
-  pickler.protocol();
-  pickler.pushIValue(c10::IValue(dict));
-  pickler.stop();
+  std::map<std::string, at::Tensor> cpu;
+  for (const auto& kv : tensors) cpu[kv.first] = kv.second.detach().to(at::kCPU).contiguous();
   const std::string tmp = path + ".tmp";
   try {
-    caffe2::serialize::PyTorchStreamWriter writer(tmp);
-    torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(),
-                                       writer);
-    writer.writeEndOfFile();
+    adapter::write_tensor_dict_archive(tmp, cpu);
   } catch (const std::exception& e) {
+    std::remove(tmp.c_str());
     throw Error(concat("could not write weights file '", tmp, "': ", e.what()));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
     throw Error(concat("could not rename '", tmp, "' to '", path, "'"));
   }
 }
@@ -53,30 +36,13 @@ std::map<std::string, at::Tensor> load_torch_weights(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(concat("cannot open weights file '", path, "'"));
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  c10::IValue value;
   try {
-    value = torch::jit::pickle_load(bytes);
-  } catch (const std::exception& e) {
-    std::string what = e.what();
-    what = what.substr(0, what.find("\nException raised from"));
-    throw InvalidArgument(concat("weights file '", path, "' is not a torch.save file LibTorch "
-                                 "can read (", what, "). A state_dict saved from Python must be "
-                                 "a plain dict: torch.save(dict(model.state_dict()), path)"));
+    return adapter::read_tensor_dict_archive(bytes);
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    throw InvalidArgument(concat("weights file '", path, "'", what.front() == ':' ? "" : " ",
+                                 what));
   }
-  if (!value.isGenericDict()) {
-    throw InvalidArgument(concat("weights file '", path, "' holds a ", value.tagKind(),
-                                 ", expected a dict of name -> tensor (a state_dict)"));
-  }
-  std::map<std::string, at::Tensor> out;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw InvalidArgument(concat("weights file '", path, "': entry ", item.key().tagKind(),
-                                   " -> ", item.value().tagKind(),
-                                   " is not a string -> tensor pair"));
-    }
-    out[item.key().toStringRef()] = item.value().toTensor();
-  }
-  return out;
 }
 
 void export_weights(const torch::nn::Module& module, const std::string& path) {

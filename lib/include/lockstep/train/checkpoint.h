@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "lockstep/agreement.h"
 #include "lockstep/process_group.h"
 
 namespace torch {
@@ -101,13 +102,11 @@ void add_rng_state(Checkpoint& checkpoint, const std::string& name = "rng.cpu");
 /// Restores the default CPU generator's state saved by `add_rng_state`.
 void load_rng_state(const Checkpoint& checkpoint, const std::string& name = "rng.cpu");
 
-/// A stable 64-bit hash (FNV-1a) of `config` as sorted "key=value" lines, as 16 hex digits.
-std::string config_hash(const std::map<std::string, std::string>& config);
+// config_hash and check_config_agreement live in lockstep/agreement.h (they are collective
+// checks, not checkpoint concerns); the names stay reachable as train:: for existing callers.
+using lockstep::config_hash;
 
-/// Compares `config` across ranks. Collective. Returns normally when all ranks hold the same
-/// configuration; otherwise every rank throws InvalidArgument naming each differing key, its
-/// value on rank 0 and the ranks that differ (e.g. "lr: rank 0 has 0.1, ranks 1,3 have 0.2").
-void check_config_agreement(ProcessGroup& group, const std::map<std::string, std::string>& config);
+using lockstep::check_config_agreement;
 
 }  // namespace train
 }  // namespace lockstep

@@ -1,5 +1,6 @@
 #pragma once
-// Spin-then-block waiting for DataParallel's replica threads. Internal.
+// Spin-then-block waiting: the one polling loop that the shared-memory group, the thread group
+// and DataParallel's replica threads use before they block. Internal.
 //
 // Note [Spin before blocking]
 // A DataParallel step hands work between its threads several times (start, the barrier after
@@ -17,20 +18,46 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <utility>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
 namespace lockstep {
-namespace dp {
+namespace detail {
 
+/// Tells the CPU this thread is spinning (x86 pause, ARM yield).
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
 #elif defined(__aarch64__)
   asm volatile("yield" ::: "memory");
 #endif
+}
+
+/// Polls `ready()` for at most `budget`, pausing the CPU between polls, and calls `every()`
+/// once per 64 polls (to check for an abort: it may throw). True as soon as `ready()` is;
+/// false when the budget ran out (at once for a zero budget), so the caller blocks.
+template <typename Ready, typename Every>
+bool spin_until(Ready&& ready, std::chrono::microseconds budget, Every&& every) {
+  if (ready()) return true;
+  if (budget.count() <= 0) return false;
+  const auto until = std::chrono::steady_clock::now() + budget;
+  for (int i = 1;; ++i) {
+    cpu_relax();
+    if (ready()) return true;
+    if ((i & 63) == 0) {
+      every();
+      if (std::chrono::steady_clock::now() > until) return false;
+    }
+  }
+}
+
+/// spin_until with nothing to check between polls.
+template <typename Ready>
+bool spin_until(Ready&& ready, std::chrono::microseconds budget) {
+  return spin_until(std::forward<Ready>(ready), budget, [] {});
 }
 
 /// One condition, many waiters: see Note [Spin before blocking].
@@ -45,15 +72,7 @@ class SpinWait {
   /// spinning, and under the internal mutex while blocking).
   template <typename Ready>
   void wait(Ready&& ready) {
-    if (ready()) return;
-    if (spin_.count() > 0) {
-      const auto until = std::chrono::steady_clock::now() + spin_;
-      for (int i = 1;; ++i) {
-        cpu_relax();
-        if (ready()) return;
-        if ((i & 63) == 0 && std::chrono::steady_clock::now() > until) break;
-      }
-    }
+    if (spin_until(ready, spin_)) return;
     std::unique_lock<std::mutex> lock(mutex_);
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     cv_.wait(lock, [&] { return ready(); });
@@ -77,5 +96,5 @@ class SpinWait {
   std::atomic<int> sleepers_{0};
 };
 
-}  // namespace dp
+}  // namespace detail
 }  // namespace lockstep

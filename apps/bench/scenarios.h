@@ -1,0 +1,66 @@
+#pragma once
+/// \file
+/// What lockstep-bench runs: the models it knows, the scenario families a user selects with
+/// --scenario, the scenarios each family adds for a model, and the targets the report checks
+/// the results against. Pure (no LibTorch, no processes).
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "options.h"
+
+namespace lockstep {
+namespace bench {
+
+/// The models `--model all` runs, in that order (models.h builds them).
+std::vector<std::string> model_names();
+/// Every model models.h builds: model_names() and small_mlp (784-128-128-10, the
+/// DataParallel comparison's small model), which runs only when named.
+std::vector<std::string> all_model_names();
+/// Default per-rank batch of a model: 64, transformer 16 (the Python peer gets it passed).
+int64_t default_batch(const std::string& model);
+
+/// The families `--scenario all` selects, in the order they run:
+/// plain, floor, ddp, perparam, torch_ddp, overhead, dp, bucket_sweep, allreduce.
+std::vector<std::string> scenario_families();
+/// What one worker process can run (`--worker KIND`): plain, floor, ddp, perparam, overhead,
+/// dp, allreduce. PyTorch's DDP runs in python3 instead (torch_ddp_bench.py).
+std::vector<std::string> worker_kinds();
+
+/// One scenario of one model: what every rank runs, and what its ratio is against.
+struct Scenario {
+  std::string id;            ///< unique in one model: "ddp_w2", "floor_w2", "ddp_w2_cap4", ...
+  std::string kind;          ///< a worker kind, or torch_ddp
+  std::string label;         ///< human-readable
+  std::string model;         ///< "-" for the all-reduce sweep
+  int world = 1;             ///< ranks (processes)
+  int threads = 1;           ///< intra-op threads per rank (dp: per replica)
+  int replicas = 1;          ///< DataParallel replicas
+  int64_t batch = 0;         ///< per rank (dp and plain: the whole batch); 0: the model's default
+  double bucket_cap_mb = 0;  ///< 0: --bucket-cap-mb
+  std::string transport;     ///< LOCKSTEP_TRANSPORT; empty: the default (auto)
+  std::string reference;     ///< id of the scenario its ratio is against (same model)
+  bool grad_view = false;    ///< torch_ddp: gradient_as_bucket_view=True
+  int omp_threads = 0;       ///< OMP_NUM_THREADS; 0: `threads`
+  bool scope_blas = true;    ///< dp: DataParallelOptions::scope_blas_threads
+};
+
+/// The scenarios of `model` selected by `options.families`, with references to scenarios that
+/// do not run cleared. `plain` and the synchronized floor (`floor_w2`: two ranks training side
+/// by side, no gradient communication, one 1-element all-reduce per step) come with any of
+/// ddp, perparam and torch_ddp, since their ratios are read against them.
+std::vector<Scenario> scenarios_for(const BenchOptions& options, const std::string& model);
+
+/// The all-reduce sweep's scenarios: one per transport in `options.transports` (empty when
+/// the allreduce family is not selected).
+std::vector<Scenario> sweep_scenarios(const BenchOptions& options);
+
+/// The targets the report checks, from the per-model results of a run (the "models" array
+/// of the JSON document): one object per target with model, target, value, requirement, met,
+/// goal and goal_met. Reads only the JSON, so an old result file gets them too.
+nlohmann::json compute_targets(const nlohmann::json& models);
+
+}  // namespace bench
+}  // namespace lockstep

@@ -1,0 +1,279 @@
+// lockstep-bench's worker: one rank of one scenario (see worker.h).
+#include "worker.h"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "lockstep/data_parallel.h"
+#include "lockstep/ddp.h"
+#include "lockstep/errors.h"
+#include "lockstep/process_group.h"
+#include "models.h"
+#include "proc.h"
+#include "stats.h"
+
+namespace lockstep {
+namespace bench {
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// One all-reduce of every gradient as one flat tensor, median of `iters`: the communication a
+// data-parallel step cannot avoid, the denominator of the exposed-communication fraction.
+double time_allreduce_all_grads(ProcessGroup& pg, int64_t numel, int iters) {
+  auto flat = torch::zeros({numel});
+  pg.allreduce(flat)->wait();  // warm the pairs for this size
+  pg.barrier()->wait();
+  std::vector<double> t;
+  for (int i = 0; i < iters; ++i) {
+    auto t0 = Clock::now();
+    pg.allreduce(flat)->wait();
+    t.push_back(ms_since(t0));
+  }
+  return median(t);
+}
+
+json sweep_allreduce(ProcessGroup& pg, int64_t min_bytes, int64_t max_bytes) {
+  json rows = json::array();
+  const int w = pg.size();
+  for (int64_t bytes = min_bytes; bytes <= max_bytes; bytes *= 4) {
+    const int64_t n = std::max<int64_t>(1, bytes / 4);
+    auto t = torch::ones({n});
+    pg.allreduce(t)->wait();
+    LOCKSTEP_CHECK(t[0].item<float>() == static_cast<float>(w) &&
+                       t[n - 1].item<float>() == static_cast<float>(w),
+                   "all-reduce of ones over ", w, " ranks gave ", t[0].item<float>(), " at ", bytes,
+                   " bytes");
+    t.zero_();  // zeros stay zeros however often they are summed
+    // Back-to-back iterations, as nccl-tests time them; the same count on every rank.
+    const int iters =
+        static_cast<int>(std::clamp<int64_t>((256LL << 20) / std::max<int64_t>(bytes, 1), 5, 200));
+    std::vector<double> per_iter;
+    for (int rep = 0; rep < 3; ++rep) {
+      pg.barrier()->wait();
+      auto t0 = Clock::now();
+      for (int i = 0; i < iters; ++i) pg.allreduce(t)->wait();
+      per_iter.push_back(ms_since(t0) / iters);
+    }
+    const double ms = median(per_iter);
+    const double algbw = static_cast<double>(n * 4) / (ms * 1e-3) / 1e9;
+    rows.push_back({{"bytes", n * 4},
+                    {"ms", ms},
+                    {"algbw_gbps", algbw},
+                    {"busbw_gbps", algbw * 2.0 * (w - 1) / w},
+                    {"iters", iters}});
+  }
+  return rows;
+}
+
+torch::Tensor loss_of(const torch::Tensor& out, const torch::Tensor& y) {
+  return torch::nn::functional::cross_entropy(out, y);
+}
+
+// Plain training of `net` with `opt` on `data`: one step.
+void plain_step(BenchNet& net, torch::optim::Optimizer& opt, const Batch& data) {
+  opt.zero_grad();
+  loss_of(net->forward(data.input), data.target).backward();
+  opt.step();
+}
+
+// The `ddp_stats` object of a result: lockstep DDP's own view of the timed steps (where the
+// step went, how much of the communication backward had to wait for) and the memory the
+// wrapper added over plain training.
+json summarise_ddp(const std::vector<DDPStats>& stats, std::pair<long, long> mem_before,
+                   int64_t numel) {
+  auto field = [&](double DDPStats::*f) {
+    std::vector<double> v;
+    for (const auto& st : stats) v.push_back(st.*f);
+    return median(v);
+  };
+  json d;
+  d["forward_ms"] = field(&DDPStats::forward_ms);
+  d["backward_compute_ms"] = field(&DDPStats::backward_compute_ms);
+  d["comm_ms"] = field(&DDPStats::comm_ms);
+  d["exposed_comm_ms"] = field(&DDPStats::exposed_comm_ms);
+  d["buckets"] = stats.empty() ? 0 : stats.back().buckets.size();
+  json sizes = json::array();
+  if (!stats.empty()) {
+    for (const auto& b : stats.back().buckets) sizes.push_back(b.bytes);
+  }
+  d["bucket_bytes"] = sizes;
+  const auto mem_after = rss_pss_kb();
+  if (mem_before.first >= 0 && mem_after.first >= 0) {
+    d["extra_rss_mib"] = (mem_after.first - mem_before.first) / 1024.0;
+    d["extra_pss_mib"] = (mem_after.second - mem_before.second) / 1024.0;
+  }
+  d["gradient_mib"] = numel * 4 / 1048576.0;  // float32 models
+  return d;
+}
+
+}  // namespace
+
+int run_worker(const WorkerConfig& c) {
+  at::set_num_threads(c.threads);
+  torch::manual_seed(0);
+  json out;
+  out["kind"] = c.kind;
+
+  ProcessGroupPtr pg;
+  if (c.kind != "plain" && c.kind != "dp") {
+    pg = init_process_group();
+    out["rank"] = pg->rank();
+    out["world"] = pg->size();
+    out["backend"] = pg->backend();
+  } else {
+    out["rank"] = 0;
+    out["world"] = 1;
+    out["backend"] = "none";
+  }
+
+  if (c.kind == "allreduce") {
+    out["sweep"] = sweep_allreduce(*pg, c.sweep_min_bytes, c.sweep_max_bytes);
+    out["step_ms"] = json::array();
+    out["vmhwm_kb"] = vm_hwm_kb();
+    std::ofstream(c.result) << out.dump();
+    pg->barrier()->wait();
+    return 0;
+  }
+
+  BenchNet net(c.model);
+  const int64_t numel = parameter_count(*net);
+  out["params"] = numel;
+  auto data = make_batch(c.model, c.batch);
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.01));
+  std::function<void()> step;
+  std::function<void()> per_step;  // after each timed step, outside the timer (statistics)
+  std::function<void()> after;     // after the timed steps
+  std::vector<DDPStats> ddp_stats;
+  std::vector<double> plain_ms;  // overhead: the plain steps between the DDP ones
+
+  if (c.kind == "plain") {
+    step = [&] { plain_step(net, opt, data); };
+  } else if (c.kind == "floor") {
+    // Note [The synchronized floor]: the ranks train side by side with no gradient
+    // communication; one 1-element all-reduce per step keeps them in step, so the wait for
+    // the slower rank is in the floor as it is in DDP's step.
+    auto token = torch::zeros({1});
+    step = [&, token]() mutable {
+      plain_step(net, opt, data);
+      pg->allreduce(token)->wait();
+    };
+  } else if (c.kind == "perparam") {
+    // The pattern of pytorch/examples' cpp/distributed/dist-mnist.cpp: after backward, one
+    // blocking all-reduce per parameter, then divide by the world size.
+    const double w = pg->size();
+    step = [&, w] {
+      opt.zero_grad();
+      loss_of(net->forward(data.input), data.target).backward();
+      for (auto& p : net->parameters()) {
+        auto g = p.mutable_grad();
+        pg->allreduce(g)->wait();
+        g.div_(w);
+      }
+      opt.step();
+    };
+  } else if (c.kind == "ddp") {
+    // Memory baseline: plain training state (weights, gradients, activations freed) before
+    // the wrapper exists, in the same process and after the process group.
+    {
+      opt.zero_grad();
+      loss_of(net->forward(data.input), data.target).backward();
+    }
+    const auto mem_before = rss_pss_kb();
+    DistributedDataParallel<BenchNetImpl> ddp(net, pg, DDPOptions().bucket_cap_mb(c.bucket_cap_mb));
+    step = [&, ddp]() mutable {
+      opt.zero_grad();
+      loss_of(ddp->forward(data.input), data.target).backward();
+      opt.step();
+    };
+    per_step = [&, ddp] { ddp_stats.push_back(ddp->last_stats()); };
+    after = [&, mem_before] { out["ddp_stats"] = summarise_ddp(ddp_stats, mem_before, numel); };
+  } else if (c.kind == "overhead") {
+    // World 1: a plain copy of the model and a DDP-wrapped one take steps alternately in this
+    // process (which goes first alternates too), so that load, allocator and thread pools are
+    // the same for both. `step` times the wrapped one; the plain ones go to plain_step_ms.
+    torch::manual_seed(0);
+    auto plain_net = std::make_shared<BenchNet>(c.model);
+    auto plain_opt = std::make_shared<torch::optim::SGD>((*plain_net)->parameters(),
+                                                         torch::optim::SGDOptions(0.01));
+    DistributedDataParallel<BenchNetImpl> ddp(net, pg, DDPOptions().bucket_cap_mb(c.bucket_cap_mb));
+    auto count = std::make_shared<int>(0);
+    step = [&, ddp, plain_net, plain_opt, count]() mutable {
+      auto timed_plain = [&] {
+        auto t0 = Clock::now();
+        plain_step(*plain_net, *plain_opt, data);
+        plain_ms.push_back(ms_since(t0));
+      };
+      if (++*count % 2 == 0) timed_plain();
+      {
+        opt.zero_grad();
+        loss_of(ddp->forward(data.input), data.target).backward();
+        opt.step();
+      }
+      if (*count % 2 == 1) timed_plain();
+    };
+  } else if (c.kind == "dp") {
+    // BenchNet is not Cloneable: the other replicas come from a factory (their values are
+    // overwritten from the primary at every step anyway).
+    const std::string model = c.model;
+    auto dp = std::make_shared<DataParallel<BenchNetImpl>>(
+        net.ptr(),
+        DataParallelOptions()
+            .cpu_replicas(c.replicas)
+            .threads_per_replica(c.threads)
+            .scope_blas_threads(c.scope_blas),
+        [model] { return std::make_shared<BenchNetImpl>(model); });
+    step = [&, dp] {
+      opt.zero_grad();
+      dp->train_step(data.input, data.target, loss_of);
+      opt.step();
+    };
+  } else {
+    std::cerr << "lockstep-bench: unknown worker kind '" << c.kind << "'" << std::endl;
+    return kExitUsage;
+  }
+
+  // The overhead kind's step is timed twice over: only its wrapped half counts, below.
+  std::vector<double> times;
+  for (int i = 0; i < c.warmup; ++i) step();
+  plain_ms.clear();
+  if (pg) pg->barrier()->wait();
+  const double cpu0 = process_cpu_seconds();
+  const double busy0 = machine_busy_seconds();
+  const auto start = Clock::now();
+  for (int i = 0; i < c.steps; ++i) {
+    const size_t plain_before = plain_ms.size();
+    auto t0 = Clock::now();
+    step();
+    double ms = ms_since(t0);
+    if (plain_ms.size() > plain_before) ms -= plain_ms.back();
+    times.push_back(ms);
+    if (per_step) per_step();
+  }
+  // Note [Disturbed runs] in coordinator.h reads these three.
+  out["wall_s"] = std::chrono::duration<double>(Clock::now() - start).count();
+  out["cpu_s"] = process_cpu_seconds() - cpu0;
+  out["busy_s"] = machine_busy_seconds() - busy0;
+  out["step_ms"] = times;
+  if (c.kind == "overhead") out["plain_step_ms"] = plain_ms;
+  if (after) after();
+  if (pg) out["allreduce_all_grads_ms"] = time_allreduce_all_grads(*pg, numel, /*iters=*/10);
+  out["vmhwm_kb"] = vm_hwm_kb();
+  std::ofstream(c.result) << out.dump();
+  if (pg) pg->barrier()->wait();  // nobody tears the group down while a peer still uses it
+  return 0;
+}
+
+}  // namespace bench
+}  // namespace lockstep

@@ -1,0 +1,191 @@
+// The launchers' round protocol (see rounds.h, Note [lockstep-run rounds]).
+#include "rounds.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+
+#include "lockstep/errors.h"
+
+namespace lockstep {
+namespace run {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using detail::concat;
+using nlohmann::json;
+
+// Fails with one line when `port` is taken, before c10d's TCPStore logs its own bind
+// warnings; binds like TCPStore does (SO_REUSEADDR), so a port in TIME_WAIT still counts free.
+void check_port_free(int port) {
+  if (port == 0) return;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  int rc = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  int err = errno;
+  close(fd);
+  if (rc != 0 && err == EADDRINUSE) {
+    throw CommError(concat("cannot host the rendezvous store: --master-port ", port,
+                           " is already in use on this host; pick another port, or use "
+                           "--standalone (or --master-port 0) for a free one"));
+  }
+}
+
+std::chrono::milliseconds seconds(double s) {
+  return std::chrono::milliseconds(static_cast<long>(s * 1000));
+}
+
+}  // namespace
+
+Rounds::Rounds(const RunOptions& options) : o_(options) {
+  bool host = o_.node_rank == 0;
+  if (host) check_port_free(o_.master_port);
+  store_ = std::make_unique<Store>(
+      Store::tcp(o_.master_addr, o_.master_port, host, seconds(o_.rdzv_timeout)));
+}
+
+int Rounds::port() const { return store_->port(); }
+
+std::string Rounds::describe() const { return store_->describe(); }
+
+std::string Rounds::key(const std::string& name) const {
+  return concat("lockstep-run/", o_.run_id, "/", round_, "/", name);
+}
+
+std::optional<RoundLayout> Rounds::join(int round, const std::string& host,
+                                        const std::function<bool()>& wait) {
+  round_ = round;
+  if (store_->add(key(concat("claim/", o_.node_rank)), 1) > 1) {
+    throw InvalidArgument(concat("node rank ", o_.node_rank, " joined round ", round_,
+                                 " twice: every launcher needs a distinct --node-rank"));
+  }
+  store_->set(key(concat("node/", o_.node_rank)), concat(o_.nproc_per_node, " ", host));
+  auto deadline = Clock::now() + seconds(o_.rdzv_timeout);
+  std::vector<int> nproc(o_.nnodes, -1);
+  int missing = o_.nnodes;
+  while (true) {
+    for (int k = 0; k < o_.nnodes; ++k) {
+      if (nproc[k] >= 0 || !store_->check({key(concat("node/", k))})) continue;
+      nproc[k] = std::stoi(store_->get(key(concat("node/", k))));
+      --missing;
+    }
+    if (missing == 0) break;
+    if (Clock::now() >= deadline) {
+      std::string absent;
+      for (int k = 0; k < o_.nnodes; ++k) {
+        if (nproc[k] < 0) absent += (absent.empty() ? "" : ", ") + std::to_string(k);
+      }
+      throw TimeoutError(concat("round ", round_, ": node(s) ", absent, " of ", o_.nnodes,
+                                " did not join within ", o_.rdzv_timeout, " s at ",
+                                store_->describe(), ". Start a launcher with each --node-rank "
+                                "and the same --master-addr/--master-port/--run-id, or raise "
+                                "--rdzv-timeout."));
+    }
+    if (wait()) return std::nullopt;
+  }
+  RoundLayout layout;
+  layout.world_size = 0;
+  layout.rank_offset = 0;
+  for (int k = 0; k < o_.nnodes; ++k) {
+    if (k < o_.node_rank) layout.rank_offset += nproc[k];
+    layout.world_size += nproc[k];
+  }
+  layout.restart_count = round_;
+  return layout;
+}
+
+void Rounds::share(const WorkerEvent& event) {
+  if (o_.nnodes == 1) return;
+  try {
+    int64_t n = store_->add(key("events"), 1);
+    store_->set(key(concat("event/", n)), to_json(event).dump());
+  } catch (const std::exception&) {
+    // The store is gone: the next check of "failed" reports it.
+  }
+}
+
+std::vector<WorkerEvent> Rounds::shared_events() {
+  std::vector<WorkerEvent> events;
+  if (o_.nnodes == 1) return events;
+  try {
+    int64_t n = store_->add(key("events"), 0);
+    for (int64_t i = 1; i <= n; ++i) {
+      auto k = key(concat("event/", i));
+      if (!store_->check({k})) continue;  // counted, not yet written
+      std::string text = store_->get(k);
+      try {
+        WorkerEvent e = event_from_json(json::parse(text));
+        if (e.node != o_.node_rank) events.push_back(std::move(e));
+      } catch (const std::exception&) {
+        // A malformed record is no evidence: skip it.
+      }
+    }
+  } catch (const std::exception&) {
+    // The store is gone: judge from what was read; the next check of "failed" reports it.
+  }
+  return events;
+}
+
+Failure Rounds::read_failure() {
+  std::string text = store_->get(key("failure"));
+  try {
+    return failure_from_json(json::parse(text));
+  } catch (const std::exception& e) {
+    Failure f;
+    f.root.exit_code = 1;
+    f.what = concat("another launcher published a failure record that cannot be read (",
+                    e.what(), ")");
+    return f;
+  }
+}
+
+Failure Rounds::publish(const Failure& failure) {
+  try {
+    if (store_->add(key("failed"), 1) == 1) {
+      store_->set(key("failure"), to_json(failure).dump());
+      return failure;
+    }
+    return read_failure();
+  } catch (const std::exception&) {
+    return failure;  // the store is gone: report what we saw
+  }
+}
+
+std::optional<Failure> Rounds::published() {
+  if (!store_->check({key("failed")})) return std::nullopt;
+  return read_failure();
+}
+
+void Rounds::set_done() { store_->set(key(concat("done/", o_.node_rank)), "1"); }
+
+bool Rounds::all_done() {
+  std::vector<std::string> keys;
+  for (int k = 0; k < o_.nnodes; ++k) keys.push_back(key(concat("done/", k)));
+  return store_->check(keys);
+}
+
+void Rounds::exit_handshake(const std::function<void()>& wait) {
+  if (o_.nnodes == 1) return;
+  try {
+    store_->set(key(concat("exit/", o_.node_rank)), "1");
+    if (o_.node_rank != 0) return;
+    std::vector<std::string> keys;
+    for (int k = 0; k < o_.nnodes; ++k) keys.push_back(key(concat("exit/", k)));
+    auto deadline = Clock::now() + std::chrono::seconds(10);
+    while (!store_->check(keys) && Clock::now() < deadline) wait();
+  } catch (const std::exception&) {
+  }
+}
+
+}  // namespace run
+}  // namespace lockstep

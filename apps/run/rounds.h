@@ -1,0 +1,97 @@
+#pragma once
+// The launchers' round protocol over the rendezvous store: joining a round, publishing the
+// failure every node reports, sharing worker events between nodes, success and exit. Uses only
+// the public lockstep::Store; knows nothing of processes.
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lockstep/store.h"
+#include "options.h"
+#include "verdict.h"
+
+namespace lockstep {
+namespace run {
+
+// Note [lockstep-run rounds]
+// One attempt of the job is a *round* r (0, 1, ... max_restarts). The agent on node 0 hosts a
+// TCP store for the whole run, so it outlives every worker; agents on other nodes and every
+// worker connect to it as clients. Keys live under "lockstep-run/<run-id>/<r>/":
+//   1. Join: add("claim/<k>") must return 1 (a second agent with node rank k fails), then
+//      set("node/<k>", "<nproc> <host>"). Each agent polls until all nnodes nodes joined
+//      (deadline --rdzv-timeout) and takes world size = sum of nproc and its rank offset =
+//      sum over lower node ranks, so nodes may run different numbers of workers.
+//   2. Run: workers start with LOCKSTEP_RESTART_COUNT=r, so their own rendezvous (keys
+//      "lockstep/<run-id>/<r>/...") never sees a previous round's keys.
+//   3. Share: with several nodes, each agent appends its workers' exits 0, stops and
+//      continues to the round's event list (n = add("events", 1), set("event/<n>", JSON)), so
+//      that whichever agent judges a failure sees the whole job (Note [Root cause]).
+//   4. Fail fast: the first agent whose verdict is ready (a worker failed; Note [Root cause]),
+//      or that gets SIGINT/SIGTERM/SIGHUP, wins add("failed", 1) == 1 and writes "failure"
+//      (JSON: the root cause, the failure that followed it, the workers that exited 0 early).
+//      Every agent polls "failed" every --monitor-interval and stops its workers: SIGTERM
+//      (+SIGCONT for stopped ones) to each worker's process group, SIGKILL after
+//      --grace-period.
+//   5. Success: an agent whose workers all exited 0 sets "done/<k>" and waits for every
+//      node's "done" (or a "failed": a remote failure fails the round for everyone).
+//   6. A failed round with restarts left starts round r+1 on every node; otherwise each agent
+//      prints the summary of the published failure and exits with its code.
+//   7. Before exiting, each agent sets "exit/<k>"; node 0 waits (bounded) for all of them, so
+//      no agent loses the store while it still reads the outcome.
+// Workers get PR_SET_PDEATHSIG(SIGKILL) and their own process group: if the agent dies, they
+// die; when it stops them, their children go too (processes.h).
+
+/// This agent's side of the protocol. Single-threaded.
+class Rounds {
+ public:
+  /// Node 0 hosts the store on --master-addr/--master-port (failing with one line when the
+  /// port is taken), the other nodes connect within --rdzv-timeout. Throws CommError or
+  /// TimeoutError.
+  explicit Rounds(const RunOptions& options);
+
+  /// The store's bound port (the one picked when --master-port is 0).
+  int port() const;
+  /// "tcp://host:port".
+  std::string describe() const;
+
+  /// Step 1 of round `round`: claims this node's slot and waits for every node. `wait` waits
+  /// one --monitor-interval and returns true when the agent must stop (then join returns
+  /// nullopt). Throws InvalidArgument (node rank claimed twice) or TimeoutError (naming the
+  /// nodes that did not join).
+  std::optional<RoundLayout> join(int round, const std::string& host,
+                                  const std::function<bool()>& wait);
+
+  /// Step 3: appends a worker event for the other nodes (does nothing with one node).
+  void share(const WorkerEvent& event);
+  /// Every event the other nodes shared so far in this round (records that cannot be read
+  /// are skipped).
+  std::vector<WorkerEvent> shared_events();
+
+  /// Step 4: publishes `failure` unless another agent did first; returns the failure every
+  /// node reports (`failure` itself when the store is gone).
+  Failure publish(const Failure& failure);
+  /// The published failure, if any.
+  std::optional<Failure> published();
+
+  /// Step 5: this node's workers all exited 0.
+  void set_done();
+  /// Step 5: every node's workers all exited 0.
+  bool all_done();
+
+  /// Step 7 (never throws).
+  void exit_handshake(const std::function<void()>& wait);
+
+ private:
+  std::string key(const std::string& name) const;
+  Failure read_failure();
+
+  RunOptions o_;
+  std::unique_ptr<Store> store_;
+  int round_ = 0;
+};
+
+}  // namespace run
+}  // namespace lockstep

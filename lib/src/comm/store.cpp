@@ -1,0 +1,167 @@
+// lockstep::Store: a handle over a KeyValueStore (c10d's through the adapter, or lockstep's
+// own), with key prefixes and errors that name the store and the key.
+#include "lockstep/store.h"
+
+#include "adapter/torch_adapter.h"
+#include "comm/foreign_error.h"
+#include "comm/store_impl.h"
+#include "lockstep/errors.h"
+
+namespace lockstep {
+
+using detail::concat;
+
+namespace {
+
+// Store::prefixed: every key gets `prefix + "/"` in front.
+class PrefixedKeyValueStore : public detail::KeyValueStore {
+ public:
+  PrefixedKeyValueStore(std::string prefix, std::shared_ptr<detail::KeyValueStore> base)
+      : prefix_(std::move(prefix) + "/"), base_(std::move(base)) {}
+
+  void set(const std::string& key, const std::string& value) override {
+    base_->set(prefix_ + key, value);
+  }
+  std::string get(const std::string& key) override { return base_->get(prefix_ + key); }
+  int64_t add(const std::string& key, int64_t delta) override {
+    return base_->add(prefix_ + key, delta);
+  }
+  std::string compare_set(const std::string& key, const std::string& expected,
+                          const std::string& desired) override {
+    return base_->compare_set(prefix_ + key, expected, desired);
+  }
+  bool check(const std::vector<std::string>& keys) override { return base_->check(scoped(keys)); }
+  void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override {
+    base_->wait(scoped(keys), timeout);
+  }
+  bool remove(const std::string& key) override { return base_->remove(prefix_ + key); }
+  int64_t num_keys() override { return base_->num_keys(); }
+  std::chrono::milliseconds timeout() const override { return base_->timeout(); }
+  void set_timeout(std::chrono::milliseconds timeout) override { base_->set_timeout(timeout); }
+
+ private:
+  std::vector<std::string> scoped(const std::vector<std::string>& keys) const {
+    std::vector<std::string> out;
+    out.reserve(keys.size());
+    for (const auto& k : keys) out.push_back(prefix_ + k);
+    return out;
+  }
+  std::string prefix_;
+  std::shared_ptr<detail::KeyValueStore> base_;
+};
+
+// Runs a store operation, turning foreign exceptions into lockstep's with the store's address.
+template <typename F>
+auto store_call(const Store::Impl& impl, const char* op, const std::string& key, F&& f) {
+  try {
+    return f();
+  } catch (const lockstep::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    std::string msg = concat("store ", op, "('", key, "') on ", impl.description, " failed: ",
+                             e.what());
+    if (comm::looks_like_timeout(e.what())) {
+      throw TimeoutError(msg + ". A rank may not have started or may have died; check every "
+                               "rank's log, or raise LOCKSTEP_RENDEZVOUS_TIMEOUT.");
+    }
+    throw CommError(msg + ". The store server (rank 0 or the launcher) may have exited.");
+  }
+}
+
+}  // namespace
+
+Store Store::tcp(const std::string& host, int port, bool is_server,
+                 std::chrono::milliseconds timeout) {
+  LOCKSTEP_CHECK(port >= 0 && port <= 65535, "Expected a TCP store port in [0, 65535], but got ",
+                 port, ".");
+  LOCKSTEP_CHECK(is_server || port > 0, "Expected a port > 0 to connect to the store at ", host,
+                 ", but got 0.");
+  auto impl = std::make_shared<Impl>();
+  try {
+    impl->kv = adapter::make_c10d_tcp_store(host, port, is_server, timeout, &impl->port);
+  } catch (const std::exception& e) {
+    auto first_line = comm::brief(e);
+    if (is_server) {
+      throw CommError(concat("Could not host the rendezvous store on ", host, ":", port, ": ",
+                             first_line, ". The port is probably in use by another job; pick a "
+                             "free MASTER_PORT (or use lockstep-run --standalone)."));
+    }
+    throw TimeoutError(concat("Could not reach the rendezvous store at ", host, ":", port,
+                              " within ", timeout.count() / 1000.0, " s: ", first_line,
+                              ". Check MASTER_ADDR/MASTER_PORT, that rank 0 (or the launcher) "
+                              "is running, and that no firewall blocks the port."));
+  }
+  impl->description = concat("tcp://", host, ":", impl->port);
+  return Store(impl);
+}
+
+Store Store::file(const std::string& path, int world_size, std::chrono::milliseconds timeout) {
+  LOCKSTEP_CHECK(!path.empty(), "Expected a file store path, but got an empty one.");
+  LOCKSTEP_CHECK(world_size >= 1, "Expected world size >= 1 for the file store ", path,
+                 ", but got ", world_size, ".");
+  auto impl = std::make_shared<Impl>();
+  try {
+    impl->kv = adapter::make_c10d_file_store(path, world_size, timeout);
+  } catch (const std::exception& e) {
+    throw CommError(concat("Could not open the file store ", path, ": ", e.what(),
+                           ". Check that its directory exists and is writable by every rank."));
+  }
+  impl->description = "file://" + path;
+  return Store(impl);
+}
+
+Store Store::hash(std::chrono::milliseconds timeout) {
+  auto impl = std::make_shared<Impl>();
+  impl->kv = adapter::make_c10d_hash_store(timeout);
+  impl->description = "hash://in-process";
+  return Store(impl);
+}
+
+Store Store::prefixed(const std::string& prefix) const {
+  auto impl = std::make_shared<Impl>();
+  impl->kv = std::make_shared<PrefixedKeyValueStore>(prefix, impl_->kv);
+  impl->description = impl_->description + "/" + prefix;
+  impl->port = impl_->port;
+  return Store(impl);
+}
+
+void Store::set(const std::string& key, const std::string& value) {
+  store_call(*impl_, "set", key, [&] {
+    impl_->kv->set(key, value);
+    return 0;
+  });
+}
+
+std::string Store::get(const std::string& key) {
+  return store_call(*impl_, "get", key, [&] { return impl_->kv->get(key); });
+}
+
+int64_t Store::add(const std::string& key, int64_t delta) {
+  return store_call(*impl_, "add", key, [&] { return impl_->kv->add(key, delta); });
+}
+
+bool Store::check(const std::vector<std::string>& keys) {
+  return store_call(*impl_, "check", keys.empty() ? "" : keys.front(),
+                    [&] { return impl_->kv->check(keys); });
+}
+
+void Store::wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {
+  store_call(*impl_, "wait", keys.empty() ? "" : keys.front(), [&] {
+    impl_->kv->wait(keys, timeout);
+    return 0;
+  });
+}
+
+bool Store::remove(const std::string& key) {
+  return store_call(*impl_, "delete", key, [&] { return impl_->kv->remove(key); });
+}
+
+std::chrono::milliseconds Store::timeout() const { return impl_->kv->timeout(); }
+
+void Store::set_timeout(std::chrono::milliseconds timeout) { impl_->kv->set_timeout(timeout); }
+
+int Store::port() const { return impl_->port; }
+
+std::string Store::describe() const { return impl_->description; }
+
+}  // namespace lockstep

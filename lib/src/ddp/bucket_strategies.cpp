@@ -1,0 +1,362 @@
+// The two bucket strategies of Note [Bucket strategies]: FlatBuckets (DDP) and RootLists
+// (DataParallel).
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "ddp/bucket_strategy.h"
+#include "ddp/reducer.h"
+#include "lockstep/errors.h"
+
+namespace lockstep {
+namespace ddp {
+
+using detail::concat;
+
+namespace {
+
+template <typename T>
+void scale_loop(T* dst, const T* src, int64_t n, T scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+}
+
+template <typename T>
+void scale_inplace(T* data, int64_t n, T scale) {
+  for (int64_t i = 0; i < n; ++i) data[i] *= scale;
+}
+
+bool same_memory(const at::Tensor& a, const at::Tensor& b) {
+  return a.defined() && b.defined() && a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides();
+}
+
+// A tensor over `buffer`'s storage at `offset` shaped `sizes` (contiguous). Not an autograd
+// view: the C++ optimizers' zero_grad() calls grad.detach_(), which views refuse, and a
+// gradient that aliases a bucket must survive it (gradient_as_bucket_view).
+at::Tensor alias_slice(const at::Tensor& buffer, int64_t offset, at::IntArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) {
+    strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
+  }
+  return at::empty({0}, buffer.options())
+      .set_(buffer.storage(), buffer.storage_offset() + offset, sizes, strides);
+}
+
+void scale_in_place(at::Tensor& t, double scale) {
+  if (scale == 1.0) return;
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kFloat) {
+      return scale_inplace(t.data_ptr<float>(), t.numel(), static_cast<float>(scale));
+    }
+    if (t.scalar_type() == at::kDouble) {
+      return scale_inplace(t.data_ptr<double>(), t.numel(), scale);
+    }
+  }
+  t.mul_(scale);
+}
+
+// The ranks that missed each of a bucket's parameters, from its reduced control elements
+// (`undo` multiplies averaged counts back to whole ranks). Clears the controls it found set.
+void read_controls(at::Tensor control, const std::vector<size_t>& params, float undo,
+                   std::vector<std::pair<size_t, int>>& missing) {
+  auto control_cpu = control.device().is_cpu() ? control : control.cpu();
+  auto as_float =
+      control_cpu.scalar_type() == at::kFloat ? control_cpu : control_cpu.to(at::kFloat);
+  const float* c = as_float.data_ptr<float>();
+  bool any = false;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const float count = c[k] * undo;  // ranks that missed the parameter
+    if (count > 0.5f) {
+      missing.emplace_back(params[k], static_cast<int>(std::lround(count)));
+      any = true;
+    }
+  }
+  if (any) control.zero_();
+}
+
+// ---------------------------------------------------------------------------------------------
+// FlatBuckets: Note [Bucket control elements], Note [Where the average is taken].
+
+class FlatBuckets : public BucketStrategy {
+ public:
+  explicit FlatBuckets(const BucketContext& c) : c_(c) {
+    const auto& options = *c_.options;
+    fused_average_ = c_.world > 1 && !options.comm_hook;
+    op_ = options.average ? ReduceOp::kAvg : ReduceOp::kSum;
+    inv_world_ = options.average ? 1.0 / c_.world : 1.0;
+  }
+
+  std::vector<std::string> build(const std::vector<std::vector<size_t>>& plan) override {
+    const auto& params = *c_.params;
+    std::vector<Bucket> buckets(plan.size());
+    std::vector<Slot> slots(params.size());
+    std::vector<std::string> transports;
+    for (size_t b = 0; b < plan.size(); ++b) {
+      auto& bucket = buckets[b];
+      bucket.params = plan[b];
+      for (size_t i : bucket.params) bucket.gradient_numel += params[i].numel();
+      const auto& first = params[bucket.params.front()];
+      // Note [CUDA buckets]: a CUDA bucket lives on its parameters' device; ProcessGroupGloo
+      // stages CUDA tensors through pinned host memory itself, so the same code path serves
+      // both. The group may hand out memory it reduces faster (Note [Shared reduction
+      // buffers] in comm/shm_group.cpp). Collective: every rank plans the same buckets.
+      bucket.buffer = c_.group->new_buffer(
+          bucket.gradient_numel + static_cast<int64_t>(bucket.params.size()),
+          first.options().requires_grad(false));
+      transports.push_back(c_.options->comm_hook
+                               ? concat(c_.hook->name(), " over ", c_.group->backend())
+                               : c_.group->transport_for(bucket.buffer));
+      int64_t offset = 0;
+      for (size_t i : bucket.params) {
+        slots[i].view = alias_slice(bucket.buffer, offset, params[i].sizes());
+        offset += params[i].numel();
+      }
+    }
+    if (c_.options->gradient_as_bucket_view) {
+      // Carry existing gradients into the new views and alias them.
+      for (size_t i = 0; i < params.size(); ++i) {
+        auto& grad = params[i].mutable_grad();
+        if (!grad.defined()) continue;
+        if (!same_memory(grad, slots[i].view)) slots[i].view.copy_(grad);
+        grad = slots[i].view;
+      }
+    }
+    buckets_ = std::move(buckets);
+    slots_ = std::move(slots);
+    return transports;
+  }
+
+  void copy_in(size_t index, bool /*have_grad*/) override {
+    auto& view = slots_[index].view;
+    auto& grad = (*c_.params)[index].mutable_grad();
+    const double scale = fused_average_ ? 1.0 : inv_world_;
+    if (c_.options->gradient_as_bucket_view) {
+      if (same_memory(grad, view)) {
+        scale_in_place(view, scale);
+      } else if (grad.defined()) {
+        // The gradient was (re)created by autograd, e.g. after zero_grad set it to None.
+        copy_scaled(view, grad, scale);
+        grad = view;
+      } else {
+        view.zero_();
+      }
+    } else if (grad.defined()) {
+      copy_scaled(view, grad, scale);
+    } else {
+      view.zero_();
+    }
+  }
+
+  void mark_missing(size_t b, size_t position) override {
+    auto& bucket = buckets_[b];
+    bucket.buffer[bucket.gradient_numel + static_cast<int64_t>(position)].fill_(1);
+  }
+
+  WorkPtr launch(size_t b, bool is_last) override {
+    auto& bucket = buckets_[b];
+    if (fused_average_) return c_.group->allreduce(bucket.buffer, op_);
+    GradBucket gb;
+    gb.index = b;
+    gb.buffer = bucket.buffer;
+    gb.gradient_numel = bucket.gradient_numel;
+    gb.is_last = is_last;
+    auto work = c_.hook->reduce(*c_.group, gb);
+    LOCKSTEP_ASSERT(work != nullptr, "comm hook '", c_.hook->name(), "' returned no Work");
+    return work;
+  }
+
+  void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) override {
+    const auto& bucket = buckets_[b];
+    const float undo = fused_average_ && op_ == ReduceOp::kAvg ? static_cast<float>(c_.world)
+                                                                : 1.0f;
+    read_controls(bucket.buffer.narrow(0, bucket.gradient_numel,
+                                       static_cast<int64_t>(bucket.params.size())),
+                  bucket.params, undo, missing);
+  }
+
+  void write_back(size_t index, bool unused_everywhere) override {
+    if (unused_everywhere) return;
+    auto& grad = (*c_.params)[index].mutable_grad();
+    auto& view = slots_[index].view;
+    if (c_.options->gradient_as_bucket_view) {
+      if (!same_memory(grad, view)) grad = view;
+    } else if (grad.defined() && !same_memory(grad, view)) {
+      copy_scaled(grad, view, 1.0);
+    } else {
+      grad = view.clone();
+    }
+  }
+
+  void reset() override {}
+
+ private:
+  struct Bucket {
+    std::vector<size_t> params;
+    at::Tensor buffer;  // gradients, then one control element per parameter
+    int64_t gradient_numel = 0;
+  };
+  struct Slot {
+    at::Tensor view;  // bucket slice shaped like the parameter
+  };
+
+  BucketContext c_;
+  bool fused_average_ = false;  // Note [Where the average is taken]
+  ReduceOp op_ = ReduceOp::kAvg;
+  double inv_world_ = 1.0;
+  std::vector<Bucket> buckets_;
+  std::vector<Slot> slots_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// RootLists: Note [Reducing into a root].
+
+class RootLists : public BucketStrategy {
+ public:
+  explicit RootLists(const BucketContext& c) : c_(c) {
+    LOCKSTEP_CHECK(!c_.options->comm_hook, c_.group->where(), " A Reducer that reduces into a "
+                   "root does not take a comm hook (Note [Reducing into a root]).");
+    root_ = c_.options->root;
+    op_ = c_.options->average ? ReduceOp::kAvg : ReduceOp::kSum;
+  }
+
+  std::vector<std::string> build(const std::vector<std::vector<size_t>>& plan) override {
+    const auto& params = *c_.params;
+    reset();
+    std::vector<Bucket> buckets(plan.size());
+    std::vector<std::string> transports;
+    position_.assign(params.size(), {0, 0});
+    for (size_t b = 0; b < plan.size(); ++b) {
+      auto& bucket = buckets[b];
+      bucket.params = plan[b];
+      const auto& first = params[bucket.params.front()];
+      bucket.control = at::zeros({static_cast<int64_t>(bucket.params.size())},
+                                 first.options().dtype(at::kFloat).requires_grad(false));
+      bucket.inputs.resize(bucket.params.size() + 1);
+      bucket.inputs.back() = bucket.control;
+      transports.push_back(concat(c_.group->backend(), " (reduce into rank ", root_, ")"));
+      for (size_t k = 0; k < bucket.params.size(); ++k) position_[bucket.params[k]] = {b, k};
+    }
+    buckets_ = std::move(buckets);
+    slots_.assign(params.size(), Slot());
+    return transports;
+  }
+
+  void copy_in(size_t index, bool have_grad) override {
+    auto& slot = slots_[index];
+    const auto& param = (*c_.params)[index];
+    auto& grad = param.mutable_grad();
+    auto& input = buckets_[position_[index].first].inputs[position_[index].second];
+    const bool root = c_.group->rank() == root_;
+    if (have_grad) {
+      input = grad.contiguous();  // the gradient itself when it is contiguous
+      if (root) grad = input;
+    } else if (root) {
+      slot.saved = grad;
+      slot.replaced = true;
+      grad = at::zeros_like(param, at::MemoryFormat::Contiguous);
+      input = grad;
+    } else {
+      if (!slot.zeros.defined()) slot.zeros = at::zeros_like(param, at::MemoryFormat::Contiguous);
+      input = slot.zeros;
+    }
+  }
+
+  void mark_missing(size_t b, size_t position) override {
+    buckets_[b].control[static_cast<int64_t>(position)].fill_(1);
+    buckets_[b].control_set = true;
+  }
+
+  WorkPtr launch(size_t b, bool /*is_last*/) override {
+    return c_.group->reduce(buckets_[b].inputs, root_, op_);
+  }
+
+  void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) override {
+    // Only the root receives the counts; reset() clears the other ranks' controls.
+    if (c_.group->rank() != root_) return;
+    auto& bucket = buckets_[b];
+    read_controls(bucket.control, bucket.params,
+                  op_ == ReduceOp::kAvg ? static_cast<float>(c_.world) : 1.0f, missing);
+    bucket.control_set = false;
+  }
+
+  void write_back(size_t index, bool unused_everywhere) override {
+    // The result is in place. A zero stand-in that some rank reduced into stays the
+    // gradient; reset() restores the .grad it replaced for one nobody used.
+    auto& slot = slots_[index];
+    if (slot.replaced && !unused_everywhere) {
+      slot.saved = at::Tensor();
+      slot.replaced = false;
+    }
+  }
+
+  void reset() override {
+    for (auto& b : buckets_) {  // drop this iteration's gradient references; clear controls
+      for (size_t k = 0; k + 1 < b.inputs.size(); ++k) b.inputs[k] = at::Tensor();
+      if (b.control_set) b.control.zero_();
+      b.control_set = false;
+    }
+    // The .grad a zero stand-in replaced, for a parameter no rank used or after a failure.
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      auto& slot = slots_[i];
+      if (!slot.replaced) continue;
+      (*c_.params)[i].mutable_grad() = slot.saved;
+      slot.saved = at::Tensor();
+      slot.replaced = false;
+    }
+  }
+
+ private:
+  struct Bucket {
+    std::vector<size_t> params;
+    std::vector<at::Tensor> inputs;  // this rank's gradients, then `control`
+    at::Tensor control;              // one control element per parameter
+    bool control_set = false;        // a control element of this rank is 1
+  };
+  struct Slot {
+    at::Tensor zeros;       // non-root rank: what a missing gradient contributes
+    bool replaced = false;  // root: .grad set to zeros for a missing gradient
+    at::Tensor saved;       // ... and the .grad it replaced
+  };
+
+  BucketContext c_;
+  int root_ = 0;
+  ReduceOp op_ = ReduceOp::kAvg;
+  std::vector<Bucket> buckets_;
+  std::vector<Slot> slots_;
+  std::vector<std::pair<size_t, size_t>> position_;  // parameter -> (bucket, position)
+};
+
+}  // namespace
+
+void copy_scaled(at::Tensor& dst, const at::Tensor& src, double scale) {
+  if (dst.device().is_cpu() && src.device().is_cpu() && src.is_contiguous() &&
+      dst.is_contiguous() && src.scalar_type() == dst.scalar_type() &&
+      src.numel() == dst.numel()) {
+    const int64_t n = src.numel();
+    if (scale == 1.0) {
+      std::memcpy(dst.data_ptr(), src.data_ptr(), n * src.element_size());
+      return;
+    }
+    if (src.scalar_type() == at::kFloat) {
+      return scale_loop(dst.data_ptr<float>(), src.data_ptr<float>(), n,
+                        static_cast<float>(scale));
+    }
+    if (src.scalar_type() == at::kDouble) {
+      return scale_loop(dst.data_ptr<double>(), src.data_ptr<double>(), n, scale);
+    }
+  }
+  dst.copy_(src);
+  if (scale != 1.0) dst.mul_(scale);
+}
+
+std::unique_ptr<BucketStrategy> make_flat_buckets(const BucketContext& context) {
+  return std::make_unique<FlatBuckets>(context);
+}
+
+std::unique_ptr<BucketStrategy> make_root_lists(const BucketContext& context) {
+  return std::make_unique<RootLists>(context);
+}
+
+}  // namespace ddp
+}  // namespace lockstep

@@ -1,0 +1,256 @@
+// lockstep-bench's command line, table-driven: no processes, no sockets, nothing timed.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "lockstep/errors.h"
+#include "options.h"
+#include "scenarios.h"
+
+namespace {
+
+using lockstep::bench::BenchOptions;
+using lockstep::bench::parse_bench_options;
+using lockstep::bench::ParseResult;
+using lockstep::bench::WorkerConfig;
+using Mode = ParseResult::Mode;
+
+std::vector<std::string> argv_of(const std::vector<std::string>& args) {
+  std::vector<std::string> v = {"lockstep-bench"};
+  v.insert(v.end(), args.begin(), args.end());
+  return v;
+}
+
+ParseResult parse(const std::vector<std::string>& args) {
+  return parse_bench_options(argv_of(args));
+}
+
+TEST(BenchOptions, DefaultsRunEveryModelButSmallMlpAndEveryFamily) {
+  const auto r = parse({});
+  ASSERT_EQ(r.mode, Mode::kRun);
+  const BenchOptions& o = r.options;
+  EXPECT_EQ(o.models, (std::vector<std::string>{"mlp", "deep_mlp", "cnn", "transformer"}));
+  EXPECT_EQ(o.families, lockstep::bench::scenario_families());
+  EXPECT_EQ(o.steps, 30);
+  EXPECT_EQ(o.warmup, 5);
+  EXPECT_EQ(o.repeats, 3);
+  EXPECT_EQ(o.batch, 0);
+  EXPECT_EQ(o.bucket_cap_mb, 25);
+  EXPECT_EQ(o.bucket_caps, (std::vector<double>{1, 4, 25, 100}));
+  EXPECT_EQ(o.bucket_sweep_model, "deep_mlp");
+  EXPECT_EQ(o.sweep_min_bytes, 1024);
+  EXPECT_EQ(o.sweep_max_bytes, 64 << 20);
+  EXPECT_EQ(o.sweep_world, 2);
+  EXPECT_EQ(o.transports, (std::vector<std::string>{"gloo", "shm"}));
+  EXPECT_EQ(o.dp_replicas, 2);
+  EXPECT_EQ(o.dp_omp_threads, 1);
+  EXPECT_TRUE(o.dp_scope_blas);
+  EXPECT_EQ(o.retries, 2);
+  EXPECT_EQ(o.disturbance_cpus, 0.1);
+  EXPECT_FALSE(o.keep_disturbed);
+  EXPECT_EQ(o.worker_timeout_s, 300);
+  EXPECT_EQ(o.python, "/usr/bin/python3");
+  EXPECT_EQ(o.command, "lockstep-bench");
+  for (const char* f : {"floor", "overhead", "ddp", "dp", "allreduce", "torch_ddp"}) {
+    EXPECT_NE(std::find(o.families.begin(), o.families.end(), f), o.families.end()) << f;
+  }
+}
+
+TEST(BenchOptions, EveryFlagIsRead) {
+  const auto r = parse({"--model",
+                        "mlp,small_mlp",
+                        "--scenario",
+                        "floor,ddp",
+                        "--steps",
+                        "7",
+                        "--warmup",
+                        "0",
+                        "--repeats",
+                        "4",
+                        "--batch",
+                        "8",
+                        "--bucket-cap-mb",
+                        "2.5",
+                        "--bucket-caps",
+                        "1,0.5",
+                        "--bucket-sweep-model",
+                        "cnn",
+                        "--sweep-min-bytes",
+                        "4",
+                        "--sweep-max-bytes",
+                        "4096",
+                        "--sweep-world",
+                        "3",
+                        "--transports",
+                        "shm",
+                        "--dp-replicas",
+                        "4",
+                        "--dp-omp-threads",
+                        "2",
+                        "--dp-scope-blas",
+                        "0",
+                        "--retries",
+                        "0",
+                        "--disturbance-cpus",
+                        "0.25",
+                        "--keep-disturbed",
+                        "--python",
+                        "/opt/py",
+                        "--script",
+                        "s.py",
+                        "--worker-timeout",
+                        "9",
+                        "--json",
+                        "o.json",
+                        "--markdown",
+                        "o.md"});
+  ASSERT_EQ(r.mode, Mode::kRun);
+  const BenchOptions& o = r.options;
+  EXPECT_EQ(o.models, (std::vector<std::string>{"mlp", "small_mlp"}));
+  EXPECT_EQ(o.families, (std::vector<std::string>{"floor", "ddp"}));
+  EXPECT_EQ(o.steps, 7);
+  EXPECT_EQ(o.warmup, 0);
+  EXPECT_EQ(o.repeats, 4);
+  EXPECT_EQ(o.batch, 8);
+  EXPECT_EQ(o.bucket_cap_mb, 2.5);
+  EXPECT_EQ(o.bucket_caps, (std::vector<double>{1, 0.5}));
+  EXPECT_EQ(o.bucket_sweep_model, "cnn");
+  EXPECT_EQ(o.sweep_min_bytes, 4);
+  EXPECT_EQ(o.sweep_max_bytes, 4096);
+  EXPECT_EQ(o.sweep_world, 3);
+  EXPECT_EQ(o.transports, (std::vector<std::string>{"shm"}));
+  EXPECT_EQ(o.dp_replicas, 4);
+  EXPECT_EQ(o.dp_omp_threads, 2);
+  EXPECT_FALSE(o.dp_scope_blas);
+  EXPECT_EQ(o.retries, 0);
+  EXPECT_EQ(o.disturbance_cpus, 0.25);
+  EXPECT_TRUE(o.keep_disturbed);
+  EXPECT_EQ(o.python, "/opt/py");
+  EXPECT_EQ(o.script, "s.py");
+  EXPECT_EQ(o.worker_timeout_s, 9);
+  EXPECT_EQ(o.json_path, "o.json");
+  EXPECT_EQ(o.markdown_path, "o.md");
+  EXPECT_EQ(o.command.rfind("lockstep-bench --model mlp,small_mlp --scenario floor,ddp", 0), 0u)
+      << o.command;
+}
+
+TEST(BenchOptions, HelpPrintsTheOptionsAndRunsNothing) {
+  for (const char* flag : {"--help", "-h"}) {
+    // Even beside flags that would start a run.
+    const auto r = parse({"--model", "mlp", flag});
+    EXPECT_EQ(r.mode, Mode::kHelp) << flag;
+    for (const char* text :
+         {"--scenario", "--model", "--steps", "--disturbance-cpus", "--keep-disturbed",
+          "--from-json", "--dp-replicas", "floor", "small_mlp", "--worker"}) {
+      EXPECT_NE(r.help_text.find(text), std::string::npos) << text << " missing in\n"
+                                                           << r.help_text;
+    }
+  }
+}
+
+TEST(BenchOptions, FromJsonRendersInsteadOfRunning) {
+  const auto r = parse({"--from-json", "old.json", "--markdown", "old.md"});
+  EXPECT_EQ(r.mode, Mode::kRender);
+  EXPECT_EQ(r.options.from_json, "old.json");
+  EXPECT_EQ(r.options.markdown_path, "old.md");
+}
+
+TEST(BenchOptions, WorkerArgumentsParseBackIntoTheSameConfig) {
+  WorkerConfig c;
+  c.kind = "dp";
+  c.model = "small_mlp";
+  c.batch = 12;
+  c.steps = 3;
+  c.warmup = 2;
+  c.threads = 2;
+  c.replicas = 3;
+  c.scope_blas = false;
+  c.bucket_cap_mb = 0.25;
+  c.sweep_min_bytes = 8;
+  c.sweep_max_bytes = 4096;
+  c.result = "r.json";
+  const auto r = parse(lockstep::bench::worker_arguments(c));
+  ASSERT_EQ(r.mode, Mode::kWorker);
+  const WorkerConfig& w = r.worker;
+  EXPECT_EQ(w.kind, c.kind);
+  EXPECT_EQ(w.model, c.model);
+  EXPECT_EQ(w.batch, c.batch);
+  EXPECT_EQ(w.steps, c.steps);
+  EXPECT_EQ(w.warmup, c.warmup);
+  EXPECT_EQ(w.threads, c.threads);
+  EXPECT_EQ(w.replicas, c.replicas);
+  EXPECT_EQ(w.scope_blas, c.scope_blas);
+  EXPECT_EQ(w.bucket_cap_mb, c.bucket_cap_mb);
+  EXPECT_EQ(w.sweep_min_bytes, c.sweep_min_bytes);
+  EXPECT_EQ(w.sweep_max_bytes, c.sweep_max_bytes);
+  EXPECT_EQ(w.result, c.result);
+}
+
+TEST(BenchOptions, WorkerBatchZeroIsTheModelsDefault) {
+  const auto r = parse({"--worker", "floor", "--model", "transformer", "--result", "r.json"});
+  ASSERT_EQ(r.mode, Mode::kWorker);
+  EXPECT_EQ(r.worker.batch, 16);
+  EXPECT_EQ(r.worker.kind, "floor");
+}
+
+struct BadCase {
+  std::vector<std::string> args;
+  std::string message;  // a substring of the error
+};
+
+TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
+  const std::vector<BadCase> cases = {
+      {{"--steps", "0"}, "--steps: expected an integer in [1, 1000000], but got '0'"},
+      {{"--steps", "3x"}, "--steps: expected an integer in [1, 1000000], but got '3x'"},
+      {{"--warmup", "-1"}, "--warmup: expected an integer in [0, 1000000], but got '-1'"},
+      {{"--repeats", "0"}, "--repeats: expected an integer in [1, 10000], but got '0'"},
+      {{"--batch", "-2"}, "--batch: expected an integer >= 0, but got '-2'"},
+      {{"--model", "resnet"},
+       "--model: unknown 'resnet'; expected a comma list of mlp, deep_mlp, cnn, transformer, "
+       "small_mlp or all"},
+      {{"--model", ","}, "--model: expected a comma list of mlp, deep_mlp"},
+      {{"--scenario", "plain,nope"}, "--scenario: unknown 'nope'; expected a comma list of plain"},
+      {{"--bucket-cap-mb", "0"}, "--bucket-cap-mb: expected a number > 0, but got '0'"},
+      {{"--bucket-caps", "1,x"}, "--bucket-caps: expected a number > 0, but got 'x'"},
+      {{"--bucket-caps", ","}, "--bucket-caps: expected a comma list of caps in MB"},
+      {{"--bucket-sweep-model", "vgg"}, "--bucket-sweep-model: unknown 'vgg'; expected one of mlp"},
+      {{"--sweep-min-bytes", "2"}, "--sweep-min-bytes: expected an integer >= 4, but got '2'"},
+      {{"--sweep-min-bytes", "4096", "--sweep-max-bytes", "1024"},
+       "--sweep-max-bytes: expected at least --sweep-min-bytes (4096), but got 1024"},
+      {{"--sweep-world", "1"}, "--sweep-world: expected an integer in [2, 64], but got '1'"},
+      {{"--transports", ","}, "--transports: expected a comma list such as gloo,shm"},
+      {{"--dp-replicas", "0"}, "--dp-replicas: expected an integer in [1, 256], but got '0'"},
+      {{"--dp-omp-threads", "0"}, "--dp-omp-threads: expected an integer in [1, 1024]"},
+      {{"--dp-scope-blas", "maybe"},
+       "--dp-scope-blas: expected 1 or 0 (true or false), but got 'maybe'"},
+      {{"--retries", "-1"}, "--retries: expected an integer in [0, 100], but got '-1'"},
+      {{"--disturbance-cpus", "0"}, "--disturbance-cpus: expected a number > 0, but got '0'"},
+      {{"--worker-timeout", "0"}, "--worker-timeout: expected an integer in [1, 86400]"},
+      {{"--no-such-flag"}, "(see lockstep-bench --help)"},
+      {{"stray"}, "unexpected argument 'stray': every option is a --flag"},
+      {{"--worker", "bogus", "--result", "r"},
+       "--worker: unknown kind 'bogus'; expected one of plain, floor, ddp, perparam, overhead, "
+       "dp, allreduce"},
+      {{"--worker", "ddp", "--model", "mlp"}, "--worker needs --result FILE"},
+      {{"--worker", "ddp", "--model", "all", "--result", "r"},
+       "--model: a worker runs one model, one of mlp, deep_mlp, cnn, transformer, small_mlp, but "
+       "got 'all'"},
+      {{"--worker", "dp", "--model", "mlp", "--result", "r", "--scope-blas", "2"},
+       "--scope-blas: expected 1 or 0 (true or false), but got '2'"},
+  };
+  for (const auto& c : cases) {
+    std::string joined;
+    for (const auto& a : c.args) joined += a + " ";
+    try {
+      parse(c.args);
+      ADD_FAILURE() << joined << ": no error";
+    } catch (const lockstep::InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(c.message), std::string::npos)
+          << joined << "\n  got:      " << e.what() << "\n  expected: " << c.message;
+    }
+  }
+}
+
+}  // namespace
