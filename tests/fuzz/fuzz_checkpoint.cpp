@@ -21,7 +21,7 @@
 #include "lockstep/errors.h"
 #include "train/checkpoint_parsing.h"
 
-using namespace lockstep::train::detail;
+using namespace lockstep::train::format;
 
 namespace {
 

@@ -95,22 +95,34 @@ IdxHeader parse_idx_header(const unsigned char* p, size_t n, const std::string& 
   LOCKSTEP_CHECK(header_got >= 4 * dims, "IDX file '", path, "' is truncated at offset ",
                  4 + header_got, ": the header declares ", dims, " dimension sizes (", 4 * dims,
                  " bytes from offset 4), but the file ends first.");
-  h.count = 1;
+  bool any_zero = false;
+  long double claimed = static_cast<long double>(h.element_size);  // for the message only
   for (int64_t d = 0; d < dims; ++d) {
-    const int64_t size = big_endian32(p + 4 + 4 * d);
-    h.sizes.push_back(size);
-    LOCKSTEP_CHECK(size == 0 || h.count <= (int64_t{1} << 40) / size, "IDX file '", path,
-                   "' declares an implausible shape at offset ", 4 + 4 * d, " (dimension ", d,
-                   " = ", size, "): more than 2^40 elements.");
-    h.count *= size;
+    h.sizes.push_back(big_endian32(p + 4 + 4 * d));
+    any_zero = any_zero || h.sizes.back() == 0;
+    claimed *= static_cast<long double>(h.sizes.back());
   }
   h.data_offset = 4 + 4 * dims;
+  // Note [Bounded reads]: the element count is bounded by the room after the header, one
+  // dimension at a time, so the product never overflows.
   const int64_t room = std::max<int64_t>(stream_bound - h.data_offset, 0);
-  LOCKSTEP_CHECK(h.data_bytes() <= room, "IDX file '", path, "' declares more data than it can "
-                 "hold: the header (offset 4) declares ", shape_string(h.sizes), " ",
-                 h.type_name, " = ", h.data_bytes(), " bytes from offset ", h.data_offset,
-                 ", but the file can hold at most ", room,
-                 " bytes there. The header or the file is wrong; nothing was allocated.");
+  const int64_t max_count = room / h.element_size;
+  h.count = 1;
+  for (int64_t d = 0; d < dims && !any_zero; ++d) {
+    const int64_t size = h.sizes[static_cast<size_t>(d)];
+    LOCKSTEP_CHECK(h.count <= max_count / size, "IDX file '", path, "' declares more data than "
+                   "it can hold: the header (offset 4) declares ", shape_string(h.sizes), " ",
+                   h.type_name, " = ",
+                   claimed < 9e18L ? std::to_string(static_cast<long long>(claimed))
+                                   : std::string("more than 9e18"),
+                   " bytes from offset ", h.data_offset, ", but the file can hold at most ", room,
+                   " bytes there. The header is wrong or the file is truncated; nothing was "
+                   "allocated.");
+    h.count *= size;
+  }
+  if (any_zero) h.count = 0;
+  LOCKSTEP_CHECK(h.count <= (int64_t{1} << 40), "IDX file '", path, "' declares an implausible "
+                 "shape at offset 4: ", shape_string(h.sizes), " is more than 2^40 elements.");
   return h;
 }
 

@@ -26,10 +26,10 @@ using nlohmann::json;
 
 namespace {
 
-using detail::crc32_of;
-using detail::kEndMagic;
-using detail::kMagic;
-using detail::kTrailerBytes;
+using format::crc32_of;
+using format::kEndMagic;
+using format::kMagic;
+using format::kTrailerBytes;
 
 template <typename T>
 void put(std::string& out, T value) {
@@ -112,7 +112,7 @@ std::string dir_of(const std::string& path) {
 
 void write_checkpoint_file(const std::string& path, const Checkpoint& checkpoint) {
   // Note [Bounded checkpoint parsing]: what the reader would reject is not written.
-  detail::check_json_bounds(checkpoint.metadata,
+  format::check_json_bounds(checkpoint.metadata,
                             concat("checkpoint metadata for '", path, "'"));
   json meta;
   try {
@@ -203,14 +203,14 @@ Checkpoint read_checkpoint_file(const std::string& path) {
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (in.bad()) throw fail("read error");
   // Note [Bounded checkpoint parsing]: everything is verified before any tensor is allocated.
-  const detail::ParsedCheckpoint parsed =
-      detail::parse_checkpoint_bytes(bytes, path, kCheckpointFormatVersion);
+  const format::ParsedCheckpoint parsed =
+      format::parse_checkpoint_bytes(bytes, path, kCheckpointFormatVersion);
   Checkpoint out;
   out.metadata = parsed.metadata;
   for (const auto& e : parsed.tensors) {
     const at::ScalarType dtype = parse_dtype(e.dtype, path, e.name);
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(c10::elementSize(dtype)) ==
-                          detail::dtype_size(e.dtype));
+                          format::dtype_size(e.dtype));
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(dtype));
     if (e.nbytes > 0) std::memcpy(t.data_ptr(), bytes.data() + parsed.data_start + e.offset, e.nbytes);
     out.tensors.emplace(e.name, t);
@@ -220,7 +220,7 @@ Checkpoint read_checkpoint_file(const std::string& path) {
 
 int64_t metadata_int(const Checkpoint& checkpoint, const std::string& key, int64_t min,
                      int64_t max, const std::string& path) {
-  return detail::metadata_int(checkpoint.metadata, key, min, max, path);
+  return format::metadata_int(checkpoint.metadata, key, min, max, path);
 }
 
 bool checkpoint_exists(const std::string& path) {

@@ -15,7 +15,7 @@
 
 namespace lockstep {
 namespace train {
-namespace detail {
+namespace format {
 
 using lockstep::detail::concat;
 using nlohmann::json;
@@ -244,6 +244,6 @@ int64_t metadata_int(const std::string& metadata, const std::string& key, int64_
   return it->get<int64_t>();
 }
 
-}  // namespace detail
+}  // namespace format
 }  // namespace train
 }  // namespace lockstep

@@ -24,7 +24,7 @@
 
 namespace lockstep {
 namespace train {
-namespace detail {
+namespace format {
 
 constexpr size_t kMaxJsonDepth = 64;
 constexpr uint64_t kMaxHeaderBytes = uint64_t{256} << 20;
@@ -74,6 +74,6 @@ ParsedCheckpoint parse_checkpoint_bytes(const std::string& bytes, const std::str
 int64_t metadata_int(const std::string& metadata, const std::string& key, int64_t min,
                      int64_t max, const std::string& path);
 
-}  // namespace detail
+}  // namespace format
 }  // namespace train
 }  // namespace lockstep
