@@ -212,7 +212,9 @@ Checkpoint read_checkpoint_file(const std::string& path) {
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(c10::elementSize(dtype)) ==
                           format::dtype_size(e.dtype));
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(dtype));
-    if (e.nbytes > 0) std::memcpy(t.data_ptr(), bytes.data() + parsed.data_start + e.offset, e.nbytes);
+    if (e.nbytes > 0) {
+      std::memcpy(t.data_ptr(), bytes.data() + parsed.data_start + e.offset, e.nbytes);
+    }
     out.tensors.emplace(e.name, t);
   }
   return out;
