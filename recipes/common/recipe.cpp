@@ -346,9 +346,11 @@ bool Checkpointer::load(Position& position) {
                  "lockstep::ShardedSampler); start afresh with --resume=false or another --out-dir");
   train::load_module(ck, model_);
   train::load_optimizer(ck, optimizer_);
-  position.epoch = meta.at("epoch").get<int64_t>();
-  position.batch = meta.at("batch").get<int64_t>();
-  position.step = meta.at("step").get<int64_t>();
+  // Range-checked: a hostile or edited file is rejected naming the field, never resumed from.
+  constexpr int64_t kMaxPosition = int64_t{1} << 53;
+  position.epoch = train::metadata_int(ck, "epoch", 0, kMaxPosition, path);
+  position.batch = train::metadata_int(ck, "batch", 0, kMaxPosition, path);
+  position.step = train::metadata_int(ck, "step", 0, kMaxPosition, path);
   sampler_.load_state(SamplerState::from_string(meta.at("sampler").get<std::string>()));
   auto rng = ck.tensors.find(concat("rng.cpu.rank", group.rank()));
   if (meta.value("world_size", 0) == group.size() && rng != ck.tensors.end()) {
