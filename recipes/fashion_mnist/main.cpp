@@ -5,12 +5,15 @@
 //
 // Ends by printing the test accuracy and the path of the HTML report. Resumes from
 // OUT_DIR/checkpoint.lsck when present. See recipes/common/recipe.h for exit codes.
-#include <zlib.h>
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
 
+#include "lockstep/readers.h"
 #include "lockstep/train/interop.h"
 #include "recipe.h"
 
@@ -19,48 +22,28 @@ using lockstep::detail::concat;
 
 namespace {
 
-// Reads a gzip'd IDX file (big-endian header: magic, dimensions; then uint8 data).
-torch::Tensor read_idx_gz(const std::string& path, int expected_dims) {
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (!f) throw InvalidArgument(concat("cannot open '", path, "'; install the Debian package "
-                                       "dataset-fashion-mnist or pass --data-dir"));
-  std::string bytes;
-  char buf[1 << 16];
-  int n;
-  while ((n = gzread(f, buf, sizeof(buf))) > 0) bytes.append(buf, static_cast<size_t>(n));
-  gzclose(f);
-  auto be32 = [&](size_t off) {
-    LOCKSTEP_CHECK(off + 4 <= bytes.size(), "'", path, "' is truncated at offset ", off);
-    const auto* p = reinterpret_cast<const unsigned char*>(bytes.data() + off);
-    return (int64_t(p[0]) << 24) | (int64_t(p[1]) << 16) | (int64_t(p[2]) << 8) | int64_t(p[3]);
-  };
-  int64_t magic = be32(0);
-  LOCKSTEP_CHECK(magic == 0x800 + expected_dims, "'", path, "': expected IDX uint8 magic 0x",
-                 std::hex, 0x800 + expected_dims, ", but got 0x", magic);
-  std::vector<int64_t> dims;
-  int64_t numel = 1;
-  for (int d = 0; d < expected_dims; ++d) {
-    dims.push_back(be32(4 + 4 * d));
-    numel *= dims.back();
-  }
-  size_t start = 4 + 4 * expected_dims;
-  LOCKSTEP_CHECK(bytes.size() == start + static_cast<size_t>(numel), "'", path, "': expected ",
-                 start + numel, " bytes for dimensions, but the file has ", bytes.size());
-  auto t = torch::empty(dims, torch::kUInt8);
-  std::memcpy(t.data_ptr(), bytes.data() + start, static_cast<size_t>(numel));
-  return t;
-}
-
 struct Split {
   torch::Tensor images;  // N x 1 x 28 x 28 float, normalised
   torch::Tensor labels;  // N long
 };
 
+// The library's bounded IDX reader (lockstep/readers.h): header claims are checked against the
+// file before anything is allocated, every label against the 10 classes (naming file, record
+// and offset), and an unreadable file is told apart from a missing one.
 Split load_split(const std::string& dir, const std::string& prefix, int64_t limit) {
-  auto images = read_idx_gz(dir + "/" + prefix + "-images-idx3-ubyte.gz", 3);
-  auto labels = read_idx_gz(dir + "/" + prefix + "-labels-idx1-ubyte.gz", 1);
-  LOCKSTEP_CHECK(images.size(0) == labels.size(0), "'", dir, "': ", images.size(0),
-                 " images but ", labels.size(0), " labels in ", prefix);
+  const std::string images_path = dir + "/" + prefix + "-images-idx3-ubyte.gz";
+  const std::string labels_path = dir + "/" + prefix + "-labels-idx1-ubyte.gz";
+  for (const auto& path : {images_path, labels_path}) {
+    if (access(path.c_str(), F_OK) != 0 && errno == ENOENT) {
+      throw InvalidArgument(concat("'", path, "' does not exist; install the Debian package "
+                                   "dataset-fashion-mnist or pass --data-dir"));
+    }
+  }
+  auto set = lockstep::load_idx_dataset(
+      images_path, labels_path,
+      lockstep::IdxDatasetOptions().normalize(false).channel_dim(false).num_classes(10));
+  auto images = set.data();
+  auto labels = set.target();
   if (limit > 0 && limit < images.size(0)) {
     images = images.narrow(0, 0, limit);
     labels = labels.narrow(0, 0, limit);
