@@ -386,7 +386,7 @@ int Agent::run() {
   }
   program_path_ = *found;
 
-  rounds_ = std::make_unique<Rounds>(o_);
+  rounds_ = std::make_unique<Rounds>(o_, env_);
   if (o_.node_rank == 0) o_.master_port = rounds_->port();
   say_.progress(concat(o_.node_rank == 0 ? "hosting" : "joined", " the rendezvous store at ",
                        o_.master_addr, ":", o_.master_port, " (run id '", o_.run_id, "', node ",

@@ -8,6 +8,7 @@
 
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
+#include "lockstep/store.h"
 
 namespace lockstep {
 namespace run {
@@ -214,6 +215,10 @@ EnvMap worker_env(const RunOptions& options, const RoundLayout& layout, int loca
   add[env::kJobId] = options.run_id;
   add["TORCHELASTIC_RUN_ID"] = options.run_id;
   add[env::kErrorFile] = error_file;
+  if (!layout.store_token.empty()) {
+    add[env::kStoreToken] = store_token_to_hex(layout.store_token);
+    add[env::kStoreTokenFile] = "";
+  }
   if (env.count("OMP_NUM_THREADS") == 0) {
     add["OMP_NUM_THREADS"] = str(std::max(1, cpu_count / options.nproc_per_node));
   }

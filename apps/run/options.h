@@ -57,6 +57,7 @@ struct RoundLayout {
   std::string master_addr;     ///< address workers connect to
   int master_port = 0;         ///< bound port of the store
   int restart_count = 0;       ///< round number (0 for the first attempt)
+  std::string store_token;     ///< the job token (raw bytes; Note [Job token] in rounds.cpp)
 };
 
 /// The variables lockstep-run adds for local rank `local_rank` (the worker inherits the rest of
@@ -64,7 +65,8 @@ struct RoundLayout {
 /// environment `env`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK,
 /// ROLE_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCKSTEP_AGENT_STORE and
 /// TORCHELASTIC_USE_AGENT_STORE, LOCKSTEP_RESTART_COUNT and TORCHELASTIC_RESTART_COUNT,
-/// LOCKSTEP_JOB_ID and TORCHELASTIC_RUN_ID, LOCKSTEP_ERROR_FILE (`error_file`), and
+/// LOCKSTEP_JOB_ID and TORCHELASTIC_RUN_ID, LOCKSTEP_ERROR_FILE (`error_file`),
+/// LOCKSTEP_STORE_TOKEN (hex; LOCKSTEP_STORE_TOKEN_FILE emptied so the two never clash), and
 /// OMP_NUM_THREADS = max(1, cpu_count / nproc_per_node) unless `env` sets it.
 EnvMap worker_env(const RunOptions& options, const RoundLayout& layout, int local_rank,
                   const std::string& error_file, const EnvMap& env, int cpu_count);

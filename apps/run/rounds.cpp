@@ -9,7 +9,9 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 
+#include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
+#include "lockstep/store.h"
 
 namespace lockstep {
 namespace run {
@@ -47,11 +49,31 @@ std::chrono::milliseconds seconds(double s) {
 
 }  // namespace
 
-Rounds::Rounds(const RunOptions& options) : o_(options) {
+// Note [Job token]
+// Every connection to the launcher's store proves it holds the job token (lockstep::Store,
+// Note [Store protocol]), and the store listens on --master-addr only (loopback for a
+// single-node job). A single-node job makes its own token; the launchers of a multi-node job
+// must share one, which only the user can hand out safely: the same LOCKSTEP_STORE_TOKEN_FILE
+// (or LOCKSTEP_STORE_TOKEN) on every node. Workers get it as LOCKSTEP_STORE_TOKEN in their
+// environment (never on a command line, never in a log).
+Rounds::Rounds(const RunOptions& options, const EnvMap& env) : o_(options) {
+  token_ = store_token_from_environment(env);
+  if (token_.empty()) {
+    if (o_.nnodes > 1) {
+      throw InvalidArgument(concat(
+          "a job of ", o_.nnodes, " nodes needs a job token that every node's launcher shares, "
+          "so that nobody else can join its store: write one to a file only you can read on "
+          "every node (head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > ~/.lockstep-token; "
+          "chmod 600 ~/.lockstep-token) and set ", env::kStoreTokenFile,
+          "=~/.lockstep-token (or ", env::kStoreToken, ") for every lockstep-run"));
+    }
+    token_ = generate_store_token();
+  }
   bool host = o_.node_rank == 0;
   if (host) check_port_free(o_.master_port);
-  store_ = std::make_unique<Store>(
-      Store::tcp(o_.master_addr, o_.master_port, host, seconds(o_.rdzv_timeout)));
+  store_ = std::make_unique<Store>(Store::tcp(o_.master_addr, o_.master_port, host,
+                                              seconds(o_.rdzv_timeout),
+                                              TcpStoreOptions().token(token_)));
 }
 
 int Rounds::port() const { return store_->port(); }
@@ -101,6 +123,7 @@ std::optional<RoundLayout> Rounds::join(int round, const std::string& host,
     layout.world_size += nproc[k];
   }
   layout.restart_count = round_;
+  layout.store_token = token_;
   return layout;
 }
 

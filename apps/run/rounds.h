@@ -48,9 +48,10 @@ namespace run {
 class Rounds {
  public:
   /// Node 0 hosts the store on --master-addr/--master-port (failing with one line when the
-  /// port is taken), the other nodes connect within --rdzv-timeout. Throws CommError or
-  /// TimeoutError.
-  explicit Rounds(const RunOptions& options);
+  /// port is taken), listening on that address only, the other nodes connect within
+  /// --rdzv-timeout. Every connection proves it holds the job token (Note [Job token]).
+  /// Throws CommError, TimeoutError or InvalidArgument (no shared token for several nodes).
+  Rounds(const RunOptions& options, const EnvMap& env);
 
   /// The store's bound port (the one picked when --master-port is 0).
   int port() const;
@@ -89,6 +90,7 @@ class Rounds {
   Failure read_failure();
 
   RunOptions o_;
+  std::string token_;  // raw bytes
   std::unique_ptr<Store> store_;
   int round_ = 0;
 };

@@ -10,7 +10,6 @@
 #include <fstream>
 #include <iterator>
 #include <sstream>
-#include <sys/stat.h>
 
 #include "recipe.h"
 
@@ -166,9 +165,7 @@ int run(int argc, char** argv) {
 
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
-  if (common.batch_size % world != 0) {
-    throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ", world, " ranks"));
-  }
+  const int64_t local = recipe::local_batch_size(common, *pg);
   auto config = common.as_config();
   config["recipe"] = "char_lm";
   std::string joined;
@@ -181,8 +178,7 @@ int run(int argc, char** argv) {
   config["dropout"] = concat(dropout);
   config["val-fraction"] = concat(val_fraction);
   train::check_config_agreement(*pg, config);
-  if (rank == 0) ::mkdir(common.out_dir.c_str(), 0755);
-  pg->barrier()->wait();
+  recipe::make_out_dir(*pg, common.out_dir);
 
   std::string text = read_corpus(dir, files);
   std::vector<int64_t> ids(text.size());
@@ -198,15 +194,16 @@ int run(int argc, char** argv) {
   torch::manual_seed(common.seed);
   LM lm(context, d_model, heads, layers, dropout);
   torch::optim::AdamW optimizer(lm->parameters(), torch::optim::AdamWOptions(common.lr).weight_decay(0.01));
+  // Full local batches of windows from the sharded sampler (Note [Recipe data order]).
+  auto sampler = recipe::train_sampler(*pg, n, common.seed);
+  const int64_t per_epoch = static_cast<int64_t>(sampler.size()) / local;
+  LOCKSTEP_CHECK(per_epoch > 0, "the text gives ", n, " windows, fewer than one global batch (", common.batch_size, ")");
+  const int64_t total = recipe::total_steps(common, per_epoch);
+  recipe::Checkpointer checkpointer(*pg, common.checkpoint, "char_lm", *lm, optimizer, sampler, config);
   recipe::Position pos;
-  bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
+  bool resumed = common.resume && checkpointer.load(pos);
   if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);
   DistributedDataParallel ddp(lm, pg);  // averages gradients, overlapped with backward
-
-  const int64_t per_epoch = recipe::batches_per_epoch(n, common.batch_size);
-  LOCKSTEP_CHECK(per_epoch > 0, "the text gives ", n, " windows, fewer than one global batch (", common.batch_size, ")");
-  int64_t total = per_epoch * common.epochs;
-  if (common.max_steps > 0) total = std::min(total, common.max_steps);
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   train::MetricsWriter metrics(rank == 0 ? metrics_path : "", resumed);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
@@ -222,12 +219,12 @@ int run(int argc, char** argv) {
   bool preempted = false;
   double last_train = NAN;
   while (pos.step < total && !preempted) {
-    auto order = recipe::epoch_order(n, common.seed, pos.epoch);
     progress.set_label(concat("epoch ", pos.epoch + 1, "/", common.epochs));
     double loss_sum = 0;
     int64_t count = 0;
     while (pos.batch < per_epoch && pos.step < total) {
-      auto idx = recipe::local_batch(order, pos.batch, common.batch_size, rank, world);
+      auto idx = recipe::next_batch(sampler, local);
+      if (static_cast<int64_t>(idx.size()) < local) break;
       std::vector<torch::Tensor> xs, ys;
       for (auto i : idx) {
         xs.push_back(train_data.narrow(0, i * context, context));
@@ -251,13 +248,11 @@ int run(int argc, char** argv) {
         metrics.write({"step", {{"step", double(pos.step)}, {"loss", l},
                                 {"chars_per_s", common.batch_size * context / dt}}});
       }
-      if (recipe::agree_stop(*pg, common.stop_after > 0 && pos.step >= common.stop_after)) {
+      if (recipe::end_step(*pg, common, pos.step, l)) {
         preempted = true;
         break;
       }
-      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) {
-        recipe::save(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
-      }
+      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) checkpointer.save(pos);
     }
     if (preempted) break;
     if (count > 0) last_train = loss_sum / count;
@@ -272,13 +267,12 @@ int run(int argc, char** argv) {
       }
       ++pos.epoch;
       pos.batch = 0;
+      sampler.set_epoch(pos.epoch);
     }
-    recipe::save(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
+    checkpointer.save(pos);
   }
   progress.finish();
-  if (preempted) {
-    return recipe::exit_preempted(*pg, common.checkpoint, "char_lm", *lm, optimizer, pos, config);
-  }
+  if (preempted) return checkpointer.exit_preempted(pos);
   double val = evaluate(*pg, lm, val_data, context, common.limit_eval);
   double train_loss = evaluate(*pg, lm, train_data, context, common.limit_eval > 0 ? common.limit_eval : 2000);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();

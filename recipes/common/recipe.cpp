@@ -5,6 +5,9 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <sys/stat.h>
+
+#include <cmath>
 #include <csignal>
 #include <mutex>
 #include <cstdio>
@@ -191,10 +194,24 @@ void install_stop_handlers() {
 
 bool stop_signalled() { return g_stop != 0; }
 
-bool agree_stop(ProcessGroup& group, bool force) {
-  auto flag = torch::tensor({(stop_signalled() || force) ? 1 : 0}, torch::kInt);
-  if (group.size() > 1) group.allreduce(flag, ReduceOp::kMax)->wait();
-  return flag.item<int>() != 0;
+bool end_step(ProcessGroup& group, const Common& common, int64_t step, double loss) {
+  // One all-reduce (max) per step: [0] stop, [1 + r] rank r's loss is not finite.
+  auto flags = torch::zeros({1 + group.size()}, torch::kInt);
+  const bool stop = stop_signalled() || (common.stop_after > 0 && step >= common.stop_after);
+  flags[0] = stop ? 1 : 0;
+  flags[1 + group.rank()] = std::isfinite(loss) ? 0 : 1;
+  if (group.size() > 1) group.allreduce(flags, ReduceOp::kMax)->wait();
+  std::string bad;
+  for (int r = 0; r < group.size(); ++r) {
+    if (flags[1 + r].item<int>() != 0) bad += concat(bad.empty() ? "" : ", ", r);
+  }
+  if (!bad.empty()) {
+    throw Error(concat(group.where(), " the training loss is not finite at step ", step,
+                       " on rank(s) ", bad, " (this rank's loss: ", loss,
+                       "); stopping without a checkpoint of this step. Look for NaN/Inf in the "
+                       "input data or lower --lr (now ", common.lr, ")."));
+  }
+  return flags[0].item<int>() != 0;
 }
 
 ProcessGroupPtr start(int threads) {
@@ -208,43 +225,65 @@ ProcessGroupPtr start(int threads) {
   return pg;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Data order and gradients
-
-std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ull + static_cast<uint64_t>(epoch));
-  auto perm = torch::randperm(n, gen, torch::kLong);
-  return std::vector<int64_t>(perm.data_ptr<int64_t>(), perm.data_ptr<int64_t>() + n);
+void make_out_dir(ProcessGroup& group, const std::string& dir) {
+  if (group.rank() == 0) ::mkdir(dir.c_str(), 0755);
+  group.barrier()->wait();
 }
 
-std::vector<int64_t> local_batch(const std::vector<int64_t>& order, int64_t batch,
-                                 int64_t global_batch, int rank, int world) {
-  const int64_t local = global_batch / world;
-  const int64_t begin = batch * global_batch + rank * local;
-  if ((batch + 1) * global_batch > static_cast<int64_t>(order.size())) return {};
-  return std::vector<int64_t>(order.begin() + begin, order.begin() + begin + local);
+int64_t local_batch_size(const Common& common, const ProcessGroup& group) {
+  if (common.batch_size % group.size() != 0) {
+    throw UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ",
+                            group.size(), " ranks"));
+  }
+  return common.batch_size / group.size();
+}
+
+int64_t total_steps(const Common& common, int64_t per_epoch) {
+  const int64_t total = per_epoch * common.epochs;
+  return common.max_steps > 0 ? std::min(total, common.max_steps) : total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data order (Note [Recipe data order])
+
+ShardedSampler train_sampler(const ProcessGroup& group, int64_t n, uint64_t seed) {
+  return ShardedSampler(static_cast<size_t>(n), group,
+                        ShardedSamplerOptions().seed(seed).shuffle(true).drop_last(true));
+}
+
+std::vector<int64_t> next_batch(ShardedSampler& sampler, int64_t size) {
+  auto next = sampler.next(static_cast<size_t>(size));
+  if (!next) return {};
+  return std::vector<int64_t>(next->begin(), next->end());
 }
 
 // ---------------------------------------------------------------------------------------------
 // Checkpoints
 
-int exit_preempted(ProcessGroup& group, const std::string& path, const std::string& recipe,
-                   torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                   const Position& position, const std::map<std::string, std::string>& config,
-                   const std::string& extra_json) {
-  save(group, path, recipe, model, optimizer, position, config, extra_json);
-  if (group.rank() == 0) {
+Checkpointer::Checkpointer(ProcessGroup& group, std::string path, std::string recipe,
+                           torch::nn::Module& model, torch::optim::Optimizer& optimizer,
+                           ShardedSampler sampler, std::map<std::string, std::string> config)
+    : group_(group),
+      path_(std::move(path)),
+      recipe_(std::move(recipe)),
+      model_(model),
+      optimizer_(optimizer),
+      sampler_(std::move(sampler)),
+      config_(std::move(config)) {}
+
+int Checkpointer::exit_preempted(const Position& position) const {
+  save(position);
+  if (group_.rank() == 0) {
     std::printf("preempted after step %lld: checkpoint written to %s; run the same command to "
                 "resume (exit code %d)\n",
-                static_cast<long long>(position.step), path.c_str(), kExitPreempted);
+                static_cast<long long>(position.step), path_.c_str(), kExitPreempted);
     std::fflush(stdout);
   }
   return kExitPreempted;
 }
 
-void save(ProcessGroup& group, const std::string& path, const std::string& recipe,
-          torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
-          const std::map<std::string, std::string>& config, const std::string& extra_json) {
+void Checkpointer::save(const Position& position) const {
+  ProcessGroup& group = group_;
   // Every rank's generator state travels to rank 0 (dropout streams differ per rank).
   auto gen = at::detail::getDefaultCPUGenerator();
   torch::Tensor mine;
@@ -257,25 +296,26 @@ void save(ProcessGroup& group, const std::string& path, const std::string& recip
   group.allgather(states, mine)->wait();
   train::Checkpoint ck;
   if (group.rank() == 0) {
-    json meta = {{"recipe", recipe},
+    json meta = {{"recipe", recipe_},
                  {"epoch", position.epoch},
                  {"batch", position.batch},
                  {"step", position.step},
+                 {"sampler", sampler_.state().to_string()},
                  {"world_size", group.size()},
-                 {"config", config},
-                 {"config_hash", train::config_hash(config)},
-                 {"extra", json::parse(extra_json)}};
+                 {"config", config_},
+                 {"config_hash", train::config_hash(config_)}};
     ck.metadata = meta.dump();
-    train::add_module(ck, model);
-    train::add_optimizer(ck, optimizer);
+    train::add_module(ck, model_);
+    train::add_optimizer(ck, optimizer_);
     for (int r = 0; r < group.size(); ++r) ck.tensors[concat("rng.cpu.rank", r)] = states[r];
   }
-  train::save_checkpoint(group, path, ck);
+  train::save_checkpoint(group, path_, ck);
 }
 
-bool load(ProcessGroup& group, const std::string& path, const std::string& recipe,
-          torch::nn::Module& model, torch::optim::Optimizer& optimizer, Position& position,
-          const std::map<std::string, std::string>& config, std::string* extra_json) {
+bool Checkpointer::load(Position& position) {
+  ProcessGroup& group = group_;
+  const std::string& path = path_;
+  const std::map<std::string, std::string>& config = config_;
   // All ranks must agree whether there is something to resume from.
   auto exists = torch::tensor({train::checkpoint_exists(path) ? 1 : 0}, torch::kInt);
   auto any = exists.clone();
@@ -289,8 +329,8 @@ bool load(ProcessGroup& group, const std::string& path, const std::string& recip
                  "copy it to every host");
   auto ck = train::load_checkpoint(group, path);
   json meta = json::parse(ck.metadata);
-  LOCKSTEP_CHECK(meta.value("recipe", "") == recipe, "checkpoint '", path, "' was written by recipe '",
-                 meta.value("recipe", ""), "', not '", recipe, "'; use another --out-dir or --checkpoint");
+  LOCKSTEP_CHECK(meta.value("recipe", "") == recipe_, "checkpoint '", path, "' was written by recipe '",
+                 meta.value("recipe", ""), "', not '", recipe_, "'; use another --out-dir or --checkpoint");
   std::map<std::string, std::string> saved = meta.value("config", std::map<std::string, std::string>{});
   if (saved != config) {
     std::ostringstream os;
@@ -306,12 +346,17 @@ bool load(ProcessGroup& group, const std::string& path, const std::string& recip
     }
     throw InvalidArgument(os.str());
   }
-  train::load_module(ck, model);
-  train::load_optimizer(ck, optimizer);
-  position.epoch = meta.at("epoch").get<int64_t>();
-  position.batch = meta.at("batch").get<int64_t>();
-  position.step = meta.at("step").get<int64_t>();
-  if (extra_json) *extra_json = meta.value("extra", json::object()).dump();
+  LOCKSTEP_CHECK(meta.contains("sampler") && meta.at("sampler").is_string(), "checkpoint '", path,
+                 "' holds no data sampler state (written before the recipes used "
+                 "lockstep::ShardedSampler); start afresh with --resume=false or another --out-dir");
+  train::load_module(ck, model_);
+  train::load_optimizer(ck, optimizer_);
+  // Range-checked: a hostile or edited file is rejected naming the field, never resumed from.
+  constexpr int64_t kMaxPosition = int64_t{1} << 53;
+  position.epoch = train::metadata_int(ck, "epoch", 0, kMaxPosition, path);
+  position.batch = train::metadata_int(ck, "batch", 0, kMaxPosition, path);
+  position.step = train::metadata_int(ck, "step", 0, kMaxPosition, path);
+  sampler_.load_state(SamplerState::from_string(meta.at("sampler").get<std::string>()));
   auto rng = ck.tensors.find(concat("rng.cpu.rank", group.rank()));
   if (meta.value("world_size", 0) == group.size() && rng != ck.tensors.end()) {
     train::load_rng_state(ck, rng->first);

@@ -1,6 +1,6 @@
 #pragma once
 // Shared plumbing of lockstep's training recipes: command line + JSON config, process group
-// start-up, preemption signals, data sharding, gradient averaging, checkpoint/resume and the
+// start-up, preemption signals, data order, non-finite loss checks, checkpoint/resume and the
 // end-of-run report. Each recipe (recipes/<name>/main.cpp) keeps only its data and model.
 //
 // Note [Recipe exit codes]
@@ -29,6 +29,7 @@
 
 #include "lockstep/ddp.h"
 #include "lockstep/lockstep.h"
+#include "lockstep/sampler.h"
 #include "lockstep/train/checkpoint.h"
 #include "lockstep/train/metrics.h"
 
@@ -82,26 +83,44 @@ Common read_common(const cxxopts::ParseResult& result);
 void install_stop_handlers();
 /// True once SIGTERM or SIGINT arrived in this process.
 bool stop_signalled();
-/// Collective: true on every rank when any rank was signalled (or `force` on any rank).
-bool agree_stop(ProcessGroup& group, bool force = false);
+
+/// Collective, once after every training step, with this rank's loss of the step. Raises
+/// lockstep::Error on every rank when the loss is not finite on any rank, naming the step and
+/// the ranks (before any checkpoint of that step is written, so the last one stays usable).
+/// Returns true on every rank when any rank was signalled or `--stop-after` steps were
+/// reached (see Note [Preemption]).
+bool end_step(ProcessGroup& group, const Common& common, int64_t step, double loss);
 
 /// The process group of this run (from the launch environment; one rank without one) and
 /// torch's intra-op threads set to `threads`; then installs the stop handlers (Note
 /// [Preemption]).
 ProcessGroupPtr start(int threads);
 
-/// Positions of one epoch's examples: a permutation of [0, n) drawn from (seed, epoch).
-std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);
+/// Collective: rank 0 creates `dir` (one level), then every rank waits until it exists.
+void make_out_dir(ProcessGroup& group, const std::string& dir);
 
-/// The examples rank `rank` of `world` trains on in global step `batch` of an epoch: its
-/// slice of the global batch (global batch = local batch * world), so one rank and N ranks
-/// see the same global batches. Returns an empty vector past the epoch's last full batch.
-std::vector<int64_t> local_batch(const std::vector<int64_t>& order, int64_t batch,
-                                 int64_t global_batch, int rank, int world);
+/// This rank's share of the global batch: --batch-size / world size; UsageError when the
+/// ranks do not divide it.
+int64_t local_batch_size(const Common& common, const ProcessGroup& group);
 
-/// Number of full global batches per epoch.
-inline int64_t batches_per_epoch(int64_t n, int64_t global_batch) { return n / global_batch; }
+/// Steps of the whole run: `per_epoch` * --epochs, capped by --max-steps.
+int64_t total_steps(const Common& common, int64_t per_epoch);
 
+// Note [Recipe data order]
+// Every recipe draws its training examples from lockstep::ShardedSampler (PyTorch's
+// DistributedSampler order: a permutation seeded with --seed + epoch, strided over the ranks,
+// drop_last so that every rank gets the same share) and reads its local batches from it in
+// order. Rank r's local batch b holds positions b*G + r, b*G + r + W, ... of the epoch's
+// permutation (G the global batch, W ranks), so global batch b is the same set of examples on
+// one rank and on W ranks. The sampler's SamplerState travels in the checkpoint (Checkpointer)
+// and resumes the epoch exactly where it stopped.
+
+/// The training sampler of a recipe over `n` examples; see Note [Recipe data order].
+ShardedSampler train_sampler(const ProcessGroup& group, int64_t n, uint64_t seed);
+
+/// This rank's next local batch of up to `size` example indices from `sampler`; empty when the
+/// epoch is exhausted.
+std::vector<int64_t> next_batch(ShardedSampler& sampler, int64_t size);
 
 /// Where a run is: saved in the checkpoint metadata.
 struct Position {
@@ -110,23 +129,37 @@ struct Position {
   int64_t step = 0;       ///< global steps taken
 };
 
-/// Collective: saves model, optimizer, position, every rank's RNG state and the config hash.
-void save(ProcessGroup& group, const std::string& path, const std::string& recipe,
-          torch::nn::Module& model, torch::optim::Optimizer& optimizer, const Position& position,
-          const std::map<std::string, std::string>& config, const std::string& extra_json = "{}");
+/// A recipe's resumable checkpoint: model, optimizer, Position, the training sampler's
+/// SamplerState, every rank's RNG state and the config (with its hash), in one file.
+/// Holds references to the group, model and optimizer, which must outlive it; the sampler is
+/// a handle (Note [Shared handle]), so it acts on the recipe's own sampler.
+class Checkpointer {
+ public:
+  Checkpointer(ProcessGroup& group, std::string path, std::string recipe, torch::nn::Module& model,
+               torch::optim::Optimizer& optimizer, ShardedSampler sampler,
+               std::map<std::string, std::string> config);
 
-/// Collective: the end of a run stopped early (preemption, --stop-after): saves like `save`,
-/// tells the user (rank 0) how to resume, and returns kExitPreempted.
-int exit_preempted(ProcessGroup& group, const std::string& path, const std::string& recipe,
-                   torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                   const Position& position, const std::map<std::string, std::string>& config,
-                   const std::string& extra_json = "{}");
+  /// Collective: saves everything, with the sampler's state after the batches it handed out.
+  void save(const Position& position) const;
 
-/// Collective: loads what `save` wrote if `path` exists (returns false otherwise). Rejects a
-/// checkpoint of another recipe or configuration, naming the differing keys.
-bool load(ProcessGroup& group, const std::string& path, const std::string& recipe,
-          torch::nn::Module& model, torch::optim::Optimizer& optimizer, Position& position,
-          const std::map<std::string, std::string>& config, std::string* extra_json = nullptr);
+  /// Collective: the end of a run stopped early (preemption, --stop-after): saves, tells the
+  /// user (rank 0) how to resume, and returns kExitPreempted.
+  int exit_preempted(const Position& position) const;
+
+  /// Collective: loads what `save` wrote if the file exists (returns false otherwise),
+  /// restoring `position` and the sampler. Rejects a checkpoint of another recipe or
+  /// configuration, naming the differing keys.
+  bool load(Position& position);
+
+ private:
+  ProcessGroup& group_;
+  std::string path_;
+  std::string recipe_;
+  torch::nn::Module& model_;
+  torch::optim::Optimizer& optimizer_;
+  ShardedSampler sampler_;
+  std::map<std::string, std::string> config_;
+};
 
 /// Writes DDP's statistics of the last iteration as "ddp" and "bucket" records (the report
 /// draws the bucket timeline from them).

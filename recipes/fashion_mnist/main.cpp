@@ -5,16 +5,15 @@
 //
 // Ends by printing the test accuracy and the path of the HTML report. Resumes from
 // OUT_DIR/checkpoint.lsck when present. See recipes/common/recipe.h for exit codes.
-#include <zlib.h>
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
-#include <sys/stat.h>
 
-#include <nlohmann/json.hpp>
-
-#include "lockstep/sampler.h"
+#include "lockstep/readers.h"
 #include "lockstep/train/interop.h"
 #include "recipe.h"
 
@@ -23,48 +22,28 @@ using lockstep::detail::concat;
 
 namespace {
 
-// Reads a gzip'd IDX file (big-endian header: magic, dimensions; then uint8 data).
-torch::Tensor read_idx_gz(const std::string& path, int expected_dims) {
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (!f) throw InvalidArgument(concat("cannot open '", path, "'; install the Debian package "
-                                       "dataset-fashion-mnist or pass --data-dir"));
-  std::string bytes;
-  char buf[1 << 16];
-  int n;
-  while ((n = gzread(f, buf, sizeof(buf))) > 0) bytes.append(buf, static_cast<size_t>(n));
-  gzclose(f);
-  auto be32 = [&](size_t off) {
-    LOCKSTEP_CHECK(off + 4 <= bytes.size(), "'", path, "' is truncated at offset ", off);
-    const auto* p = reinterpret_cast<const unsigned char*>(bytes.data() + off);
-    return (int64_t(p[0]) << 24) | (int64_t(p[1]) << 16) | (int64_t(p[2]) << 8) | int64_t(p[3]);
-  };
-  int64_t magic = be32(0);
-  LOCKSTEP_CHECK(magic == 0x800 + expected_dims, "'", path, "': expected IDX uint8 magic 0x",
-                 std::hex, 0x800 + expected_dims, ", but got 0x", magic);
-  std::vector<int64_t> dims;
-  int64_t numel = 1;
-  for (int d = 0; d < expected_dims; ++d) {
-    dims.push_back(be32(4 + 4 * d));
-    numel *= dims.back();
-  }
-  size_t start = 4 + 4 * expected_dims;
-  LOCKSTEP_CHECK(bytes.size() == start + static_cast<size_t>(numel), "'", path, "': expected ",
-                 start + numel, " bytes for dimensions, but the file has ", bytes.size());
-  auto t = torch::empty(dims, torch::kUInt8);
-  std::memcpy(t.data_ptr(), bytes.data() + start, static_cast<size_t>(numel));
-  return t;
-}
-
 struct Split {
   torch::Tensor images;  // N x 1 x 28 x 28 float, normalised
   torch::Tensor labels;  // N long
 };
 
+// The library's bounded IDX reader (lockstep/readers.h): header claims are checked against the
+// file before anything is allocated, every label against the 10 classes (naming file, record
+// and offset), and an unreadable file is told apart from a missing one.
 Split load_split(const std::string& dir, const std::string& prefix, int64_t limit) {
-  auto images = read_idx_gz(dir + "/" + prefix + "-images-idx3-ubyte.gz", 3);
-  auto labels = read_idx_gz(dir + "/" + prefix + "-labels-idx1-ubyte.gz", 1);
-  LOCKSTEP_CHECK(images.size(0) == labels.size(0), "'", dir, "': ", images.size(0),
-                 " images but ", labels.size(0), " labels in ", prefix);
+  const std::string images_path = dir + "/" + prefix + "-images-idx3-ubyte.gz";
+  const std::string labels_path = dir + "/" + prefix + "-labels-idx1-ubyte.gz";
+  for (const auto& path : {images_path, labels_path}) {
+    if (access(path.c_str(), F_OK) != 0 && errno == ENOENT) {
+      throw InvalidArgument(concat("'", path, "' does not exist; install the Debian package "
+                                   "dataset-fashion-mnist or pass --data-dir"));
+    }
+  }
+  auto set = lockstep::load_idx_dataset(
+      images_path, labels_path,
+      lockstep::IdxDatasetOptions().normalize(false).channel_dim(false).num_classes(10));
+  auto images = set.data();
+  auto labels = set.target();
   if (limit > 0 && limit < images.size(0)) {
     images = images.narrow(0, 0, limit);
     labels = labels.narrow(0, 0, limit);
@@ -142,10 +121,7 @@ int run(int argc, char** argv) {
 
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
-  if (common.batch_size % world != 0) {
-    throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ",
-                                    world, " ranks"));
-  }
+  const int64_t local = recipe::local_batch_size(common, *pg);
   auto config = common.as_config();
   config["recipe"] = "fashion_mnist";
   config["conv1"] = std::to_string(c1);
@@ -154,52 +130,25 @@ int run(int argc, char** argv) {
   config["dropout"] = concat(dropout);
   train::check_config_agreement(*pg, config);  // before step 0, naming any differing keys
 
-  if (rank == 0) ::mkdir(common.out_dir.c_str(), 0755);
-  pg->barrier()->wait();
+  recipe::make_out_dir(*pg, common.out_dir);
   auto train_set = load_split(data_dir, "train", common.limit_train);
   auto test_set = load_split(data_dir, "t10k", common.limit_eval);
 
   torch::manual_seed(common.seed);  // same initial weights on every rank
   Net net(c1, c2, hidden, dropout);
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
-  recipe::Position pos;
-  std::string extra;
-  bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "fashion_mnist", *net,
-                                               optimizer, pos, config, &extra);
-  if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);  // dropout
-  DistributedDataParallel ddp(net, pg);  // averages gradients, overlapped with backward
-
-  // Each rank draws its share of every epoch from the sharded sampler (PyTorch's
-  // DistributedSampler order); drop_last keeps every rank's share equal.
+  // Each rank draws its share of every epoch from the sharded sampler (Note [Recipe data
+  // order]); the last local batch of an epoch may be short.
   const int64_t n = train_set.images.size(0);
-  const int64_t local = common.batch_size / world;
-  ShardedSampler sampler(static_cast<size_t>(n), *pg,
-                         ShardedSamplerOptions().seed(common.seed).shuffle(true).drop_last(true));
+  auto sampler = recipe::train_sampler(*pg, n, common.seed);
   const int64_t per_epoch = (static_cast<int64_t>(sampler.size()) + local - 1) / local;
   LOCKSTEP_CHECK(per_epoch > 0, "the training set (", n, " examples) is smaller than the ", world, " ranks");
-  int64_t total = per_epoch * common.epochs;
-  if (common.max_steps > 0) total = std::min(total, common.max_steps);
-  int64_t consumed = 0;  // samples this rank consumed in the current epoch
-  auto sampler_json = [&]() {
-    auto st = sampler.state(consumed);
-    nlohmann::json segs = nlohmann::json::array();
-    for (auto& sg : st.segments) segs.push_back({sg.first, sg.second});
-    return nlohmann::json{{"sampler", {{"epoch", st.epoch}, {"seed", st.seed}, {"shuffle", st.shuffle},
-                                       {"drop_last", st.drop_last}, {"dataset_size", st.dataset_size},
-                                       {"segments", segs}}}}.dump();
-  };
-  bool restore_sampler = false;
-  SamplerState restored;
-  if (resumed) {
-    auto j = nlohmann::json::parse(extra).at("sampler");
-    restored.epoch = j.at("epoch");
-    restored.seed = j.at("seed");
-    restored.shuffle = j.at("shuffle");
-    restored.drop_last = j.at("drop_last");
-    restored.dataset_size = j.at("dataset_size");
-    for (auto& sg : j.at("segments")) restored.segments.emplace_back(sg[0].get<int64_t>(), sg[1].get<int64_t>());
-    restore_sampler = true;
-  }
+  const int64_t total = recipe::total_steps(common, per_epoch);
+  recipe::Checkpointer checkpointer(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, sampler, config);
+  recipe::Position pos;
+  bool resumed = common.resume && checkpointer.load(pos);
+  if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);  // dropout
+  DistributedDataParallel ddp(net, pg);  // averages gradients, overlapped with backward
 
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   train::MetricsWriter metrics(rank == 0 ? metrics_path : "", /*append=*/resumed);
@@ -216,23 +165,13 @@ int run(int argc, char** argv) {
   auto t_start = std::chrono::steady_clock::now();
   bool preempted = false;
   while (pos.step < total && !preempted) {
-    if (restore_sampler) {
-      sampler.load_state(restored);
-      consumed = pos.batch == 0 ? 0 : restored.segments.empty() ? 0 : sampler.position();
-      restore_sampler = false;
-    } else {
-      sampler.set_epoch(pos.epoch);
-      consumed = 0;
-    }
     progress.set_label(concat("epoch ", pos.epoch + 1, "/", common.epochs));
     double loss_sum = 0;
     int64_t loss_count = 0;
     auto t_epoch = std::chrono::steady_clock::now();
     while (pos.batch < per_epoch && pos.step < total) {
-      auto next = sampler.next(static_cast<size_t>(local));
-      if (!next) break;
-      std::vector<int64_t> idx(next->begin(), next->end());
-      consumed += static_cast<int64_t>(idx.size());
+      auto idx = recipe::next_batch(sampler, local);
+      if (idx.empty()) break;
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
       auto x = train_set.images.index_select(0, index);
       auto y = train_set.labels.index_select(0, index);
@@ -253,14 +192,11 @@ int run(int argc, char** argv) {
                                 {"loss", l}, {"samples_per_s", common.batch_size / dt}}});
         if (world > 1) recipe::write_ddp_stats(metrics, pos.step, ddp->last_stats());
       }
-      bool stop = recipe::agree_stop(*pg, common.stop_after > 0 && pos.step >= common.stop_after);
-      if (stop) {
+      if (recipe::end_step(*pg, common, pos.step, l)) {
         preempted = true;
         break;
       }
-      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) {
-        recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
-      }
+      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) checkpointer.save(pos);
     }
     if (preempted) break;
     if (pos.batch >= per_epoch) {  // epoch finished: evaluate, checkpoint
@@ -280,15 +216,12 @@ int run(int argc, char** argv) {
       }
       ++pos.epoch;
       pos.batch = 0;
-      consumed = 0;
       sampler.set_epoch(pos.epoch);
     }
-    recipe::save(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
+    checkpointer.save(pos);
   }
   progress.finish();
-  if (preempted) {
-    return recipe::exit_preempted(*pg, common.checkpoint, "fashion_mnist", *net, optimizer, pos, config, sampler_json());
-  }
+  if (preempted) return checkpointer.exit_preempted(pos);
   auto [acc, test_loss] = evaluate(*pg, net, test_set);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   if (rank == 0) {

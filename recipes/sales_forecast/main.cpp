@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
-#include <sys/stat.h>
 
 #include "recipe.h"
 
@@ -120,7 +119,12 @@ Examples build(const std::string& path) {
   auto table = read_csv(path, CsvOptions().dtype(torch::kDouble));
   auto col = [&](const char* name) {
     auto c = table.column(name).contiguous();
-    return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    std::vector<double> values(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    for (size_t i = 0; i < values.size(); ++i) {
+      LOCKSTEP_CHECK(std::isfinite(values[i]), "'", path, "' data row ", i + 1, ", column '", name,
+                     "': expected a finite number, but got ", values[i], "; fix or remove that record");
+    }
+    return values;
   };
   const auto date = col("date"), store = col("store"), promo = col("promo"), holiday = col("holiday"),
              sales = col("sales");
@@ -208,9 +212,7 @@ int run(int argc, char** argv) {
   }
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
-  if (common.batch_size % world != 0) {
-    throw recipe::UsageError(concat("--batch-size ", common.batch_size, " is not divisible by the ", world, " ranks"));
-  }
+  const int64_t local = recipe::local_batch_size(common, *pg);
   auto config = common.as_config();
   config["recipe"] = "sales_forecast";
   config["data"] = data;
@@ -220,11 +222,11 @@ int run(int argc, char** argv) {
   config["val-days"] = std::to_string(val_days);
   config["hidden"] = std::to_string(hidden);
   train::check_config_agreement(*pg, config);
-  if (rank == 0) {
-    ::mkdir(common.out_dir.c_str(), 0755);
-    if (data.empty()) generate_sales(common.out_dir + "/sales.csv", stores, days, data_seed);
+  recipe::make_out_dir(*pg, common.out_dir);
+  if (data.empty()) {
+    if (rank == 0) generate_sales(common.out_dir + "/sales.csv", stores, days, data_seed);
+    pg->barrier()->wait();
   }
-  pg->barrier()->wait();
   if (data.empty()) data = common.out_dir + "/sales.csv";
   auto ex = build(data);
   // Time split: for every store, the last val_days days validate.
@@ -241,13 +243,15 @@ int run(int argc, char** argv) {
   torch::manual_seed(common.seed);
   Mlp net(ex.x.size(1), hidden);
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
-  recipe::Position pos;
-  bool resumed = common.resume && recipe::load(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
-  DistributedDataParallel ddp(net, pg);
-  const int64_t per_epoch = recipe::batches_per_epoch(n, common.batch_size);
+  // Full local batches from the sharded sampler (Note [Recipe data order]).
+  auto sampler = recipe::train_sampler(*pg, n, common.seed);
+  const int64_t per_epoch = static_cast<int64_t>(sampler.size()) / local;
   LOCKSTEP_CHECK(per_epoch > 0, "fewer training rows (", n, ") than one global batch");
-  int64_t total = per_epoch * common.epochs;
-  if (common.max_steps > 0) total = std::min(total, common.max_steps);
+  const int64_t total = recipe::total_steps(common, per_epoch);
+  recipe::Checkpointer checkpointer(*pg, common.checkpoint, "sales_forecast", *net, optimizer, sampler, config);
+  recipe::Position pos;
+  bool resumed = common.resume && checkpointer.load(pos);
+  DistributedDataParallel ddp(net, pg);
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   train::MetricsWriter metrics(rank == 0 ? metrics_path : "", resumed);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
@@ -274,12 +278,12 @@ int run(int argc, char** argv) {
   auto t_start = std::chrono::steady_clock::now();
   bool preempted = false;
   while (pos.step < total && !preempted) {
-    auto order = recipe::epoch_order(n, common.seed, pos.epoch);
     double loss_sum = 0;
     int64_t count = 0;
     progress.set_label(concat("epoch ", pos.epoch + 1, "/", common.epochs));
     while (pos.batch < per_epoch && pos.step < total) {
-      auto idx = recipe::local_batch(order, pos.batch, common.batch_size, rank, world);
+      auto idx = recipe::next_batch(sampler, local);
+      if (static_cast<int64_t>(idx.size()) < local) break;
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
       optimizer.zero_grad();
       auto loss = torch::mse_loss(ddp->forward(xtr.index_select(0, index)), ytr.index_select(0, index));
@@ -287,17 +291,16 @@ int run(int argc, char** argv) {
       optimizer.step();
       ++pos.step;
       ++pos.batch;
-      loss_sum += loss.item<double>();
+      const double l = loss.item<double>();
+      loss_sum += l;
       ++count;
-      progress.update(pos.step, common.batch_size, loss.item<double>());
-      if (pos.step % 20 == 0) metrics.write({"step", {{"step", double(pos.step)}, {"loss", loss.item<double>()}}});
-      if (recipe::agree_stop(*pg, common.stop_after > 0 && pos.step >= common.stop_after)) {
+      progress.update(pos.step, common.batch_size, l);
+      if (pos.step % 20 == 0) metrics.write({"step", {{"step", double(pos.step)}, {"loss", l}}});
+      if (recipe::end_step(*pg, common, pos.step, l)) {
         preempted = true;
         break;
       }
-      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) {
-        recipe::save(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
-      }
+      if (common.checkpoint_every > 0 && pos.step % common.checkpoint_every == 0) checkpointer.save(pos);
     }
     if (preempted) break;
     if (pos.batch >= per_epoch) {
@@ -312,13 +315,12 @@ int run(int argc, char** argv) {
       }
       ++pos.epoch;
       pos.batch = 0;
+      sampler.set_epoch(pos.epoch);
     }
-    recipe::save(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
+    checkpointer.save(pos);
   }
   progress.finish();
-  if (preempted) {
-    return recipe::exit_preempted(*pg, common.checkpoint, "sales_forecast", *net, optimizer, pos, config);
-  }
+  if (preempted) return checkpointer.exit_preempted(pos);
   auto v = validate();
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   if (rank == 0) {

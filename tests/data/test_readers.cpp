@@ -4,11 +4,20 @@
 #include <torch/data.h>
 #include <zlib.h>
 
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <fstream>
 #include <set>
 #include <string>
 
+#include "data/reader_parsing.h"
 #include "lockstep/errors.h"
 #include "lockstep/readers.h"
 #include "lockstep/sampler.h"
@@ -262,6 +271,116 @@ TEST_F(Readers, TokenWindowsAndTensorPairs) {
   EXPECT_EQ(batch[1].target.item<int64_t>(), 0);
   EXPECT_THROW(lockstep::TensorPairDataset(at::zeros({3}), at::zeros({4})), lockstep::InvalidArgument);
   EXPECT_THROW(pairs.get_batch(std::vector<size_t>{6}), lockstep::InvalidArgument);
+}
+
+// Note [Bounded reads]: a header's claims are bounded by the file before anything is allocated.
+TEST_F(Readers, IdxHeaderClaimsBoundedByTheFileBeforeAllocating) {
+  // 2^31 images of 28x28 (1.6 TiB) in a file of 16 bytes: rejected without allocating.
+  const std::string huge = write("huge.idx", idx_header(0x08, {1u << 31, 28, 28}));
+  expect_error([&] { lockstep::read_idx(huge, 3); },
+               {huge, "declares more data than it can hold", "[2147483648, 28, 28] uint8",
+                "1683627180032 bytes from offset 16", "at most 0 bytes", "nothing was allocated"});
+  // The same in gzip: a few dozen compressed bytes can inflate to at most 1032 times as many.
+  const std::string huge_gz = write("huge.gz", idx_header(0x08, {1u << 31, 28, 28}), true);
+  expect_error([&] { lockstep::read_idx(huge_gz, 3); },
+               {huge_gz, "declares more data than it can hold", "nothing was allocated"});
+  // float64 of 2^30 elements in a plain file: the element size counts too.
+  const std::string wide = write("wide.idx", idx_header(0x0E, {1u << 30}) + std::string(64, 0));
+  expect_error([&] { lockstep::read_idx(wide); },
+               {wide, "[1073741824] float64 = 8589934592 bytes from offset 8", "at most 64 bytes"});
+}
+
+TEST_F(Readers, LabelOutsideTheDeclaredClassesNamesFileRecordAndOffset) {
+  std::string labels(2000, '\x03');
+  labels[1234] = static_cast<char>(200);
+  const std::string images = write("i.idx", idx_header(0x08, {2000, 1, 1}) + std::string(2000, 9));
+  const std::string bad = write("l.idx", idx_header(0x08, {2000}) + labels);
+  expect_error(
+      [&] {
+        lockstep::load_idx_dataset(images, bad, lockstep::IdxDatasetOptions().num_classes(10));
+      },
+      {bad + ": record 1234 (offset 1242) has label 200, but the dataset declares 10 classes "
+             "(labels 0-9)",
+       "corrupt or belongs to another dataset"});
+  // int32 labels: the offset steps by the element size; negative labels are caught too.
+  std::string wide = idx_header(0x0C, {3});
+  for (int v : {1, 2, -1}) {
+    for (int shift = 24; shift >= 0; shift -= 8) wide.push_back(static_cast<char>((v >> shift) & 0xFF));
+  }
+  const std::string three = write("i3.idx", idx_header(0x08, {3, 1, 1}) + std::string(3, 9));
+  const std::string neg = write("neg.idx", wide);
+  expect_error(
+      [&] { lockstep::load_idx_dataset(three, neg, lockstep::IdxDatasetOptions().num_classes(5)); },
+      {neg + ": record 2 (offset 16) has label -1, but the dataset declares 5 classes (labels 0-4)"});
+  // Without a declared class count nothing is checked; load_mnist_directory declares 10.
+  EXPECT_EQ(lockstep::load_idx_dataset(images, bad).target()[1234].item<int64_t>(), 200);
+  write("train-images-idx3-ubyte", idx_header(0x08, {2000, 1, 1}) + std::string(2000, 9));
+  const std::string mnist_labels = write("train-labels-idx1-ubyte", idx_header(0x08, {2000}) + labels);
+  expect_error([&] { lockstep::load_mnist_directory(dir_, /*train=*/true); },
+               {mnist_labels + ": record 1234 (offset 1242) has label 200, but the dataset "
+                               "declares 10 classes (labels 0-9)"});
+}
+
+TEST_F(Readers, UnreadableFileSaysPermissionDeniedNotMissing) {
+  EXPECT_NE(lockstep::detail::open_failure_message("/d/x", "IDX file", EACCES)
+                .find("Cannot open IDX file '/d/x': permission denied"),
+            std::string::npos);
+  EXPECT_NE(lockstep::detail::open_failure_message("/d/x", "CSV file", ENOENT)
+                .find("Cannot open CSV file '/d/x': missing file"),
+            std::string::npos);
+  EXPECT_NE(lockstep::detail::open_failure_message("/d/x", "text file", EMFILE)
+                .find("Cannot open text file '/d/x': Too many open files (errno 24)"),
+            std::string::npos);
+  // A real mode-000 file. Root reads it anyway, so a forked child drops to `nobody` first.
+  ASSERT_EQ(::chmod(dir_.c_str(), 0755), 0);
+  const std::string idx = write("locked.idx", idx_header(0x08, {1}) + "x");
+  const std::string csv = write("locked.csv", "a\n1\n");
+  const std::string text = write("locked.txt", "hi");
+  for (const auto& p : {idx, csv, text}) ASSERT_EQ(::chmod(p.c_str(), 0), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (::geteuid() == 0 && ::setuid(65534) != 0) ::_exit(10);
+    int failures = 0;
+    auto check = [&](const std::function<void()>& fn, const std::string& path, const char* what) {
+      try {
+        fn();
+        ++failures;
+      } catch (const lockstep::InvalidArgument& e) {
+        const std::string msg = e.what();
+        const std::string want = std::string("Cannot open ") + what + " '" + path +
+                                 "': permission denied";
+        if (msg.find(want) == std::string::npos || msg.find("chmod") == std::string::npos ||
+            msg.find("missing") != std::string::npos) {
+          std::fprintf(stderr, "unexpected message: %s\n", msg.c_str());
+          ++failures;
+        }
+      }
+    };
+    check([&] { lockstep::read_idx(idx); }, idx, "IDX file");
+    check([&] { lockstep::read_csv(csv); }, csv, "CSV file");
+    check([&] { lockstep::read_text(text); }, text, "text file");
+    ::_exit(failures);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's messages are on stderr above";
+}
+
+TEST_F(Readers, CsvFiniteRejectsNanAndInfinityNamingLineAndColumn) {
+  const std::string path = write("nan.csv", "a,b\n1,2\n3, nan\n");
+  EXPECT_TRUE(std::isnan(lockstep::read_csv(path).values[1][1].item<float>()));  // default
+  expect_error([&] { lockstep::read_csv(path, lockstep::CsvOptions().finite(true)); },
+               {path + ":3:3: NaN value 'nan' in column 2 ('b'): expected a finite number "
+                       "(CsvOptions::finite is set)"});
+  const std::string inf = write("inf.csv", "1,-inf\n", false);
+  expect_error(
+      [&] { lockstep::read_csv(inf, lockstep::CsvOptions().header(false).finite(true)); },
+      {inf + ":1:3: infinite value '-inf' in column 2 ('1')"});
+  EXPECT_EQ(lockstep::read_csv(write("ok.csv", "x\n1e3\n"), lockstep::CsvOptions().finite(true))
+                .values.item<float>(),
+            1000.f);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // lockstep-run end to end: real launchers and workers, bounded time, no sleeps to synchronise
 // (the tests poll the launchers' output and /proc with deadlines).
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -22,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "lockstep/errors.h"
+#include "lockstep/store.h"
 #include "support/process.h"
 
 extern char** environ;
@@ -208,6 +211,9 @@ double since(Clock::time_point t) { return Seconds(Clock::now() - t).count(); }
 constexpr double kJobBound = 120;
 
 const Env kQuietLogs = {{"LOCKSTEP_LOG_LEVEL", "warn"}};
+// The launchers of a multi-node job share a job token (Note [Job token] in apps/run/rounds.cpp).
+const Env kNodesEnv = {{"LOCKSTEP_LOG_LEVEL", "warn"},
+                       {"LOCKSTEP_STORE_TOKEN", std::string(64, 'a')}};
 
 TEST(Launcher, TwoAndFourRankJobsCompleteWithTheRightEnvironment) {
   for (int n : {2, 4}) {
@@ -484,7 +490,7 @@ TEST(Launcher, BadInvocationsGiveOneLine) {
 TEST(Launcher, TwoNodesOnThisMachineFormOneJob) {
   Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id mn --nproc-per-node 2",
                       {kWorker, "--mode", "ok"}),
-             kQuietLogs);
+             kNodesEnv);
   std::smatch m;
   std::regex hosting("hosting the rendezvous store at 127.0.0.1:(\\d+)");
   ASSERT_TRUE(node0.until([&] { return std::regex_search(node0.err(), m, hosting); },
@@ -494,7 +500,7 @@ TEST(Launcher, TwoNodesOnThisMachineFormOneJob) {
   Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
                           " --run-id mn --nproc-per-node 1",
                       {kWorker, "--mode", "ok"}),
-             kQuietLogs);
+             kNodesEnv);
   EXPECT_EQ(node1.wait(Seconds(kJobBound)), 0) << node1.all();
   EXPECT_EQ(node0.wait(Seconds(kJobBound)), 0) << node0.all();
   EXPECT_NE(node1.out().find("[rank 2] resolved rank=2 world=3 local_rank=0 local_world=1 node=1"),
@@ -512,7 +518,7 @@ TEST(Launcher, AFailureOnOneNodeStopsTheOtherAndBothNameIt) {
   Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id mf --grace-period 2 "
                       "--nproc-per-node 1",
                       {kWorker, "--mode", "loop"}),
-             kQuietLogs);
+             kNodesEnv);
   std::smatch m;
   std::regex hosting("hosting the rendezvous store at 127.0.0.1:(\\d+)");
   ASSERT_TRUE(node0.until([&] { return std::regex_search(node0.err(), m, hosting); },
@@ -521,7 +527,7 @@ TEST(Launcher, AFailureOnOneNodeStopsTheOtherAndBothNameIt) {
   Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
                           " --run-id mf --grace-period 2 --nproc-per-node 1",
                       {kWorker, "--mode", "throw", "--fail-rank", "1", "--message", "node1 broke"}),
-             kQuietLogs);
+             kNodesEnv);
   EXPECT_EQ(node1.wait(Seconds(kJobBound)), 1) << node1.all();
   EXPECT_EQ(node0.wait(Seconds(30)), 1) << node0.all();
   for (Proc* p : {&node0, &node1}) {
@@ -544,7 +550,7 @@ std::string hosted_port(Proc& node0) {
 // Across nodes: the worker of node 1 exits 0 early, node 0's then fails. Both launchers fail
 // and both flag rank 1 (it travels as a shared event, Note [lockstep-run rounds] step 3).
 TEST(Launcher, EarlyExitZeroOnOneNodeFailsBothNodes) {
-  Env env = kQuietLogs;
+  Env env = kNodesEnv;
   env["LOCKSTEP_TIMEOUT"] = "10";
   const std::vector<std::string> worker = {kWorker, "--mode", "exit", "--fail-rank", "1",
                                            "--code", "0"};
@@ -579,7 +585,7 @@ TEST(Launcher, EarlyExitZeroOnOneNodeFailsBothNodes) {
 // Across nodes: node 1's worker is stopped; node 0's times out. Both launchers name the
 // stopped rank as the root cause and exit 128 + SIGSTOP; no worker is left.
 TEST(Launcher, StoppedWorkerOnOneNodeIsTheRootCauseOnBoth) {
-  Env env = kQuietLogs;
+  Env env = kNodesEnv;
   env["LOCKSTEP_TIMEOUT"] = "3";
   const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
   Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id st --grace-period 1 "
@@ -815,7 +821,7 @@ TEST(Launcher, TwoNodesInNetworkNamespacesJoinedByAVethPair) {
     argv.insert(argv.begin(), {ip, "netns", "exec", name});
     return argv;
   };
-  Env env0 = kQuietLogs, env1 = kQuietLogs;
+  Env env0 = kNodesEnv, env1 = kNodesEnv;
   env0["LOCKSTEP_SOCKET_IFNAME"] = "va" + ns.tag_;
   env1["LOCKSTEP_SOCKET_IFNAME"] = "vb" + ns.tag_;
   Proc node0(in_ns(ns.a_, launcher("--nnodes 2 --node-rank 0 --master-addr " + ns.addr_a_ +
@@ -838,6 +844,107 @@ TEST(Launcher, TwoNodesInNetworkNamespacesJoinedByAVethPair) {
             std::string::npos)
       << node1.all();
   EXPECT_NE(node0.out().find("done rank=0"), std::string::npos);
+}
+
+// The local addresses of `pid`'s TCP sockets, as "a.b.c.d:port" (from /proc/net/tcp and its
+// fds): those listening only, or all of them.
+std::vector<std::string> tcp_addresses(pid_t pid, bool listening_only) {
+  std::set<std::string> inodes;
+  std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
+  if (DIR* d = opendir(fd_dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      char target[256] = {0};
+      std::string path = fd_dir + "/" + e->d_name;
+      ssize_t n = readlink(path.c_str(), target, sizeof(target) - 1);
+      std::string t(target, n > 0 ? static_cast<size_t>(n) : 0);
+      if (t.rfind("socket:[", 0) == 0) inodes.insert(t.substr(8, t.size() - 9));
+    }
+    closedir(d);
+  }
+  std::vector<std::string> out;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream is(line);
+      std::string slot, local, remote, state, queues, timer, retr, uid, timeout, inode;
+      is >> slot >> local >> remote >> state >> queues >> timer >> retr >> uid >> timeout >> inode;
+      if ((listening_only && state != "0A") || inodes.count(inode) == 0) continue;  // 0A: LISTEN
+      auto colon = local.find(':');
+      std::string hex_addr = local.substr(0, colon);
+      int port = std::stoi(local.substr(colon + 1), nullptr, 16);
+      std::string addr = hex_addr;
+      if (hex_addr.size() == 8) {
+        unsigned long v = std::stoul(hex_addr, nullptr, 16);  // little-endian IPv4
+        addr = std::to_string(v & 0xff) + "." + std::to_string((v >> 8) & 0xff) + "." +
+               std::to_string((v >> 16) & 0xff) + "." + std::to_string((v >> 24) & 0xff);
+      }
+      out.push_back(addr + ":" + std::to_string(port));
+    }
+  }
+  return out;
+}
+
+// Issue 15: a closed door. A single-node job's store (the launcher's) and Gloo's sockets listen
+// on loopback only; a client without the job token, or with another job's, is refused within
+// 2 s with a clear error, and the job goes on to the same result.
+TEST(Launcher, ForeignClientsAreRefusedAndTheJobGoesOnListeningOnLoopbackOnly) {
+  TempDir dir;
+  const std::string go = dir.path + "/go";
+  const int port = free_port();
+  Env env = kQuietLogs;
+  env["LOCKSTEP_TRANSPORT"] = "gloo";
+  Proc p(launcher("--nproc-per-node 2 --master-port " + std::to_string(port),
+                  {kWorker, "--mode", "ok", "--wait-for", go}),
+         env);
+  ASSERT_TRUE(p.until([&] { return ready_pids(p.out()).size() == 2; }, Seconds(60))) << p.all();
+
+  // Every socket of the launcher and its workers, listening (the store) or connected (the
+  // store clients, Gloo's pairs), is on 127.0.0.1.
+  std::vector<pid_t> pids = {p.pid()};
+  for (auto& [rank, pid] : ready_pids(p.out())) pids.push_back(pid);
+  size_t listening = 0, sockets = 0;
+  for (pid_t pid : pids) {
+    listening += tcp_addresses(pid, /*listening_only=*/true).size();
+    for (const auto& addr : tcp_addresses(pid, /*listening_only=*/false)) {
+      ++sockets;
+      EXPECT_EQ(addr.rfind("127.0.0.1:", 0), 0u) << "pid " << pid << " has a socket on " << addr;
+    }
+  }
+  EXPECT_GE(listening, 1u) << "expected the launcher's store to listen";
+  EXPECT_GE(sockets, 5u) << "expected the store, its clients and Gloo's pairs";
+
+  // Without the token, and with another job's token: refused, within 2 s, naming the fix.
+  for (const std::string token : {std::string(), std::string(32, 'x')}) {
+    auto start = Clock::now();
+    try {
+      lockstep::Store::tcp("127.0.0.1", port, /*is_server=*/false, std::chrono::seconds(5),
+                           lockstep::TcpStoreOptions().token(token));
+      ADD_FAILURE() << "a client with " << (token.empty() ? "no" : "a wrong")
+                    << " token was let in";
+    } catch (const lockstep::InvalidArgument& e) {
+      std::string what = e.what();
+      EXPECT_NE(what.find("refused this client: wrong or missing job token"), std::string::npos)
+          << what;
+      EXPECT_EQ(what.find(std::string(32, 'x')), std::string::npos) << what;
+    }
+    EXPECT_LT(since(start), 2.0);
+  }
+  { std::ofstream(go).put('1'); }
+  EXPECT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+  EXPECT_NE(p.out().find("done rank=0"), std::string::npos) << p.all();
+  EXPECT_NE(p.out().find("done rank=1"), std::string::npos) << p.all();
+}
+
+TEST(Launcher, SeveralNodesWithoutASharedTokenAreRefusedWithHowToMakeOne) {
+  Proc p(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id nt", {kWorker}),
+         kQuietLogs);
+  EXPECT_EQ(p.wait(Seconds(30)), 2) << p.all();
+  EXPECT_NE(p.err().find("needs a job token that every node's launcher shares"),
+            std::string::npos)
+      << p.all();
+  EXPECT_NE(p.err().find("LOCKSTEP_STORE_TOKEN_FILE"), std::string::npos) << p.all();
 }
 
 }  // namespace

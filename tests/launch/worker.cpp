@@ -7,11 +7,13 @@
 //   fail-once  like throw, but only when the restart count is 0
 //   loop       all-reduce forever (until killed, stopped or signalled)
 // --signal-dir D: on SIGTERM, create D/sigterm_rank_<r> and exit 143.
+// --wait-for F: after printing "ready", wait (at most 60 s) until file F exists, then go on.
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -38,6 +40,7 @@ int body(int argc, char** argv) {
   std::string mode = "ok";
   std::string message = "worker failed on purpose";
   std::string signal_dir;
+  std::string wait_for;
   int fail_rank = -1;
   int code = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -48,6 +51,7 @@ int body(int argc, char** argv) {
     else if (flag == "--code") code = std::stoi(value);
     else if (flag == "--message") message = value;
     else if (flag == "--signal-dir") signal_dir = value;
+    else if (flag == "--wait-for") wait_for = value;
     else throw lockstep::InvalidArgument("lockstep-test-worker: unknown flag " + flag);
   }
   auto launch = lockstep::resolve_launch_env(lockstep::process_environment());
@@ -75,6 +79,15 @@ int body(int argc, char** argv) {
   std::cout << "ready rank=" << r << " pid=" << getpid() << " restart=" << launch.restart_count
             << std::endl;
 
+  if (!wait_for.empty()) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (access(wait_for.c_str(), F_OK) != 0) {
+      if (std::chrono::steady_clock::now() > until) {
+        throw lockstep::TimeoutError("lockstep-test-worker: " + wait_for + " never appeared");
+      }
+      usleep(10000);  // polls a file the test creates; bounded above
+    }
+  }
   const bool chosen = fail_rank < 0 || fail_rank == r;
   if (chosen && (mode == "throw" || (mode == "fail-once" && launch.restart_count == 0))) {
     throw lockstep::StateError(message);

@@ -1,7 +1,9 @@
-// Shared-memory and hierarchical groups with ranks as threads: world sizes 1..4, counts 0, 1,
-// odd and several MiB (several 2 MiB steps), float32/float64/int64/bfloat16/float16, every
-// reduce op; bitwise agreement across ranks and with the fixed-order reference; agreement with
-// Gloo; transport selection; mismatched collectives, a departed rank and a stalled rank.
+// Shared-memory and hierarchical groups with ranks as threads, what only they have: the
+// in-place shared-buffer path (bitwise equal to the copying path, world sizes 1..4, counts 0,
+// 1, odd and several MiB, float32/float64/int64/bfloat16/float16), transport selection,
+// mismatched collectives, a departed rank, a stalled rank and refused dtypes. Every collective
+// on both (exact, bitwise in the fixed order, every dtype and count) is in
+// tests/comm/test_conformance.cpp.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -25,8 +27,6 @@ namespace {
 const std::vector<int64_t> kCounts = {0, 1, 1001, 3 * 512 * 1024 + 7};  // last: ~6 MiB f32
 const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kLong, at::kBFloat16,
                                              at::kHalf};
-const std::vector<ReduceOp> kOps = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
-                                    ReduceOp::kMax, ReduceOp::kProduct};
 
 std::string unique_job(const char* tag) {
   static std::atomic<int> n{0};
@@ -41,92 +41,14 @@ ProcessGroupOptions test_options(const std::string& job) {
       .job_id(job);
 }
 
-// Runs fn(pg) on `world` threads, each with a shm group (or a hier group when host_ids are
-// given) over one in-process store.
+// Runs fn(pg) on `world` threads, each with a shm group over one in-process store.
 void with_shm(int world, const std::function<void(const ProcessGroupPtr&)>& fn,
-              ProcessGroupOptions options, const std::vector<std::string>& host_ids = {}) {
+              const ProcessGroupOptions& options) {
   auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
-  run_ranks(world, [&](int r) {
-    auto opts = options;
-    if (!host_ids.empty()) opts.host_id(host_ids[r]);
-    auto pg = lockstep::new_shm_group(r, world, store, opts);
-    fn(pg);
-  });
+  run_ranks(world, [&](int r) { fn(lockstep::new_shm_group(r, world, store, options)); });
 }
 
 class ShmWorld : public ::testing::TestWithParam<int> {};
-
-TEST_P(ShmWorld, AllreduceEveryOpDtypeAndSizeMatchesFixedOrderBitwise) {
-  const int world = GetParam();
-  auto job = unique_job("ar");
-  with_shm(world, [&](const ProcessGroupPtr& pg) {
-    EXPECT_EQ(pg->backend(), "shm");
-    for (auto dtype : kDtypes) {
-      for (int64_t n : kCounts) {
-        std::vector<at::Tensor> all;
-        for (int r = 0; r < world; ++r) all.push_back(shm_test::small_input(r, n, dtype));
-        for (auto op : kOps) {
-          if (op == ReduceOp::kAvg && dtype == at::kLong) continue;
-          auto t = shm_test::small_input(pg->rank(), n, dtype);
-          pg->allreduce(t, op)->wait();
-          ASSERT_TRUE(bitwise_equal(t, shm_test::ordered_reference(all, op)))
-              << pg->where() << " op " << lockstep::to_string(op) << " dtype " << dtype
-              << " n " << n;
-        }
-      }
-    }
-  }, test_options(job));
-  EXPECT_TRUE(shm_test::shm_entries(job).empty());
-}
-
-TEST_P(ShmWorld, RandomFloatsBitwiseIdenticalAcrossRanksAndCloseToGloo) {
-  const int world = GetParam();
-  const int64_t n = 1000003;  // odd, ~4 MiB in f32: two steps
-  std::vector<std::vector<at::Tensor>> shm_out(kDtypes.size(), std::vector<at::Tensor>(world));
-  std::vector<std::vector<at::Tensor>> gloo_out(kDtypes.size(), std::vector<at::Tensor>(world));
-  auto shm_store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
-  auto gloo_store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
-  auto opts = test_options(unique_job("rand"));
-  run_ranks(world, [&](int r) {
-    auto shm = lockstep::new_shm_group(r, world, shm_store, opts);
-    auto gloo = lockstep::new_gloo_group(r, world, gloo_store, opts);
-    for (size_t d = 0; d < kDtypes.size(); ++d) {
-      if (kDtypes[d] == at::kLong) continue;
-      auto a = shm_test::random_input(r, n, kDtypes[d]);
-      auto b = a.clone();
-      shm->allreduce(a)->wait();
-      if (kDtypes[d] != at::kBFloat16) gloo->allreduce(b)->wait();  // Gloo 1.13: no bf16
-      // Run-to-run determinism: the same inputs give the same bits again.
-      auto again = shm_test::random_input(r, n, kDtypes[d]);
-      shm->allreduce(again)->wait();
-      ASSERT_TRUE(bitwise_equal(a, again)) << "rank " << r << " dtype " << kDtypes[d];
-      shm_out[d][r] = a;
-      gloo_out[d][r] = b;
-    }
-  });
-  for (size_t d = 0; d < kDtypes.size(); ++d) {
-    if (kDtypes[d] == at::kLong) continue;
-    std::vector<at::Tensor> inputs;
-    for (int r = 0; r < world; ++r) inputs.push_back(shm_test::random_input(r, n, kDtypes[d]));
-    auto reference = shm_test::ordered_reference(inputs, ReduceOp::kSum);
-    double tol = kDtypes[d] == at::kBFloat16 ? 0.1 : kDtypes[d] == at::kHalf ? 1e-2 : 1e-5;
-    for (int r = 0; r < world; ++r) {
-      EXPECT_TRUE(bitwise_equal(shm_out[d][r], shm_out[d][0]))
-          << "rank " << r << " differs from rank 0 in " << kDtypes[d];
-      EXPECT_TRUE(bitwise_equal(shm_out[d][r], reference)) << "rank " << r << " " << kDtypes[d];
-      if (kDtypes[d] == at::kBFloat16) {
-        // Against an unrounded double sum instead.
-        auto exact = inputs[0].to(at::kDouble);
-        for (int k = 1; k < world; ++k) exact = exact + inputs[k].to(at::kDouble);
-        EXPECT_TRUE(at::allclose(shm_out[d][r].to(at::kDouble), exact, tol, tol));
-        continue;
-      }
-      EXPECT_TRUE(at::allclose(shm_out[d][r].to(at::kDouble), gloo_out[d][r].to(at::kDouble),
-                               tol, tol))
-          << "rank " << r << " differs from Gloo beyond reassociation in " << kDtypes[d];
-    }
-  }
-}
 
 // Note [Shared reduction buffers]: new_buffer memory is reduced in place, with the same bits
 // as the copying path (and so the same fixed order) on every rank, reusable step after step.
@@ -197,96 +119,7 @@ TEST(ShmSharedBuffer, OutlivesTheGroupAndMismatchedPathsAreNamed) {
   EXPECT_EQ(survivor.sum().item<float>(), 3000.0f);
 }
 
-TEST_P(ShmWorld, BroadcastAllgatherReduceScatterBarrier) {
-  const int world = GetParam();
-  with_shm(world, [&](const ProcessGroupPtr& pg) {
-    for (int64_t n : kCounts) {
-      for (int root = 0; root < world; ++root) {
-        auto t = shm_test::small_input(pg->rank(), n, at::kFloat);
-        pg->broadcast(t, root)->wait();
-        ASSERT_TRUE(at::equal(t, shm_test::small_input(root, n, at::kFloat)))
-            << pg->where() << " root " << root << " n " << n;
-      }
-      for (auto dtype : {at::kDouble, at::kHalf}) {
-        std::vector<at::Tensor> out;
-        for (int i = 0; i < world; ++i) out.push_back(at::empty({n}, dtype));
-        pg->allgather(out, shm_test::small_input(pg->rank(), n, dtype))->wait();
-        for (int i = 0; i < world; ++i) {
-          ASSERT_TRUE(at::equal(out[i], shm_test::small_input(i, n, dtype)))
-              << pg->where() << " slot " << i << " n " << n;
-        }
-      }
-    }
-    std::vector<at::Tensor> ins;
-    for (int i = 0; i < world; ++i) ins.push_back(shm_test::small_input(pg->rank(), 1001, at::kLong) * (i + 1));
-    auto res = at::empty({1001}, at::kLong);
-    pg->reduce_scatter(res, ins, ReduceOp::kSum)->wait();
-    std::vector<at::Tensor> all;
-    for (int r = 0; r < world; ++r) all.push_back(shm_test::small_input(r, 1001, at::kLong));
-    ASSERT_TRUE(at::equal(res, shm_test::ordered_reference(all, ReduceOp::kSum) * (pg->rank() + 1)));
-    for (int i = 0; i < 5; ++i) pg->barrier()->wait();
-  }, test_options(unique_job("bc")));
-}
-
-TEST_P(ShmWorld, ManyAsyncInFlightCompleteInOrder) {
-  const int world = GetParam();
-  with_shm(world, [&](const ProcessGroupPtr& pg) {
-    std::vector<at::Tensor> ts;
-    std::vector<lockstep::WorkPtr> works;
-    for (int i = 0; i < 16; ++i) {
-      ts.push_back(at::full({4096 + i}, static_cast<float>(i + pg->rank())));
-      works.push_back(i % 4 == 3 ? pg->broadcast(ts.back(), i % world) : pg->allreduce(ts.back()));
-    }
-    for (int i = 0; i < 16; ++i) {
-      works[i]->wait();
-      EXPECT_TRUE(works[i]->is_completed());
-      float want = i % 4 == 3 ? static_cast<float>(i + i % world)
-                              : static_cast<float>(world * i + world * (world - 1) / 2);
-      ASSERT_TRUE(at::equal(ts[i], at::full({4096 + i}, want))) << pg->where() << " op " << i;
-    }
-  }, test_options(unique_job("async")));
-}
-
 INSTANTIATE_TEST_SUITE_P(WorldSizes, ShmWorld, ::testing::Values(1, 2, 3, 4));
-
-// Hierarchical: hosts emulated with host_id, including an uneven split with a non-contiguous
-// host ("A B A A") so that local ranks differ from global ones.
-class HierLayout : public ::testing::TestWithParam<std::vector<std::string>> {};
-
-TEST_P(HierLayout, AllCollectivesExact) {
-  const auto hosts = GetParam();
-  const int world = static_cast<int>(hosts.size());
-  with_shm(world, [&](const ProcessGroupPtr& pg) {
-    EXPECT_EQ(pg->backend(), "hier");
-    for (int64_t n : kCounts) {
-      std::vector<at::Tensor> all;
-      for (int r = 0; r < world; ++r) all.push_back(shm_test::small_input(r, n, at::kDouble));
-      for (auto op : kOps) {
-        auto t = shm_test::small_input(pg->rank(), n, at::kDouble);
-        pg->allreduce(t, op)->wait();
-        ASSERT_TRUE(at::allclose(t, shm_test::ordered_reference(all, op)))
-            << pg->where() << " op " << lockstep::to_string(op) << " n " << n;
-      }
-      for (int root = 0; root < world; ++root) {
-        auto t = shm_test::small_input(pg->rank(), n, at::kFloat);
-        pg->broadcast(t, root)->wait();
-        ASSERT_TRUE(at::equal(t, shm_test::small_input(root, n, at::kFloat))) << pg->where();
-      }
-      std::vector<at::Tensor> out;
-      for (int i = 0; i < world; ++i) out.push_back(at::empty({n}, at::kFloat));
-      pg->allgather(out, shm_test::small_input(pg->rank(), n, at::kFloat))->wait();
-      for (int i = 0; i < world; ++i) {
-        ASSERT_TRUE(at::equal(out[i], shm_test::small_input(i, n, at::kFloat))) << pg->where();
-      }
-    }
-    pg->barrier()->wait();
-  }, test_options(unique_job("hier")), hosts);
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Hosts, HierLayout,
-    ::testing::Values(std::vector<std::string>{"A", "B"}, std::vector<std::string>{"A", "A", "B", "B"},
-                      std::vector<std::string>{"A", "B", "A", "A"}));
 
 TEST(ShmSelection, TransportOptionEnvironmentAndAuto) {
   auto pick = [](const std::string& transport, const lockstep::EnvMap& env,
@@ -399,14 +232,11 @@ TEST(ShmFaults, StalledRankTimesOutWithinTheCollectiveTimeout) {
   EXPECT_LT(seconds, 4.0);
 }
 
-TEST(ShmFaults, NonCpuAndUnsupportedDtypesAreRejected) {
+// (avg of integers and non-contiguous tensors: the shared checks, in test_conformance.)
+TEST(ShmFaults, UnsupportedDtypesAreRejected) {
   with_shm(1, [&](const ProcessGroupPtr& pg) {
     auto b = at::ones({3}, at::kBool);
     EXPECT_THROW(pg->allreduce(b), lockstep::InvalidArgument);
-    auto i = at::ones({3}, at::kLong);
-    EXPECT_THROW(pg->allreduce(i, ReduceOp::kAvg), lockstep::InvalidArgument);
-    auto strided = at::ones({4, 4}).t();
-    EXPECT_THROW(pg->allreduce(strided), lockstep::InvalidArgument);
   }, test_options(unique_job("args")));
 }
 

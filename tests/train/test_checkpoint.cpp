@@ -3,6 +3,13 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -326,4 +333,220 @@ TEST(ConfigAgreement, MismatchNamesKeysValuesAndRanks) {
   });
   EXPECT_EQ(config_hash({{"a", "1"}}), config_hash({{"a", "1"}}));
   EXPECT_NE(config_hash({{"a", "1"}}), config_hash({{"a", "2"}}));
+}
+
+// ---- Note [Bounded checkpoint parsing]: hostile files are rejected, naming what is wrong ----
+
+namespace {
+
+// A checkpoint file around `header` (JSON text) and `data`, with a valid CRC and trailer, so
+// that only what the header says can be wrong.
+std::string file_around(const std::string& header, const std::string& data = "") {
+  auto put = [](std::string& out, auto value) {
+    out.append(reinterpret_cast<const char*>(&value), sizeof(value));
+  };
+  std::string f = "LSTPCKPT";
+  put(f, uint32_t{kCheckpointFormatVersion});
+  put(f, uint64_t{header.size()});
+  f += header;
+  put(f, static_cast<uint32_t>(crc32(0L, reinterpret_cast<const Bytef*>(header.data()),
+                                     static_cast<uInt>(header.size()))));
+  f += data;
+  f += "LSTPEND!";
+  put(f, uint64_t{f.size() + 8});
+  return f;
+}
+
+std::string tensor_header(const std::string& entry) {
+  return R"({"metadata":{},"tensors":[)" + entry + "]}";
+}
+
+}  // namespace
+
+TEST(CheckpointBounds, MetadataNested70000DeepIsRejectedNotACrash) {
+  const std::string path = temp_path("deep");
+  const std::string deep = std::string(70000, '[') + std::string(70000, ']');
+  write_bytes(path, file_around(R"({"metadata":{"a":)" + deep + R"(},"tensors":[]})"));
+  auto msg = error_of([&] { read_checkpoint_file(path); });
+  EXPECT_NE(msg.find("cannot load checkpoint '" + path + "': header: JSON nested deeper than 65 "
+                     "arrays and objects (at byte offset 80 of the JSON); the file is corrupt "
+                     "or hostile"),
+            std::string::npos)
+      << msg;
+  // Brackets inside strings do not count; 60 levels are fine.
+  const std::string ok = std::string(60, '[') + std::string(60, ']');
+  write_bytes(path, file_around(R"({"metadata":{"s":"[[[[\"[[[[[[","a":)" + ok + R"(},"tensors":[]})"));
+  EXPECT_NE(read_checkpoint_file(path).metadata.find("[[[[\\\"[[[[[["), std::string::npos);
+  // The writer refuses what the reader would refuse.
+  Checkpoint ck;
+  ck.metadata = "{\"a\":" + deep + "}";
+  msg = error_of([&] { write_checkpoint_file(path + ".w", ck); });
+  EXPECT_NE(msg.find("checkpoint metadata for '" + path + ".w': JSON nested deeper than 64"),
+            std::string::npos)
+      << msg;
+  std::remove(path.c_str());
+}
+
+TEST(CheckpointBounds, NegativeOrOutOfRangePositionsAreRejectedNamingFieldAndFile) {
+  const std::string path = temp_path("position");
+  Checkpoint ck;
+  ck.metadata = R"({"step": -5, "epoch": 2, "batch": 1.5, "huge": 18446744073709551615})";
+  write_checkpoint_file(path, ck);
+  const Checkpoint back = read_checkpoint_file(path);
+  const int64_t max = int64_t{1} << 53;
+  EXPECT_EQ(metadata_int(back, "epoch", 0, max, path), 2);
+  auto msg = error_of([&] { metadata_int(back, "step", 0, max, path); });
+  EXPECT_EQ(msg, "checkpoint '" + path + "': metadata field \"step\" is -5, but it must be an "
+                 "integer in [0, 9007199254740992]; the file is corrupt or was edited");
+  msg = error_of([&] { metadata_int(back, "batch", 0, max, path); });
+  EXPECT_NE(msg.find("metadata field \"batch\" is 1.5, but it must be an integer"),
+            std::string::npos) << msg;
+  msg = error_of([&] { metadata_int(back, "huge", 0, max, path); });
+  EXPECT_NE(msg.find("metadata field \"huge\" is 18446744073709551615, but it must be an "
+                     "integer in [0, 9007199254740992]"),
+            std::string::npos) << msg;
+  msg = error_of([&] { metadata_int(back, "seed", 0, max, path); });
+  EXPECT_EQ(msg, "checkpoint '" + path + "': metadata field \"seed\" is missing; the file was "
+                 "not written by this program or is corrupt");
+  std::remove(path.c_str());
+}
+
+TEST(CheckpointBounds, TensorClaimsBeyondTheFileAreRejectedBeforeAllocating) {
+  const std::string path = temp_path("claims");
+  struct Case {
+    std::string entry;
+    std::string expected;
+  };
+  std::string sixty_five_ones = "1";
+  for (int i = 1; i < 65; ++i) sixty_five_ones += ",1";
+  const std::vector<Case> cases = {
+      // 2^31 x 2^31 floats (16 EiB) in a file of a few hundred bytes.
+      {R"({"name":"w","dtype":"Float","shape":[2147483648,2147483648],"offset":0,"nbytes":0,"crc32":0})",
+       "tensor 'w': shape [2147483648,2147483648] of Float needs more bytes than the data "
+       "section holds (0); the file is corrupt"},
+      // A product that wraps to 0 in 64 bits must not pass as an empty tensor.
+      {R"({"name":"wrap","dtype":"Byte","shape":[4294967296,4294967296],"offset":0,"nbytes":0,"crc32":0})",
+       "tensor 'wrap': shape [4294967296,4294967296] of Byte needs more bytes"},
+      {R"({"name":"n","dtype":"Float","shape":[0],"offset":0,"nbytes":-4,"crc32":0})",
+       "tensor 'n': \"nbytes\" is -4, but it must be an integer in [0, 0]"},
+      {R"({"name":"o","dtype":"Float","shape":[0],"offset":1e300,"nbytes":0,"crc32":0})",
+       "tensor 'o': \"offset\" is 1e+300, but it must be an integer in [0, 0]"},
+      {R"({"name":"s","dtype":"Float","shape":[1.5],"offset":0,"nbytes":0,"crc32":0})",
+       "tensor 's': shape [1.5] holds a non-integer"},
+      {R"({"name":"d","dtype":"Float","shape":[)" + sixty_five_ones +
+           R"(],"offset":0,"nbytes":4,"crc32":0})",
+       "tensor 'd' has 65 dimensions, but at most 64 are accepted"},
+      {R"({"name":"c","dtype":"Float","shape":[0],"offset":0,"nbytes":0,"crc32":4294967296})",
+       "tensor 'c': \"crc32\" is 4294967296, but it must be an integer in [0, 4294967295]"},
+      {R"({"name":"t","dtype":"Quantum","shape":[0],"offset":0,"nbytes":0,"crc32":0})",
+       "tensor 't' has unknown dtype 'Quantum'"},
+      {R"(7)", "malformed header: a tensor entry without a \"name\" string"},
+  };
+  for (const auto& c : cases) {
+    write_bytes(path, file_around(tensor_header(c.entry)));
+    const auto msg = error_of([&] { read_checkpoint_file(path); });
+    EXPECT_EQ(msg.rfind("cannot load checkpoint '" + path + "': ", 0), 0u) << msg;
+    EXPECT_NE(msg.find(c.expected), std::string::npos) << msg;
+  }
+  write_bytes(path, file_around(R"({"metadata":[],"tensors":{}})"));
+  EXPECT_NE(error_of([&] { read_checkpoint_file(path); })
+                .find("malformed header: expected {\"metadata\": {...}, \"tensors\": [...]}"),
+            std::string::npos);
+  std::remove(path.c_str());
+}
+
+TEST(CheckpointBounds, OptimizerStepAndLearningRateAreRangeChecked) {
+  Net net;
+  torch::optim::Adam adam(net.parameters(), torch::optim::AdamOptions(0.01));
+  train_steps(net, adam, 1, 1);
+  Checkpoint ck;
+  add_optimizer(ck, adam);
+  Checkpoint bad_step = ck;
+  bad_step.tensors["optim.0.0.step"] = torch::tensor({int64_t{-5}});
+  auto msg = error_of([&] { load_optimizer(bad_step, adam); });
+  EXPECT_NE(msg.find("'optim.0.0.step' holds Long -5, but an optimizer step count must be one "
+                     "integer in [0, 2^53]"),
+            std::string::npos) << msg;
+  Checkpoint bad_lr = ck;
+  bad_lr.metadata = R"({"optim.type":"Adam","optim.lr":[-0.5]})";
+  msg = error_of([&] { load_optimizer(bad_lr, adam); });
+  EXPECT_NE(msg.find("optim.lr of parameter group 0: checkpoint has -0.5, expected a finite "
+                     "number >= 0"),
+            std::string::npos) << msg;
+  bad_lr.metadata = R"({"optim.type":"Adam","optim.lr":0.1})";
+  msg = error_of([&] { load_optimizer(bad_lr, adam); });
+  EXPECT_NE(msg.find("optim.lr: checkpoint has 0.1, expected an array of learning rates"),
+            std::string::npos) << msg;
+}
+
+// ---- Note [Atomic checkpoint writes]: no temporary file survives a failed write ----
+
+namespace {
+
+bool tmp_exists(const std::string& path, pid_t pid) {
+  struct stat st {};
+  return ::stat((path + ".tmp." + std::to_string(pid)).c_str(), &st) == 0;
+}
+
+}  // namespace
+
+TEST(CheckpointAtomicWrite, FileSizeLimitFailsTheWriteAndRemovesTheTemporaryFile) {
+  // `ulimit -f` in a child: the write past the limit raises SIGXFSZ, which used to kill the
+  // process before it could remove <path>.tmp.<pid>.
+  const std::string path = temp_path("fsize");
+  std::remove(path.c_str());
+  Checkpoint ck;
+  ck.tensors["big"] = torch::zeros({1 << 18});  // 1 MiB
+  ck.metadata = "{}";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const rlimit limit{64 << 10, 64 << 10};
+    if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) ::_exit(10);
+    try {
+      write_checkpoint_file(path, ck);
+      ::_exit(11);  // no error at all
+    } catch (const lockstep::Error& e) {
+      const std::string msg = e.what();
+      const std::string want = "could not write checkpoint temporary file '" + path + ".tmp." +
+                               std::to_string(::getpid()) + "': File too large";
+      if (msg.find(want) == std::string::npos) {
+        std::fprintf(stderr, "unexpected message: %s\n", msg.c_str());
+        ::_exit(12);
+      }
+    }
+    // The signal was answered by the error: not pending, not left blocked.
+    sigset_t pending, mask;
+    ::sigpending(&pending);
+    ::pthread_sigmask(SIG_SETMASK, nullptr, &mask);
+    ::_exit(sigismember(&pending, SIGXFSZ) || sigismember(&mask, SIGXFSZ) ? 13 : 0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the writer died of signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_FALSE(tmp_exists(path, pid)) << path << ".tmp." << pid << " survived";
+  struct stat st {};
+  EXPECT_NE(::stat(path.c_str(), &st), 0) << "no checkpoint may appear";
+  std::remove((path + ".tmp." + std::to_string(pid)).c_str());
+}
+
+TEST(CheckpointAtomicWrite, RenameFailureRemovesTheTemporaryFile) {
+  // The destination is a non-empty directory: rename(2) fails after the file was written.
+  const std::string path = temp_path("rename_dir");
+  ASSERT_EQ(::mkdir(path.c_str(), 0755), 0);
+  write_bytes(path + "/keep", "x");
+  Checkpoint ck;
+  ck.tensors["a"] = torch::ones({4});
+  ck.metadata = "{}";
+  try {
+    write_checkpoint_file(path, ck);
+    ADD_FAILURE() << "expected the rename to fail";
+  } catch (const lockstep::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("could not rename '" + path + ".tmp."),
+              std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(tmp_exists(path, ::getpid()));
+  std::remove((path + "/keep").c_str());
+  ::rmdir(path.c_str());
 }

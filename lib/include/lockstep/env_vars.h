@@ -1,7 +1,7 @@
 #pragma once
 /// \file
-/// Every `LOCKSTEP_*` environment variable lockstep reads, in one place. The README lists the
-/// same table. Variables are read only at the edges (process-group initialisation, the
+/// Every `LOCKSTEP_*` environment variable lockstep reads, in one place. docs/launching.md lists
+/// the same table. Variables are read only at the edges (process-group initialisation, the
 /// launcher, logging set-up, the DDP trace), never deep inside the library.
 
 namespace lockstep {

@@ -6,8 +6,11 @@
 ///
 /// Every reader throws `lockstep::InvalidArgument` on bad input, naming the file, the offset
 /// (IDX: byte offset in the uncompressed stream) or line:column (CSV, text), and what was
-/// wrong: missing file, bad magic number, truncated file, wrong dimension count, images and
-/// labels disagreeing in count, non-numeric field, ragged row, invalid UTF-8.
+/// wrong: missing file, permission denied, bad magic number, truncated file, wrong dimension
+/// count, a header declaring more data than the file can hold (rejected before allocating),
+/// images and labels disagreeing in count, a label outside the declared classes,
+/// non-numeric field, NaN or infinity where finite numbers are required, ragged row, invalid
+/// UTF-8.
 ///
 ///     auto train = lockstep::load_idx_dataset(
 ///         "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz",
@@ -40,6 +43,10 @@ struct IdxDatasetOptions {
   LOCKSTEP_ARG(bool, normalize) = true;
   /// Insert a channel dimension: [N, H, W] becomes [N, 1, H, W] (default true).
   LOCKSTEP_ARG(bool, channel_dim) = true;
+  /// Labels must lie in [0, num_classes); the first that does not fails the load, naming the
+  /// file, record and byte offset. 0 (default) skips the check; `load_mnist_directory` then
+  /// checks 10.
+  LOCKSTEP_ARG(int64_t, num_classes) = 0;
 };
 
 /// A dataset of (data[i], target[i]) pairs held in two tensors with equal first dimensions.
@@ -61,7 +68,8 @@ class TensorPairDataset : public torch::data::datasets::Dataset<TensorPairDatase
 };
 
 /// Reads an IDX image file (3 dims) and an IDX label file (1 dim) and pairs them; labels are
-/// int64. InvalidArgument if the counts differ (naming both files and both counts).
+/// int64. InvalidArgument if the counts differ (naming both files and both counts) or a label
+/// lies outside `options.num_classes()` (naming the file, record and offset).
 TensorPairDataset load_idx_dataset(const std::string& images_path,
                                    const std::string& labels_path,
                                    IdxDatasetOptions options = IdxDatasetOptions());
@@ -81,6 +89,9 @@ struct CsvOptions {
   LOCKSTEP_ARG(bool, header) = true;
   /// dtype of the values tensor: float32 (default) or float64.
   LOCKSTEP_ARG(at::ScalarType, dtype) = at::kFloat;
+  /// Reject NaN and infinite values, naming file:line:column (default false: they are read
+  /// as such).
+  LOCKSTEP_ARG(bool, finite) = false;
 };
 
 /// A CSV file of numeric columns.

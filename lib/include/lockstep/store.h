@@ -1,8 +1,10 @@
 #pragma once
 /// \file
-/// `lockstep::Store`: the key-value store ranks rendezvous through (c10d's TCPStore, FileStore,
-/// HashStore and PrefixStore behind a pimpl, so no c10d header leaks into user code).
-/// A Store is a cheap, shared handle: copies refer to the same store. Thread-safe.
+/// `lockstep::Store`: the key-value store ranks rendezvous through: lockstep's own TCP store
+/// (authenticated by a per-job token, Note [Store protocol] in lib/src/comm/store_protocol.h),
+/// c10d's TCPStore as a client of torchrun's agent store, c10d's FileStore and HashStore,
+/// all behind a pimpl, so no c10d header leaks into user code. A Store is a cheap, shared
+/// handle: copies refer to the same store. Thread-safe.
 
 #include <chrono>
 #include <cstdint>
@@ -10,7 +12,36 @@
 #include <string>
 #include <vector>
 
+#include "lockstep/launch_env.h"
+#include "lockstep/options.h"
+
 namespace lockstep {
+
+/// Options of `Store::tcp`: `TcpStoreOptions().token(t).listen_address("10.0.0.5")`.
+struct TcpStoreOptions {
+  /// The job token (raw bytes, at least 32): the server admits only clients that prove they
+  /// hold it, and a client talks only to a server that proves it too (HMAC challenge-response;
+  /// the token never crosses the wire). "" (default): no authentication; a server then logs
+  /// once that anyone who reaches its address can read and write the job's keys.
+  LOCKSTEP_ARG(std::string, token) = "";
+  /// The address a server listens on; "" (default): `host` itself, so a store hosted on a
+  /// loopback address is reachable from this machine only. "0.0.0.0" listens on every
+  /// interface, only when asked for.
+  LOCKSTEP_ARG(std::string, listen_address) = "";
+  /// Speak c10d's TCPStore protocol (no authentication, c10d's exposure) instead of
+  /// lockstep's: to join torchrun's agent store. Default false.
+  LOCKSTEP_ARG(bool, c10d) = false;
+};
+
+/// A new random job token: 32 bytes from the kernel's random source.
+std::string generate_store_token();
+/// `token` as lower-case hex, the form LOCKSTEP_STORE_TOKEN and token files hold.
+std::string store_token_to_hex(const std::string& token);
+/// The job token `env` gives (LOCKSTEP_STORE_TOKEN in hex, or LOCKSTEP_STORE_TOKEN_FILE
+/// naming a file of mode 0600 or stricter; empty values count as unset), or "" when it gives
+/// none. Throws InvalidArgument when both are set, the text is not hex of at least 32 bytes,
+/// or the file is missing or readable by others; no message repeats the token.
+std::string store_token_from_environment(const EnvMap& env);
 
 class Store {
  public:
@@ -19,9 +50,11 @@ class Store {
   /// Connects to (or, with `is_server`, hosts and connects to) a TCP store at host:port.
   /// `port` 0 with `is_server` binds an ephemeral port; read it back with `port()`.
   /// Throws TimeoutError naming host:port when the server cannot be reached within `timeout`,
-  /// CommError when `is_server` and the port is in use.
+  /// CommError when `is_server` and the port is in use, InvalidArgument when the server
+  /// refuses this client's token (or cannot prove it holds the token itself).
   static Store tcp(const std::string& host, int port, bool is_server,
-                   std::chrono::milliseconds timeout);
+                   std::chrono::milliseconds timeout,
+                   const TcpStoreOptions& options = TcpStoreOptions());
 
   /// A store in a file on a shared file system, for `world_size` processes.
   static Store file(const std::string& path, int world_size, std::chrono::milliseconds timeout);

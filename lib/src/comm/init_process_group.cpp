@@ -151,6 +151,25 @@ void rendezvous_checks(Store& store, int rank, int size, std::chrono::millisecon
   }
 }
 
+bool truthy(const EnvMap& env, const char* name) {
+  auto v = env_or(env, name, "");
+  return v == "1" || v == "true" || v == "True" || v == "TRUE";
+}
+
+// Note [Which store protocol]
+// lockstep's own store (authenticated by the job token, listening on MASTER_ADDR itself, so a
+// loopback master is reachable from this machine only) whenever lockstep hosts the store: rank
+// 0, or lockstep-run (LOCKSTEP_AGENT_STORE). torchrun's agent store
+// (TORCHELASTIC_USE_AGENT_STORE without LOCKSTEP_AGENT_STORE) is c10d's TCPStore, which
+// cannot authenticate: workers join it with c10d's protocol, and its exposure is torchrun's.
+TcpStoreOptions store_options(const EnvMap& env, const LaunchEnv& launch) {
+  TcpStoreOptions o;
+  if (launch.launcher_hosts_store && !truthy(env, env::kAgentStore)) return o.c10d(true);
+  o.token(store_token_from_environment(env));
+  o.listen_address(launch.master_addr);
+  return o;
+}
+
 struct Timeouts {
   std::chrono::milliseconds collective;
   std::chrono::milliseconds rendezvous;
@@ -303,8 +322,9 @@ ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
       base = std::make_shared<Store>(Store::hash(timeouts.rendezvous));
     } else {
       bool host = launch.rank == 0 && !launch.launcher_hosts_store;
-      base = std::make_shared<Store>(
-          Store::tcp(launch.master_addr, launch.master_port, host, timeouts.rendezvous));
+      base = std::make_shared<Store>(Store::tcp(launch.master_addr, launch.master_port, host,
+                                                timeouts.rendezvous,
+                                                store_options(env, launch)));
     }
   }
   std::string job = options.job_id().empty() ? launch.job_id : options.job_id();

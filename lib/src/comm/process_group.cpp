@@ -130,7 +130,10 @@ std::string ProcessGroup::transport_for(const at::Tensor& /*tensor*/) { return b
 WorkPtr ProcessGroup::reduce_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
                                      ReduceOp op) {
   check_reduce_scatter(output, inputs, op);
-  auto flat = at::cat(inputs).contiguous();
+  // Flat parts: at::cat of multi-dimensional inputs would stack them along dim 0 instead.
+  std::vector<at::Tensor> parts;
+  for (const auto& t : inputs) parts.push_back(t.reshape({-1}));
+  auto flat = at::cat(parts);
   std::vector<WorkPtr> inner = {allreduce(flat, op)};
   at::Tensor out = output;
   const int64_t n = output.numel();

@@ -5,9 +5,11 @@
 #include <zlib.h>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +18,7 @@
 #include <memory>
 #include <sstream>
 
+#include "data/reader_parsing.h"
 #include "lockstep/errors.h"
 
 namespace lockstep {
@@ -23,26 +26,25 @@ namespace {
 
 // ---- files ----
 
-void check_readable(const std::string& path, const char* what) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
-    const int err = errno;
-    throw InvalidArgument(detail::concat("Cannot open ", what, " '", path,
-                                         "': missing file (", std::strerror(err),
-                                         "). Check the path."));
-  }
-  LOCKSTEP_CHECK(S_ISREG(st.st_mode), "Expected ", what, " '", path,
-                 "' to be a regular file, but it is not (a directory?).");
-}
-
 std::string read_whole_file(const std::string& path, const char* what) {
-  check_readable(path, what);
-  std::ifstream in(path, std::ios::binary);
-  LOCKSTEP_CHECK(in.good(), "Cannot open ", what, " '", path, "' for reading (permissions?).");
-  std::ostringstream os;
-  os << in.rdbuf();
-  LOCKSTEP_CHECK(!in.bad(), "Reading ", what, " '", path, "' failed (I/O error).");
-  return os.str();
+  int64_t size = 0;
+  const int fd = detail::open_regular_file(path, what, &size);
+  std::string out;
+  char buf[1 << 16];
+  while (true) {
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      throw InvalidArgument(detail::concat("Reading ", what, " '", path, "' failed at offset ",
+                                           out.size(), ": ", std::strerror(err), "."));
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return out;
 }
 
 // ---- IDX ----
@@ -85,32 +87,17 @@ struct GzFile {
 
 struct IdxType {
   at::ScalarType dtype;
-  int64_t size;
-  const char* name;
 };
 
-bool idx_type(uint8_t code, IdxType* out) {
+void idx_type(uint8_t code, IdxType* out) {
   switch (code) {
-    case 0x08: *out = {at::kByte, 1, "uint8"}; return true;
-    case 0x09: *out = {at::kChar, 1, "int8"}; return true;
-    case 0x0B: *out = {at::kShort, 2, "int16"}; return true;
-    case 0x0C: *out = {at::kInt, 4, "int32"}; return true;
-    case 0x0D: *out = {at::kFloat, 4, "float32"}; return true;
-    case 0x0E: *out = {at::kDouble, 8, "float64"}; return true;
-    default: return false;
+    case 0x08: out->dtype = at::kByte; break;
+    case 0x09: out->dtype = at::kChar; break;
+    case 0x0B: out->dtype = at::kShort; break;
+    case 0x0C: out->dtype = at::kInt; break;
+    case 0x0D: out->dtype = at::kFloat; break;
+    default: out->dtype = at::kDouble; break;  // 0x0E; parse_idx_header rejects the rest
   }
-}
-
-uint32_t big_endian32(const unsigned char* p) {
-  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
-}
-
-void swap_to_host(char* data, int64_t count, int64_t width) {
-  const uint16_t probe = 1;
-  unsigned char first;
-  std::memcpy(&first, &probe, 1);
-  if (first == 0 || width == 1) return;  // big-endian host or bytes: nothing to do
-  for (int64_t i = 0; i < count; ++i) std::reverse(data + i * width, data + (i + 1) * width);
 }
 
 std::string shape_string(const std::vector<int64_t>& dims) {
@@ -121,61 +108,54 @@ std::string shape_string(const std::vector<int64_t>& dims) {
   return os.str();
 }
 
+void swap_to_host(char* data, int64_t count, int64_t width) {
+  const uint16_t probe = 1;
+  unsigned char first;
+  std::memcpy(&first, &probe, 1);
+  if (first == 0 || width == 1) return;  // big-endian host or bytes: nothing to do
+  for (int64_t i = 0; i < count; ++i) std::reverse(data + i * width, data + (i + 1) * width);
+}
+
 }  // namespace
 
 at::Tensor read_idx(const std::string& path, int64_t expected_dims) {
-  check_readable(path, "IDX file");
+  int64_t file_size = 0;
+  const int fd = detail::open_regular_file(path, "IDX file", &file_size);
+  unsigned char gz_magic[2] = {0, 0};
+  const bool gz = ::pread(fd, gz_magic, 2, 0) == 2 && gz_magic[0] == 0x1f && gz_magic[1] == 0x8b;
   GzFile f;
   f.path = path;
-  f.file = gzopen(path.c_str(), "rb");
-  LOCKSTEP_CHECK(f.file != nullptr, "Cannot open IDX file '", path, "': ", std::strerror(errno),
-                 ".");
-  gzbuffer(f.file, 1 << 20);  // 1 MiB instead of 8 KiB: fewer read() calls on large files
-  unsigned char magic[4];
-  const int64_t got = f.read(magic, 4);
-  LOCKSTEP_CHECK(got == 4, "IDX file '", path, "' is truncated at offset ", got,
-                 ": expected a 4-byte magic number at offset 0, but the file has only ", got,
-                 " bytes.");
-  IdxType type{};
-  LOCKSTEP_CHECK(magic[0] == 0 && magic[1] == 0 && idx_type(magic[2], &type),
-                 "IDX file '", path, "' has a bad magic number at offset 0: expected 00 00 "
-                 "<type 08|09|0B|0C|0D|0E> <dims>, but found ", std::hex, int{magic[0]}, " ",
-                 int{magic[1]}, " ", int{magic[2]}, " ", int{magic[3]}, std::dec,
-                 ". Is this an IDX (MNIST-format) file?");
-  const int64_t dims = magic[3];
-  LOCKSTEP_CHECK(dims >= 1, "IDX file '", path, "' has a wrong dimension count at offset 3: "
-                 "expected at least 1, but found 0.");
-  LOCKSTEP_CHECK(expected_dims <= 0 || dims == expected_dims, "IDX file '", path,
-                 "' has a wrong dimension count at offset 3: expected ", expected_dims,
-                 ", but found ", dims, ". Images are 3-D (count, rows, columns), labels 1-D.");
-  std::vector<unsigned char> header(static_cast<size_t>(4 * dims));
-  const int64_t header_got = f.read(header.data(), 4 * dims);
-  LOCKSTEP_CHECK(header_got == 4 * dims, "IDX file '", path, "' is truncated at offset ",
-                 4 + header_got, ": the header declares ", dims, " dimension sizes (", 4 * dims,
-                 " bytes from offset 4), but the file ends first.");
-  std::vector<int64_t> sizes;
-  int64_t count = 1;
-  for (int64_t d = 0; d < dims; ++d) {
-    const int64_t size = big_endian32(&header[static_cast<size_t>(4 * d)]);
-    sizes.push_back(size);
-    LOCKSTEP_CHECK(size == 0 || count <= (int64_t{1} << 40) / size, "IDX file '", path,
-                   "' declares an implausible shape at offset ", 4 + 4 * d, " (dimension ", d,
-                   " = ", size, "): more than 2^40 elements.");
-    count *= size;
+  f.file = gzdopen(fd, "rb");  // owns fd from here
+  if (f.file == nullptr) {
+    ::close(fd);
+    throw InvalidArgument(detail::concat("Cannot open IDX file '", path, "': zlib could not "
+                                         "allocate its stream."));
   }
-  const int64_t data_offset = 4 + 4 * dims;
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(type.dtype));
-  const int64_t bytes = count * type.size;
+  gzbuffer(f.file, 1 << 20);  // 1 MiB instead of 8 KiB: fewer read() calls on large files
+  // Note [Bounded reads]: what the stream can hold bounds what the header may declare.
+  const int64_t stream_bound =
+      gz ? (file_size > INT64_MAX / detail::kGzipMaxRatio ? INT64_MAX
+                                                          : file_size * detail::kGzipMaxRatio)
+         : file_size;
+  unsigned char head[4 + 4 * 255];
+  int64_t got = f.read(head, 4);
+  if (got == 4) got += f.read(head + 4, 4 * int64_t{head[3]});
+  const detail::IdxHeader h =
+      detail::parse_idx_header(head, static_cast<size_t>(got), path, expected_dims, stream_bound);
+  IdxType type{};
+  idx_type(h.type_code, &type);
+  at::Tensor out = at::empty(h.sizes, at::TensorOptions().dtype(type.dtype));
+  const int64_t bytes = h.data_bytes();
   const int64_t data_got = f.read(out.data_ptr(), bytes);
   LOCKSTEP_CHECK(data_got == bytes, "IDX file '", path, "' is truncated at offset ",
-                 data_offset + data_got, ": the header declares ", shape_string(sizes), " ",
-                 type.name, " = ", bytes, " bytes of data from offset ", data_offset,
+                 h.data_offset + data_got, ": the header declares ", shape_string(h.sizes), " ",
+                 h.type_name, " = ", bytes, " bytes of data from offset ", h.data_offset,
                  ", but only ", data_got, " are present.");
   char extra = 0;
   LOCKSTEP_CHECK(f.read(&extra, 1) == 0, "IDX file '", path, "' has trailing bytes at offset ",
-                 data_offset + bytes, ": the header declares ", shape_string(sizes), " ",
-                 type.name, ", which ends there. The header or the file is wrong.");
-  swap_to_host(static_cast<char*>(out.data_ptr()), count, type.size);
+                 h.data_offset + bytes, ": the header declares ", shape_string(h.sizes), " ",
+                 h.type_name, ", which ends there. The header or the file is wrong.");
+  swap_to_host(static_cast<char*>(out.data_ptr()), h.count, h.element_size);
   return out;
 }
 
@@ -222,11 +202,17 @@ TensorPairDataset load_idx_dataset(const std::string& images_path, const std::st
   LOCKSTEP_CHECK(images.size(0) == labels.size(0), "IDX images and labels disagree in count: '",
                  images_path, "' holds ", images.size(0), " images but '", labels_path,
                  "' holds ", labels.size(0), " labels. Pair the files of the same split.");
+  at::Tensor targets = labels.to(at::kLong).contiguous();
+  detail::IdxHeader label_header;
+  label_header.data_offset = 4 + 4 * labels.dim();
+  label_header.element_size = static_cast<int64_t>(labels.element_size());
+  detail::check_labels(targets.data_ptr<int64_t>(), targets.numel(), label_header,
+                       options.num_classes(), labels_path);
   if (options.normalize() && images.scalar_type() == at::kByte) {
     images = images.to(at::kFloat).div_(255.0);
   }
   if (options.channel_dim()) images = images.unsqueeze(1);
-  return TensorPairDataset(std::move(images), labels.to(at::kLong));
+  return TensorPairDataset(std::move(images), std::move(targets));
 }
 
 TensorPairDataset load_mnist_directory(const std::string& directory, bool train,
@@ -237,39 +223,11 @@ TensorPairDataset load_mnist_directory(const std::string& directory, bool train,
     return ::stat((base + ".gz").c_str(), &st) == 0 ? base + ".gz" : base;
   };
   return load_idx_dataset(pick(prefix + "-images-idx3-ubyte"),
-                          pick(prefix + "-labels-idx1-ubyte"), options);
+                          pick(prefix + "-labels-idx1-ubyte"),
+                          options.num_classes() > 0 ? options : options.num_classes(10));
 }
 
 // ---- CSV ----
-
-namespace {
-
-std::string trim(const std::string& s) {
-  size_t b = 0, e = s.size();
-  while (b < e && (s[b] == ' ' || s[b] == '\t')) ++b;
-  while (e > b && (s[e - 1] == ' ' || s[e - 1] == '\t')) --e;
-  return s.substr(b, e - b);
-}
-
-struct Field {
-  std::string text;
-  int64_t column;  // 1-based character column where the field starts
-};
-
-std::vector<Field> split_fields(const std::string& line, char delimiter) {
-  std::vector<Field> fields;
-  size_t start = 0;
-  while (true) {
-    const size_t end = line.find(delimiter, start);
-    fields.push_back({line.substr(start, end == std::string::npos ? std::string::npos : end - start),
-                      static_cast<int64_t>(start) + 1});
-    if (end == std::string::npos) break;
-    start = end + 1;
-  }
-  return fields;
-}
-
-}  // namespace
 
 int64_t CsvTable::column_index(const std::string& name) const {
   for (size_t i = 0; i < columns.size(); ++i) {
@@ -289,133 +247,17 @@ CsvTable read_csv(const std::string& path, CsvOptions options) {
   LOCKSTEP_CHECK(options.dtype() == at::kFloat || options.dtype() == at::kDouble,
                  "Expected CsvOptions::dtype float32 or float64, but got ", options.dtype(), ".");
   const std::string text = read_whole_file(path, "CSV file");
+  detail::CsvParsed parsed = detail::parse_csv_text(text, path, options.delimiter(),
+                                                    options.header(), options.finite());
   CsvTable table;
-  std::vector<double> values;
-  int64_t width = -1, header_line = 0, rows = 0, line_no = 0;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string::npos) end = text.size();
-    std::string line = text.substr(pos, end - pos);
-    pos = end + 1;
-    ++line_no;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (trim(line).empty()) continue;
-    std::vector<Field> fields = split_fields(line, options.delimiter());
-    if (width < 0) {
-      width = static_cast<int64_t>(fields.size());
-      header_line = line_no;
-      if (options.header()) {
-        for (const auto& f : fields) {
-          std::string name = trim(f.text);
-          if (name.size() >= 2 && name.front() == '"' && name.back() == '"') {
-            name = name.substr(1, name.size() - 2);
-          }
-          table.columns.push_back(name);
-        }
-        continue;
-      }
-      for (int64_t c = 0; c < width; ++c) table.columns.push_back(std::to_string(c));
-    }
-    if (static_cast<int64_t>(fields.size()) != width) {
-      const int64_t column = static_cast<int64_t>(fields.size()) > width
-                                 ? fields[static_cast<size_t>(width)].column
-                                 : static_cast<int64_t>(line.size()) + 1;
-      throw InvalidArgument(detail::concat(
-          path, ":", line_no, ":", column, ": ragged row: expected ", width, " fields (as on line ",
-          header_line, options.header() ? ", the header" : "", "), but found ", fields.size(),
-          "."));
-    }
-    for (size_t c = 0; c < fields.size(); ++c) {
-      const std::string field = trim(fields[c].text);
-      LOCKSTEP_CHECK(!field.empty(), path, ":", line_no, ":", fields[c].column,
-                     ": empty field in column ", c + 1, " ('", table.columns[c],
-                     "'): expected a number.");
-      char* parse_end = nullptr;
-      errno = 0;
-      const double value = std::strtod(field.c_str(), &parse_end);
-      LOCKSTEP_CHECK(parse_end == field.c_str() + field.size(), path, ":", line_no, ":",
-                     fields[c].column, ": non-numeric field '", field, "' in column ", c + 1, " ('",
-                     table.columns[c], "'): expected a number.");
-      values.push_back(value);
-    }
-    ++rows;
-  }
-  LOCKSTEP_CHECK(width >= 0 || !options.header(), "CSV file '", path,
-                 "' is empty: expected a header line at line 1.");
-  if (width < 0) width = 0;
-  table.values = at::tensor(values, at::kDouble).reshape({rows, width}).to(options.dtype());
+  table.columns = std::move(parsed.columns);
+  table.values = at::tensor(parsed.values, at::kDouble)
+                     .reshape({parsed.rows, parsed.width})
+                     .to(options.dtype());
   return table;
 }
 
 // ---- Text ----
-
-namespace {
-
-// Decodes one UTF-8 character at text[i]; returns its byte length, or 0 with `why` set.
-size_t utf8_char(const std::string& text, size_t i, uint32_t* code, const char** why) {
-  const auto b0 = static_cast<unsigned char>(text[i]);
-  size_t len;
-  uint32_t cp;
-  uint32_t min;
-  if (b0 < 0x80) {
-    *code = b0;
-    return 1;
-  } else if ((b0 & 0xE0) == 0xC0) {
-    len = 2, cp = b0 & 0x1F, min = 0x80;
-  } else if ((b0 & 0xF0) == 0xE0) {
-    len = 3, cp = b0 & 0x0F, min = 0x800;
-  } else if ((b0 & 0xF8) == 0xF0) {
-    len = 4, cp = b0 & 0x07, min = 0x10000;
-  } else {
-    *why = "byte is not a valid UTF-8 lead byte";
-    return 0;
-  }
-  if (i + len > text.size()) {
-    *why = "truncated multi-byte sequence at end of file";
-    return 0;
-  }
-  for (size_t k = 1; k < len; ++k) {
-    const auto b = static_cast<unsigned char>(text[i + k]);
-    if ((b & 0xC0) != 0x80) {
-      *why = "expected a continuation byte";
-      return 0;
-    }
-    cp = (cp << 6) | (b & 0x3F);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-    *why = "overlong encoding, surrogate or code point beyond U+10FFFF";
-    return 0;
-  }
-  *code = cp;
-  return len;
-}
-
-// Splits UTF-8 text into characters; `where` names the source for errors.
-std::vector<std::pair<uint32_t, std::string>> utf8_chars(const std::string& text,
-                                                         const std::string& where) {
-  std::vector<std::pair<uint32_t, std::string>> out;
-  int64_t line = 1, column = 1;
-  for (size_t i = 0; i < text.size();) {
-    uint32_t cp = 0;
-    const char* why = "";
-    const size_t len = utf8_char(text, i, &cp, &why);
-    LOCKSTEP_CHECK(len > 0, where, ":", line, ":", column, ": invalid UTF-8 at byte offset ", i,
-                   " (byte 0x", std::hex, int{static_cast<unsigned char>(text[i])}, std::dec,
-                   "): ", why, ". Use TokenKind::kBytes for binary or non-UTF-8 text.");
-    out.emplace_back(cp, text.substr(i, len));
-    if (cp == '\n') {
-      ++line;
-      column = 1;
-    } else {
-      ++column;
-    }
-    i += len;
-  }
-  return out;
-}
-
-}  // namespace
 
 std::string TextCorpus::decode(const at::Tensor& ids) const {
   const at::Tensor flat = ids.to(at::kLong).contiguous().view(-1);
@@ -436,7 +278,7 @@ at::Tensor TextCorpus::encode(const std::string& text) const {
   } else {
     std::map<std::string, int64_t> index;
     for (size_t i = 0; i < vocab.size(); ++i) index[vocab[i]] = static_cast<int64_t>(i);
-    for (const auto& ch : utf8_chars(text, "<encode input>")) {
+    for (const auto& ch : detail::utf8_chars(text, "<encode input>")) {
       const auto it = index.find(ch.second);
       LOCKSTEP_CHECK(it != index.end(), "Character '", ch.second, "' (U+", std::hex, ch.first,
                      std::dec, ") is not in the vocabulary of ", vocab.size(), " characters.");
@@ -456,7 +298,7 @@ TextCorpus read_text(const std::string& path, TokenKind kind) {
     for (int b = 0; b < 256; ++b) corpus.vocab.emplace_back(1, static_cast<char>(b));
     for (char c : text) ids.push_back(static_cast<unsigned char>(c));
   } else {
-    const auto chars = utf8_chars(text, path);
+    const auto chars = detail::utf8_chars(text, path);
     std::map<uint32_t, std::string> distinct;
     for (const auto& ch : chars) distinct.emplace(ch.first, ch.second);
     std::map<uint32_t, int64_t> id_of;

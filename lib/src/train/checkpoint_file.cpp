@@ -1,9 +1,10 @@
 // The checkpoint file format: writing atomically, reading with every check. See Note
 // [Checkpoint format] and Note [Atomic checkpoint writes] in lockstep/train/checkpoint.h.
 #include <ATen/ATen.h>
-#include <zlib.h>
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 
 #include "lockstep/errors.h"
 #include "lockstep/train/checkpoint.h"
+#include "train/checkpoint_parsing.h"
 
 namespace lockstep {
 namespace train {
@@ -24,35 +26,16 @@ using nlohmann::json;
 
 namespace {
 
-constexpr char kMagic[8] = {'L', 'S', 'T', 'P', 'C', 'K', 'P', 'T'};
-constexpr char kEndMagic[8] = {'L', 'S', 'T', 'P', 'E', 'N', 'D', '!'};
-constexpr size_t kPreludeBytes = 8 + 4 + 8;
-constexpr size_t kTrailerBytes = 8 + 8;
-
-uint32_t crc32_of(const void* data, size_t n) {
-  uLong crc = crc32(0L, Z_NULL, 0);
-  const auto* p = static_cast<const Bytef*>(data);
-  while (n > 0) {  // zlib takes uInt lengths
-    uInt chunk = static_cast<uInt>(std::min<size_t>(n, 1u << 30));
-    crc = crc32(crc, p, chunk);
-    p += chunk;
-    n -= chunk;
-  }
-  return static_cast<uint32_t>(crc);
-}
+using format::crc32_of;
+using format::kEndMagic;
+using format::kMagic;
+using format::kTrailerBytes;
 
 template <typename T>
 void put(std::string& out, T value) {
   char bytes[sizeof(T)];
   std::memcpy(bytes, &value, sizeof(T));  // little-endian hosts only (x86-64, aarch64)
   out.append(bytes, sizeof(T));
-}
-
-template <typename T>
-T get_at(const std::string& in, size_t offset) {
-  T value;
-  std::memcpy(&value, in.data() + offset, sizeof(T));
-  return value;
 }
 
 const std::vector<at::ScalarType>& known_dtypes() {
@@ -73,6 +56,34 @@ at::ScalarType parse_dtype(const std::string& name, const std::string& path,
 }
 
 std::string errno_text() { return std::strerror(errno); }
+
+// Note [Atomic checkpoint writes], failure paths: a write past RLIMIT_FSIZE (`ulimit -f`)
+// raises SIGXFSZ, whose default action kills the process before it can remove the temporary
+// file. While the file is written, the calling thread blocks SIGXFSZ, so that write(2) fails
+// with EFBIG like any other error and the file is removed; the pending signal is then consumed
+// (it was answered by the error) and the old mask restored. Only this thread's mask changes.
+class BlockFileSizeSignal {
+ public:
+  BlockFileSizeSignal() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGXFSZ);
+    blocked_ = ::pthread_sigmask(SIG_BLOCK, &set_, &old_) == 0;
+  }
+  ~BlockFileSizeSignal() {
+    if (!blocked_) return;
+    const timespec zero{0, 0};
+    while (::sigtimedwait(&set_, nullptr, &zero) == SIGXFSZ) {
+    }
+    ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  BlockFileSizeSignal(const BlockFileSizeSignal&) = delete;
+  BlockFileSizeSignal& operator=(const BlockFileSizeSignal&) = delete;
+
+ private:
+  sigset_t set_{};
+  sigset_t old_{};
+  bool blocked_ = false;
+};
 
 void write_all(int fd, const char* data, size_t n, const std::string& tmp) {
   while (n > 0) {
@@ -100,6 +111,9 @@ std::string dir_of(const std::string& path) {
 // Files
 
 void write_checkpoint_file(const std::string& path, const Checkpoint& checkpoint) {
+  // Note [Bounded checkpoint parsing]: what the reader would reject is not written.
+  format::check_json_bounds(checkpoint.metadata,
+                            concat("checkpoint metadata for '", path, "'"));
   json meta;
   try {
     meta = json::parse(checkpoint.metadata);
@@ -143,6 +157,7 @@ void write_checkpoint_file(const std::string& path, const Checkpoint& checkpoint
   put<uint64_t>(tail, total);
 
   const std::string tmp = concat(path, ".tmp.", ::getpid());
+  BlockFileSizeSignal no_sigxfsz;
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     throw Error(concat("could not create checkpoint temporary file '", tmp, "': ", errno_text(),
@@ -187,83 +202,27 @@ Checkpoint read_checkpoint_file(const std::string& path) {
   if (!in) throw fail(concat("cannot open it (", errno_text(), ")"));
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (in.bad()) throw fail("read error");
-
-  if (bytes.size() < kPreludeBytes || std::memcmp(bytes.data(), kMagic, 8) != 0) {
-    throw fail(concat("not a lockstep checkpoint (expected magic 'LSTPCKPT' at offset 0, file "
-                      "is ", bytes.size(), " bytes)"));
-  }
-  uint32_t version = get_at<uint32_t>(bytes, 8);
-  if (version != kCheckpointFormatVersion) {
-    throw fail(concat("format version ", version, ", but this build reads version ",
-                      kCheckpointFormatVersion, " only"));
-  }
-  if (bytes.size() < kPreludeBytes + kTrailerBytes ||
-      std::memcmp(bytes.data() + bytes.size() - kTrailerBytes, kEndMagic, 8) != 0) {
-    throw fail(concat("truncated: the end marker is missing (file is ", bytes.size(),
-                      " bytes); the write was interrupted or the file was cut"));
-  }
-  uint64_t recorded = get_at<uint64_t>(bytes, bytes.size() - 8);
-  if (recorded != bytes.size()) {
-    throw fail(concat("length mismatch: the trailer records ", recorded, " bytes but the file "
-                      "has ", bytes.size()));
-  }
-  uint64_t header_len = get_at<uint64_t>(bytes, 12);
-  if (header_len > bytes.size() - kPreludeBytes - kTrailerBytes - 4) {
-    throw fail(concat("corrupt header length ", header_len, " at offset 12"));
-  }
-  std::string header_text = bytes.substr(kPreludeBytes, header_len);
-  uint32_t header_crc = get_at<uint32_t>(bytes, kPreludeBytes + header_len);
-  if (crc32_of(header_text.data(), header_text.size()) != header_crc) {
-    throw fail(concat("header checksum mismatch (bytes ", kPreludeBytes, "..",
-                      kPreludeBytes + header_len, "): the file is corrupt"));
-  }
-  json header;
-  try {
-    header = json::parse(header_text);
-  } catch (const std::exception& e) {
-    throw fail(concat("header is not valid JSON: ", e.what()));
-  }
-  const uint64_t data_start = kPreludeBytes + header_len + 4;
-  const uint64_t data_len = bytes.size() - kTrailerBytes - data_start;
+  // Note [Bounded checkpoint parsing]: everything is verified before any tensor is allocated.
+  const format::ParsedCheckpoint parsed =
+      format::parse_checkpoint_bytes(bytes, path, kCheckpointFormatVersion);
   Checkpoint out;
-  try {
-    out.metadata = header.at("metadata").dump();
-    for (const auto& e : header.at("tensors")) {
-      std::string name = e.at("name").get<std::string>();
-      auto dtype = parse_dtype(e.at("dtype").get<std::string>(), path, name);
-      auto shape = e.at("shape").get<std::vector<int64_t>>();
-      uint64_t off = e.at("offset").get<uint64_t>();
-      uint64_t nbytes = e.at("nbytes").get<uint64_t>();
-      uint32_t crc = e.at("crc32").get<uint32_t>();
-      int64_t numel = 1;
-      for (auto s : shape) {
-        if (s < 0) throw fail(concat("tensor '", name, "' has a negative dimension"));
-        numel *= s;
-      }
-      if (static_cast<uint64_t>(numel) * c10::elementSize(dtype) != nbytes) {
-        throw fail(concat("tensor '", name, "': ", nbytes, " bytes do not match its shape"));
-      }
-      if (off > data_len || nbytes > data_len - off) {
-        throw fail(concat("tensor '", name, "' lies past the end of the data (offset ", off,
-                          ", ", nbytes, " bytes, data section ", data_len, " bytes)"));
-      }
-      const char* src = bytes.data() + data_start + off;
-      if (crc32_of(src, nbytes) != crc) {
-        throw fail(concat("checksum mismatch in tensor '", name, "' (file offset ",
-                          data_start + off, ", ", nbytes, " bytes): the file is corrupt"));
-      }
-      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
-      if (nbytes > 0) std::memcpy(t.data_ptr(), src, nbytes);
-      if (!out.tensors.emplace(name, t).second) {
-        throw fail(concat("tensor '", name, "' appears twice"));
-      }
+  out.metadata = parsed.metadata;
+  for (const auto& e : parsed.tensors) {
+    const at::ScalarType dtype = parse_dtype(e.dtype, path, e.name);
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(c10::elementSize(dtype)) ==
+                          format::dtype_size(e.dtype));
+    at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(dtype));
+    if (e.nbytes > 0) {
+      std::memcpy(t.data_ptr(), bytes.data() + parsed.data_start + e.offset, e.nbytes);
     }
-  } catch (const InvalidArgument&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw fail(concat("malformed header: ", e.what()));
+    out.tensors.emplace(e.name, t);
   }
   return out;
+}
+
+int64_t metadata_int(const Checkpoint& checkpoint, const std::string& key, int64_t min,
+                     int64_t max, const std::string& path) {
+  return format::metadata_int(checkpoint.metadata, key, min, max, path);
 }
 
 bool checkpoint_exists(const std::string& path) {

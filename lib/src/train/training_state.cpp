@@ -6,6 +6,7 @@
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
 
+#include <cmath>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -170,6 +171,17 @@ void load_optimizer(const Checkpoint& checkpoint, torch::optim::Optimizer& optim
                               ", the program uses ", kind_name(kind)));
   }
   json lrs = meta.value(prefix + "lr", json::array());
+  if (!lrs.is_array()) {
+    problems.push_back(concat(prefix, "lr: checkpoint has ", lrs.dump(),
+                              ", expected an array of learning rates"));
+    lrs = json::array();
+  }
+  for (size_t g = 0; g < lrs.size(); ++g) {  // Note [Bounded checkpoint parsing]
+    if (!lrs[g].is_number() || !std::isfinite(lrs[g].get<double>()) || lrs[g].get<double>() < 0) {
+      problems.push_back(concat(prefix, "lr of parameter group ", g, ": checkpoint has ",
+                                lrs[g].dump(), ", expected a finite number >= 0"));
+    }
+  }
   if (lrs.size() != groups.size()) {
     problems.push_back(concat("parameter groups: checkpoint has ", lrs.size(),
                               ", the optimizer has ", groups.size()));
@@ -182,6 +194,19 @@ void load_optimizer(const Checkpoint& checkpoint, torch::optim::Optimizer& optim
       for (auto it = checkpoint.tensors.lower_bound(key);
            it != checkpoint.tensors.end() && it->first.compare(0, key.size(), key) == 0; ++it) {
         used.insert(it->first);
+        if (it->first == key + "step") {
+          const at::Tensor& t = it->second;
+          const bool ok = t.numel() == 1 && !at::isFloatingType(t.scalar_type()) &&
+                          !at::isComplexType(t.scalar_type()) &&
+                          t.item<int64_t>() >= 0 && t.item<int64_t>() <= (int64_t{1} << 53);
+          if (!ok) {
+            problems.push_back(concat(
+                "'", it->first, "' holds ",
+                t.numel() == 1 ? concat(t.scalar_type(), " ", t.item().toDouble())
+                               : concat(t.numel(), " values"),
+                ", but an optimizer step count must be one integer in [0, 2^53]"));
+          }
+        }
         if (it->first != key + "step") check_same("optimizer state", it->first, it->second, params[i], problems);
       }
     }

@@ -15,10 +15,15 @@
 /// the trailer or an offset past the end, a flipped bit fails a CRC, a file of another
 /// version fails on the version, and `load_module` / `load_optimizer` reject a file of
 /// another model by its missing or unexpected keys and shape differences. Nothing is
-/// unpickled and no TorchScript runs, so a hostile file can at worst be rejected.
+/// unpickled and no TorchScript runs, and everything the file declares is bounded before it
+/// is used (JSON depth and size, tensor counts, shapes and sizes against the file's size,
+/// metadata numbers through `metadata_int`; Note [Bounded checkpoint parsing] in
+/// lib/src/train/checkpoint_parsing.h), so a hostile file can at worst be rejected.
 ///
 /// Note [Atomic checkpoint writes]
 /// `write_checkpoint_file` writes `<path>.tmp.<pid>`, fsyncs it, renames it over `path`
+/// (on every failure, of open, write, fsync, close or rename, ENOSPC and `ulimit -f` included,
+/// the temporary file is removed before the error is thrown),
 /// and fsyncs the directory: a crash at any moment leaves either the previous checkpoint or
 /// the new one, never a torn file. `save_checkpoint` lets rank 0 do that and then makes all
 /// ranks agree on the outcome with one all-reduce, so a failed save (disk full, permission)
@@ -76,6 +81,13 @@ Checkpoint load_checkpoint(ProcessGroup& group, const std::string& path);
 
 /// True when `path` exists (a checkpoint to resume from). Not a collective.
 bool checkpoint_exists(const std::string& path);
+
+/// The integer field `key` of `checkpoint.metadata`, checked to lie in [min, max]: use it for
+/// every number a program resumes from (step, epoch, batch). InvalidArgument naming the
+/// field, the value found and `path` (the file it came from) when the field is missing, not
+/// an integer or out of range. Not a collective.
+int64_t metadata_int(const Checkpoint& checkpoint, const std::string& key, int64_t min,
+                     int64_t max, const std::string& path);
 
 /// Adds `module`'s parameters and buffers as "<prefix><name>" (detached CPU copies).
 void add_module(Checkpoint& checkpoint, const torch::nn::Module& module,

@@ -1,0 +1,712 @@
+// One conformance suite for every ProcessGroup transport: Gloo, shared memory ("shm"),
+// hierarchical ("hier": shared memory within an emulated host, Gloo between hosts) and the
+// in-process thread group ("threads"), with ranks as threads. Every collective is checked
+// against a reference computed here, over world sizes 1..4, element counts {0, 1, odd, large}
+// (and a 2-D shape), every dtype the transport supports and every reduce op; the shared
+// argument checks must give the same message on every transport.
+//
+// Adding a collective (gather, scatter, all-to-all, send/recv, ...): write one TEST_P on
+// `Conformance` (a collective whose result depends on the dtype) or on `GroupConformance`
+// (one that does not), with rank r's data from `input` and the expected result from
+// `reference`, run through `on_ranks`; add its argument mistakes to `GroupConformance.
+// ArgumentChecksGiveOneMessageOnEveryTransport`. A transport that lacks a dtype says why in
+// `unsupported`. Every instance then runs it over every transport and world size.
+//
+// Groups are built once per transport and world size and reused by every test (Gloo and shm
+// rendezvous dominate the runtime otherwise); a test that fails drops its groups so that the
+// next one starts from fresh ones. Rank bodies use EXPECT, not ASSERT, so that a wrong result
+// on one rank never leaves the others waiting in a collective it skipped.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "lockstep/errors.h"
+#include "lockstep/process_group.h"
+#include "lockstep/thread_group.h"
+#include "shm/shm_support.h"
+#include "support/threads.h"
+
+using lockstep::ProcessGroup;
+using lockstep::ProcessGroupPtr;
+using lockstep::ReduceOp;
+using lockstep::WorkPtr;
+using shm_test::bitwise_equal;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Sizes, dtypes, ops
+
+// The large count spans several internal units of every transport: two shared-memory slots
+// (6 to 8 MiB) in 8-byte dtypes, hundreds of thread-group slices, many Gloo chunks.
+constexpr int64_t kLarge = (1 << 20) + 7;
+const std::vector<int64_t> kCounts = {0, 1, 1001, kLarge};
+// The list-shaped collectives (allgather, reduce_scatter, reduce) move world_size times the
+// data, and the default reduce_scatter all-reduces all of it: a smaller large count keeps the
+// suite's runtime in bounds while still spanning many slices.
+constexpr int64_t kLargeList = 64 * 1024 + 3;
+const std::vector<int64_t> kListCounts = {0, 1, 1001, kLargeList};
+const std::vector<int64_t> kShape2d = {7, 3};
+
+const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16,
+                                             at::kLong,  at::kInt,    at::kShort, at::kChar,
+                                             at::kByte};
+const std::vector<ReduceOp> kOps = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
+                                    ReduceOp::kMax, ReduceOp::kProduct};
+
+bool allowed(ReduceOp op, at::ScalarType dtype) {
+  return op != ReduceOp::kAvg || at::isFloatingType(dtype);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transports
+
+// What a transport promises about the bits of a floating-point sum.
+enum class Order {
+  kAny,             // any association: compared with allclose (Gloo, hier)
+  kRankOrder,       // ranks 0, 1, ... in order, rounding after each step (threads)
+  kRankOrderWide,   // ranks 0, 1, ... in order, 16-bit floats accumulated in float32 and
+                    // rounded once (shm)
+};
+
+struct Transport {
+  std::string backend;             // "gloo", "shm", "hier" or "threads"
+  std::vector<std::string> hosts;  // each rank's host_id; hier: two hosts or more
+  int world() const { return static_cast<int>(hosts.size()); }
+  std::string name() const {
+    if (backend != "hier") return backend + "_world" + std::to_string(world());
+    std::string layout;
+    for (const auto& h : hosts) layout += h;
+    return "hier_" + layout;
+  }
+  Order order() const {
+    if (backend == "shm") return Order::kRankOrderWide;
+    if (backend == "threads") return Order::kRankOrder;
+    return Order::kAny;
+  }
+};
+
+void PrintTo(const Transport& transport, std::ostream* os) { *os << transport.name(); }
+
+std::vector<Transport> all_transports() {
+  std::vector<Transport> transports;
+  for (const char* backend : {"gloo", "shm", "threads"}) {
+    for (int world = 1; world <= 4; ++world) {
+      transports.push_back({backend, std::vector<std::string>(world, "A")});
+    }
+  }
+  // Two emulated hosts: one rank each, uneven and interleaved (local ranks differ from global
+  // ones), two each, and three on one host with a one-rank host in between.
+  for (const char* layout : {"AB", "ABA", "AABB", "ABAA"}) {
+    Transport s{"hier", {}};
+    for (const char* c = layout; *c; ++c) s.hosts.push_back(std::string(1, *c));
+    transports.push_back(s);
+  }
+  return transports;
+}
+
+// Why `transport` cannot carry `dtype`, or "" when it can.
+std::string unsupported(const Transport& transport, at::ScalarType dtype) {
+  const bool gloo = transport.backend == "gloo" || transport.backend == "hier";
+  const char* between = transport.backend == "hier" ? " (hier: between hosts)" : "";
+  if (gloo && dtype == at::kBFloat16) {
+    return std::string("Gloo in LibTorch 1.13 has no bfloat16 collectives") + between;
+  }
+  if (gloo && dtype == at::kShort) {
+    return std::string("Gloo has no int16 collectives") + between;
+  }
+  return "";
+}
+
+std::string job_prefix() { return "conformance-" + std::to_string(getpid()) + "-"; }
+
+std::vector<ProcessGroupPtr> make_groups(const Transport& transport) {
+  const int world = transport.world();
+  if (transport.backend == "threads") {
+    // Small slices, so that the large count is cut into hundreds and waiting ranks help.
+    return lockstep::new_thread_groups(
+        world, lockstep::ThreadGroupOptions().timeout(std::chrono::seconds(20)).slice_bytes(16384));
+  }
+  static std::atomic<int> jobs{0};
+  const std::string job = job_prefix() + transport.name() + "-" + std::to_string(jobs++);
+  auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
+  std::vector<ProcessGroupPtr> groups(world);
+  lockstep_test::run_ranks(world, [&](int r) {
+    auto options = lockstep::ProcessGroupOptions()
+                       .timeout(std::chrono::seconds(20))
+                       .rendezvous_timeout(std::chrono::seconds(20))
+                       .job_id(job)
+                       .host_id(transport.hosts[r]);
+    groups[r] = transport.backend == "gloo" ? lockstep::new_gloo_group(r, world, store, options)
+                                          : lockstep::new_shm_group(r, world, store, options);
+    // Keep every rank's group until all have connected (a Gloo group destroyed early closes
+    // sockets a slower rank is still connecting to).
+    groups[r]->barrier()->wait();
+  });
+  return groups;
+}
+
+// The groups of every transport, built on first use and kept for the following tests.
+std::map<std::string, std::vector<ProcessGroupPtr>>& pool() {
+  static std::map<std::string, std::vector<ProcessGroupPtr>> groups;
+  return groups;
+}
+
+const std::vector<ProcessGroupPtr>& groups_for(const Transport& transport) {
+  auto& groups = pool()[transport.name()];
+  if (groups.empty()) {
+    groups = make_groups(transport);
+    for (const auto& g : groups) {
+      if (!g) {  // run_ranks reported the rank's error
+        groups.clear();
+        return groups;
+      }
+      EXPECT_EQ(g->backend(), transport.backend) << transport.name();
+    }
+  }
+  return groups;
+}
+
+// Destroys every group at the end of the program, and checks that the shared-memory ones
+// left nothing in /dev/shm.
+class PoolEnvironment : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    pool().clear();
+    EXPECT_TRUE(shm_test::shm_entries(job_prefix()).empty())
+        << "a shared-memory group left " << shm_test::shm_entries(job_prefix()).front();
+  }
+};
+[[maybe_unused]] const auto* const kPoolEnvironment =
+    ::testing::AddGlobalTestEnvironment(new PoolEnvironment);
+
+// Runs fn(group) on one thread per rank of `transport`'s groups.
+void on_ranks(const Transport& transport, const std::function<void(ProcessGroup&)>& fn) {
+  const auto& groups = groups_for(transport);
+  if (static_cast<int>(groups.size()) != transport.world()) return;
+  lockstep_test::run_ranks(transport.world(), [&](int r) { fn(*groups[r]); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs and references
+
+// Rank k's input: element i is i % 3 + k + 1 (shm_test::small_input's values): small integers,
+// so sums, products and averages are exact in every dtype. Built by tiling one period, far
+// cheaper than computing the large count element by element.
+at::Tensor input(int k, int64_t n, at::ScalarType dtype) {
+  auto period = (at::arange(3, at::kLong) + (k + 1)).to(dtype);
+  return period.repeat({(n + 2) / 3}).narrow(0, 0, n).contiguous();
+}
+
+// The reduction with `op` of input(k, n, dtype) over k in `ranks`, exact: computed in double
+// (floating dtypes; the one rounding is that of avg's division) or int64 (integer dtypes;
+// wrapping like the dtype's own arithmetic when cast back), on one period, then tiled.
+at::Tensor reference(ReduceOp op, const std::vector<int>& ranks, int64_t n, at::ScalarType dtype) {
+  const auto wide = at::isFloatingType(dtype) ? at::kDouble : at::kLong;
+  auto acc = input(ranks[0], 3, wide);
+  for (size_t i = 1; i < ranks.size(); ++i) {
+    auto x = input(ranks[i], 3, wide);
+    switch (op) {
+      case ReduceOp::kSum:
+      case ReduceOp::kAvg: acc = acc + x; break;
+      case ReduceOp::kMin: acc = at::minimum(acc, x); break;
+      case ReduceOp::kMax: acc = at::maximum(acc, x); break;
+      case ReduceOp::kProduct: acc = acc * x; break;
+    }
+  }
+  if (op == ReduceOp::kAvg) acc = acc / static_cast<double>(ranks.size());
+  return acc.to(dtype).repeat({(n + 2) / 3}).narrow(0, 0, n).contiguous();
+}
+
+std::vector<int> ranks_from(int first, int world) {
+  std::vector<int> ranks;
+  for (int r = 0; r < world; ++r) ranks.push_back(first + r);
+  return ranks;
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string describe(const ProcessGroup& pg, at::ScalarType dtype, int64_t n) {
+  return lockstep::detail::concat(pg.where(), " ", dtype, " n ", n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+// Drops a failed test's groups: a collective may have been left half-issued.
+void drop_after_failure(const Transport& transport) {
+  if (::testing::Test::HasFailure()) pool().erase(transport.name());
+}
+
+// Collectives whose result depends on the dtype: every transport x every dtype.
+class Conformance
+    : public ::testing::TestWithParam<std::tuple<Transport, at::ScalarType>> {
+ protected:
+  void SetUp() override {
+    auto why = unsupported(transport(), dtype());
+    if (!why.empty()) GTEST_SKIP() << why;
+  }
+  void TearDown() override { drop_after_failure(transport()); }
+  const Transport& transport() const { return std::get<0>(GetParam()); }
+  at::ScalarType dtype() const { return std::get<1>(GetParam()); }
+  int world() const { return transport().world(); }
+};
+
+// Collectives and checks that do not depend on the dtype: every transport.
+class GroupConformance : public ::testing::TestWithParam<Transport> {
+ protected:
+  void TearDown() override { drop_after_failure(GetParam()); }
+  const Transport& transport() const { return GetParam(); }
+  int world() const { return transport().world(); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// allreduce
+
+TEST_P(Conformance, AllreduceEveryOpAndCountExact) {
+  std::map<std::pair<int, int64_t>, at::Tensor> want;  // (op, n): computed once, not per rank
+  for (auto op : kOps) {
+    for (int64_t n : kCounts) {
+      want[{static_cast<int>(op), n}] = reference(op, ranks_from(0, world()), n, dtype());
+    }
+  }
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int64_t n : kCounts) {
+      const auto mine = input(pg.rank(), n, dtype());
+      for (auto op : kOps) {
+        if (!allowed(op, dtype())) continue;
+        auto t = mine.clone();
+        pg.allreduce(t, op)->wait();
+        EXPECT_TRUE(bitwise_equal(t, want.at({static_cast<int>(op), n})))
+            << describe(pg, dtype(), n) << " op " << lockstep::to_string(op);
+      }
+    }
+    // The shape is kept.
+    auto t = input(pg.rank(), 21, dtype()).view(kShape2d);
+    pg.allreduce(t, ReduceOp::kMax)->wait();
+    EXPECT_TRUE(bitwise_equal(t, reference(ReduceOp::kMax, ranks_from(0, world()), 21, dtype())
+                                     .view(kShape2d)))
+        << describe(pg, dtype(), 21) << " 2-D";
+  });
+}
+
+// Random floats, whose sum depends on the association: transports that promise rank order
+// give exactly its bits on every rank (and again on a second run); the others come within
+// the dtype's rounding of the exact sum, with the same bits on every rank.
+TEST_P(Conformance, AllreduceRandomFloatSumMatchesThePromisedOrder) {
+  if (!at::isFloatingType(dtype())) {
+    GTEST_SKIP() << "integer sums do not depend on the order (exact results: "
+                    "AllreduceEveryOpAndCountExact)";
+  }
+  const int64_t n = kLarge;
+  std::vector<at::Tensor> inputs;
+  for (int r = 0; r < world(); ++r) inputs.push_back(shm_test::random_input(r, n, dtype()));
+  at::Tensor want;
+  switch (transport().order()) {
+    case Order::kRankOrderWide: want = shm_test::ordered_reference(inputs, ReduceOp::kSum); break;
+    case Order::kRankOrder:
+      want = inputs[0].clone();
+      for (int r = 1; r < world(); ++r) want.add_(inputs[r]);
+      break;
+    case Order::kAny:
+      want = inputs[0].to(at::kDouble);
+      for (int r = 1; r < world(); ++r) want = want + inputs[r].to(at::kDouble);
+      break;
+  }
+  const double tol = dtype() == at::kBFloat16 ? 0.1
+                     : dtype() == at::kHalf   ? 1e-2
+                     : dtype() == at::kFloat  ? 1e-5
+                                              : 1e-12;
+  std::vector<at::Tensor> results(world());
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int run = 0; run < 2; ++run) {
+      auto t = inputs[pg.rank()].clone();
+      pg.allreduce(t)->wait();
+      if (run == 0) results[pg.rank()] = t;
+      if (transport().order() == Order::kAny) {
+        EXPECT_TRUE(at::allclose(t.to(at::kDouble), want, tol, tol))
+            << describe(pg, dtype(), n) << " run " << run << ": beyond reassociation";
+      } else {
+        EXPECT_TRUE(bitwise_equal(t, want))
+            << describe(pg, dtype(), n) << " run " << run << ": not the rank-order bits";
+      }
+    }
+  });
+  // Every rank holds the same bits, whatever the order (hier: each host's leader's, and
+  // Gloo's ring gives every leader the same).
+  for (int r = 1; r < world(); ++r) {
+    if (results[r].defined() && results[0].defined()) {
+      EXPECT_TRUE(bitwise_equal(results[r], results[0])) << "rank " << r << " differs from rank 0";
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// broadcast
+
+TEST_P(Conformance, BroadcastFromEveryRoot) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int root = 0; root < pg.size(); ++root) {
+      for (int64_t n : kCounts) {
+        auto t = input(pg.rank(), n, dtype());
+        pg.broadcast(t, root)->wait();
+        EXPECT_TRUE(bitwise_equal(t, input(root, n, dtype())))
+            << describe(pg, dtype(), n) << " root " << root;
+      }
+      auto t = input(pg.rank(), 21, dtype()).view(kShape2d);
+      pg.broadcast(t, root)->wait();
+      EXPECT_TRUE(bitwise_equal(t, input(root, 21, dtype()).view(kShape2d)))
+          << describe(pg, dtype(), 21) << " 2-D root " << root;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// allgather
+
+TEST_P(Conformance, AllgatherEveryCountAndShape) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (int64_t n : kListCounts) shapes.push_back({n});
+  shapes.push_back(kShape2d);
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (const auto& shape : shapes) {
+      const int64_t n = numel_of(shape);
+      std::vector<at::Tensor> out;
+      for (int i = 0; i < pg.size(); ++i) out.push_back(at::full(shape, 99, dtype()));
+      pg.allgather(out, input(pg.rank(), n, dtype()).view(shape))->wait();
+      for (int i = 0; i < pg.size(); ++i) {
+        EXPECT_TRUE(bitwise_equal(out[i], input(i, n, dtype()).view(shape)))
+            << describe(pg, dtype(), n) << " output " << i;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduce_scatter: rank r's inputs[i] is input(r + i), so rank i receives the reduction
+// of input(i), ..., input(i + world - 1).
+
+TEST_P(Conformance, ReduceScatterEveryOpAndCountExact) {
+  std::map<std::tuple<int, int64_t, int>, at::Tensor> want;  // (op, n, rank)
+  for (auto op : kOps) {
+    for (int64_t n : kListCounts) {
+      for (int r = 0; r < world(); ++r) {
+        want[{static_cast<int>(op), n, r}] = reference(op, ranks_from(r, world()), n, dtype());
+      }
+    }
+  }
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int64_t n : kListCounts) {
+      for (auto op : kOps) {
+        if (!allowed(op, dtype())) continue;
+        std::vector<at::Tensor> inputs;
+        for (int i = 0; i < pg.size(); ++i) inputs.push_back(input(pg.rank() + i, n, dtype()));
+        auto out = at::full({n}, 99, dtype());
+        pg.reduce_scatter(out, inputs, op)->wait();
+        EXPECT_TRUE(bitwise_equal(out, want.at({static_cast<int>(op), n, pg.rank()})))
+            << describe(pg, dtype(), n) << " op " << lockstep::to_string(op);
+      }
+    }
+    std::vector<at::Tensor> inputs;
+    for (int i = 0; i < pg.size(); ++i) {
+      inputs.push_back(input(pg.rank() + i, 21, dtype()).view(kShape2d));
+    }
+    auto out = at::empty(kShape2d, dtype());
+    pg.reduce_scatter(out, inputs, ReduceOp::kSum)->wait();
+    auto want = reference(ReduceOp::kSum, ranks_from(pg.rank(), pg.size()), 21, dtype());
+    EXPECT_TRUE(bitwise_equal(out, want.view(kShape2d)))
+        << describe(pg, dtype(), 21) << " 2-D";
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduce: a list of this dtype in every count (one 2-D) plus a float64 tensor (a mixed list),
+// into every root with every op; only the root's tensors change.
+
+TEST_P(Conformance, ReduceListIntoEveryRootExact) {
+  std::vector<std::pair<std::vector<int64_t>, at::ScalarType>> list;
+  for (int64_t n : kListCounts) list.push_back({{n}, dtype()});
+  list.push_back({kShape2d, dtype()});
+  list.push_back({{5}, at::kDouble});
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int root = 0; root < pg.size(); ++root) {
+      for (auto op : kOps) {
+        if (!allowed(op, dtype())) continue;
+        std::vector<at::Tensor> mine, before;
+        for (const auto& entry : list) {
+          const int64_t n = numel_of(entry.first);
+          mine.push_back(input(pg.rank(), n, entry.second).view(entry.first));
+          before.push_back(mine.back().clone());
+        }
+        pg.reduce(mine, root, op)->wait();
+        for (size_t i = 0; i < list.size(); ++i) {
+          const int64_t n = before[i].numel();
+          auto want = pg.rank() == root
+                          ? reference(op, ranks_from(0, pg.size()), n, list[i].second)
+                                .view(list[i].first)
+                          : before[i];
+          EXPECT_TRUE(bitwise_equal(mine[i], want))
+              << describe(pg, list[i].second, n) << " root " << root << " op "
+              << lockstep::to_string(op) << " tensor " << i;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// barrier
+
+// No rank leaves a barrier before every rank reached it: a counter bumped before each
+// barrier has every rank's bump when any rank leaves it.
+TEST_P(GroupConformance, BarrierWaitsForEveryRank) {
+  std::atomic<int> arrived{0};
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int round = 1; round <= 5; ++round) {
+      arrived.fetch_add(1);
+      pg.barrier()->wait();
+      EXPECT_GE(arrived.load(), round * pg.size()) << pg.where() << " round " << round;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many collectives in flight, waited for out of order.
+
+TEST_P(GroupConformance, ManyAsyncInFlightComplete) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size();
+    constexpr int kWorks = 30;
+    std::vector<at::Tensor> ts;
+    std::vector<std::vector<at::Tensor>> gathered(kWorks);
+    std::vector<WorkPtr> works;
+    for (int i = 0; i < kWorks; ++i) {
+      ts.push_back(at::full({4096 + i * 997}, static_cast<float>(i + pg.rank())));
+      switch (i % 3) {
+        case 0: works.push_back(pg.allreduce(ts.back())); break;
+        case 1: works.push_back(pg.broadcast(ts.back(), i % w)); break;
+        case 2:
+          for (int k = 0; k < w; ++k) gathered[i].push_back(at::empty_like(ts.back()));
+          works.push_back(pg.allgather(gathered[i], ts.back()));
+          break;
+      }
+    }
+    works.back()->wait();  // the last first, then in order
+    for (int i = 0; i < kWorks; ++i) {
+      works[i]->wait();
+      EXPECT_TRUE(works[i]->is_completed()) << pg.where() << " work " << i;
+      const auto shape = ts[i].sizes();
+      switch (i % 3) {
+        case 0: {
+          const float sum = static_cast<float>(w * i + w * (w - 1) / 2);
+          EXPECT_TRUE(at::equal(ts[i], at::full(shape, sum))) << pg.where() << " allreduce " << i;
+          break;
+        }
+        case 1:
+          EXPECT_TRUE(at::equal(ts[i], at::full(shape, static_cast<float>(i + i % w))))
+              << pg.where() << " broadcast " << i;
+          break;
+        case 2:
+          for (int k = 0; k < w; ++k) {
+            EXPECT_TRUE(at::equal(gathered[i][k], at::full(shape, static_cast<float>(i + k))))
+                << pg.where() << " allgather " << i << " output " << k;
+          }
+          break;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared argument checks (ProcessGroup::check_*): every transport rejects the same
+// mistake with the same message, before anything is sent, and stays usable afterwards.
+
+at::Tensor floats(at::IntArrayRef shape) { return at::ones(shape, at::kFloat); }
+
+struct Mistake {
+  const char* name;
+  std::function<WorkPtr(ProcessGroup&)> call;
+  std::function<std::string(const ProcessGroup&)> message;
+};
+
+std::vector<Mistake> mistakes() {
+  using lockstep::detail::concat;
+  return {
+      {"allreduce avg of integers",
+       [](ProcessGroup& pg) {
+         auto t = at::ones({3}, at::kLong);
+         return pg.allreduce(t, ReduceOp::kAvg);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " allreduce: expected a floating-point tensor for ReduceOp "
+                       "avg, but got Long. Use sum and divide, or convert the tensor.");
+       }},
+      {"allreduce of a non-contiguous tensor",
+       [](ProcessGroup& pg) {
+         auto t = floats({4, 3}).t();
+         return pg.allreduce(t);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " allreduce: expected a contiguous tensor, but got sizes "
+                       "[3, 4] strides [1, 3]. Call .contiguous() first.");
+       }},
+      {"broadcast of an undefined tensor",
+       [](ProcessGroup& pg) {
+         at::Tensor t;
+         return pg.broadcast(t, 0);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " broadcast: expected a defined tensor, but got an "
+                       "undefined one.");
+       }},
+      {"broadcast from root == size",
+       [](ProcessGroup& pg) {
+         auto t = floats({2});
+         return pg.broadcast(t, pg.size());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " broadcast: expected a root in [0, ", pg.size(),
+                       "), but got ", pg.size(), ".");
+       }},
+      {"broadcast from root -1",
+       [](ProcessGroup& pg) {
+         auto t = floats({2});
+         return pg.broadcast(t, -1);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " broadcast: expected a root in [0, ", pg.size(),
+                       "), but got -1.");
+       }},
+      {"allgather with one output too many",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> outputs(pg.size() + 1, floats({2}));
+         return pg.allgather(outputs, floats({2}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " allgather: expected one output tensor per rank (",
+                       pg.size(), "), but got ", pg.size() + 1, ".");
+       }},
+      {"allgather into outputs of another shape",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> outputs(pg.size(), floats({6}));
+         return pg.allgather(outputs, floats({2, 3}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " allgather: expected output 0 to match the input ([2, 3] "
+                       "Float), but got [6] Float.");
+       }},
+      {"allgather of a non-contiguous input",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> outputs(pg.size(), floats({3, 4}));
+         return pg.allgather(outputs, floats({4, 3}).t());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " allgather: expected a contiguous tensor, but got sizes "
+                       "[3, 4] strides [1, 3]. Call .contiguous() first.");
+       }},
+      {"reduce_scatter with one input too few",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         std::vector<at::Tensor> inputs(pg.size() - 1, floats({2}));
+         return pg.reduce_scatter(out, inputs);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " reduce_scatter: expected one input per rank (", pg.size(),
+                       "), but got ", pg.size() - 1, ".");
+       }},
+      {"reduce_scatter from inputs of another dtype",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         std::vector<at::Tensor> inputs(pg.size(), at::ones({2}, at::kDouble));
+         return pg.reduce_scatter(out, inputs);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " reduce_scatter: expected input 0 to match the output ([2] "
+                       "Float), but got [2] Double.");
+       }},
+      {"reduce_scatter avg of integers",
+       [](ProcessGroup& pg) {
+         auto out = at::ones({2}, at::kLong);
+         std::vector<at::Tensor> inputs(pg.size(), at::ones({2}, at::kLong));
+         return pg.reduce_scatter(out, inputs, ReduceOp::kAvg);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " reduce_scatter: expected a floating-point tensor for "
+                       "ReduceOp avg, but got Long. Use sum and divide.");
+       }},
+      {"reduce into root == size",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> list = {floats({2})};
+         return pg.reduce(list, pg.size());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " reduce: expected a root in [0, ", pg.size(), "), but got ",
+                       pg.size(), ".");
+       }},
+      {"reduce avg with an integer tensor",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> list = {floats({2}), at::ones({2}, at::kInt)};
+         return pg.reduce(list, 0, ReduceOp::kAvg);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " reduce: expected floating-point tensors for ReduceOp avg, "
+                       "but tensor 1 is Int. Use sum and divide.");
+       }},
+  };
+}
+
+TEST_P(GroupConformance, ArgumentChecksGiveOneMessageOnEveryTransport) {
+  const auto all = mistakes();
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (const auto& mistake : all) {
+      try {
+        auto work = mistake.call(pg);
+        if (work) work->wait();
+        ADD_FAILURE() << pg.where() << " " << mistake.name << ": no error";
+      } catch (const lockstep::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()), mistake.message(pg)) << mistake.name;
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << pg.where() << " " << mistake.name << ": expected InvalidArgument, "
+                      << "but got " << e.what();
+      }
+    }
+    // Nothing was sent: the group still works, and the sequence agrees on every rank.
+    auto t = at::full({3}, static_cast<float>(pg.rank() + 1));
+    pg.allreduce(t)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({3}, pg.size() * (pg.size() + 1) / 2.0f))) << pg.where();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instances
+
+std::string transport_name(const ::testing::TestParamInfo<Transport>& info) {
+  return info.param.name();
+}
+
+std::string transport_dtype_name(
+    const ::testing::TestParamInfo<std::tuple<Transport, at::ScalarType>>& info) {
+  return std::get<0>(info.param).name() + "_" + c10::toString(std::get<1>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, Conformance,
+                         ::testing::Combine(::testing::ValuesIn(all_transports()),
+                                            ::testing::ValuesIn(kDtypes)),
+                         transport_dtype_name);
+INSTANTIATE_TEST_SUITE_P(Transports, GroupConformance, ::testing::ValuesIn(all_transports()),
+                         transport_name);
+
+}  // namespace
