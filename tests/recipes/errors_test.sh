@@ -33,7 +33,7 @@ for value in nan inf; do
   echo "== a CSV with $value in data row 60"
   write_csv "$work/$value.csv" 60 "$value"
   set +e
-  out=$(LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/$value.csv" --val-days 10 \
+  out=$(LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/$value.csv" --val-days 10 \
           --out-dir "$work/out_$value" 2>&1)
   code=$?
   set -e
@@ -70,7 +70,7 @@ if [ -e "$work/lr/checkpoint.lsck" ]; then echo "a checkpoint was written" >&2; 
 
 echo "== a checkpoint without the sampler state"
 set +e
-LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/good.csv" --val-days 10 --batch-size 8 \
+LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/good.csv" --val-days 10 --batch-size 8 \
   --stop-after 1 --out-dir "$work/old" > "$work/old.log" 2>&1
 code=$?
 set -e
@@ -89,7 +89,7 @@ struct.pack_into("<I", data, 20 + header_len, zlib.crc32(header) & 0xffffffff)
 open(path, "wb").write(bytes(data))
 PY
 set +e
-out=$(LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/good.csv" --val-days 10 --batch-size 8 \
+out=$(LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/good.csv" --val-days 10 --batch-size 8 \
         --out-dir "$work/old" 2>&1)
 code=$?
 set -e
