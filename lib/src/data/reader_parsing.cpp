@@ -62,6 +62,8 @@ uint32_t big_endian32(const unsigned char* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
 }
 
+}  // namespace
+
 std::string shape_string(const std::vector<int64_t>& dims) {
   std::ostringstream os;
   os << "[";
@@ -70,7 +72,6 @@ std::string shape_string(const std::vector<int64_t>& dims) {
   return os.str();
 }
 
-}  // namespace
 
 IdxHeader parse_idx_header(const unsigned char* p, size_t n, const std::string& path,
                            int64_t expected_dims, int64_t stream_bound) {

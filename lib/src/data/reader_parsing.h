@@ -23,6 +23,9 @@ namespace detail {
 /// EACCES/EPERM that it exists but this user may not read it, anything else names strerror.
 std::string open_failure_message(const std::string& path, const char* what, int err);
 
+/// "[d0, d1, ...]", for messages about IDX shapes.
+std::string shape_string(const std::vector<int64_t>& dims);
+
 /// Opens `path` read-only (O_CLOEXEC) and checks that it is a regular file; returns the
 /// descriptor and stores the file's size. Throws with `open_failure_message` on failure.
 int open_regular_file(const std::string& path, const char* what, int64_t* size);

@@ -24,6 +24,8 @@
 namespace lockstep {
 namespace {
 
+using detail::shape_string;
+
 // ---- files ----
 
 std::string read_whole_file(const std::string& path, const char* what) {
@@ -98,14 +100,6 @@ void idx_type(uint8_t code, IdxType* out) {
     case 0x0D: out->dtype = at::kFloat; break;
     default: out->dtype = at::kDouble; break;  // 0x0E; parse_idx_header rejects the rest
   }
-}
-
-std::string shape_string(const std::vector<int64_t>& dims) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
-  os << "]";
-  return os.str();
 }
 
 void swap_to_host(char* data, int64_t count, int64_t width) {
