@@ -16,6 +16,21 @@ free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("12
 
 # Writes a CSV of one store over 100 days (from 2021-03-01) whose data row BAD has VALUE as
 # its sales.
+# Runs the recipe as one process with the given flags; it must exit 1 saying `expected`.
+expect_failure() {
+  local expected=$1 out code
+  shift
+  set +e
+  out=$(LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines "$@" 2>&1)
+  code=$?
+  set -e
+  if [ "$code" != 1 ] || ! grep -qF -- "$expected" <<<"$out"; then
+    echo "expected exit code 1 and \"$expected\", got $code:" >&2
+    echo "$out" >&2
+    exit 1
+  fi
+}
+
 write_csv() {
   /usr/bin/python3 - "$1" "$2" "$3" <<'PY'
 import datetime, sys
@@ -32,17 +47,8 @@ PY
 for value in nan inf; do
   echo "== a CSV with $value in data row 60"
   write_csv "$work/$value.csv" 60 "$value"
-  set +e
-  out=$(LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/$value.csv" --val-days 10 \
-          --out-dir "$work/out_$value" 2>&1)
-  code=$?
-  set -e
-  expected="'$work/$value.csv' data row 60, column 'sales': expected a finite number, but got $value"
-  if [ "$code" != 1 ] || ! grep -qF -- "$expected" <<<"$out"; then
-    echo "expected exit code 1 and \"$expected\", got $code:" >&2
-    echo "$out" >&2
-    exit 1
-  fi
+  expect_failure "'$work/$value.csv' data row 60, column 'sales': expected a finite number, but got $value" \
+    --data "$work/$value.csv" --val-days 10 --out-dir "$work/out_$value"
   if [ -e "$work/out_$value/checkpoint.lsck" ]; then echo "a checkpoint was written" >&2; exit 1; fi
 done
 
@@ -88,15 +94,6 @@ data[20:20 + header_len] = header
 struct.pack_into("<I", data, 20 + header_len, zlib.crc32(header) & 0xffffffff)
 open(path, "wb").write(bytes(data))
 PY
-set +e
-out=$(LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines --data "$work/good.csv" --val-days 10 --batch-size 8 \
-        --out-dir "$work/old" 2>&1)
-code=$?
-set -e
-expected="holds no data sampler state (written before the recipes used lockstep::ShardedSampler); start afresh with --resume=false or another --out-dir"
-if [ "$code" != 1 ] || ! grep -qF -- "$expected" <<<"$out"; then
-  echo "expected exit code 1 and \"$expected\", got $code:" >&2
-  echo "$out" >&2
-  exit 1
-fi
+expect_failure "holds no data sampler state (written before the recipes used lockstep::ShardedSampler); start afresh with --resume=false or another --out-dir" \
+  --data "$work/good.csv" --val-days 10 --batch-size 8 --out-dir "$work/old"
 echo "PASS"
