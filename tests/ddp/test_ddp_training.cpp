@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include <functional>
 #include <string>
@@ -270,6 +271,161 @@ TEST(DDPJoinErrors, OneGuardAtATime) {
   });
   EXPECT_NE(messages[0].find("join() was called while another join guard of this DDP object "
                              "is alive"),
+            std::string::npos)
+      << messages[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite gradients and clipping
+
+// The gradient of the mean-squared loss of the concatenated batches of iteration t.
+std::vector<Tensor> reference_grads(const std::vector<Tensor>& init, int world, int t,
+                                     double max_norm) {
+  auto model = std::make_shared<Mlp>();
+  auto params = model->parameters();
+  {
+    torch::NoGradGuard g;
+    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(init[i]);
+  }
+  std::vector<Tensor> xs, ys;
+  for (int r = 0; r < world; ++r) {
+    auto d = batch(r, t);
+    xs.push_back(d.first);
+    ys.push_back(d.second);
+  }
+  torch::mse_loss(model->forward(torch::cat(xs)), torch::cat(ys)).backward();
+  if (max_norm > 0) torch::nn::utils::clip_grad_norm_(params, max_norm);
+  std::vector<Tensor> out;
+  for (auto& p : params) out.push_back(p.grad().clone());
+  return out;
+}
+
+TEST(DDPClipping, EqualsClipGradNormAfterReduction) {
+  torch::manual_seed(5);
+  auto init = snapshot(*std::make_shared<Mlp>());
+  for (int world : {1, 2, 3}) {
+    for (bool view : {true, false}) {
+      for (double max_norm : {0.05, 1e6}) {
+        auto want = reference_grads(init, world, 0, max_norm);
+        auto unclipped = reference_grads(init, world, 0, 0);
+        double want_norm = 0;
+        for (auto& g : unclipped) want_norm += g.pow(2).sum().item<double>();
+        want_norm = std::sqrt(want_norm);
+        std::vector<std::vector<Tensor>> got(world);
+        std::vector<double> norms(world);
+        lockstep_test::with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+          const int r = pg->rank();
+          auto model = std::make_shared<Mlp>();
+          if (r == 0) {
+            torch::NoGradGuard g;
+            auto params = model->parameters();
+            for (size_t i = 0; i < params.size(); ++i) params[i].copy_(init[i]);
+          }
+          DistributedDataParallel ddp(
+              model, pg, DDPOptions().max_grad_norm(max_norm).gradient_as_bucket_view(view));
+          auto d = batch(r, 0);
+          torch::mse_loss(ddp->forward(d.first), d.second).backward();
+          for (auto& p : model->parameters()) got[r].push_back(p.grad().clone());
+          norms[r] = ddp->last_stats().grad_norm;
+        });
+        const std::string what = "world " + std::to_string(world) + (view ? " view" : " copy") +
+                                 " max_grad_norm " + std::to_string(max_norm);
+        for (int r = 0; r < world; ++r) {
+          EXPECT_NEAR(norms[r], want_norm, 1e-5 * want_norm) << what;
+          for (size_t i = 0; i < want.size(); ++i) {
+            EXPECT_TRUE(torch::allclose(got[r][i], want[i], 1e-5, 1e-7))
+                << what << ": gradient " << i << " of rank " << r;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Rank `bad_rank` feeds a NaN at iteration `bad_step`; returns each rank's error message and
+// parameters after every step, and how many steps each rank's ddp->step() skipped.
+struct NonFiniteRun {
+  std::vector<std::string> messages;
+  std::vector<std::vector<std::vector<Tensor>>> params;  // [rank][step]
+  std::vector<int64_t> skipped;
+};
+
+NonFiniteRun run_with_nan(int world, int bad_rank, int bad_step, lockstep::NonFinite policy) {
+  NonFiniteRun run;
+  run.messages.resize(world);
+  run.params.resize(world);
+  run.skipped.resize(world);
+  lockstep_test::with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+    const int r = pg->rank();
+    auto model = std::make_shared<Mlp>();
+    DistributedDataParallel ddp(model, pg, DDPOptions().nonfinite(policy));
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    run.messages[r] = message_of([&] {
+      for (int t = 0; t < 3; ++t) {
+        auto d = batch(r, t);
+        if (r == bad_rank && t == bad_step) d.first[1][2] = std::nan("");
+        opt.zero_grad();
+        torch::mse_loss(ddp->forward(d.first), d.second).backward();
+        ddp->step(opt);
+        run.params[r].push_back(snapshot(*model));
+      }
+    });
+    run.skipped[r] = ddp->skipped_steps();
+  });
+  return run;
+}
+
+TEST(DDPNonFinite, AbortRaisesOnEveryRankNamingStepRankAndParameter) {
+  for (int world : {1, 3}) {
+    const int bad = world - 1;
+    auto run = run_with_nan(world, bad, 1, lockstep::NonFinite::kAbort);
+    for (int r = 0; r < world; ++r) {
+      const auto& m = run.messages[r];
+      EXPECT_NE(m.find("DDP: non-finite (NaN or Inf) gradient at iteration 2: began on rank " +
+                       std::to_string(bad) + " parameter 'l2."),
+                std::string::npos)
+          << "world " << world << " rank " << r << ": " << m;
+      EXPECT_NE(m.find("DDPOptions::nonfinite is kAbort, so every rank stops here"),
+                std::string::npos) << m;
+      EXPECT_EQ(run.params[r].size(), 1u) << "rank " << r << " should stop at the bad step";
+    }
+  }
+}
+
+TEST(DDPNonFinite, SkipSkipsTheSameStepOnEveryRank) {
+  auto run = run_with_nan(3, 2, 1, lockstep::NonFinite::kSkip);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(run.messages[r], "") << "rank " << r;
+    ASSERT_EQ(run.params[r].size(), 3u);
+    EXPECT_EQ(run.skipped[r], 1) << "rank " << r;
+    for (size_t i = 0; i < run.params[r][0].size(); ++i) {
+      EXPECT_TRUE(torch::equal(run.params[r][1][i], run.params[r][0][i]))
+          << "rank " << r << " stepped at the non-finite step (tensor " << i << ")";
+      EXPECT_FALSE(torch::equal(run.params[r][2][i], run.params[r][1][i]))
+          << "rank " << r << " did not step after it (tensor " << i << ")";
+      EXPECT_TRUE(run.params[r][2][i].isfinite().all().item<bool>());
+      EXPECT_TRUE(torch::equal(run.params[r][2][i], run.params[0][2][i]));
+    }
+  }
+}
+
+TEST(DDPNonFinite, OffLetsNaNSpreadToEveryRank) {
+  auto run = run_with_nan(2, 1, 0, lockstep::NonFinite::kOff);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(run.skipped[r], 0);
+    EXPECT_TRUE(run.params[r][0][0].isnan().any().item<bool>()) << "rank " << r;
+  }
+}
+
+TEST(DDPClipping, NegativeMaxNormIsRejected) {
+  auto messages = std::vector<std::string>(1);
+  lockstep_test::with_groups(1, [&](const lockstep::ProcessGroupPtr& pg) {
+    messages[0] = message_of([&] {
+      DistributedDataParallel ddp(std::make_shared<Mlp>(), pg, DDPOptions().max_grad_norm(-1));
+    });
+  });
+  EXPECT_NE(messages[0].find("Expected DDPOptions::max_grad_norm >= 0 (0: no clipping), but "
+                             "got -1"),
             std::string::npos)
       << messages[0];
 }

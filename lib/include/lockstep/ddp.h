@@ -24,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
+#include <torch/optim/optimizer.h>
 
 #include <chrono>
 #include <cstdint>
@@ -88,6 +89,14 @@ CommHookPtr bf16_compress_hook();
 // ---------------------------------------------------------------------------------------------
 // Options and statistics
 
+/// What DistributedDataParallel does when a reduced gradient is NaN or Inf. The decision is
+/// the same on every rank (the reduced gradients are), so ranks never diverge.
+enum class NonFinite {
+  kOff,    ///< nothing: NaN spreads to every rank's weights (PyTorch's behaviour)
+  kSkip,   ///< `step()` skips the optimizer step on every rank; a warning names where it began
+  kAbort,  ///< backward throws NonFiniteError on every rank naming the step, rank and parameter
+};
+
 /// Options of `DistributedDataParallel`.
 struct DDPOptions {
   /// Bucket capacity in MiB: a bucket closes once its gradients reach this size. Default 25.
@@ -119,6 +128,15 @@ struct DDPOptions {
   LOCKSTEP_ARG(bool, check_parameters) = true;
   /// Broadcast parameters and buffers from rank 0 at construction. Default true.
   LOCKSTEP_ARG(bool, broadcast_parameters) = true;
+  /// NaN/Inf policy (see NonFinite). kSkip and kAbort read each local gradient once while
+  /// backward runs and carry one flag per bucket in its reduction; no extra collective
+  /// unless a non-finite value is found. Default kOff.
+  LOCKSTEP_ARG(NonFinite, nonfinite) = NonFinite::kOff;
+  /// Global gradient-norm clipping after reduction: when the 2-norm of all reduced gradients
+  /// exceeds it, they are scaled by max_grad_norm / (norm + 1e-6), as
+  /// `torch::nn::utils::clip_grad_norm_` after a normal step. Each bucket's squared norm is
+  /// taken as its reduction completes. 0 (default): off.
+  LOCKSTEP_ARG(double, max_grad_norm) = 0;
   /// How buckets are reduced; nullptr (default): `allreduce_hook()`.
   LOCKSTEP_ARG(CommHookPtr, comm_hook) = nullptr;
   /// Chrome trace output path; "" (default): the LOCKSTEP_TRACE environment variable, and no
@@ -158,6 +176,10 @@ struct DDPStats {
   double backward_compute_ms = 0;   ///< first gradient hook to the end of backward compute
   double comm_ms = 0;               ///< first bucket launched to last bucket done
   double exposed_comm_ms = 0;       ///< time backward waited for communication at its end
+  /// 2-norm of the reduced gradients before clipping; -1 when neither clipping nor a
+  /// non-finite policy asked for it.
+  double grad_norm = -1;
+  bool nonfinite = false;           ///< a reduced gradient was NaN or Inf
   std::vector<BucketStats> buckets; ///< one entry per bucket, in launch order
   /// The statistics as a JSON object.
   std::string to_json() const;
@@ -247,6 +269,11 @@ class DistributedDataParallelBase : public torch::nn::Module {
   const DDPOptions& options() const { return options_; }
   /// Statistics of the last synchronized iteration. Thread-safe copy.
   DDPStats last_stats() const;
+  /// Steps `optimizer` unless the last synchronized backward produced a NaN or Inf gradient
+  /// under NonFinite::kSkip (then every rank skips); returns whether it stepped.
+  bool step(torch::optim::Optimizer& optimizer);
+  /// Optimizer steps skipped by step() because of non-finite gradients.
+  int64_t skipped_steps() const { return skipped_steps_; }
   /// The current bucket plan, in launch order.
   std::vector<BucketInfo> buckets() const;
   /// Writes the Chrome trace collected so far (also written at destruction). No-op without a
@@ -286,6 +313,7 @@ class DistributedDataParallelBase : public torch::nn::Module {
   DDPOptions options_;
   bool require_sync_ = true;
   bool joining_ = false;  // inside a Join guard
+  int64_t skipped_steps_ = 0;
   bool require_forward_buffer_sync_ = true;
   std::chrono::steady_clock::time_point forward_start_;
   std::unique_ptr<ddp::Reducer> reducer_;

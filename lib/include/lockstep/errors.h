@@ -9,6 +9,8 @@
 ///   - `CommError`:       a collective or the rendezvous failed (peer died, socket closed);
 ///                        the process group is unusable, rebuild it or restart the job.
 ///   - `StateError`:      an API was used in the wrong state (e.g. backward twice in no_sync).
+///   - `NonFiniteError`:  training produced NaN or Inf (DDPOptions::nonfinite kAbort); the
+///                        message names the step, the rank and the parameter where it began.
 ///   - `InternalError`:   a broken invariant inside lockstep: a bug, please report it.
 /// Nothing in the library calls abort() or exit(): applications map errors to exit codes.
 
@@ -45,6 +47,12 @@ class CommError : public Error {
 
 /// An API was used in a state that does not allow it.
 class StateError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// Gradients became NaN or Inf and the policy asked to stop (DDPOptions::nonfinite).
+class NonFiniteError : public Error {
  public:
   using Error::Error;
 };

@@ -120,13 +120,14 @@ class FlatBuckets : public BucketStrategy {
       bucket.params = plan[b];
       for (size_t i : bucket.params) bucket.gradient_numel += params[i].numel();
       const auto& first = params[bucket.params.front()];
-      // Gradients, one control element per parameter, one presence element (Note [Join]).
+      // Gradients, one control element per parameter, the presence element (Note [Join]) and
+      // the non-finite element (Note [Non-finite gradients] in reducer.h).
       // Note [CUDA buckets]: a CUDA bucket lives on its parameters' device; ProcessGroupGloo
       // stages CUDA tensors through pinned host memory itself, so the same code path serves
       // both. The group may hand out memory it reduces faster (Note [Shared reduction
       // buffers] in comm/shm_group.cpp). Collective: every rank plans the same buckets.
       bucket.buffer = c_.group->new_buffer(
-          bucket.gradient_numel + static_cast<int64_t>(bucket.params.size()) + 1,
+          bucket.gradient_numel + static_cast<int64_t>(bucket.params.size()) + 2,
           first.options().requires_grad(false));
       transports.push_back(c_.options->comm_hook
                                ? concat(c_.hook->name(), " over ", c_.group->backend())
@@ -180,6 +181,7 @@ class FlatBuckets : public BucketStrategy {
   WorkPtr launch(size_t b, bool is_last) override {
     auto& bucket = buckets_[b];
     set_element(bucket.buffer, presence_index(bucket), present_ ? 1.0 : 0.0);
+    set_element(bucket.buffer, presence_index(bucket) + 1, bucket.nonfinite ? 1.0 : 0.0);
     if (fused_average_) return c_.group->allreduce(bucket.buffer, op_);
     GradBucket gb;
     gb.index = b;
@@ -203,6 +205,26 @@ class FlatBuckets : public BucketStrategy {
     return static_cast<int>(std::lround(get_element(bucket.buffer, presence_index(bucket)) * undo()));
   }
 
+  void mark_nonfinite(size_t b) override { buckets_[b].nonfinite = true; }
+
+  int read_nonfinite(size_t b) override {
+    const auto& bucket = buckets_[b];
+    return static_cast<int>(
+        std::lround(get_element(bucket.buffer, presence_index(bucket) + 1) * undo()));
+  }
+
+  double squared_norm(size_t b) override {
+    const auto& bucket = buckets_[b];
+    auto grads = bucket.buffer.narrow(0, 0, bucket.gradient_numel);
+    if (grads.device().is_cpu() && grads.scalar_type() == at::kFloat) {
+      const float* g = grads.data_ptr<float>();
+      double sum = 0;
+      for (int64_t i = 0; i < bucket.gradient_numel; ++i) sum += static_cast<double>(g[i]) * g[i];
+      return sum;
+    }
+    return grads.to(at::kDouble).pow(2).sum().item<double>();
+  }
+
   void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) override {
     const auto& bucket = buckets_[b];
     read_controls(bucket.buffer.narrow(0, bucket.gradient_numel,
@@ -210,26 +232,31 @@ class FlatBuckets : public BucketStrategy {
                   bucket.params, static_cast<float>(undo()), missing);
   }
 
-  void write_back(size_t index, bool unused_everywhere) override {
+  void write_back(size_t index, bool unused_everywhere, double scale) override {
     if (unused_everywhere) return;
     auto& grad = (*c_.params)[index].mutable_grad();
     auto& view = slots_[index].view;
     if (c_.options->gradient_as_bucket_view) {
+      scale_in_place(view, scale);
       if (!same_memory(grad, view)) grad = view;
     } else if (grad.defined() && !same_memory(grad, view)) {
-      copy_scaled(grad, view, 1.0);
+      copy_scaled(grad, view, scale);
     } else {
       grad = view.clone();
+      scale_in_place(grad, scale);
     }
   }
 
-  void reset() override {}
+  void reset() override {
+    for (auto& b : buckets_) b.nonfinite = false;
+  }
 
  private:
   struct Bucket {
     std::vector<size_t> params;
-    at::Tensor buffer;  // gradients, one control element per parameter, the presence element
+    at::Tensor buffer;  // gradients, one control element per parameter, presence, non-finite
     int64_t gradient_numel = 0;
+    bool nonfinite = false;  // this rank had a NaN/Inf gradient in it this iteration
   };
 
   static int64_t presence_index(const Bucket& bucket) {
@@ -317,6 +344,10 @@ class RootLists : public BucketStrategy {
   void set_present(bool /*present*/) override {}
   void fill_absent(size_t /*b*/) override {}
   int read_present(size_t /*b*/) override { return c_.world; }
+  // Non-finite policies and clipping are DDP's (DataParallel's owner checks its own result).
+  void mark_nonfinite(size_t /*b*/) override {}
+  int read_nonfinite(size_t /*b*/) override { return 0; }
+  double squared_norm(size_t /*b*/) override { return 0; }
 
   void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) override {
     // Only the root receives the counts; reset() clears the other ranks' controls.
@@ -327,10 +358,13 @@ class RootLists : public BucketStrategy {
     bucket.control_set = false;
   }
 
-  void write_back(size_t index, bool unused_everywhere) override {
+  void write_back(size_t index, bool unused_everywhere, double scale) override {
     // The result is in place. A zero stand-in that some rank reduced into stays the
     // gradient; reset() restores the .grad it replaced for one nobody used.
     auto& slot = slots_[index];
+    if (scale != 1.0 && !unused_everywhere && c_.group->rank() == root_) {
+      (*c_.params)[index].mutable_grad().mul_(scale);
+    }
     if (slot.replaced && !unused_everywhere) {
       slot.saved = at::Tensor();
       slot.replaced = false;

@@ -69,13 +69,21 @@ class BucketStrategy {
   virtual void fill_absent(size_t b) = 0;
   /// After bucket `b`'s reduction completed: how many ranks were present in it.
   virtual int read_present(size_t b) = 0;
+  /// This rank had a NaN or Inf gradient in bucket `b` (Note [Non-finite gradients]); carried
+  /// by the next launch of the bucket and cleared by reset().
+  virtual void mark_nonfinite(size_t b) = 0;
+  /// After bucket `b`'s reduction completed: how many ranks marked it non-finite.
+  virtual int read_nonfinite(size_t b) = 0;
+  /// After bucket `b`'s reduction completed: the squared 2-norm of its reduced gradients.
+  virtual double squared_norm(size_t b) = 0;
   /// After every bucket's reduction completed: appends (parameter, ranks that missed it) for
   /// bucket `b`'s parameters that some rank missed, when this rank learns the counts, and
   /// clears the control elements.
   virtual void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) = 0;
-  /// Makes parameter `index`'s .grad the reduced gradient; `unused_everywhere`: no rank had a
-  /// gradient for it (its .grad must stay as it was before the backward).
-  virtual void write_back(size_t index, bool unused_everywhere) = 0;
+  /// Makes parameter `index`'s .grad the reduced gradient multiplied by `scale`;
+  /// `unused_everywhere`: no rank had a gradient for it (its .grad must stay as it was before
+  /// the backward, unscaled).
+  virtual void write_back(size_t index, bool unused_everywhere, double scale) = 0;
   /// Drops this iteration's references and control marks and restores any .grad replaced by a
   /// stand-in. Idempotent; also called after a failure.
   virtual void reset() = 0;

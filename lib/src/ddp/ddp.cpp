@@ -1,6 +1,7 @@
 // DistributedDataParallel's non-template part, communication hooks and statistics.
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -104,7 +105,8 @@ std::string DDPStats::to_json() const {
   os << std::fixed;
   os << "{\"iteration\":" << iteration << ",\"forward_ms\":" << forward_ms
      << ",\"backward_compute_ms\":" << backward_compute_ms << ",\"comm_ms\":" << comm_ms
-     << ",\"exposed_comm_ms\":" << exposed_comm_ms << ",\"buckets\":[";
+     << ",\"exposed_comm_ms\":" << exposed_comm_ms << ",\"grad_norm\":" << grad_norm
+     << ",\"nonfinite\":" << (nonfinite ? "true" : "false") << ",\"buckets\":[";
   for (size_t i = 0; i < buckets.size(); ++i) {
     const auto& b = buckets[i];
     if (i) os << ",";
@@ -279,6 +281,11 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
   ro.gradient_as_bucket_view = options_.gradient_as_bucket_view();
   ro.rebuild_buckets = options_.rebuild_buckets();
   ro.comm_hook = options_.comm_hook();
+  ro.nonfinite = options_.nonfinite();
+  LOCKSTEP_CHECK(options_.max_grad_norm() >= 0 && std::isfinite(options_.max_grad_norm()),
+                 pg_->where(), " Expected DDPOptions::max_grad_norm >= 0 (0: no clipping), "
+                 "but got ", options_.max_grad_norm(), ".");
+  ro.max_grad_norm = options_.max_grad_norm();
   ro.trace_path = rank_trace_path(options_.trace_path(), *pg_);
   reducer_ = std::make_unique<ddp::Reducer>(std::move(params), std::move(names), pg_, ro);
 }
@@ -385,6 +392,15 @@ DistributedDataParallelBase::NoSync::~NoSync() {
 DistributedDataParallelBase::NoSync DistributedDataParallelBase::no_sync() { return NoSync(this); }
 
 DDPStats DistributedDataParallelBase::last_stats() const { return reducer_->last_stats(); }
+
+bool DistributedDataParallelBase::step(torch::optim::Optimizer& optimizer) {
+  if (reducer_->last_nonfinite() && options_.nonfinite() == NonFinite::kSkip) {
+    ++skipped_steps_;
+    return false;
+  }
+  optimizer.step();
+  return true;
+}
 
 std::vector<BucketInfo> DistributedDataParallelBase::buckets() const {
   return reducer_->buckets();

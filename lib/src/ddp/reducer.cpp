@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <unordered_map>
 
@@ -186,6 +187,10 @@ void Reducer::mark_ready(size_t index) {
   }
   ready_[index] = 1;
   if (recording_order_) ready_order_.push_back(index);
+  if (options_.nonfinite != NonFinite::kOff && !all_finite(params_[index].grad())) {
+    if (first_bad_local_ < 0) first_bad_local_ = static_cast<int64_t>(index);
+    if (!trivial_) strategy_->mark_nonfinite(slots_[index].bucket);
+  }
   if (trivial_) return;
   check_gradient(index);
   strategy_->copy_in(index, /*have_grad=*/true);
@@ -239,25 +244,28 @@ void Reducer::finalize() {
   const auto compute_end = Clock::now();
   Missing missing;
   int present = world_;
-  if (trivial_) {
-    missing = missing_locally();
-  } else {
+  double scale = 1.0;  // applied as gradients are written back
+  if (!trivial_) {
     launch_remaining(compute_end);
     wait_for_buckets();
-    missing = collect_missing();
-    try {
-      present = update_presence();
-    } catch (...) {
-      reset_iteration();
-      throw;
+  }
+  try {
+    missing = trivial_ ? missing_locally() : collect_missing();
+    if (!trivial_) present = update_presence();
+    if (present < world_ && options_.average && !join_options_.divide_by_initial_world_size()) {
+      scale = static_cast<double>(world_) / present;  // Note [Join]
     }
+    check_nonfinite(&scale);
+  } catch (...) {
+    reset_iteration();
+    throw;
   }
   if (!missing.empty() && !options_.find_unused_parameters) {
     reset_iteration();
     lock.unlock();
     raise_unused(missing);
   }
-  write_back(missing, present);
+  write_back(missing, present, scale);
   record_statistics(compute_end);
   if (recording_order_) rebuild_pending_ = true;
   reset_iteration();
@@ -313,22 +321,107 @@ Reducer::Missing Reducer::collect_missing() {
   return missing;
 }
 
-// Writes the reduced gradients back. A parameter missed by every present rank keeps its
-// gradient. With ranks joined and divide_by_initial_world_size off, the average is over the
-// `present` ranks (Note [Join]).
-void Reducer::write_back(const Missing& missing, int present) {
-  if (trivial_) return;
-  const bool rescale = present < world_ && options_.average && options_.root < 0 &&
-                       !join_options_.divide_by_initial_world_size();
-  const double scale = rescale ? static_cast<double>(world_) / present : 1.0;
+// Writes the reduced gradients back, multiplied by `scale` (Note [Join], Note [Non-finite
+// gradients]). A parameter missed by every present rank keeps its gradient.
+void Reducer::write_back(const Missing& missing, int present, double scale) {
+  const bool rescale = scale != 1.0;
   size_t m = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     while (m < missing.size() && missing[m].first < i) ++m;
     const bool unused_everywhere =
         m < missing.size() && missing[m].first == i && missing[m].second >= present;
-    strategy_->write_back(i, unused_everywhere);
-    if (rescale && !unused_everywhere) params_[i].mutable_grad().mul_(scale);
+    if (!trivial_) {
+      strategy_->write_back(i, unused_everywhere, scale);
+    } else if (rescale && !unused_everywhere && params_[i].grad().defined()) {
+      params_[i].mutable_grad().mul_(scale);
+    }
   }
+}
+
+bool Reducer::all_finite(const at::Tensor& t) const {
+  if (!t.defined() || !t.is_floating_point()) return true;
+  if (t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kFloat) {
+    const float* p = t.data_ptr<float>();
+    const int64_t n = t.numel();
+    bool ok = true;
+    for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(p[i]);
+    return ok;
+  }
+  return t.isfinite().all().item<bool>();
+}
+
+// Note [Non-finite gradients]: after the reduction, the same decision on every rank.
+void Reducer::check_nonfinite(double* scale) {
+  last_nonfinite_ = false;
+  grad_norm_ = -1;
+  const bool policy = options_.nonfinite != NonFinite::kOff;
+  const bool clip = options_.max_grad_norm > 0;
+  if (!policy && !clip) return;
+  int marked = 0;
+  if (trivial_) {
+    marked = first_bad_local_ >= 0 ? 1 : 0;
+  } else {
+    for (size_t b = 0; b < buckets_.size(); ++b) marked += strategy_->read_nonfinite(b);
+  }
+  double norm = 0;
+  if (clip) {
+    double squares = 0;
+    if (trivial_) {
+      for (const auto& p : params_) {
+        const auto& g = p.grad();
+        if (g.defined()) squares += g.to(at::kDouble).pow(2).sum().item<double>();
+      }
+    } else {
+      for (size_t b = 0; b < buckets_.size(); ++b) squares += strategy_->squared_norm(b);
+    }
+    norm = std::sqrt(squares) * *scale;
+    grad_norm_ = norm;
+  }
+  if (marked == 0 && std::isfinite(norm)) {
+    if (clip) {
+      const double coefficient = options_.max_grad_norm / (norm + 1e-6);
+      if (coefficient < 1.0) *scale *= coefficient;
+    }
+    return;
+  }
+  last_nonfinite_ = true;
+  if (!policy) return;  // kOff: no clipping of non-finite gradients, nothing else
+  std::vector<int64_t> first(world_, first_bad_local_);
+  if (world_ > 1) {
+    auto word = at::full({1}, first_bad_local_, at::kLong);
+    std::vector<at::Tensor> words;
+    for (int r = 0; r < world_; ++r) words.push_back(at::empty({1}, at::kLong));
+    group_->allgather(words, word)->wait();
+    for (int r = 0; r < world_; ++r) first[r] = words[r].item<int64_t>();
+  }
+  std::ostringstream origin;
+  int shown = 0;
+  for (int r = 0; r < world_; ++r) {
+    if (first[r] < 0 || first[r] >= static_cast<int64_t>(params_.size())) continue;
+    origin << (shown++ ? ", " : "") << "rank " << r << " parameter '" << names_[first[r]] << "'";
+  }
+  const std::string where_from =
+      shown > 0 ? concat("began on ", origin.str())
+                : concat("every rank's local gradients were finite: the reduced gradients "
+                         "overflowed (norm ", norm, ")");
+  const int64_t iteration = iterations_ + 1;
+  if (options_.nonfinite == NonFinite::kAbort) {
+    throw NonFiniteError(concat(
+        group_->where(), " DDP: non-finite (NaN or Inf) gradient at iteration ", iteration, ": ",
+        where_from, ". DDPOptions::nonfinite is kAbort, so every rank stops here. Check that "
+        "rank's inputs and loss (e.g. a NaN in the data, a log of 0, a learning rate too "
+        "high), or use NonFinite::kSkip to skip such steps."));
+  }
+  if (group_->rank() == 0) {
+    log_warn(concat(group_->where(), " DDP: non-finite (NaN or Inf) gradient at iteration ",
+                    iteration, ": ", where_from, "; every rank skips this optimizer step "
+                    "(NonFinite::kSkip)."));
+  }
+}
+
+bool Reducer::last_nonfinite() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return last_nonfinite_;
 }
 
 // Note [Join]: reads the count of present ranks from the reduced buckets. When it changed,
@@ -425,6 +518,8 @@ int Reducer::shadow_iteration() {
     wait_for_buckets();
     auto missing = collect_missing();
     present = update_presence();
+    double scale = 1.0;
+    check_nonfinite(&scale);
     if (!missing.empty() && !options_.find_unused_parameters) {
       strategy_->set_present(true);
       reset_iteration();
@@ -455,6 +550,8 @@ void Reducer::record_statistics(Clock::time_point compute_end) {
   stats.forward_ms = ms_between(forward_start_, forward_end_);
   stats.backward_compute_ms = ms_between(backward_start_, compute_end);
   stats.exposed_comm_ms = ms_between(compute_end, end);
+  stats.grad_norm = grad_norm_;
+  stats.nonfinite = last_nonfinite_;
   if (!buckets_.empty() && !trivial_) {
     stats.comm_ms = ms_between(buckets_.front().launched, buckets_.back().done);
   }
@@ -497,6 +594,7 @@ void Reducer::record_statistics(Clock::time_point compute_end) {
 
 void Reducer::reset_iteration() {
   std::fill(ready_.begin(), ready_.end(), 0);
+  first_bad_local_ = -1;
   for (auto& b : buckets_) {
     b.pending = b.params.size();
     b.work.reset();

@@ -86,6 +86,20 @@
 // joined, the final model. Joined ranks' .grad is not meaningful while they shadow (with
 // gradient_as_bucket_view it aliases the zeroed buckets).
 //
+// Note [Non-finite gradients]
+// With a policy (NonFinite::kSkip or kAbort) each rank checks every local gradient once as
+// its hook fires and, when one holds a NaN or Inf, sets its bucket's non-finite element (after
+// the presence element) and remembers the first such parameter. The element travels in the
+// bucket's reduction, so every rank learns that some rank had one with no extra collective;
+// only then do the ranks allgather their first bad parameter, so that the warning (kSkip) or
+// the NonFiniteError (kAbort) names the step, the rank(s) and the parameter(s) where it began.
+// With max_grad_norm each bucket's squared 2-norm (accumulated in double) is read once after
+// the reductions completed; the total decides the clip coefficient, applied as the gradients
+// are written back (no pass of its own with a copy-back; one in place with bucket views, only
+// when it clips). A reduced gradient that overflowed although every local one was finite shows
+// up as a non-finite norm and is handled by the same policy. At world size 1 the same checks
+// run on the gradients themselves.
+//
 // Note [Bucket rebuild]
 // The first plan assumes gradients arrive in reverse registration order. During the first
 // synchronized backward the Reducer records the order in which they actually arrived; at the
@@ -120,6 +134,8 @@ struct ReducerOptions {
   bool install_hooks = true;  ///< see Note [Reducer contract]
   int root = -1;              ///< -1: all-reduce; r: reduce into rank r (Note [Reducing into a root])
   bool average = true;        ///< false: sum over ranks instead of the average
+  NonFinite nonfinite = NonFinite::kOff;  ///< Note [Non-finite gradients]
+  double max_grad_norm = 0;               ///< Note [Non-finite gradients]; 0: no clipping
   std::string trace_path;     ///< Chrome trace file for this rank; "" for none
 };
 
@@ -150,6 +166,8 @@ class Reducer {
   /// Note [Join]: the highest rank present in the last reduction that had any (rank
   /// world-1 before anyone joined).
   int authoritative_rank() const;
+  /// Note [Non-finite gradients]: whether the last synchronized backward had a NaN or Inf.
+  bool last_nonfinite() const;
 
   /// Records the forward duration for the statistics of the iteration it belongs to.
   void record_forward(std::chrono::steady_clock::time_point start,
@@ -195,7 +213,9 @@ class Reducer {
   void wait_for_buckets();
   Missing collect_missing();
   int update_presence();
-  void write_back(const Missing& missing, int present);
+  void check_nonfinite(double* scale);
+  bool all_finite(const at::Tensor& t) const;
+  void write_back(const Missing& missing, int present, double scale);
   void record_statistics(Clock::time_point compute_end);
   [[noreturn]] void raise_unused(const Missing& missing);
 
@@ -224,6 +244,10 @@ class Reducer {
   int present_ = 1;                    // ranks present in the last reduction
   std::vector<int> authority_;         // ranks present in the last reduction with any
   int64_t presence_changed_at_ = 0;    // iteration of the last change
+
+  int64_t first_bad_local_ = -1;       // Note [Non-finite gradients]
+  bool last_nonfinite_ = false;
+  double grad_norm_ = -1;
 
   bool recording_order_ = false;
   bool rebuild_pending_ = false;
