@@ -37,7 +37,7 @@ using detail::concat;
 //      ranks, not a hang or a garbled sum.
 //   2. Each rank packs [sum_i x_ic (C), sum_i x_ic^2 (C), n] in float64 and the group
 //      all-reduces it (sum): 2C+1 values. The local sums come from the rank's own mean and
-//      biased variance (var_mean, accumulated in double), as n*mean and n*(var + mean^2).
+//      biased variance (ATen's batch-norm statistics kernel), as n*mean and n*(var + mean^2).
 //      A rank whose input is invalid (wrong channel count, fewer than 2 dimensions, not
 //      floating point) still takes part, contributing zeros and kFailedRank in the count
 //      slot; a negative total then tells every rank to exchange the errors
@@ -47,7 +47,7 @@ using detail::concat;
 //      running statistics move towards mean and var*N/(N-1) (the unbiased variance over the
 //      whole group, as PyTorch), and y = (x - mean) * invstd * weight + bias. N <= 1 is an
 //      InvalidArgument on every rank (they all see the same N).
-// Backward: each rank sums dy and dy*(x - mean) per channel (float64 accumulation), the
+// Backward: each rank sums dy and dy*(x - mean) per channel (ATen's kernel), the
 // group all-reduces these 2C values (only when the input needs a gradient, as PyTorch, so
 // every rank decides alike), and
 //   dx = (dy - sum_dy/N - (x - mean) * invstd^2 * sum_dy_xmu/N) * invstd * weight.
@@ -73,21 +73,12 @@ struct GroupCapsule : torch::CustomClassHolder {
   ProcessGroupPtr group;
 };
 
-// (N, C, L) view of an (N, C, ...) tensor; valid for N == 0, where reshape(-1) is not.
-at::Tensor as_ncl(const at::Tensor& t) {
-  int64_t l = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) l *= t.size(d);
-  return t.reshape({t.size(0), t.size(1), l});
-}
-
 // {1, C, 1, ...}: a per-channel vector broadcast over a `dim`-dimensional input.
 std::vector<int64_t> channel_shape(int64_t c, int64_t dim) {
   std::vector<int64_t> s(static_cast<size_t>(dim), 1);
   s[1] = c;
   return s;
 }
-
-const std::vector<int64_t> kReduceDims = {0, 2};  // of the (N, C, L) view
 
 // Values per channel in `input` (N * spatial), for an input with at least 2 dimensions.
 int64_t values_per_channel(const at::Tensor& input) {
@@ -134,9 +125,10 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
       x = input.contiguous();
       count = values_per_channel(x);
       if (count > 0) {
+        // ATen's batch-norm statistics kernel (accumulating in double for float inputs);
+        // without running statistics it only computes the mean and the biased variance.
         at::Tensor var, mean;
-        std::tie(var, mean) =
-            at::var_mean(as_ncl(x), kReduceDims, /*unbiased=*/false, /*keepdim=*/false);
+        std::tie(mean, var) = at::batch_norm_update_stats(x, c10::nullopt, c10::nullopt, 0.0);
         var = var.to(at::kDouble);
         mean = mean.to(at::kDouble);
         stats.narrow(0, 0, c).copy_(mean * static_cast<double>(count));
@@ -172,16 +164,12 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
       running_var->copy_(running_var->to(at::kDouble) * (1.0 - momentum) + unbiased * momentum);
     }
 
-    // y = x * scale + shift, with scale = invstd * weight and shift = bias - mean * scale.
-    auto scale = invstd;
-    auto shift = -mean * invstd;
+    // The normalization itself is ATen's eval-mode batch norm with the group's statistics.
     const bool affine = weight && weight->defined();
-    if (affine) {
-      scale = scale * weight->to(at::kDouble);
-      shift = shift * weight->to(at::kDouble) + bias->to(at::kDouble);
-    }
-    const auto shape = channel_shape(c, x.dim());
-    auto y = x * scale.to(x.scalar_type()).view(shape) + shift.to(x.scalar_type()).view(shape);
+    const auto dtype = x.scalar_type();
+    auto y = at::batch_norm(x, affine ? *weight : at::Tensor(), affine ? *bias : at::Tensor(),
+                            mean.to(dtype), var.to(dtype), /*training=*/false, 0.0, eps,
+                            /*cudnn_enabled=*/false);
 
     ctx->save_for_backward({x, affine ? *weight : at::Tensor(), mean, invstd});
     ctx->saved_data["total"] = total;
@@ -204,11 +192,23 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     const int64_t c = x.size(1);
     const auto shape = channel_shape(c, x.dim());
     const auto dtype = x.scalar_type();
+    const auto mean_x = mean.to(dtype);
     auto dy = grad_outputs[0].contiguous();
-    auto xmu = x - mean.to(dtype).view(shape);
-    auto dy3 = as_ncl(dy);
-    auto sum_dy = at::sum(dy3, kReduceDims, /*keepdim=*/false, at::kDouble);
-    auto sum_dy_xmu = at::sum(dy3 * as_ncl(xmu), kReduceDims, /*keepdim=*/false, at::kDouble);
+
+    // sum_dy and sum_dy_xmu over this rank's values: ATen's training backward kernel computes
+    // them (accumulating in double for float inputs) as the bias gradient and the weight
+    // gradient, sum(dy * (x - mean)) * invstd, given the group's mean and invstd.
+    at::Tensor sum_dy, sum_dy_xmu;
+    if (values_per_channel(x) > 0) {
+      auto grads = at::native_batch_norm_backward(
+          dy, x, affine ? weight : at::ones({c}, x.options()), at::Tensor(), at::Tensor(),
+          mean_x, invstd.to(dtype), /*train=*/true, /*eps=*/0.0, {false, true, true});
+      sum_dy = std::get<2>(grads).to(at::kDouble);
+      sum_dy_xmu = std::get<1>(grads).to(at::kDouble) / invstd;
+    } else {
+      sum_dy = at::zeros({c}, mean.options());
+      sum_dy_xmu = at::zeros({c}, mean.options());
+    }
 
     // The autograd edges are the defined tensor inputs: input, then weight and bias when
     // affine (then the running statistics, which need no gradient).
@@ -223,8 +223,13 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
       auto mean_dy = sums.narrow(0, 0, c) / total;
       auto k = sums.narrow(0, c, c) / total * invstd * invstd;
       auto gain = affine ? invstd * weight.to(at::kDouble) : invstd;
-      grad_input = (dy - mean_dy.to(dtype).view(shape) - xmu * k.to(dtype).view(shape)) *
-                   gain.to(dtype).view(shape);
+      // (dy - mean_dy - (x - mean) * k) * gain, in one buffer.
+      grad_input = x - mean_x.view(shape);
+      grad_input.mul_(k.to(dtype).view(shape))
+          .neg_()
+          .add_(dy)
+          .sub_(mean_dy.to(dtype).view(shape))
+          .mul_(gain.to(dtype).view(shape));
     }
     // One entry per forward argument: input, weight, bias, running_mean, running_var,
     // num_features, eps, momentum, group.
