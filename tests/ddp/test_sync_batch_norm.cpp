@@ -628,69 +628,74 @@ struct ConvNet : nn::Cloneable<ConvNet> {
   Tensor forward(Tensor x) { return fc(torch::relu(body->forward(x)).flatten(1)); }
 };
 
-// Ranks train the converted network under DDP on uneven shares of each batch; one process
-// trains the BatchNorm network on the whole batch. Parameters and running statistics agree
-// after every step (float64). Per-rank loss: its samples' squared errors scaled by
-// world / total, so that DDP's average is the mean over the whole batch.
-TEST(SyncBatchNormDDP, ParityWithBatchNormOnTheConcatenatedBatch) {
+// Ranks train the converted network under DDP on uneven shares of each batch (over Gloo or
+// shared memory); one process trains the BatchNorm network on the whole batch.
+// Parameters and running statistics agree after 4 SGD steps (float64). Per-rank loss: its
+// samples' squared errors scaled by world / total, so that DDP's average is the mean over
+// the whole batch.
+void check_ddp_parity(const std::string& transport, int world) {
+  SCOPED_TRACE(transport + ", world " + std::to_string(world));
   constexpr int kSteps = 4;
-  for (int world : {2, 3}) {
-    SCOPED_TRACE("world " + std::to_string(world));
-    const std::vector<int64_t> batches =
-        world == 2 ? std::vector<int64_t>{5, 2} : std::vector<int64_t>{3, 6, 1};
-    const int64_t total = std::accumulate(batches.begin(), batches.end(), int64_t{0});
-    torch::manual_seed(21 + world);
-    auto init = std::make_shared<ConvNet>();
-    init->to(torch::kDouble);
-    std::vector<Tensor> xs, ys;
-    for (int s = 0; s < kSteps; ++s) {
-      xs.push_back(torch::randn({total, 2, 6, 6}, torch::kDouble) * 2 + 0.5);
-      ys.push_back(torch::randn({total, 3}, torch::kDouble));
-    }
-    auto ref = std::dynamic_pointer_cast<ConvNet>(init->clone());
-    torch::optim::SGD ref_opt(ref->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
-    for (int s = 0; s < kSteps; ++s) {
-      ref_opt.zero_grad();
-      torch::mse_loss(ref->forward(xs[s]), ys[s], at::Reduction::Sum).div(total).backward();
-      ref_opt.step();
-    }
+  const std::vector<int64_t> batches =
+      world == 2 ? std::vector<int64_t>{5, 2} : std::vector<int64_t>{3, 6, 1};
+  const int64_t total = std::accumulate(batches.begin(), batches.end(), int64_t{0});
+  torch::manual_seed(21 + world);
+  auto init = std::make_shared<ConvNet>();
+  init->to(torch::kDouble);
+  std::vector<Tensor> xs, ys;
+  for (int s = 0; s < kSteps; ++s) {
+    xs.push_back(torch::randn({total, 2, 6, 6}, torch::kDouble) * 2 + 0.5);
+    ys.push_back(torch::randn({total, 3}, torch::kDouble));
+  }
+  auto ref = std::dynamic_pointer_cast<ConvNet>(init->clone());
+  torch::optim::SGD ref_opt(ref->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (int s = 0; s < kSteps; ++s) {
+    ref_opt.zero_grad();
+    torch::mse_loss(ref->forward(xs[s]), ys[s], at::Reduction::Sum).div(total).backward();
+    ref_opt.step();
+  }
 
-    std::vector<std::vector<Tensor>> params(world), buffers(world);
-    lockstep_test::with_groups(world, [&](const ProcessGroupPtr& pg) {
-      const int r = pg->rank();
-      int64_t offset = 0;
-      for (int q = 0; q < r; ++q) offset += batches[q];
-      auto net = std::dynamic_pointer_cast<ConvNet>(init->clone());
-      lockstep::convert_sync_batchnorm(net, pg);
-      ASSERT_TRUE(net->body->ptr<SyncBatchNormImpl>(1));
-      lockstep::DistributedDataParallel ddp(net, pg);
-      torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
-      for (int s = 0; s < kSteps; ++s) {
-        opt.zero_grad();
-        auto x = xs[s].narrow(0, offset, batches[r]);
-        auto y = ys[s].narrow(0, offset, batches[r]);
-        torch::mse_loss(ddp->forward(x), y, at::Reduction::Sum)
-            .mul(static_cast<double>(world) / total)
-            .backward();
-        opt.step();
-      }
-      for (const auto& p : net->parameters()) params[r].push_back(p.detach().clone());
-      for (const auto& b : net->buffers()) buffers[r].push_back(b.clone());
-    });
-    if (::testing::Test::HasFailure()) return;
-    auto want_params = ref->parameters();
-    auto want_buffers = ref->buffers();
-    for (int r = 0; r < world; ++r) {
-      SCOPED_TRACE("rank " + std::to_string(r));
-      ASSERT_EQ(params[r].size(), want_params.size());
-      for (size_t i = 0; i < want_params.size(); ++i) {
-        EXPECT_CLOSE(params[r][i], want_params[i], 1e-10, "parameter " + std::to_string(i));
-      }
-      ASSERT_EQ(buffers[r].size(), want_buffers.size());
-      for (size_t i = 0; i < want_buffers.size(); ++i) {
-        EXPECT_CLOSE(buffers[r][i], want_buffers[i], 1e-10, "buffer " + std::to_string(i));
-      }
+  std::vector<std::vector<Tensor>> params(world), buffers(world);
+  lockstep_test::with_groups(world, [&](const ProcessGroupPtr& pg) {
+    const int r = pg->rank();
+    int64_t offset = 0;
+    for (int q = 0; q < r; ++q) offset += batches[q];
+    auto net = std::dynamic_pointer_cast<ConvNet>(init->clone());
+    lockstep::convert_sync_batchnorm(net, pg);
+    ASSERT_TRUE(net->body->ptr<SyncBatchNormImpl>(1));
+    lockstep::DistributedDataParallel ddp(net, pg);
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    for (int s = 0; s < kSteps; ++s) {
+      opt.zero_grad();
+      auto x = xs[s].narrow(0, offset, batches[r]);
+      auto y = ys[s].narrow(0, offset, batches[r]);
+      torch::mse_loss(ddp->forward(x), y, at::Reduction::Sum)
+          .mul(static_cast<double>(world) / total)
+          .backward();
+      opt.step();
     }
+    for (const auto& p : net->parameters()) params[r].push_back(p.detach().clone());
+    for (const auto& b : net->buffers()) buffers[r].push_back(b.clone());
+  }, lockstep::ProcessGroupOptions().transport(transport));
+  if (::testing::Test::HasFailure()) return;
+  auto want_params = ref->parameters();
+  auto want_buffers = ref->buffers();
+  for (int r = 0; r < world; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_EQ(params[r].size(), want_params.size());
+    for (size_t i = 0; i < want_params.size(); ++i) {
+      EXPECT_CLOSE(params[r][i], want_params[i], 1e-10, "parameter " + std::to_string(i));
+    }
+    ASSERT_EQ(buffers[r].size(), want_buffers.size());
+    for (size_t i = 0; i < want_buffers.size(); ++i) {
+      EXPECT_CLOSE(buffers[r][i], want_buffers[i], 1e-10, "buffer " + std::to_string(i));
+    }
+  }
+}
+
+TEST(SyncBatchNormDDP, ParityWithBatchNormOnTheConcatenatedBatch) {
+  for (const std::string transport : {"gloo", "shm"}) {
+    for (int world : {2, 3}) check_ddp_parity(transport, world);
   }
 }
 
