@@ -573,6 +573,34 @@ TEST(ConvertSyncBatchNorm, MemberHolderIsNamedAndNothingChanges) {
   EXPECT_TRUE(seq->ptr<SyncBatchNormImpl>(0));
 }
 
+// The pattern docs/sync-batch-norm.md recommends for custom modules: choose the layer in the
+// constructor and call it through an AnyModule.
+struct FactoryBlock : nn::Module {
+  nn::AnyModule norm;
+  explicit FactoryBlock(ProcessGroupPtr pg) {
+    norm = pg ? nn::AnyModule(SyncBatchNorm(SyncBatchNormOptions(16, pg)))
+              : nn::AnyModule(nn::BatchNorm2d(16));
+    register_module("bn", norm.ptr());
+  }
+  Tensor forward(Tensor x) { return norm.forward(x); }
+};
+
+TEST(ConvertSyncBatchNorm, DocumentedFactoryPattern) {
+  torch::manual_seed(10);
+  auto x = torch::randn({4, 16, 3, 3}, torch::kDouble);
+  FactoryBlock plain(nullptr);
+  plain.to(torch::kDouble);
+  auto want = plain.forward(x);
+  std::vector<Tensor> got(2);
+  with_thread_groups(2, [&](const ProcessGroupPtr& pg) {
+    FactoryBlock block(pg);
+    block.to(torch::kDouble);
+    EXPECT_TRUE(block.named_children()["bn"]->as<SyncBatchNorm>());
+    got[pg->rank()] = block.forward(x.narrow(0, 2 * pg->rank(), 2));
+  });
+  EXPECT_CLOSE(torch::cat(got), want, 1e-12, "factory block output");
+}
+
 TEST(ConvertSyncBatchNorm, NullArguments) {
   auto pg = thread_groups(1)[0];
   try {
