@@ -10,9 +10,7 @@
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
 
-#include <cmath>
 #include <iomanip>
-#include <limits>
 #include <map>
 #include <set>
 #include <sstream>
@@ -514,23 +512,28 @@ std::shared_ptr<torch::nn::Module> convert_sync_batchnorm(std::shared_ptr<torch:
   // Every reference to a layer must come from the tree: one per registration, one per
   // container slot. Anything more (a member holder of its parent, a variable of the caller)
   // would keep running the old layer after the swap. Checked before anything changes.
+  std::vector<torch::nn::Module*> layers;  // in tree order
   std::map<torch::nn::Module*, std::vector<const Location*>> by_layer;
-  for (const auto& loc : locations) by_layer[loc.layer].push_back(&loc);
+  for (const auto& loc : locations) {
+    auto& at = by_layer[loc.layer];
+    if (at.empty()) layers.push_back(loc.layer);
+    at.push_back(&loc);
+  }
   std::ostringstream outside;
   int outside_count = 0;
-  for (const auto& kv : by_layer) {
+  for (torch::nn::Module* layer : layers) {
     long expected = 1;  // `self` below
     std::set<torch::nn::Module*> parents;
-    for (const Location* loc : kv.second) {
+    for (const Location* loc : by_layer[layer]) {
       ++expected;
       if (parents.insert(loc->parent).second) {
-        expected += container_slots(loc->parent, kv.first, nullptr);
+        expected += container_slots(loc->parent, layer, nullptr);
       }
     }
-    auto self = kv.first->shared_from_this();
+    auto self = layer->shared_from_this();
     const long found = self.use_count();
     if (found > expected) {
-      outside << (outside_count++ ? ", " : "") << "'" << kv.second.front()->path << "' ("
+      outside << (outside_count++ ? ", " : "") << "'" << by_layer[layer].front()->path << "' ("
               << (found - expected) << " outside reference" << (found - expected > 1 ? "s" : "")
               << ")";
     }
