@@ -862,6 +862,25 @@ TEST(SyncBatchNormErrors, OneValuePerChannelOverTheGroup) {
       << "eval with running statistics accepts one sample";
 }
 
+// A rank that skips a training forward leaves the others waiting only until the group's
+// timeout, which names the missing rank.
+TEST(SyncBatchNormErrors, SkippedForwardTimesOut) {
+  auto groups = lockstep::new_thread_groups(
+      2, lockstep::ThreadGroupOptions().timeout(std::chrono::milliseconds(300)));
+  std::string message;
+  run_ranks(2, [&](int r) {
+    SyncBatchNorm bn(SyncBatchNormOptions(kC, groups[r]));
+    bn(torch::randn({4, kC}));  // together: the layers agree
+    if (r == 1) return;         // rank 1 skips the second forward
+    try {
+      bn(torch::randn({4, kC}));
+    } catch (const lockstep::TimeoutError& e) {
+      message = e.what();
+    }
+  });
+  expect_contains(message, {"[rank 0/2]", "timed out", "waiting for rank(s) 1"});
+}
+
 // A failing group's errors reach the caller of forward as lockstep errors.
 TEST(SyncBatchNormErrors, GroupFailurePropagates) {
   auto groups = thread_groups(2);
