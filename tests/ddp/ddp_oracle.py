@@ -5,6 +5,8 @@ Usage: /usr/bin/python3 ddp_oracle.py DIR
 DIR/input.txt + DIR/input.bin hold the initial state dict of the model below and the data
 (x: [steps, world, batch, 1, 8, 8] float32, y: [steps, world, batch] int64), written by the C++
 test as raw little-endian tensors with a manifest ("name<TAB>dtype<TAB>d0,d1,..." per line).
+With "rank_steps" (int64 [world]) and "divide_initial" (int64 [1]) in the input, the model is
+JoinNet and rank r trains only on its first rank_steps[r] steps inside ddp.join(...).
 Runs `world` processes with torch.distributed (Gloo, file:// rendezvous in DIR), trains with
 DDP, and writes rank 0's final parameters and buffers to DIR/result.txt + DIR/result.bin in the
 same format. Exits non-zero if the ranks' parameters differ.
@@ -31,6 +33,16 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class JoinNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def read_tensors(stem):
@@ -64,16 +76,32 @@ def worker(rank, world, directory, steps):
     dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "store"),
                             rank=rank, world_size=world)
     data = read_tensors(os.path.join(directory, "input"))
-    model = Net()
+    joining = "rank_steps" in data
+    model = JoinNet() if joining else Net()
     model.load_state_dict({k[len("state."):]: v for k, v in data.items() if k.startswith("state.")})
     ddp = DDP(model, bucket_cap_mb=25)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for s in range(steps):
+
+    def step(s):
         opt.zero_grad()
         loss = F.cross_entropy(ddp(data["x"][s][rank]), data["y"][s][rank])
         loss.backward()
         opt.step()
+
+    if joining:
+        divide = bool(data["divide_initial"][0].item())
+        with ddp.join(divide_by_initial_world_size=divide):
+            for s in range(int(data["rank_steps"][rank].item())):
+                step(s)
+    else:
+        for s in range(steps):
+            step(s)
     write_tensors(os.path.join(directory, "result_rank%d" % rank), model.state_dict())
+    if joining:
+        # PyTorch 1.13 sometimes hangs destroying a DDP object that went through join(): leave
+        # without destructors once the result is written.
+        sys.stdout.flush()
+        os._exit(0)
     dist.destroy_process_group()
 
 

@@ -95,8 +95,10 @@ struct DDPOptions {
   /// Capacity of the first bucket in MiB (the last gradients of backward), kept small so the
   /// first all-reduce starts early. Default 1.
   LOCKSTEP_ARG(double, first_bucket_mb) = 1.0;
-  /// Broadcast buffers (e.g. BatchNorm running statistics) from rank 0 at every forward in
-  /// training mode, as PyTorch's DDP does. Default true.
+  /// Broadcast buffers (e.g. BatchNorm running statistics) from rank 0 before each forward
+  /// in training mode that follows a synchronized one, as PyTorch's DDP does. Forwards in
+  /// evaluation mode (`module->eval()`) neither broadcast nor change this schedule. Default
+  /// true.
   LOCKSTEP_ARG(bool, broadcast_buffers) = true;
   /// Allow parameters that get no gradient on some or all ranks in an iteration. Off
   /// (default): such a parameter is an error naming it. On: it contributes zero, and a
@@ -122,6 +124,17 @@ struct DDPOptions {
   /// Chrome trace output path; "" (default): the LOCKSTEP_TRACE environment variable, and no
   /// trace when that is unset. With more than one rank each rank writes `<stem>-rank<r><ext>`.
   LOCKSTEP_ARG(std::string, trace_path) = "";
+};
+
+/// Options of `DistributedDataParallelBase::join()` (uneven inputs), as PyTorch's `Join`.
+struct JoinOptions {
+  /// While some ranks have joined, divide the summed gradients by the initial world size (the
+  /// joined ranks count as zeros; default, as PyTorch) or, when false, by the number of ranks
+  /// that contributed in that iteration.
+  LOCKSTEP_ARG(bool, divide_by_initial_world_size) = true;
+  /// Raise on every rank, naming the ranks that ran out, as soon as one rank joins, instead
+  /// of shadowing. Default false.
+  LOCKSTEP_ARG(bool, throw_on_early_termination) = false;
 };
 
 /// Timeline of one bucket in one iteration; times in milliseconds since the iteration's
@@ -191,6 +204,38 @@ class DistributedDataParallelBase : public torch::nn::Module {
 
   /// Disables gradient synchronization until the returned guard is destroyed.
   NoSync no_sync();
+
+  /// Guard returned by `join()`: ranks may run different numbers of iterations while it
+  /// lives. A rank that runs out of inputs calls `finish()` (or lets the guard go out of scope
+  /// normally): it then shadows the other ranks' gradient reductions and buffer broadcasts
+  /// with zeros until every rank has finished, and finally every rank receives the model
+  /// (parameters and buffers) of the highest rank among the last to finish. While every rank
+  /// still has data a join costs no extra collective: presence travels in the buckets.
+  /// Every rank must create the guard; forwards inside it must be training forwards of the
+  /// same kind on every rank (Note [Join] in lib/src/ddp/reducer.h and docs/ddp.md).
+  class Join {
+   public:
+    Join(Join&& other) noexcept;
+    Join(const Join&) = delete;
+    Join& operator=(const Join&) = delete;
+    Join& operator=(Join&&) = delete;
+    /// Calls finish() unless it ran or an exception is unwinding the scope; rethrows what
+    /// finish() throws (a communication failure, or the early-termination error).
+    ~Join() noexcept(false);
+    /// This rank has no more inputs: shadow the others until every rank has finished, then
+    /// take the final model. Collective. Idempotent.
+    void finish();
+
+   private:
+    friend class DistributedDataParallelBase;
+    Join(DistributedDataParallelBase* owner, JoinOptions options);
+    DistributedDataParallelBase* owner_;
+    bool finished_ = false;
+    int uncaught_ = 0;
+  };
+
+  /// Starts uneven-input training (PyTorch's `ddp.join()`): see `Join`. Not a collective.
+  Join join(JoinOptions options = JoinOptions());
   /// Whether forwards started now will synchronize their backward.
   bool require_gradient_sync() const { return require_sync_; }
   /// Sets the flag `no_sync()` toggles.
@@ -209,7 +254,9 @@ class DistributedDataParallelBase : public torch::nn::Module {
   void flush_trace();
 
   /// Called around the wrapped forward; public for wrappers with their own forward.
-  /// `begin_forward` is collective (buffer broadcast, bucket rebuild).
+  /// `begin_forward` is collective in training mode (buffer broadcast, bucket rebuild); a
+  /// forward in evaluation mode under `torch::NoGradGuard` communicates nothing and may run on
+  /// any subset of ranks.
   void begin_forward();
   void end_forward();
 
@@ -232,13 +279,18 @@ class DistributedDataParallelBase : public torch::nn::Module {
   };
 
  private:
+  void shadow_until_all_finished();
+
+  std::shared_ptr<torch::nn::Module> module_;
   ProcessGroupPtr pg_;
   DDPOptions options_;
   bool require_sync_ = true;
+  bool joining_ = false;  // inside a Join guard
   bool require_forward_buffer_sync_ = true;
   std::chrono::steady_clock::time_point forward_start_;
   std::unique_ptr<ddp::Reducer> reducer_;
   std::vector<at::Tensor> buffers_;
+  std::vector<at::Tensor> state_;  // every parameter and buffer, each tensor once
 };
 
 /// The module behind `DistributedDataParallel<M>`: registers the wrapped module as submodule

@@ -56,6 +56,29 @@ void scale_in_place(at::Tensor& t, double scale) {
   t.mul_(scale);
 }
 
+// Element `index` of a 1-d buffer: written and read without an ATen op on CPU float/double.
+void set_element(at::Tensor& buffer, int64_t index, double value) {
+  if (buffer.device().is_cpu() && buffer.is_contiguous()) {
+    if (buffer.scalar_type() == at::kFloat) {
+      buffer.data_ptr<float>()[index] = static_cast<float>(value);
+      return;
+    }
+    if (buffer.scalar_type() == at::kDouble) {
+      buffer.data_ptr<double>()[index] = value;
+      return;
+    }
+  }
+  buffer[index].fill_(value);
+}
+
+double get_element(const at::Tensor& buffer, int64_t index) {
+  if (buffer.device().is_cpu() && buffer.is_contiguous()) {
+    if (buffer.scalar_type() == at::kFloat) return buffer.data_ptr<float>()[index];
+    if (buffer.scalar_type() == at::kDouble) return buffer.data_ptr<double>()[index];
+  }
+  return buffer[index].item<double>();
+}
+
 // The ranks that missed each of a bucket's parameters, from its reduced control elements
 // (`undo` multiplies averaged counts back to whole ranks). Clears the controls it found set.
 void read_controls(at::Tensor control, const std::vector<size_t>& params, float undo,
@@ -97,12 +120,13 @@ class FlatBuckets : public BucketStrategy {
       bucket.params = plan[b];
       for (size_t i : bucket.params) bucket.gradient_numel += params[i].numel();
       const auto& first = params[bucket.params.front()];
+      // Gradients, one control element per parameter, one presence element (Note [Join]).
       // Note [CUDA buckets]: a CUDA bucket lives on its parameters' device; ProcessGroupGloo
       // stages CUDA tensors through pinned host memory itself, so the same code path serves
       // both. The group may hand out memory it reduces faster (Note [Shared reduction
       // buffers] in comm/shm_group.cpp). Collective: every rank plans the same buckets.
       bucket.buffer = c_.group->new_buffer(
-          bucket.gradient_numel + static_cast<int64_t>(bucket.params.size()),
+          bucket.gradient_numel + static_cast<int64_t>(bucket.params.size()) + 1,
           first.options().requires_grad(false));
       transports.push_back(c_.options->comm_hook
                                ? concat(c_.hook->name(), " over ", c_.group->backend())
@@ -155,6 +179,7 @@ class FlatBuckets : public BucketStrategy {
 
   WorkPtr launch(size_t b, bool is_last) override {
     auto& bucket = buckets_[b];
+    set_element(bucket.buffer, presence_index(bucket), present_ ? 1.0 : 0.0);
     if (fused_average_) return c_.group->allreduce(bucket.buffer, op_);
     GradBucket gb;
     gb.index = b;
@@ -166,13 +191,23 @@ class FlatBuckets : public BucketStrategy {
     return work;
   }
 
+  void set_present(bool present) override { present_ = present; }
+
+  void fill_absent(size_t b) override {
+    auto& bucket = buckets_[b];
+    bucket.buffer.narrow(0, 0, presence_index(bucket)).zero_();
+  }
+
+  int read_present(size_t b) override {
+    const auto& bucket = buckets_[b];
+    return static_cast<int>(std::lround(get_element(bucket.buffer, presence_index(bucket)) * undo()));
+  }
+
   void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) override {
     const auto& bucket = buckets_[b];
-    const float undo = fused_average_ && op_ == ReduceOp::kAvg ? static_cast<float>(c_.world)
-                                                                : 1.0f;
     read_controls(bucket.buffer.narrow(0, bucket.gradient_numel,
                                        static_cast<int64_t>(bucket.params.size())),
-                  bucket.params, undo, missing);
+                  bucket.params, static_cast<float>(undo()), missing);
   }
 
   void write_back(size_t index, bool unused_everywhere) override {
@@ -193,9 +228,15 @@ class FlatBuckets : public BucketStrategy {
  private:
   struct Bucket {
     std::vector<size_t> params;
-    at::Tensor buffer;  // gradients, then one control element per parameter
+    at::Tensor buffer;  // gradients, one control element per parameter, the presence element
     int64_t gradient_numel = 0;
   };
+
+  static int64_t presence_index(const Bucket& bucket) {
+    return bucket.gradient_numel + static_cast<int64_t>(bucket.params.size());
+  }
+  // Multiplies averaged control and presence elements back to whole ranks.
+  double undo() const { return fused_average_ && op_ == ReduceOp::kAvg ? c_.world : 1.0; }
   struct Slot {
     at::Tensor view;  // bucket slice shaped like the parameter
   };
@@ -204,6 +245,7 @@ class FlatBuckets : public BucketStrategy {
   bool fused_average_ = false;  // Note [Where the average is taken]
   ReduceOp op_ = ReduceOp::kAvg;
   double inv_world_ = 1.0;
+  bool present_ = true;
   std::vector<Bucket> buckets_;
   std::vector<Slot> slots_;
 };
@@ -270,6 +312,11 @@ class RootLists : public BucketStrategy {
   WorkPtr launch(size_t b, bool /*is_last*/) override {
     return c_.group->reduce(buckets_[b].inputs, root_, op_);
   }
+
+  // Join is DDP's (the Reducer refuses it with a root): every rank is always present.
+  void set_present(bool /*present*/) override {}
+  void fill_absent(size_t /*b*/) override {}
+  int read_present(size_t /*b*/) override { return c_.world; }
 
   void read_missing(size_t b, std::vector<std::pair<size_t, int>>& missing) override {
     // Only the root receives the counts; reset() clears the other ranks' controls.

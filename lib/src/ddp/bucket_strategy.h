@@ -61,6 +61,14 @@ class BucketStrategy {
   virtual void mark_missing(size_t b, size_t position) = 0;
   /// Starts bucket `b`'s reduction; `is_last` for the final bucket.
   virtual WorkPtr launch(size_t b, bool is_last) = 0;
+  /// Whether this rank contributes to the launches that follow: false while it shadows the
+  /// others after running out of inputs (Note [Join] in reducer.h). Written into each bucket's
+  /// presence element at launch.
+  virtual void set_present(bool present) = 0;
+  /// Zeros bucket `b`'s gradients and control elements: what a joined rank contributes.
+  virtual void fill_absent(size_t b) = 0;
+  /// After bucket `b`'s reduction completed: how many ranks were present in it.
+  virtual int read_present(size_t b) = 0;
   /// After every bucket's reduction completed: appends (parameter, ranks that missed it) for
   /// bucket `b`'s parameters that some rank missed, when this rank learns the counts, and
   /// clears the control elements.

@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <map>
 #include <sstream>
@@ -173,9 +174,9 @@ void verify_parameters(ProcessGroup& pg, const std::vector<std::string>& names,
   }
 }
 
-// Broadcasts `tensors` from rank 0, flattened into one tensor per (dtype, device) and chunk.
+// Broadcasts `tensors` from `root`, flattened into one tensor per (dtype, device) and chunk.
 void broadcast_coalesced(ProcessGroup& pg, const std::vector<at::Tensor>& tensors,
-                         int64_t chunk_bytes) {
+                         int64_t chunk_bytes, int root = 0) {
   if (pg.size() == 1 || tensors.empty()) return;
   at::NoGradGuard no_grad;
   std::map<std::tuple<int, int, int>, std::vector<at::Tensor>> groups;
@@ -197,8 +198,8 @@ void broadcast_coalesced(ProcessGroup& pg, const std::vector<at::Tensor>& tensor
         ++end;
       }
       auto flat = at::cat(flat_parts);
-      pg.broadcast(flat, /*root=*/0)->wait();
-      if (pg.rank() != 0) {
+      pg.broadcast(flat, root)->wait();
+      if (pg.rank() != root) {
         int64_t offset = 0;
         for (size_t i = begin; i < end; ++i) {
           auto& t = group[i];
@@ -228,7 +229,7 @@ std::string rank_trace_path(const std::string& path, const ProcessGroup& pg) {
 
 DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::nn::Module> module,
                                                          ProcessGroupPtr pg, DDPOptions options)
-    : pg_(std::move(pg)), options_(std::move(options)) {
+    : module_(module), pg_(std::move(pg)), options_(std::move(options)) {
   LOCKSTEP_CHECK(module != nullptr, "Expected a module to wrap in DistributedDataParallel, but "
                  "got null.");
   LOCKSTEP_CHECK(pg_ != nullptr, "Expected a process group for DistributedDataParallel, but "
@@ -269,6 +270,7 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
   if (options_.broadcast_parameters()) {
     broadcast_coalesced(*pg_, all_state, ddp::mib_to_bytes(250));
   }
+  state_ = std::move(all_state);
 
   ddp::ReducerOptions ro;
   ro.cap_bytes = ddp::mib_to_bytes(options_.bucket_cap_mb());
@@ -283,19 +285,87 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
 
 DistributedDataParallelBase::~DistributedDataParallelBase() = default;
 
+// Note [Buffer broadcast]
+// As PyTorch's DDP: buffers follow one rank before a training-mode forward if the previous
+// training-mode forward was one whose backward synchronizes (and before the first). The rank
+// is 0, or inside a join the highest rank still training (Note [Join] in reducer.h). Forwards
+// in evaluation mode neither broadcast nor change the schedule, so an evaluation may run on
+// rank 0 alone (under NoGradGuard, where prepare_for_forward is skipped too).
 void DistributedDataParallelBase::begin_forward() {
   forward_start_ = std::chrono::steady_clock::now();
-  // As PyTorch's DDP: buffers follow rank 0 before a forward if the previous forward was one
-  // whose backward synchronizes (and before the first).
-  if (options_.broadcast_buffers() && require_forward_buffer_sync_ && !buffers_.empty()) {
-    broadcast_coalesced(*pg_, buffers_, ddp::mib_to_bytes(250));
+  if (options_.broadcast_buffers() && module_->is_training() && require_forward_buffer_sync_ &&
+      !buffers_.empty()) {
+    broadcast_coalesced(*pg_, buffers_, ddp::mib_to_bytes(250),
+                        joining_ ? reducer_->authoritative_rank() : 0);
   }
   if (at::GradMode::is_enabled()) reducer_->prepare_for_forward(require_sync_);
 }
 
 void DistributedDataParallelBase::end_forward() {
-  require_forward_buffer_sync_ = at::GradMode::is_enabled() && require_sync_;
+  if (module_->is_training()) {
+    require_forward_buffer_sync_ = at::GradMode::is_enabled() && require_sync_;
+  }
   reducer_->record_forward(forward_start_, std::chrono::steady_clock::now());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Join (Note [Join] in reducer.h)
+
+DistributedDataParallelBase::Join::Join(DistributedDataParallelBase* owner, JoinOptions options)
+    : owner_(owner), uncaught_(std::uncaught_exceptions()) {
+  LOCKSTEP_CHECK(!owner_->joining_, owner_->pg_->where(), " DDP: join() was called while "
+                 "another join guard of this DDP object is alive; use one guard per loop.");
+  owner_->reducer_->set_join(true, options);
+  owner_->joining_ = true;
+}
+
+DistributedDataParallelBase::Join::Join(Join&& other) noexcept
+    : owner_(other.owner_), finished_(other.finished_), uncaught_(other.uncaught_) {
+  other.owner_ = nullptr;
+}
+
+DistributedDataParallelBase::Join::~Join() noexcept(false) {
+  if (owner_ == nullptr) return;
+  if (!finished_ && std::uncaught_exceptions() <= uncaught_) {
+    finish();  // may throw: noexcept(false), and no exception is in flight
+    return;
+  }
+  owner_->reducer_->set_join(false);
+  owner_->joining_ = false;
+}
+
+void DistributedDataParallelBase::Join::finish() {
+  if (owner_ == nullptr || finished_) return;
+  finished_ = true;
+  struct Leave {
+    DistributedDataParallelBase* owner;
+    ~Leave() {
+      owner->reducer_->set_join(false);
+      owner->joining_ = false;
+    }
+  } leave{owner_};
+  owner_->shadow_until_all_finished();
+}
+
+DistributedDataParallelBase::Join DistributedDataParallelBase::join(JoinOptions options) {
+  return Join(this, options);
+}
+
+// Mirrors, once per synchronized iteration of the ranks still training, the collectives of
+// their begin_forward (buffer broadcast, bucket rebuild) and of their backward (every bucket,
+// with zeros), until every rank has finished; then every rank takes the authority's model.
+void DistributedDataParallelBase::shadow_until_all_finished() {
+  if (pg_->size() == 1) return;
+  while (true) {
+    if (options_.broadcast_buffers() && module_->is_training() &&
+        require_forward_buffer_sync_ && !buffers_.empty()) {
+      broadcast_coalesced(*pg_, buffers_, ddp::mib_to_bytes(250),
+                          reducer_->authoritative_rank());
+    }
+    reducer_->prepare_for_forward(/*sync=*/true);
+    if (reducer_->shadow_iteration() == 0) break;
+  }
+  broadcast_coalesced(*pg_, state_, ddp::mib_to_bytes(250), reducer_->authoritative_rank());
 }
 
 DistributedDataParallelBase::NoSync::NoSync(DistributedDataParallelBase* owner)

@@ -49,6 +49,8 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
                    "'; pass shared (tied) parameters once.");
   }
   world_ = group_->size();
+  present_ = world_;
+  for (int r = 0; r < world_; ++r) authority_.push_back(r);
   LOCKSTEP_CHECK(options_.root < world_, group_->where(), " Expected the Reducer's root to be "
                  "-1 (all-reduce) or a rank below ", world_, ", but got ", options_.root, ".");
   hook_ = options_.comm_hook ? options_.comm_hook : allreduce_hook();
@@ -173,7 +175,7 @@ void Reducer::mark_ready(size_t index) {
   if (!sync_) return;
   LOCKSTEP_ASSERT(index < params_.size(), "parameter index ", index, " out of range");
   auto now = Clock::now();
-  if (!in_backward_) begin_iteration(now);
+  if (!in_backward_) begin_iteration(now, options_.install_hooks);
   if (ready_[index]) {
     throw StateError(concat(
         group_->where(), " DDP: the gradient hook of parameter '", names_[index],
@@ -195,11 +197,11 @@ void Reducer::mark_ready(size_t index) {
   poll_done();
 }
 
-void Reducer::begin_iteration(Clock::time_point now) {
+void Reducer::begin_iteration(Clock::time_point now, bool queue_callback) {
   in_backward_ = true;
   backward_start_ = now;
   recording_order_ = options_.rebuild_buckets && !rebuilt_ && !trivial_;
-  if (options_.install_hooks) adapter::queue_backward_callback([this] { finalize(); });
+  if (queue_callback) adapter::queue_backward_callback([this] { finalize(); });
 }
 
 void Reducer::check_gradient(size_t index) {
@@ -232,23 +234,30 @@ void Reducer::finalize() {
     // after every synchronized forward: a rank that ran no backward still joins every
     // bucket's collective, with every parameter missing (Note [Reducer contract]).
     if (options_.install_hooks || !sync_) return;
-    begin_iteration(Clock::now());
+    begin_iteration(Clock::now(), /*queue_callback=*/false);
   }
   const auto compute_end = Clock::now();
   Missing missing;
+  int present = world_;
   if (trivial_) {
     missing = missing_locally();
   } else {
     launch_remaining(compute_end);
     wait_for_buckets();
     missing = collect_missing();
+    try {
+      present = update_presence();
+    } catch (...) {
+      reset_iteration();
+      throw;
+    }
   }
   if (!missing.empty() && !options_.find_unused_parameters) {
     reset_iteration();
     lock.unlock();
     raise_unused(missing);
   }
-  write_back(missing);
+  write_back(missing, present);
   record_statistics(compute_end);
   if (recording_order_) rebuild_pending_ = true;
   reset_iteration();
@@ -304,16 +313,139 @@ Reducer::Missing Reducer::collect_missing() {
   return missing;
 }
 
-// Writes the reduced gradients back. A parameter missed by every rank keeps its gradient.
-void Reducer::write_back(const Missing& missing) {
+// Writes the reduced gradients back. A parameter missed by every present rank keeps its
+// gradient. With ranks joined and divide_by_initial_world_size off, the average is over the
+// `present` ranks (Note [Join]).
+void Reducer::write_back(const Missing& missing, int present) {
   if (trivial_) return;
+  const bool rescale = present < world_ && options_.average && options_.root < 0 &&
+                       !join_options_.divide_by_initial_world_size();
+  const double scale = rescale ? static_cast<double>(world_) / present : 1.0;
   size_t m = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     while (m < missing.size() && missing[m].first < i) ++m;
     const bool unused_everywhere =
-        m < missing.size() && missing[m].first == i && missing[m].second >= world_;
+        m < missing.size() && missing[m].first == i && missing[m].second >= present;
     strategy_->write_back(i, unused_everywhere);
+    if (rescale && !unused_everywhere) params_[i].mutable_grad().mul_(scale);
   }
+}
+
+// Note [Join]: reads the count of present ranks from the reduced buckets. When it changed,
+// every rank allgathers one word: present, inside a join, and the join options; then every
+// rank raises the same error if a present rank is not inside a join, if the ranks' join
+// options differ, or if they asked to stop at the first rank that runs out.
+int Reducer::update_presence() {
+  if (buckets_.empty()) return world_;
+  const int present = strategy_->read_present(0);
+  LOCKSTEP_ASSERT(present >= 0 && present <= world_, "presence count ", present,
+                  " out of range");
+  if (present == present_) return present;
+  present_ = present;
+  presence_changed_at_ = iterations_ + 1;
+  if (present == world_ || present == 0) return present;  // nobody, or everybody, joined
+
+  enum : int { kPresent = 1, kInJoin = 2, kThrow = 4, kDivideInitial = 8 };
+  const int mine = (joined_ ? 0 : kPresent) | (join_enabled_ ? kInJoin : 0) |
+                   (join_options_.throw_on_early_termination() ? kThrow : 0) |
+                   (join_options_.divide_by_initial_world_size() ? kDivideInitial : 0);
+  auto word = at::full({1}, mine, at::kInt);
+  std::vector<at::Tensor> words;
+  for (int r = 0; r < world_; ++r) words.push_back(at::empty({1}, at::kInt));
+  group_->allgather(words, word)->wait();
+  std::vector<int> flags(world_), now, joined, outside;
+  for (int r = 0; r < world_; ++r) {
+    flags[r] = words[r].item<int>();
+    ((flags[r] & kPresent) ? now : joined).push_back(r);
+    if (!(flags[r] & kInJoin)) outside.push_back(r);
+  }
+  LOCKSTEP_ASSERT(static_cast<int>(now.size()) == present, "presence flags (", now.size(),
+                  ") disagree with the presence count (", present, ")");
+  authority_ = now;
+  auto list = [](const std::vector<int>& ranks) {
+    std::ostringstream os;
+    for (size_t k = 0; k < ranks.size(); ++k) os << (k ? ", " : "") << ranks[k];
+    return os.str();
+  };
+  if (!outside.empty()) {
+    throw StateError(concat(
+        group_->where(), " DDP: rank(s) ", list(joined), " ran out of inputs and joined at "
+        "iteration ", presence_changed_at_, ", but rank(s) ", list(outside), " are not inside "
+        "ddp->join(). Uneven inputs need the join guard on every rank: "
+        "`auto join = ddp->join();` before the training loop."));
+  }
+  for (int r = 1; r < world_; ++r) {
+    if ((flags[r] & (kThrow | kDivideInitial)) != (flags[0] & (kThrow | kDivideInitial))) {
+      auto describe = [&](int f) {
+        return concat("throw_on_early_termination=", (f & kThrow) ? "true" : "false",
+                      ", divide_by_initial_world_size=", (f & kDivideInitial) ? "true" : "false");
+      };
+      throw InvalidArgument(concat(
+          group_->where(), " DDP join: the ranks' JoinOptions differ: rank 0 has ",
+          describe(flags[0]), " but rank ", r, " has ", describe(flags[r]),
+          ". Pass the same JoinOptions to ddp->join() on every rank."));
+    }
+  }
+  if (flags[0] & kThrow) {
+    throw StateError(concat(
+        group_->where(), " DDP join: rank(s) ", list(joined), " ran out of inputs at iteration ",
+        presence_changed_at_, " while rank(s) ", list(now), " still had data; "
+        "throw_on_early_termination is set, so every rank stops here. Give every rank the same "
+        "number of batches (e.g. drop_last in the sampler), or leave "
+        "JoinOptions::throw_on_early_termination off to let the others continue."));
+  }
+  return present;
+}
+
+void Reducer::set_join(bool enabled, JoinOptions options) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LOCKSTEP_CHECK(!enabled || options_.root < 0, group_->where(),
+                 " Join needs a Reducer that all-reduces (DistributedDataParallel).");
+  join_enabled_ = enabled;
+  join_options_ = options;
+  if (!enabled) joined_ = false;
+}
+
+int Reducer::shadow_iteration() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  LOCKSTEP_CHECK(join_enabled_, group_->where(), " DDP: shadow_iteration outside a join.");
+  LOCKSTEP_CHECK(!in_backward_, group_->where(), " DDP join: finish() was called while a "
+                 "backward was running; call it after the training loop.");
+  if (trivial_) return 0;
+  joined_ = true;
+  begin_iteration(Clock::now(), /*queue_callback=*/false);
+  strategy_->set_present(false);
+  int present = 0;
+  try {
+    for (size_t b = 0; b < buckets_.size(); ++b) {
+      strategy_->fill_absent(b);
+      buckets_[b].pending = 0;
+    }
+    while (next_launch_ < buckets_.size()) launch(next_launch_++);
+    wait_for_buckets();
+    auto missing = collect_missing();
+    present = update_presence();
+    if (!missing.empty() && !options_.find_unused_parameters) {
+      strategy_->set_present(true);
+      reset_iteration();
+      lock.unlock();
+      raise_unused(missing);
+    }
+  } catch (...) {
+    strategy_->set_present(true);
+    reset_iteration();
+    throw;
+  }
+  strategy_->set_present(true);
+  ++iterations_;  // iterations agree across ranks (Note [Join])
+  if (recording_order_) rebuild_pending_ = true;
+  reset_iteration();
+  return present;
+}
+
+int Reducer::authoritative_rank() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return authority_.back();
 }
 
 void Reducer::record_statistics(Clock::time_point compute_end) {

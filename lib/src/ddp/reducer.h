@@ -64,6 +64,28 @@
 // Which of the two (flat buckets or gradient lists into a root) is chosen once, at
 // construction: Note [Bucket strategies] in bucket_strategy.h.
 //
+// Note [Join]
+// Uneven inputs (DistributedDataParallelBase::join, PyTorch's DDP.join): a rank that ran out
+// of inputs calls shadow_iteration() once per synchronized iteration of the others, and in it
+// launches every bucket filled with zeros, so the collective sequence stays the same on every
+// rank. Each flat bucket ends in one presence element, 1 from a rank that contributes and 0
+// from a joined one; it travels in the bucket's own reduction, so while every rank still has
+// data joining costs no collective at all (PyTorch all-reduces a flag every iteration). After
+// a reduction every rank reads the same count P of present ranks:
+//   - P equal to the last count: nothing changed.
+//   - P changed to neither 0 nor world: every rank (joined or not) allgathers one word (present,
+//     inside a join, the join options): once per change, so fewer than world-size times in a
+//     run. Every rank then raises the same error, naming the ranks, if some rank is not
+//     inside a join, if the ranks' JoinOptions differ, or with throw_on_early_termination.
+//   - 0 < P < world: the average divides by the initial world size (joined ranks contributed
+//     zeros) or, with divide_by_initial_world_size off, by P.
+//   - P = 0: every rank has joined; the shadowing ends.
+// A joined rank contributes no missing-parameter marks, so "unused on every rank" means on
+// every present rank. The ranks present in the last reduction with P > 0 are the authority:
+// buffers are broadcast from the highest of them (as PyTorch's join does) and, when all have
+// joined, the final model. Joined ranks' .grad is not meaningful while they shadow (with
+// gradient_as_bucket_view it aliases the zeroed buckets).
+//
 // Note [Bucket rebuild]
 // The first plan assumes gradients arrive in reverse registration order. During the first
 // synchronized backward the Reducer records the order in which they actually arrived; at the
@@ -120,6 +142,15 @@ class Reducer {
   /// End of backward: launches what is left, waits, writes averaged gradients back.
   void finalize();
 
+  /// Note [Join]: enables (or disables) uneven inputs on this rank.
+  void set_join(bool enabled, JoinOptions options = JoinOptions());
+  /// Note [Join]: one iteration in which this rank only shadows the others' reductions.
+  /// Returns the number of ranks that were present (0: every rank has joined).
+  int shadow_iteration();
+  /// Note [Join]: the highest rank present in the last reduction that had any (rank
+  /// world-1 before anyone joined).
+  int authoritative_rank() const;
+
   /// Records the forward duration for the statistics of the iteration it belongs to.
   void record_forward(std::chrono::steady_clock::time_point start,
                       std::chrono::steady_clock::time_point end);
@@ -156,14 +187,15 @@ class Reducer {
   void launch(size_t bucket_index);
   void poll_done();
   void reset_iteration();
-  void begin_iteration(Clock::time_point now);
+  void begin_iteration(Clock::time_point now, bool queue_callback);
   void rebuild_if_pending();
   // The steps of finalize(), in order.
   Missing missing_locally() const;
   void launch_remaining(Clock::time_point compute_end);
   void wait_for_buckets();
   Missing collect_missing();
-  void write_back(const Missing& missing);
+  int update_presence();
+  void write_back(const Missing& missing, int present);
   void record_statistics(Clock::time_point compute_end);
   [[noreturn]] void raise_unused(const Missing& missing);
 
@@ -185,6 +217,13 @@ class Reducer {
   bool sync_ = true;
   bool in_backward_ = false;
   int64_t iterations_ = 0;
+
+  bool join_enabled_ = false;          // Note [Join]
+  JoinOptions join_options_;
+  bool joined_ = false;                // this rank shadows
+  int present_ = 1;                    // ranks present in the last reduction
+  std::vector<int> authority_;         // ranks present in the last reduction with any
+  int64_t presence_changed_at_ = 0;    // iteration of the last change
 
   bool recording_order_ = false;
   bool rebuild_pending_ = false;
