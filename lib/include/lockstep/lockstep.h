@@ -15,4 +15,5 @@
 #include "lockstep/readers.h"
 #include "lockstep/sampler.h"
 #include "lockstep/store.h"
+#include "lockstep/sync_batch_norm.h"
 #include "lockstep/thread_group.h"
