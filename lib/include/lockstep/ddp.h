@@ -80,8 +80,11 @@ using CommHookPtr = std::shared_ptr<CommHook>;
 CommHookPtr allreduce_hook();
 /// Casts the bucket to float16, all-reduces it, and casts back: half the bytes on the wire.
 CommHookPtr fp16_compress_hook();
-/// Casts the bucket to bfloat16, all-reduces it, and casts back: half the bytes on the wire,
-/// float32's range.
+/// Casts the bucket to bfloat16 (float32's range, 8 bits of mantissa) and, because Gloo in
+/// LibTorch 1.13 cannot sum bfloat16, all-gathers the bf16 values and sums the W contributions
+/// in float32 in rank order (bitwise the same on every rank). Bytes each rank sends: W/4 of a
+/// float32 ring all-reduce's, so half at 2 ranks, equal at 4 and twice as many at 8: use it
+/// for its range at small world sizes, and fp16_compress_hook() to save bandwidth beyond.
 CommHookPtr bf16_compress_hook();
 
 // then_work (process_group.h) chains a post-processing step onto a hook's reduction.
