@@ -495,6 +495,30 @@ TEST(Launcher, RedirectsWithoutALogDirUseANewDirectoryAndSayWhere) {
   EXPECT_EQ(p.err().find("err 0"), std::string::npos) << p.err();
 }
 
+// A job opens with one short "process group ready" line (rank 0's); every rank's details
+// (where each value came from, store, transport, LibTorch) only at debug level.
+TEST(Launcher, OneShortStartupLinePerJobAndDetailsAtDebug) {
+  for (const std::string level : {"info", "debug"}) {
+    SCOPED_TRACE(level);
+    Proc p(launcher("--standalone --quiet --nproc-per-node 2", {kWorker, "--mode", "ok"}),
+           {{"LOCKSTEP_LOG_LEVEL", level}});
+    ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+    std::vector<std::string> info, debug;
+    std::stringstream lines(p.all());
+    for (std::string line; std::getline(lines, line);) {
+      if (line.find("process group ready") == std::string::npos) continue;
+      (line.find("[debug]") != std::string::npos ? debug : info).push_back(line);
+    }
+    ASSERT_EQ(info.size(), 1u) << p.all();
+    EXPECT_LT(info[0].size(), 120u) << info[0];
+    EXPECT_NE(info[0].find("[rank 0] "), std::string::npos) << info[0];
+    EXPECT_NE(info[0].find("process group ready: 2 ranks, "), std::string::npos) << info[0];
+    EXPECT_NE(info[0].find(", via lockstep-run"), std::string::npos) << info[0];
+    EXPECT_EQ(debug.size(), level == "debug" ? 2u : 0u) << p.all();
+    for (const auto& line : debug) EXPECT_NE(line.find("rank<-RANK"), std::string::npos) << line;
+  }
+}
+
 // torchrun's rendezvous flags: the c10d endpoint is where node 0's store listens.
 TEST(Launcher, RendezvousEndpointIsWhereTheStoreListens) {
   auto port = std::to_string(free_port());
