@@ -483,7 +483,10 @@ void print_plan(const RunOptions& o, const EnvMap& env, int cpu_count) {
      << "\n  run id:        " << o.run_id << "\n  role:          " << o.role
      << "\n  max restarts:  " << o.max_restarts
      << "\n  grace period:  " << o.grace_period << " s\n  log dir:       "
-     << (o.log_dir.empty() ? "(none: output only to this terminal)" : o.log_dir) << "\n";
+     << (!o.log_dir.empty()       ? o.log_dir
+         : needs_log_files(o) ? "(none: a new /tmp/lockstep-run-logs-XXXXXX for --redirects/--tee)"
+                              : "(none: output only to this terminal)")
+     << "\n";
   RoundLayout layout;
   layout.world_size = o.nnodes * o.nproc_per_node;
   layout.rank_offset = o.node_rank * o.nproc_per_node;

@@ -558,6 +558,19 @@ TEST(Launcher, DryRunPrintsTopologyAndEnvironment) {
   EXPECT_NE(p.out().find("on node 0 at 10.1.2.3:29500"), std::string::npos) << p.out();
   EXPECT_TRUE(std::regex_search(p.out(), std::regex("local rank 1:.* RANK=3 .*WORLD_SIZE=4")))
       << p.out();
+  EXPECT_NE(p.out().find("local rank 0: (stdout to console, stderr to console)"),
+            std::string::npos)
+      << p.out();
+
+  // Where each rank's streams go, and the log directory --redirects will make.
+  Proc q(launcher("--dry-run --nproc-per-node 2 -r 0:1 -t 1:2", {kWorker}));
+  ASSERT_EQ(q.wait(Seconds(30)), 0) << q.all();
+  EXPECT_NE(q.out().find("local rank 0: (stdout to file, stderr to console)"), std::string::npos)
+      << q.out();
+  EXPECT_NE(q.out().find("local rank 1: (stdout to console, stderr to console+file)"),
+            std::string::npos)
+      << q.out();
+  EXPECT_NE(q.out().find("a new /tmp/lockstep-run-logs-XXXXXX"), std::string::npos) << q.out();
 }
 
 // Bad invocations: one clear line on stderr, a non-zero exit, nothing started.
