@@ -69,7 +69,7 @@ lockstep_find_or_header_only(spdlog spdlog::spdlog
 lockstep_find_or_header_only(nlohmann_json nlohmann_json::nlohmann_json)
 find_package(ZLIB REQUIRED)
 
-if(LOCKSTEP_BUILD_APPS OR LOCKSTEP_BUILD_TESTS)
+if(LOCKSTEP_BUILD_APPS OR LOCKSTEP_BUILD_LAUNCHER OR LOCKSTEP_BUILD_TESTS)
   lockstep_find_or_header_only(cxxopts cxxopts::cxxopts)
 endif()
 if(LOCKSTEP_BUILD_TESTS)
@@ -86,8 +86,15 @@ if(LOCKSTEP_BUILD_TESTS)
   endif()
 endif()
 
-# ccache when present: LibTorch headers cost ~10 s per translation unit.
-find_program(LOCKSTEP_CCACHE ccache)
-if(LOCKSTEP_CCACHE AND NOT CMAKE_CXX_COMPILER_LAUNCHER)
-  set(CMAKE_CXX_COMPILER_LAUNCHER "${LOCKSTEP_CCACHE}" CACHE STRING "" FORCE)
+# ccache when present: LibTorch headers cost ~10 s per translation unit. Only when lockstep is
+# the top-level project, and never over the user's own choice (-DCMAKE_CXX_COMPILER_LAUNCHER=...,
+# empty included, or the CMAKE_CXX_COMPILER_LAUNCHER environment variable): a project that
+# add_subdirectory()s lockstep keeps its own cache untouched.
+if(LOCKSTEP_IS_TOP AND NOT DEFINED CMAKE_CXX_COMPILER_LAUNCHER
+   AND NOT DEFINED ENV{CMAKE_CXX_COMPILER_LAUNCHER})
+  find_program(LOCKSTEP_CCACHE ccache)
+  if(LOCKSTEP_CCACHE)
+    set(CMAKE_CXX_COMPILER_LAUNCHER "${LOCKSTEP_CCACHE}" CACHE STRING
+        "Compiler launcher (lockstep found ccache)")
+  endif()
 endif()

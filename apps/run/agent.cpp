@@ -132,10 +132,11 @@ void Agent::spawn(Worker& w, const RoundLayout& layout) {
     spec.env[name] = value;
   }
   spec.rank = w.rank;
-  if (!o_.log_dir.empty()) {
-    spec.stdout_log = dir + "/stdout.log";
-    spec.stderr_log = dir + "/stderr.log";
-  }
+  const StreamPlan plan = stream_plan(o_, w.local_rank);
+  if (plan.file[0]) spec.stdout_log = dir + "/stdout.log";
+  if (plan.file[1]) spec.stderr_log = dir + "/stderr.log";
+  spec.stdout_console = plan.console[0];
+  spec.stderr_console = plan.console[1];
   w.process.start(spec);
 }
 
@@ -392,6 +393,13 @@ int Agent::run() {
                        o_.master_addr, ":", o_.master_port, " (run id '", o_.run_id, "', node ",
                        o_.node_rank, "/", o_.nnodes, ", ", o_.nproc_per_node, " worker(s))"));
 
+  if (o_.log_dir.empty() && needs_log_files(o_)) {
+    // --redirects/--tee without --log-dir: a directory of our own, kept (as torchrun does).
+    char tmpl[] = "/tmp/lockstep-run-logs-XXXXXX";
+    if (!mkdtemp(tmpl)) throw InvalidArgument(concat("mkdtemp: ", std::strerror(errno)));
+    o_.log_dir = tmpl;
+    say_.always(concat("worker logs (--redirects/--tee) go to ", o_.log_dir, "/", o_.run_id));
+  }
   if (o_.log_dir.empty()) {
     char tmpl[] = "/tmp/lockstep-run-XXXXXX";
     if (!mkdtemp(tmpl)) throw InvalidArgument(concat("mkdtemp: ", std::strerror(errno)));
@@ -471,9 +479,14 @@ void print_plan(const RunOptions& o, const EnvMap& env, int cpu_count) {
      << "  store:         " << (o.node_rank == 0 ? "hosted here on " : "on node 0 at ")
      << o.master_addr << ":" << (o.master_port == 0 ? std::string("<a free port>")
                                                      : std::to_string(o.master_port))
-     << "\n  run id:        " << o.run_id << "\n  max restarts:  " << o.max_restarts
+     << "\n  rendezvous:    " << o.rdzv_backend << " (lockstep's store on node 0)"
+     << "\n  run id:        " << o.run_id << "\n  role:          " << o.role
+     << "\n  max restarts:  " << o.max_restarts
      << "\n  grace period:  " << o.grace_period << " s\n  log dir:       "
-     << (o.log_dir.empty() ? "(none: output only to this terminal)" : o.log_dir) << "\n";
+     << (!o.log_dir.empty()       ? o.log_dir
+         : needs_log_files(o) ? "(none: a new /tmp/lockstep-run-logs-XXXXXX for --redirects/--tee)"
+                              : "(none: output only to this terminal)")
+     << "\n";
   RoundLayout layout;
   layout.world_size = o.nnodes * o.nproc_per_node;
   layout.rank_offset = o.node_rank * o.nproc_per_node;
@@ -483,7 +496,14 @@ void print_plan(const RunOptions& o, const EnvMap& env, int cpu_count) {
     std::string files = o.log_dir.empty() ? "/tmp/lockstep-run-XXXXXX" : o.log_dir + "/" + o.run_id;
     auto vars = worker_env(o, layout, i, concat(files, "/attempt_0/rank_", layout.rank_offset + i,
                                                 "/error.json"), env, cpu_count);
-    os << "  local rank " << i << ":";
+    StreamPlan plan = stream_plan(o, i);
+    auto where = [&](int s) {
+      return std::string(plan.console[s] && plan.file[s] ? "console+file"
+                         : plan.file[s]                  ? "file"
+                                                         : "console");
+    };
+    os << "  local rank " << i << ": (stdout to " << where(0) << ", stderr to " << where(1)
+       << ")";
     for (const auto& [name, value] : vars) os << " " << name << "=" << value;
     os << "\n";
   }

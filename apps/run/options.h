@@ -2,6 +2,7 @@
 // lockstep-run's command line and the environment each worker gets. Pure (no processes, no
 // sockets), so tests/launch/test_run_options.cpp covers it table-driven.
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,20 @@ constexpr int kExitUsage = 2;
 /// Exit code when the launcher itself fails (store unreachable, fork failed, ...).
 constexpr int kExitLauncherError = 1;
 
+/// torchrun's `--redirects` / `--tee` value: which of a worker's streams it selects (0 none,
+/// 1 stdout, 2 stderr, 3 both), for every local rank ("3") or per local rank ("0:1,1:2";
+/// local ranks not named get 0, and names past --nproc-per-node are ignored, as in torchrun).
+struct StdSpec {
+  int all = 0;                ///< the value for every local rank when `by_rank` is empty
+  std::map<int, int> by_rank; ///< local rank -> value, when given as a map
+  bool given = false;         ///< set by the flag or its PET_* variable
+  /// The value for `local_rank`.
+  int of(int local_rank) const;
+};
+
+/// Parses a `--redirects` / `--tee` value; throws InvalidArgument naming `flag`.
+StdSpec parse_std_spec(const std::string& flag, const std::string& text);
+
 /// Everything the command line says. Defaults match torchrun's where torchrun has the flag;
 /// every flag also reads `PET_<FLAG>` (as torchrun does, and as Kubeflow's training operator
 /// sets) when it is not given.
@@ -26,8 +41,13 @@ struct RunOptions {
   int master_port = 29500;       ///< store port; 0 on node 0: pick a free one and print it
   bool standalone = false;       ///< single node, free port on loopback
   int max_restarts = 0;          ///< restarts of the whole group after a failure
-  std::string run_id = "none";   ///< job id (scopes store keys; LOCKSTEP_JOB_ID)
-  std::string log_dir;           ///< when set: per-rank stdout/stderr files under it
+  std::string run_id = "none";   ///< job id (scopes store keys; LOCKSTEP_JOB_ID); --rdzv-id too
+  std::string rdzv_backend = "static";  ///< "static" or "c10d": both are lockstep's store on
+                                        ///< node 0 (Note [Rendezvous backends] in options.cpp)
+  std::string role = "default";  ///< the workers' role (ROLE_NAME), as torchrun's --role
+  std::string log_dir;           ///< where per-rank stdout/stderr files go (stream_plan)
+  StdSpec redirects;             ///< --redirects: streams written to log files only
+  StdSpec tee;                   ///< --tee: streams written to log files and the console
   double monitor_interval = 0.1; ///< seconds between checks of the other nodes (store)
   double grace_period = 30.0;    ///< seconds between SIGTERM and SIGKILL
   double rdzv_timeout = 120.0;   ///< seconds for every node to join a round
@@ -50,6 +70,21 @@ struct ParseResult {
 ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap& env,
                               int cpu_count);
 
+/// Where one worker's stdout (index 0) and stderr (1) go: the launcher's console (prefixed
+/// "[rank r] "), a file under the log directory, or both.
+struct StreamPlan {
+  bool console[2] = {true, true};
+  bool file[2] = {false, false};
+};
+
+/// The plan for local rank `local_rank`. Without --redirects and --tee: the console, plus files
+/// when --log-dir is set (lockstep's habit). With either (torchrun's semantics): a --tee stream
+/// goes to both, a --redirects stream to its file only, any other stream to the console only.
+StreamPlan stream_plan(const RunOptions& options, int local_rank);
+
+/// True when some local rank's plan writes a file (the agent then needs a log directory).
+bool needs_log_files(const RunOptions& options);
+
 /// Where this node's workers sit in one rendezvous round (from the launchers' rendezvous).
 struct RoundLayout {
   int world_size = 1;          ///< workers over every node
@@ -62,8 +97,8 @@ struct RoundLayout {
 
 /// The variables lockstep-run adds for local rank `local_rank` (the worker inherits the rest of
 /// the launcher's
-/// environment `env`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK,
-/// ROLE_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCKSTEP_AGENT_STORE and
+/// environment `env`): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_NAME,
+/// ROLE_RANK, ROLE_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCKSTEP_AGENT_STORE and
 /// TORCHELASTIC_USE_AGENT_STORE, LOCKSTEP_RESTART_COUNT and TORCHELASTIC_RESTART_COUNT,
 /// LOCKSTEP_JOB_ID and TORCHELASTIC_RUN_ID, LOCKSTEP_ERROR_FILE (`error_file`),
 /// LOCKSTEP_STORE_TOKEN (hex; LOCKSTEP_STORE_TOKEN_FILE emptied so the two never clash), and

@@ -68,7 +68,7 @@ std::vector<int> wait(std::chrono::milliseconds timeout) {
 void Stream::flush() {
   if (pending.empty()) return;
   last_line = pending;
-  write_all(out_fd, prefix + pending + "\n");
+  if (console) write_all(out_fd, prefix + pending + "\n");
   pending.clear();
 }
 
@@ -101,7 +101,7 @@ void Stream::pump() {
     }
     pending.erase(0, start);
     if (pending.size() > 65536) flush();  // a very long line without a newline
-    if (!out.empty()) write_all(out_fd, out);
+    if (!out.empty() && console) write_all(out_fd, out);
   }
 }
 
@@ -129,6 +129,7 @@ void WorkerProcess::start(const ProcessSpec& spec) {
     streams_[s].fd = pipes[s][0];
     streams_[s].out_fd = s == 0 ? 1 : 2;
     streams_[s].prefix = concat("[rank ", spec.rank, "] ");
+    streams_[s].console = s == 0 ? spec.stdout_console : spec.stderr_console;
     const std::string& path = s == 0 ? spec.stdout_log : spec.stderr_log;
     if (!path.empty()) {
       streams_[s].log_fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

@@ -28,11 +28,12 @@ std::vector<int> wait(std::chrono::milliseconds timeout);
 }  // namespace signals
 
 /// One output stream of a worker, forwarded to the launcher's stdout or stderr one line at a
-/// time with a "[rank r] " prefix (a partial line waits for its newline), and copied verbatim
-/// to a log file when there is one.
+/// time with a "[rank r] " prefix (a partial line waits for its newline) unless `console` is
+/// off (--redirects), and copied verbatim to a log file when there is one.
 struct Stream {
   int fd = -1;        ///< read end of the worker's pipe; -1 once closed
   int out_fd = 1;     ///< the launcher's stdout (1) or stderr (2)
+  bool console = true;  ///< forward to out_fd (the last line is kept for the verdict either way)
   int log_fd = -1;    ///< the per-rank log file, or -1
   std::string prefix; ///< "[rank r] "
   std::string pending;
@@ -61,6 +62,8 @@ struct ProcessSpec {
   int rank = 0;                   ///< for the "[rank r] " prefix and messages
   std::string stdout_log;         ///< file for a verbatim copy of stdout; "" for none
   std::string stderr_log;         ///< same for stderr
+  bool stdout_console = true;     ///< forward stdout to the launcher's stdout
+  bool stderr_console = true;     ///< forward stderr to the launcher's stderr
 };
 
 /// A worker process. Not copyable: it owns its pipes. Single-threaded (the agent's loop).

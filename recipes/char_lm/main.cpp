@@ -205,6 +205,8 @@ int run(int argc, char** argv) {
   if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);
   DistributedDataParallel ddp(lm, pg);  // averages gradients, overlapped with backward
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  // A crash after the checkpoint left records the resumed run writes again: drop them.
+  if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
   train::MetricsWriter metrics(rank == 0 ? metrics_path : "", resumed);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
   if (rank == 0) {

@@ -253,6 +253,8 @@ int run(int argc, char** argv) {
   bool resumed = common.resume && checkpointer.load(pos);
   DistributedDataParallel ddp(net, pg);
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  // A crash after the checkpoint left records the resumed run writes again: drop them.
+  if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
   train::MetricsWriter metrics(rank == 0 ? metrics_path : "", resumed);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
   if (rank == 0) {

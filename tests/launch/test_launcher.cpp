@@ -445,6 +445,110 @@ TEST(Launcher, LogDirHoldsOneFilePerRankAndStream) {
   }
 }
 
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+bool exists(const std::string& path) { return access(path.c_str(), F_OK) == 0; }
+
+// A worker that writes one line to each stream (no LibTorch: these tests are about streams).
+const std::vector<std::string> kEcho = {
+    "/bin/sh", "-c", "echo out $RANK $ROLE_NAME; echo err $RANK >&2"};
+
+// torchrun's --redirects/--tee: a redirected stream goes to its file only, a teed one to the
+// file and the console, any other to the console only; ranks not named keep the console.
+TEST(Launcher, RedirectsAndTeeSendEachStreamWhereTorchrunWould) {
+  TempDir tmp;
+  const std::string& dir = tmp.path;
+  Proc p(launcher("--standalone --rdzv-id rt --role trainer --log-dir " + dir +
+                      " --nproc-per-node 2 --redirects 0:1 --tee 1:2",
+                  kEcho));
+  ASSERT_EQ(p.wait(Seconds(30)), 0) << p.all();
+  const std::string r0 = dir + "/rt/attempt_0/rank_0/", r1 = dir + "/rt/attempt_0/rank_1/";
+  // Rank 0: stdout redirected (file only), stderr on the console only.
+  EXPECT_EQ(p.out().find("out 0"), std::string::npos) << p.out();
+  EXPECT_EQ(read_text(r0 + "stdout.log"), "out 0 trainer\n");
+  EXPECT_NE(p.err().find("[rank 0] err 0\n"), std::string::npos) << p.err();
+  EXPECT_FALSE(exists(r0 + "stderr.log"));
+  // Rank 1: stderr teed (file and console), stdout on the console only.
+  EXPECT_NE(p.err().find("[rank 1] err 1\n"), std::string::npos) << p.err();
+  EXPECT_EQ(read_text(r1 + "stderr.log"), "err 1\n");
+  EXPECT_NE(p.out().find("[rank 1] out 1 trainer\n"), std::string::npos) << p.out();
+  EXPECT_FALSE(exists(r1 + "stdout.log"));
+}
+
+TEST(Launcher, RedirectsWithoutALogDirUseANewDirectoryAndSayWhere) {
+  Proc p(launcher("--standalone -r 3 --nproc-per-node 1", kEcho));
+  ASSERT_EQ(p.wait(Seconds(30)), 0) << p.all();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(p.err(), m, std::regex("worker logs \\(--redirects/--tee\\) go "
+                                                       "to (/tmp/lockstep-run-logs-\\w+)/none")))
+      << p.err();
+  TempDir cleanup;
+  cleanup.path = m[1];  // removed at the end of the test
+  EXPECT_EQ(read_text(cleanup.path + "/none/attempt_0/rank_0/stdout.log"), "out 0 default\n");
+  EXPECT_EQ(read_text(cleanup.path + "/none/attempt_0/rank_0/stderr.log"), "err 0\n");
+  EXPECT_EQ(p.out(), "");
+  EXPECT_EQ(p.err().find("err 0"), std::string::npos) << p.err();
+}
+
+// A job opens with one short "process group ready" line (rank 0's); every rank's details
+// (where each value came from, store, transport, LibTorch) only at debug level.
+TEST(Launcher, OneShortStartupLinePerJobAndDetailsAtDebug) {
+  for (const std::string level : {"info", "debug"}) {
+    SCOPED_TRACE(level);
+    Proc p(launcher("--standalone --quiet --nproc-per-node 2", {kWorker, "--mode", "ok"}),
+           {{"LOCKSTEP_LOG_LEVEL", level}});
+    ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+    std::vector<std::string> info, debug;
+    std::stringstream lines(p.all());
+    for (std::string line; std::getline(lines, line);) {
+      if (line.find("process group ready") == std::string::npos) continue;
+      (line.find("[debug]") != std::string::npos ? debug : info).push_back(line);
+    }
+    ASSERT_EQ(info.size(), 1u) << p.all();
+    EXPECT_LT(info[0].size(), 120u) << info[0];
+    EXPECT_NE(info[0].find("[rank 0] "), std::string::npos) << info[0];
+    EXPECT_NE(info[0].find("process group ready: 2 ranks, "), std::string::npos) << info[0];
+    EXPECT_NE(info[0].find(", via lockstep-run"), std::string::npos) << info[0];
+    EXPECT_EQ(debug.size(), level == "debug" ? 2u : 0u) << p.all();
+    for (const auto& line : debug) EXPECT_NE(line.find("rank<-RANK"), std::string::npos) << line;
+  }
+}
+
+// torchrun's rendezvous flags: the c10d endpoint is where node 0's store listens.
+TEST(Launcher, RendezvousEndpointIsWhereTheStoreListens) {
+  auto port = std::to_string(free_port());
+  Proc p(launcher("--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:" + port +
+                      " --rdzv-id ep --no-python --nproc-per-node 1",
+                  {"/bin/sh", "-c", "echo at $MASTER_ADDR:$MASTER_PORT job $TORCHELASTIC_RUN_ID"}));
+  ASSERT_EQ(p.wait(Seconds(30)), 0) << p.all();
+  EXPECT_NE(p.err().find("hosting the rendezvous store at 127.0.0.1:" + port + " (run id 'ep'"),
+            std::string::npos)
+      << p.err();
+  EXPECT_NE(p.out().find("[rank 0] at 127.0.0.1:" + port + " job ep\n"), std::string::npos)
+      << p.out();
+}
+
+// Debian's torchrun, given the same flags, puts the same streams on its console and in files.
+TEST(Interop, TorchrunRedirectsAndTeeAgree) {
+  if (access("/usr/bin/torchrun", X_OK) != 0) GTEST_SKIP() << "/usr/bin/torchrun not installed";
+  TempDir tmp;
+  auto port = std::to_string(free_port());
+  Proc p({"/usr/bin/torchrun", "--no_python", "--log_dir", tmp.path, "--redirects", "0:1",
+          "--tee", "1:2", "--nnodes", "1", "--nproc_per_node", "2", "--master_port", port,
+          "--role", "trainer", kEcho[0], kEcho[1], kEcho[2]},
+         kQuietLogs);
+  ASSERT_EQ(p.wait(Seconds(kJobBound)), 0) << p.all();
+  EXPECT_EQ(p.all().find("out 0"), std::string::npos) << p.all();  // redirected
+  EXPECT_NE(p.all().find("err 0"), std::string::npos) << p.all();  // console
+  EXPECT_NE(p.all().find("err 1"), std::string::npos) << p.all();  // teed
+  EXPECT_NE(p.all().find("out 1 trainer"), std::string::npos) << p.all();  // console
+}
+
 TEST(Launcher, DryRunPrintsTopologyAndEnvironment) {
   Proc p(launcher("--dry-run --nnodes 2 --node-rank 1 --master-addr 10.1.2.3 --nproc-per-node 2 "
                   "--run-id dr",
@@ -454,6 +558,19 @@ TEST(Launcher, DryRunPrintsTopologyAndEnvironment) {
   EXPECT_NE(p.out().find("on node 0 at 10.1.2.3:29500"), std::string::npos) << p.out();
   EXPECT_TRUE(std::regex_search(p.out(), std::regex("local rank 1:.* RANK=3 .*WORLD_SIZE=4")))
       << p.out();
+  EXPECT_NE(p.out().find("local rank 0: (stdout to console, stderr to console)"),
+            std::string::npos)
+      << p.out();
+
+  // Where each rank's streams go, and the log directory --redirects will make.
+  Proc q(launcher("--dry-run --nproc-per-node 2 -r 0:1 -t 1:2", {kWorker}));
+  ASSERT_EQ(q.wait(Seconds(30)), 0) << q.all();
+  EXPECT_NE(q.out().find("local rank 0: (stdout to file, stderr to console)"), std::string::npos)
+      << q.out();
+  EXPECT_NE(q.out().find("local rank 1: (stdout to console, stderr to console+file)"),
+            std::string::npos)
+      << q.out();
+  EXPECT_NE(q.out().find("a new /tmp/lockstep-run-logs-XXXXXX"), std::string::npos) << q.out();
 }
 
 // Bad invocations: one clear line on stderr, a non-zero exit, nothing started.

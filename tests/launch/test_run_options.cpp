@@ -5,9 +5,12 @@
 #include "options.h"
 
 using lockstep::EnvMap;
+using lockstep::run::needs_log_files;
 using lockstep::run::parse_run_options;
+using lockstep::run::parse_std_spec;
 using lockstep::run::RoundLayout;
 using lockstep::run::RunOptions;
+using lockstep::run::stream_plan;
 using lockstep::run::worker_env;
 
 namespace {
@@ -53,6 +56,20 @@ TEST(RunOptions, ParsesTorchrunStyleCommandLines) {
        {{"PET_NPROC_PER_NODE", "4"}, {"PET_NNODES", "2"}, {"PET_NODE_RANK", "1"},
         {"PET_MASTER_ADDR", "job-master-0"}, {"PET_MASTER_PORT", "23456"}},
        4, 2, 1, "job-master-0", 23456, 0, "prog", 0},
+      // torchrun's rendezvous flags: the endpoint is the master address and port.
+      {"--rdzv-backend c10d --rdzv-endpoint node0:29400 --nnodes 2 --node-rank 1 -- prog", {},
+       1, 2, 1, "node0", 29400, 0, "prog", 0},
+      {"--rdzv_backend=static --rdzv_endpoint=10.1.2.3:1234 --master-addr ignored -- prog", {},
+       1, 1, 0, "10.1.2.3", 1234, 0, "prog", 0},
+      {"--rdzv-backend c10d --rdzv-endpoint h -- prog", {}, 1, 1, 0, "h", 29400, 0, "prog", 0},
+      {"--rdzv-endpoint [fe80::1]:4000 -- prog", {}, 1, 1, 0, "fe80::1", 4000, 0, "prog", 0},
+      {"--nproc_per_node 2 --no-python --no_python --role trainer -- prog", {}, 2, 1, 0,
+       "127.0.0.1", 29500, 0, "prog", 0},
+      // Kubeflow's elastic PyTorchJob sets the rendezvous as PET_* variables.
+      {"-- prog",
+       {{"PET_RDZV_BACKEND", "c10d"}, {"PET_RDZV_ENDPOINT", "job-worker-0:29400"},
+        {"PET_NNODES", "2:2"}, {"PET_NODE_RANK", "1"}},
+       1, 2, 1, "job-worker-0", 29400, 0, "prog", 0},
       // A flag beats its PET_* variable.
       {"--nproc-per-node 1 -- prog", {{"PET_NPROC_PER_NODE", "4"}}, 1, 1, 0, "127.0.0.1", 29500,
        0, "prog", 0},
@@ -98,10 +115,70 @@ TEST(RunOptions, HelpExplainsEveryFlagWithItsDefault) {
   ASSERT_TRUE(r.help);
   for (const char* flag : {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                            "--master-port", "--standalone", "--max-restarts", "--run-id",
-                           "--log-dir", "--monitor-interval", "--grace-period", "--dry-run"}) {
+                           "--log-dir", "--monitor-interval", "--grace-period", "--dry-run",
+                           "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--redirects",
+                           "--tee", "--role", "--no-python"}) {
     EXPECT_NE(r.help_text.find(flag), std::string::npos) << flag;
   }
   EXPECT_NE(r.help_text.find("(default: 29500)"), std::string::npos) << r.help_text;
+}
+
+TEST(RunOptions, RendezvousIdRoleAndNoPython) {
+  auto r = parse_run_options(split("--rdzv-id job42 --role trainer --no-python -- p"), {}, 8);
+  EXPECT_EQ(r.options.run_id, "job42");
+  EXPECT_EQ(r.options.role, "trainer");
+  EXPECT_EQ(r.options.rdzv_backend, "static");
+  EXPECT_EQ(parse_run_options(split("--rdzv_id=a --run-id a -- p"), {}, 8).options.run_id, "a");
+  EXPECT_EQ(parse_run_options(split("-- p"), {{"PET_RDZV_ID", "k"}}, 8).options.run_id, "k");
+  EXPECT_EQ(parse_run_options(split("-- p"), {}, 8).options.role, "default");
+  EXPECT_EQ(parse_run_options(split("--rdzv-backend c10d -- p"), {}, 8).options.rdzv_backend,
+            "c10d");
+}
+
+TEST(RunOptions, RedirectsAndTeeFollowTorchrun) {
+  auto spec = parse_std_spec("redirects", "3");
+  EXPECT_EQ(spec.of(0), 3);
+  EXPECT_EQ(spec.of(7), 3);
+  spec = parse_std_spec("redirects", "0:1,2:2");
+  EXPECT_EQ(spec.of(0), 1);
+  EXPECT_EQ(spec.of(1), 0);  // not named: none
+  EXPECT_EQ(spec.of(2), 2);
+
+  // Neither flag: the console, plus files when there is a log directory (lockstep's habit).
+  auto o = parse_run_options(split("--nproc-per-node 2 -- p"), {}, 8).options;
+  EXPECT_FALSE(needs_log_files(o));
+  auto plan = stream_plan(o, 0);
+  EXPECT_TRUE(plan.console[0] && plan.console[1] && !plan.file[0] && !plan.file[1]);
+  o = parse_run_options(split("--log-dir /l -- p"), {}, 8).options;
+  plan = stream_plan(o, 0);
+  EXPECT_TRUE(plan.console[0] && plan.console[1] && plan.file[0] && plan.file[1]);
+
+  // --redirects 3: both streams to files only, for every local rank.
+  o = parse_run_options(split("--nproc-per-node 2 --redirects 3 -- p"), {}, 8).options;
+  EXPECT_TRUE(needs_log_files(o));
+  for (int i = 0; i < 2; ++i) {
+    plan = stream_plan(o, i);
+    EXPECT_TRUE(!plan.console[0] && !plan.console[1] && plan.file[0] && plan.file[1]) << i;
+  }
+  // -r 0:1,1:2 -t 1:1: rank 0's stdout to its file only; rank 1's stderr to its file only and
+  // its stdout to both; the rest to the console only.
+  o = parse_run_options(split("--nproc-per-node 2 -r 0:1,1:2 -t1:1 -- p"), {}, 8).options;
+  plan = stream_plan(o, 0);
+  EXPECT_TRUE(!plan.console[0] && plan.file[0] && plan.console[1] && !plan.file[1]);
+  plan = stream_plan(o, 1);
+  EXPECT_TRUE(plan.console[0] && plan.file[0] && !plan.console[1] && plan.file[1]);
+  // --tee 2 with a log dir: stderr to both, stdout to the console only (torchrun's meaning
+  // once either flag is given).
+  o = parse_run_options(split("--log-dir /l --tee 2 -- p"), {}, 8).options;
+  plan = stream_plan(o, 0);
+  EXPECT_TRUE(plan.console[0] && !plan.file[0] && plan.console[1] && plan.file[1]);
+  // PET_REDIRECTS counts as given.
+  o = parse_run_options(split("-- p"), {{"PET_REDIRECTS", "1"}}, 8).options;
+  plan = stream_plan(o, 0);
+  EXPECT_TRUE(!plan.console[0] && plan.file[0] && plan.console[1] && !plan.file[1]);
+  // Named local ranks past --nproc-per-node are ignored, as torchrun does.
+  o = parse_run_options(split("--redirects 5:3 -- p"), {}, 8).options;
+  EXPECT_FALSE(needs_log_files(o));
 }
 
 struct Bad {
@@ -115,9 +192,27 @@ TEST(RunOptions, RejectsBadInvocationsWithOneLine) {
       {"--nproc-per-node 2", "no program"},
       {"--nproc-per-node 0 -- p", "--nproc-per-node: expected an integer in [1, 4096], but got '0'"},
       {"--nproc-per-node two -- p", "--nproc-per-node"},
-      {"--nproc-per-node gpu -- p", "CPU"},
+      {"--nproc-per-node gpu -- p", "needs CUDA devices and NCCL"},
+      {"--nproc-per-node gpu -- p", "auto/cpu for one worker per core"},
       {"--nnodes 0 -- p", "--nnodes"},
-      {"--nnodes 1:4 -- p", "elastic"},
+      {"--nnodes 1:4 -- p", "elastic node ranges (MIN < MAX) are not supported"},
+      {"--nnodes 1:4 -- p", "fixed number of nodes (N or N:N"},
+      {"--nnodes 4:2 -- p", "--nnodes 4:2: expected MIN:MAX with MIN <= MAX"},
+      {"--rdzv-backend etcd -- p", "--rdzv-backend: expected static or c10d"},
+      {"--rdzv-endpoint h0 -- p", "the static backend needs a port (host:port)"},
+      {"--rdzv-endpoint :29400 -- p", "(no host)"},
+      {"--rdzv-endpoint h0:x -- p", "--rdzv-endpoint: expected an integer in [0, 65535]"},
+      {"--rdzv-endpoint [::1 -- p", "--rdzv-endpoint: expected host:port or [address]:port"},
+      {"--rdzv-endpoint [::1]x -- p", "expected ':' after ']'"},
+      {"--nnodes 2 --node-rank 1 --rdzv-endpoint h:0 -- p", "only node 0 may pick a free port"},
+      {"--rdzv-backend c10d --nnodes 2 --rdzv-endpoint h:1 -- p",
+       "give every node its --node-rank"},
+      {"--rdzv-id a --run-id b -- p", "name the same job id differently"},
+      {"--redirects 4 -- p", "--redirects: expected 0 (none), 1 (stdout), 2 (stderr), 3 (both)"},
+      {"--tee 0:1,x -- p", "--tee: expected 0 (none)"},
+      {"--tee 0:1,0:2 -- p", "local rank 0 is given twice"},
+      {"-r 1:9 -- p", "--redirects: expected 0 (none)"},
+      {"--role= -- p", "--role: expected a non-empty role name"},
       {"--nnodes 2 --node-rank 2 -- p", "expected a node rank in [0, 1]"},
       {"--node-rank 1 -- p", "expected a node rank in [0, 0]"},
       {"--master-port 70000 -- p", "--master-port: expected an integer in [0, 65535], but got '70000'"},
@@ -157,7 +252,8 @@ TEST(WorkerEnv, SetsTorchrunVariablesPerLocalRank) {
   auto env = worker_env(o, layout, /*local_rank=*/2, "/e/err.json", {}, /*cpu_count=*/12);
   const EnvMap expected = {
       {"RANK", "4"}, {"LOCAL_RANK", "2"}, {"WORLD_SIZE", "5"}, {"LOCAL_WORLD_SIZE", "3"},
-      {"GROUP_RANK", "1"}, {"GROUP_WORLD_SIZE", "2"}, {"ROLE_RANK", "4"},
+      {"GROUP_RANK", "1"}, {"GROUP_WORLD_SIZE", "2"}, {"ROLE_NAME", "default"},
+      {"ROLE_RANK", "4"},
       {"ROLE_WORLD_SIZE", "5"}, {"MASTER_ADDR", "h0"}, {"MASTER_PORT", "4242"},
       {"LOCKSTEP_AGENT_STORE", "1"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"},
       {"LOCKSTEP_RESTART_COUNT", "1"}, {"TORCHELASTIC_RESTART_COUNT", "1"},

@@ -4,6 +4,8 @@
 #   2. the same run stopped after STOP steps (as if preempted: exit 75, checkpoint written),
 #      then started again: it must resume and end with a checkpoint byte-identical to (1)
 #      (parameters, optimizer state, RNG state, position);
+#      and its metrics.jsonl holds the uninterrupted run's records, each once, although the
+#      stopped run's file was given the records a crash past the checkpoint leaves behind;
 #   3. a config file with an unknown key and one with a bad value are rejected by name (exit 2).
 # If RECIPE_CHECK is set, it is a Python expression over `r`, the last "epoch" record of run
 # (1)'s metrics.jsonl, that must be true (a quality bar, e.g. the model beats a baseline).
@@ -55,9 +57,34 @@ print(f"quality check passed: {sys.argv[2]} with r = {r}")
 PY
 fi
 
+# Each metrics record's identity: kind and its step/epoch/bucket numbers. A resumed run's
+# metrics.jsonl must hold the uninterrupted run's records, each once, in the same order.
+same_records() {
+  /usr/bin/python3 - "$1" "$2" <<'PY'
+import json, sys
+def keys(path):
+    return [tuple([r.get("kind")] + [r.get(k) for k in ("step", "epoch", "bucket")])
+            for r in map(json.loads, filter(str.strip, open(path)))]
+want, got = keys(sys.argv[1]), keys(sys.argv[2])
+if got != want:
+    seen, dup = set(), None
+    for k in got:
+        if k in seen and dup is None: dup = k
+        seen.add(k)
+    sys.exit(f"{sys.argv[2]}: {len(got)} records, expected the {len(want)} of {sys.argv[1]}"
+             + (f"; {dup} appears twice" if dup else ""))
+print(f"{sys.argv[2]}: the uninterrupted run's {len(want)} records, each once")
+PY
+}
+
 echo "== stopped after $stop steps"
 set +e; launch --out-dir "$work/b" --stop-after "$stop" "$@"; code=$?; set -e
 if [ "$code" != 75 ]; then echo "expected exit code 75 (preempted), got $code" >&2; exit 1; fi
+# As if the run had crashed after its checkpoint rather than stopping there: the records the
+# uninterrupted run wrote past this point (which the resumed run writes again), then a line
+# torn by the crash.
+tail -n "+$(( $(wc -l < "$work/b/metrics.jsonl") + 1 ))" "$work/a/metrics.jsonl" >> "$work/b/metrics.jsonl"
+printf '{"kind":"step","st' >> "$work/b/metrics.jsonl"
 echo "== resumed"
 launch --out-dir "$work/b" "$@" | tee "$work/resume.log"
 grep -q "resumed at step $stop" "$work/resume.log" || { echo "the second run did not resume at step $stop" >&2; exit 1; }
@@ -65,6 +92,7 @@ if ! cmp "$work/a/checkpoint.lsck" "$work/b/checkpoint.lsck"; then
   echo "resumed run's final checkpoint differs from the uninterrupted run's" >&2; exit 1
 fi
 echo "resumed run is bitwise equal to the uninterrupted run"
+same_records "$work/a/metrics.jsonl" "$work/b/metrics.jsonl"
 
 if [ -n "${LOCKSTEP_RUN:-}" ]; then
   echo "== under lockstep-run --max-restarts 1, one worker killed with SIGKILL after the first checkpoint"
@@ -83,6 +111,7 @@ if [ -n "${LOCKSTEP_RUN:-}" ]; then
   grep -q "resumed at step" "$work/c.log" || { cat "$work/c.log"; echo "the restarted ranks did not resume" >&2; exit 1; }
   cmp "$work/a/checkpoint.lsck" "$work/c/checkpoint.lsck" || { echo "the run restarted after kill -9 differs from the uninterrupted run" >&2; exit 1; }
   echo "the run restarted after kill -9 is bitwise equal to the uninterrupted run"
+  same_records "$work/a/metrics.jsonl" "$work/c/metrics.jsonl"
 fi
 
 echo "== config file errors"

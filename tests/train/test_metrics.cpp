@@ -1,6 +1,10 @@
 // Metrics JSON lines and the HTML report.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
 #include <fstream>
 #include <iterator>
 
@@ -87,4 +91,85 @@ TEST(Progress, BarRedrawsOneLine) {
   std::string out = testing::internal::GetCapturedStdout();
   EXPECT_NE(out.find("\rtrain [############################] 2/2"), std::string::npos) << out;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+}
+
+// After a crash and resume, each step appears once: the records past the checkpoint (which
+// the resumed run writes again) and a line torn by the crash are dropped, in place.
+TEST(Metrics, RewindKeepsWhatTheCheckpointCoversAndDropsTheRest) {
+  std::string path = ::testing::TempDir() + "lockstep_rewind_" + std::to_string(::getpid()) +
+                     ".jsonl";
+  const std::string kept =
+      R"({"kind":"run","time":0.0})" "\n"
+      R"({"kind":"step","step":20,"epoch":0,"loss":1.0})" "\n"
+      R"({"kind":"bucket","step":20,"bucket":0})" "\n"
+      R"({"kind":"step","step":40,"epoch":0,"loss":0.9})" "\n"
+      R"({"kind":"epoch","epoch":1,"train_loss":0.9})" "\n"
+      R"({"kind":"step","step":60,"epoch":1,"loss":0.8})" "\n";
+  const std::string past =  // written after the checkpoint at step 60 (1 epoch done)
+      R"({"kind":"step","step":80,"epoch":1,"loss":0.7})" "\n"
+      R"({"kind":"bucket","step":80,"bucket":0})" "\n"
+      R"({"kind":"epoch","epoch":2,"train_loss":0.7})" "\n"
+      R"({"kind":"step","step":100,"ep)";  // torn by the crash
+  {
+    std::ofstream out(path, std::ios::trunc);
+    out << kept << past;
+  }
+  EXPECT_EQ(rewind_metrics(path, /*step=*/60, /*epochs_done=*/1), 4u);
+  EXPECT_EQ(slurp(path), kept);
+  EXPECT_EQ(::access((path + ".tmp").c_str(), F_OK), -1) << "the temporary file is renamed";
+  // Nothing past the checkpoint: the file is left as it is.
+  EXPECT_EQ(rewind_metrics(path, 60, 1), 0u);
+  EXPECT_EQ(slurp(path), kept);
+  // The resumed writer appends after what was kept: steps 80.. appear once.
+  {
+    MetricsWriter w(path, /*append=*/true);
+    w.write({"step", {{"step", 80}, {"epoch", 1}, {"loss", 0.7}}});
+  }
+  std::string after = slurp(path);
+  EXPECT_EQ(after.rfind(kept, 0), 0u);
+  size_t n80 = 0;
+  for (size_t at = after.find(R"("step":80)"); at != std::string::npos;
+       at = after.find(R"("step":80)", at + 1)) {
+    ++n80;
+  }
+  EXPECT_EQ(n80, 1u) << after;
+  std::remove(path.c_str());
+  // A run that never wrote metrics has nothing to rewind.
+  EXPECT_EQ(rewind_metrics(path, 60, 1), 0u);
+  EXPECT_EQ(::access(path.c_str(), F_OK), -1);
+}
+
+TEST(Metrics, RewindNamesAPathThatIsNotAFileAndAFileItCannotReplace) {
+  // The temporary file cannot be created (a directory sits at its name): the file is kept
+  // whole and the error names the temporary path.
+  std::string path = ::testing::TempDir() + "lockstep_rewind_blocked_" +
+                     std::to_string(::getpid()) + ".jsonl";
+  const std::string text = R"({"kind":"step","step":1})" "\n" R"({"kind":"step","step":2})" "\n";
+  {
+    std::ofstream out(path, std::ios::trunc);
+    out << text;
+  }
+  ASSERT_EQ(::mkdir((path + ".tmp").c_str(), 0755), 0);
+  try {
+    rewind_metrics(path, 1, 0);
+    ADD_FAILURE() << "expected an error";
+  } catch (const lockstep::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("could not write metrics file '" + path + ".tmp'"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(slurp(path), text);
+  ::rmdir((path + ".tmp").c_str());
+  std::remove(path.c_str());
+
+  try {
+    rewind_metrics(::testing::TempDir(), 1, 0);  // a directory
+    FAIL() << "expected an error";
+  } catch (const lockstep::Error& e) {
+    std::string what = e.what();
+    EXPECT_NE(what.find("expected a metrics file at '" + ::testing::TempDir() +
+                        "', but it is not a regular file"),
+              std::string::npos)
+        << what;
+  }
 }

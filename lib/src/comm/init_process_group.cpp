@@ -334,10 +334,17 @@ ProcessGroupPtr init_process_group(const ProcessGroupOptions& options) {
   auto transport = resolve_transport(options, env);
   auto pg = connect(launch.rank, launch.world_size, scoped, options, timeouts, device, transport,
                     job);
-  log_info(concat("process group ready: ", launch.describe(), "; store ", base->describe(),
-               "; transport ", pg->backend(), " (", transport, "); gloo on ",
-               device.ifname.empty() ? device.hostname : device.ifname,
-               "; LibTorch ", adapter::torch_version()));
+  // One short line per job (rank 0); every rank's details at debug level.
+  log_debug(concat("process group ready: ", launch.describe(), "; store ", base->describe(),
+                   "; transport ", pg->backend(), " (", transport, "); gloo on ",
+                   device.ifname.empty() ? device.hostname : device.ifname,
+                   "; LibTorch ", adapter::torch_version()));
+  if (launch.rank == 0) {
+    log_info(concat("process group ready: ", launch.world_size,
+                    launch.world_size == 1 ? " rank, " : " ranks, ", pg->backend(), ", via ",
+                    launch.launcher,
+                    launch.restart_count > 0 ? concat(", restart ", launch.restart_count) : ""));
+  }
   return pg;
 }
 

@@ -1,6 +1,7 @@
 // Progress lines, JSON-lines metrics and the HTML/SVG report. No LibTorch headers here.
 #include "lockstep/train/metrics.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,6 +33,26 @@ std::string format_duration(double seconds) {
     std::snprintf(buf, sizeof(buf), "%ld:%02ld", s / 60, s % 60);
   }
   return buf;
+}
+
+// Replaces `path` with `text`: a temporary file next to it, then rename, so that a reader or a
+// crash sees the old file or the new one, never half of one. `what` names the file in errors.
+void replace_file(const std::string& path, const std::string& text, const std::string& what) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    out.flush();
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw Error(concat("could not write ", what, " '", tmp, "'; check that its directory is "
+                         "writable and has space"));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(concat("could not rename '", tmp, "' to '", path, "'"));
+  }
 }
 
 }  // namespace
@@ -132,6 +153,37 @@ void MetricsWriter::write(const MetricRecord& record) {
   *out_ << j.dump() << '\n';
   out_->flush();
   if (!*out_) throw Error(concat("writing metrics file '", path_, "' failed"));
+}
+
+size_t rewind_metrics(const std::string& path, int64_t step, int64_t epochs_done) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return 0;  // no metrics yet: nothing to rewind
+  if (!S_ISREG(st.st_mode)) {
+    throw Error(concat("expected a metrics file at '", path, "', but it is not a regular file; "
+                       "move it away or choose another --out-dir"));
+  }
+  std::ifstream in(path);
+  if (!in) throw Error(concat("could not read metrics file '", path, "' to rewind it to step ",
+                              step, "; check its permissions"));
+  std::string kept, line;
+  size_t dropped = 0;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, /*cb=*/nullptr, /*allow_exceptions=*/false);
+    bool keep = j.is_object();
+    if (keep && j.contains("step") && j["step"].is_number()) {
+      keep = j["step"].get<double>() <= static_cast<double>(step);
+    } else if (keep && j.contains("epoch") && j["epoch"].is_number()) {
+      keep = j["epoch"].get<double>() <= static_cast<double>(epochs_done);
+    }
+    if (keep) {
+      kept += line + "\n";
+    } else {
+      ++dropped;
+    }
+  }
+  if (in.bad()) throw Error(concat("reading metrics file '", path, "' failed"));
+  if (dropped > 0) replace_file(path, kept, "metrics file");
+  return dropped;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,16 +409,7 @@ void write_report(const ReportOptions& options) {
   html << "<p style='color:#888'>metrics: " << html_escape(options.metrics_path())
        << "</p></body></html>\n";
 
-  const std::string tmp = options.output_path() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << html.str();
-    out.flush();
-    if (!out) throw Error(concat("could not write report '", tmp, "'"));
-  }
-  if (std::rename(tmp.c_str(), options.output_path().c_str()) != 0) {
-    throw Error(concat("could not rename '", tmp, "' to '", options.output_path(), "'"));
-  }
+  replace_file(options.output_path(), html.str(), "report");
 }
 
 }  // namespace train

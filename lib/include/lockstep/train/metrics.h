@@ -86,6 +86,18 @@ class MetricsWriter {
   std::chrono::steady_clock::time_point start_;
 };
 
+/// Rewinds a JSON-lines metrics file to a checkpoint before a resumed run appends to it, so
+/// that each step appears once: a run that crashed after its last checkpoint wrote records
+/// that the resumed run writes again. Keeps, in order, every record whose "step" is <= `step`,
+/// every record without a "step" whose "epoch" is <= `epochs_done` (epoch records count the
+/// epochs finished), and every record with neither; drops the others and any line that is not
+/// a JSON object (the last line, torn by the crash). Rewrites the file only when it drops
+/// something, atomically (temp file + rename). Returns the number of lines dropped; a missing
+/// file drops none. Throws lockstep::Error naming the path when it is not a regular file or
+/// cannot be read or replaced. Call on the rank that writes metrics, before its MetricsWriter
+/// opens the file with `append`.
+size_t rewind_metrics(const std::string& path, int64_t step, int64_t epochs_done);
+
 /// Key/value lines of a report's summary table.
 using SummaryLines = std::vector<std::pair<std::string, std::string>>;
 
