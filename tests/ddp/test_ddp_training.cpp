@@ -431,6 +431,150 @@ TEST(DDPClipping, NegativeMaxNormIsRejected) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// static_graph: a layer shared by two activation-checkpointed segments
+
+// Reentrant activation checkpointing: forward without a graph, and backward recomputes the
+// segment and runs a backward of its own, which accumulates into the segment's parameters
+// (and fires their gradient hooks) once per segment.
+struct Segment : torch::autograd::Function<Segment> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, Tensor x, int64_t layer) {
+    ctx->saved_data["layer"] = layer;
+    ctx->save_for_backward({x});
+    torch::NoGradGuard no_grad;
+    return torch::tanh(reinterpret_cast<nn::LinearImpl*>(layer)->forward(x));
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    auto* layer = reinterpret_cast<nn::LinearImpl*>(ctx->saved_data["layer"].toInt());
+    auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    Tensor y;
+    {
+      torch::AutoGradMode enable(true);
+      y = torch::tanh(layer->forward(x));
+    }
+    torch::autograd::backward({y}, {grad[0]});
+    return {x.grad(), Tensor()};
+  }
+};
+
+struct CheckpointedNet : nn::Module {
+  nn::Linear in{nullptr}, shared{nullptr}, head{nullptr};
+  CheckpointedNet() {
+    in = register_module("in", nn::Linear(6, 8));
+    shared = register_module("shared", nn::Linear(8, 8));
+    head = register_module("head", nn::Linear(8, 3));
+  }
+  Tensor forward(Tensor x) {
+    auto h = torch::relu(in(x));
+    const auto layer = reinterpret_cast<int64_t>(shared.get());
+    h = Segment::apply(h, layer);  // the shared layer, checkpointed twice
+    h = Segment::apply(h, layer);
+    return head(h);
+  }
+};
+
+TEST(DDPStaticGraph, SharedLayerInTwoCheckpointedSegmentsTrainsWithParity) {
+  const int world = 2, steps = 4;
+  torch::manual_seed(21);
+  auto reference = std::make_shared<CheckpointedNet>();
+  auto init = snapshot(*reference);
+  torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (int t = 0; t < steps; ++t) {
+    std::vector<Tensor> xs, ys;
+    for (int r = 0; r < world; ++r) {
+      auto d = batch(r, t);
+      xs.push_back(d.first);
+      ys.push_back(d.second);
+    }
+    ref_opt.zero_grad();
+    torch::mse_loss(reference->forward(torch::cat(xs)), torch::cat(ys)).backward();
+    ref_opt.step();
+  }
+  auto want = snapshot(*reference);
+
+  std::vector<std::vector<Tensor>> got(world);
+  std::vector<std::string> without_static(world);
+  lockstep_test::with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+    const int r = pg->rank();
+    auto model = std::make_shared<CheckpointedNet>();
+    {
+      torch::NoGradGuard g;
+      auto params = model->parameters();
+      for (size_t i = 0; i < params.size(); ++i) params[i].copy_(init[i]);
+    }
+    {
+      DistributedDataParallel plain(model, pg, DDPOptions().broadcast_parameters(false));
+      auto d = batch(r, 0);
+      without_static[r] = message_of([&] {
+        torch::mse_loss(plain->forward(d.first), d.second).backward();
+      });
+      for (auto& p : model->parameters()) p.mutable_grad() = Tensor();
+    }
+    DistributedDataParallel ddp(model, pg, DDPOptions().static_graph(true));
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    for (int t = 0; t < steps; ++t) {
+      auto d = batch(r, t);
+      opt.zero_grad();
+      torch::mse_loss(ddp->forward(d.first), d.second).backward();
+      opt.step();
+    }
+    got[r] = snapshot(*model);
+  }, lockstep::ProcessGroupOptions().timeout(std::chrono::seconds(10)));
+  for (int r = 0; r < world; ++r) {
+    EXPECT_NE(without_static[r].find("DDP: the gradient hook of parameter 'shared."),
+              std::string::npos) << without_static[r];
+    EXPECT_NE(without_static[r].find("' fired twice in one backward"), std::string::npos);
+    EXPECT_NE(without_static[r].find("use DDPOptions().static_graph(true)"), std::string::npos);
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(got[r][i], want[i], 1e-5, 1e-6))
+          << "tensor " << i << " of rank " << r;
+      EXPECT_TRUE(torch::equal(got[r][i], got[0][i])) << "tensor " << i << " of rank " << r;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ignored parameters and buffers
+
+TEST(DDPIgnore, IgnoredParametersAndBuffersStayLocal) {
+  std::vector<Tensor> l1_grad(2), l2_grad(2), l1_weight(2), mean(2);
+  std::vector<Tensor> local_l1_grad(2), local_l2_grad(2);
+  lockstep_test::with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    const int r = pg->rank();
+    torch::manual_seed(40 + r);
+    auto model = std::make_shared<BnNet>();
+    auto weight_before = model->fc->weight.detach().clone();
+    DistributedDataParallel ddp(model, pg,
+                                DDPOptions().ignore({"fc.weight", "bn.running_mean"}));
+    l1_weight[r] = model->fc->weight.detach().clone();
+    EXPECT_TRUE(torch::equal(l1_weight[r], weight_before)) << "rank " << r;
+    auto x = torch::randn({kBatch, 3}) + r;
+    ddp->forward(x).pow(2).mean().backward();
+    ddp->forward(x).pow(2).mean();  // a second forward would broadcast buffers
+    l1_grad[r] = model->fc->weight.grad().clone();
+    l2_grad[r] = model->fc->bias.grad().clone();
+    mean[r] = model->bn->running_mean.clone();
+  });
+  EXPECT_FALSE(torch::equal(l1_weight[0], l1_weight[1])) << "an ignored parameter was broadcast";
+  EXPECT_FALSE(torch::equal(l1_grad[0], l1_grad[1])) << "an ignored gradient was reduced";
+  EXPECT_TRUE(torch::equal(l2_grad[0], l2_grad[1])) << "fc.bias should be reduced";
+  EXPECT_FALSE(torch::equal(mean[0], mean[1])) << "an ignored buffer was broadcast";
+}
+
+TEST(DDPIgnore, UnknownNameIsRejected) {
+  std::string message;
+  lockstep_test::with_groups(1, [&](const lockstep::ProcessGroupPtr& pg) {
+    message = message_of([&] {
+      DistributedDataParallel ddp(std::make_shared<Mlp>(), pg, DDPOptions().ignore({"l3.weight"}));
+    });
+  });
+  EXPECT_NE(message.find("DDPOptions::ignore names 'l3.weight', but the wrapped module has no "
+                         "parameter or buffer of that name"),
+            std::string::npos)
+      << message;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Buffers follow rank 0 in training mode only
 
 TEST(DDPBuffers, EvaluationOnRankZeroAloneNeitherHangsNorBroadcasts) {

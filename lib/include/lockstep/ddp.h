@@ -140,6 +140,18 @@ struct DDPOptions {
   /// `torch::nn::utils::clip_grad_norm_` after a normal step. Each bucket's squared norm is
   /// taken as its reduction completes. 0 (default): off.
   LOCKSTEP_ARG(double, max_grad_norm) = 0;
+  /// The graph is the same every iteration (PyTorch's static_graph): a parameter's gradient
+  /// hook may then fire several times per backward (a layer shared by activation-checkpointed
+  /// segments with reentrant backward), and parameters unused in the first iteration are
+  /// unused in all. The first iteration reduces at its end; later ones overlap as usual.
+  /// Default false.
+  LOCKSTEP_ARG(bool, static_graph) = false;
+  /// Names (as in the wrapped module's named_parameters() / named_buffers(), e.g.
+  /// "encoder.weight") of parameters and buffers that DDP leaves alone: not checked, not
+  /// broadcast at construction or before forwards, not reduced (their .grad stays this
+  /// rank's own). PyTorch's `_set_params_and_buffers_to_ignore_for_model`. An unknown name is
+  /// an InvalidArgument. Default: none.
+  LOCKSTEP_ARG(std::vector<std::string>, ignore) = {};
   /// How buckets are reduced; nullptr (default): `allreduce_hook()`.
   LOCKSTEP_ARG(CommHookPtr, comm_hook) = nullptr;
   /// Chrome trace output path; "" (default): the LOCKSTEP_TRACE environment variable, and no

@@ -249,12 +249,26 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
     if (env != nullptr) options_.trace_path(env);
   }
 
-  // Parameters that require grad, each shared (tied) tensor once, in registration order.
+  // Parameters that require grad, each shared (tied) tensor once, in registration order;
+  // ignored names left out everywhere.
+  std::unordered_set<std::string> ignored(options_.ignore().begin(), options_.ignore().end());
+  {
+    std::unordered_set<std::string> known;
+    for (const auto& item : module->named_parameters(/*recurse=*/true)) known.insert(item.key());
+    for (const auto& item : module->named_buffers(/*recurse=*/true)) known.insert(item.key());
+    for (const auto& name : options_.ignore()) {
+      LOCKSTEP_CHECK(known.count(name) > 0, pg_->where(), " DDPOptions::ignore names '", name,
+                     "', but the wrapped module has no parameter or buffer of that name. Use "
+                     "the names of module->named_parameters() / named_buffers() (without "
+                     "DDP's \"module.\" prefix).");
+    }
+  }
   std::vector<at::Tensor> params;
   std::vector<std::string> names;
   std::vector<at::Tensor> all_state;
   std::unordered_set<const void*> seen;
   for (const auto& item : module->named_parameters(/*recurse=*/true)) {
+    if (ignored.count(item.key())) continue;
     if (!seen.insert(item.value().unsafeGetTensorImpl()).second) continue;
     all_state.push_back(item.value());
     if (!item.value().requires_grad()) continue;
@@ -262,6 +276,7 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
     names.push_back(item.key());
   }
   for (const auto& item : module->named_buffers(/*recurse=*/true)) {
+    if (ignored.count(item.key())) continue;
     if (!seen.insert(item.value().unsafeGetTensorImpl()).second) continue;
     if (!item.value().defined()) continue;
     buffers_.push_back(item.value());
@@ -282,6 +297,7 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
   ro.rebuild_buckets = options_.rebuild_buckets();
   ro.comm_hook = options_.comm_hook();
   ro.nonfinite = options_.nonfinite();
+  ro.static_graph = options_.static_graph();
   LOCKSTEP_CHECK(options_.max_grad_norm() >= 0 && std::isfinite(options_.max_grad_norm()),
                  pg_->where(), " Expected DDPOptions::max_grad_norm >= 0 (0: no clipping), "
                  "but got ", options_.max_grad_norm(), ".");

@@ -51,6 +51,7 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
   }
   world_ = group_->size();
   present_ = world_;
+  fired_.assign(params_.size(), 0);
   for (int r = 0; r < world_; ++r) authority_.push_back(r);
   LOCKSTEP_CHECK(options_.root < world_, group_->where(), " Expected the Reducer's root to be "
                  "-1 (all-reduce) or a rank below ", world_, ", but got ", options_.root, ".");
@@ -172,21 +173,55 @@ void Reducer::rebuild_if_pending() {
 }
 
 void Reducer::mark_ready(size_t index) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!sync_) return;
+  bool complete = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    complete = mark_ready_locked(index);
+  }
+  if (complete) finalize();  // Note [Static graph]: the last expected firing ends the iteration
+}
+
+bool Reducer::mark_ready_locked(size_t index) {
+  if (!sync_) return false;
   LOCKSTEP_ASSERT(index < params_.size(), "parameter index ", index, " out of range");
   auto now = Clock::now();
-  if (!in_backward_) begin_iteration(now, options_.install_hooks);
-  if (ready_[index]) {
+  if (!in_backward_) {
+    begin_iteration(now, options_.install_hooks);
+    if (options_.static_graph) {
+      std::fill(fired_.begin(), fired_.end(), 0);
+      remaining_firings_ = expected_total_;
+    }
+  }
+  if (options_.static_graph) {
+    const int fired = ++fired_[index];
+    if (fired == 1 && recording_order_) ready_order_.push_back(index);
+    if (!static_known_) return false;  // first iteration: count; finalize() marks the ready
+    if (fired > expected_[index]) {
+      throw StateError(concat(
+          group_->where(), " DDP static_graph: the gradient hook of parameter '", names_[index],
+          "' fired ", fired, " times in this backward but ", expected_[index], " times in the "
+          "first one. With static_graph(true) every iteration must use each parameter the "
+          "same number of times; turn it off if the graph changes."));
+    }
+    --remaining_firings_;
+    if (fired < expected_[index]) return false;  // more gradient to come for it
+  } else if (ready_[index]) {
     throw StateError(concat(
         group_->where(), " DDP: the gradient hook of parameter '", names_[index],
         "' fired twice in one backward. A parameter must receive its gradient once per "
         "backward: it is probably used in a reentrant backward (e.g. activation checkpointing "
-        "with reentrant autograd) or in two backward passes that overlap. Use non-reentrant "
-        "checkpointing, or run such steps under no_sync()."));
+        "with reentrant autograd) or in two backward passes that overlap. If every iteration "
+        "uses it the same number of times, use DDPOptions().static_graph(true); otherwise use "
+        "non-reentrant checkpointing, or run such steps under no_sync()."));
   }
+  make_ready(index, now);
+  return options_.static_graph && static_known_ && remaining_firings_ == 0;
+}
+
+// Parameter `index`'s gradient is final: into its bucket, and launch what is complete.
+void Reducer::make_ready(size_t index, Clock::time_point now) {
   ready_[index] = 1;
-  if (recording_order_) ready_order_.push_back(index);
+  if (recording_order_ && !options_.static_graph) ready_order_.push_back(index);
   if (options_.nonfinite != NonFinite::kOff && !all_finite(params_[index].grad())) {
     if (first_bad_local_ < 0) first_bad_local_ = static_cast<int64_t>(index);
     if (!trivial_) strategy_->mark_nonfinite(slots_[index].bucket);
@@ -241,6 +276,24 @@ void Reducer::finalize() {
     if (options_.install_hooks || !sync_) return;
     begin_iteration(Clock::now(), /*queue_callback=*/false);
   }
+  if (options_.static_graph) {
+    if (static_known_ && remaining_firings_ > 0 && options_.install_hooks) {
+      // The end of a reentrant backward inside this one (Note [Static graph]): more
+      // firings are due; the last one finalizes.
+      return;
+    }
+    if (!static_known_) {
+      // First iteration: every parameter whose hook fired is final now.
+      const auto now = Clock::now();
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (fired_[i] > 0) make_ready(i, now);
+      }
+      expected_ = fired_;
+      expected_total_ = 0;
+      for (int f : expected_) expected_total_ += f;
+      static_known_ = true;
+    }
+  }
   const auto compute_end = Clock::now();
   Missing missing;
   int present = world_;
@@ -260,7 +313,7 @@ void Reducer::finalize() {
     reset_iteration();
     throw;
   }
-  if (!missing.empty() && !options_.find_unused_parameters) {
+  if (!missing.empty() && !options_.find_unused_parameters && !options_.static_graph) {
     reset_iteration();
     lock.unlock();
     raise_unused(missing);

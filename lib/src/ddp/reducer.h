@@ -100,6 +100,21 @@
 // up as a non-finite norm and is handled by the same policy. At world size 1 the same checks
 // run on the gradients themselves.
 //
+// Note [Static graph]
+// With static_graph the graph is promised to be the same every iteration, and a parameter's
+// hook may fire more than once per backward (a parameter used in several reentrant backward
+// passes, e.g. a layer shared by two activation-checkpointed segments: each segment's inner
+// backward accumulates into .grad and fires the hook). The first iteration only counts the
+// firings per parameter; at its end every parameter that fired is final, and all buckets are
+// launched then (nothing overlaps in that one iteration). From the second iteration on, a
+// parameter is ready at its expected firing count, and the last expected firing anywhere
+// finalizes the iteration from inside that hook; an end-of-backward callback that runs while
+// firings are still due belongs to a reentrant inner backward and is ignored. More firings
+// than expected raise a StateError naming the parameter. Parameters that never fired are
+// unused in every iteration: no error, as with find_unused_parameters. The first gradient of
+// the first iteration must not come from inside a reentrant segment (its callback would end
+// the iteration early): true when the output layer is not checkpointed.
+//
 // Note [Bucket rebuild]
 // The first plan assumes gradients arrive in reverse registration order. During the first
 // synchronized backward the Reducer records the order in which they actually arrived; at the
@@ -137,6 +152,7 @@ struct ReducerOptions {
   NonFinite nonfinite = NonFinite::kOff;  ///< Note [Non-finite gradients]
   double max_grad_norm = 0;               ///< Note [Non-finite gradients]; 0: no clipping
   std::string trace_path;     ///< Chrome trace file for this rank; "" for none
+  bool static_graph = false;  ///< Note [Static graph]
 };
 
 class Trace;
@@ -155,6 +171,7 @@ class Reducer {
   void prepare_for_forward(bool sync);
   /// Parameter `index`'s gradient is final for this backward.
   void mark_ready(size_t index);
+
   /// End of backward: launches what is left, waits, writes averaged gradients back.
   void finalize();
 
@@ -206,6 +223,8 @@ class Reducer {
   void poll_done();
   void reset_iteration();
   void begin_iteration(Clock::time_point now, bool queue_callback);
+  bool mark_ready_locked(size_t index);
+  void make_ready(size_t index, Clock::time_point now);
   void rebuild_if_pending();
   // The steps of finalize(), in order.
   Missing missing_locally() const;
@@ -244,6 +263,12 @@ class Reducer {
   int present_ = 1;                    // ranks present in the last reduction
   std::vector<int> authority_;         // ranks present in the last reduction with any
   int64_t presence_changed_at_ = 0;    // iteration of the last change
+
+  std::vector<int> fired_;             // Note [Static graph]: hook firings this backward
+  std::vector<int> expected_;          // ... and in the first one
+  int64_t expected_total_ = 0;
+  int64_t remaining_firings_ = 0;
+  bool static_known_ = false;
 
   int64_t first_bad_local_ = -1;       // Note [Non-finite gradients]
   bool last_nonfinite_ = false;
