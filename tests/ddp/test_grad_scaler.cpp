@@ -225,6 +225,7 @@ TEST(GradScaler, UnscalesEveryGradientKind) {
       {"float16", [] { return torch::ones({5}, torch::kHalf); }},
       {"bfloat16", [] { return torch::ones({5}, torch::kBFloat16); }},
       {"strided float", [] { return torch::ones({5, 2}).t(); }},
+      {"strided bfloat16", [] { return torch::ones({5, 2}, torch::kBFloat16).t(); }},
   };
   for (const auto& c : cases) {
     for (bool plant : {false, true}) {
@@ -234,7 +235,7 @@ TEST(GradScaler, UnscalesEveryGradientKind) {
       GradScaler scaler(GradScalerOptions().init_scale(256));
       (scaler.scale(p.to(torch::kFloat).mul(3).sum())).backward();
       ASSERT_EQ(p.grad().scalar_type(), p.scalar_type());
-      if (c.name == "strided float") {
+      if (c.name.rfind("strided", 0) == 0) {
         ASSERT_FALSE(p.grad().is_contiguous());
       }
       if (plant) {  // element 3 in row-major order, in place (a strided grad has no view(-1))
@@ -248,6 +249,31 @@ TEST(GradScaler, UnscalesEveryGradientKind) {
         if (plant && i == 3) continue;
         EXPECT_EQ(g[i].item<double>(), 3.0) << "element " << i;
       }
+    }
+  }
+}
+
+TEST(GradScaler, UnscaleRoundsLikePyTorchsKernel) {
+  // PyTorch's unscale kernel: each value in float (double for double) times
+  // float32(1 / scale), rounded once to the gradient's dtype; here with a scale that is not a
+  // power of two, through the one-pass loop (contiguous) and the ATen path (strided).
+  for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    for (bool strided : {false, true}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + (strided ? " strided" : ""));
+      auto gen = at::detail::createCPUGenerator(7);
+      auto values = (torch::randn({50, 20}, gen) * 1000).to(dtype);
+      const auto grad = strided ? values.t() : values;
+      auto p = torch::zeros_like(grad).requires_grad_();
+      p.mutable_grad() = grad.clone();
+      ASSERT_EQ(p.grad().is_contiguous(), !strided);
+      torch::optim::SGD opt({p}, 0.0);
+      GradScaler scaler(GradScalerOptions().init_scale(1000));
+      scaler.unscale_(opt);
+      EXPECT_FALSE(scaler.found_inf(opt));
+      const double inv = static_cast<float>(1.0 / 1000);
+      const auto want = dtype == torch::kDouble ? grad.mul(inv)
+                                                : grad.to(torch::kFloat).mul(inv).to(dtype);
+      EXPECT_TRUE(torch::equal(p.grad(), want));
     }
   }
 }

@@ -51,17 +51,19 @@ void check_scale(double scale, const char* where) {
                  where, "). PyTorch's default init_scale is 65536.");
 }
 
-// Multiplies data[0, n) by inv and returns whether any value was Inf or NaN before: one pass,
-// testing the exponent bits (all ones means Inf or NaN), which the compiler vectorizes.
-template <typename T, typename Bits>
-bool unscale_contiguous(T* data, int64_t n, T inv, Bits exponent_mask) {
+// Multiplies data[0, n) by inv (in Math: float for the half types, as ATen's mul) and returns
+// whether any value was Inf or NaN before: one pass, testing the exponent bits (all ones
+// means Inf or NaN), which the compiler vectorizes.
+template <typename T, typename Math, typename Bits>
+bool unscale_contiguous(T* data, int64_t n, Math inv, Bits exponent_mask) {
+  static_assert(sizeof(T) == sizeof(Bits), "Bits must be T's size");
   Bits non_finite = 0;
   for (int64_t i = 0; i < n; ++i) {
     const T v = data[i];
     Bits bits;
     std::memcpy(&bits, &v, sizeof bits);
     non_finite |= static_cast<Bits>((bits & exponent_mask) == exponent_mask);
-    data[i] = v * inv;
+    data[i] = static_cast<T>(static_cast<Math>(v) * inv);
   }
   return non_finite != 0;
 }
@@ -76,20 +78,33 @@ bool unscale_gradient(at::Tensor& grad, float inv) {
     return bad;
   }
   if (grad.device().is_cpu() && grad.is_contiguous()) {
-    if (grad.scalar_type() == at::kFloat) {
-      return unscale_contiguous<float, uint32_t>(grad.data_ptr<float>(), grad.numel(), inv,
-                                                 0x7f800000u);
-    }
-    if (grad.scalar_type() == at::kDouble) {
-      return unscale_contiguous<double, uint64_t>(grad.data_ptr<double>(), grad.numel(),
-                                                  static_cast<double>(inv),
-                                                  0x7ff0000000000000ull);
+    switch (grad.scalar_type()) {
+      case at::kFloat:
+        return unscale_contiguous<float, float, uint32_t>(grad.data_ptr<float>(), grad.numel(),
+                                                          inv, 0x7f800000u);
+      case at::kDouble:
+        return unscale_contiguous<double, double, uint64_t>(
+            grad.data_ptr<double>(), grad.numel(), static_cast<double>(inv),
+            0x7ff0000000000000ull);
+      case at::kHalf:
+        return unscale_contiguous<at::Half, float, uint16_t>(grad.data_ptr<at::Half>(),
+                                                             grad.numel(), inv, 0x7c00u);
+      case at::kBFloat16:
+        return unscale_contiguous<at::BFloat16, float, uint16_t>(
+            grad.data_ptr<at::BFloat16>(), grad.numel(), inv, 0x7f80u);
+      default:
+        break;
     }
   }
-  // float16, bfloat16, strided or device gradients: ATen (the multiply runs in float for the
-  // half types, as PyTorch's unscale kernel does).
+  // Strided or device gradients: ATen, in two passes. The half types are multiplied in float
+  // and rounded once, as PyTorch's unscale kernel does (ATen's mul by a scalar would round
+  // the scalar to the gradient's dtype first in LibTorch 1.x).
   const bool bad = !at::isfinite(grad).all().item<bool>();
-  grad.mul_(static_cast<double>(inv));
+  if (grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16) {
+    grad.copy_(grad.to(at::kFloat).mul_(static_cast<double>(inv)));
+  } else {
+    grad.mul_(static_cast<double>(inv));
+  }
   return bad;
 }
 
