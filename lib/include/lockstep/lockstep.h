@@ -7,6 +7,7 @@
 #include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
+#include "lockstep/grad_scaler.h"
 #include "lockstep/launch_env.h"
 #include "lockstep/log.h"
 #include "lockstep/main.h"

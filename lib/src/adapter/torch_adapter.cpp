@@ -1,6 +1,7 @@
 // The adapter's autograd, optimizer and pickling half. See Note [Torch adapter].
 #include "adapter/torch_adapter.h"
 
+#include <ATen/autocast_mode.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
@@ -87,6 +88,86 @@ void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& p
                          std::unique_ptr<torch::optim::OptimizerParamState> state) {
   optimizer.state()[optimizer_state_key(param)] = std::move(state);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Autocast
+
+// LibTorch 2.4 replaced the per-device calls (set_cpu_enabled, set_autocast_gpu_dtype, ...)
+// by ones taking the device type, and deprecated the old ones.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#define LOCKSTEP_GENERIC_AUTOCAST 1
+#else
+#define LOCKSTEP_GENERIC_AUTOCAST 0
+#endif
+
+bool autocast_available(c10::DeviceType device_type) {
+#if LOCKSTEP_GENERIC_AUTOCAST
+  return at::autocast::is_autocast_available(device_type);
+#else
+  return device_type == c10::DeviceType::CPU || device_type == c10::DeviceType::CUDA;
+#endif
+}
+
+#if !LOCKSTEP_GENERIC_AUTOCAST
+namespace {
+void check_autocast_device(c10::DeviceType device_type) {
+  LOCKSTEP_CHECK(autocast_available(device_type),
+                 "Expected a CPU or CUDA device for autocast, but got ",
+                 c10::DeviceTypeName(device_type), " (LibTorch ", TORCH_VERSION_MAJOR, ".",
+                 TORCH_VERSION_MINOR, ").");
+}
+}  // namespace
+#endif
+
+bool autocast_enabled(c10::DeviceType device_type) {
+#if LOCKSTEP_GENERIC_AUTOCAST
+  return at::autocast::is_autocast_enabled(device_type);
+#else
+  check_autocast_device(device_type);
+  return device_type == c10::DeviceType::CPU ? at::autocast::is_cpu_enabled()
+                                             : at::autocast::is_enabled();
+#endif
+}
+
+void set_autocast_enabled(c10::DeviceType device_type, bool enabled) {
+#if LOCKSTEP_GENERIC_AUTOCAST
+  at::autocast::set_autocast_enabled(device_type, enabled);
+#else
+  check_autocast_device(device_type);
+  if (device_type == c10::DeviceType::CPU) {
+    at::autocast::set_cpu_enabled(enabled);
+  } else {
+    at::autocast::set_enabled(enabled);
+  }
+#endif
+}
+
+at::ScalarType autocast_dtype(c10::DeviceType device_type) {
+#if LOCKSTEP_GENERIC_AUTOCAST
+  return at::autocast::get_autocast_dtype(device_type);
+#else
+  check_autocast_device(device_type);
+  return device_type == c10::DeviceType::CPU ? at::autocast::get_autocast_cpu_dtype()
+                                             : at::autocast::get_autocast_gpu_dtype();
+#endif
+}
+
+void set_autocast_dtype(c10::DeviceType device_type, at::ScalarType dtype) {
+#if LOCKSTEP_GENERIC_AUTOCAST
+  at::autocast::set_autocast_dtype(device_type, dtype);
+#else
+  check_autocast_device(device_type);
+  if (device_type == c10::DeviceType::CPU) {
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  } else {
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  }
+#endif
+}
+
+int autocast_increment_nesting() { return at::autocast::increment_nesting(); }
+int autocast_decrement_nesting() { return at::autocast::decrement_nesting(); }
+void clear_autocast_cache() { at::autocast::clear_cache(); }
 
 // ---------------------------------------------------------------------------------------------
 // Pickling

@@ -14,6 +14,8 @@
 // TORCH_VERSION_* beside it.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
 
 #include <chrono>
 #include <functional>
@@ -129,6 +131,24 @@ torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer&
 /// Replaces the optimizer's state for `param`.
 void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
                          std::unique_ptr<torch::optim::OptimizerParamState> state);
+
+// ---------------------------------------------------------------------------------------------
+// Autocast (thread-local state; per-device-type calls in 1.x and 2.0-2.3, generic ones in 2.4+)
+
+/// Whether this LibTorch can autocast on `device_type` (CPU and CUDA everywhere).
+bool autocast_available(c10::DeviceType device_type);
+/// The calling thread's autocast flag for `device_type`.
+bool autocast_enabled(c10::DeviceType device_type);
+void set_autocast_enabled(c10::DeviceType device_type, bool enabled);
+/// The calling thread's autocast lower-precision dtype for `device_type`.
+at::ScalarType autocast_dtype(c10::DeviceType device_type);
+void set_autocast_dtype(c10::DeviceType device_type, at::ScalarType dtype);
+/// Nesting depth of autocast regions (torch.autocast's __enter__/__exit__); the decrement
+/// returns the new depth.
+int autocast_increment_nesting();
+int autocast_decrement_nesting();
+/// Drops the casted-weight cache autocast keeps while a region is open.
+void clear_autocast_cache();
 
 // ---------------------------------------------------------------------------------------------
 // Pickling (torch.save's zip container)
