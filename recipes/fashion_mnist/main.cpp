@@ -148,7 +148,10 @@ int run(int argc, char** argv) {
   recipe::Position pos;
   bool resumed = common.resume && checkpointer.load(pos);
   if (!resumed) torch::manual_seed(common.seed * 31 + static_cast<uint64_t>(rank) + 1);  // dropout
-  DistributedDataParallel ddp(net, pg);  // averages gradients, overlapped with backward
+  // Averages gradients, overlapped with backward; a NaN or Inf gradient stops every rank,
+  // naming the step, rank and parameter where it began.
+  DistributedDataParallel ddp(net, pg,
+                              lockstep::DDPOptions().nonfinite(lockstep::NonFinite::kAbort));
 
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   // A crash after the checkpoint left records the resumed run writes again: drop them.

@@ -251,7 +251,9 @@ int run(int argc, char** argv) {
   recipe::Checkpointer checkpointer(*pg, common.checkpoint, "sales_forecast", *net, optimizer, sampler, config);
   recipe::Position pos;
   bool resumed = common.resume && checkpointer.load(pos);
-  DistributedDataParallel ddp(net, pg);
+  // A NaN or Inf gradient stops every rank, naming the step, rank and parameter.
+  DistributedDataParallel ddp(net, pg,
+                              lockstep::DDPOptions().nonfinite(lockstep::NonFinite::kAbort));
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
