@@ -171,8 +171,10 @@ class ThreadGroup;
 
 class ThreadWork : public Work {
  public:
-  ThreadWork(std::shared_ptr<GroupState> state, std::shared_ptr<Op> op, std::string where)
-      : state_(std::move(state)), op_(std::move(op)), where_(std::move(where)) {}
+  // `kind`: what this rank issued (the op's own kind is set only once every rank arrived).
+  ThreadWork(std::shared_ptr<GroupState> state, std::shared_ptr<Op> op, std::string where,
+             Kind kind)
+      : state_(std::move(state)), op_(std::move(op)), where_(std::move(where)), kind_(kind) {}
 
   bool is_completed() override {
     std::lock_guard<std::mutex> lock(state_->mutex);
@@ -200,7 +202,7 @@ class ThreadWork : public Work {
           if (!op_->arrived[r]) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
         }
         throw TimeoutError(concat(
-            where_, " ", kind_name(op_->kind), " #", op_->sequence, " (thread group) timed out "
+            where_, " ", kind_name(kind_), " #", op_->sequence, " (thread group) timed out "
             "after ", state_->options.timeout().count() / 1000.0, " s",
             missing.empty() ? std::string(": every rank arrived but the reduction did not finish")
                             : concat(" waiting for rank(s) ", missing, " to reach it"),
@@ -242,6 +244,7 @@ class ThreadWork : public Work {
   std::shared_ptr<GroupState> state_;
   std::shared_ptr<Op> op_;
   std::string where_;
+  Kind kind_;
 };
 
 class ThreadGroup : public ProcessGroup {
@@ -356,7 +359,7 @@ class ThreadGroup : public ProcessGroup {
     }
     if (local_error) std::rethrow_exception(local_error);
     if (complete) ThreadWork::help(*state_, op);
-    return std::make_shared<ThreadWork>(state_, op, where());
+    return std::make_shared<ThreadWork>(state_, op, where(), kind);
   }
 
   // Checks that all ranks agree and plans the slices. Called with the state lock held.
