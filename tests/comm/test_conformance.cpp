@@ -468,6 +468,232 @@ TEST_P(Conformance, ReduceListIntoEveryRootExact) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// gather, scatter, all_to_all_single, send / recv: float32, float64 and int64 on every
+// transport (they move bytes, so one floating, one wide and one integer dtype cover them).
+
+const std::vector<at::ScalarType> kDataDtypes = {at::kFloat, at::kDouble, at::kLong};
+
+class DataConformance : public Conformance {};
+
+TEST_P(DataConformance, GatherToEveryRootEveryCount) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (int64_t n : kListCounts) shapes.push_back({n});
+  shapes.push_back(kShape2d);
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int root = 0; root < pg.size(); ++root) {
+      for (const auto& shape : shapes) {
+        const int64_t n = numel_of(shape);
+        std::vector<at::Tensor> out;
+        if (pg.rank() == root) {
+          for (int i = 0; i < pg.size(); ++i) out.push_back(at::full(shape, 99, dtype()));
+        }
+        const auto mine = input(pg.rank(), n, dtype()).view(shape);
+        pg.gather(out, mine, root)->wait();
+        EXPECT_TRUE(bitwise_equal(mine, input(pg.rank(), n, dtype()).view(shape)))
+            << describe(pg, dtype(), n) << " root " << root << ": the input changed";
+        for (size_t i = 0; i < out.size(); ++i) {
+          EXPECT_TRUE(bitwise_equal(out[i], input(static_cast<int>(i), n, dtype()).view(shape)))
+              << describe(pg, dtype(), n) << " root " << root << " output " << i;
+        }
+      }
+    }
+  });
+}
+
+// The root's inputs[i] is input(10 * root + i): every (root, destination) pair distinct.
+TEST_P(DataConformance, ScatterFromEveryRootEveryCount) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (int64_t n : kListCounts) shapes.push_back({n});
+  shapes.push_back(kShape2d);
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int root = 0; root < pg.size(); ++root) {
+      for (const auto& shape : shapes) {
+        const int64_t n = numel_of(shape);
+        std::vector<at::Tensor> in;
+        if (pg.rank() == root) {
+          for (int i = 0; i < pg.size(); ++i) {
+            in.push_back(input(10 * root + i, n, dtype()).view(shape));
+          }
+        }
+        auto out = at::full(shape, 99, dtype());
+        pg.scatter(out, in, root)->wait();
+        EXPECT_TRUE(bitwise_equal(out, input(10 * root + pg.rank(), n, dtype()).view(shape)))
+            << describe(pg, dtype(), n) << " root " << root;
+      }
+    }
+  });
+}
+
+// Rank r's all-to-all input: element i is r * 1e6 + i (exact in every tested dtype), rows of
+// `row` elements.
+at::Tensor a2a_input(int r, int64_t rows, int64_t row, at::ScalarType dtype) {
+  auto flat = (at::arange(rows * row, at::kLong) + static_cast<int64_t>(r) * 1000000).to(dtype);
+  return row == 1 ? flat : flat.view({rows, row});
+}
+
+// What rank `dst` receives when rank i cuts its input by splits[i] (rows of `row` elements):
+// the blocks addressed to it, in source order.
+at::Tensor a2a_reference(const std::vector<std::vector<int64_t>>& splits, int dst, int64_t row,
+                         at::ScalarType dtype) {
+  std::vector<at::Tensor> parts;
+  int64_t rows = 0;
+  for (size_t src = 0; src < splits.size(); ++src) {
+    const auto& s = splits[src];
+    int64_t total = 0, from = 0;
+    for (size_t j = 0; j < s.size(); ++j) {
+      total += s[j];
+      if (static_cast<int>(j) < dst) from += s[j];
+    }
+    auto whole = a2a_input(static_cast<int>(src), total, row, dtype).reshape({total, row});
+    parts.push_back(whole.narrow(0, from, s[dst]));
+    rows += s[dst];
+  }
+  auto out = parts.empty() ? at::empty({0, row}, dtype) : at::cat(parts);
+  return row == 1 ? out.reshape({rows}) : out;
+}
+
+void check_all_to_all(ProcessGroup& pg, const std::vector<std::vector<int64_t>>& splits,
+                      int64_t row, at::ScalarType dtype, bool explicit_splits) {
+  const int w = pg.size();
+  std::vector<int64_t> in_splits = splits[pg.rank()], out_splits;
+  for (int src = 0; src < w; ++src) out_splits.push_back(splits[src][pg.rank()]);
+  int64_t in_rows = 0, out_rows = 0;
+  for (int j = 0; j < w; ++j) {
+    in_rows += in_splits[j];
+    out_rows += out_splits[j];
+  }
+  const auto in = a2a_input(pg.rank(), in_rows, row, dtype);
+  auto out = row == 1 ? at::full({out_rows}, 99, dtype) : at::full({out_rows, row}, 99, dtype);
+  if (explicit_splits) {
+    pg.all_to_all_single(out, in, out_splits, in_splits)->wait();
+  } else {
+    pg.all_to_all_single(out, in)->wait();
+  }
+  EXPECT_TRUE(bitwise_equal(out, a2a_reference(splits, pg.rank(), row, dtype)))
+      << pg.where() << " " << dtype << " row " << row << " rows in " << in_rows << " out "
+      << out_rows << (explicit_splits ? " (explicit splits)" : " (equal splits)");
+  EXPECT_TRUE(bitwise_equal(in, a2a_input(pg.rank(), in_rows, row, dtype)))
+      << pg.where() << ": the input changed";
+}
+
+TEST_P(DataConformance, AllToAllEqualSplits) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size();
+    for (int64_t per : {int64_t{0}, int64_t{1}, int64_t{7}, kLargeList}) {
+      for (int64_t row : {int64_t{1}, int64_t{3}}) {
+        if (per == kLargeList && row != 1) continue;
+        std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w, per));
+        check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/false);
+        check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/true);
+      }
+    }
+  });
+}
+
+// Rank i sends (i + 2 j) % 3 x scale rows to rank j: zero-row blocks, uneven totals, and a
+// rank that sends or receives nothing at all (scale 0).
+TEST_P(DataConformance, AllToAllUnequalSplits) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size();
+    for (int64_t scale : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{20011}}) {
+      for (int64_t row : {int64_t{1}, int64_t{3}}) {
+        if (scale > 5 && row != 1) continue;
+        std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w));
+        for (int i = 0; i < w; ++i) {
+          for (int j = 0; j < w; ++j) splits[i][j] = (i + 2 * j) % 3 * scale;
+        }
+        check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/true);
+      }
+    }
+    // One rank sends everything to rank 0; nobody else sends anything.
+    std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w, 0));
+    splits[w - 1][0] = 1001;
+    check_all_to_all(pg, splits, 1, dtype(), /*explicit_splits=*/true);
+  });
+}
+
+// Every rank sends to every other rank several messages (every count, two tags) at once, then
+// receives them all; the Works are waited for in reverse order. Messages from one rank to
+// another arrive in order.
+TEST_P(DataConformance, SendRecvEveryPairInOrder) {
+  if (world() == 1) GTEST_SKIP() << "no peer to send to";
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), me = pg.rank();
+    std::vector<WorkPtr> works;
+    std::vector<at::Tensor> sent, received, want;
+    for (int peer = 0; peer < w; ++peer) {
+      if (peer == me) continue;
+      for (size_t k = 0; k < kListCounts.size(); ++k) {
+        sent.push_back(input(100 * me + peer + static_cast<int>(k), kListCounts[k], dtype()));
+        works.push_back(pg.send(sent.back(), peer, static_cast<int>(k % 2)));
+      }
+    }
+    for (int peer = w - 1; peer >= 0; --peer) {  // the peers' order differs from the sends'
+      if (peer == me) continue;
+      for (size_t k = 0; k < kListCounts.size(); ++k) {
+        received.push_back(at::full({kListCounts[k]}, 99, dtype()));
+        want.push_back(input(100 * peer + me + static_cast<int>(k), kListCounts[k], dtype()));
+        works.push_back(pg.recv(received.back(), peer, static_cast<int>(k % 2)));
+      }
+    }
+    for (auto it = works.rbegin(); it != works.rend(); ++it) (*it)->wait();
+    for (size_t i = 0; i < received.size(); ++i) {
+      EXPECT_TRUE(bitwise_equal(received[i], want[i])) << pg.where() << " message " << i;
+    }
+    // A 2-D message into a 2-D tensor of the same element count.
+    const int next = (me + 1) % w, prev = (me + w - 1) % w;
+    auto ring_in = at::full(kShape2d, 99, dtype());
+    auto recv_work = pg.recv(ring_in, prev, 7);
+    pg.send(input(me, 21, dtype()).view(kShape2d), next, 7)->wait();
+    recv_work->wait();
+    EXPECT_TRUE(bitwise_equal(ring_in, input(prev, 21, dtype()).view(kShape2d))) << pg.where();
+  });
+}
+
+// A recv that does not match the next message fails naming what was sent, and leaves the
+// channel in order: the following message is received intact.
+TEST_P(GroupConformance, RecvOfAMismatchedMessageNamesTheSend) {
+  if (world() == 1) GTEST_SKIP() << "no peer to send to";
+  using lockstep::detail::concat;
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    if (pg.rank() > 1) return;
+    const int peer = 1 - pg.rank();
+    if (pg.rank() == 0) {
+      pg.send(at::ones({3}, at::kFloat), peer, 5)->wait();
+      pg.send(at::ones({4}, at::kFloat), peer, 5)->wait();
+      pg.send(at::ones({4}, at::kFloat), peer, 6)->wait();
+      pg.send(at::arange(4, at::kFloat), peer, 5)->wait();
+      return;
+    }
+    struct Case {
+      at::Tensor tensor;
+      int tag;
+      std::string sent;
+    };
+    std::vector<Case> cases = {{at::zeros({4}, at::kFloat), 5, "3 x Float with tag 5"},
+                               {at::zeros({4}, at::kDouble), 5, "4 x Float with tag 5"},
+                               {at::zeros({4}, at::kFloat), 5, "4 x Float with tag 6"}};
+    for (auto& c : cases) {
+      try {
+        pg.recv(c.tensor, peer, c.tag)->wait();
+        ADD_FAILURE() << pg.where() << " recv of " << c.sent << ": no error";
+      } catch (const lockstep::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()),
+                  concat(pg.where(), " recv from rank 0 (tag ", c.tag, ", 4 x ",
+                         c.tensor.scalar_type(), "): rank 0 sent ", c.sent,
+                         ". Messages between two ranks are received in the order they were "
+                         "sent: give each recv the tag, dtype and element count of its send."));
+      }
+      EXPECT_TRUE(at::equal(c.tensor, at::zeros({4}, c.tensor.scalar_type())))
+          << pg.where() << ": a rejected message was written into the tensor";
+    }
+    auto t = at::zeros({4}, at::kFloat);
+    pg.recv(t, peer, 5)->wait();
+    EXPECT_TRUE(at::equal(t, at::arange(4, at::kFloat))) << pg.where();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // barrier
 
 // No rank leaves a barrier before every rank reached it: a counter bumped before each
@@ -705,6 +931,10 @@ std::string transport_dtype_name(
 INSTANTIATE_TEST_SUITE_P(Transports, Conformance,
                          ::testing::Combine(::testing::ValuesIn(all_transports()),
                                             ::testing::ValuesIn(kDtypes)),
+                         transport_dtype_name);
+INSTANTIATE_TEST_SUITE_P(Transports, DataConformance,
+                         ::testing::Combine(::testing::ValuesIn(all_transports()),
+                                            ::testing::ValuesIn(kDataDtypes)),
                          transport_dtype_name);
 INSTANTIATE_TEST_SUITE_P(Transports, GroupConformance, ::testing::ValuesIn(all_transports()),
                          transport_name);

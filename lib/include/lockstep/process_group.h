@@ -153,6 +153,46 @@ class ProcessGroup {
   /// Completes when every rank reached it. Collective.
   virtual WorkPtr barrier() = 0;
 
+  // Note [Checked collectives]
+  // gather, scatter and all_to_all_single check their arguments in two rounds before any
+  // payload moves: each rank checks its own (ProcessGroup::check_*), then the ranks exchange a
+  // small descriptor (operation, root, dtype, element counts, split sizes: one all-gather of
+  // 4 + 2 x size() int64s, waited for on the caller's thread) and every rank checks every
+  // other's. A mistake on one rank therefore fails every rank with the same InvalidArgument
+  // naming the rank and what it passed against what was expected, and the group stays usable:
+  // nothing was sent. The payload then moves on the transport's own path (Gloo's, the shared
+  // segment's or the thread group's); a transport without one uses the compositions of the
+  // base class (docs/collectives.md lists each transport's cost).
+
+  /// Rank i's `input` lands in `outputs[i]` on `root`. On root, `outputs` holds size() tensors
+  /// shaped and typed like `input`; on the other ranks it must be empty. Every rank passes an
+  /// input of the same dtype and element count. Collective; the call returns once every rank
+  /// has reached it (Note [Checked collectives]), the Work when the data moved.
+  WorkPtr gather(std::vector<at::Tensor>& outputs, const at::Tensor& input, int root = 0);
+  /// `output` receives root's `inputs[rank()]`. On root, `inputs` holds size() tensors shaped
+  /// and typed like root's `output`; on the other ranks it must be empty. Every rank passes an
+  /// output of the same dtype and element count. Collective (Note [Checked collectives]).
+  WorkPtr scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs, int root = 0);
+  /// torch.distributed.all_to_all_single: `input` is cut along dim 0 into size() blocks of
+  /// `input_split_sizes[j]` rows, block j goes to rank j, and the block from rank i lands in
+  /// `output` at rows sum(output_split_sizes[0..i)). Empty split sizes mean equal splits (dim 0
+  /// divisible by size()). Splits must sum to dim 0, the rows' other dimensions and the dtype
+  /// must agree, and rank i's `output_split_sizes[j]` must equal rank j's
+  /// `input_split_sizes[i]`. `input` and `output` must not overlap. Collective (Note [Checked
+  /// collectives]).
+  WorkPtr all_to_all_single(at::Tensor& output, const at::Tensor& input,
+                            const std::vector<int64_t>& output_split_sizes = {},
+                            const std::vector<int64_t>& input_split_sizes = {});
+  /// Sends `tensor` to rank `dst`. Messages from one rank to another are received in the
+  /// order they were sent; `tag` is checked, not used to select (a recv whose tag differs
+  /// from the next message's fails naming both tags). `tensor` must not change until the
+  /// Work completed. Not collective: only `dst` takes part, with a matching recv.
+  WorkPtr send(const at::Tensor& tensor, int dst, int tag = 0);
+  /// Receives the next message from rank `src` into `tensor`, which must have the sender's
+  /// dtype and element count (else wait() throws InvalidArgument naming both). wait() is
+  /// bounded by timeout(). Not collective.
+  WorkPtr recv(at::Tensor& tensor, int src, int tag = 0);
+
   /// A zero-filled flat tensor of `numel` elements meant to be all-reduced again and again
   /// (a DDP bucket). A transport with a faster path for memory it owns returns such memory:
   /// the shared-memory group maps a region every local rank can read, and an all-reduce of
@@ -194,6 +234,57 @@ class ProcessGroup {
   /// complex dtype for kAvg.
   void check_reduce_scatter(const at::Tensor& output, const std::vector<at::Tensor>& inputs,
                             ReduceOp op) const;
+  /// A root in [0, size()), a valid input; on root one output per rank shaped and typed like
+  /// it, elsewhere no outputs.
+  void check_gather(const std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                    int root) const;
+  /// A root in [0, size()), a valid output; on root one input per rank shaped and typed like
+  /// it, elsewhere no inputs.
+  void check_scatter(const at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                     int root) const;
+  /// Valid, non-overlapping tensors of one dtype with at least one dimension and the same
+  /// row shape; split sizes (size() non-negative entries, or none for equal splits) that sum
+  /// to each tensor's dim 0.
+  void check_all_to_all(const at::Tensor& output, const at::Tensor& input,
+                        const std::vector<int64_t>& output_split_sizes,
+                        const std::vector<int64_t>& input_split_sizes) const;
+  /// A valid tensor and a peer in [0, size()) other than this rank (`op` "send" or "recv").
+  void check_point_to_point(const char* op, const at::Tensor& tensor, int peer) const;
+
+  /// The exchanged descriptor of a checked collective (Note [Checked collectives]).
+  struct Descriptor {
+    int64_t kind = 0;   ///< 1 gather, 2 scatter, 3 all_to_all_single; 0: this rank's own
+                        ///< check failed
+    int64_t root = 0;
+    int64_t dtype = 0;
+    int64_t numel = 0;  ///< element count (gather, scatter) or elements per row (all-to-all)
+    std::vector<int64_t> input_splits, output_splits;  ///< all-to-all: size() each
+  };
+  /// Exchanges `mine` and checks every rank's against every other's; throws InvalidArgument
+  /// naming the first rank that disagrees (every rank throws the same). `local_error` is this
+  /// rank's own check failure: exchanged as kind 0 and rethrown here after the exchange.
+  /// Returns every rank's descriptor. Collective.
+  std::vector<Descriptor> agree(const char* op, const Descriptor& mine,
+                                std::exception_ptr local_error);
+
+  /// The transport's part of gather / scatter / all_to_all_single / send / recv, called after
+  /// the checks with resolved arguments (explicit split sizes, every rank's descriptor). The
+  /// defaults compose allgather and broadcast, and send messages through store() (Note
+  /// [Composed collectives] in process_group.cpp); transports with a direct path override.
+  virtual WorkPtr run_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                             int root);
+  virtual WorkPtr run_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                              int root);
+  /// `splits[i]` holds rank i's input split sizes (rows); `row` the elements per row.
+  virtual WorkPtr run_all_to_all(at::Tensor& output, const at::Tensor& input,
+                                 const std::vector<std::vector<int64_t>>& splits, int64_t row);
+  virtual WorkPtr run_send(const at::Tensor& tensor, int dst, int tag);
+  virtual WorkPtr run_recv(at::Tensor& tensor, int src, int tag);
+  /// The recv failure message shared by every transport: what rank `src` sent against what
+  /// the receiver (`where`, its where()) expects, or "" when they match.
+  static std::string p2p_mismatch(const std::string& where, int src, int tag,
+                                  at::ScalarType dtype, int64_t numel, int sent_tag,
+                                  int64_t sent_dtype, int64_t sent_numel);
 
  private:
   int rank_;
@@ -201,6 +292,8 @@ class ProcessGroup {
   std::chrono::milliseconds timeout_;
   std::shared_ptr<Store> store_;
   uint64_t sequence_ = 0;
+  struct StoreMailbox;  // the default send / recv (process_group.cpp)
+  std::unique_ptr<StoreMailbox> mailbox_;
 };
 using ProcessGroupPtr = std::shared_ptr<ProcessGroup>;
 
