@@ -766,7 +766,28 @@ struct Mistake {
   const char* name;
   std::function<WorkPtr(ProcessGroup&)> call;
   std::function<std::string(const ProcessGroup&)> message;
+  int min_world = 1;  // a mistake between ranks needs at least two
 };
+
+// The message every rank gets when rank `r` (not itself) made a mistake of its own in a
+// checked collective (Note [Checked collectives]).
+std::string other_rank_invalid(const ProcessGroup& pg, const char* op, int r) {
+  return lockstep::detail::concat(pg.where(), " ", op, ": rank ", r, " passed invalid arguments "
+                                  "(see its error). Every rank must pass matching arguments; "
+                                  "nothing was sent.");
+}
+
+std::string ranks_disagree(const ProcessGroup& pg, const char* op, const std::string& what) {
+  return lockstep::detail::concat(pg.where(), " ", op, ": ", what, ". Every rank must pass "
+                                  "matching arguments; nothing was sent.");
+}
+
+// A list of `n` float tensors shaped `shape`.
+std::vector<at::Tensor> float_list(int n, at::IntArrayRef shape) {
+  std::vector<at::Tensor> list;
+  for (int i = 0; i < n; ++i) list.push_back(at::ones(shape, at::kFloat));
+  return list;
+}
 
 std::vector<Mistake> mistakes() {
   using lockstep::detail::concat;
@@ -891,6 +912,285 @@ std::vector<Mistake> mistakes() {
          return concat(pg.where(), " reduce: expected floating-point tensors for ReduceOp avg, "
                        "but tensor 1 is Int. Use sum and divide.");
        }},
+      // gather
+      {"gather to root == size",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> none;
+         return pg.gather(none, floats({2}), pg.size());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " gather: expected a root in [0, ", pg.size(), "), but got ",
+                       pg.size(), ".");
+       }},
+      {"gather with one output too few on the root",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.rank() == 0 ? pg.size() - 1 : 0, {2});
+         return pg.gather(out, floats({2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "gather", 0);
+         return concat(pg.where(), " gather: expected one output tensor per rank (", pg.size(),
+                       ") on the root, but got ", pg.size() - 1, ".");
+       }},
+      {"gather into outputs of another dtype",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> out(pg.rank() == 0 ? pg.size() : 0, at::ones({2}, at::kDouble));
+         return pg.gather(out, floats({2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "gather", 0);
+         return concat(pg.where(), " gather: expected output 0 to match the input ([2] Float), "
+                       "but got [2] Double.");
+       }},
+      {"gather with outputs on a rank other than the root",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.size(), {2});
+         return pg.gather(out, floats({2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() == 0) return other_rank_invalid(pg, "gather", 1);
+         return concat(pg.where(), " gather: expected no output tensors on a rank other than "
+                       "the root (0), but got ", pg.size(), ". Pass an empty list.");
+       },
+       2},
+      {"gather of another dtype on the last rank",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.rank() == 0 ? pg.size() : 0, {2});
+         const bool last = pg.rank() == pg.size() - 1;
+         return pg.gather(out, at::ones({2}, last ? at::kDouble : at::kFloat), 0);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "gather", concat("rank ", pg.size() - 1, " passed Double but "
+                                                    "rank 0 passed Float"));
+       },
+       2},
+      {"gather of more elements on the last rank",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.rank() == 0 ? pg.size() : 0, {2});
+         return pg.gather(out, floats({pg.rank() == pg.size() - 1 ? 3 : 2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "gather", concat("rank ", pg.size() - 1, " passed 3 elements "
+                                                    "but rank 0 passed 2"));
+       },
+       2},
+      {"gather to a root that differs between ranks",
+       [](ProcessGroup& pg) {
+         const int root = pg.rank() == 0 ? 0 : 1;
+         auto out = float_list(pg.rank() == root ? pg.size() : 0, {2});
+         return pg.gather(out, floats({2}), root);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "gather", "rank 0 names root 0 but rank 1 names root 1");
+       },
+       2},
+      // scatter
+      {"scatter from root -1",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         return pg.scatter(out, {}, -1);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " scatter: expected a root in [0, ", pg.size(),
+                       "), but got -1.");
+       }},
+      {"scatter of inputs of another shape",
+       [](ProcessGroup& pg) {
+         auto out = floats({2, 3});
+         auto in = float_list(pg.rank() == 0 ? pg.size() : 0, {6});
+         return pg.scatter(out, in, 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "scatter", 0);
+         return concat(pg.where(), " scatter: expected input 0 to match the output ([2, 3] "
+                       "Float), but got [6] Float.");
+       }},
+      {"scatter with one input too many on the root",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         auto in = float_list(pg.rank() == 0 ? pg.size() + 1 : 0, {2});
+         return pg.scatter(out, in, 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "scatter", 0);
+         return concat(pg.where(), " scatter: expected one input tensor per rank (", pg.size(),
+                       ") on the root, but got ", pg.size() + 1, ".");
+       }},
+      {"scatter with inputs on a rank other than the root",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         return pg.scatter(out, float_list(pg.size(), {2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() == 0) return other_rank_invalid(pg, "scatter", 1);
+         return concat(pg.where(), " scatter: expected no input tensors on a rank other than "
+                       "the root (0), but got ", pg.size(), ". Pass an empty list.");
+       },
+       2},
+      {"scatter into an output of another size on rank 1",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.rank() == 1 ? 5 : 2});
+         return pg.scatter(out, float_list(pg.rank() == 0 ? pg.size() : 0, {2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "scatter", "rank 1 passed 5 elements but rank 0 passed 2");
+       },
+       2},
+      // all_to_all_single
+      {"all_to_all_single with splits that do not sum to dim 0",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         std::vector<int64_t> splits(pg.size(), 1);
+         splits[0] = 2;
+         return pg.all_to_all_single(out, floats({pg.size()}), {}, splits);
+       },
+       [](const ProcessGroup& pg) {
+         std::string list = "[2";
+         for (int i = 1; i < pg.size(); ++i) list += ", 1";
+         return concat(pg.where(), " all_to_all_single: expected input_split_sizes ", list,
+                       "] to sum to dim 0 (", pg.size(), "), but they sum to ", pg.size() + 1,
+                       ".");
+       }},
+      {"all_to_all_single with one split too many",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         std::vector<int64_t> splits(pg.size() + 1, 0);
+         return pg.all_to_all_single(out, floats({pg.size()}), splits, {});
+       },
+       [](const ProcessGroup& pg) {
+         std::string list = "[0";
+         for (int i = 0; i < pg.size(); ++i) list += ", 0";
+         return concat(pg.where(), " all_to_all_single: expected output_split_sizes to hold "
+                       "one entry per rank (", pg.size(), "), but got ", pg.size() + 1, ": ",
+                       list, "].");
+       }},
+      {"all_to_all_single with a negative split",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         std::vector<int64_t> splits(pg.size(), 1);
+         splits[0] = -1;
+         splits[pg.size() - 1] += 2;
+         return pg.all_to_all_single(out, floats({pg.size()}), {}, splits);
+       },
+       [](const ProcessGroup& pg) {
+         std::vector<int64_t> splits(pg.size(), 1);
+         splits[0] = -1;
+         splits[pg.size() - 1] += 2;
+         std::string list = "[";
+         for (int i = 0; i < pg.size(); ++i) list += concat(i ? ", " : "", splits[i]);
+         return concat(pg.where(), " all_to_all_single: expected non-negative "
+                       "input_split_sizes, but got ", list, "].");
+       },
+       2},
+      {"all_to_all_single of equal splits of an indivisible dim 0",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         return pg.all_to_all_single(out, floats({pg.size() + 1}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the input's dim 0 (",
+                       pg.size() + 1, ") to be divisible by the group size (", pg.size(),
+                       ") for equal splits. Pass input_split_sizes.");
+       },
+       2},
+      {"all_to_all_single into an output of another dtype",
+       [](ProcessGroup& pg) {
+         auto out = at::ones({pg.size()}, at::kDouble);
+         return pg.all_to_all_single(out, floats({pg.size()}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the output's dtype to match "
+                       "the input's (Float), but got Double.");
+       }},
+      {"all_to_all_single with rows of another shape",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size(), 2});
+         return pg.all_to_all_single(out, floats({pg.size(), 3}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the output's rows to match the "
+                       "input's (sizes [", pg.size(), ", 3] after dim 0), but got sizes [",
+                       pg.size(), ", 2].");
+       }},
+      {"all_to_all_single of a scalar",
+       [](ProcessGroup& pg) {
+         auto out = at::ones({}, at::kFloat);
+         return pg.all_to_all_single(out, at::ones({}, at::kFloat));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected tensors of at least one "
+                       "dimension (split along dim 0), but got sizes [] (output) and [] "
+                       "(input).");
+       }},
+      {"all_to_all_single in place",
+       [](ProcessGroup& pg) {
+         auto t = floats({pg.size()});
+         return pg.all_to_all_single(t, t);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the output and the input not "
+                       "to overlap, but they share memory. Pass a separate output tensor.");
+       }},
+      {"all_to_all_single where rank 0 expects more rows than are sent",
+       [](ProcessGroup& pg) {
+         const int w = pg.size();
+         std::vector<int64_t> in_splits(w, 1), out_splits(w, 1);
+         if (pg.rank() == 0) {
+           out_splits[0] = 2;
+           out_splits[1] = 0;
+         }
+         auto out = floats({w});
+         return pg.all_to_all_single(out, floats({w}), out_splits, in_splits);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "all_to_all_single",
+                               "rank 0 sends 1 rows to rank 0 (its input_split_sizes[0]), but "
+                               "rank 0 expects 2 rows from rank 0 (its output_split_sizes[0])");
+       },
+       2},
+      {"all_to_all_single with wider rows on the last rank",
+       [](ProcessGroup& pg) {
+         const int64_t row = pg.rank() == pg.size() - 1 ? 4 : 3;
+         auto out = floats({pg.size(), row});
+         return pg.all_to_all_single(out, floats({pg.size(), row}));
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "all_to_all_single",
+                               concat("rank ", pg.size() - 1, "'s rows hold 4 elements but rank "
+                                      "0's hold 3"));
+       },
+       2},
+      // send / recv
+      {"send to this rank",
+       [](ProcessGroup& pg) { return pg.send(floats({2}), pg.rank()); },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " send: expected a destination other than this rank (",
+                       pg.rank(), "), but got ", pg.rank(), ". Copy the tensor instead.");
+       }},
+      {"recv from rank == size",
+       [](ProcessGroup& pg) {
+         auto t = floats({2});
+         return pg.recv(t, pg.size());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " recv: expected a source rank in [0, ", pg.size(),
+                       "), but got ", pg.size(), ".");
+       }},
+      {"recv from this rank",
+       [](ProcessGroup& pg) {
+         auto t = floats({2});
+         return pg.recv(t, pg.rank(), 3);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " recv: expected a source other than this rank (",
+                       pg.rank(), "), but got ", pg.rank(), ". Copy the tensor instead.");
+       }},
+      {"send of a non-contiguous tensor",
+       [](ProcessGroup& pg) { return pg.send(floats({4, 3}).t(), (pg.rank() + 1) % pg.size()); },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " send: expected a contiguous tensor, but got sizes [3, 4] "
+                       "strides [1, 3]. Call .contiguous() first.");
+       }},
   };
 }
 
@@ -898,6 +1198,7 @@ TEST_P(GroupConformance, ArgumentChecksGiveOneMessageOnEveryTransport) {
   const auto all = mistakes();
   on_ranks(transport(), [&](ProcessGroup& pg) {
     for (const auto& mistake : all) {
+      if (pg.size() < mistake.min_world) continue;
       try {
         auto work = mistake.call(pg);
         if (work) work->wait();
