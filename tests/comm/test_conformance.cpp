@@ -29,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "lockstep/agreement.h"
 #include "lockstep/errors.h"
 #include "lockstep/process_group.h"
 #include "lockstep/thread_group.h"
@@ -690,6 +691,98 @@ TEST_P(GroupConformance, RecvOfAMismatchedMessageNamesTheSend) {
     auto t = at::zeros({4}, at::kFloat);
     pg.recv(t, peer, 5)->wait();
     EXPECT_TRUE(at::equal(t, at::arange(4, at::kFloat))) << pg.where();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Object collectives (lockstep/agreement.h)
+
+// Rank r's object: r * 37 % 101 bytes (0 on rank 0), binary (every byte value, NULs included).
+std::string object_of(int r) {
+  std::string s;
+  for (int i = 0; i < r * 37 % 101; ++i) s.push_back(static_cast<char>((r * 31 + i * 7) % 256));
+  return s;
+}
+
+TEST_P(GroupConformance, ObjectCollectivesCarryEveryRanksBytes) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), me = pg.rank();
+    const auto mine = object_of(me);
+    auto strings = lockstep::allgather_strings(pg, mine);
+    auto bytes = lockstep::allgather_bytes(pg, lockstep::Bytes(mine.begin(), mine.end()));
+    ASSERT_EQ(static_cast<int>(strings.size()), w);
+    ASSERT_EQ(static_cast<int>(bytes.size()), w);
+    for (int r = 0; r < w; ++r) {
+      EXPECT_EQ(strings[r], object_of(r)) << pg.where() << " allgather_strings of rank " << r;
+      EXPECT_EQ(std::string(bytes[r].begin(), bytes[r].end()), object_of(r))
+          << pg.where() << " allgather_bytes of rank " << r;
+    }
+    EXPECT_EQ(lockstep::allgather_strings(pg, ""), std::vector<std::string>(w))
+        << pg.where() << " every string empty";
+    for (int root = 0; root < w; ++root) {
+      EXPECT_EQ(lockstep::broadcast_string(pg, me == root ? object_of(root + 1) : "ignored", root),
+                object_of(root + 1))
+          << pg.where() << " broadcast_string root " << root;
+      auto b = object_of(root + 2);
+      EXPECT_EQ(lockstep::broadcast_bytes(pg, lockstep::Bytes(b.begin(), b.end()), root),
+                lockstep::Bytes(b.begin(), b.end()))
+          << pg.where() << " broadcast_bytes root " << root;
+      auto gathered = lockstep::gather_strings(pg, mine, root);
+      if (me == root) {
+        ASSERT_EQ(static_cast<int>(gathered.size()), w) << pg.where();
+        for (int r = 0; r < w; ++r) {
+          EXPECT_EQ(gathered[r], object_of(r)) << pg.where() << " gather_strings root " << root;
+        }
+      } else {
+        EXPECT_TRUE(gathered.empty()) << pg.where() << " gather_strings on a non-root";
+      }
+    }
+  });
+}
+
+// Note [Bounded object collectives]: a length over the bound (an honest one over max_bytes,
+// or a peer that claims 2^62 bytes) fails every rank naming the rank, before any allocation;
+// the group stays usable.
+TEST_P(GroupConformance, ObjectCollectivesRejectOversizedLengthsBeforeAllocating) {
+  using lockstep::detail::concat;
+  constexpr int64_t kHuge = int64_t{1} << 62;
+  auto expect_bound_error = [](ProcessGroup& pg, const std::function<void()>& call,
+                               const std::string& want) {
+    try {
+      call();
+      ADD_FAILURE() << pg.where() << ": no error; expected " << want;
+    } catch (const lockstep::InvalidArgument& e) {
+      EXPECT_EQ(std::string(e.what()), want);
+    }
+  };
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), last = w - 1;
+    const std::string mine(pg.rank() == last ? 9 : 3, 'x');
+    auto over = [&](const char* op, int r, int64_t n, int64_t bound) {
+      return concat(pg.where(), " ", op, ": rank ", r, " announced ", n, " bytes, over the "
+                    "bound of ", bound, " bytes (max_bytes); nothing was allocated. Send less "
+                    "(or raise max_bytes on every rank).");
+    };
+    expect_bound_error(pg, [&] { lockstep::allgather_strings(pg, mine, 8); },
+                       over("allgather_strings", last, 9, 8));
+    expect_bound_error(pg, [&] { lockstep::gather_strings(pg, mine, 0, 8); },
+                       over("gather_strings", last, 9, 8));
+    expect_bound_error(pg, [&] { lockstep::broadcast_string(pg, mine, last, 8); },
+                       over("broadcast_string", last, 9, 8));
+    // A peer that claims 2^62 bytes (its raw length step, without the helper).
+    if (pg.rank() == last) {
+      std::vector<at::Tensor> lengths(w);
+      for (auto& t : lengths) t = at::zeros({1}, at::kLong);
+      pg.allgather(lengths, at::tensor({kHuge}, at::kLong))->wait();
+      auto length = at::tensor({kHuge}, at::kLong);
+      pg.broadcast(length, last)->wait();
+    } else {
+      expect_bound_error(pg, [&] { lockstep::allgather_bytes(pg, lockstep::Bytes(3, 1)); },
+                         over("allgather_bytes", last, kHuge, lockstep::kMaxObjectBytes));
+      expect_bound_error(pg, [&] { lockstep::broadcast_bytes(pg, {}, last); },
+                         over("broadcast_bytes", last, kHuge, lockstep::kMaxObjectBytes));
+    }
+    EXPECT_EQ(lockstep::broadcast_string(pg, "still usable", 0), "still usable") << pg.where();
   });
 }
 
