@@ -20,6 +20,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -783,6 +784,207 @@ TEST_P(GroupConformance, ObjectCollectivesRejectOversizedLengthsBeforeAllocating
                          over("broadcast_bytes", last, kHuge, lockstep::kMaxObjectBytes));
     }
     EXPECT_EQ(lockstep::broadcast_string(pg, "still usable", 0), "still usable") << pg.where();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subgroups (new_group)
+
+std::string list_of(const std::vector<int>& ranks) {
+  std::string s = "[";
+  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s + "]";
+}
+
+// The backend a subgroup over `ranks` of `transport` has: the parent's, except that a
+// hierarchical parent gives plain shared memory to members on one host.
+std::string subgroup_backend(const Transport& transport, const std::vector<int>& ranks) {
+  if (transport.backend != "hier") return transport.backend;
+  for (int r : ranks) {
+    if (transport.hosts[r] != transport.hosts[ranks[0]]) return "hier";
+  }
+  return "shm";
+}
+
+// Every shape of subgroup, all alive at once: the whole group, one rank, the last rank, the
+// even ranks, the odd ranks, the first and the last. Members run collectives on each (their
+// rank is their position); non-members hold a placeholder that refuses every operation.
+TEST_P(GroupConformance, SubgroupsOfEveryShapeRunCollectives) {
+  using lockstep::detail::concat;
+  const int w = world();
+  std::vector<std::vector<int>> shapes = {ranks_from(0, w), {0}, {w - 1}};
+  std::vector<int> evens, odds;
+  for (int r = 0; r < w; ++r) (r % 2 ? odds : evens).push_back(r);
+  shapes.push_back(evens);
+  if (!odds.empty()) shapes.push_back(odds);
+  if (w > 2) shapes.push_back({0, w - 1});
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    std::vector<ProcessGroupPtr> subs;
+    for (const auto& ranks : shapes) subs.push_back(lockstep::new_group(pg, ranks));
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const auto& ranks = shapes[i];
+      auto& sub = *subs[i];
+      const auto it = std::find(ranks.begin(), ranks.end(), pg.rank());
+      if (it == ranks.end()) {
+        EXPECT_FALSE(sub.is_member()) << pg.where() << " " << list_of(ranks);
+        EXPECT_EQ(sub.rank(), -1);
+        auto t = at::ones({2}, at::kFloat);
+        try {
+          sub.allreduce(t)->wait();
+          ADD_FAILURE() << pg.where() << ": a non-member ran an allreduce";
+        } catch (const lockstep::StateError& e) {
+          EXPECT_EQ(std::string(e.what()),
+                    concat(pg.where(), " allreduce on a subgroup: rank ", pg.rank(), " is not a "
+                           "member of the subgroup of ranks ", list_of(ranks), ". Only its "
+                           "members may use it; check is_member() first."));
+        }
+        std::vector<at::Tensor> none;
+        EXPECT_THROW(sub.gather(none, t, 0), lockstep::StateError) << pg.where();
+        EXPECT_THROW(sub.barrier(), lockstep::StateError) << pg.where();
+        continue;
+      }
+      const int k = static_cast<int>(ranks.size());
+      EXPECT_TRUE(sub.is_member());
+      EXPECT_EQ(sub.rank(), static_cast<int>(it - ranks.begin())) << pg.where();
+      EXPECT_EQ(sub.size(), k);
+      EXPECT_EQ(sub.backend(), subgroup_backend(transport(), ranks)) << list_of(ranks);
+      // allreduce: the sum of the members' parent ranks + 1.
+      auto t = at::full({1001}, static_cast<double>(pg.rank() + 1), at::kDouble);
+      sub.allreduce(t)->wait();
+      double want = 0;
+      for (int r : ranks) want += r + 1;
+      EXPECT_TRUE(at::equal(t, at::full({1001}, want, at::kDouble)))
+          << pg.where() << " subgroup " << list_of(ranks) << " allreduce";
+      // broadcast from the last member, gather to the first.
+      auto b = input(pg.rank(), 77, at::kFloat);
+      sub.broadcast(b, k - 1)->wait();
+      EXPECT_TRUE(bitwise_equal(b, input(ranks.back(), 77, at::kFloat)))
+          << pg.where() << " subgroup " << list_of(ranks) << " broadcast";
+      std::vector<at::Tensor> out;
+      if (sub.rank() == 0) {
+        for (int j = 0; j < k; ++j) out.push_back(at::zeros({5}, at::kLong));
+      }
+      sub.gather(out, input(pg.rank(), 5, at::kLong), 0)->wait();
+      for (int j = 0; j < static_cast<int>(out.size()); ++j) {
+        EXPECT_TRUE(bitwise_equal(out[j], input(ranks[j], 5, at::kLong)))
+            << pg.where() << " subgroup " << list_of(ranks) << " gather " << j;
+      }
+    }
+    // The parent is still in step.
+    auto t = at::full({3}, 1.0f);
+    pg.allreduce(t)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({3}, static_cast<float>(pg.size())))) << pg.where();
+  });
+}
+
+// The even and the odd ranks each run many collectives on their own subgroup at the same
+// time (and a subgroup of a subgroup), while both subgroups stay alive.
+TEST_P(GroupConformance, DisjointSubgroupsRunConcurrently) {
+  const int w = world();
+  if (w < 2) GTEST_SKIP() << "one rank has no two disjoint subgroups";
+  std::vector<int> evens, odds;
+  for (int r = 0; r < w; ++r) (r % 2 ? odds : evens).push_back(r);
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    auto even = lockstep::new_group(pg, evens);
+    auto odd = lockstep::new_group(pg, odds);
+    auto& mine = pg.rank() % 2 ? *odd : *even;
+    const auto& members = pg.rank() % 2 ? odds : evens;
+    auto first = lockstep::new_group(mine, {0});  // collective over `mine` only
+    std::vector<at::Tensor> ts;
+    std::vector<WorkPtr> works;
+    for (int i = 0; i < 20; ++i) {
+      ts.push_back(at::full({4096 + 31 * i}, static_cast<float>(pg.rank() + i)));
+      works.push_back(mine.allreduce(ts.back()));
+    }
+    float base = 0;
+    for (int r : members) base += r;
+    for (int i = 0; i < 20; ++i) {
+      works[i]->wait();
+      const float want = base + static_cast<float>(i * members.size());
+      EXPECT_TRUE(at::equal(ts[i], at::full({4096 + 31 * i}, want)))
+          << pg.where() << " allreduce " << i << " on " << list_of(members);
+    }
+    EXPECT_EQ(first->is_member(), mine.rank() == 0) << pg.where();
+    if (first->is_member()) {
+      EXPECT_EQ(first->size(), 1);
+      first->barrier()->wait();
+    }
+  });
+}
+
+TEST_P(GroupConformance, NewGroupRejectsBadRanksOnEveryRank) {
+  using lockstep::detail::concat;
+  const int w = world();
+  struct Case {
+    const char* name;
+    std::function<std::vector<int>(int rank)> ranks;
+    std::function<std::string(const ProcessGroup&)> message;
+    int min_world;
+  };
+  auto same_for_all = [](std::vector<int> r) { return [r](int) { return r; }; };
+  std::vector<Case> cases = {
+      {"no ranks", same_for_all({}),
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected at least one rank, but got none.");
+       },
+       1},
+      {"a rank == size", same_for_all({0, w}),
+       [w](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected ranks in [0, ", w, "), but got ", w,
+                       " in [0, ", w, "].");
+       },
+       1},
+      {"a negative rank", same_for_all({-1}),
+       [w](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected ranks in [0, ", w, "), but got -1 in "
+                       "[-1].");
+       },
+       1},
+      {"unsorted ranks", same_for_all({1, 0}),
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected sorted, distinct ranks, but got [1, 0]. "
+                       "Sort them and drop duplicates.");
+       },
+       2},
+      {"a duplicate rank", same_for_all({0, 0}),
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected sorted, distinct ranks, but got [0, 0]. "
+                       "Sort them and drop duplicates.");
+       },
+       1},
+      {"ranks that differ between ranks",
+       [](int rank) { return rank == 0 ? std::vector<int>{0} : std::vector<int>{0, 1}; },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: rank 0 passes ranks [0] but rank 1 passes "
+                       "[0, 1]. Every rank must pass the same ranks to the same new_group "
+                       "call.");
+       },
+       2},
+      {"an invalid list on the last rank only",
+       [w](int rank) { return rank == w - 1 ? std::vector<int>{w} : std::vector<int>{0}; },
+       [w](const ProcessGroup& pg) {
+         if (pg.rank() == w - 1) {
+           return concat(pg.where(), " new_group: expected ranks in [0, ", w, "), but got ", w,
+                         " in [", w, "].");
+         }
+         return concat(pg.where(), " new_group: rank ", w - 1, " passed invalid ranks (see its "
+                       "error); no subgroup was created.");
+       },
+       2},
+  };
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (const auto& c : cases) {
+      if (w < c.min_world) continue;
+      try {
+        lockstep::new_group(pg, c.ranks(pg.rank()));
+        ADD_FAILURE() << pg.where() << " " << c.name << ": no error";
+      } catch (const lockstep::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()), c.message(pg)) << c.name;
+      }
+    }
+    auto t = at::full({3}, 1.0f);
+    pg.allreduce(t)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({3}, static_cast<float>(pg.size())))) << pg.where();
   });
 }
 

@@ -30,6 +30,10 @@ enum class ReduceOp { kSum, kAvg, kMin, kMax, kProduct };
 /// "sum", "avg", "min", "max", "product".
 const char* to_string(ReduceOp op);
 
+class ProcessGroup;
+using ProcessGroupPtr = std::shared_ptr<ProcessGroup>;
+ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
+
 /// Handle to an asynchronous operation. Thread-safe.
 class Work {
  public:
@@ -205,6 +209,9 @@ class ProcessGroup {
   /// default; e.g. "shm (in place)" for a shared-memory group's own buffer.
   virtual std::string transport_for(const at::Tensor& tensor);
 
+  /// True for the placeholder new_group() returns to a rank outside the subgroup.
+  virtual bool is_member() const { return true; }
+
   /// Timeout of one collective.
   std::chrono::milliseconds timeout() const { return timeout_; }
   /// The store the group rendezvoused through (scoped to this group), for small metadata.
@@ -267,6 +274,16 @@ class ProcessGroup {
   std::vector<Descriptor> agree(const char* op, const Descriptor& mine,
                                 std::exception_ptr local_error);
 
+  /// A group of this group's transport over `ranks` (this group's ranks, sorted), in which this
+  /// rank is `sub_rank`, rendezvousing through `store` (scoped to the subgroup). Called by
+  /// new_group on members only, after the ranks were agreed; `id` numbers this group's
+  /// subgroups (1, 2, ...; equal on every rank). Collective over the members.
+  virtual ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t id,
+                                        const std::shared_ptr<Store>& store) = 0;
+  /// Throws StateError when this group may not be used (new_group's placeholder for
+  /// non-members); called first by gather, scatter, all_to_all_single, send and recv.
+  virtual void check_usable(const char* /*op*/) const {}
+
   /// The transport's part of gather / scatter / all_to_all_single / send / recv, called after
   /// the checks with resolved arguments (explicit split sizes, every rank's descriptor). The
   /// defaults compose allgather and broadcast, and send messages through store() (Note
@@ -294,8 +311,21 @@ class ProcessGroup {
   uint64_t sequence_ = 0;
   struct StoreMailbox;  // the default send / recv (process_group.cpp)
   std::unique_ptr<StoreMailbox> mailbox_;
+  uint64_t subgroups_ = 0;  // new_group calls so far
+  friend ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
 };
-using ProcessGroupPtr = std::shared_ptr<ProcessGroup>;
+
+/// A subgroup of `parent` over `ranks` (ranks of `parent`: sorted, distinct, in range, at
+/// least one), like torch.distributed.new_group. Collective over the parent: every rank of
+/// `parent` calls it with the same ranks, in the same order as its other new_group calls;
+/// disagreeing or invalid ranks throw InvalidArgument on every rank, naming the rank. A member
+/// gets a group of the parent's transport (Gloo, shm, hier or threads) whose rank() is its
+/// position in `ranks`; a rank outside gets a placeholder (is_member() false, rank() -1) whose
+/// every operation throws StateError naming the rank and the subgroup's ranks. Subgroups are
+/// independent groups (Note [Subgroups] in subgroup.cpp): several may be alive at once,
+/// overlapping or not, and collectives on disjoint subgroups may run concurrently. Each costs
+/// what a new group of its transport costs (Gloo connections, a shared-memory segment).
+ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
 
 /// Rendezvous and create this process's group (see ProcessGroupOptions). Collective: every
 /// rank of the job calls it. At rendezvous every rank checks that all agree on the world size

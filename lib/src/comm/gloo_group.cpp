@@ -222,9 +222,10 @@ class GlooWork : public Work {
 class GlooGroup : public ProcessGroup {
  public:
   GlooGroup(int rank, int size, std::chrono::milliseconds timeout, std::shared_ptr<Store> store,
-            std::shared_ptr<adapter::GlooBackend> backend, std::shared_ptr<const PeerTable> peers)
+            std::shared_ptr<adapter::GlooBackend> backend, std::shared_ptr<const PeerTable> peers,
+            int threads, adapter::GlooDeviceSpec device)
       : ProcessGroup(rank, size, timeout, std::move(store)), backend_(std::move(backend)),
-        peers_(std::move(peers)) {}
+        peers_(std::move(peers)), threads_(threads), device_(std::move(device)) {}
 
   std::string backend() const override { return "gloo"; }
 
@@ -290,6 +291,13 @@ class GlooGroup : public ProcessGroup {
     return start(what, [&] {
       return backend_->alltoall(output, in, out_splits, splits[rank()]);
     });
+  }
+
+  // Note [Subgroups]: a new mesh among the members, on the same device and thread count.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t /*id*/,
+                                const std::shared_ptr<Store>& store) override {
+    return make_gloo_group(sub_rank, static_cast<int>(ranks.size()), store, timeout(), threads_,
+                           device_);
   }
 
   // Note [Gloo messages]
@@ -378,6 +386,8 @@ class GlooGroup : public ProcessGroup {
 
   std::shared_ptr<adapter::GlooBackend> backend_;
   std::shared_ptr<const PeerTable> peers_;
+  int threads_;
+  adapter::GlooDeviceSpec device_;
   std::mutex executors_mutex_;
   std::map<int, std::unique_ptr<comm::SerialExecutor>> recv_executors_;  // last: uses the above
 };
@@ -414,7 +424,7 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
   auto peers = std::make_shared<PeerTable>(rank, size, store);
   peers->read();
   return std::make_shared<GlooGroup>(rank, size, timeout, store, std::move(backend),
-                                     std::move(peers));
+                                     std::move(peers), threads, device);
 }
 
 }  // namespace comm

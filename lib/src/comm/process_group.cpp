@@ -565,6 +565,7 @@ std::string ProcessGroup::p2p_mismatch(const std::string& where, int src, int ta
 
 WorkPtr ProcessGroup::gather(std::vector<at::Tensor>& outputs, const at::Tensor& input,
                              int root) {
+  check_usable("gather");
   Descriptor mine;
   std::exception_ptr local;
   try {
@@ -579,6 +580,7 @@ WorkPtr ProcessGroup::gather(std::vector<at::Tensor>& outputs, const at::Tensor&
 
 WorkPtr ProcessGroup::scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
                               int root) {
+  check_usable("scatter");
   Descriptor mine;
   std::exception_ptr local;
   try {
@@ -594,6 +596,7 @@ WorkPtr ProcessGroup::scatter(at::Tensor& output, const std::vector<at::Tensor>&
 WorkPtr ProcessGroup::all_to_all_single(at::Tensor& output, const at::Tensor& input,
                                         const std::vector<int64_t>& output_split_sizes,
                                         const std::vector<int64_t>& input_split_sizes) {
+  check_usable("all_to_all_single");
   Descriptor mine;
   std::exception_ptr local;
   try {
@@ -616,11 +619,13 @@ WorkPtr ProcessGroup::all_to_all_single(at::Tensor& output, const at::Tensor& in
 }
 
 WorkPtr ProcessGroup::send(const at::Tensor& tensor, int dst, int tag) {
+  check_usable("send");
   check_point_to_point("send", tensor, dst);
   return run_send(tensor, dst, tag);
 }
 
 WorkPtr ProcessGroup::recv(at::Tensor& tensor, int src, int tag) {
+  check_usable("recv");
   check_point_to_point("recv", tensor, src);
   return run_recv(tensor, src, tag);
 }

@@ -250,6 +250,13 @@ class ShmGroup : public ProcessGroup {
     return post([this, call, in, outs] { run_allgather(call, in, outs); });
   }
 
+  // Note [Subgroups]: a new segment among the members.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t /*id*/,
+                                const std::shared_ptr<Store>& store) override {
+    return std::make_shared<ShmGroup>(sub_rank, static_cast<int>(ranks.size()), timeout(), store,
+                                      rendezvous_timeout_, job_id_);
+  }
+
   WorkPtr barrier() override {
     Call call;
     call.sig.kind = static_cast<uint32_t>(OpKind::kBarrier);

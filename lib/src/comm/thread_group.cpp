@@ -140,6 +140,7 @@ struct GroupState {
   std::map<uint64_t, std::shared_ptr<Op>> pending;  // ops still waiting for arrivals
   std::vector<uint64_t> issued;                     // per rank: collectives issued
   std::exception_ptr aborted;
+  std::map<uint64_t, std::shared_ptr<GroupState>> subgroups;  // by new_group id
 
   void abort(std::exception_ptr error) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -425,6 +426,24 @@ class ThreadGroup : public ProcessGroup {
       o.splits = splits;
       o.row = row;
     });
+  }
+
+  // Note [Subgroups]: the member threads share a new state, created by the first to arrive.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t id,
+                                const std::shared_ptr<Store>& store) override {
+    std::shared_ptr<GroupState> child;
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      auto& slot = state_->subgroups[id];
+      if (!slot) {
+        slot = std::make_shared<GroupState>();
+        slot->size = static_cast<int>(ranks.size());
+        slot->options = state_->options;
+        slot->issued.assign(ranks.size(), 0);
+      }
+      child = slot;
+    }
+    return std::make_shared<ThreadGroup>(sub_rank, child, store);
   }
 
   // Note [Thread group messages]
