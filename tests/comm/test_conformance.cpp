@@ -481,6 +481,7 @@ TEST_P(DataConformance, GatherToEveryRootEveryCount) {
   std::vector<std::vector<int64_t>> shapes;
   for (int64_t n : kListCounts) shapes.push_back({n});
   shapes.push_back(kShape2d);
+  shapes.push_back({kLarge});  // several shared-memory slots
   on_ranks(transport(), [&](ProcessGroup& pg) {
     for (int root = 0; root < pg.size(); ++root) {
       for (const auto& shape : shapes) {
@@ -507,6 +508,7 @@ TEST_P(DataConformance, ScatterFromEveryRootEveryCount) {
   std::vector<std::vector<int64_t>> shapes;
   for (int64_t n : kListCounts) shapes.push_back({n});
   shapes.push_back(kShape2d);
+  shapes.push_back({kLarge});  // several shared-memory slots
   on_ranks(transport(), [&](ProcessGroup& pg) {
     for (int root = 0; root < pg.size(); ++root) {
       for (const auto& shape : shapes) {
@@ -607,10 +609,13 @@ TEST_P(DataConformance, AllToAllUnequalSplits) {
         check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/true);
       }
     }
-    // One rank sends everything to rank 0; nobody else sends anything.
-    std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w, 0));
-    splits[w - 1][0] = 1001;
-    check_all_to_all(pg, splits, 1, dtype(), /*explicit_splits=*/true);
+    // One rank sends everything to rank 0, nobody else sends anything: 1001 rows, then kLarge
+    // (a block that spans several steps of the shared-memory transport's slots).
+    for (int64_t rows : {int64_t{1001}, kLarge}) {
+      std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w, 0));
+      splits[w - 1][0] = rows;
+      check_all_to_all(pg, splits, 1, dtype(), /*explicit_splits=*/true);
+    }
   });
 }
 
