@@ -993,6 +993,55 @@ TEST_P(GroupConformance, NewGroupRejectsBadRanksOnEveryRank) {
   });
 }
 
+// A recv (or a thread group's send) whose peer never posts the other side fails with
+// TimeoutError after the group's timeout, naming the peer; the channel stays usable. Fresh
+// groups with a 300 ms timeout: the thread group's direct path and the store mailbox of shm.
+TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
+  using lockstep::detail::concat;
+  const auto timeout = std::chrono::milliseconds(300);
+  auto threads = lockstep::new_thread_groups(2, lockstep::ThreadGroupOptions().timeout(timeout));
+  std::vector<ProcessGroupPtr> shm(2);
+  auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
+  lockstep_test::run_ranks(2, [&](int r) {
+    shm[r] = lockstep::new_shm_group(
+        r, 2, store,
+        lockstep::ProcessGroupOptions().timeout(timeout).rendezvous_timeout(
+            std::chrono::seconds(20)).job_id(job_prefix() + "p2p-timeout"));
+  });
+  ASSERT_TRUE(shm[0] && shm[1]);
+  auto expect_timeout = [](const WorkPtr& work, const std::string& want) {
+    try {
+      work->wait();
+      ADD_FAILURE() << "no timeout; expected " << want;
+    } catch (const lockstep::TimeoutError& e) {
+      EXPECT_EQ(std::string(e.what()), want);
+    }
+  };
+  auto t = at::zeros({3}, at::kFloat);
+  expect_timeout(threads[1]->recv(t, 0),
+                 "[rank 1/2] recv from rank 0 (tag 0, 3 x Float, thread group) timed out after "
+                 "0.3 s: the peer did not post the matching send. Check that it does, and its "
+                 "log.");
+  expect_timeout(threads[0]->send(t, 1, 4),
+                 "[rank 0/2] send to rank 1 (tag 4, 3 x Float, thread group) timed out after "
+                 "0.3 s: the peer did not post the matching recv. Check that it does, and its "
+                 "log.");
+  expect_timeout(shm[1]->recv(t, 0, 2),
+                 "[rank 1/2] recv #1 from rank 0 (tag 2, 3 x Float) via the store timed out "
+                 "after 0.3 s: the peer sent nothing. Check that it calls send for this recv "
+                 "(and its log).");
+  // The timed-out Works left their queues: the next pair matches.
+  lockstep_test::run_ranks(2, [&](int r) {
+    auto x = at::full({3}, static_cast<float>(r + 1));
+    if (r == 0) {
+      threads[0]->send(x, 1)->wait();
+    } else {
+      threads[1]->recv(x, 0)->wait();
+      EXPECT_TRUE(at::equal(x, at::full({3}, 1.0f)));
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // barrier
 
