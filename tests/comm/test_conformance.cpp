@@ -917,6 +917,49 @@ TEST_P(GroupConformance, DisjointSubgroupsRunConcurrently) {
   });
 }
 
+// A ProcessGroup written outside lockstep (here one that forwards to a thread group) gets
+// a clear error from new_group instead of a half-built subgroup.
+class ForwardingGroup : public ProcessGroup {
+ public:
+  explicit ForwardingGroup(ProcessGroupPtr inner)
+      : ProcessGroup(inner->rank(), inner->size(), inner->timeout(), inner->store()),
+        inner_(std::move(inner)) {}
+  std::string backend() const override { return "forwarding"; }
+  WorkPtr allreduce(at::Tensor& t, ReduceOp op) override { return inner_->allreduce(t, op); }
+  WorkPtr broadcast(at::Tensor& t, int root) override { return inner_->broadcast(t, root); }
+  WorkPtr allgather(std::vector<at::Tensor>& out, const at::Tensor& in) override {
+    return inner_->allgather(out, in);
+  }
+  WorkPtr barrier() override { return inner_->barrier(); }
+
+ private:
+  ProcessGroupPtr inner_;
+};
+
+TEST(Subgroups, AGroupWithoutMakeSubgroupRefusesNewGroup) {
+  auto inner = lockstep::new_thread_groups(2);
+  lockstep_test::run_ranks(2, [&](int r) {
+    ForwardingGroup pg(inner[r]);
+    try {
+      lockstep::new_group(pg, {1});
+      EXPECT_NE(r, 1) << "rank 1 got a subgroup";
+    } catch (const lockstep::StateError& e) {
+      EXPECT_EQ(r, 1);
+      EXPECT_EQ(std::string(e.what()),
+                "[rank 1/2] new_group: the 'forwarding' group cannot build a subgroup of ranks "
+                "[1] (it does not implement make_subgroup). Split a Gloo, shm, hier or thread "
+                "group instead.");
+    }
+    // gather works on it too: the base class composes it of allgather.
+    std::vector<at::Tensor> out;
+    if (r == 0) out = {at::zeros({2}), at::zeros({2})};
+    pg.gather(out, at::full({2}, static_cast<float>(r + 1)), 0)->wait();
+    if (r == 0) {
+      EXPECT_TRUE(at::equal(out[1], at::full({2}, 2.0f)));
+    }
+  });
+}
+
 TEST_P(GroupConformance, NewGroupRejectsBadRanksOnEveryRank) {
   using lockstep::detail::concat;
   const int w = world();

@@ -277,9 +277,10 @@ class ProcessGroup {
   /// A group of this group's transport over `ranks` (this group's ranks, sorted), in which this
   /// rank is `sub_rank`, rendezvousing through `store` (scoped to the subgroup). Called by
   /// new_group on members only, after the ranks were agreed; `id` numbers this group's
-  /// subgroups (1, 2, ...; equal on every rank). Collective over the members.
+  /// subgroups (1, 2, ...; equal on every rank). Collective over the members. The default
+  /// throws StateError (a ProcessGroup written outside lockstep has no transport to copy).
   virtual ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t id,
-                                        const std::shared_ptr<Store>& store) = 0;
+                                        const std::shared_ptr<Store>& store);
   /// Throws StateError when this group may not be used (new_group's placeholder for
   /// non-members); called first by gather, scatter, all_to_all_single, send and recv.
   virtual void check_usable(const char* /*op*/) const {}

@@ -79,6 +79,14 @@ class NonMemberGroup : public ProcessGroup {
 
 }  // namespace
 
+ProcessGroupPtr ProcessGroup::make_subgroup(const std::vector<int>& ranks, int /*sub_rank*/,
+                                            uint64_t /*id*/,
+                                            const std::shared_ptr<Store>& /*store*/) {
+  throw StateError(concat(where(), " new_group: the '", backend(), "' group cannot build a "
+                          "subgroup of ranks ", rank_list(ranks), " (it does not implement "
+                          "make_subgroup). Split a Gloo, shm, hier or thread group instead."));
+}
+
 ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks) {
   // Step 1: check, then agree.
   std::string local_error;
