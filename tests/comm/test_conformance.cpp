@@ -20,6 +20,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -29,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "lockstep/agreement.h"
 #include "lockstep/errors.h"
 #include "lockstep/process_group.h"
 #include "lockstep/thread_group.h"
@@ -468,6 +470,622 @@ TEST_P(Conformance, ReduceListIntoEveryRootExact) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// gather, scatter, all_to_all_single, send / recv: float32, float64 and int64 on every
+// transport (they move bytes, so one floating, one wide and one integer dtype cover them).
+
+const std::vector<at::ScalarType> kDataDtypes = {at::kFloat, at::kDouble, at::kLong};
+
+class DataConformance : public Conformance {};
+
+TEST_P(DataConformance, GatherToEveryRootEveryCount) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (int64_t n : kListCounts) shapes.push_back({n});
+  shapes.push_back(kShape2d);
+  shapes.push_back({kLarge});  // several shared-memory slots
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int root = 0; root < pg.size(); ++root) {
+      for (const auto& shape : shapes) {
+        const int64_t n = numel_of(shape);
+        std::vector<at::Tensor> out;
+        if (pg.rank() == root) {
+          for (int i = 0; i < pg.size(); ++i) out.push_back(at::full(shape, 99, dtype()));
+        }
+        const auto mine = input(pg.rank(), n, dtype()).view(shape);
+        pg.gather(out, mine, root)->wait();
+        EXPECT_TRUE(bitwise_equal(mine, input(pg.rank(), n, dtype()).view(shape)))
+            << describe(pg, dtype(), n) << " root " << root << ": the input changed";
+        for (size_t i = 0; i < out.size(); ++i) {
+          EXPECT_TRUE(bitwise_equal(out[i], input(static_cast<int>(i), n, dtype()).view(shape)))
+              << describe(pg, dtype(), n) << " root " << root << " output " << i;
+        }
+      }
+    }
+  });
+}
+
+// The root's inputs[i] is input(10 * root + i): every (root, destination) pair distinct.
+TEST_P(DataConformance, ScatterFromEveryRootEveryCount) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (int64_t n : kListCounts) shapes.push_back({n});
+  shapes.push_back(kShape2d);
+  shapes.push_back({kLarge});  // several shared-memory slots
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (int root = 0; root < pg.size(); ++root) {
+      for (const auto& shape : shapes) {
+        const int64_t n = numel_of(shape);
+        std::vector<at::Tensor> in;
+        if (pg.rank() == root) {
+          for (int i = 0; i < pg.size(); ++i) {
+            in.push_back(input(10 * root + i, n, dtype()).view(shape));
+          }
+        }
+        auto out = at::full(shape, 99, dtype());
+        pg.scatter(out, in, root)->wait();
+        EXPECT_TRUE(bitwise_equal(out, input(10 * root + pg.rank(), n, dtype()).view(shape)))
+            << describe(pg, dtype(), n) << " root " << root;
+      }
+    }
+  });
+}
+
+// Rank r's all-to-all input: element i is r * 1e6 + i (exact in every tested dtype), rows of
+// `row` elements.
+at::Tensor a2a_input(int r, int64_t rows, int64_t row, at::ScalarType dtype) {
+  auto flat = (at::arange(rows * row, at::kLong) + static_cast<int64_t>(r) * 1000000).to(dtype);
+  return row == 1 ? flat : flat.view({rows, row});
+}
+
+// What rank `dst` receives when rank i cuts its input by splits[i] (rows of `row` elements):
+// the blocks addressed to it, in source order.
+at::Tensor a2a_reference(const std::vector<std::vector<int64_t>>& splits, int dst, int64_t row,
+                         at::ScalarType dtype) {
+  std::vector<at::Tensor> parts;
+  int64_t rows = 0;
+  for (size_t src = 0; src < splits.size(); ++src) {
+    const auto& s = splits[src];
+    int64_t total = 0, from = 0;
+    for (size_t j = 0; j < s.size(); ++j) {
+      total += s[j];
+      if (static_cast<int>(j) < dst) from += s[j];
+    }
+    auto whole = a2a_input(static_cast<int>(src), total, row, dtype).reshape({total, row});
+    parts.push_back(whole.narrow(0, from, s[dst]));
+    rows += s[dst];
+  }
+  auto out = parts.empty() ? at::empty({0, row}, dtype) : at::cat(parts);
+  return row == 1 ? out.reshape({rows}) : out;
+}
+
+void check_all_to_all(ProcessGroup& pg, const std::vector<std::vector<int64_t>>& splits,
+                      int64_t row, at::ScalarType dtype, bool explicit_splits) {
+  const int w = pg.size();
+  std::vector<int64_t> in_splits = splits[pg.rank()], out_splits;
+  for (int src = 0; src < w; ++src) out_splits.push_back(splits[src][pg.rank()]);
+  int64_t in_rows = 0, out_rows = 0;
+  for (int j = 0; j < w; ++j) {
+    in_rows += in_splits[j];
+    out_rows += out_splits[j];
+  }
+  const auto in = a2a_input(pg.rank(), in_rows, row, dtype);
+  auto out = row == 1 ? at::full({out_rows}, 99, dtype) : at::full({out_rows, row}, 99, dtype);
+  if (explicit_splits) {
+    pg.all_to_all_single(out, in, out_splits, in_splits)->wait();
+  } else {
+    pg.all_to_all_single(out, in)->wait();
+  }
+  EXPECT_TRUE(bitwise_equal(out, a2a_reference(splits, pg.rank(), row, dtype)))
+      << pg.where() << " " << dtype << " row " << row << " rows in " << in_rows << " out "
+      << out_rows << (explicit_splits ? " (explicit splits)" : " (equal splits)");
+  EXPECT_TRUE(bitwise_equal(in, a2a_input(pg.rank(), in_rows, row, dtype)))
+      << pg.where() << ": the input changed";
+}
+
+TEST_P(DataConformance, AllToAllEqualSplits) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size();
+    for (int64_t per : {int64_t{0}, int64_t{1}, int64_t{7}, kLargeList}) {
+      for (int64_t row : {int64_t{1}, int64_t{3}}) {
+        if (per == kLargeList && row != 1) continue;
+        std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w, per));
+        check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/false);
+        check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/true);
+      }
+    }
+  });
+}
+
+// Rank i sends (i + 2 j) % 3 x scale rows to rank j: zero-row blocks, uneven totals, and a
+// rank that sends or receives nothing at all (scale 0).
+TEST_P(DataConformance, AllToAllUnequalSplits) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size();
+    for (int64_t scale : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{20011}}) {
+      for (int64_t row : {int64_t{1}, int64_t{3}}) {
+        if (scale > 5 && row != 1) continue;
+        std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w));
+        for (int i = 0; i < w; ++i) {
+          for (int j = 0; j < w; ++j) splits[i][j] = (i + 2 * j) % 3 * scale;
+        }
+        check_all_to_all(pg, splits, row, dtype(), /*explicit_splits=*/true);
+      }
+    }
+    // One rank sends everything to rank 0, nobody else sends anything: 1001 rows, then kLarge
+    // (a block that spans several steps of the shared-memory transport's slots).
+    for (int64_t rows : {int64_t{1001}, kLarge}) {
+      std::vector<std::vector<int64_t>> splits(w, std::vector<int64_t>(w, 0));
+      splits[w - 1][0] = rows;
+      check_all_to_all(pg, splits, 1, dtype(), /*explicit_splits=*/true);
+    }
+  });
+}
+
+// Every rank sends to every other rank several messages (every count, two tags) at once, then
+// receives them all; the Works are waited for in reverse order. Messages from one rank to
+// another arrive in order.
+TEST_P(DataConformance, SendRecvEveryPairInOrder) {
+  if (world() == 1) GTEST_SKIP() << "no peer to send to";
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), me = pg.rank();
+    std::vector<WorkPtr> works;
+    std::vector<at::Tensor> sent, received, want;
+    for (int peer = 0; peer < w; ++peer) {
+      if (peer == me) continue;
+      for (size_t k = 0; k < kListCounts.size(); ++k) {
+        sent.push_back(input(100 * me + peer + static_cast<int>(k), kListCounts[k], dtype()));
+        works.push_back(pg.send(sent.back(), peer, static_cast<int>(k % 2)));
+      }
+    }
+    for (int peer = w - 1; peer >= 0; --peer) {  // the peers' order differs from the sends'
+      if (peer == me) continue;
+      for (size_t k = 0; k < kListCounts.size(); ++k) {
+        received.push_back(at::full({kListCounts[k]}, 99, dtype()));
+        want.push_back(input(100 * peer + me + static_cast<int>(k), kListCounts[k], dtype()));
+        works.push_back(pg.recv(received.back(), peer, static_cast<int>(k % 2)));
+      }
+    }
+    for (auto it = works.rbegin(); it != works.rend(); ++it) (*it)->wait();
+    for (size_t i = 0; i < received.size(); ++i) {
+      EXPECT_TRUE(bitwise_equal(received[i], want[i])) << pg.where() << " message " << i;
+    }
+    // A 2-D message into a 2-D tensor of the same element count.
+    const int next = (me + 1) % w, prev = (me + w - 1) % w;
+    auto ring_in = at::full(kShape2d, 99, dtype());
+    auto recv_work = pg.recv(ring_in, prev, 7);
+    pg.send(input(me, 21, dtype()).view(kShape2d), next, 7)->wait();
+    recv_work->wait();
+    EXPECT_TRUE(bitwise_equal(ring_in, input(prev, 21, dtype()).view(kShape2d))) << pg.where();
+  });
+}
+
+// A recv that does not match the next message fails naming what was sent, and leaves the
+// channel in order: the following message is received intact.
+TEST_P(GroupConformance, RecvOfAMismatchedMessageNamesTheSend) {
+  if (world() == 1) GTEST_SKIP() << "no peer to send to";
+  using lockstep::detail::concat;
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    if (pg.rank() > 1) return;
+    const int peer = 1 - pg.rank();
+    if (pg.rank() == 0) {
+      pg.send(at::ones({3}, at::kFloat), peer, 5)->wait();
+      pg.send(at::ones({4}, at::kFloat), peer, 5)->wait();
+      pg.send(at::ones({4}, at::kFloat), peer, 6)->wait();
+      pg.send(at::arange(4, at::kFloat), peer, 5)->wait();
+      return;
+    }
+    struct Case {
+      at::Tensor tensor;
+      int tag;
+      std::string sent;
+    };
+    std::vector<Case> cases = {{at::zeros({4}, at::kFloat), 5, "3 x Float with tag 5"},
+                               {at::zeros({4}, at::kDouble), 5, "4 x Float with tag 5"},
+                               {at::zeros({4}, at::kFloat), 5, "4 x Float with tag 6"}};
+    for (auto& c : cases) {
+      try {
+        pg.recv(c.tensor, peer, c.tag)->wait();
+        ADD_FAILURE() << pg.where() << " recv of " << c.sent << ": no error";
+      } catch (const lockstep::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()),
+                  concat(pg.where(), " recv from rank 0 (tag ", c.tag, ", 4 x ",
+                         c.tensor.scalar_type(), "): rank 0 sent ", c.sent,
+                         ". Messages between two ranks are received in the order they were "
+                         "sent: give each recv the tag, dtype and element count of its send."));
+      }
+      EXPECT_TRUE(at::equal(c.tensor, at::zeros({4}, c.tensor.scalar_type())))
+          << pg.where() << ": a rejected message was written into the tensor";
+    }
+    auto t = at::zeros({4}, at::kFloat);
+    pg.recv(t, peer, 5)->wait();
+    EXPECT_TRUE(at::equal(t, at::arange(4, at::kFloat))) << pg.where();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Object collectives (lockstep/agreement.h)
+
+// Rank r's object: r * 37 % 101 bytes (0 on rank 0), binary (every byte value, NULs included).
+std::string object_of(int r) {
+  std::string s;
+  for (int i = 0; i < r * 37 % 101; ++i) s.push_back(static_cast<char>((r * 31 + i * 7) % 256));
+  return s;
+}
+
+TEST_P(GroupConformance, ObjectCollectivesCarryEveryRanksBytes) {
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), me = pg.rank();
+    const auto mine = object_of(me);
+    auto strings = lockstep::allgather_strings(pg, mine);
+    auto bytes = lockstep::allgather_bytes(pg, lockstep::Bytes(mine.begin(), mine.end()));
+    ASSERT_EQ(static_cast<int>(strings.size()), w);
+    ASSERT_EQ(static_cast<int>(bytes.size()), w);
+    for (int r = 0; r < w; ++r) {
+      EXPECT_EQ(strings[r], object_of(r)) << pg.where() << " allgather_strings of rank " << r;
+      EXPECT_EQ(std::string(bytes[r].begin(), bytes[r].end()), object_of(r))
+          << pg.where() << " allgather_bytes of rank " << r;
+    }
+    EXPECT_EQ(lockstep::allgather_strings(pg, ""), std::vector<std::string>(w))
+        << pg.where() << " every string empty";
+    for (int root = 0; root < w; ++root) {
+      EXPECT_EQ(lockstep::broadcast_string(pg, me == root ? object_of(root + 1) : "ignored", root),
+                object_of(root + 1))
+          << pg.where() << " broadcast_string root " << root;
+      auto b = object_of(root + 2);
+      EXPECT_EQ(lockstep::broadcast_bytes(pg, lockstep::Bytes(b.begin(), b.end()), root),
+                lockstep::Bytes(b.begin(), b.end()))
+          << pg.where() << " broadcast_bytes root " << root;
+      auto gathered = lockstep::gather_strings(pg, mine, root);
+      if (me == root) {
+        ASSERT_EQ(static_cast<int>(gathered.size()), w) << pg.where();
+        for (int r = 0; r < w; ++r) {
+          EXPECT_EQ(gathered[r], object_of(r)) << pg.where() << " gather_strings root " << root;
+        }
+      } else {
+        EXPECT_TRUE(gathered.empty()) << pg.where() << " gather_strings on a non-root";
+      }
+    }
+  });
+}
+
+// Note [Bounded object collectives]: a length over the bound (an honest one over max_bytes,
+// or a peer that claims 2^62 bytes) fails every rank naming the rank, before any allocation;
+// the group stays usable.
+TEST_P(GroupConformance, ObjectCollectivesRejectOversizedLengthsBeforeAllocating) {
+  using lockstep::detail::concat;
+  constexpr int64_t kHuge = int64_t{1} << 62;
+  auto expect_bound_error = [](ProcessGroup& pg, const std::function<void()>& call,
+                               const std::string& want) {
+    try {
+      call();
+      ADD_FAILURE() << pg.where() << ": no error; expected " << want;
+    } catch (const lockstep::InvalidArgument& e) {
+      EXPECT_EQ(std::string(e.what()), want);
+    }
+  };
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), last = w - 1;
+    const std::string mine(pg.rank() == last ? 9 : 3, 'x');
+    auto over = [&](const char* op, int r, int64_t n, int64_t bound) {
+      return concat(pg.where(), " ", op, ": rank ", r, " announced ", n, " bytes, over the "
+                    "bound of ", bound, " bytes (max_bytes); nothing was allocated. Send less "
+                    "(or raise max_bytes on every rank).");
+    };
+    expect_bound_error(pg, [&] { lockstep::allgather_strings(pg, mine, 8); },
+                       over("allgather_strings", last, 9, 8));
+    expect_bound_error(pg, [&] { lockstep::gather_strings(pg, mine, 0, 8); },
+                       over("gather_strings", last, 9, 8));
+    expect_bound_error(pg, [&] { lockstep::broadcast_string(pg, mine, last, 8); },
+                       over("broadcast_string", last, 9, 8));
+    // A peer that claims 2^62 bytes (its raw length step, without the helper).
+    if (pg.rank() == last) {
+      std::vector<at::Tensor> lengths(w);
+      for (auto& t : lengths) t = at::zeros({1}, at::kLong);
+      pg.allgather(lengths, at::tensor({kHuge}, at::kLong))->wait();
+      auto length = at::tensor({kHuge}, at::kLong);
+      pg.broadcast(length, last)->wait();
+    } else {
+      expect_bound_error(pg, [&] { lockstep::allgather_bytes(pg, lockstep::Bytes(3, 1)); },
+                         over("allgather_bytes", last, kHuge, lockstep::kMaxObjectBytes));
+      expect_bound_error(pg, [&] { lockstep::broadcast_bytes(pg, {}, last); },
+                         over("broadcast_bytes", last, kHuge, lockstep::kMaxObjectBytes));
+    }
+    EXPECT_EQ(lockstep::broadcast_string(pg, "still usable", 0), "still usable") << pg.where();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subgroups (new_group)
+
+std::string list_of(const std::vector<int>& ranks) {
+  std::string s = "[";
+  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s + "]";
+}
+
+// The backend a subgroup over `ranks` of `transport` has: the parent's, except that a
+// hierarchical parent gives plain shared memory to members on one host.
+std::string subgroup_backend(const Transport& transport, const std::vector<int>& ranks) {
+  if (transport.backend != "hier") return transport.backend;
+  for (int r : ranks) {
+    if (transport.hosts[r] != transport.hosts[ranks[0]]) return "hier";
+  }
+  return "shm";
+}
+
+// Every shape of subgroup, all alive at once: the whole group, one rank, the last rank, the
+// even ranks, the odd ranks, the first and the last. Members run collectives on each (their
+// rank is their position); non-members hold a placeholder that refuses every operation.
+TEST_P(GroupConformance, SubgroupsOfEveryShapeRunCollectives) {
+  using lockstep::detail::concat;
+  const int w = world();
+  std::vector<std::vector<int>> shapes = {ranks_from(0, w), {0}, {w - 1}};
+  std::vector<int> evens, odds;
+  for (int r = 0; r < w; ++r) (r % 2 ? odds : evens).push_back(r);
+  shapes.push_back(evens);
+  if (!odds.empty()) shapes.push_back(odds);
+  if (w > 2) shapes.push_back({0, w - 1});
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    std::vector<ProcessGroupPtr> subs;
+    for (const auto& ranks : shapes) subs.push_back(lockstep::new_group(pg, ranks));
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const auto& ranks = shapes[i];
+      auto& sub = *subs[i];
+      const auto it = std::find(ranks.begin(), ranks.end(), pg.rank());
+      if (it == ranks.end()) {
+        EXPECT_FALSE(sub.is_member()) << pg.where() << " " << list_of(ranks);
+        EXPECT_EQ(sub.rank(), -1);
+        auto t = at::ones({2}, at::kFloat);
+        try {
+          sub.allreduce(t)->wait();
+          ADD_FAILURE() << pg.where() << ": a non-member ran an allreduce";
+        } catch (const lockstep::StateError& e) {
+          EXPECT_EQ(std::string(e.what()),
+                    concat(pg.where(), " allreduce on a subgroup: rank ", pg.rank(), " is not a "
+                           "member of the subgroup of ranks ", list_of(ranks), ". Only its "
+                           "members may use it; check is_member() first."));
+        }
+        std::vector<at::Tensor> none;
+        EXPECT_THROW(sub.gather(none, t, 0), lockstep::StateError) << pg.where();
+        EXPECT_THROW(sub.barrier(), lockstep::StateError) << pg.where();
+        continue;
+      }
+      const int k = static_cast<int>(ranks.size());
+      EXPECT_TRUE(sub.is_member());
+      EXPECT_EQ(sub.rank(), static_cast<int>(it - ranks.begin())) << pg.where();
+      EXPECT_EQ(sub.size(), k);
+      EXPECT_EQ(sub.backend(), subgroup_backend(transport(), ranks)) << list_of(ranks);
+      // allreduce: the sum of the members' parent ranks + 1.
+      auto t = at::full({1001}, static_cast<double>(pg.rank() + 1), at::kDouble);
+      sub.allreduce(t)->wait();
+      double want = 0;
+      for (int r : ranks) want += r + 1;
+      EXPECT_TRUE(at::equal(t, at::full({1001}, want, at::kDouble)))
+          << pg.where() << " subgroup " << list_of(ranks) << " allreduce";
+      // broadcast from the last member, gather to the first.
+      auto b = input(pg.rank(), 77, at::kFloat);
+      sub.broadcast(b, k - 1)->wait();
+      EXPECT_TRUE(bitwise_equal(b, input(ranks.back(), 77, at::kFloat)))
+          << pg.where() << " subgroup " << list_of(ranks) << " broadcast";
+      std::vector<at::Tensor> out;
+      if (sub.rank() == 0) {
+        for (int j = 0; j < k; ++j) out.push_back(at::zeros({5}, at::kLong));
+      }
+      sub.gather(out, input(pg.rank(), 5, at::kLong), 0)->wait();
+      for (int j = 0; j < static_cast<int>(out.size()); ++j) {
+        EXPECT_TRUE(bitwise_equal(out[j], input(ranks[j], 5, at::kLong)))
+            << pg.where() << " subgroup " << list_of(ranks) << " gather " << j;
+      }
+    }
+    // The parent is still in step.
+    auto t = at::full({3}, 1.0f);
+    pg.allreduce(t)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({3}, static_cast<float>(pg.size())))) << pg.where();
+  });
+}
+
+// The even and the odd ranks each run many collectives on their own subgroup at the same
+// time (and a subgroup of a subgroup), while both subgroups stay alive.
+TEST_P(GroupConformance, DisjointSubgroupsRunConcurrently) {
+  const int w = world();
+  if (w < 2) GTEST_SKIP() << "one rank has no two disjoint subgroups";
+  std::vector<int> evens, odds;
+  for (int r = 0; r < w; ++r) (r % 2 ? odds : evens).push_back(r);
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    auto even = lockstep::new_group(pg, evens);
+    auto odd = lockstep::new_group(pg, odds);
+    auto& mine = pg.rank() % 2 ? *odd : *even;
+    const auto& members = pg.rank() % 2 ? odds : evens;
+    auto first = lockstep::new_group(mine, {0});  // collective over `mine` only
+    std::vector<at::Tensor> ts;
+    std::vector<WorkPtr> works;
+    for (int i = 0; i < 20; ++i) {
+      ts.push_back(at::full({4096 + 31 * i}, static_cast<float>(pg.rank() + i)));
+      works.push_back(mine.allreduce(ts.back()));
+    }
+    float base = 0;
+    for (int r : members) base += r;
+    for (int i = 0; i < 20; ++i) {
+      works[i]->wait();
+      const float want = base + static_cast<float>(i * members.size());
+      EXPECT_TRUE(at::equal(ts[i], at::full({4096 + 31 * i}, want)))
+          << pg.where() << " allreduce " << i << " on " << list_of(members);
+    }
+    EXPECT_EQ(first->is_member(), mine.rank() == 0) << pg.where();
+    if (first->is_member()) {
+      EXPECT_EQ(first->size(), 1);
+      first->barrier()->wait();
+    }
+  });
+}
+
+// A ProcessGroup written outside lockstep (here one that forwards to a thread group) gets
+// a clear error from new_group instead of a half-built subgroup.
+class ForwardingGroup : public ProcessGroup {
+ public:
+  explicit ForwardingGroup(ProcessGroupPtr inner)
+      : ProcessGroup(inner->rank(), inner->size(), inner->timeout(), inner->store()),
+        inner_(std::move(inner)) {}
+  std::string backend() const override { return "forwarding"; }
+  WorkPtr allreduce(at::Tensor& t, ReduceOp op) override { return inner_->allreduce(t, op); }
+  WorkPtr broadcast(at::Tensor& t, int root) override { return inner_->broadcast(t, root); }
+  WorkPtr allgather(std::vector<at::Tensor>& out, const at::Tensor& in) override {
+    return inner_->allgather(out, in);
+  }
+  WorkPtr barrier() override { return inner_->barrier(); }
+
+ private:
+  ProcessGroupPtr inner_;
+};
+
+TEST(Subgroups, AGroupWithoutMakeSubgroupRefusesNewGroup) {
+  auto inner = lockstep::new_thread_groups(2);
+  lockstep_test::run_ranks(2, [&](int r) {
+    ForwardingGroup pg(inner[r]);
+    try {
+      lockstep::new_group(pg, {1});
+      EXPECT_NE(r, 1) << "rank 1 got a subgroup";
+    } catch (const lockstep::StateError& e) {
+      EXPECT_EQ(r, 1);
+      EXPECT_EQ(std::string(e.what()),
+                "[rank 1/2] new_group: the 'forwarding' group cannot build a subgroup of ranks "
+                "[1] (it does not implement make_subgroup). Split a Gloo, shm, hier or thread "
+                "group instead.");
+    }
+    // gather works on it too: the base class composes it of allgather.
+    std::vector<at::Tensor> out;
+    if (r == 0) out = {at::zeros({2}), at::zeros({2})};
+    pg.gather(out, at::full({2}, static_cast<float>(r + 1)), 0)->wait();
+    if (r == 0) {
+      EXPECT_TRUE(at::equal(out[1], at::full({2}, 2.0f)));
+    }
+  });
+}
+
+TEST_P(GroupConformance, NewGroupRejectsBadRanksOnEveryRank) {
+  using lockstep::detail::concat;
+  const int w = world();
+  struct Case {
+    const char* name;
+    std::function<std::vector<int>(int rank)> ranks;
+    std::function<std::string(const ProcessGroup&)> message;
+    int min_world;
+  };
+  auto same_for_all = [](std::vector<int> r) { return [r](int) { return r; }; };
+  std::vector<Case> cases = {
+      {"no ranks", same_for_all({}),
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected at least one rank, but got none.");
+       },
+       1},
+      {"a rank == size", same_for_all({0, w}),
+       [w](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected ranks in [0, ", w, "), but got ", w,
+                       " in [0, ", w, "].");
+       },
+       1},
+      {"a negative rank", same_for_all({-1}),
+       [w](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected ranks in [0, ", w, "), but got -1 in "
+                       "[-1].");
+       },
+       1},
+      {"unsorted ranks", same_for_all({1, 0}),
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected sorted, distinct ranks, but got [1, 0]. "
+                       "Sort them and drop duplicates.");
+       },
+       2},
+      {"a duplicate rank", same_for_all({0, 0}),
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: expected sorted, distinct ranks, but got [0, 0]. "
+                       "Sort them and drop duplicates.");
+       },
+       1},
+      {"ranks that differ between ranks",
+       [](int rank) { return rank == 0 ? std::vector<int>{0} : std::vector<int>{0, 1}; },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " new_group: rank 0 passes ranks [0] but rank 1 passes "
+                       "[0, 1]. Every rank must pass the same ranks to the same new_group "
+                       "call.");
+       },
+       2},
+      {"an invalid list on the last rank only",
+       [w](int rank) { return rank == w - 1 ? std::vector<int>{w} : std::vector<int>{0}; },
+       [w](const ProcessGroup& pg) {
+         if (pg.rank() == w - 1) {
+           return concat(pg.where(), " new_group: expected ranks in [0, ", w, "), but got ", w,
+                         " in [", w, "].");
+         }
+         return concat(pg.where(), " new_group: rank ", w - 1, " passed invalid ranks (see its "
+                       "error); no subgroup was created.");
+       },
+       2},
+  };
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    for (const auto& c : cases) {
+      if (w < c.min_world) continue;
+      try {
+        lockstep::new_group(pg, c.ranks(pg.rank()));
+        ADD_FAILURE() << pg.where() << " " << c.name << ": no error";
+      } catch (const lockstep::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()), c.message(pg)) << c.name;
+      }
+    }
+    auto t = at::full({3}, 1.0f);
+    pg.allreduce(t)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({3}, static_cast<float>(pg.size())))) << pg.where();
+  });
+}
+
+// A recv (or a thread group's send) whose peer never posts the other side fails with
+// TimeoutError after the group's timeout, naming the peer; the channel stays usable. Fresh
+// groups with a 300 ms timeout: the thread group's direct path and the store mailbox of shm.
+TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
+  using lockstep::detail::concat;
+  const auto timeout = std::chrono::milliseconds(300);
+  auto threads = lockstep::new_thread_groups(2, lockstep::ThreadGroupOptions().timeout(timeout));
+  std::vector<ProcessGroupPtr> shm(2);
+  auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
+  lockstep_test::run_ranks(2, [&](int r) {
+    shm[r] = lockstep::new_shm_group(
+        r, 2, store,
+        lockstep::ProcessGroupOptions().timeout(timeout).rendezvous_timeout(
+            std::chrono::seconds(20)).job_id(job_prefix() + "p2p-timeout"));
+  });
+  ASSERT_TRUE(shm[0] && shm[1]);
+  auto expect_timeout = [](const WorkPtr& work, const std::string& want) {
+    try {
+      work->wait();
+      ADD_FAILURE() << "no timeout; expected " << want;
+    } catch (const lockstep::TimeoutError& e) {
+      EXPECT_EQ(std::string(e.what()), want);
+    }
+  };
+  auto t = at::zeros({3}, at::kFloat);
+  expect_timeout(threads[1]->recv(t, 0),
+                 "[rank 1/2] recv from rank 0 (tag 0, 3 x Float, thread group) timed out after "
+                 "0.3 s: the peer did not post the matching send. Check that it does, and its "
+                 "log.");
+  expect_timeout(threads[0]->send(t, 1, 4),
+                 "[rank 0/2] send to rank 1 (tag 4, 3 x Float, thread group) timed out after "
+                 "0.3 s: the peer did not post the matching recv. Check that it does, and its "
+                 "log.");
+  expect_timeout(shm[1]->recv(t, 0, 2),
+                 "[rank 1/2] recv #1 from rank 0 (tag 2, 3 x Float) via the store timed out "
+                 "after 0.3 s: the peer sent nothing. Check that it calls send for this recv "
+                 "(and its log).");
+  // The timed-out Works left their queues: the next pair matches.
+  lockstep_test::run_ranks(2, [&](int r) {
+    auto x = at::full({3}, static_cast<float>(r + 1));
+    if (r == 0) {
+      threads[0]->send(x, 1)->wait();
+    } else {
+      threads[1]->recv(x, 0)->wait();
+      EXPECT_TRUE(at::equal(x, at::full({3}, 1.0f)));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // barrier
 
 // No rank leaves a barrier before every rank reached it: a counter bumped before each
@@ -540,7 +1158,28 @@ struct Mistake {
   const char* name;
   std::function<WorkPtr(ProcessGroup&)> call;
   std::function<std::string(const ProcessGroup&)> message;
+  int min_world = 1;  // a mistake between ranks needs at least two
 };
+
+// The message every rank gets when rank `r` (not itself) made a mistake of its own in a
+// checked collective (Note [Checked collectives]).
+std::string other_rank_invalid(const ProcessGroup& pg, const char* op, int r) {
+  return lockstep::detail::concat(pg.where(), " ", op, ": rank ", r, " passed invalid arguments "
+                                  "(see its error). Every rank must pass matching arguments; "
+                                  "nothing was sent.");
+}
+
+std::string ranks_disagree(const ProcessGroup& pg, const char* op, const std::string& what) {
+  return lockstep::detail::concat(pg.where(), " ", op, ": ", what, ". Every rank must pass "
+                                  "matching arguments; nothing was sent.");
+}
+
+// A list of `n` float tensors shaped `shape`.
+std::vector<at::Tensor> float_list(int n, at::IntArrayRef shape) {
+  std::vector<at::Tensor> list;
+  for (int i = 0; i < n; ++i) list.push_back(at::ones(shape, at::kFloat));
+  return list;
+}
 
 std::vector<Mistake> mistakes() {
   using lockstep::detail::concat;
@@ -665,6 +1304,285 @@ std::vector<Mistake> mistakes() {
          return concat(pg.where(), " reduce: expected floating-point tensors for ReduceOp avg, "
                        "but tensor 1 is Int. Use sum and divide.");
        }},
+      // gather
+      {"gather to root == size",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> none;
+         return pg.gather(none, floats({2}), pg.size());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " gather: expected a root in [0, ", pg.size(), "), but got ",
+                       pg.size(), ".");
+       }},
+      {"gather with one output too few on the root",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.rank() == 0 ? pg.size() - 1 : 0, {2});
+         return pg.gather(out, floats({2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "gather", 0);
+         return concat(pg.where(), " gather: expected one output tensor per rank (", pg.size(),
+                       ") on the root, but got ", pg.size() - 1, ".");
+       }},
+      {"gather into outputs of another dtype",
+       [](ProcessGroup& pg) {
+         std::vector<at::Tensor> out(pg.rank() == 0 ? pg.size() : 0, at::ones({2}, at::kDouble));
+         return pg.gather(out, floats({2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "gather", 0);
+         return concat(pg.where(), " gather: expected output 0 to match the input ([2] Float), "
+                       "but got [2] Double.");
+       }},
+      {"gather with outputs on a rank other than the root",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.size(), {2});
+         return pg.gather(out, floats({2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() == 0) return other_rank_invalid(pg, "gather", 1);
+         return concat(pg.where(), " gather: expected no output tensors on a rank other than "
+                       "the root (0), but got ", pg.size(), ". Pass an empty list.");
+       },
+       2},
+      {"gather of another dtype on the last rank",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.rank() == 0 ? pg.size() : 0, {2});
+         const bool last = pg.rank() == pg.size() - 1;
+         return pg.gather(out, at::ones({2}, last ? at::kDouble : at::kFloat), 0);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "gather", concat("rank ", pg.size() - 1, " passed Double but "
+                                                    "rank 0 passed Float"));
+       },
+       2},
+      {"gather of more elements on the last rank",
+       [](ProcessGroup& pg) {
+         auto out = float_list(pg.rank() == 0 ? pg.size() : 0, {2});
+         return pg.gather(out, floats({pg.rank() == pg.size() - 1 ? 3 : 2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "gather", concat("rank ", pg.size() - 1, " passed 3 elements "
+                                                    "but rank 0 passed 2"));
+       },
+       2},
+      {"gather to a root that differs between ranks",
+       [](ProcessGroup& pg) {
+         const int root = pg.rank() == 0 ? 0 : 1;
+         auto out = float_list(pg.rank() == root ? pg.size() : 0, {2});
+         return pg.gather(out, floats({2}), root);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "gather", "rank 0 names root 0 but rank 1 names root 1");
+       },
+       2},
+      // scatter
+      {"scatter from root -1",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         return pg.scatter(out, {}, -1);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " scatter: expected a root in [0, ", pg.size(),
+                       "), but got -1.");
+       }},
+      {"scatter of inputs of another shape",
+       [](ProcessGroup& pg) {
+         auto out = floats({2, 3});
+         auto in = float_list(pg.rank() == 0 ? pg.size() : 0, {6});
+         return pg.scatter(out, in, 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "scatter", 0);
+         return concat(pg.where(), " scatter: expected input 0 to match the output ([2, 3] "
+                       "Float), but got [6] Float.");
+       }},
+      {"scatter with one input too many on the root",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         auto in = float_list(pg.rank() == 0 ? pg.size() + 1 : 0, {2});
+         return pg.scatter(out, in, 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() != 0) return other_rank_invalid(pg, "scatter", 0);
+         return concat(pg.where(), " scatter: expected one input tensor per rank (", pg.size(),
+                       ") on the root, but got ", pg.size() + 1, ".");
+       }},
+      {"scatter with inputs on a rank other than the root",
+       [](ProcessGroup& pg) {
+         auto out = floats({2});
+         return pg.scatter(out, float_list(pg.size(), {2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         if (pg.rank() == 0) return other_rank_invalid(pg, "scatter", 1);
+         return concat(pg.where(), " scatter: expected no input tensors on a rank other than "
+                       "the root (0), but got ", pg.size(), ". Pass an empty list.");
+       },
+       2},
+      {"scatter into an output of another size on rank 1",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.rank() == 1 ? 5 : 2});
+         return pg.scatter(out, float_list(pg.rank() == 0 ? pg.size() : 0, {2}), 0);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "scatter", "rank 1 passed 5 elements but rank 0 passed 2");
+       },
+       2},
+      // all_to_all_single
+      {"all_to_all_single with splits that do not sum to dim 0",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         std::vector<int64_t> splits(pg.size(), 1);
+         splits[0] = 2;
+         return pg.all_to_all_single(out, floats({pg.size()}), {}, splits);
+       },
+       [](const ProcessGroup& pg) {
+         std::string list = "[2";
+         for (int i = 1; i < pg.size(); ++i) list += ", 1";
+         return concat(pg.where(), " all_to_all_single: expected input_split_sizes ", list,
+                       "] to sum to dim 0 (", pg.size(), "), but they sum to ", pg.size() + 1,
+                       ".");
+       }},
+      {"all_to_all_single with one split too many",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         std::vector<int64_t> splits(pg.size() + 1, 0);
+         return pg.all_to_all_single(out, floats({pg.size()}), splits, {});
+       },
+       [](const ProcessGroup& pg) {
+         std::string list = "[0";
+         for (int i = 0; i < pg.size(); ++i) list += ", 0";
+         return concat(pg.where(), " all_to_all_single: expected output_split_sizes to hold "
+                       "one entry per rank (", pg.size(), "), but got ", pg.size() + 1, ": ",
+                       list, "].");
+       }},
+      {"all_to_all_single with a negative split",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         std::vector<int64_t> splits(pg.size(), 1);
+         splits[0] = -1;
+         splits[pg.size() - 1] += 2;
+         return pg.all_to_all_single(out, floats({pg.size()}), {}, splits);
+       },
+       [](const ProcessGroup& pg) {
+         std::vector<int64_t> splits(pg.size(), 1);
+         splits[0] = -1;
+         splits[pg.size() - 1] += 2;
+         std::string list = "[";
+         for (int i = 0; i < pg.size(); ++i) list += concat(i ? ", " : "", splits[i]);
+         return concat(pg.where(), " all_to_all_single: expected non-negative "
+                       "input_split_sizes, but got ", list, "].");
+       },
+       2},
+      {"all_to_all_single of equal splits of an indivisible dim 0",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size()});
+         return pg.all_to_all_single(out, floats({pg.size() + 1}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the input's dim 0 (",
+                       pg.size() + 1, ") to be divisible by the group size (", pg.size(),
+                       ") for equal splits. Pass input_split_sizes.");
+       },
+       2},
+      {"all_to_all_single into an output of another dtype",
+       [](ProcessGroup& pg) {
+         auto out = at::ones({pg.size()}, at::kDouble);
+         return pg.all_to_all_single(out, floats({pg.size()}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the output's dtype to match "
+                       "the input's (Float), but got Double.");
+       }},
+      {"all_to_all_single with rows of another shape",
+       [](ProcessGroup& pg) {
+         auto out = floats({pg.size(), 2});
+         return pg.all_to_all_single(out, floats({pg.size(), 3}));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the output's rows to match the "
+                       "input's (sizes [", pg.size(), ", 3] after dim 0), but got sizes [",
+                       pg.size(), ", 2].");
+       }},
+      {"all_to_all_single of a scalar",
+       [](ProcessGroup& pg) {
+         auto out = at::ones({}, at::kFloat);
+         return pg.all_to_all_single(out, at::ones({}, at::kFloat));
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected tensors of at least one "
+                       "dimension (split along dim 0), but got sizes [] (output) and [] "
+                       "(input).");
+       }},
+      {"all_to_all_single in place",
+       [](ProcessGroup& pg) {
+         auto t = floats({pg.size()});
+         return pg.all_to_all_single(t, t);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " all_to_all_single: expected the output and the input not "
+                       "to overlap, but they share memory. Pass a separate output tensor.");
+       }},
+      {"all_to_all_single where rank 0 expects more rows than are sent",
+       [](ProcessGroup& pg) {
+         const int w = pg.size();
+         std::vector<int64_t> in_splits(w, 1), out_splits(w, 1);
+         if (pg.rank() == 0) {
+           out_splits[0] = 2;
+           out_splits[1] = 0;
+         }
+         auto out = floats({w});
+         return pg.all_to_all_single(out, floats({w}), out_splits, in_splits);
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "all_to_all_single",
+                               "rank 0 sends 1 rows to rank 0 (its input_split_sizes[0]), but "
+                               "rank 0 expects 2 rows from rank 0 (its output_split_sizes[0])");
+       },
+       2},
+      {"all_to_all_single with wider rows on the last rank",
+       [](ProcessGroup& pg) {
+         const int64_t row = pg.rank() == pg.size() - 1 ? 4 : 3;
+         auto out = floats({pg.size(), row});
+         return pg.all_to_all_single(out, floats({pg.size(), row}));
+       },
+       [](const ProcessGroup& pg) {
+         return ranks_disagree(pg, "all_to_all_single",
+                               concat("rank ", pg.size() - 1, "'s rows hold 4 elements but rank "
+                                      "0's hold 3"));
+       },
+       2},
+      // send / recv
+      {"send to this rank",
+       [](ProcessGroup& pg) { return pg.send(floats({2}), pg.rank()); },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " send: expected a destination other than this rank (",
+                       pg.rank(), "), but got ", pg.rank(), ". Copy the tensor instead.");
+       }},
+      {"recv from rank == size",
+       [](ProcessGroup& pg) {
+         auto t = floats({2});
+         return pg.recv(t, pg.size());
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " recv: expected a source rank in [0, ", pg.size(),
+                       "), but got ", pg.size(), ".");
+       }},
+      {"recv from this rank",
+       [](ProcessGroup& pg) {
+         auto t = floats({2});
+         return pg.recv(t, pg.rank(), 3);
+       },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " recv: expected a source other than this rank (",
+                       pg.rank(), "), but got ", pg.rank(), ". Copy the tensor instead.");
+       }},
+      {"send of a non-contiguous tensor",
+       [](ProcessGroup& pg) { return pg.send(floats({4, 3}).t(), (pg.rank() + 1) % pg.size()); },
+       [](const ProcessGroup& pg) {
+         return concat(pg.where(), " send: expected a contiguous tensor, but got sizes [3, 4] "
+                       "strides [1, 3]. Call .contiguous() first.");
+       }},
   };
 }
 
@@ -672,6 +1590,7 @@ TEST_P(GroupConformance, ArgumentChecksGiveOneMessageOnEveryTransport) {
   const auto all = mistakes();
   on_ranks(transport(), [&](ProcessGroup& pg) {
     for (const auto& mistake : all) {
+      if (pg.size() < mistake.min_world) continue;
       try {
         auto work = mistake.call(pg);
         if (work) work->wait();
@@ -705,6 +1624,10 @@ std::string transport_dtype_name(
 INSTANTIATE_TEST_SUITE_P(Transports, Conformance,
                          ::testing::Combine(::testing::ValuesIn(all_transports()),
                                             ::testing::ValuesIn(kDtypes)),
+                         transport_dtype_name);
+INSTANTIATE_TEST_SUITE_P(Transports, DataConformance,
+                         ::testing::Combine(::testing::ValuesIn(all_transports()),
+                                            ::testing::ValuesIn(kDataDtypes)),
                          transport_dtype_name);
 INSTANTIATE_TEST_SUITE_P(Transports, GroupConformance, ::testing::ValuesIn(all_transports()),
                          transport_name);

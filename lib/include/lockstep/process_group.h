@@ -30,6 +30,10 @@ enum class ReduceOp { kSum, kAvg, kMin, kMax, kProduct };
 /// "sum", "avg", "min", "max", "product".
 const char* to_string(ReduceOp op);
 
+class ProcessGroup;
+using ProcessGroupPtr = std::shared_ptr<ProcessGroup>;
+ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
+
 /// Handle to an asynchronous operation. Thread-safe.
 class Work {
  public:
@@ -153,6 +157,46 @@ class ProcessGroup {
   /// Completes when every rank reached it. Collective.
   virtual WorkPtr barrier() = 0;
 
+  // Note [Checked collectives]
+  // gather, scatter and all_to_all_single check their arguments in two rounds before any
+  // payload moves: each rank checks its own (ProcessGroup::check_*), then the ranks exchange a
+  // small descriptor (operation, root, dtype, element counts, split sizes: one all-gather of
+  // 4 + 2 x size() int64s, waited for on the caller's thread) and every rank checks every
+  // other's. A mistake on one rank therefore fails every rank with the same InvalidArgument
+  // naming the rank and what it passed against what was expected, and the group stays usable:
+  // nothing was sent. The payload then moves on the transport's own path (Gloo's, the shared
+  // segment's or the thread group's); a transport without one uses the compositions of the
+  // base class (docs/collectives.md lists each transport's cost).
+
+  /// Rank i's `input` lands in `outputs[i]` on `root`. On root, `outputs` holds size() tensors
+  /// shaped and typed like `input`; on the other ranks it must be empty. Every rank passes an
+  /// input of the same dtype and element count. Collective; the call returns once every rank
+  /// has reached it (Note [Checked collectives]), the Work when the data moved.
+  WorkPtr gather(std::vector<at::Tensor>& outputs, const at::Tensor& input, int root = 0);
+  /// `output` receives root's `inputs[rank()]`. On root, `inputs` holds size() tensors shaped
+  /// and typed like root's `output`; on the other ranks it must be empty. Every rank passes an
+  /// output of the same dtype and element count. Collective (Note [Checked collectives]).
+  WorkPtr scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs, int root = 0);
+  /// torch.distributed.all_to_all_single: `input` is cut along dim 0 into size() blocks of
+  /// `input_split_sizes[j]` rows, block j goes to rank j, and the block from rank i lands in
+  /// `output` at rows sum(output_split_sizes[0..i)). Empty split sizes mean equal splits (dim 0
+  /// divisible by size()). Splits must sum to dim 0, the rows' other dimensions and the dtype
+  /// must agree, and rank i's `output_split_sizes[j]` must equal rank j's
+  /// `input_split_sizes[i]`. `input` and `output` must not overlap. Collective (Note [Checked
+  /// collectives]).
+  WorkPtr all_to_all_single(at::Tensor& output, const at::Tensor& input,
+                            const std::vector<int64_t>& output_split_sizes = {},
+                            const std::vector<int64_t>& input_split_sizes = {});
+  /// Sends `tensor` to rank `dst`. Messages from one rank to another are received in the
+  /// order they were sent; `tag` is checked, not used to select (a recv whose tag differs
+  /// from the next message's fails naming both tags). `tensor` must not change until the
+  /// Work completed. Not collective: only `dst` takes part, with a matching recv.
+  WorkPtr send(const at::Tensor& tensor, int dst, int tag = 0);
+  /// Receives the next message from rank `src` into `tensor`, which must have the sender's
+  /// dtype and element count (else wait() throws InvalidArgument naming both). wait() is
+  /// bounded by timeout(). Not collective.
+  WorkPtr recv(at::Tensor& tensor, int src, int tag = 0);
+
   /// A zero-filled flat tensor of `numel` elements meant to be all-reduced again and again
   /// (a DDP bucket). A transport with a faster path for memory it owns returns such memory:
   /// the shared-memory group maps a region every local rank can read, and an all-reduce of
@@ -164,6 +208,9 @@ class ProcessGroup {
   /// How an all-reduce of `tensor` would travel, for statistics and traces: backend() by
   /// default; e.g. "shm (in place)" for a shared-memory group's own buffer.
   virtual std::string transport_for(const at::Tensor& tensor);
+
+  /// True for the placeholder new_group() returns to a rank outside the subgroup.
+  virtual bool is_member() const { return true; }
 
   /// Timeout of one collective.
   std::chrono::milliseconds timeout() const { return timeout_; }
@@ -194,6 +241,68 @@ class ProcessGroup {
   /// complex dtype for kAvg.
   void check_reduce_scatter(const at::Tensor& output, const std::vector<at::Tensor>& inputs,
                             ReduceOp op) const;
+  /// A root in [0, size()), a valid input; on root one output per rank shaped and typed like
+  /// it, elsewhere no outputs.
+  void check_gather(const std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                    int root) const;
+  /// A root in [0, size()), a valid output; on root one input per rank shaped and typed like
+  /// it, elsewhere no inputs.
+  void check_scatter(const at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                     int root) const;
+  /// Valid, non-overlapping tensors of one dtype with at least one dimension and the same
+  /// row shape; split sizes (size() non-negative entries, or none for equal splits) that sum
+  /// to each tensor's dim 0.
+  void check_all_to_all(const at::Tensor& output, const at::Tensor& input,
+                        const std::vector<int64_t>& output_split_sizes,
+                        const std::vector<int64_t>& input_split_sizes) const;
+  /// A valid tensor and a peer in [0, size()) other than this rank (`op` "send" or "recv").
+  void check_point_to_point(const char* op, const at::Tensor& tensor, int peer) const;
+
+  /// The exchanged descriptor of a checked collective (Note [Checked collectives]).
+  struct Descriptor {
+    int64_t kind = 0;   ///< 1 gather, 2 scatter, 3 all_to_all_single; 0: this rank's own
+                        ///< check failed
+    int64_t root = 0;
+    int64_t dtype = 0;
+    int64_t numel = 0;  ///< element count (gather, scatter) or elements per row (all-to-all)
+    std::vector<int64_t> input_splits, output_splits;  ///< all-to-all: size() each
+  };
+  /// Exchanges `mine` and checks every rank's against every other's; throws InvalidArgument
+  /// naming the first rank that disagrees (every rank throws the same). `local_error` is this
+  /// rank's own check failure: exchanged as kind 0 and rethrown here after the exchange.
+  /// Returns every rank's descriptor. Collective.
+  std::vector<Descriptor> agree(const char* op, const Descriptor& mine,
+                                std::exception_ptr local_error);
+
+  /// A group of this group's transport over `ranks` (this group's ranks, sorted), in which this
+  /// rank is `sub_rank`, rendezvousing through `store` (scoped to the subgroup). Called by
+  /// new_group on members only, after the ranks were agreed; `id` numbers this group's
+  /// subgroups (1, 2, ...; equal on every rank). Collective over the members. The default
+  /// throws StateError (a ProcessGroup written outside lockstep has no transport to copy).
+  virtual ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t id,
+                                        const std::shared_ptr<Store>& store);
+  /// Throws StateError when this group may not be used (new_group's placeholder for
+  /// non-members); called first by gather, scatter, all_to_all_single, send and recv.
+  virtual void check_usable(const char* /*op*/) const {}
+
+  /// The transport's part of gather / scatter / all_to_all_single / send / recv, called after
+  /// the checks with resolved arguments (explicit split sizes, every rank's descriptor). The
+  /// defaults compose allgather and broadcast, and send messages through store() (Note
+  /// [Composed collectives] in process_group.cpp); transports with a direct path override.
+  virtual WorkPtr run_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                             int root);
+  virtual WorkPtr run_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                              int root);
+  /// `splits[i]` holds rank i's input split sizes (rows); `row` the elements per row.
+  virtual WorkPtr run_all_to_all(at::Tensor& output, const at::Tensor& input,
+                                 const std::vector<std::vector<int64_t>>& splits, int64_t row);
+  virtual WorkPtr run_send(const at::Tensor& tensor, int dst, int tag);
+  virtual WorkPtr run_recv(at::Tensor& tensor, int src, int tag);
+  /// The recv failure message shared by every transport: what rank `src` sent against what
+  /// the receiver (`where`, its where()) expects, or "" when they match.
+  static std::string p2p_mismatch(const std::string& where, int src, int tag,
+                                  at::ScalarType dtype, int64_t numel, int sent_tag,
+                                  int64_t sent_dtype, int64_t sent_numel);
 
  private:
   int rank_;
@@ -201,8 +310,23 @@ class ProcessGroup {
   std::chrono::milliseconds timeout_;
   std::shared_ptr<Store> store_;
   uint64_t sequence_ = 0;
+  struct StoreMailbox;  // the default send / recv (process_group.cpp)
+  std::unique_ptr<StoreMailbox> mailbox_;
+  uint64_t subgroups_ = 0;  // new_group calls so far
+  friend ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
 };
-using ProcessGroupPtr = std::shared_ptr<ProcessGroup>;
+
+/// A subgroup of `parent` over `ranks` (ranks of `parent`: sorted, distinct, in range, at
+/// least one), like torch.distributed.new_group. Collective over the parent: every rank of
+/// `parent` calls it with the same ranks, in the same order as its other new_group calls;
+/// disagreeing or invalid ranks throw InvalidArgument on every rank, naming the rank. A member
+/// gets a group of the parent's transport (Gloo, shm, hier or threads) whose rank() is its
+/// position in `ranks`; a rank outside gets a placeholder (is_member() false, rank() -1) whose
+/// every operation throws StateError naming the rank and the subgroup's ranks. Subgroups are
+/// independent groups (Note [Subgroups] in subgroup.cpp): several may be alive at once,
+/// overlapping or not, and collectives on disjoint subgroups may run concurrently. Each costs
+/// what a new group of its transport costs (Gloo connections, a shared-memory segment).
+ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
 
 /// Rendezvous and create this process's group (see ProcessGroupOptions). Collective: every
 /// rank of the job calls it. At rendezvous every rank checks that all agree on the world size

@@ -150,6 +150,37 @@ class C10dGlooBackend : public GlooBackend {
     return wrap(pg_->allgather(outs, ins));
   }
   GlooWorkHandlePtr barrier() override { return wrap(pg_->barrier()); }
+  GlooWorkHandlePtr gather(std::vector<at::Tensor>& outputs, at::Tensor& input,
+                           int root) override {
+    std::vector<std::vector<at::Tensor>> outs;
+    if (!outputs.empty()) outs.push_back(outputs);
+    std::vector<at::Tensor> ins{input};
+    c10d::GatherOptions opts;
+    opts.rootRank = root;
+    return wrap(pg_->gather(outs, ins, opts));
+  }
+  GlooWorkHandlePtr scatter(at::Tensor& output, std::vector<at::Tensor>& inputs,
+                            int root) override {
+    std::vector<at::Tensor> outs{output};
+    std::vector<std::vector<at::Tensor>> ins;
+    if (!inputs.empty()) ins.push_back(inputs);
+    c10d::ScatterOptions opts;
+    opts.rootRank = root;
+    return wrap(pg_->scatter(outs, ins, opts));
+  }
+  GlooWorkHandlePtr alltoall(at::Tensor& output, at::Tensor& input,
+                             std::vector<int64_t> output_splits,
+                             std::vector<int64_t> input_splits) override {
+    return wrap(pg_->alltoall_base(output, input, output_splits, input_splits));
+  }
+  GlooWorkHandlePtr send(at::Tensor& tensor, int dst, int tag) override {
+    std::vector<at::Tensor> tensors{tensor};
+    return wrap(pg_->send(tensors, dst, tag));
+  }
+  GlooWorkHandlePtr recv(at::Tensor& tensor, int src, int tag) override {
+    std::vector<at::Tensor> tensors{tensor};
+    return wrap(pg_->recv(tensors, src, tag));
+  }
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;

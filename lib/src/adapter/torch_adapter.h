@@ -89,6 +89,19 @@ class GlooBackend {
   virtual GlooWorkHandlePtr allgather(std::vector<at::Tensor>& outputs,
                                       const at::Tensor& input) = 0;
   virtual GlooWorkHandlePtr barrier() = 0;
+  /// c10d gather: `outputs` (size() tensors) on root, empty elsewhere.
+  virtual GlooWorkHandlePtr gather(std::vector<at::Tensor>& outputs, at::Tensor& input,
+                                   int root) = 0;
+  /// c10d scatter: `inputs` (size() tensors) on root, empty elsewhere.
+  virtual GlooWorkHandlePtr scatter(at::Tensor& output, std::vector<at::Tensor>& inputs,
+                                    int root) = 0;
+  /// c10d alltoall_base with explicit split sizes (rows along dim 0).
+  virtual GlooWorkHandlePtr alltoall(at::Tensor& output, at::Tensor& input,
+                                     std::vector<int64_t> output_splits,
+                                     std::vector<int64_t> input_splits) = 0;
+  /// c10d send / recv of one contiguous CPU tensor on Gloo slot `tag` (>= 0).
+  virtual GlooWorkHandlePtr send(at::Tensor& tensor, int dst, int tag) = 0;
+  virtual GlooWorkHandlePtr recv(at::Tensor& tensor, int src, int tag) = 0;
 };
 
 /// The Gloo device could not be created (no such interface, an unresolvable host).

@@ -3,12 +3,17 @@
 
 #include <unistd.h>
 
+#include <ATen/ATen.h>
+
 #include <cstdio>
+#include <map>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
 
 #include "comm/foreign_error.h"
+#include "comm/serial_executor.h"
 #include "comm/shm_group.h"
 #include "comm/shm_segment.h"
 #include "comm/store_impl.h"
@@ -217,9 +222,10 @@ class GlooWork : public Work {
 class GlooGroup : public ProcessGroup {
  public:
   GlooGroup(int rank, int size, std::chrono::milliseconds timeout, std::shared_ptr<Store> store,
-            std::shared_ptr<adapter::GlooBackend> backend, std::shared_ptr<const PeerTable> peers)
+            std::shared_ptr<adapter::GlooBackend> backend, std::shared_ptr<const PeerTable> peers,
+            int threads, adapter::GlooDeviceSpec device)
       : ProcessGroup(rank, size, timeout, std::move(store)), backend_(std::move(backend)),
-        peers_(std::move(peers)) {}
+        peers_(std::move(peers)), threads_(threads), device_(std::move(device)) {}
 
   std::string backend() const override { return "gloo"; }
 
@@ -253,7 +259,115 @@ class GlooGroup : public ProcessGroup {
     return start(what, [&] { return backend_->barrier(); });
   }
 
+ protected:
+  // The arguments were checked and agreed on (Note [Checked collectives]). Empty payloads
+  // complete locally on every rank alike: Gloo 1.13 divides by the element count in places.
+  WorkPtr run_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                     int root) override {
+    auto what = describe("gather", input, concat("root ", root));
+    if (input.numel() == 0) return PromiseWork::completed();
+    at::Tensor in = input;
+    return start(what, [&] { return backend_->gather(outputs, in, root); });
+  }
+
+  WorkPtr run_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                      int root) override {
+    auto what = describe("scatter", output, concat("root ", root));
+    if (output.numel() == 0) return PromiseWork::completed();
+    std::vector<at::Tensor> ins = inputs;
+    return start(what, [&] { return backend_->scatter(output, ins, root); });
+  }
+
+  WorkPtr run_all_to_all(at::Tensor& output, const at::Tensor& input,
+                         const std::vector<std::vector<int64_t>>& splits,
+                         int64_t row) override {
+    auto what = describe("all_to_all_single", input, "");
+    int64_t total = 0;
+    for (const auto& s : splits) total += std::accumulate(s.begin(), s.end(), int64_t{0});
+    if (total == 0 || row == 0) return PromiseWork::completed();
+    std::vector<int64_t> out_splits;
+    for (const auto& s : splits) out_splits.push_back(s[rank()]);
+    at::Tensor in = input;
+    return start(what, [&] {
+      return backend_->alltoall(output, in, out_splits, splits[rank()]);
+    });
+  }
+
+  // Note [Subgroups]: a new mesh among the members, on the same device and thread count.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t /*id*/,
+                                const std::shared_ptr<Store>& store) override {
+    return make_gloo_group(sub_rank, static_cast<int>(ranks.size()), store, timeout(), threads_,
+                           device_);
+  }
+
+  // Note [Gloo messages]
+  // A message is two Gloo messages on lockstep's own slots: a header (int64 magic, tag, dtype,
+  // element count) on kHeaderSlot, then the payload on kPayloadSlot (none when empty). Gloo
+  // matches each slot's messages from one peer in order, so the user's tag is checked against
+  // the header instead of choosing a slot. recv posts the header's recv at once (so recvs
+  // from one peer match in call order) and, on one thread per source rank, waits for the
+  // header, checks it against its tensor and only then posts the payload's recv, so a
+  // mismatched message is never written into the caller's tensor: it is drained into scratch
+  // memory (the sender's send completes) and the recv fails naming what was sent. One thread
+  // per source keeps a recv from a slow peer from delaying a recv from another.
+  static constexpr int kHeaderSlot = 0x4c530001;
+  static constexpr int kPayloadSlot = 0x4c530002;
+  static constexpr int64_t kMagic = 0x4c53503250ll;  // "LSP2P"
+
+  WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
+    auto what = describe("send", tensor, concat("to rank ", dst, ", tag ", tag));
+    auto header = at::tensor({kMagic, static_cast<int64_t>(tag),
+                              static_cast<int64_t>(tensor.scalar_type()), tensor.numel()},
+                             at::kLong);
+    std::vector<WorkPtr> works = {
+        start(what, [&] { return backend_->send(header, dst, kHeaderSlot); })};
+    at::Tensor payload = tensor.device().is_cpu() ? tensor : tensor.to(at::kCPU);
+    if (payload.numel() > 0) {
+      works.push_back(start(what, [&] { return backend_->send(payload, dst, kPayloadSlot); }));
+    }
+    return then_work(std::move(works), [header, payload] {});
+  }
+
+  WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
+    auto what = describe("recv", tensor, concat("from rank ", src, ", tag ", tag));
+    auto header = at::zeros({4}, at::kLong);
+    WorkPtr header_work = start(what, [&] { return backend_->recv(header, src, kHeaderSlot); });
+    at::Tensor t = tensor;
+    const std::string me = where();
+    auto task = [this, what, header, header_work, t, src, tag, me]() mutable {
+      header_work->wait();
+      const int64_t* h = header.data_ptr<int64_t>();
+      if (h[0] != kMagic) {
+        throw CommError(concat(what, ": rank ", src, " sent a malformed message header. Are "
+                               "the ranks running the same lockstep build?"));
+      }
+      std::string wrong = p2p_mismatch(me, src, tag, t.scalar_type(), t.numel(),
+                                       static_cast<int>(h[1]), h[2], h[3]);
+      if (!wrong.empty()) {
+        const bool known = h[2] >= 0 && h[2] < static_cast<int64_t>(at::ScalarType::NumOptions);
+        if (h[3] > 0 && known) {  // drain, so the sender's send completes
+          auto scratch = at::empty({h[3]}, at::TensorOptions().dtype(
+                                               static_cast<at::ScalarType>(h[2])));
+          start(what, [&] { return backend_->recv(scratch, src, kPayloadSlot); })->wait();
+        }
+        throw InvalidArgument(wrong);
+      }
+      if (t.numel() == 0) return;
+      at::Tensor host = t.device().is_cpu() ? t : at::empty_like(t, at::kCPU);
+      start(what, [&] { return backend_->recv(host, src, kPayloadSlot); })->wait();
+      if (!t.device().is_cpu()) t.copy_(host);
+    };
+    return executor_for(src).post(std::move(task));
+  }
+
  private:
+  comm::SerialExecutor& executor_for(int src) {
+    std::lock_guard<std::mutex> lock(executors_mutex_);
+    auto& e = recv_executors_[src];
+    if (!e) e = std::make_unique<comm::SerialExecutor>();
+    return *e;
+  }
+
   std::string describe(const char* op, const at::Tensor& t, const std::string& extra) {
     return concat(where(), " ", op, " #", next_sequence(), " (", t.numel(), " x ",
                   t.scalar_type(), extra.empty() ? "" : ", ", extra, ")");
@@ -272,6 +386,10 @@ class GlooGroup : public ProcessGroup {
 
   std::shared_ptr<adapter::GlooBackend> backend_;
   std::shared_ptr<const PeerTable> peers_;
+  int threads_;
+  adapter::GlooDeviceSpec device_;
+  std::mutex executors_mutex_;
+  std::map<int, std::unique_ptr<comm::SerialExecutor>> recv_executors_;  // last: uses the above
 };
 
 }  // namespace
@@ -306,7 +424,7 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
   auto peers = std::make_shared<PeerTable>(rank, size, store);
   peers->read();
   return std::make_shared<GlooGroup>(rank, size, timeout, store, std::move(backend),
-                                     std::move(peers));
+                                     std::move(peers), threads, device);
 }
 
 }  // namespace comm

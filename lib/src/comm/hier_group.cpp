@@ -35,6 +35,7 @@ class HierGroup : public ProcessGroup {
   HierGroup(const GroupSpec& spec, std::vector<std::vector<int>> hosts, int host,
             ProcessGroupPtr local, ProcessGroupPtr leaders)
       : ProcessGroup(spec.rank, spec.size, spec.timeout, spec.store),
+        spec_(spec),
         hosts_(std::move(hosts)),
         host_(host),
         local_(std::move(local)),
@@ -121,6 +122,19 @@ class HierGroup : public ProcessGroup {
     });
   }
 
+  // Note [Subgroups]: the members grouped by the parent's hosts; make_group builds plain shm
+  // when they share one host, else a new hierarchical group with its own leader mesh.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t /*id*/,
+                                const std::shared_ptr<Store>& store) override {
+    GroupSpec sub = spec_;
+    sub.rank = sub_rank;
+    sub.size = static_cast<int>(ranks.size());
+    sub.store = store;
+    sub.host_of_rank.clear();
+    for (int r : ranks) sub.host_of_rank.push_back(concat("host", host_of_[r]));
+    return make_group(sub);
+  }
+
   WorkPtr barrier() override {
     next_sequence();
     return post([this] {
@@ -133,6 +147,7 @@ class HierGroup : public ProcessGroup {
  private:
   WorkPtr post(std::function<void()> task) { return executor_->post(fail_stop_.wrap(std::move(task))); }
 
+  GroupSpec spec_;  // for subgroups
   std::vector<std::vector<int>> hosts_;
   int host_;
   ProcessGroupPtr local_;

@@ -227,9 +227,11 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
   store->set_timeout(timeouts.rendezvous);
   std::string host_id = options.host_id().empty() ? shm::host_identity() : options.host_id();
   rendezvous_checks(*store, rank, size, timeouts.rendezvous, host_id);
-  auto gloo = [&](int r, int n, const std::shared_ptr<Store>& s) {
-    return comm::make_gloo_group(r, n, std::make_shared<Store>(s->prefixed("gloo")),
-                                    timeouts.collective, options.threads(), device);
+  // By value: the hierarchical group keeps it to build the leader groups of its subgroups.
+  auto gloo = [collective = timeouts.collective, threads = options.threads(), device](
+                  int r, int n, const std::shared_ptr<Store>& s) {
+    return comm::make_gloo_group(r, n, std::make_shared<Store>(s->prefixed("gloo")), collective,
+                                 threads, device);
   };
   if (transport == "gloo") return gloo(rank, size, store);
   shm::GroupSpec spec;

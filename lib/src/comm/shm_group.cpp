@@ -107,7 +107,7 @@ std::chrono::microseconds spin_budget(int local_ranks) {
 
 
 enum class OpKind : uint32_t { kNone = 0, kAllreduce, kBroadcast, kAllgather, kBarrier,
-                                kAllreduceShared };
+                                kAllreduceShared, kGather, kScatter, kAllToAll };
 enum class Fault : uint64_t { kNone = 0, kDied, kDeparted, kTimeout, kMismatch };
 
 const char* op_name(OpKind k) {
@@ -117,6 +117,9 @@ const char* op_name(OpKind k) {
     case OpKind::kBroadcast: return "broadcast";
     case OpKind::kAllgather: return "allgather";
     case OpKind::kBarrier: return "barrier";
+    case OpKind::kGather: return "gather";
+    case OpKind::kScatter: return "scatter";
+    case OpKind::kAllToAll: return "all_to_all_single";
     case OpKind::kNone: break;
   }
   return "none";
@@ -248,6 +251,140 @@ class ShmGroup : public ProcessGroup {
     at::Tensor in = input;
     std::vector<at::Tensor> outs = outputs;
     return post([this, call, in, outs] { run_allgather(call, in, outs); });
+  }
+
+  // Note [Shared-memory gather, scatter and all-to-all]
+  // The arguments were checked and agreed on (Note [Checked collectives]); each step moves at
+  // most one slot per rank, in the two phases of Note [Shared-memory protocol]:
+  //   gather step: each rank copies its chunk into its slot; A; the root copies every slot
+  //     out; B. Only the root reads: (W-1) N bytes copied in, (W-1) N out.
+  //   scatter step: the root copies block r's chunk into slot r for every r; A; rank r
+  //     copies slot r out; B. Only the root writes slots in this step, and it writes them
+  //     again only after B, when nobody reads them.
+  //   all-to-all step: each rank's slot is cut into W sub-slots; rank i copies the next
+  //     piece of its block for rank j into sub-slot j; A; rank j copies sub-slot j of every
+  //     slot out; B. The step count is the largest block's, known to every rank from the
+  //     agreed split sizes; a rank's block to itself is copied directly.
+  // Non-CPU tensors are staged through host copies (Note [Device tensors over shared memory]).
+  WorkPtr run_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                     int root) override {
+    if (input.numel() == 0) return PromiseWork::completed();  // every rank agreed on the count
+    Call call = make_call(OpKind::kGather, input, root, concat("root ", root));
+    at::Tensor in = input.device().is_cpu() ? input : input.to(at::kCPU);
+    std::vector<at::Tensor> outs = outputs, host;
+    for (const auto& o : outputs) host.push_back(o.device().is_cpu() ? o : at::empty_like(o, at::kCPU));
+    return post([this, call, in, outs, host, root]() mutable {
+      begin(call);
+      const size_t es = in.element_size();
+      const char* src = static_cast<const char*>(in.data_ptr());
+      if (rank() == root) std::memcpy(host[root].data_ptr(), src, in.numel() * es);
+      for_each_step(in.numel(), es, [&](int64_t off, int64_t count, bool first) {
+        if (rank() != root) std::memcpy(segment_.slot(rank()), src + off * es, count * es);
+        phase(call);
+        if (first) verify(call);
+        if (rank() == root) {
+          for (int r = 0; r < size(); ++r) {
+            if (r == root) continue;
+            std::memcpy(static_cast<char*>(host[r].data_ptr()) + off * es, segment_.slot(r),
+                        count * es);
+          }
+        }
+        phase(call);
+      });
+      for (size_t i = 0; i < outs.size(); ++i) {
+        if (!outs[i].device().is_cpu()) outs[i].copy_(host[i]);
+      }
+    });
+  }
+
+  WorkPtr run_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                      int root) override {
+    if (output.numel() == 0) return PromiseWork::completed();
+    Call call = make_call(OpKind::kScatter, output, root, concat("root ", root));
+    std::vector<at::Tensor> ins;
+    for (const auto& t : inputs) ins.push_back(t.device().is_cpu() ? t : t.to(at::kCPU));
+    at::Tensor out = output;
+    at::Tensor host = output.device().is_cpu() ? output : at::empty_like(output, at::kCPU);
+    return post([this, call, ins, out, host, root]() mutable {
+      begin(call);
+      const size_t es = host.element_size();
+      char* dst = static_cast<char*>(host.data_ptr());
+      if (rank() == root) std::memcpy(dst, ins[root].data_ptr(), host.numel() * es);
+      for_each_step(host.numel(), es, [&](int64_t off, int64_t count, bool first) {
+        if (rank() == root) {
+          for (int r = 0; r < size(); ++r) {
+            if (r == root) continue;
+            std::memcpy(segment_.slot(r), static_cast<const char*>(ins[r].data_ptr()) + off * es,
+                        count * es);
+          }
+        }
+        phase(call);
+        if (first) verify(call);
+        if (rank() != root) std::memcpy(dst + off * es, segment_.slot(rank()), count * es);
+        phase(call);
+      });
+      if (!out.device().is_cpu()) out.copy_(host);
+    });
+  }
+
+  WorkPtr run_all_to_all(at::Tensor& output, const at::Tensor& input,
+                         const std::vector<std::vector<int64_t>>& splits,
+                         int64_t row) override {
+    const int w = size(), me = rank();
+    const int64_t es = static_cast<int64_t>(input.element_size());
+    // Bytes from rank i to rank j, and the offsets of my blocks in my input and output.
+    int64_t longest = 0;
+    for (const auto& s : splits) {
+      for (int64_t n : s) longest = std::max(longest, n * row * es);
+    }
+    if (longest == 0) return PromiseWork::completed();
+    std::vector<int64_t> send_off(w), send_len(w), recv_off(w), recv_len(w);
+    int64_t at_in = 0, at_out = 0;
+    for (int j = 0; j < w; ++j) {
+      send_off[j] = at_in;
+      send_len[j] = splits[me][j] * row * es;
+      at_in += send_len[j];
+      recv_off[j] = at_out;
+      recv_len[j] = splits[j][me] * row * es;
+      at_out += recv_len[j];
+    }
+    Call call = make_call(OpKind::kAllToAll, input, 0, "");
+    call.sig.numel = row;  // the element counts differ between ranks; rows must not
+    at::Tensor in = input.device().is_cpu() ? input : input.to(at::kCPU);
+    at::Tensor out = output;
+    at::Tensor host = output.device().is_cpu() ? output : at::empty_like(output, at::kCPU);
+    return post([this, call, in, out, host, longest, send_off, send_len, recv_off,
+                 recv_len]() mutable {
+      begin(call);
+      const int w = size(), me = rank();
+      const char* src = static_cast<const char*>(in.data_ptr());
+      char* dst = static_cast<char*>(host.data_ptr());
+      if (send_len[me] > 0) std::memcpy(dst + recv_off[me], src + send_off[me], send_len[me]);
+      const int64_t sub = static_cast<int64_t>(segment_.slot_size()) / w / 64 * 64;
+      const int64_t steps = (longest + sub - 1) / sub;
+      for (int64_t k = 0; k < steps; ++k) {
+        const int64_t lo = k * sub;
+        for (int j = 0; j < w; ++j) {
+          const int64_t n = std::min(sub, send_len[j] - lo);
+          if (j != me && n > 0) std::memcpy(segment_.slot(me) + j * sub, src + send_off[j] + lo, n);
+        }
+        phase(call);
+        if (k == 0) verify(call);
+        for (int i = 0; i < w; ++i) {
+          const int64_t n = std::min(sub, recv_len[i] - lo);
+          if (i != me && n > 0) std::memcpy(dst + recv_off[i] + lo, segment_.slot(i) + me * sub, n);
+        }
+        phase(call);
+      }
+      if (!out.device().is_cpu()) out.copy_(host);
+    });
+  }
+
+  // Note [Subgroups]: a new segment among the members.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t /*id*/,
+                                const std::shared_ptr<Store>& store) override {
+    return std::make_shared<ShmGroup>(sub_rank, static_cast<int>(ranks.size()), timeout(), store,
+                                      rendezvous_timeout_, job_id_);
   }
 
   WorkPtr barrier() override {

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <numeric>
 
 #include "core/spin_wait.h"
 #include "lockstep/errors.h"
@@ -36,7 +38,8 @@ namespace {
 // `abort` fails every op still waiting for arrivals and every later one: a rank whose thread
 // failed mid-iteration uses it so that its peers stop waiting.
 
-enum class Kind { kAllreduce, kBroadcast, kAllgather, kReduceScatter, kReduce, kBarrier };
+enum class Kind { kAllreduce, kBroadcast, kAllgather, kReduceScatter, kReduce, kBarrier,
+                  kGather, kScatter, kAllToAll };
 
 const char* kind_name(Kind k) {
   switch (k) {
@@ -46,6 +49,9 @@ const char* kind_name(Kind k) {
     case Kind::kReduceScatter: return "reduce_scatter";
     case Kind::kReduce: return "reduce";
     case Kind::kBarrier: return "barrier";
+    case Kind::kGather: return "gather";
+    case Kind::kScatter: return "scatter";
+    case Kind::kAllToAll: return "all_to_all_single";
   }
   return "?";
 }
@@ -69,6 +75,8 @@ struct Op {
   std::vector<Piece> pieces;                     // reduce: slice s is pieces[s]
   std::vector<ReduceOp> reduces;
   std::vector<int> roots;
+  std::vector<std::vector<int64_t>> splits;      // all_to_all_single: rank i's input splits
+  int64_t row = 0;                               // all_to_all_single: elements per row
   int count = 0;
   int64_t slices = 0;
   int64_t slice_numel = 0;
@@ -81,13 +89,58 @@ struct Op {
   std::condition_variable cv;
 };
 
+// Note [Thread group messages]
+// send and recv meet in per-(source, destination) queues of GroupState: whichever arrives
+// second finds the other at the front of its queue, checks that tag, dtype and element count
+// agree, copies the payload (under the state lock) and completes both Works; messages between
+// two ranks therefore match in order. A mismatch fails the recv (naming what was sent) and
+// completes the send, like the other transports. A recv or send that times out leaves its
+// queue, so a late peer never matches a Work nobody waits for.
+class P2PWork : public Work {
+ public:
+  P2PWork(std::chrono::milliseconds timeout, std::string what)
+      : timeout_(timeout), what_(std::move(what)) {}
+  bool is_completed() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return done_;
+  }
+  void wait() override;
+  void complete(std::exception_ptr error) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (done_) return;
+      done_ = true;
+      error_ = std::move(error);
+    }
+    cv_.notify_all();
+  }
+  std::function<bool()> withdraw;  // removes this Work from its queue; false if already matched
+
+ private:
+  std::chrono::milliseconds timeout_;
+  std::string what_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::exception_ptr error_;
+};
+
+struct Message {
+  int tag = 0;
+  at::Tensor tensor;
+  std::shared_ptr<P2PWork> work;
+  std::string where;  // the posting rank's where()
+};
+
 struct GroupState {
   int size = 0;
+  std::map<std::pair<int, int>, std::deque<Message>> sends, recvs;  // (src, dst)
   ThreadGroupOptions options;
   std::mutex mutex;
   std::map<uint64_t, std::shared_ptr<Op>> pending;  // ops still waiting for arrivals
   std::vector<uint64_t> issued;                     // per rank: collectives issued
   std::exception_ptr aborted;
+  std::map<uint64_t, std::shared_ptr<GroupState>> subgroups;  // by new_group id
 
   void abort(std::exception_ptr error) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -101,8 +154,30 @@ struct GroupState {
       }
     }
     pending.clear();
+    for (auto* queues : {&sends, &recvs}) {
+      for (auto& kv : *queues) {
+        for (auto& m : kv.second) m.work->complete(error);
+      }
+      queues->clear();
+    }
   }
 };
+
+void P2PWork::wait() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!cv_.wait_for(lock, timeout_, [&] { return done_; })) {
+    lock.unlock();
+    if (withdraw && withdraw()) {
+      throw TimeoutError(concat(what_, " timed out after ", timeout_.count() / 1000.0,
+                                " s: the peer did not post the matching ",
+                                what_.find(" send ") != std::string::npos ? "recv" : "send",
+                                ". Check that it does, and its log."));
+    }
+    lock.lock();
+    cv_.wait(lock, [&] { return done_; });  // matched while timing out: done under the lock
+  }
+  if (error_) std::rethrow_exception(error_);
+}
 
 void combine(at::Tensor& acc, const at::Tensor& x, ReduceOp op) {
   switch (op) {
@@ -161,6 +236,30 @@ void run_slice(Op& op, int size, int64_t s) {
         if (r != op.root) combine(acc, on(part(r), acc.device()), op.reduce);
       }
       if (op.reduce == ReduceOp::kAvg) acc.div_(size);
+      break;
+    }
+    case Kind::kGather: {  // slice s: rank s's input into root's outputs[s]
+      auto& out = op.lists[op.root][s];
+      out.copy_(op.tensors[s].view(out.sizes()));
+      break;
+    }
+    case Kind::kScatter: {  // slice s: root's inputs[s] into rank s's output
+      auto& out = op.tensors[s];
+      out.copy_(op.lists[op.root][s].view(out.sizes()));
+      break;
+    }
+    case Kind::kAllToAll: {  // slice s: every rank's block for rank s into rank s's output
+      auto out = op.lists[s][0].view({-1});
+      int64_t at_out = 0;
+      for (int src = 0; src < size; ++src) {
+        const auto& sp = op.splits[src];
+        const int64_t from = std::accumulate(sp.begin(), sp.begin() + s, int64_t{0}) * op.row;
+        const int64_t n = sp[s] * op.row;
+        if (n > 0) {
+          out.narrow(0, at_out, n).copy_(op.tensors[src].view({-1}).narrow(0, from, n));
+        }
+        at_out += n;
+      }
       break;
     }
     case Kind::kBarrier: break;
@@ -302,9 +401,128 @@ class ThreadGroup : public ProcessGroup {
     return issue(Kind::kBarrier, [](Op&) {});
   }
 
+ protected:
+  WorkPtr run_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input,
+                     int root) override {
+    return issue(Kind::kGather, [&](Op& o) {
+      o.tensors[rank()] = input;
+      o.lists[rank()] = outputs;
+      o.roots[rank()] = root;
+    });
+  }
+
+  WorkPtr run_scatter(at::Tensor& output, const std::vector<at::Tensor>& inputs,
+                      int root) override {
+    return issue(Kind::kScatter, [&](Op& o) {
+      o.tensors[rank()] = output;
+      o.lists[rank()] = inputs;
+      o.roots[rank()] = root;
+    });
+  }
+
+  WorkPtr run_all_to_all(at::Tensor& output, const at::Tensor& input,
+                         const std::vector<std::vector<int64_t>>& splits,
+                         int64_t row) override {
+    return issue(Kind::kAllToAll, [&](Op& o) {
+      o.tensors[rank()] = input;
+      o.lists[rank()] = {output};
+      o.splits = splits;
+      o.row = row;
+    });
+  }
+
+  // Note [Subgroups]: the member threads share a new state, created by the first to arrive.
+  ProcessGroupPtr make_subgroup(const std::vector<int>& ranks, int sub_rank, uint64_t id,
+                                const std::shared_ptr<Store>& store) override {
+    std::shared_ptr<GroupState> child;
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      auto& slot = state_->subgroups[id];
+      if (!slot) {
+        slot = std::make_shared<GroupState>();
+        slot->size = static_cast<int>(ranks.size());
+        slot->options = state_->options;
+        slot->issued.assign(ranks.size(), 0);
+      }
+      child = slot;
+    }
+    return std::make_shared<ThreadGroup>(sub_rank, child, store);
+  }
+
+  // Note [Thread group messages]
+  WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
+    return post(/*send=*/true, tensor, dst, tag);
+  }
+
+  WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
+    return post(/*send=*/false, tensor, src, tag);
+  }
+
+ public:
+
   const std::shared_ptr<GroupState>& state() const { return state_; }
 
  private:
+  WorkPtr post(bool is_send, const at::Tensor& tensor, int peer, int tag) {
+    const auto key = is_send ? std::make_pair(rank(), peer) : std::make_pair(peer, rank());
+    auto work = std::make_shared<P2PWork>(
+        state_->options.timeout(),
+        concat(where(), is_send ? " send to rank " : " recv from rank ", peer, " (tag ", tag,
+               ", ", tensor.numel(), " x ", tensor.scalar_type(), ", thread group)"));
+    Message mine{tag, tensor, work, where()};
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    if (state_->aborted) {
+      work->complete(state_->aborted);
+      return work;
+    }
+    auto& others = is_send ? state_->recvs[key] : state_->sends[key];
+    if (others.empty()) {
+      auto& queue = is_send ? state_->sends[key] : state_->recvs[key];
+      queue.push_back(mine);
+      std::weak_ptr<GroupState> weak = state_;
+      P2PWork* raw = work.get();
+      work->withdraw = [weak, key, is_send, raw] {
+        auto state = weak.lock();
+        if (!state) return false;
+        std::lock_guard<std::mutex> lock(state->mutex);
+        auto& q = is_send ? state->sends[key] : state->recvs[key];
+        for (auto it = q.begin(); it != q.end(); ++it) {
+          if (it->work.get() == raw) {
+            q.erase(it);
+            return true;
+          }
+        }
+        return false;
+      };
+      return work;
+    }
+    Message other = others.front();
+    others.pop_front();
+    const Message& send = is_send ? mine : other;
+    const Message& recv = is_send ? other : mine;
+    std::string wrong = p2p_mismatch(recv.where, key.first, recv.tag,
+                                     recv.tensor.scalar_type(), recv.tensor.numel(), send.tag,
+                                     static_cast<int64_t>(send.tensor.scalar_type()),
+                                     send.tensor.numel());
+    if (!wrong.empty()) {
+      recv.work->complete(std::make_exception_ptr(InvalidArgument(wrong)));
+      send.work->complete(nullptr);
+      return work;
+    }
+    std::exception_ptr error;
+    try {
+      if (recv.tensor.numel() > 0) {
+        at::Tensor dst = recv.tensor;
+        dst.copy_(send.tensor.view(dst.sizes()));
+      }
+    } catch (...) {
+      error = std::current_exception();
+    }
+    recv.work->complete(error);
+    send.work->complete(error);
+    return work;
+  }
+
   // Steps 1 and 2 of Note [Thread group protocol].
   template <typename Fill>
   WorkPtr issue(Kind kind, Fill&& fill) {
@@ -390,6 +608,7 @@ class ThreadGroup : public ProcessGroup {
         return fail(concat(kind_name(op.kind), ": rank 0 reduces with ", to_string(op.reduce),
                            " but rank ", r, " with ", to_string(op.reduces[r])));
       }
+      if (op.kind == Kind::kAllToAll) continue;  // sizes differ; agree() checked the splits
       if (op.kind == Kind::kReduce) {
         const auto& a = op.lists[0];
         const auto& b = op.lists[r];
@@ -424,7 +643,10 @@ class ThreadGroup : public ProcessGroup {
         break;
       }
       case Kind::kAllgather:
+      case Kind::kGather:
+      case Kind::kScatter:
       case Kind::kReduceScatter: op.slices = op.tensors[0].numel() == 0 ? 0 : n; break;
+      case Kind::kAllToAll: op.slices = n; break;
       case Kind::kReduce: {
         op.pieces.clear();
         for (size_t i = 0; i < op.lists[0].size(); ++i) {
