@@ -29,6 +29,7 @@ namespace torch {
 namespace optim {
 class Optimizer;
 class OptimizerParamState;
+class LRScheduler;
 }  // namespace optim
 }  // namespace torch
 
@@ -130,6 +131,15 @@ torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer&
 void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
                          std::unique_ptr<torch::optim::OptimizerParamState> state);
 
+/// The number of times `scheduler.step()` ran (LRScheduler's protected step count).
+int64_t scheduler_step_count(torch::optim::LRScheduler& scheduler);
+
+/// Sets that count; `count` must lie in [0, max_scheduler_step_count()].
+void set_scheduler_step_count(torch::optim::LRScheduler& scheduler, int64_t count);
+
+/// The largest step count the scheduler can hold.
+int64_t max_scheduler_step_count();
+
 // ---------------------------------------------------------------------------------------------
 // Pickling (torch.save's zip container)
 
@@ -138,9 +148,13 @@ void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& p
 void write_tensor_dict_archive(const std::string& path,
                                const std::map<std::string, at::Tensor>& tensors);
 
-/// Reads the dict of name -> tensor in `bytes` (a torch.save file). Throws InvalidArgument
-/// saying what the bytes hold instead, without naming a file (the caller adds it).
-std::map<std::string, at::Tensor> read_tensor_dict_archive(const std::vector<char>& bytes);
+/// Reads the dict of name -> tensor in `bytes` (a torch.save file: a plain dict or the
+/// OrderedDict `model.state_dict()` returns; with a non-empty `key`, the one stored under
+/// that key of the saved dict). Builds only containers, numbers and tensors and runs nothing
+/// (Note [State dict unpickler]). Throws InvalidArgument saying what the bytes hold instead,
+/// without naming a file (the caller adds it).
+std::map<std::string, at::Tensor> read_tensor_dict_archive(const std::vector<char>& bytes,
+                                                           const std::string& key = "");
 
 }  // namespace adapter
 }  // namespace lockstep
