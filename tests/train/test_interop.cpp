@@ -130,7 +130,8 @@ const char* kPythonNet =
 TEST(Interop, ImportsAnOrderedDictStateDictAsPythonSavesIt) {
   if (!python_has_torch()) GTEST_SKIP() << "python3-torch is not installed";
   const std::string plain = temp_path("ordered"), nested = temp_path("nested"),
-                    single = temp_path("single"), out = temp_path("ordered_out");
+                    single = temp_path("single"), out = temp_path("ordered_out"),
+                    protocol4 = temp_path("protocol4");
   std::string script = std::string(kPythonNet) +
       "sd = net.state_dict()\n"
       "assert isinstance(sd, collections.OrderedDict) and hasattr(sd, '_metadata')\n"
@@ -141,6 +142,7 @@ TEST(Interop, ImportsAnOrderedDictStateDictAsPythonSavesIt) {
       "torch.save({'epoch': 3, 'model': net.state_dict(), 'optimizer': opt.state_dict(),\n"
       "            'note': 'text', 'pi': 3.25, 'flags': [True, None]}, '" + nested + "')\n"
       "torch.save({'w': torch.ones(2, 2)}, '" + single + "')\n"
+      "torch.save(sd, '" + protocol4 + "', pickle_protocol=4)\n"
       "torch.save({'x': x, 'y': y, 'y2': y2}, '" + out + "')\n";
   ASSERT_EQ(run_python(script), 0);
   auto want = load_torch_weights(out);
@@ -156,6 +158,13 @@ TEST(Interop, ImportsAnOrderedDictStateDictAsPythonSavesIt) {
   net2->eval();
   EXPECT_TRUE(torch::equal(net2->forward(x), want.at("y2")));
   EXPECT_EQ(load_torch_weights(nested, "model").at("1.num_batches_tracked").item<int64_t>(), 2);
+
+  // Protocol 4 (FRAME, MEMOIZE, STACK_GLOBAL, SHORT_BINUNICODE), as pickle_protocol=4 writes
+  // (saved after the Adam step: `sd` holds the live tensors).
+  auto net4 = make_net();
+  import_weights(*net4, protocol4);
+  net4->eval();
+  EXPECT_TRUE(torch::equal(net4->forward(x), want.at("y2")));
 
   // A one-entry dict is pickled with SETITEM rather than SETITEMS.
   auto w = load_torch_weights(single);

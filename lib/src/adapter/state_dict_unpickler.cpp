@@ -225,6 +225,18 @@ class Unpickler {
           push(v);
           break;
         }
+        case 0x93: {  // STACK_GLOBAL (protocol 4): module and name from the stack
+          auto name = pop();
+          auto module = pop();
+          if (module->kind != Value::Kind::kString || name->kind != Value::Kind::kString ||
+              module->s.size() + name->s.size() > 512) {
+            fail("is not a torch.save file (malformed global in its pickle)");
+          }
+          auto v = make(Value::Kind::kGlobal);
+          v->s = module->s + "." + name->s;
+          push(v);
+          break;
+        }
         case 'q': memo_[byte()] = top(); break;
         case 'r': memo_[le(4)] = top(); break;
         case 0x94: memo_[memo_.size()] = top(); break;
