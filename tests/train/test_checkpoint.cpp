@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 
 #include "lockstep/errors.h"
 #include "lockstep/train/checkpoint.h"
@@ -36,6 +37,19 @@ std::string read_bytes(const std::string& path) {
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << bytes;
+}
+
+// Sets (or removes) one field of `checkpoint`'s metadata, to forge files in tests.
+void json_set(Checkpoint& checkpoint, const std::string& key, const std::string& value) {
+  auto meta = nlohmann::json::parse(checkpoint.metadata);
+  meta[key] = nlohmann::json::parse(value);
+  checkpoint.metadata = meta.dump();
+}
+
+void json_erase(Checkpoint& checkpoint, const std::string& key) {
+  auto meta = nlohmann::json::parse(checkpoint.metadata);
+  meta.erase(key);
+  checkpoint.metadata = meta.dump();
 }
 
 std::string error_of(const std::function<void()>& fn) {
@@ -78,9 +92,13 @@ void train_steps(Net& net, torch::optim::Optimizer& opt, int steps, int seed) {
   for (int i = 0; i < steps; ++i) {
     auto x = torch::randn({16, 4});
     auto y = torch::randint(0, 2, {16}, torch::kLong);
-    opt.zero_grad();
-    torch::nn::functional::cross_entropy(net.forward(x), y).backward();
-    opt.step();
+    // The closure form every optimizer takes (LBFGS calls it several times per step).
+    opt.step([&] {
+      opt.zero_grad();
+      auto loss = torch::nn::functional::cross_entropy(net.forward(x), y);
+      loss.backward();
+      return loss;
+    });
   }
 }
 
@@ -201,16 +219,41 @@ TEST(ModuleState, LoadRestoresExactlyAndRejectsAnotherModelWithoutTouchingIt) {
   EXPECT_TRUE(torch::equal(before, wider.fc1->weight)) << "a rejected load changed the model";
 }
 
+// Parameter groups over `net`: one group, or fc1's parameters with `options` and the rest at
+// half the learning rate.
+template <typename Options>
+std::vector<torch::optim::OptimizerParamGroup> param_groups(Net& net, const Options& options,
+                                                            bool two_groups) {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!two_groups) {
+    groups.emplace_back(net.parameters(), std::make_unique<Options>(options));
+    return groups;
+  }
+  std::vector<torch::Tensor> first = net.fc1->parameters(), rest;
+  for (const auto& p : net.named_parameters()) {
+    if (p.key().rfind("fc1.", 0) != 0) rest.push_back(p.value());
+  }
+  Options half = options;
+  half.lr(options.lr() / 2);
+  groups.emplace_back(first, std::make_unique<Options>(options));
+  groups.emplace_back(rest, std::make_unique<Options>(half));
+  return groups;
+}
+
+// Trains k steps, saves, loads into a fresh optimizer built with `fresh` hyperparameters
+// (which the checkpoint must override), continues, and compares bitwise with an
+// uninterrupted run: parameters, buffers and every group's hyperparameters.
 template <typename Opt, typename Options>
-void check_optimizer_resume(Options options) {
+void check_optimizer_resume(Options options, Options fresh, bool two_groups = false,
+                            int steps_before = 3) {
   torch::manual_seed(3);
   Net ref;
   Net resumed;
   Checkpoint init;
   add_module(init, ref);
   load_module(init, resumed);
-  Opt opt_ref(ref.parameters(), options);
-  train_steps(ref, opt_ref, 3, 10);
+  Opt opt_ref(param_groups(ref, options, two_groups), options);
+  train_steps(ref, opt_ref, steps_before, 10);
   Checkpoint ck;
   add_module(ck, ref);
   add_optimizer(ck, opt_ref);
@@ -218,12 +261,24 @@ void check_optimizer_resume(Options options) {
   write_checkpoint_file(path, ck);
   train_steps(ref, opt_ref, 4, 11);
 
-  Opt opt_resumed(resumed.parameters(), options);
+  Opt opt_resumed(param_groups(resumed, fresh, two_groups), fresh);
   auto loaded = read_checkpoint_file(path);
   load_module(loaded, resumed);
   load_optimizer(loaded, opt_resumed);
   train_steps(resumed, opt_resumed, 4, 11);
   EXPECT_TRUE(same_params(ref, resumed));
+  ASSERT_EQ(opt_ref.param_groups().size(), opt_resumed.param_groups().size());
+  for (size_t g = 0; g < opt_ref.param_groups().size(); ++g) {
+    EXPECT_TRUE(static_cast<Options&>(opt_ref.param_groups()[g].options()) ==
+                static_cast<Options&>(opt_resumed.param_groups()[g].options()))
+        << "hyperparameters of group " << g << " were not restored";
+  }
+  std::remove(path.c_str());
+}
+
+template <typename Opt, typename Options>
+void check_optimizer_resume(Options options) {
+  check_optimizer_resume<Opt>(options, options);
 }
 
 TEST(OptimizerState, SgdWithMomentumResumesBitwise) {
@@ -236,6 +291,205 @@ TEST(OptimizerState, AdamResumesBitwise) {
 
 TEST(OptimizerState, AdamWResumesBitwise) {
   check_optimizer_resume<torch::optim::AdamW>(torch::optim::AdamWOptions(0.01));
+}
+
+TEST(OptimizerState, EveryOptimizerResumesBitwiseWithItsHyperparameters) {
+  using namespace torch::optim;
+  check_optimizer_resume<SGD>(SGDOptions(0.1).momentum(0.9).nesterov(true).weight_decay(1e-3),
+                              SGDOptions(0.7), /*two_groups=*/true);
+  check_optimizer_resume<SGD>(SGDOptions(0.1).momentum(0.5).dampening(0.1), SGDOptions(0.3));
+  check_optimizer_resume<Adam>(AdamOptions(0.01).betas({0.8, 0.95}).amsgrad(true),
+                               AdamOptions(0.5), /*two_groups=*/true);
+  check_optimizer_resume<AdamW>(AdamWOptions(0.01).weight_decay(0.1).eps(1e-6),
+                                AdamWOptions(0.2).amsgrad(true));
+  check_optimizer_resume<Adagrad>(AdagradOptions(0.05).lr_decay(0.01).weight_decay(1e-4)
+                                      .initial_accumulator_value(0.1),
+                                  AdagradOptions(0.9), /*two_groups=*/true);
+  check_optimizer_resume<RMSprop>(RMSpropOptions(0.01), RMSpropOptions(0.1).alpha(0.5));
+  check_optimizer_resume<RMSprop>(RMSpropOptions(0.01).centered(true).momentum(0.9)
+                                      .weight_decay(1e-3),
+                                  RMSpropOptions(0.1), /*two_groups=*/true);
+}
+
+TEST(OptimizerState, LbfgsResumesBitwiseWithItsHistory) {
+  using namespace torch::optim;
+  // history_size 3 < the iterations run: the history has been trimmed when it is saved.
+  check_optimizer_resume<LBFGS>(LBFGSOptions(0.5).max_iter(4).history_size(3),
+                                LBFGSOptions(1).max_iter(9));
+  check_optimizer_resume<LBFGS>(LBFGSOptions(1).max_iter(5).line_search_fn("strong_wolfe"),
+                                LBFGSOptions(1));
+  // Saved before any step: no state, and the fresh optimizer continues like the original.
+  check_optimizer_resume<LBFGS>(LBFGSOptions(0.5), LBFGSOptions(0.5), false, /*steps_before=*/0);
+
+  Net net;
+  LBFGS lbfgs(net.parameters(), LBFGSOptions(0.5).max_iter(4).history_size(3));
+  train_steps(net, lbfgs, 2, 1);
+  Checkpoint ck;
+  add_optimizer(ck, lbfgs);
+  ASSERT_TRUE(ck.tensors.count("optim.0.0.old_dirs.2")) << "expected a full history of 3";
+  EXPECT_EQ(ck.tensors.at("optim.0.0.d").numel(), 4 * 8 + 8 + 8 + 8 + 8 * 2 + 2);
+  Checkpoint gap = ck;
+  gap.tensors.erase("optim.0.0.old_stps.1");
+  auto msg = error_of([&] { load_optimizer(gap, lbfgs); });
+  EXPECT_NE(msg.find("LBFGS history under 'optim.0.0.': checkpoint has 3 old_dirs, 2 old_stps "
+                     "and 3 ro, expected the same number of each, numbered from 0, at most "
+                     "history_size (3)"),
+            std::string::npos) << msg;
+  Checkpoint longer = ck;
+  json_set(longer, "optim.groups", R"([{"lr":0.5,"max_iter":4,"max_eval":5,"tolerance_grad":1e-7,
+      "tolerance_change":1e-9,"history_size":2,"line_search_fn":null}])");
+  msg = error_of([&] { load_optimizer(longer, lbfgs); });
+  EXPECT_NE(msg.find("at most history_size (2)"), std::string::npos) << msg;
+  Checkpoint flat = ck;
+  flat.tensors["optim.0.0.d"] = torch::zeros({3});
+  msg = error_of([&] { load_optimizer(flat, lbfgs); });
+  EXPECT_NE(msg.find("optimizer state 'optim.0.0.d': checkpoint has Float [3], expected Float "
+                     "[74] (all of the group's parameters, flattened)"),
+            std::string::npos) << msg;
+  Checkpoint real = ck;
+  real.tensors["optim.0.0.t"] = torch::zeros({1});
+  msg = error_of([&] { load_optimizer(real, lbfgs); });
+  EXPECT_NE(msg.find("optimizer state 'optim.0.0.t': checkpoint has Float [1], expected one "
+                     "float64"),
+            std::string::npos) << msg;
+}
+
+TEST(OptimizerState, HyperparametersAreRangeCheckedAndStateMustBeComplete) {
+  using namespace torch::optim;
+  Net net;
+  Adam adam(net.parameters(), AdamOptions(0.01));
+  train_steps(net, adam, 1, 1);
+  Checkpoint ck;
+  add_optimizer(ck, adam);
+  Checkpoint bad = ck;
+  json_set(bad, "optim.groups", R"([{"lr":0.01,"beta1":1.5,"beta2":0.999,"eps":1e-8,
+      "weight_decay":0,"amsgrad":"no"}])");
+  const auto before = adam.param_groups()[0].options().clone();
+  auto msg = error_of([&] { load_optimizer(bad, adam); });
+  EXPECT_NE(msg.find("optim.groups[0].beta1: checkpoint has 1.5, expected a finite number in "
+                     "[0, 1]"),
+            std::string::npos) << msg;
+  EXPECT_NE(msg.find("optim.groups[0].amsgrad: checkpoint has \"no\", expected true or false"),
+            std::string::npos) << msg;
+  EXPECT_TRUE(static_cast<AdamOptions&>(*before) ==
+              static_cast<AdamOptions&>(adam.param_groups()[0].options()))
+      << "a rejected load changed the hyperparameters";
+  json_set(bad, "optim.groups", "[]");
+  msg = error_of([&] { load_optimizer(bad, adam); });
+  EXPECT_NE(msg.find("optim.groups: checkpoint has 0 groups, expected an array of 1 parameter "
+                     "groups' hyperparameters"),
+            std::string::npos) << msg;
+
+  Checkpoint partial = ck;
+  partial.tensors.erase("optim.0.1.exp_avg_sq");
+  partial.tensors["optim.0.1.momentum"] = torch::zeros({8});
+  msg = error_of([&] { load_optimizer(partial, adam); });
+  EXPECT_NE(msg.find("missing key 'optim.0.1.exp_avg_sq' (the Adam state of parameter 1 of "
+                     "group 0)"),
+            std::string::npos) << msg;
+  EXPECT_NE(msg.find("unexpected key 'optim.0.1.momentum'"), std::string::npos) << msg;
+
+  // State that the restored hyperparameters make the step read must be there.
+  RMSprop rmsprop(net.parameters(), RMSpropOptions(0.01).momentum(0.9).centered(true));
+  train_steps(net, rmsprop, 1, 1);
+  Checkpoint rms;
+  add_optimizer(rms, rmsprop);
+  rms.tensors.erase("optim.0.2.grad_avg");
+  msg = error_of([&] { load_optimizer(rms, rmsprop); });
+  EXPECT_NE(msg.find("missing key 'optim.0.2.grad_avg' (the RMSprop state of parameter 2 of "
+                     "group 0)"),
+            std::string::npos) << msg;
+
+  // A file written before the hyperparameters were saved restores the learning rates only.
+  Checkpoint old = ck;
+  json_erase(old, "optim.groups");
+  Adam fresh(net.parameters(), AdamOptions(0.5).betas({0.5, 0.5}));
+  load_optimizer(old, fresh);
+  EXPECT_EQ(static_cast<AdamOptions&>(fresh.param_groups()[0].options()).lr(), 0.01);
+  EXPECT_EQ(std::get<0>(static_cast<AdamOptions&>(fresh.param_groups()[0].options()).betas()),
+            0.5);
+}
+
+struct CustomOptimizer : torch::optim::Optimizer {
+  explicit CustomOptimizer(std::vector<torch::Tensor> params)
+      : Optimizer({torch::optim::OptimizerParamGroup(std::move(params))},
+                  std::make_unique<torch::optim::SGDOptions>(0.1)) {}
+  torch::Tensor step(LossClosure /*closure*/) override { return {}; }
+};
+
+TEST(OptimizerState, AnotherOptimizerTypeIsNamed) {
+  Net net;
+  CustomOptimizer custom(net.parameters());
+  Checkpoint ck;
+  auto msg = error_of([&] { add_optimizer(ck, custom); });
+  EXPECT_NE(msg.find("checkpoints support the state of torch::optim's SGD, Adam, AdamW, Adagrad, "
+                     "RMSprop and LBFGS; got "),
+            std::string::npos) << msg;
+  EXPECT_NE(msg.find("CustomOptimizer"), std::string::npos) << msg;
+}
+
+TEST(SchedulerState, StepLrResumesBitwise) {
+  using namespace torch::optim;
+  torch::manual_seed(3);
+  Net ref, resumed;
+  Checkpoint init;
+  add_module(init, ref);
+  load_module(init, resumed);
+  SGD opt_ref(ref.parameters(), SGDOptions(0.4).momentum(0.9));
+  StepLR sched_ref(opt_ref, /*step_size=*/2, /*gamma=*/0.5);
+  auto run = [](Net& net, SGD& opt, StepLR& sched, int steps, int seed) {
+    for (int i = 0; i < steps; ++i) {
+      train_steps(net, opt, 1, seed + i);
+      sched.step();
+    }
+  };
+  run(ref, opt_ref, sched_ref, 3, 20);
+  Checkpoint ck;
+  add_module(ck, ref);
+  add_optimizer(ck, opt_ref);
+  add_scheduler(ck, sched_ref);
+  EXPECT_EQ(metadata_int(ck, "sched.step_count", 0, 100, "memory"), 3);
+  run(ref, opt_ref, sched_ref, 5, 23);
+
+  SGD opt_resumed(resumed.parameters(), SGDOptions(0.4).momentum(0.9));
+  StepLR sched_resumed(opt_resumed, 2, 0.5);
+  load_module(ck, resumed);
+  load_optimizer(ck, opt_resumed);
+  load_scheduler(ck, sched_resumed);
+  EXPECT_EQ(static_cast<SGDOptions&>(opt_resumed.param_groups()[0].options()).lr(), 0.4 * 0.5);
+  run(resumed, opt_resumed, sched_resumed, 5, 23);
+  EXPECT_TRUE(same_params(ref, resumed));
+  EXPECT_EQ(static_cast<SGDOptions&>(opt_resumed.param_groups()[0].options()).lr(),
+            static_cast<SGDOptions&>(opt_ref.param_groups()[0].options()).lr());
+  EXPECT_EQ(static_cast<SGDOptions&>(opt_ref.param_groups()[0].options()).lr(), 0.4 / 8);
+}
+
+struct ConstantLR : torch::optim::LRScheduler {
+  using LRScheduler::LRScheduler;
+  std::vector<double> get_lrs() override { return get_current_lrs(); }
+};
+
+TEST(SchedulerState, TypeAndStepCountAreChecked) {
+  using namespace torch::optim;
+  Net net;
+  SGD sgd(net.parameters(), SGDOptions(0.1));
+  StepLR step_lr(sgd, 2);
+  step_lr.step();
+  Checkpoint ck;
+  add_scheduler(ck, step_lr);
+  ConstantLR constant(sgd);
+  auto msg = error_of([&] { load_scheduler(ck, constant); });
+  EXPECT_NE(msg.find("scheduler type: checkpoint has \"torch::optim::StepLR\", the program uses "),
+            std::string::npos) << msg;
+  EXPECT_NE(msg.find("ConstantLR"), std::string::npos) << msg;
+  Checkpoint bad = ck;
+  json_set(bad, "sched.step_count", "-1");
+  msg = error_of([&] { load_scheduler(bad, step_lr); });
+  EXPECT_NE(msg.find("sched.step_count: checkpoint has -1, expected an integer in [0, "),
+            std::string::npos) << msg;
+  json_erase(bad, "sched.step_count");
+  msg = error_of([&] { load_scheduler(bad, step_lr); });
+  EXPECT_NE(msg.find("sched.step_count: checkpoint has nothing"), std::string::npos) << msg;
 }
 
 TEST(OptimizerState, WrongOptimizerTypeIsRejected) {

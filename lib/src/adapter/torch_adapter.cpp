@@ -11,7 +11,12 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/optim/optimizer.h>
+#include <torch/optim/schedulers/lr_scheduler.h>
 #include <torch/version.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
 
 #include "lockstep/errors.h"
 
@@ -87,6 +92,30 @@ torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer&
 void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
                          std::unique_ptr<torch::optim::OptimizerParamState> state) {
   optimizer.state()[optimizer_state_key(param)] = std::move(state);
+}
+
+namespace {
+// LRScheduler keeps its step count protected and offers no accessor: a pointer to the member,
+// formed through a derived class (never instantiated), reaches it on any scheduler.
+struct SchedulerAccess : torch::optim::LRScheduler {
+  static auto step_count() { return &SchedulerAccess::step_count_; }
+};
+using StepCount = std::remove_reference_t<decltype(std::declval<torch::optim::LRScheduler&>().*
+                                                   SchedulerAccess::step_count())>;
+}  // namespace
+
+int64_t scheduler_step_count(torch::optim::LRScheduler& scheduler) {
+  return static_cast<int64_t>(scheduler.*SchedulerAccess::step_count());
+}
+
+void set_scheduler_step_count(torch::optim::LRScheduler& scheduler, int64_t count) {
+  LOCKSTEP_ASSERT(count >= 0 && count <= max_scheduler_step_count(), "step count out of range");
+  scheduler.*SchedulerAccess::step_count() = static_cast<StepCount>(count);
+}
+
+int64_t max_scheduler_step_count() {
+  return static_cast<int64_t>(std::min<uint64_t>(std::numeric_limits<StepCount>::max(),
+                                                 uint64_t{1} << 53));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,32 +222,6 @@ void write_tensor_dict_archive(const std::string& path,
   torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(),
                                      writer);
   writer.writeEndOfFile();
-}
-
-std::map<std::string, at::Tensor> read_tensor_dict_archive(const std::vector<char>& bytes) {
-  c10::IValue value;
-  try {
-    value = torch::jit::pickle_load(bytes);
-  } catch (const std::exception& e) {
-    std::string what = e.what();
-    what = what.substr(0, what.find("\nException raised from"));
-    throw InvalidArgument(concat("is not a torch.save file LibTorch can read (", what,
-                                 "). A state_dict saved from Python must be a plain dict: "
-                                 "torch.save(dict(model.state_dict()), path)"));
-  }
-  if (!value.isGenericDict()) {
-    throw InvalidArgument(concat("holds a ", value.tagKind(),
-                                 ", expected a dict of name -> tensor (a state_dict)"));
-  }
-  std::map<std::string, at::Tensor> out;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw InvalidArgument(concat(": entry ", item.key().tagKind(), " -> ",
-                                   item.value().tagKind(), " is not a string -> tensor pair"));
-    }
-    out[item.key().toStringRef()] = item.value().toTensor();
-  }
-  return out;
 }
 
 }  // namespace adapter

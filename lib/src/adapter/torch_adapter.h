@@ -31,6 +31,7 @@ namespace torch {
 namespace optim {
 class Optimizer;
 class OptimizerParamState;
+class LRScheduler;
 }  // namespace optim
 }  // namespace torch
 
@@ -145,6 +146,15 @@ torch::optim::OptimizerParamState* find_optimizer_state(torch::optim::Optimizer&
 void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
                          std::unique_ptr<torch::optim::OptimizerParamState> state);
 
+/// The number of times `scheduler.step()` ran (LRScheduler's protected step count).
+int64_t scheduler_step_count(torch::optim::LRScheduler& scheduler);
+
+/// Sets that count; `count` must lie in [0, max_scheduler_step_count()].
+void set_scheduler_step_count(torch::optim::LRScheduler& scheduler, int64_t count);
+
+/// The largest step count the scheduler can hold.
+int64_t max_scheduler_step_count();
+
 // ---------------------------------------------------------------------------------------------
 // Autocast (thread-local state; per-device-type calls in 1.x and 2.0-2.3, generic ones in 2.4+)
 
@@ -171,9 +181,13 @@ void clear_autocast_cache();
 void write_tensor_dict_archive(const std::string& path,
                                const std::map<std::string, at::Tensor>& tensors);
 
-/// Reads the dict of name -> tensor in `bytes` (a torch.save file). Throws InvalidArgument
-/// saying what the bytes hold instead, without naming a file (the caller adds it).
-std::map<std::string, at::Tensor> read_tensor_dict_archive(const std::vector<char>& bytes);
+/// Reads the dict of name -> tensor in `bytes` (a torch.save file: a plain dict or the
+/// OrderedDict `model.state_dict()` returns; with a non-empty `key`, the one stored under
+/// that key of the saved dict). Builds only containers, numbers and tensors and runs nothing
+/// (Note [State dict unpickler]). Throws InvalidArgument saying what the bytes hold instead,
+/// without naming a file (the caller adds it).
+std::map<std::string, at::Tensor> read_tensor_dict_archive(const std::vector<char>& bytes,
+                                                           const std::string& key = "");
 
 }  // namespace adapter
 }  // namespace lockstep

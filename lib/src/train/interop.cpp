@@ -32,12 +32,13 @@ void save_torch_weights(const std::string& path, const std::map<std::string, at:
   }
 }
 
-std::map<std::string, at::Tensor> load_torch_weights(const std::string& path) {
+std::map<std::string, at::Tensor> load_torch_weights(const std::string& path,
+                                                      const std::string& key) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(concat("cannot open weights file '", path, "'"));
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   try {
-    return adapter::read_tensor_dict_archive(bytes);
+    return adapter::read_tensor_dict_archive(bytes, key);
   } catch (const InvalidArgument& e) {
     const std::string what = e.what();
     throw InvalidArgument(concat("weights file '", path, "'", what.front() == ':' ? "" : " ",
@@ -52,9 +53,10 @@ void export_weights(const torch::nn::Module& module, const std::string& path) {
   save_torch_weights(path, tensors);
 }
 
-void import_weights(torch::nn::Module& module, const std::string& path) {
+void import_weights(torch::nn::Module& module, const std::string& path,
+                    const std::string& key) {
   Checkpoint ck;
-  ck.tensors = load_torch_weights(path);
+  ck.tensors = load_torch_weights(path, key);
   try {
     load_module(ck, module, /*prefix=*/"");
   } catch (const InvalidArgument& e) {

@@ -44,6 +44,7 @@ class Module;
 }
 namespace optim {
 class Optimizer;
+class LRScheduler;
 }
 }  // namespace torch
 
@@ -99,14 +100,34 @@ void add_module(Checkpoint& checkpoint, const torch::nn::Module& module,
 void load_module(const Checkpoint& checkpoint, torch::nn::Module& module,
                  const std::string& prefix = "model.");
 
-/// Adds the optimizer's per-parameter state (SGD momentum; Adam/AdamW step and moments)
-/// and each group's learning rate. Throws InvalidArgument for other optimizer types.
+/// Adds the optimizer's per-parameter state and every parameter group's hyperparameters
+/// (lr, momentum, betas, ...), as Python's `optimizer.state_dict()` holds them, for
+/// torch::optim's SGD, Adam, AdamW, Adagrad, RMSprop and LBFGS (its history lists included).
+/// Throws InvalidArgument for other optimizer types. Tensors are "<prefix><group>.<index>.<field>";
+/// docs/checkpoints-and-recipes.md lists the fields.
 void add_optimizer(Checkpoint& checkpoint, torch::optim::Optimizer& optimizer,
                    const std::string& prefix = "optim.");
 
-/// Restores what `add_optimizer` saved, validating everything before changing anything.
+/// Restores what `add_optimizer` saved into an optimizer of the same type over the same
+/// parameters (state and hyperparameters, as Python's `load_state_dict`), validating
+/// everything (type, group count, each hyperparameter's range, each tensor's shape, dtype
+/// and range, missing and unexpected keys) before changing anything. State is moved to each
+/// parameter's device. Files that hold only each group's "lr" (written before the other
+/// hyperparameters were saved) restore the learning rates alone.
 void load_optimizer(const Checkpoint& checkpoint, torch::optim::Optimizer& optimizer,
                     const std::string& prefix = "optim.");
+
+/// Adds a learning-rate scheduler's state (torch::optim::LRScheduler and its subclasses such
+/// as StepLR): its type and step count, as "<prefix>type" and "<prefix>step_count" in the
+/// metadata. The learning rates it has set are the optimizer's: save them with `add_optimizer`.
+void add_scheduler(Checkpoint& checkpoint, torch::optim::LRScheduler& scheduler,
+                   const std::string& prefix = "sched.");
+
+/// Restores what `add_scheduler` saved into a scheduler of the same type, built with the same
+/// arguments (StepLR's step_size and gamma) over the optimizer that `load_optimizer` restored.
+/// Checks the type and the step count's range before changing anything.
+void load_scheduler(const Checkpoint& checkpoint, torch::optim::LRScheduler& scheduler,
+                    const std::string& prefix = "sched.");
 
 /// Adds the default CPU generator's state as "<name>".
 void add_rng_state(Checkpoint& checkpoint, const std::string& name = "rng.cpu");
