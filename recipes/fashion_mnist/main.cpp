@@ -53,23 +53,45 @@ Split load_split(const std::string& dir, const std::string& prefix, int64_t limi
   return {x.contiguous(), labels.to(torch::kLong)};
 }
 
+// With `batch_norm`, a BatchNorm after each convolution: SyncBatchNorm over `group` when it
+// has more than one rank (statistics of the global batch), plain BatchNorm2d otherwise.
 struct NetImpl : torch::nn::Module {
-  NetImpl(int64_t c1, int64_t c2, int64_t hidden, double dropout) {
+  NetImpl(int64_t c1, int64_t c2, int64_t hidden, double dropout, bool batch_norm = false,
+          const ProcessGroupPtr& group = nullptr) {
     conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, c1, 3).padding(1)));
     conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(c1, c2, 3).padding(1)));
     fc1 = register_module("fc1", torch::nn::Linear(c2 * 7 * 7, hidden));
     fc2 = register_module("fc2", torch::nn::Linear(hidden, 10));
     drop = register_module("drop", torch::nn::Dropout(dropout));
+    if (batch_norm) {
+      bn1 = make_norm("bn1", c1, group);
+      bn2 = make_norm("bn2", c2, group);
+    }
   }
   torch::Tensor forward(torch::Tensor x) {
-    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
-    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
+    // BatchNorm in float32 (under bf16 autocast the convolutions return bfloat16, and the
+    // CPU batch-norm kernels of LibTorch 1.13 refuse mixed dtypes).
+    x = conv1(x);
+    if (!bn1.is_empty()) x = bn1.forward(x.to(torch::kFloat));
+    x = torch::max_pool2d(torch::relu(x), 2);
+    x = conv2(x);
+    if (!bn2.is_empty()) x = bn2.forward(x.to(torch::kFloat));
+    x = torch::max_pool2d(torch::relu(x), 2);
     x = drop(torch::relu(fc1(x.flatten(1))));
     return fc2(x);
+  }
+  torch::nn::AnyModule make_norm(const std::string& name, int64_t channels,
+                                 const ProcessGroupPtr& group) {
+    if (group && group->size() > 1) {
+      return torch::nn::AnyModule(register_module(
+          name, lockstep::SyncBatchNorm(lockstep::SyncBatchNormOptions(channels, group))));
+    }
+    return torch::nn::AnyModule(register_module(name, torch::nn::BatchNorm2d(channels)));
   }
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
   torch::nn::Dropout drop{nullptr};
+  torch::nn::AnyModule bn1, bn2;
 };
 TORCH_MODULE(Net);
 
@@ -108,7 +130,10 @@ int run(int argc, char** argv) {
     ("conv1", "Channels of the first convolution", cxxopts::value<int64_t>()->default_value("32"))
     ("conv2", "Channels of the second convolution", cxxopts::value<int64_t>()->default_value("64"))
     ("hidden", "Width of the hidden fully-connected layer", cxxopts::value<int64_t>()->default_value("128"))
-    ("dropout", "Dropout before the last layer", cxxopts::value<double>()->default_value("0.25"));
+    ("dropout", "Dropout before the last layer", cxxopts::value<double>()->default_value("0.25"))
+    ("batch-norm", "BatchNorm after each convolution, synchronized over the ranks (SyncBatchNorm)")
+    ("autocast", "Mixed precision: off, or bf16 (autocast forward with a GradScaler)",
+     cxxopts::value<std::string>()->default_value("off"));
   // clang-format on
   auto args = recipe::parse(options, argc, argv);
   auto common = recipe::read_common(args);
@@ -118,6 +143,12 @@ int run(int argc, char** argv) {
   const double dropout = args["dropout"].as<double>();
   if (c1 < 1 || c2 < 1 || hidden < 1) throw recipe::UsageError("--conv1, --conv2 and --hidden must be >= 1");
   if (dropout < 0 || dropout >= 1) throw recipe::UsageError(concat("--dropout must be in [0, 1), but got ", dropout));
+  const bool batch_norm = args.count("batch-norm") > 0;
+  const std::string autocast_mode = args["autocast"].as<std::string>();
+  if (autocast_mode != "off" && autocast_mode != "bf16") {
+    throw recipe::UsageError(concat("--autocast must be off or bf16, but got '", autocast_mode, "'"));
+  }
+  const bool autocast = autocast_mode == "bf16";
 
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
@@ -128,6 +159,8 @@ int run(int argc, char** argv) {
   config["conv2"] = std::to_string(c2);
   config["hidden"] = std::to_string(hidden);
   config["dropout"] = concat(dropout);
+  if (batch_norm) config["batch_norm"] = "sync";
+  if (autocast) config["autocast"] = "bf16";
   train::check_config_agreement(*pg, config);  // before step 0, naming any differing keys
 
   recipe::make_out_dir(*pg, common.out_dir);
@@ -135,8 +168,12 @@ int run(int argc, char** argv) {
   auto test_set = load_split(data_dir, "t10k", common.limit_eval);
 
   torch::manual_seed(common.seed);  // same initial weights on every rank
-  Net net(c1, c2, hidden, dropout);
+  Net net(c1, c2, hidden, dropout, batch_norm, pg);
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
+  // Mixed precision (--autocast bf16): the forward under CPU bfloat16 autocast, the loss scaled
+  // by a GradScaler whose skip decision every rank shares (DDP's gradients are identical on
+  // every rank). Its scale is not checkpointed: a resumed run starts from the initial scale.
+  lockstep::GradScaler scaler(lockstep::GradScalerOptions().enabled(autocast));
   // Each rank draws its share of every epoch from the sharded sampler (Note [Recipe data
   // order]); the last local batch of an epoch may be short.
   const int64_t n = train_set.images.size(0);
@@ -182,9 +219,19 @@ int run(int argc, char** argv) {
       auto y = train_set.labels.index_select(0, index);
       auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
-      auto loss = torch::nn::functional::cross_entropy(ddp->forward(x), y);
-      loss.backward();
-      optimizer.step();
+      torch::Tensor loss;
+      {
+        lockstep::AutocastGuard mixed(torch::kCPU, torch::kBFloat16, autocast);
+        loss = torch::nn::functional::cross_entropy(ddp->forward(x), y);
+      }
+      if (autocast) {
+        scaler.scale(loss).backward();
+        scaler.step(optimizer);  // skipped on every rank alike when a gradient overflowed
+        scaler.update();
+      } else {
+        loss.backward();
+        optimizer.step();
+      }
       ++pos.step;
       ++pos.batch;
       double l = loss.item<double>();
