@@ -313,7 +313,7 @@ void Reducer::finalize() {
     reset_iteration();
     throw;
   }
-  if (!missing.empty() && !options_.find_unused_parameters && !options_.static_graph) {
+  if (unused_is_error(missing)) {
     reset_iteration();
     lock.unlock();
     raise_unused(missing);
@@ -322,6 +322,12 @@ void Reducer::finalize() {
   record_statistics(compute_end);
   if (recording_order_) rebuild_pending_ = true;
   reset_iteration();
+}
+
+// Parameters some rank got no gradient for are an error unless find_unused_parameters or
+// static_graph (Note [Static graph]) allows them. Every rank decides from the same counts.
+bool Reducer::unused_is_error(const Missing& missing) const {
+  return !missing.empty() && !options_.find_unused_parameters && !options_.static_graph;
 }
 
 Reducer::Missing Reducer::missing_locally() const {
@@ -562,6 +568,7 @@ int Reducer::shadow_iteration() {
   begin_iteration(Clock::now(), /*queue_callback=*/false);
   strategy_->set_present(false);
   int present = 0;
+  Missing missing;
   try {
     for (size_t b = 0; b < buckets_.size(); ++b) {
       strategy_->fill_absent(b);
@@ -569,22 +576,21 @@ int Reducer::shadow_iteration() {
     }
     while (next_launch_ < buckets_.size()) launch(next_launch_++);
     wait_for_buckets();
-    auto missing = collect_missing();
+    missing = collect_missing();
     present = update_presence();
     double scale = 1.0;
     check_nonfinite(&scale);
-    if (!missing.empty() && !options_.find_unused_parameters) {
-      strategy_->set_present(true);
-      reset_iteration();
-      lock.unlock();
-      raise_unused(missing);
-    }
   } catch (...) {
     strategy_->set_present(true);
     reset_iteration();
     throw;
   }
   strategy_->set_present(true);
+  if (unused_is_error(missing)) {  // the same decision as the present ranks' finalize()
+    reset_iteration();
+    lock.unlock();
+    raise_unused(missing);
+  }
   ++iterations_;  // iterations agree across ranks (Note [Join])
   if (recording_order_) rebuild_pending_ = true;
   reset_iteration();

@@ -231,6 +231,7 @@ class Reducer {
   void launch_remaining(Clock::time_point compute_end);
   void wait_for_buckets();
   Missing collect_missing();
+  bool unused_is_error(const Missing& missing) const;
   int update_presence();
   void check_nonfinite(double* scale);
   bool all_finite(const at::Tensor& t) const;
