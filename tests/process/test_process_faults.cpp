@@ -165,4 +165,41 @@ TEST(ProcessFaults, GlooErrorNamesTheKilledPeer) { expect_gloo_death_named(2, 1)
 
 TEST(ProcessFaults, GlooErrorNamesTheKilledPeerOfThree) { expect_gloo_death_named(3, 2); }
 
+// A stopped peer (SIGSTOP, Ctrl-Z, a debugger) on the same host is named as such in the
+// timeout, on Gloo and on shared memory, within the collective timeout plus slack.
+void expect_stopped_peer_named(const std::string& transport) {
+  TempDir dir;
+  int port = free_port();
+  std::vector<Child> ranks;
+  for (int r = 0; r < 2; ++r) {
+    auto env = rank_env(r, 2, port);
+    env["LOCKSTEP_TRANSPORT"] = transport;
+    env["LOCKSTEP_TIMEOUT"] = "3";
+    ranks.push_back(spawn({LOCKSTEP_RANK_WORKER, "loop", "1000000000"}, env, dir,
+                          "rank" + std::to_string(r)));
+  }
+  for (auto& c : ranks) {
+    ASSERT_TRUE(eventually([&] { return contains(c.out(), "ready"); }, seconds(60)))
+        << "a rank never got through its first all-reduce; stderr: " << c.err();
+  }
+  kill(ranks[1].pid, SIGSTOP);
+  auto stopped_at = Clock::now();
+  ASSERT_TRUE(wait_for(ranks[0], seconds(30))) << "rank 0 still running 30 s after the stop";
+  // Bound: the collective timeout (3 s) plus slack.
+  EXPECT_LT(Clock::now() - stopped_at, seconds(8)) << ranks[0].err();
+  auto err = ranks[0].err();
+  EXPECT_EQ(ranks[0].exit_code(), 3) << err;
+  EXPECT_TRUE(contains(err, "ERROR TimeoutError")) << err;
+  EXPECT_TRUE(contains(err, "allreduce #")) << err;
+  EXPECT_TRUE(contains(err, "rank 1 (pid " + std::to_string(ranks[1].pid) + ")")) << err;
+  EXPECT_TRUE(contains(err, "stopped (SIGSTOP, Ctrl-Z or a debugger)")) << err;
+  EXPECT_TRUE(contains(err, "SIGCONT")) << err;
+  kill(ranks[1].pid, SIGKILL);
+  for (auto& c : ranks) reap(c);
+}
+
+TEST(ProcessFaults, GlooTimeoutNamesTheStoppedPeer) { expect_stopped_peer_named("gloo"); }
+
+TEST(ProcessFaults, SharedMemoryTimeoutNamesTheStoppedPeer) { expect_stopped_peer_named("shm"); }
+
 }  // namespace

@@ -100,6 +100,20 @@ class PeerTable {
     std::string advice;  // whose log to read
   };
 
+  // The peers on this host that are stopped (SIGSTOP, Ctrl-Z, a debugger), named for a
+  // timeout's message; "" when none is, or none can be checked.
+  std::string stopped_peers() const {
+    std::string who;
+    int n = 0;
+    for (size_t r = 0; r < peers_.size(); ++r) {
+      if (!peers_[r].process || !peers_[r].process->stopped()) continue;
+      who += concat(n++ == 0 ? "" : ", ", "rank ", r, " (pid ", peers_[r].pid, ")");
+    }
+    if (n == 0) return "";
+    return concat(who, n == 1 ? " is" : " are",
+                  " stopped (SIGSTOP, Ctrl-Z or a debugger): resume with SIGCONT or kill it");
+  }
+
   // Who among the peers died, as the cause of a lost connection.
   Diagnosis diagnose() const {
     try {
@@ -195,9 +209,13 @@ class GlooWork : public Work {
     } catch (const std::exception& e) {
       std::string msg = concat(what_, " failed: ", brief(e));
       if (looks_like_timeout(e.what())) {
+        std::string stopped = peers_ ? peers_->stopped_peers() : "";
         error_ = std::make_exception_ptr(TimeoutError(
-            msg + ". A peer did not take part in time (stalled, stopped or deadlocked). Check "
-                  "the other ranks' logs; raise LOCKSTEP_TIMEOUT if the operation is slow."));
+            stopped.empty()
+                ? msg + ". A peer did not take part in time (stalled, stopped or deadlocked). "
+                        "Check the other ranks' logs; raise LOCKSTEP_TIMEOUT if the operation "
+                        "is slow."
+                : concat(msg, ". ", stopped, ".")));
       } else {
         PeerTable::Diagnosis d{"a peer probably died or closed its connection",
                                "Check the other ranks' logs"};

@@ -519,6 +519,13 @@ class ShmGroup : public ProcessGroup {
                                " destroyed its process group (or exited) before taking part", by,
                                ". Every rank must issue the same collectives.", tail));
       case Fault::kTimeout:
+        if (finder == rank() && peers_[culprit] && peers_[culprit]->stopped()) {
+          throw TimeoutError(concat(call.what, ": rank ", culprit, " (pid ",
+                                    segment_.line(culprit).pid, ") did not take part within ",
+                                    timeout().count() / 1000.0,
+                                    " s: it is stopped (SIGSTOP, Ctrl-Z or a debugger). Resume "
+                                    "it with SIGCONT or kill it.", tail));
+        }
         if (finder == rank()) {
           throw TimeoutError(concat(call.what, ": rank ", culprit, " did not take part within ",
                                     timeout().count() / 1000.0,

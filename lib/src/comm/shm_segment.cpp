@@ -90,6 +90,23 @@ bool PeerProcess::dead() const {
   return kill(pid_, 0) == -1 && errno == ESRCH;
 }
 
+bool PeerProcess::stopped() const {
+  if (pid_ < 0 || dead()) return false;
+  // /proc/<pid>/stat is "pid (comm) S ...": the state follows the last ')' (comm may hold
+  // one). The read is bounded by the buffer.
+  char buf[512];
+  std::string path = "/proc/" + std::to_string(pid_) + "/stat";
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  ssize_t n = ::read(fd, buf, sizeof(buf) - 1);
+  ::close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  const char* paren = std::strrchr(buf, ')');
+  if (!paren || paren[1] != ' ') return false;
+  return paren[2] == 'T' || paren[2] == 't';
+}
+
 // Note [Shared-memory setup faults]
 // Every wait of the setup polls the store in slices of kSetupPoll and, between slices, checks
 // the processes of the ranks it waits for (PeerProcess: a pidfd, else kill(pid, 0)), so a rank

@@ -97,6 +97,9 @@ class PeerProcess {
   int pid() const { return pid_; }
   /// True once the process exited (a zombie counts); false when it cannot be checked.
   bool dead() const;
+  /// True while the process is stopped (SIGSTOP, SIGTSTP, or held by a debugger), from
+  /// /proc/<pid>/stat; false when it runs, exited or cannot be checked.
+  bool stopped() const;
 
  private:
   int pid_ = -1;
