@@ -1,9 +1,14 @@
 // A rank for the forked-process tests. Joins the job from the launch environment, then:
 //   rank_worker loop N     all-reduce N times (prints "ready" after the first), exit 0
+//   rank_worker until F    all-reduce until rank 0 sees file F (a flag every rank reduces),
+//                          then print "done <iterations>", exit 0
+// Every all-reduce's result is checked: a wrong sum prints "ERROR WrongSum" with exit code 4.
 // Any lockstep error is printed as "ERROR <type>: <message>" on stderr with exit code 3.
 #include <torch/torch.h>
 
 #include <cstdlib>
+#include <fstream>
+#include <limits>
 #include <iostream>
 #include <string>
 
@@ -26,13 +31,29 @@ int main(int argc, char** argv) {
   long iterations = argc > 2 ? std::atol(argv[2]) : 10;
   try {
     auto pg = lockstep::init_process_group();
+    const bool until = mode == "until";
+    const std::string stop_file = argc > 2 ? argv[2] : "";
+    if (until) iterations = std::numeric_limits<long>::max();
     auto t = torch::ones({1 << 16});
-    for (long i = 0; i < iterations; ++i) {
+    auto flag = torch::zeros({1});
+    const double world = pg->size();
+    long i = 0;
+    for (; i < iterations; ++i) {
       pg->allreduce(t)->wait();
+      if (!t.eq(world).all().item<bool>()) {
+        std::cerr << "ERROR WrongSum: iteration " << i << " summed to " << t.min().item<double>()
+                  << ".." << t.max().item<double>() << ", expected " << world << std::endl;
+        return 4;
+      }
       t.fill_(1.0);
       if (i == 0) std::cout << "ready" << std::endl;
+      if (until) {
+        flag.fill_(pg->rank() == 0 && std::ifstream(stop_file).good() ? 1.0 : 0.0);
+        pg->allreduce(flag)->wait();
+        if (flag.item<double>() > 0) break;
+      }
     }
-    std::cout << "done" << std::endl;
+    std::cout << "done " << i << std::endl;
     return 0;
   } catch (const lockstep::Error& e) {
     std::cerr << "ERROR " << type_of(e) << ": " << e.what() << std::endl;

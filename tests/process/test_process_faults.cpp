@@ -3,7 +3,12 @@
 #include <execinfo.h>
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+
 #include <csignal>
+#include <cstdio>
+#include <random>
+#include <regex>
 
 #include "support/process.h"
 
@@ -201,5 +206,114 @@ void expect_stopped_peer_named(const std::string& transport) {
 TEST(ProcessFaults, GlooTimeoutNamesTheStoppedPeer) { expect_stopped_peer_named("gloo"); }
 
 TEST(ProcessFaults, SharedMemoryTimeoutNamesTheStoppedPeer) { expect_stopped_peer_named("shm"); }
+
+// The TCP ports process `pid` listens on, from `ss` (iproute2).
+std::vector<int> listening_ports(pid_t pid) {
+  std::vector<int> ports;
+  FILE* p = popen("ss -ltnpH 2>/dev/null", "r");
+  if (!p) return ports;
+  char line[1024];
+  const std::regex port_re(R"(:(\d+)\s)");
+  const std::string owner = "pid=" + std::to_string(pid) + ",";
+  while (fgets(line, sizeof(line), p)) {
+    std::string l = line;
+    if (l.find(owner) == std::string::npos) continue;
+    // "LISTEN 0 128 127.0.0.1:41234 0.0.0.0:* users:(...)": the local address's port.
+    std::smatch m;
+    if (std::regex_search(l, m, port_re)) ports.push_back(std::stoi(m[1]));
+  }
+  pclose(p);
+  return ports;
+}
+
+// Connects to 127.0.0.1:port and writes `bytes` (may be empty); returns the socket (or -1).
+int connect_and_send(int port, const std::string& bytes) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  if (!bytes.empty()) (void)!send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  return fd;
+}
+
+// Note [A stranger on Gloo's data plane]
+// Gloo's own connections cannot be authenticated without TLS (docs/reliability.md). What
+// lockstep promises is that a stranger connecting to a rank's Gloo port mid-job fails closed:
+// the job either finishes with correct sums or fails with a clear error within the collective
+// timeout, never with wrong gradients and never hanging. The stranger here connects to every
+// port each rank listens on (the store's excepted), three ways: garbage, a plausible
+// 8-byte sequence number followed by garbage, and a silent connection held open.
+TEST(ProcessFaults, StrangerOnTheGlooDataPlaneFailsClosed) {
+  TempDir dir;
+  int port = free_port();
+  const std::string stop = dir.path + "/stop";
+  std::vector<Child> ranks;
+  struct Reaper {  // no rank outlives a failed assertion
+    std::vector<Child>& v;
+    ~Reaper() {
+      for (auto& c : v) reap(c);
+    }
+  } reaper{ranks};
+  for (int r = 0; r < 2; ++r) {
+    auto env = rank_env(r, 2, port);
+    env["LOCKSTEP_TRANSPORT"] = "gloo";
+    env["LOCKSTEP_TIMEOUT"] = "5";
+    ranks.push_back(spawn({LOCKSTEP_RANK_WORKER, "until", stop}, env, dir,
+                          "rank" + std::to_string(r)));
+  }
+  for (auto& c : ranks) {
+    ASSERT_TRUE(eventually([&] { return contains(c.out(), "ready"); }, seconds(60)))
+        << "a rank never got through its first all-reduce; stderr: " << c.err();
+  }
+  std::mt19937 rng(7);
+  std::string garbage(4096, '\0');
+  for (auto& ch : garbage) ch = static_cast<char>(rng());
+  std::vector<int> held;
+  int attacked = 0;
+  for (auto& c : ranks) {
+    for (int p : listening_ports(c.pid)) {
+      if (p == port) continue;
+      ++attacked;
+      int a = connect_and_send(p, garbage);
+      if (a >= 0) close(a);
+      std::string seq(8, '\0');  // sequence number 0, then garbage
+      int b = connect_and_send(p, seq + garbage);
+      if (b >= 0) close(b);
+      int h = connect_and_send(p, "");
+      if (h >= 0) held.push_back(h);
+    }
+  }
+  // Gloo in LibTorch 1.13 listens per pair only while the mesh connects, so mid-job no rank
+  // listens on anything but the store (rank 0): nothing to attack. Later Gloo keeps one
+  // listener per device open, and the attack runs.
+  ::testing::Test::RecordProperty("gloo_ports_attacked", attacked);
+  if (attacked == 0) {
+    EXPECT_EQ(listening_ports(ranks[1].pid).size(), 0u)
+        << "rank 1 listens on a port that the stranger did not try";
+  }
+  { std::ofstream(stop) << "stop"; }
+  auto stop_at = Clock::now();
+  for (auto& c : ranks) {
+    ASSERT_TRUE(wait_for(c, seconds(30))) << "a rank still runs 30 s after the stop file";
+  }
+  // Bound: the collective timeout (5 s) plus slack.
+  EXPECT_LT(Clock::now() - stop_at, seconds(10));
+  for (auto& c : ranks) {
+    auto err = c.err();
+    EXPECT_FALSE(contains(err, "WrongSum")) << err;
+    if (c.exit_code() == 0) {
+      EXPECT_TRUE(contains(c.out(), "done")) << c.out();
+    } else {
+      EXPECT_EQ(c.exit_code(), 3) << err;
+      EXPECT_TRUE(contains(err, "ERROR CommError") || contains(err, "ERROR TimeoutError")) << err;
+    }
+  }
+  for (int h : held) close(h);
+}
 
 }  // namespace
