@@ -15,6 +15,8 @@
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
 #include "lockstep/thread_group.h"
+#include "support/message.h"
+#include "support/models.h"
 #include "support/process.h"
 #include "support/threads.h"
 
@@ -22,6 +24,8 @@ namespace {
 
 using lockstep::DDPOptions;
 using lockstep::DistributedDataParallel;
+using lockstep_test::BnNet;
+using lockstep_test::message_of;
 using lockstep_test::with_groups;
 using torch::Tensor;
 namespace nn = torch::nn;
@@ -316,15 +320,6 @@ void check_parity(const ParityConfig& cfg) {
     std::tie(grads[pg->rank()], finals[pg->rank()]) = parity_rank<Case>(cfg, pg, ref);
   }, lockstep::ProcessGroupOptions().transport(cfg.transport));
   expect_parity(cfg, ref, grads, finals);
-}
-
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,15 +653,6 @@ TEST(DDP, RebuildsBucketsInReadyOrder) {
 }
 
 TEST(DDP, BuffersFollowRankZero) {
-  struct BnNet : nn::Module {
-    nn::Linear fc{nullptr};
-    nn::BatchNorm1d bn{nullptr};
-    BnNet() {
-      fc = register_module("fc", nn::Linear(3, 3));
-      bn = register_module("bn", nn::BatchNorm1d(3));
-    }
-    Tensor forward(Tensor x) { return bn(fc(x)); }
-  };
   std::vector<Tensor> first(2), second(2), batch_mean(2);
   with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
     auto model = std::make_shared<BnNet>();

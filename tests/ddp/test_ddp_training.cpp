@@ -14,6 +14,8 @@
 
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
+#include "support/message.h"
+#include "support/models.h"
 #include "support/threads.h"
 
 namespace {
@@ -21,6 +23,8 @@ namespace {
 using lockstep::DDPOptions;
 using lockstep::DistributedDataParallel;
 using lockstep::JoinOptions;
+using lockstep_test::BnNet;
+using lockstep_test::message_of;
 using torch::Tensor;
 namespace nn = torch::nn;
 
@@ -35,30 +39,11 @@ struct Mlp : nn::Module {
   Tensor forward(Tensor x) { return l2(torch::relu(l1(x))); }
 };
 
-struct BnNet : nn::Module {
-  nn::Linear fc{nullptr};
-  nn::BatchNorm1d bn{nullptr};
-  BnNet() {
-    fc = register_module("fc", nn::Linear(3, 3));
-    bn = register_module("bn", nn::BatchNorm1d(3));
-  }
-  Tensor forward(Tensor x) { return bn(fc(x)); }
-};
-
 std::vector<Tensor> snapshot(nn::Module& m) {
   std::vector<Tensor> out;
   for (auto& p : m.parameters()) out.push_back(p.detach().clone());
   for (auto& b : m.buffers()) out.push_back(b.clone());
   return out;
-}
-
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // Batch t of rank r: the same on every call.

@@ -20,6 +20,7 @@
 #include "lockstep/errors.h"
 #include "lockstep/grad_scaler.h"
 #include "lockstep/train/checkpoint.h"
+#include "support/message.h"
 #include "support/threads.h"
 
 namespace {
@@ -29,6 +30,7 @@ using lockstep::DistributedDataParallel;
 using lockstep::GradScaler;
 using lockstep::GradScalerOptions;
 using lockstep::GradScalerState;
+using lockstep_test::message_of;
 using torch::Tensor;
 namespace nn = torch::nn;
 
@@ -55,15 +57,6 @@ bool equal_all(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
     if (!torch::equal(a[i], b[i])) return false;
   }
   return true;
-}
-
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // Batch t of rank r: the same on every call; targets from a fixed linear teacher.

@@ -25,6 +25,19 @@ double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_c
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+// One word from every rank, in rank order: the rare agreement steps of Note [Join] and
+// Note [Non-finite gradients]. At world size 1 no collective runs.
+std::vector<int64_t> allgather_word(ProcessGroup& group, int64_t mine) {
+  if (group.size() == 1) return {mine};
+  auto word = at::full({1}, mine, at::kLong);
+  std::vector<at::Tensor> words;
+  for (int r = 0; r < group.size(); ++r) words.push_back(at::empty({1}, at::kLong));
+  group.allgather(words, word)->wait();
+  std::vector<int64_t> out;
+  for (const auto& w : words) out.push_back(w.item<int64_t>());
+  return out;
+}
+
 }  // namespace
 
 Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
@@ -445,14 +458,7 @@ void Reducer::check_nonfinite(double* scale) {
   }
   last_nonfinite_ = true;
   if (!policy) return;  // kOff: no clipping of non-finite gradients, nothing else
-  std::vector<int64_t> first(world_, first_bad_local_);
-  if (world_ > 1) {
-    auto word = at::full({1}, first_bad_local_, at::kLong);
-    std::vector<at::Tensor> words;
-    for (int r = 0; r < world_; ++r) words.push_back(at::empty({1}, at::kLong));
-    group_->allgather(words, word)->wait();
-    for (int r = 0; r < world_; ++r) first[r] = words[r].item<int64_t>();
-  }
+  const std::vector<int64_t> first = allgather_word(*group_, first_bad_local_);
   std::ostringstream origin;
   int shown = 0;
   for (int r = 0; r < world_; ++r) {
@@ -501,13 +507,10 @@ int Reducer::update_presence() {
   const int mine = (joined_ ? 0 : kPresent) | (join_enabled_ ? kInJoin : 0) |
                    (join_options_.throw_on_early_termination() ? kThrow : 0) |
                    (join_options_.divide_by_initial_world_size() ? kDivideInitial : 0);
-  auto word = at::full({1}, mine, at::kInt);
-  std::vector<at::Tensor> words;
-  for (int r = 0; r < world_; ++r) words.push_back(at::empty({1}, at::kInt));
-  group_->allgather(words, word)->wait();
+  const std::vector<int64_t> words = allgather_word(*group_, mine);
   std::vector<int> flags(world_), now, joined, outside;
   for (int r = 0; r < world_; ++r) {
-    flags[r] = words[r].item<int>();
+    flags[r] = static_cast<int>(words[r]);
     ((flags[r] & kPresent) ? now : joined).push_back(r);
     if (!(flags[r] & kInJoin)) outside.push_back(r);
   }
