@@ -308,33 +308,46 @@ void Reducer::finalize() {
     }
   }
   const auto compute_end = Clock::now();
-  Missing missing;
-  int present = world_;
-  double scale = 1.0;  // applied as gradients are written back
   if (!trivial_) {
     launch_remaining(compute_end);
     wait_for_buckets();
   }
-  try {
-    missing = trivial_ ? missing_locally() : collect_missing();
-    if (!trivial_) present = update_presence();
-    if (present < world_ && options_.average && !join_options_.divide_by_initial_world_size()) {
-      scale = static_cast<double>(world_) / present;  // Note [Join]
-    }
-    check_nonfinite(&scale);
-  } catch (...) {
-    reset_iteration();
-    throw;
-  }
-  if (unused_is_error(missing)) {
-    reset_iteration();
-    lock.unlock();
-    raise_unused(missing);
-  }
-  write_back(missing, present, scale);
+  const Agreement a = agree(lock, [] {});
+  write_back(a.missing, a.present, a.scale);
   record_statistics(compute_end);
   if (recording_order_) rebuild_pending_ = true;
   reset_iteration();
+}
+
+// After the buckets are reduced, what every rank decides alike from them, in finalize() and
+// in a joined rank's shadow_iteration(): the missing parameters, the present ranks and the
+// scale (Note [Join]), the non-finite check (Note [Non-finite gradients]) and the
+// unused-parameter error. On an error every rank raises the same one, after `restore` and
+// reset_iteration(), with the lock released.
+Reducer::Agreement Reducer::agree(std::unique_lock<std::mutex>& lock,
+                                  const std::function<void()>& restore) {
+  Agreement a;
+  a.present = world_;
+  try {
+    a.missing = trivial_ ? missing_locally() : collect_missing();
+    if (!trivial_) a.present = update_presence();
+    if (a.present > 0 && a.present < world_ && options_.average &&
+        !join_options_.divide_by_initial_world_size()) {
+      a.scale = static_cast<double>(world_) / a.present;  // Note [Join]
+    }
+    check_nonfinite(&a.scale);
+  } catch (...) {
+    restore();
+    reset_iteration();
+    throw;
+  }
+  restore();
+  if (unused_is_error(a.missing)) {
+    reset_iteration();
+    lock.unlock();
+    raise_unused(a.missing);
+  }
+  return a;
 }
 
 // Parameters some rank got no gradient for are an error unless find_unused_parameters or
@@ -570,8 +583,7 @@ int Reducer::shadow_iteration() {
   joined_ = true;
   begin_iteration(Clock::now(), /*queue_callback=*/false);
   strategy_->set_present(false);
-  int present = 0;
-  Missing missing;
+  const auto restore = [this] { strategy_->set_present(true); };
   try {
     for (size_t b = 0; b < buckets_.size(); ++b) {
       strategy_->fill_absent(b);
@@ -579,25 +591,16 @@ int Reducer::shadow_iteration() {
     }
     while (next_launch_ < buckets_.size()) launch(next_launch_++);
     wait_for_buckets();
-    missing = collect_missing();
-    present = update_presence();
-    double scale = 1.0;
-    check_nonfinite(&scale);
   } catch (...) {
-    strategy_->set_present(true);
+    restore();
     reset_iteration();
     throw;
   }
-  strategy_->set_present(true);
-  if (unused_is_error(missing)) {  // the same decision as the present ranks' finalize()
-    reset_iteration();
-    lock.unlock();
-    raise_unused(missing);
-  }
+  const Agreement a = agree(lock, restore);  // the same decisions as the present ranks'
   ++iterations_;  // iterations agree across ranks (Note [Join])
   if (recording_order_) rebuild_pending_ = true;
   reset_iteration();
-  return present;
+  return a.present;
 }
 
 int Reducer::authoritative_rank() const {

@@ -232,6 +232,12 @@ class Reducer {
   void wait_for_buckets();
   Missing collect_missing();
   bool unused_is_error(const Missing& missing) const;
+  struct Agreement {
+    Missing missing;      // parameters some rank got no gradient for
+    int present = 0;      // ranks with data (Note [Join])
+    double scale = 1.0;   // applied as gradients are written back
+  };
+  Agreement agree(std::unique_lock<std::mutex>& lock, const std::function<void()>& restore);
   int update_presence();
   void check_nonfinite(double* scale);
   bool all_finite(const at::Tensor& t) const;
