@@ -2,6 +2,8 @@
 //   rank_worker loop N     all-reduce N times (prints "ready" after the first), exit 0
 //   rank_worker until F    all-reduce until rank 0 sees file F (a flag every rank reduces),
 //                          then print "done <iterations>", exit 0
+//   rank_worker slow N MS  all-reduce N times, rank 1 pausing MS ms before each (a loaded
+//                          machine's slow rank), then print "done N", exit 0
 // Every all-reduce's result is checked: a wrong sum prints "ERROR WrongSum" with exit code 4.
 // Any lockstep error is printed as "ERROR <type>: <message>" on stderr with exit code 3.
 #include <torch/torch.h>
@@ -11,6 +13,7 @@
 #include <limits>
 #include <iostream>
 #include <string>
+#include <thread>
 
 #include "lockstep/lockstep.h"
 
@@ -32,6 +35,7 @@ int main(int argc, char** argv) {
   try {
     auto pg = lockstep::init_process_group();
     const bool until = mode == "until";
+    const long pause_ms = mode == "slow" && argc > 3 ? std::atol(argv[3]) : 0;
     const std::string stop_file = argc > 2 ? argv[2] : "";
     if (until) iterations = std::numeric_limits<long>::max();
     auto t = torch::ones({1 << 16});
@@ -39,6 +43,9 @@ int main(int argc, char** argv) {
     const double world = pg->size();
     long i = 0;
     for (; i < iterations; ++i) {
+      if (pause_ms > 0 && pg->rank() == 1) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));  // load, not sync
+      }
       pg->allreduce(t)->wait();
       if (!t.eq(world).all().item<bool>()) {
         std::cerr << "ERROR WrongSum: iteration " << i << " summed to " << t.min().item<double>()

@@ -21,6 +21,7 @@
 #include "lockstep/errors.h"
 #include "lockstep/process_group.h"
 #include "shm/shm_support.h"
+#include "support/no_leaks.h"
 
 using lockstep::ReduceOp;
 
