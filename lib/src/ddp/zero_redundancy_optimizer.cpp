@@ -289,9 +289,9 @@ void ZeroRedundancyOptimizer::broadcast_parameters() {
     } else {
       buffer = at::empty({bucket.numel}, params_[bucket.params[0]].options());
     }
+    while (flight.size() >= 2) finish();
     WorkPtr work = group_->broadcast(buffer, bucket.owner);
     flight.push_back({&bucket, std::move(buffer), std::move(work)});
-    if (flight.size() > 2) finish();
   }
   while (!flight.empty()) finish();
 }
