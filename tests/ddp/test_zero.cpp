@@ -414,9 +414,13 @@ TEST(Zero, ConsolidatedCheckpointEqualsThePlainOptimizersAndLoadsAtOtherWorldSiz
         auto a = make_net(resumed_init);
         run_training(pg, a, rc, [&](optim::Optimizer& opt) {
           auto& z = dynamic_cast<ZeroRedundancyOptimizer&>(opt);
+          z.param_groups()[0].options().set_lr(0.5);  // the file's learning rate replaces it
           auto full = z.make_full_optimizer();
           train::load_optimizer(zero_ckpt, *full);
           z.load_full_state(*full);
+          const double lr = kind == Kind::kAdam ? 0.01 : 0.05;
+          EXPECT_EQ(z.param_groups()[0].options().get_lr(), lr);
+          EXPECT_EQ(z.local_optimizer().param_groups()[0].options().get_lr(), lr);
           size_t owned = 0;
           for (int o : z.plan().owner) owned += o == pg->rank() ? 1 : 0;
           EXPECT_EQ(z.local_optimizer().state().size(), owned) << pg->where();
@@ -522,6 +526,11 @@ TEST(Zero, ConstructionErrors) {
                      ZeroRedundancyOptimizer z(std::vector<Tensor>{net->l1->weight * 2}, pg, factory(Kind::kSGD));
                    }),
                    "parameter 0 of group 0 was computed from other tensors");
+    EXPECT_MESSAGE(error_of<E>([&] {
+                     ZeroRedundancyOptimizer z(std::vector<Tensor>{net->l1->weight, Tensor()},
+                                               pg, factory(Kind::kSGD));
+                   }),
+                   "parameter 1 of group 0 is an undefined tensor");
     EXPECT_MESSAGE(error_of<E>([&] {
                      ZeroRedundancyOptimizer z(net->parameters(), pg, factory(Kind::kSGD),
                                                ZeroOptions().bucket_cap_mb(0));

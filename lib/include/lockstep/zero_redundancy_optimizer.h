@@ -62,7 +62,7 @@ struct ZeroOptions {
   /// buckets are in flight, so a step allocates at most about twice this much. Default 25.
   LOCKSTEP_ARG(double, bucket_cap_mb) = 25.0;
   /// Verify at construction that every rank passes the same parameters (group structure,
-  /// count, shapes, dtypes): two small all-gathers. Default true.
+  /// count, shapes, dtypes): two agreement checks (lockstep/agreement.h). Default true.
   LOCKSTEP_ARG(bool, check_parameters) = true;
 };
 
