@@ -213,7 +213,7 @@ void run_training(const ProcessGroupPtr& pg, const std::shared_ptr<Net>& net, co
     opt->zero_grad();
     auto d = batch(pg->rank(), t);
     torch::mse_loss(ddp->forward(d.first), d.second).backward();
-    opt->step();
+    ddp->step(*opt);  // DDP's step (its NaN/Inf policy) drives ZeRO as any optimizer
     if (scheduler) scheduler->step();
   }
   if (finish) finish(*opt);
