@@ -18,3 +18,4 @@
 #include "lockstep/store.h"
 #include "lockstep/sync_batch_norm.h"
 #include "lockstep/thread_group.h"
+#include "lockstep/zero_redundancy_optimizer.h"
