@@ -25,6 +25,7 @@
 
 #include "lockstep/errors.h"
 #include "lockstep/store.h"
+#include "support/no_leaks.h"
 #include "support/process.h"
 
 extern char** environ;
@@ -35,6 +36,7 @@ using Clock = std::chrono::steady_clock;
 using Seconds = std::chrono::duration<double>;
 using Env = std::map<std::string, std::string>;
 using lockstep_test::free_port;
+using lockstep_test::report_bound;
 using lockstep_test::TempDir;
 
 const std::string kRun = LOCKSTEP_RUN_PATH;
@@ -274,6 +276,7 @@ TEST(Launcher, KillNineOfOneWorkerFailsFastAndLeavesNoWorker) {
   int code = p.wait(Seconds(30));
   double took = since(killed_at);
   EXPECT_EQ(code, 128 + SIGKILL) << p.all();
+  report_bound("kill -9 of a worker: the launcher fails the job", took, 10);
   EXPECT_LT(took, 10.0) << "the launcher must fail fast after a worker dies";
   EXPECT_NE(p.err().find("first failure: rank 1 (local rank 1, node 0) on host "), std::string::npos)
       << p.err();
@@ -297,6 +300,7 @@ TEST(Launcher, StoppedWorkerIsTheRootCauseOfItsPeersTimeout) {
   int code = p.wait(Seconds(60));
   double took = since(stopped_at);
   EXPECT_EQ(code, 128 + SIGSTOP) << p.all();
+  report_bound("SIGSTOP of a worker (timeout 3 s): the launcher names it", took, 20);
   EXPECT_LT(took, 20.0) << p.all();
   EXPECT_NE(p.err().find("rank 1 (pid " + std::to_string(pids[1]) + ") was stopped by SIGSTOP"),
             std::string::npos)
@@ -407,6 +411,7 @@ TEST(Launcher, SigtermIsForwardedAndTheLauncherExits143) {
   auto sent = Clock::now();
   ASSERT_EQ(kill(p.pid(), SIGTERM), 0);
   EXPECT_EQ(p.wait(Seconds(30)), 143) << p.all();
+  report_bound("SIGTERM to the launcher: forwarded, exit 143", since(sent), 5);
   EXPECT_LT(since(sent), 5.0) << "workers that exit on SIGTERM need no SIGKILL";
   for (int r = 0; r < 2; ++r) {
     auto marker = dir + "/sigterm_rank_" + std::to_string(r);
@@ -727,6 +732,8 @@ TEST(Launcher, StoppedWorkerOnOneNodeIsTheRootCauseOnBoth) {
   ASSERT_EQ(kill(pids[1], SIGSTOP), 0);
   EXPECT_EQ(node0.wait(Seconds(60)), 128 + SIGSTOP) << node0.all();
   EXPECT_EQ(node1.wait(Seconds(30)), 128 + SIGSTOP) << node1.all();
+  report_bound("SIGSTOP of a worker on node 1 of 2 (timeout 3 s): both launchers name it",
+               since(stopped_at), 30);
   EXPECT_LT(since(stopped_at), 30.0);
   for (Proc* p : {&node0, &node1}) {
     EXPECT_NE(p->err().find("first failure: rank 1 (local rank 0, node 1)"), std::string::npos)
@@ -1046,6 +1053,7 @@ TEST(Launcher, ForeignClientsAreRefusedAndTheJobGoesOnListeningOnLoopbackOnly) {
           << what;
       EXPECT_EQ(what.find(std::string(32, 'x')), std::string::npos) << what;
     }
+    report_bound("a store client without the token is refused", since(start), 2);
     EXPECT_LT(since(start), 2.0);
   }
   { std::ofstream(go).put('1'); }
