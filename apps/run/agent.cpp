@@ -319,8 +319,23 @@ Outcome Agent::supervise() {
           if (auto remote = rounds_->published()) {
             failure_ = remote;
             pending = false;
-            say_.progress(concat("node ", remote->root.node,
-                                 " reported a failure: stopping local workers"));
+            say_.progress(remote->membership
+                              ? concat(remote->what, ": stopping local workers")
+                              : concat("node ", remote->root.node,
+                                       " reported a failure: stopping local workers"));
+            begin_stop(SIGTERM);
+          } else if (o_.elastic() && rounds_->member_count() < o_.nnodes &&
+                     rounds_->waiting() > 0) {
+            // Note [Elastic membership], step 2: a node waits to join.
+            Failure change;
+            change.membership = true;
+            change.root.node = o_.node_rank;
+            change.what = concat("a node waits to join (this round has ",
+                                 rounds_->member_count(), " of at most ", o_.nnodes,
+                                 " nodes): restarting every worker with the new membership");
+            failure_ = rounds_->publish(change);
+            pending = false;
+            say_.progress(concat(failure_->what, ": stopping local workers"));
             begin_stop(SIGTERM);
           }
         } catch (const std::exception& e) {
@@ -411,6 +426,7 @@ int Agent::run() {
   }
 
   int code = 0;
+  int failures = 0;  // rounds that failed; --max-restarts bounds them (membership changes don't count)
   for (round_ = 0;; ++round_) {
     failure_.reset();
     events_.clear();
@@ -419,14 +435,35 @@ int Agent::run() {
     workers_.clear();
     Outcome outcome;
     auto layout = rounds_->join(round_, host_, [this] { return wait_interval(); });
+    if (layout && !layout->member) {
+      // Note [Elastic membership]: the round formed without this node.
+      say_.progress(concat("round ", round_, " formed without this node: waiting to join the "
+                           "next (a running job restarts its workers to take it)"));
+      auto ended = rounds_->stand_by([this] { return wait_interval(); });
+      if (!ended) {
+        say_.always(concat("stopped by ", signal_name(stop_signal_), " while waiting to join"));
+        code = 128 + stop_signal_;
+        break;
+      }
+      if (*ended) {
+        say_.progress("the job finished without this node");
+        code = 0;
+        break;
+      }
+      continue;
+    }
     if (!layout) {
       outcome = Outcome::kStopSignal;
     } else {
       layout->master_addr = o_.master_addr;
       layout->master_port = o_.master_port;
-      say_.progress(concat("attempt ", round_ + 1, " of ", o_.max_restarts + 1, ": ranks ",
+      say_.progress(concat("attempt ", failures + 1, " of ", o_.max_restarts + 1, ": ranks ",
                            layout->rank_offset, "..", layout->rank_offset + o_.nproc_per_node - 1,
-                           " of world size ", layout->world_size, ": ", program_path_));
+                           " of world size ", layout->world_size,
+                           o_.elastic() ? concat(" (", layout->group_world_size, " of ",
+                                                 o_.nnodes_min, "..", o_.nnodes, " nodes)")
+                                        : std::string(),
+                           ": ", program_path_));
       for (int i = 0; i < o_.nproc_per_node; ++i) {
         Worker& w = workers_.emplace_back();
         w.local_rank = i;
@@ -440,7 +477,7 @@ int Agent::run() {
     }
     if (outcome == Outcome::kSuccess) {
       say_.progress(concat("all ", layout->world_size, " worker(s) exited 0 (attempt ",
-                           round_ + 1, ")"));
+                           failures + 1, ")"));
       code = 0;
       break;
     }
@@ -449,15 +486,20 @@ int Agent::run() {
       code = 128 + stop_signal_;
       break;
     }
-    bool last = outcome == Outcome::kStoreLost || round_ >= o_.max_restarts;
-    print_summary(concat("attempt ", round_ + 1, " of ", o_.max_restarts + 1, " failed"));
+    if (outcome == Outcome::kFailure && failure_ && failure_->membership) {
+      say_.progress(concat("membership change: forming round ", round_ + 1));
+      continue;
+    }
+    bool last = outcome == Outcome::kStoreLost || failures >= o_.max_restarts;
+    print_summary(concat("attempt ", failures + 1, " of ", o_.max_restarts + 1, " failed"));
     code = failure_->code();
     if (last) {
-      say_.always(concat("giving up after ", round_ + 1, " attempt(s) (--max-restarts ",
+      say_.always(concat("giving up after ", failures + 1, " attempt(s) (--max-restarts ",
                          o_.max_restarts, "); exit code ", code));
       break;
     }
-    say_.always(concat("restarting every worker: attempt ", round_ + 2, " of ",
+    ++failures;
+    say_.always(concat("restarting every worker: attempt ", failures + 1, " of ",
                        o_.max_restarts + 1));
   }
   rounds_->exit_handshake([this] { wait_interval(); });
@@ -490,6 +532,8 @@ void print_plan(const RunOptions& o, const EnvMap& env, int cpu_count) {
   RoundLayout layout;
   layout.world_size = o.nnodes * o.nproc_per_node;
   layout.rank_offset = o.node_rank * o.nproc_per_node;
+  layout.group_rank = o.node_rank;
+  layout.group_world_size = o.nnodes;
   layout.master_addr = o.master_addr;
   layout.master_port = o.master_port;
   for (int i = 0; i < o.nproc_per_node; ++i) {

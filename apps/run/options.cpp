@@ -23,7 +23,7 @@ const std::set<std::string> kValueFlags = {
     "nproc-per-node", "nnodes",        "node-rank",    "master-addr",      "master-port",
     "max-restarts",   "run-id",        "log-dir",      "monitor-interval", "grace-period",
     "rdzv-timeout",   "rdzv-backend",  "rdzv-endpoint", "rdzv-id",         "redirects",
-    "tee",            "role"};
+    "tee",            "role",          "rdzv-last-call"};
 
 // Note [Rendezvous backends]
 // torchrun's --rdzv-backend picks how nodes meet: `static` (node ranks given, node 0's
@@ -33,9 +33,10 @@ const std::set<std::string> kValueFlags = {
 // store at the endpoint and every node states its --node-rank. So --rdzv-endpoint host:port is
 // --master-addr host --master-port port (the endpoint wins, as in torchrun; c10d's default
 // port 29400 applies when the port is left out), --rdzv-id is --run-id, and a multi-node c10d
-// job must give each node its --node-rank (or PET_NODE_RANK): arrival-order node ranks and
-// elastic ranges (--nnodes MIN:MAX with MIN < MAX) are not implemented, and saying so beats
-// letting every node believe it is node 0.
+// job must give each node its --node-rank (or PET_NODE_RANK): arrival-order node ranks are not
+// implemented, and saying so beats letting every node believe it is node 0. Elastic ranges
+// (--nnodes MIN:MAX) are (Note [Elastic membership] in rounds.h); node ranks then name
+// launchers, and each round numbers its nodes densely (GROUP_RANK).
 
 [[noreturn]] void bad(const std::string& message) { throw InvalidArgument(message); }
 
@@ -246,6 +247,9 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
        cxxopts::value<std::string>()->default_value(pet("PET_MONITOR_INTERVAL", "0.1")))
       ("grace-period", "seconds from SIGTERM to SIGKILL when stopping workers",
        cxxopts::value<std::string>()->default_value(pet("PET_GRACE_PERIOD", "30")))
+      ("rdzv-last-call", "with --nnodes MIN:MAX: seconds node 0 waits for more nodes once MIN "
+       "joined a round (torchrun's last_call_timeout)",
+       cxxopts::value<std::string>()->default_value(pet("PET_RDZV_LAST_CALL", "5")))
       ("rdzv-timeout", "seconds for every node's launcher to join a round",
        cxxopts::value<std::string>()->default_value(pet("PET_RDZV_TIMEOUT", "120")))
       ("dry-run", "print the topology and every worker's environment, start nothing")
@@ -286,16 +290,13 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
     if (lo > hi) {
       bad(concat("--nnodes ", nnodes, ": expected MIN:MAX with MIN <= MAX"));
     }
-    if (lo != hi) {
-      bad(concat("--nnodes ", nnodes, ": elastic node ranges (MIN < MAX) are not supported; "
-                 "lockstep-run runs a fixed number of nodes (N or N:N, here perhaps --nnodes ",
-                 hi, ") and recovers from a failed node by restarting every worker "
-                 "(--max-restarts), with all N nodes"));
-    }
-    o.nnodes = lo;
+    o.nnodes_min = lo;
+    o.nnodes = hi;
   } else {
     o.nnodes = to_int("nnodes", nnodes, 1, 65536);
+    o.nnodes_min = o.nnodes;
   }
+  o.rdzv_last_call = to_seconds("rdzv-last-call", parsed["rdzv-last-call"].as<std::string>(), 0);
   o.node_rank = to_int("node-rank", parsed["node-rank"].as<std::string>(), 0, 65535);
   if (o.node_rank >= o.nnodes) {
     bad(concat("--node-rank ", o.node_rank, ": expected a node rank in [0, ", o.nnodes - 1,
@@ -330,8 +331,8 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
   }
   o.standalone = parsed.count("standalone") > 0;
   if (o.standalone) {
-    if (o.nnodes != 1) {
-      bad(concat("--standalone runs a single node, but --nnodes is ", o.nnodes));
+    if (o.nnodes != 1 || o.nnodes_min != 1) {
+      bad(concat("--standalone runs a single node, but --nnodes is ", nnodes));
     }
     o.master_addr = "127.0.0.1";
     o.master_port = 0;
@@ -377,8 +378,8 @@ EnvMap worker_env(const RunOptions& options, const RoundLayout& layout, int loca
   add["LOCAL_RANK"] = str(local_rank);
   add["WORLD_SIZE"] = str(layout.world_size);
   add["LOCAL_WORLD_SIZE"] = str(options.nproc_per_node);
-  add["GROUP_RANK"] = str(options.node_rank);
-  add["GROUP_WORLD_SIZE"] = str(options.nnodes);
+  add["GROUP_RANK"] = str(layout.group_rank);
+  add["GROUP_WORLD_SIZE"] = str(layout.group_world_size);
   add["ROLE_NAME"] = options.role;
   add["ROLE_RANK"] = add["RANK"];
   add["ROLE_WORLD_SIZE"] = add["WORLD_SIZE"];

@@ -35,7 +35,9 @@ StdSpec parse_std_spec(const std::string& flag, const std::string& text);
 /// sets) when it is not given.
 struct RunOptions {
   int nproc_per_node = 1;        ///< workers on this node (after resolving "auto")
-  int nnodes = 1;                ///< nodes in the job
+  int nnodes = 1;                ///< nodes in the job; with --nnodes MIN:MAX, MAX
+  int nnodes_min = 1;            ///< --nnodes MIN:MAX: MIN (equal to nnodes when not elastic)
+  double rdzv_last_call = 5.0;   ///< elastic: seconds node 0 waits for more nodes once MIN joined
   int node_rank = 0;             ///< this node's index
   std::string master_addr = "127.0.0.1";  ///< host of node 0 (it hosts the store)
   int master_port = 29500;       ///< store port; 0 on node 0: pick a free one and print it
@@ -55,6 +57,9 @@ struct RunOptions {
   bool quiet = false;            ///< no [lockstep-run] progress lines (summary still printed)
   std::string program;           ///< the worker program (searched in PATH)
   std::vector<std::string> args; ///< its arguments
+
+  /// --nnodes MIN:MAX with MIN < MAX (Note [Elastic membership] in rounds.h).
+  bool elastic() const { return nnodes_min < nnodes; }
 };
 
 /// What parsing produced: options to run, or text to print and exit 0 (--help).
@@ -92,6 +97,9 @@ struct RoundLayout {
   std::string master_addr;     ///< address workers connect to
   int master_port = 0;         ///< bound port of the store
   int restart_count = 0;       ///< round number (0 for the first attempt)
+  int group_rank = 0;          ///< this node's index among the round's nodes (GROUP_RANK)
+  int group_world_size = 1;    ///< nodes in the round (GROUP_WORLD_SIZE)
+  bool member = true;          ///< false: the round was formed without this node (elastic)
   std::string store_token;     ///< the job token (raw bytes; Note [Job token] in rounds.cpp)
 };
 

@@ -6,7 +6,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "lockstep/env_vars.h"
@@ -87,44 +89,161 @@ std::string Rounds::key(const std::string& name) const {
 std::optional<RoundLayout> Rounds::join(int round, const std::string& host,
                                         const std::function<bool()>& wait) {
   round_ = round;
+  members_.clear();
+  RoundLayout layout;
+  layout.restart_count = round_;
+  layout.store_token = token_;
+  if (o_.elastic() && store_->check({key("members")})) {
+    layout.member = false;  // formed already (Note [Elastic membership], last paragraph)
+    return layout;
+  }
   if (store_->add(key(concat("claim/", o_.node_rank)), 1) > 1) {
     throw InvalidArgument(concat("node rank ", o_.node_rank, " joined round ", round_,
                                  " twice: every launcher needs a distinct --node-rank"));
   }
   store_->set(key(concat("node/", o_.node_rank)), concat(o_.nproc_per_node, " ", host));
-  auto deadline = Clock::now() + seconds(o_.rdzv_timeout);
-  std::vector<int> nproc(o_.nnodes, -1);
-  int missing = o_.nnodes;
-  while (true) {
-    for (int k = 0; k < o_.nnodes; ++k) {
-      if (nproc[k] >= 0 || !store_->check({key(concat("node/", k))})) continue;
-      nproc[k] = std::stoi(store_->get(key(concat("node/", k))));
-      --missing;
-    }
-    if (missing == 0) break;
-    if (Clock::now() >= deadline) {
-      std::string absent;
-      for (int k = 0; k < o_.nnodes; ++k) {
-        if (nproc[k] < 0) absent += (absent.empty() ? "" : ", ") + std::to_string(k);
+  bool stop = false;
+  if (!o_.elastic()) {
+    // Everyone, or a timeout naming who is missing.
+    auto deadline = Clock::now() + seconds(o_.rdzv_timeout);
+    std::vector<std::string> keys;
+    for (int k = 0; k < o_.nnodes; ++k) keys.push_back(key(concat("node/", k)));
+    while (!store_->check(keys)) {
+      if (Clock::now() >= deadline) {
+        std::string absent;
+        for (int k = 0; k < o_.nnodes; ++k) {
+          if (!store_->check({keys[k]})) absent += (absent.empty() ? "" : ", ") + std::to_string(k);
+        }
+        throw TimeoutError(concat("round ", round_, ": node(s) ", absent, " of ", o_.nnodes,
+                                  " did not join within ", o_.rdzv_timeout, " s at ",
+                                  store_->describe(), ". Start a launcher with each "
+                                  "--node-rank and the same --master-addr/--master-port/"
+                                  "--run-id, or raise --rdzv-timeout."));
       }
-      throw TimeoutError(concat("round ", round_, ": node(s) ", absent, " of ", o_.nnodes,
-                                " did not join within ", o_.rdzv_timeout, " s at ",
-                                store_->describe(), ". Start a launcher with each --node-rank "
-                                "and the same --master-addr/--master-port/--run-id, or raise "
-                                "--rdzv-timeout."));
+      if (wait()) return std::nullopt;
     }
-    if (wait()) return std::nullopt;
+    for (int k = 0; k < o_.nnodes; ++k) members_.push_back(k);
+  } else {
+    members_ = o_.node_rank == 0 ? decide_members(wait, &stop) : await_members(wait, &stop);
+    if (stop) return std::nullopt;
+    if (std::find(members_.begin(), members_.end(), o_.node_rank) == members_.end()) {
+      layout.member = false;
+      return layout;
+    }
   }
-  RoundLayout layout;
   layout.world_size = 0;
   layout.rank_offset = 0;
-  for (int k = 0; k < o_.nnodes; ++k) {
-    if (k < o_.node_rank) layout.rank_offset += nproc[k];
-    layout.world_size += nproc[k];
+  layout.group_world_size = static_cast<int>(members_.size());
+  for (size_t i = 0; i < members_.size(); ++i) {
+    const int k = members_[i];
+    const int n = std::stoi(store_->get(key(concat("node/", k))));
+    if (k < o_.node_rank) layout.rank_offset += n;
+    if (k == o_.node_rank) layout.group_rank = static_cast<int>(i);
+    layout.world_size += n;
   }
-  layout.restart_count = round_;
-  layout.store_token = token_;
   return layout;
+}
+
+// Node 0 (Note [Elastic membership], step 1): every node that joined, once MAX did, or once
+// MIN did and the last call passed without another.
+std::vector<int> Rounds::decide_members(const std::function<bool()>& wait, bool* stop) {
+  const auto deadline = Clock::now() + seconds(o_.rdzv_timeout);
+  std::vector<int> joined;
+  size_t seen = 0;
+  auto last_change = Clock::now();
+  while (true) {
+    joined.clear();
+    for (int k = 0; k < o_.nnodes; ++k) {
+      if (store_->check({key(concat("node/", k))})) joined.push_back(k);
+    }
+    if (joined.size() != seen) {
+      seen = joined.size();
+      last_change = Clock::now();
+    }
+    const int n = static_cast<int>(joined.size());
+    const bool enough = n >= o_.nnodes_min;
+    if (n == o_.nnodes || (enough && Clock::now() - last_change >= seconds(o_.rdzv_last_call)) ||
+        (enough && Clock::now() >= deadline)) {
+      break;
+    }
+    if (Clock::now() >= deadline) {
+      std::string who, absent;
+      for (int k = 0; k < o_.nnodes; ++k) {
+        bool in = std::find(joined.begin(), joined.end(), k) != joined.end();
+        (in ? who : absent) += concat((in ? who : absent).empty() ? "" : ", ", k);
+      }
+      const std::string text = concat(
+          "round ", round_, ": only ", n, " node(s) joined (", who, ") within ", o_.rdzv_timeout,
+          " s, fewer than the ", o_.nnodes_min, " that --nnodes ", o_.nnodes_min, ":", o_.nnodes,
+          " needs; not joined: node(s) ", absent, ". Start more launchers with the same "
+          "--master-addr/--master-port/--run-id, or lower MIN.");
+      try {
+        store_->set(key("members"), "below-min " + text);
+      } catch (const std::exception&) {
+      }
+      throw TimeoutError(text);
+    }
+    if (wait()) {
+      *stop = true;
+      return {};
+    }
+  }
+  std::string list;
+  for (int k : joined) list += concat(list.empty() ? "" : " ", k);
+  store_->set(key("members"), list);
+  return joined;
+}
+
+std::vector<int> Rounds::await_members(const std::function<bool()>& wait, bool* stop) {
+  const auto deadline = Clock::now() + seconds(o_.rdzv_timeout + o_.rdzv_last_call + 10);
+  while (!store_->check({key("members")})) {
+    if (Clock::now() >= deadline) {
+      throw TimeoutError(concat("round ", round_, ": node 0 did not form the round within ",
+                                o_.rdzv_timeout + o_.rdzv_last_call, " s at ",
+                                store_->describe(), ". Check node 0's launcher."));
+    }
+    if (wait()) {
+      *stop = true;
+      return {};
+    }
+  }
+  const std::string text = store_->get(key("members"));
+  if (text.rfind("below-min ", 0) == 0) throw TimeoutError(text.substr(10));
+  std::vector<int> members;
+  std::istringstream in(text);
+  for (int k; in >> k;) members.push_back(k);
+  return members;
+}
+
+bool Rounds::round_ended(bool* success) {
+  if (store_->check({key("failed")})) {
+    *success = false;
+    return true;
+  }
+  if (!store_->check({key("members")})) return false;
+  std::istringstream in(store_->get(key("members")));
+  std::vector<std::string> keys;
+  for (int k; in >> k;) keys.push_back(key(concat("done/", k)));
+  if (!keys.empty() && store_->check(keys)) {
+    *success = true;
+    return true;
+  }
+  return false;
+}
+
+std::optional<bool> Rounds::stand_by(const std::function<bool()>& wait) {
+  bool success = false;
+  if (round_ended(&success)) return success;  // an earlier round: move on without a word
+  store_->add(key("waiting"), 1);
+  while (!round_ended(&success)) {
+    if (wait()) return std::nullopt;
+  }
+  return success;
+}
+
+int64_t Rounds::waiting() {
+  if (!o_.elastic()) return 0;
+  return store_->add(key("waiting"), 0);
 }
 
 void Rounds::share(const WorkerEvent& event) {
@@ -193,7 +312,7 @@ void Rounds::set_done() { store_->set(key(concat("done/", o_.node_rank)), "1"); 
 
 bool Rounds::all_done() {
   std::vector<std::string> keys;
-  for (int k = 0; k < o_.nnodes; ++k) keys.push_back(key(concat("done/", k)));
+  for (int k : members_) keys.push_back(key(concat("done/", k)));
   return store_->check(keys);
 }
 
@@ -203,7 +322,7 @@ void Rounds::exit_handshake(const std::function<void()>& wait) {
     store_->set(key(concat("exit/", o_.node_rank)), "1");
     if (o_.node_rank != 0) return;
     std::vector<std::string> keys;
-    for (int k = 0; k < o_.nnodes; ++k) keys.push_back(key(concat("exit/", k)));
+    for (int k : members_) keys.push_back(key(concat("exit/", k)));
     auto deadline = Clock::now() + std::chrono::seconds(10);
     while (!store_->check(keys) && Clock::now() < deadline) wait();
   } catch (const std::exception&) {

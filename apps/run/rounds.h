@@ -44,6 +44,28 @@ namespace run {
 // Workers get PR_SET_PDEATHSIG(SIGKILL) and their own process group: if the agent dies, they
 // die; when it stops them, their children go too (processes.h).
 
+// Note [Elastic membership]
+// With --nnodes MIN:MAX (MIN < MAX) a round runs on the nodes that joined it, between MIN and
+// MAX of them; node ranks name launchers (node 0 hosts the store and must be there), and each
+// round numbers its nodes densely (GROUP_RANK) and gives ranks in node-rank order.
+//   1. Join: as above, then node 0 decides the round's members: every node that joined once
+//      MAX did, or once MIN did and --rdzv-last-call seconds passed without another; it sets
+//      "members" ("<k> <k> ..."). The others wait for that key. Fewer than MIN by
+//      --rdzv-timeout fails every launcher of the round, naming who joined and who did not.
+//   2. A node that finds the round formed without it is on standby: it adds to the round's
+//      "waiting" count and polls the round's end. The round's agents see "waiting" at their
+//      next --monitor-interval and, while the round has fewer than MAX nodes, publish a
+//      membership change (a Failure with `membership` set): every worker is stopped (SIGTERM,
+//      so it can checkpoint) and the next round forms with the newcomer. A membership change
+//      does not use up a restart (--max-restarts counts failures), as in torchrun.
+//   3. A lost node (its launcher dies, so its workers die too) fails the round like any
+//      failure; the next round forms without it after the last call, and the workers resume
+//      from their last checkpoint at the new world size (the sampler re-shards the unseen
+//      samples, docs/data.md). That restart is a failure and needs --max-restarts >= 1.
+//   4. A standby node whose round ended in success exits 0: the job finished without it.
+// Rounds are walked in order: a launcher that starts late reads each earlier round's members
+// and end and moves on, without claiming, until it reaches the round in progress.
+
 /// This agent's side of the protocol. Single-threaded.
 class Rounds {
  public:
@@ -58,10 +80,11 @@ class Rounds {
   /// "tcp://host:port".
   std::string describe() const;
 
-  /// Step 1 of round `round`: claims this node's slot and waits for every node. `wait` waits
-  /// one --monitor-interval and returns true when the agent must stop (then join returns
-  /// nullopt). Throws InvalidArgument (node rank claimed twice) or TimeoutError (naming the
-  /// nodes that did not join).
+  /// Step 1 of round `round`: claims this node's slot and waits for every node (elastic: for
+  /// node 0's decision; Note [Elastic membership]). `wait` waits one --monitor-interval and
+  /// returns true when the agent must stop (then join returns nullopt). A layout with
+  /// `member` false: the round formed without this node. Throws InvalidArgument (node rank
+  /// claimed twice) or TimeoutError (naming the nodes that did not join).
   std::optional<RoundLayout> join(int round, const std::string& host,
                                   const std::function<bool()>& wait);
 
@@ -85,14 +108,27 @@ class Rounds {
   /// Step 7 (never throws).
   void exit_handshake(const std::function<void()>& wait);
 
+  /// Elastic: nodes of the round in progress (the members join decided).
+  int member_count() const { return static_cast<int>(members_.size()); }
+  /// Elastic, standby: says this node waits to join, then polls until the round ends; returns
+  /// true when it ended in success (the job is done without this node), false when it failed
+  /// or changed membership (join the next), nullopt when `wait` said stop.
+  std::optional<bool> stand_by(const std::function<bool()>& wait);
+  /// Elastic: launchers waiting to join the next round.
+  int64_t waiting();
+
  private:
   std::string key(const std::string& name) const;
   Failure read_failure();
+  std::vector<int> decide_members(const std::function<bool()>& wait, bool* stop);
+  std::vector<int> await_members(const std::function<bool()>& wait, bool* stop);
+  bool round_ended(bool* success);
 
   RunOptions o_;
   std::string token_;  // raw bytes
   std::unique_ptr<Store> store_;
   int round_ = 0;
+  std::vector<int> members_;  // node ranks of the round, ascending
 };
 
 }  // namespace run

@@ -232,13 +232,15 @@ json to_json(const Failure& f) {
   return {{"root", to_json(f.root)},
           {"what", f.what},
           {"then", f.then ? to_json(*f.then) : json(nullptr)},
-          {"early_exits", early}};
+          {"early_exits", early},
+          {"membership", f.membership}};
 }
 
 Failure failure_from_json(const json& j) {
   Failure f;
   f.root = event_from_json(j.at("root"));
   f.what = j.value("what", std::string());
+  f.membership = j.value("membership", false);
   if (j.contains("then") && !j.at("then").is_null()) f.then = event_from_json(j.at("then"));
   if (j.contains("early_exits")) {
     for (const auto& e : j.at("early_exits")) f.early_exits.push_back(event_from_json(e));

@@ -82,6 +82,10 @@ struct Failure {
   std::optional<WorkerEvent> then;
   /// Workers that exited 0 while their peers still ran (Note [Root cause], step 5).
   std::vector<WorkerEvent> early_exits;
+  /// Not a failure: the membership of an elastic job changes (a node waits to join; Note
+  /// [Elastic membership] in rounds.h). Every worker is stopped and the next round formed
+  /// without using up a restart.
+  bool membership = false;
 
   /// The launcher's exit code for this failure (Note [Root cause], step 6).
   int code() const { return root.code(); }

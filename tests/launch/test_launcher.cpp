@@ -669,6 +669,92 @@ std::string hosted_port(Proc& node0) {
   return m[1];
 }
 
+// Elastic membership (Note [Elastic membership] in apps/run/rounds.h), three launchers on
+// this machine with --nnodes 2:3. A node that is lost (its launcher killed with SIGKILL, so
+// its worker dies too) fails the round; the next round forms on the two that are left, with
+// world size 2 and dense node ranks, and the job finishes with exit 0.
+TEST(Launcher, ElasticJobLosesANodeAndFinishesOnTheRest) {
+  Env env = kNodesEnv;
+  env["LOCKSTEP_TIMEOUT"] = "10";
+  const std::vector<std::string> worker = {kWorker, "--mode", "loop-first"};
+  const std::string common = " --nnodes 2:3 --run-id el --grace-period 2 --nproc-per-node 1 "
+                             "--max-restarts 1 --rdzv-last-call 1";
+  Proc node0(launcher("--node-rank 0 --master-port 0" + common, worker), env);
+  std::string port = hosted_port(node0);
+  ASSERT_FALSE(port.empty()) << node0.all();
+  Proc node1(launcher("--node-rank 1 --master-port " + port + common, worker), env);
+  Proc node2(launcher("--node-rank 2 --master-port " + port + common, worker), env);
+  for (Proc* p : {&node0, &node1, &node2}) {
+    ASSERT_TRUE(p->until([&] { return ready_pids(p->out()).size() == 1; }, Seconds(kJobBound)))
+        << p->all();
+    EXPECT_NE(p->out().find("world=3"), std::string::npos) << p->out();
+  }
+  auto lost = ready_pids(node2.out());
+  const auto killed_at = Clock::now();
+  ASSERT_EQ(kill(node2.pid(), SIGKILL), 0);
+  EXPECT_EQ(node2.wait(Seconds(10)), 128 + SIGKILL);
+  EXPECT_EQ(node0.wait(Seconds(kJobBound)), 0) << node0.all();
+  EXPECT_EQ(node1.wait(Seconds(30)), 0) << node1.all();
+  report_bound("elastic: a node of 3 lost, the job finished on 2", since(killed_at), kJobBound);
+  EXPECT_NE(node0.out().find("resolved rank=0 world=2 local_rank=0 local_world=1 node=0 "),
+            std::string::npos)
+      << node0.out();
+  EXPECT_NE(node1.out().find("resolved rank=1 world=2 local_rank=0 local_world=1 node=1 "),
+            std::string::npos)
+      << node1.out();
+  EXPECT_NE(node0.err().find("of world size 2 (2 of 2..3 nodes)"), std::string::npos)
+      << node0.err();
+  EXPECT_TRUE(all_gone(lost, Seconds(5))) << "the lost node's worker outlived its launcher";
+}
+
+// A node that arrives while an elastic job runs below its MAX waits, the running round
+// restarts every worker to take it (without using up a restart: --max-restarts 0), and the
+// job finishes on all three.
+TEST(Launcher, ElasticJobTakesANodeThatJoinsLate) {
+  Env env = kNodesEnv;
+  env["LOCKSTEP_TIMEOUT"] = "10";
+  const std::vector<std::string> worker = {kWorker, "--mode", "loop-first"};
+  const std::string common = " --nnodes 2:3 --run-id ej --grace-period 2 --nproc-per-node 1 "
+                             "--rdzv-last-call 1";
+  Proc node0(launcher("--node-rank 0 --master-port 0" + common, worker), env);
+  std::string port = hosted_port(node0);
+  ASSERT_FALSE(port.empty()) << node0.all();
+  Proc node1(launcher("--node-rank 1 --master-port " + port + common, worker), env);
+  for (Proc* p : {&node0, &node1}) {
+    ASSERT_TRUE(p->until([&] { return ready_pids(p->out()).size() == 1; }, Seconds(kJobBound)))
+        << p->all();
+    EXPECT_NE(p->out().find("world=2"), std::string::npos) << p->out();
+  }
+  Proc node2(launcher("--node-rank 2 --master-port " + port + common, worker), env);
+  for (Proc* p : {&node0, &node1, &node2}) {
+    EXPECT_EQ(p->wait(Seconds(kJobBound)), 0) << p->all();
+  }
+  for (int r = 0; r < 3; ++r) {
+    Proc* p = r == 0 ? &node0 : r == 1 ? &node1 : &node2;
+    EXPECT_NE(p->out().find("resolved rank=" + std::to_string(r) + " world=3 "),
+              std::string::npos)
+        << p->out();
+  }
+  EXPECT_NE(node0.err().find("a node waits to join"), std::string::npos) << node0.err();
+  EXPECT_EQ(node0.err().find("failed"), std::string::npos) << node0.err();
+}
+
+// Below MIN: the round is not formed; every launcher fails within --rdzv-timeout, naming who
+// joined, who did not, and the MIN.
+TEST(Launcher, ElasticJobBelowMinFailsNamingTheNodes) {
+  const auto start = Clock::now();
+  Proc node0(launcher("--nnodes 2:3 --node-rank 0 --master-port 0 --run-id eb "
+                      "--nproc-per-node 1 --rdzv-timeout 2 --rdzv-last-call 1",
+                      {kWorker, "--mode", "ok"}),
+             kNodesEnv);
+  EXPECT_NE(node0.wait(Seconds(30)), 0) << node0.all();
+  EXPECT_LT(since(start), 30.0);
+  EXPECT_NE(node0.err().find("only 1 node(s) joined (0) within 2 s, fewer than the 2 that "
+                             "--nnodes 2:3 needs; not joined: node(s) 1, 2"),
+            std::string::npos)
+      << node0.err();
+}
+
 // Across nodes: the worker of node 1 exits 0 early, node 0's then fails. Both launchers fail
 // and both flag rank 1 (it travels as a shared event, Note [lockstep-run rounds] step 3).
 TEST(Launcher, EarlyExitZeroOnOneNodeFailsBothNodes) {

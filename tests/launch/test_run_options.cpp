@@ -90,6 +90,21 @@ TEST(RunOptions, ParsesTorchrunStyleCommandLines) {
   }
 }
 
+TEST(RunOptions, ElasticNodeRanges) {
+  auto o = parse_run_options(split("--nnodes 2:4 --node-rank 3 --rdzv-last-call 7 -- p"), {}, 8)
+               .options;
+  EXPECT_TRUE(o.elastic());
+  EXPECT_EQ(o.nnodes_min, 2);
+  EXPECT_EQ(o.nnodes, 4);
+  EXPECT_EQ(o.rdzv_last_call, 7.0);
+  auto fixed = parse_run_options(split("--nnodes 3:3 -- p"), {}, 8).options;
+  EXPECT_FALSE(fixed.elastic());
+  EXPECT_EQ(fixed.nnodes_min, 3);
+  auto pet = parse_run_options(split("-- p"), {{"PET_NNODES", "1:2"}}, 8).options;
+  EXPECT_TRUE(pet.elastic());
+  EXPECT_EQ(pet.nnodes, 2);
+}
+
 TEST(RunOptions, ProgramArgumentsAreNotLauncherFlags) {
   auto r = parse_run_options(split("--nproc-per-node 2 ./train --nproc-per-node 7 --help"), {}, 8);
   EXPECT_EQ(r.options.nproc_per_node, 2);
@@ -195,8 +210,8 @@ TEST(RunOptions, RejectsBadInvocationsWithOneLine) {
       {"--nproc-per-node gpu -- p", "needs CUDA devices and NCCL"},
       {"--nproc-per-node gpu -- p", "auto/cpu for one worker per core"},
       {"--nnodes 0 -- p", "--nnodes"},
-      {"--nnodes 1:4 -- p", "elastic node ranges (MIN < MAX) are not supported"},
-      {"--nnodes 1:4 -- p", "fixed number of nodes (N or N:N"},
+      {"--standalone --nnodes 1:4 -- p", "--standalone runs a single node, but --nnodes is 1:4"},
+      {"--nnodes 1:4 --rdzv-last-call x -- p", "--rdzv-last-call"},
       {"--nnodes 4:2 -- p", "--nnodes 4:2: expected MIN:MAX with MIN <= MAX"},
       {"--rdzv-backend etcd -- p", "--rdzv-backend: expected static or c10d"},
       {"--rdzv-endpoint h0 -- p", "the static backend needs a port (host:port)"},
@@ -249,6 +264,8 @@ TEST(WorkerEnv, SetsTorchrunVariablesPerLocalRank) {
   layout.master_addr = "h0";
   layout.master_port = 4242;
   layout.restart_count = 1;
+  layout.group_rank = 1;
+  layout.group_world_size = 2;
   auto env = worker_env(o, layout, /*local_rank=*/2, "/e/err.json", {}, /*cpu_count=*/12);
   const EnvMap expected = {
       {"RANK", "4"}, {"LOCAL_RANK", "2"}, {"WORLD_SIZE", "5"}, {"LOCAL_WORLD_SIZE", "3"},

@@ -6,6 +6,8 @@
 //   exit       ranks in --fail-rank return --code
 //   fail-once  like throw, but only when the restart count is 0
 //   loop       all-reduce forever (until killed, stopped or signalled)
+//   loop-first loop in the first round (restart count 0), then like ok: an elastic job's
+//              first membership runs until it changes, the next one finishes
 // --signal-dir D: on SIGTERM, create D/sigterm_rank_<r> and exit 143.
 // --wait-for F: after printing "ready", wait (at most 60 s) until file F exists, then go on.
 #include <ATen/ATen.h>
@@ -101,7 +103,7 @@ int body(int argc, char** argv) {
     if (t.min().item<double>() != expected || t.max().item<double>() != expected) {
       throw lockstep::InternalError(pg->where() + " wrong all-reduce sum");
     }
-  } while (mode == "loop");
+  } while (mode == "loop" || (mode == "loop-first" && launch.restart_count == 0));
   pg->barrier()->wait();
   std::cout << "done rank=" << r << std::endl;
   return 0;
