@@ -365,6 +365,14 @@ bool Checkpointer::load(Position& position) {
                     " ranks, this run has ", group.size(), ": dropout streams start afresh"));
     torch::manual_seed(static_cast<uint64_t>(position.step) * 7919 + group.rank());
   }
+  if (group.rank() == 0) {
+    std::printf("resumed from %s at step %lld (epoch %lld), written by %lld rank(s); this run "
+                "has %d\n",
+                path.c_str(), static_cast<long long>(position.step),
+                static_cast<long long>(position.epoch),
+                static_cast<long long>(meta.value("world_size", int64_t{0})), group.size());
+    std::fflush(stdout);
+  }
   return true;
 }
 
