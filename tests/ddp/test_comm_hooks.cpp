@@ -143,102 +143,105 @@ TEST(CommHooks, GradBucketViewsAliasTheBufferAndAreBuiltOnce) {
 // PowerSGD
 
 TEST(PowerSGD, MatchesADirectComputationWithErrorFeedbackAndWarmStart) {
-  const int world = 2;
-  const std::vector<std::vector<int64_t>> shapes = {{16, 12}, {10, 2, 5}, {7}, {3, 4}};
-  const std::vector<size_t> indices = {3, 0, 7, 2};
-  // At rank 2 and rate 2: 16x12 and 10x10 are compressed; the bias and 3x4 are not.
-  const std::vector<bool> compressed = {true, true, false, false};
-  const int64_t rank = 2;
-  const uint64_t seed = 5;
-  const int iterations = 3;
-  std::vector<std::vector<Tensor>> results(world);  // per rank: the buffer after each iteration
-  std::vector<std::vector<Tensor>> errors(world);   // per rank: error of parameter 3 at the end
-  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
-    auto hook = lockstep::powersgd_hook(
-        PowerSGDOptions().matrix_approximation_rank(rank).start_powersgd_iter(0).random_seed(seed));
-    auto gb = make_bucket(shapes, indices, at::kDouble);
+  for (const std::string transport : {"gloo", "shm"}) {
+    SCOPED_TRACE(transport);
+    const int world = 2;
+    const std::vector<std::vector<int64_t>> shapes = {{16, 12}, {10, 2, 5}, {7}, {3, 4}};
+    const std::vector<size_t> indices = {3, 0, 7, 2};
+    // At rank 2 and rate 2: 16x12 and 10x10 are compressed; the bias and 3x4 are not.
+    const std::vector<bool> compressed = {true, true, false, false};
+    const int64_t rank = 2;
+    const uint64_t seed = 5;
+    const int iterations = 3;
+    std::vector<std::vector<Tensor>> results(world);  // per rank: the buffer after each iteration
+    std::vector<std::vector<Tensor>> errors(world);   // per rank: error of parameter 3 at the end
+    with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+      auto hook = lockstep::powersgd_hook(
+          PowerSGDOptions().matrix_approximation_rank(rank).start_powersgd_iter(0).random_seed(seed));
+      auto gb = make_bucket(shapes, indices, at::kDouble);
+      for (int it = 0; it < iterations; ++it) {
+        for (size_t k = 0; k < shapes.size(); ++k) {
+          gb.gradients[k].copy_(contribution(pg->rank(), it, k, shapes[k], world, at::kDouble));
+          gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(static_cast<double>((pg->rank() + k + it) % 2));
+        }
+        gb.buffer[-2].fill_(1);  // presence
+        gb.buffer[-1].fill_(0);  // non-finite
+        auto work = hook->reduce(*pg, gb);
+        work->wait();
+        EXPECT_TRUE(work->is_completed());
+        results[pg->rank()].push_back(gb.buffer.clone());
+      }
+      EXPECT_EQ(hook->iteration(), iterations);
+      for (size_t k = 0; k < shapes.size(); ++k) {
+        auto e = hook->error(indices[k]);
+        errors[pg->rank()].push_back(e.defined() ? e.clone() : Tensor());
+      }
+    }, lockstep::ProcessGroupOptions().transport(transport));
+    // The same algorithm by hand.
+    std::vector<Tensor> q(shapes.size());
+    std::vector<std::vector<Tensor>> err(world, std::vector<Tensor>(shapes.size()));
     for (int it = 0; it < iterations; ++it) {
+      std::vector<Tensor> expected;
       for (size_t k = 0; k < shapes.size(); ++k) {
-        gb.gradients[k].copy_(contribution(pg->rank(), it, k, shapes[k], world, at::kDouble));
-        gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(static_cast<double>((pg->rank() + k + it) % 2));
+        std::vector<Tensor> a;
+        for (int r = 0; r < world; ++r) {
+          a.push_back(contribution(r, it, k, shapes[k], world, at::kDouble));
+        }
+        if (!compressed[k]) {
+          expected.push_back((a[0] + a[1]).reshape({-1}));
+          continue;
+        }
+        const int64_t n = shapes[k][0], m = a[0].numel() / n, rr = std::min({n, m, rank});
+        std::vector<Tensor> mats;
+        for (int r = 0; r < world; ++r) {
+          auto mr = a[r].reshape({n, m});
+          if (err[r][k].defined()) mr = mr + err[r][k];
+          mats.push_back(mr);
+        }
+        if (!q[k].defined()) {
+          auto gen = at::detail::createCPUGenerator(seed + indices[k]);
+          q[k] = orthogonalized(torch::randn({m, rr}, gen, torch::kFloat).to(torch::kDouble));
+        }
+        auto p = orthogonalized(mats[0].mm(q[k]) + mats[1].mm(q[k]));
+        auto qq = mats[0].t().mm(p) + mats[1].t().mm(p);
+        auto approx = p.mm(qq.t());
+        for (int r = 0; r < world; ++r) err[r][k] = mats[r] - approx / world;
+        q[k] = qq;
+        expected.push_back(approx.reshape({-1}));
       }
-      gb.buffer[-2].fill_(1);  // presence
-      gb.buffer[-1].fill_(0);  // non-finite
-      auto work = hook->reduce(*pg, gb);
-      work->wait();
-      EXPECT_TRUE(work->is_completed());
-      results[pg->rank()].push_back(gb.buffer.clone());
-    }
-    EXPECT_EQ(hook->iteration(), iterations);
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      auto e = hook->error(indices[k]);
-      errors[pg->rank()].push_back(e.defined() ? e.clone() : Tensor());
-    }
-  });
-  // The same algorithm by hand.
-  std::vector<Tensor> q(shapes.size());
-  std::vector<std::vector<Tensor>> err(world, std::vector<Tensor>(shapes.size()));
-  for (int it = 0; it < iterations; ++it) {
-    std::vector<Tensor> expected;
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      std::vector<Tensor> a;
+      auto grads = torch::cat(expected);
       for (int r = 0; r < world; ++r) {
-        a.push_back(contribution(r, it, k, shapes[k], world, at::kDouble));
+        const auto& got = results[r][it];
+        const int64_t g = grads.numel();
+        EXPECT_TRUE(torch::allclose(got.narrow(0, 0, g), grads, 1e-9, 1e-12))
+            << "rank " << r << " iteration " << it << " max diff "
+            << (got.narrow(0, 0, g) - grads).abs().max().item<double>();
+        // Control elements: exact sums over the ranks.
+        for (size_t k = 0; k < shapes.size(); ++k) {
+          EXPECT_EQ(got[g + static_cast<int64_t>(k)].item<double>(),
+                    static_cast<double>((0 + k + it) % 2 + (1 + k + it) % 2));
+        }
+        EXPECT_EQ(got[-2].item<double>(), 2.0);
+        EXPECT_EQ(got[-1].item<double>(), 0.0);
+        EXPECT_TRUE(torch::equal(got, results[0][it])) << "ranks differ";
       }
-      if (!compressed[k]) {
-        expected.push_back((a[0] + a[1]).reshape({-1}));
-        continue;
-      }
-      const int64_t n = shapes[k][0], m = a[0].numel() / n, rr = std::min({n, m, rank});
-      std::vector<Tensor> mats;
-      for (int r = 0; r < world; ++r) {
-        auto mr = a[r].reshape({n, m});
-        if (err[r][k].defined()) mr = mr + err[r][k];
-        mats.push_back(mr);
-      }
-      if (!q[k].defined()) {
-        auto gen = at::detail::createCPUGenerator(seed + indices[k]);
-        q[k] = orthogonalized(torch::randn({m, rr}, gen, torch::kFloat).to(torch::kDouble));
-      }
-      auto p = orthogonalized(mats[0].mm(q[k]) + mats[1].mm(q[k]));
-      auto qq = mats[0].t().mm(p) + mats[1].t().mm(p);
-      auto approx = p.mm(qq.t());
-      for (int r = 0; r < world; ++r) err[r][k] = mats[r] - approx / world;
-      q[k] = qq;
-      expected.push_back(approx.reshape({-1}));
     }
-    auto grads = torch::cat(expected);
     for (int r = 0; r < world; ++r) {
-      const auto& got = results[r][it];
-      const int64_t g = grads.numel();
-      EXPECT_TRUE(torch::allclose(got.narrow(0, 0, g), grads, 1e-9, 1e-12))
-          << "rank " << r << " iteration " << it << " max diff "
-          << (got.narrow(0, 0, g) - grads).abs().max().item<double>();
-      // Control elements: exact sums over the ranks.
       for (size_t k = 0; k < shapes.size(); ++k) {
-        EXPECT_EQ(got[g + static_cast<int64_t>(k)].item<double>(),
-                  static_cast<double>((0 + k + it) % 2 + (1 + k + it) % 2));
+        if (!compressed[k]) {
+          EXPECT_FALSE(errors[r][k].defined()) << "an uncompressed tensor has no error";
+          continue;
+        }
+        ASSERT_TRUE(errors[r][k].defined());
+        EXPECT_TRUE(torch::allclose(errors[r][k], err[r][k], 1e-9, 1e-12)) << "rank " << r;
       }
-      EXPECT_EQ(got[-2].item<double>(), 2.0);
-      EXPECT_EQ(got[-1].item<double>(), 0.0);
-      EXPECT_TRUE(torch::equal(got, results[0][it])) << "ranks differ";
     }
-  }
-  for (int r = 0; r < world; ++r) {
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      if (!compressed[k]) {
-        EXPECT_FALSE(errors[r][k].defined()) << "an uncompressed tensor has no error";
-        continue;
-      }
-      ASSERT_TRUE(errors[r][k].defined());
-      EXPECT_TRUE(torch::allclose(errors[r][k], err[r][k], 1e-9, 1e-12)) << "rank " << r;
+    // Error feedback: summed over ranks, the errors are exactly what the last approximation
+    // left out of the sum it was built from.
+    for (size_t k = 0; k < 2; ++k) {
+      EXPECT_GT((err[0][k] + err[1][k]).abs().max().item<double>(), 1e-3)
+          << "a rank-2 approximation of random matrices loses something";
     }
-  }
-  // Error feedback: summed over ranks, the errors are exactly what the last approximation
-  // left out of the sum it was built from.
-  for (size_t k = 0; k < 2; ++k) {
-    EXPECT_GT((err[0][k] + err[1][k]).abs().max().item<double>(), 1e-3)
-        << "a rank-2 approximation of random matrices loses something";
   }
 }
 
@@ -361,54 +364,57 @@ TEST(PowerSGD, TrainingConvergesNextToUncompressed) {
 // int8 quantization
 
 TEST(Int8Quantize, ErrorBoundedByHalfAScalePerRankAndBitwiseEqualOnEveryRank) {
-  const int world = 3;
-  const std::vector<std::vector<int64_t>> shapes = {{40, 3}, {17}, {5, 5}};
-  std::vector<Tensor> results(world), nan_results(world), zero_results(world);
-  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
-    auto hook = lockstep::int8_quantize_hook();
-    auto gb = make_bucket(shapes, {0, 1, 2}, at::kFloat);
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      // Ranks at different magnitudes, so their scales differ.
-      gb.gradients[k].copy_(contribution(pg->rank(), 0, k, shapes[k], world, at::kFloat) *
-                            (1 + 10 * pg->rank()));
-      gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(pg->rank() == 1 ? 1 : 0);
+  for (const std::string transport : {"gloo", "shm"}) {
+    SCOPED_TRACE(transport);
+    const int world = 3;
+    const std::vector<std::vector<int64_t>> shapes = {{40, 3}, {17}, {5, 5}};
+    std::vector<Tensor> results(world), nan_results(world), zero_results(world);
+    with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+      auto hook = lockstep::int8_quantize_hook();
+      auto gb = make_bucket(shapes, {0, 1, 2}, at::kFloat);
+      for (size_t k = 0; k < shapes.size(); ++k) {
+        // Ranks at different magnitudes, so their scales differ.
+        gb.gradients[k].copy_(contribution(pg->rank(), 0, k, shapes[k], world, at::kFloat) *
+                              (1 + 10 * pg->rank()));
+        gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(pg->rank() == 1 ? 1 : 0);
+      }
+      gb.buffer[-2].fill_(1);
+      hook->reduce(*pg, gb)->wait();
+      results[pg->rank()] = gb.buffer.clone();
+      // A NaN on one rank makes the sum NaN; an all-zero bucket stays zero.
+      gb.buffer.zero_();
+      if (pg->rank() == 2) gb.gradients[1][3].fill_(std::nan(""));
+      hook->reduce(*pg, gb)->wait();
+      nan_results[pg->rank()] = gb.buffer.clone();
+      gb.buffer.zero_();
+      hook->reduce(*pg, gb)->wait();
+      zero_results[pg->rank()] = gb.buffer.clone();
+    }, lockstep::ProcessGroupOptions().transport(transport));
+    Tensor exact;
+    double bound = 0;
+    for (int r = 0; r < world; ++r) {
+      std::vector<Tensor> parts;
+      for (size_t k = 0; k < shapes.size(); ++k) {
+        parts.push_back(contribution(r, 0, k, shapes[k], world, at::kFloat).reshape({-1}) *
+                        (1 + 10 * r));
+      }
+      auto mine = torch::cat(parts);
+      exact = exact.defined() ? exact + mine : mine;
+      bound += mine.abs().max().item<double>() / 127 / 2;  // s_r / 2
     }
-    gb.buffer[-2].fill_(1);
-    hook->reduce(*pg, gb)->wait();
-    results[pg->rank()] = gb.buffer.clone();
-    // A NaN on one rank makes the sum NaN; an all-zero bucket stays zero.
-    gb.buffer.zero_();
-    if (pg->rank() == 2) gb.gradients[1][3].fill_(std::nan(""));
-    hook->reduce(*pg, gb)->wait();
-    nan_results[pg->rank()] = gb.buffer.clone();
-    gb.buffer.zero_();
-    hook->reduce(*pg, gb)->wait();
-    zero_results[pg->rank()] = gb.buffer.clone();
-  });
-  Tensor exact;
-  double bound = 0;
-  for (int r = 0; r < world; ++r) {
-    std::vector<Tensor> parts;
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      parts.push_back(contribution(r, 0, k, shapes[k], world, at::kFloat).reshape({-1}) *
-                      (1 + 10 * r));
+    const int64_t g = exact.numel();
+    for (int r = 0; r < world; ++r) {
+      EXPECT_TRUE(torch::equal(results[r], results[0])) << "rank " << r << " differs from rank 0";
+      const double err = (results[r].narrow(0, 0, g) - exact).abs().max().item<double>();
+      EXPECT_LE(err, bound * (1 + 1e-4)) << "rank " << r;
+      EXPECT_GT(err, 0.0) << "quantization should change the values";
+      for (size_t k = 0; k < shapes.size(); ++k) {
+        EXPECT_EQ(results[r][g + static_cast<int64_t>(k)].item<float>(), 1.0f);
+      }
+      EXPECT_EQ(results[r][-2].item<float>(), 3.0f);
+      EXPECT_TRUE(std::isnan(nan_results[r].narrow(0, 0, g).sum().item<double>()));
+      EXPECT_TRUE(torch::equal(zero_results[r], torch::zeros_like(zero_results[r])));
     }
-    auto mine = torch::cat(parts);
-    exact = exact.defined() ? exact + mine : mine;
-    bound += mine.abs().max().item<double>() / 127 / 2;  // s_r / 2
-  }
-  const int64_t g = exact.numel();
-  for (int r = 0; r < world; ++r) {
-    EXPECT_TRUE(torch::equal(results[r], results[0])) << "rank " << r << " differs from rank 0";
-    const double err = (results[r].narrow(0, 0, g) - exact).abs().max().item<double>();
-    EXPECT_LE(err, bound * (1 + 1e-4)) << "rank " << r;
-    EXPECT_GT(err, 0.0) << "quantization should change the values";
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      EXPECT_EQ(results[r][g + static_cast<int64_t>(k)].item<float>(), 1.0f);
-    }
-    EXPECT_EQ(results[r][-2].item<float>(), 3.0f);
-    EXPECT_TRUE(std::isnan(nan_results[r].narrow(0, 0, g).sum().item<double>()));
-    EXPECT_TRUE(torch::equal(zero_results[r], torch::zeros_like(zero_results[r])));
   }
 }
 
@@ -455,99 +461,105 @@ TEST(Int8Quantize, DDPGradientsAreWithinTheBoundOfTheExactAverage) {
 // Post-local SGD and periodic model averaging
 
 TEST(PostLocalSGD, LocalOrSubgroupGradientsAfterStartWhileControlsAreSummedOverTheGroup) {
-  const int world = 4;
-  const std::vector<std::vector<int64_t>> shapes = {{3, 2}, {4}};
-  std::vector<std::vector<Tensor>> pure(world), sub(world);
-  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
-    auto low = lockstep::new_group(*pg, {0, 1});
-    auto high = lockstep::new_group(*pg, {2, 3});
-    auto mine = pg->rank() < 2 ? low : high;
-    for (int with_subgroup = 0; with_subgroup < 2; ++with_subgroup) {
-      auto hook = lockstep::post_local_sgd_hook(lockstep::PostLocalSGDOptions()
-                                                    .start_local_sgd_iter(1)
-                                                    .subgroup(with_subgroup ? mine : nullptr));
-      auto gb = make_bucket(shapes, {0, 1}, at::kDouble);
-      for (int it = 0; it < 2; ++it) {
-        for (size_t k = 0; k < shapes.size(); ++k) {
-          gb.gradients[k].copy_(contribution(pg->rank(), it, k, shapes[k], world, at::kDouble));
-          gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(pg->rank() == 3 ? 1 : 0);
+  for (const std::string transport : {"gloo", "shm"}) {
+    SCOPED_TRACE(transport);
+    const int world = 4;
+    const std::vector<std::vector<int64_t>> shapes = {{3, 2}, {4}};
+    std::vector<std::vector<Tensor>> pure(world), sub(world);
+    with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+      auto low = lockstep::new_group(*pg, {0, 1});
+      auto high = lockstep::new_group(*pg, {2, 3});
+      auto mine = pg->rank() < 2 ? low : high;
+      for (int with_subgroup = 0; with_subgroup < 2; ++with_subgroup) {
+        auto hook = lockstep::post_local_sgd_hook(lockstep::PostLocalSGDOptions()
+                                                      .start_local_sgd_iter(1)
+                                                      .subgroup(with_subgroup ? mine : nullptr));
+        auto gb = make_bucket(shapes, {0, 1}, at::kDouble);
+        for (int it = 0; it < 2; ++it) {
+          for (size_t k = 0; k < shapes.size(); ++k) {
+            gb.gradients[k].copy_(contribution(pg->rank(), it, k, shapes[k], world, at::kDouble));
+            gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(pg->rank() == 3 ? 1 : 0);
+          }
+          gb.buffer[-2].fill_(1);
+          gb.buffer[-1].fill_(0);
+          hook->reduce(*pg, gb)->wait();
+          (with_subgroup ? sub : pure)[pg->rank()].push_back(gb.buffer.clone());
         }
-        gb.buffer[-2].fill_(1);
-        gb.buffer[-1].fill_(0);
-        hook->reduce(*pg, gb)->wait();
-        (with_subgroup ? sub : pure)[pg->rank()].push_back(gb.buffer.clone());
       }
-    }
-  });
-  auto grads_of = [&](int r, int it) {
-    std::vector<Tensor> parts;
-    for (size_t k = 0; k < shapes.size(); ++k) {
-      parts.push_back(contribution(r, it, k, shapes[k], world, at::kDouble).reshape({-1}));
-    }
-    return torch::cat(parts);
-  };
-  const int64_t g = 10;
-  for (int r = 0; r < world; ++r) {
-    for (auto* runs : {&pure, &sub}) {
-      const auto& got = (*runs)[r];
-      // Before the start iteration: the sum over the whole group.
-      auto sum = grads_of(0, 0) + grads_of(1, 0) + grads_of(2, 0) + grads_of(3, 0);
-      EXPECT_TRUE(torch::allclose(got[0].narrow(0, 0, g), sum, 1e-12, 1e-14)) << "rank " << r;
-      // Controls stay summed over the whole group in every iteration.
-      for (int it = 0; it < 2; ++it) {
-        EXPECT_EQ(got[it][g].item<double>(), 1.0);
-        EXPECT_EQ(got[it][g + 1].item<double>(), 1.0);
-        EXPECT_EQ(got[it][-2].item<double>(), 4.0);
-        EXPECT_EQ(got[it][-1].item<double>(), 0.0);
+    }, lockstep::ProcessGroupOptions().transport(transport));
+    auto grads_of = [&](int r, int it) {
+      std::vector<Tensor> parts;
+      for (size_t k = 0; k < shapes.size(); ++k) {
+        parts.push_back(contribution(r, it, k, shapes[k], world, at::kDouble).reshape({-1}));
       }
+      return torch::cat(parts);
+    };
+    const int64_t g = 10;
+    for (int r = 0; r < world; ++r) {
+      for (auto* runs : {&pure, &sub}) {
+        const auto& got = (*runs)[r];
+        // Before the start iteration: the sum over the whole group.
+        auto sum = grads_of(0, 0) + grads_of(1, 0) + grads_of(2, 0) + grads_of(3, 0);
+        EXPECT_TRUE(torch::allclose(got[0].narrow(0, 0, g), sum, 1e-12, 1e-14)) << "rank " << r;
+        // Controls stay summed over the whole group in every iteration.
+        for (int it = 0; it < 2; ++it) {
+          EXPECT_EQ(got[it][g].item<double>(), 1.0);
+          EXPECT_EQ(got[it][g + 1].item<double>(), 1.0);
+          EXPECT_EQ(got[it][-2].item<double>(), 4.0);
+          EXPECT_EQ(got[it][-1].item<double>(), 0.0);
+        }
+      }
+      // After it: this rank's own gradient (undo the division by the world size) ...
+      EXPECT_TRUE(torch::allclose(pure[r][1].narrow(0, 0, g), grads_of(r, 1) * world, 1e-12, 1e-14))
+          << "rank " << r;
+      // ... or the average over its subgroup.
+      const int peer = r ^ 1;
+      auto sub_avg = (grads_of(r, 1) + grads_of(peer, 1)) * world / 2;
+      EXPECT_TRUE(torch::allclose(sub[r][1].narrow(0, 0, g), sub_avg, 1e-12, 1e-14)) << "rank " << r;
     }
-    // After it: this rank's own gradient (undo the division by the world size) ...
-    EXPECT_TRUE(torch::allclose(pure[r][1].narrow(0, 0, g), grads_of(r, 1) * world, 1e-12, 1e-14))
-        << "rank " << r;
-    // ... or the average over its subgroup.
-    const int peer = r ^ 1;
-    auto sub_avg = (grads_of(r, 1) + grads_of(peer, 1)) * world / 2;
-    EXPECT_TRUE(torch::allclose(sub[r][1].narrow(0, 0, g), sub_avg, 1e-12, 1e-14)) << "rank " << r;
   }
 }
 
 TEST(PeriodicModelAverager, AveragesExactlyAtWarmupPlusMultiplesOfThePeriod) {
-  const int world = 3;
-  const int steps = 10;
-  std::vector<std::vector<Tensor>> after(world);
-  std::vector<std::vector<bool>> averaged(world);
-  with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
-    lockstep::PeriodicModelAverager averager(pg, /*period=*/3, /*warmup_steps=*/2);
-    auto w = torch::zeros({4, 3}, torch::requires_grad());
-    auto b = torch::zeros({5}, torch::kDouble).requires_grad_();
-    for (int step = 0; step < steps; ++step) {
-      {
-        torch::NoGradGuard g;
-        w.copy_(torch::full({4, 3}, 0.1 * (pg->rank() + 1) * (step + 1), torch::kFloat));
-        b.copy_(torch::arange(5, torch::kDouble) * (pg->rank() + 1) / 3.0);
+  for (const std::string transport : {"gloo", "shm"}) {
+    SCOPED_TRACE(transport);
+    const int world = 3;
+    const int steps = 10;
+    std::vector<std::vector<Tensor>> after(world);
+    std::vector<std::vector<bool>> averaged(world);
+    with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
+      lockstep::PeriodicModelAverager averager(pg, /*period=*/3, /*warmup_steps=*/2);
+      auto w = torch::zeros({4, 3}, torch::requires_grad());
+      auto b = torch::zeros({5}, torch::kDouble).requires_grad_();
+      for (int step = 0; step < steps; ++step) {
+        {
+          torch::NoGradGuard g;
+          w.copy_(torch::full({4, 3}, 0.1 * (pg->rank() + 1) * (step + 1), torch::kFloat));
+          b.copy_(torch::arange(5, torch::kDouble) * (pg->rank() + 1) / 3.0);
+        }
+        averaged[pg->rank()].push_back(averager.average_parameters({w, b}));
+        after[pg->rank()].push_back(torch::cat({w.detach().reshape({-1}).to(torch::kDouble), b.detach()}));
       }
-      averaged[pg->rank()].push_back(averager.average_parameters({w, b}));
-      after[pg->rank()].push_back(torch::cat({w.detach().reshape({-1}).to(torch::kDouble), b.detach()}));
-    }
-    EXPECT_EQ(averager.step(), steps);
-    EXPECT_TRUE(w.requires_grad());
-  });
-  for (int step = 0; step < steps; ++step) {
-    const bool due = step == 2 || step == 5 || step == 8;
-    for (int r = 0; r < world; ++r) {
-      EXPECT_EQ(averaged[r][step], due) << "step " << step;
-      Tensor expected;
-      if (due) {
-        auto w = torch::full({12}, 0.1 * (1 + 2 + 3) * (step + 1) / 3.0, torch::kDouble);
-        auto b = torch::arange(5, torch::kDouble) * (1 + 2 + 3) / 3.0 / 3.0;
-        expected = torch::cat({w, b});
-        EXPECT_TRUE(torch::equal(after[r][step], after[0][step])) << "bitwise on every rank";
-        EXPECT_TRUE(torch::allclose(after[r][step], expected, 1e-6, 1e-7)) << "step " << step;
-      } else {
-        auto w = torch::full({12}, 0.1 * (r + 1) * (step + 1), torch::kFloat).to(torch::kDouble);
-        auto b = torch::arange(5, torch::kDouble) * (r + 1) / 3.0;
-        expected = torch::cat({w, b});
-        EXPECT_TRUE(torch::equal(after[r][step], expected)) << "untouched at step " << step;
+      EXPECT_EQ(averager.step(), steps);
+      EXPECT_TRUE(w.requires_grad());
+    }, lockstep::ProcessGroupOptions().transport(transport));
+    for (int step = 0; step < steps; ++step) {
+      const bool due = step == 2 || step == 5 || step == 8;
+      for (int r = 0; r < world; ++r) {
+        EXPECT_EQ(averaged[r][step], due) << "step " << step;
+        Tensor expected;
+        if (due) {
+          auto w = torch::full({12}, 0.1 * (1 + 2 + 3) * (step + 1) / 3.0, torch::kDouble);
+          auto b = torch::arange(5, torch::kDouble) * (1 + 2 + 3) / 3.0 / 3.0;
+          expected = torch::cat({w, b});
+          EXPECT_TRUE(torch::equal(after[r][step], after[0][step])) << "bitwise on every rank";
+          EXPECT_TRUE(torch::allclose(after[r][step], expected, 1e-6, 1e-7)) << "step " << step;
+        } else {
+          auto w = torch::full({12}, 0.1 * (r + 1) * (step + 1), torch::kFloat).to(torch::kDouble);
+          auto b = torch::arange(5, torch::kDouble) * (r + 1) / 3.0;
+          expected = torch::cat({w, b});
+          EXPECT_TRUE(torch::equal(after[r][step], expected)) << "untouched at step " << step;
+        }
       }
     }
   }
