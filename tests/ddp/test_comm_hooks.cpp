@@ -311,6 +311,7 @@ TEST(PowerSGD, BeforeStartIterationEqualsAllreduceExactly) {
     // l1.weight is 32 x 6: 192 > (32 + 6) * 1 * 2, so it is compressed from then on.
     EXPECT_FALSE(torch::allclose(power[r][start], exact[r][start], 1e-3, 1e-5))
         << "compression started at iteration " << start;
+    EXPECT_TRUE(torch::equal(power[r][start], power[0][start])) << "ranks agree bitwise";
   }
 }
 
@@ -587,6 +588,53 @@ TEST(PostLocalSGD, DDPRanksDivergeThenTheAveragerReunitesThem) {
   EXPECT_TRUE(torch::equal(params[0][1], params[1][1])) << "all-reduced steps keep ranks equal";
   EXPECT_FALSE(torch::equal(params[0][2], params[1][2])) << "local steps let ranks diverge";
   EXPECT_TRUE(torch::equal(params[0][3], params[1][3])) << "averaging reunites them";
+}
+
+struct TwoHeads : nn::Module {
+  nn::Linear trunk{nullptr}, a{nullptr}, b{nullptr};
+  TwoHeads() {
+    trunk = register_module("trunk", nn::Linear(4, 8));
+    a = register_module("a", nn::Linear(8, 2));
+    b = register_module("b", nn::Linear(8, 2));
+  }
+  Tensor forward(Tensor x, bool use_b) {
+    auto h = torch::relu(trunk(x));
+    return use_b ? a(h) + b(h) : a(h);
+  }
+};
+
+TEST(PostLocalSGD, UnusedParameterBookkeepingStillSpansTheWholeGroup) {
+  // After the start iteration gradients stay local, but a head unused on rank 1 only is still
+  // an error on every rank (counted over the whole group), and with find_unused_parameters it
+  // is not (rank 0's gradient for it is rank 0's own, rank 1 contributes zeros).
+  std::vector<std::string> messages(2);
+  std::vector<Tensor> head_grads(2);
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    for (int find_unused = 0; find_unused < 2; ++find_unused) {
+      auto model = std::make_shared<TwoHeads>();
+      DistributedDataParallel ddp(
+          model, pg,
+          DDPOptions().find_unused_parameters(find_unused == 1).comm_hook(
+              lockstep::post_local_sgd_hook(
+                  lockstep::PostLocalSGDOptions().start_local_sgd_iter(1))));
+      auto x = torch::ones({2, 4});
+      ddp->forward(x, true).sum().backward();  // iteration 0: every head used everywhere
+      for (auto& p : model->parameters()) p.mutable_grad().zero_();
+      try {
+        ddp->forward(x, pg->rank() == 0).sum().backward();
+        if (find_unused) head_grads[pg->rank()] = model->b->weight.grad().clone();
+      } catch (const lockstep::InvalidArgument& e) {
+        if (!find_unused) messages[pg->rank()] = e.what();
+      }
+    }
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(messages[r].find("'b.weight' (on 1 of 2 ranks)"), std::string::npos)
+        << "rank " << r << ": " << messages[r];
+    ASSERT_TRUE(head_grads[r].defined()) << "rank " << r;
+  }
+  EXPECT_GT(head_grads[0].abs().sum().item<double>(), 0.0) << "rank 0's own gradient";
+  EXPECT_EQ(head_grads[1].abs().sum().item<double>(), 0.0) << "rank 1 used no b: zero";
 }
 
 // ---------------------------------------------------------------------------------------------
