@@ -180,6 +180,7 @@ TEST(PowerSGD, MatchesADirectComputationWithErrorFeedbackAndWarmStart) {
     // The same algorithm by hand.
     std::vector<Tensor> q(shapes.size());
     std::vector<std::vector<Tensor>> err(world, std::vector<Tensor>(shapes.size()));
+    std::vector<Tensor> last_sum(shapes.size());  // sum of the last compressed inputs
     for (int it = 0; it < iterations; ++it) {
       std::vector<Tensor> expected;
       for (size_t k = 0; k < shapes.size(); ++k) {
@@ -206,6 +207,7 @@ TEST(PowerSGD, MatchesADirectComputationWithErrorFeedbackAndWarmStart) {
         auto qq = mats[0].t().mm(p) + mats[1].t().mm(p);
         auto approx = p.mm(qq.t());
         for (int r = 0; r < world; ++r) err[r][k] = mats[r] - approx / world;
+      if (it == iterations - 1) last_sum[k] = mats[0] + mats[1];
         q[k] = qq;
         expected.push_back(approx.reshape({-1}));
       }
@@ -236,11 +238,17 @@ TEST(PowerSGD, MatchesADirectComputationWithErrorFeedbackAndWarmStart) {
         EXPECT_TRUE(torch::allclose(errors[r][k], err[r][k], 1e-9, 1e-12)) << "rank " << r;
       }
     }
-    // Error feedback: summed over ranks, the errors are exactly what the last approximation
-    // left out of the sum it was built from.
+    // Error feedback: summed over ranks, the hook's errors are exactly what its last output
+    // left out of the sum of the inputs it compressed.
+    int64_t offset = 0;
     for (size_t k = 0; k < 2; ++k) {
-      EXPECT_GT((err[0][k] + err[1][k]).abs().max().item<double>(), 1e-3)
+      const int64_t n = last_sum[k].numel();
+      auto output = results[0][iterations - 1].narrow(0, offset, n).view(last_sum[k].sizes());
+      auto lost = last_sum[k] - output;
+      EXPECT_TRUE(torch::allclose(errors[0][k] + errors[1][k], lost, 1e-9, 1e-12));
+      EXPECT_GT(lost.abs().max().item<double>(), 1e-3)
           << "a rank-2 approximation of random matrices loses something";
+      offset += n;
     }
   }
 }
@@ -269,6 +277,31 @@ TEST(PowerSGD, WithoutErrorFeedbackOrWarmStartUsesAFreshQEachIteration) {
           << "iteration " << it << " rank " << r;
     }
   }
+}
+
+TEST(PowerSGD, ANonFiniteResultDropsTheStateAndAZeroGradientStaysZero) {
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto hook = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto gb = make_bucket({{12, 10}}, {1}, at::kFloat);
+    // All zeros: P = 0, and its orthogonalization must not divide by zero.
+    hook->reduce(*pg, gb)->wait();
+    EXPECT_TRUE(torch::equal(gb.buffer, torch::zeros_like(gb.buffer)));
+    ASSERT_TRUE(hook->q(1).defined());
+    ASSERT_TRUE(hook->error(1).defined());
+    // A NaN on rank 1: the sum is NaN on every rank (DDP's NonFinite policy sees it) ...
+    gb.gradients[0].copy_(contribution(pg->rank(), 1, 0, {12, 10}, 2, at::kFloat));
+    if (pg->rank() == 1) gb.gradients[0][2][3].fill_(std::nan(""));
+    hook->reduce(*pg, gb)->wait();
+    EXPECT_TRUE(std::isnan(gb.buffer.narrow(0, 0, 120).sum().item<double>()));
+    // ... and the state that would carry it on is dropped: the next iteration is clean.
+    EXPECT_FALSE(hook->q(1).defined());
+    EXPECT_FALSE(hook->error(1).defined());
+    gb.buffer.zero_();
+    gb.gradients[0].copy_(contribution(pg->rank(), 2, 0, {12, 10}, 2, at::kFloat));
+    hook->reduce(*pg, gb)->wait();
+    EXPECT_TRUE(torch::isfinite(gb.buffer).all().item<bool>());
+    EXPECT_TRUE(hook->q(1).defined());
+  });
 }
 
 template <typename MakeHook>
