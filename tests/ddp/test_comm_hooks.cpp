@@ -348,6 +348,65 @@ TEST(PowerSGD, BeforeStartIterationEqualsAllreduceExactly) {
   }
 }
 
+// Registers its layers in the reverse of the order it uses them, so gradients become ready in
+// a different order than the first bucket plan assumes, and the rebuild changes the plan.
+struct Swapped : nn::Module {
+  nn::Linear head{nullptr}, body{nullptr};
+  Swapped() {
+    head = register_module("head", nn::Linear(32, 8));
+    body = register_module("body", nn::Linear(6, 32));
+  }
+  Tensor forward(Tensor x) { return head(torch::relu(body(x))); }
+};
+
+TEST(PowerSGD, StateIsKeyedByParameterSoABucketRebuildChangesNothing) {
+  // Compression from the first iteration, several buckets, rebuilt after the first iteration
+  // or not: per-parameter state and elementwise sums give bitwise the same gradients.
+  torch::manual_seed(8);
+  Swapped init_model;
+  std::vector<Tensor> init;
+  for (auto& p : init_model.parameters()) init.push_back(p.detach().clone());
+  std::vector<std::vector<std::vector<Tensor>>> grads(2, std::vector<std::vector<Tensor>>(2));
+  std::vector<std::vector<lockstep::BucketInfo>> plans(2);
+  for (int rebuild = 0; rebuild < 2; ++rebuild) {
+    with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+      auto model = std::make_shared<Swapped>();
+      {
+        torch::NoGradGuard g;
+        auto ps = model->parameters();
+        for (size_t i = 0; i < ps.size(); ++i) ps[i].copy_(init[i]);
+      }
+      auto hook = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+      DistributedDataParallel ddp(model, pg,
+                                  DDPOptions().comm_hook(hook).first_bucket_mb(0.0005)
+                                      .bucket_cap_mb(0.0005).rebuild_buckets(rebuild == 1));
+      for (int step = 0; step < 4; ++step) {
+        auto gen = at::detail::createCPUGenerator(40 + 3 * pg->rank() + 17 * step);
+        for (auto& p : model->parameters()) p.mutable_grad() = Tensor();
+        ddp->forward(torch::randn({8, 6}, gen)).pow(2).mean().backward();
+        grads[rebuild][pg->rank()].push_back(model->body->weight.grad().clone());
+        grads[rebuild][pg->rank()].push_back(model->head->weight.grad().clone());
+      }
+      if (pg->rank() == 0) plans[rebuild] = ddp->buckets();
+      EXPECT_TRUE(hook->error(0).defined()) << "head.weight (8 x 32) is compressed";
+      EXPECT_TRUE(hook->error(2).defined()) << "body.weight (32 x 6) is compressed";
+      EXPECT_FALSE(hook->error(1).defined()) << "head.bias is not";
+    });
+  }
+  ASSERT_GT(plans[0].size(), 1u);
+  bool plan_changed = plans[0].size() != plans[1].size();
+  for (size_t b = 0; !plan_changed && b < plans[0].size(); ++b) {
+    plan_changed = plans[0][b].parameters != plans[1][b].parameters;
+  }
+  EXPECT_TRUE(plan_changed) << "the rebuild should have changed the buckets";
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_EQ(grads[0][r].size(), grads[1][r].size());
+    for (size_t i = 0; i < grads[0][r].size(); ++i) {
+      EXPECT_TRUE(torch::equal(grads[0][r][i], grads[1][r][i])) << "rank " << r << " tensor " << i;
+    }
+  }
+}
+
 TEST(PowerSGD, TrainingConvergesNextToUncompressed) {
   // Regression onto a fixed linear map through a two-layer network; both runs from one init.
   torch::manual_seed(21);
