@@ -118,8 +118,8 @@ class PowerSGDWork : public Work {
   PowerSGDWork(ProcessGroup* group, WorkPtr round1, at::Tensor buffer, at::Tensor r1,
                at::Tensor r2, std::vector<at::Tensor> gradients,
                std::vector<Compressed> compressed, std::vector<size_t> uncompressed,
-               int64_t gradient_numel, PowerSGDOptions options)
-      : group_(group), round1_(std::move(round1)), buffer_(std::move(buffer)),
+               int64_t gradient_numel, PowerSGDOptions options, std::shared_ptr<void> owner)
+      : owner_(std::move(owner)), group_(group), round1_(std::move(round1)), buffer_(std::move(buffer)),
         r1_(std::move(r1)), r2_(std::move(r2)), gradients_(std::move(gradients)),
         compressed_(std::move(compressed)), uncompressed_(std::move(uncompressed)),
         gradient_numel_(gradient_numel), options_(std::move(options)) {}
@@ -181,6 +181,7 @@ class PowerSGDWork : public Work {
     }
   }
 
+  std::shared_ptr<void> owner_;  // the hook's state, which compressed_ points into
   ProcessGroup* group_;
   WorkPtr round1_;
   at::Tensor buffer_, r1_, r2_;
@@ -319,7 +320,8 @@ WorkPtr PowerSGDHook::reduce(ProcessGroup& group, GradBucket& bucket) {
   auto round1 = group.allreduce(r1, ReduceOp::kSum);
   return std::make_shared<PowerSGDWork>(&group, std::move(round1), bucket.buffer, r1,
                                         cache.round2, bucket.gradients, std::move(compressed),
-                                        std::move(uncompressed), bucket.gradient_numel, o);
+                                        std::move(uncompressed), bucket.gradient_numel, o,
+                                        state_);
 }
 
 std::shared_ptr<PowerSGDHook> powersgd_hook(PowerSGDOptions options) {
