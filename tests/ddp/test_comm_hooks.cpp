@@ -157,12 +157,14 @@ TEST(PowerSGD, MatchesADirectComputationWithErrorFeedbackAndWarmStart) {
     std::vector<std::vector<Tensor>> errors(world);   // per rank: error of parameter 3 at the end
     with_groups(world, [&](const lockstep::ProcessGroupPtr& pg) {
       auto hook = lockstep::powersgd_hook(
-          PowerSGDOptions().matrix_approximation_rank(rank).start_powersgd_iter(0).random_seed(seed));
+          PowerSGDOptions().matrix_approximation_rank(rank).start_powersgd_iter(0).random_seed(
+              seed));
       auto gb = make_bucket(shapes, indices, at::kDouble);
       for (int it = 0; it < iterations; ++it) {
         for (size_t k = 0; k < shapes.size(); ++k) {
           gb.gradients[k].copy_(contribution(pg->rank(), it, k, shapes[k], world, at::kDouble));
-          gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(static_cast<double>((pg->rank() + k + it) % 2));
+          const double missed = static_cast<double>((pg->rank() + k + it) % 2);
+          gb.buffer[gb.gradient_numel + static_cast<int64_t>(k)].fill_(missed);
         }
         gb.buffer[-2].fill_(1);  // presence
         gb.buffer[-1].fill_(0);  // non-finite
@@ -335,7 +337,8 @@ TEST(PowerSGD, BeforeStartIterationEqualsAllreduceExactly) {
   const int start = 3;
   auto exact = train_grads(start + 1, [] { return lockstep::allreduce_hook(); }, init);
   auto power = train_grads(
-      start + 1, [] { return lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(start)); },
+      start + 1,
+      [] { return lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(start)); },
       init);
   for (int r = 0; r < 2; ++r) {
     for (int step = 0; step < start; ++step) {
@@ -608,7 +611,8 @@ TEST(PostLocalSGD, LocalOrSubgroupGradientsAfterStartWhileControlsAreSummedOverT
       // ... or the average over its subgroup.
       const int peer = r ^ 1;
       auto sub_avg = (grads_of(r, 1) + grads_of(peer, 1)) * world / 2;
-      EXPECT_TRUE(torch::allclose(sub[r][1].narrow(0, 0, g), sub_avg, 1e-12, 1e-14)) << "rank " << r;
+      EXPECT_TRUE(torch::allclose(sub[r][1].narrow(0, 0, g), sub_avg, 1e-12, 1e-14))
+          << "rank " << r;
     }
   }
 }
@@ -631,7 +635,8 @@ TEST(PeriodicModelAverager, AveragesExactlyAtWarmupPlusMultiplesOfThePeriod) {
           b.copy_(torch::arange(5, torch::kDouble) * (pg->rank() + 1) / 3.0);
         }
         averaged[pg->rank()].push_back(averager.average_parameters({w, b}));
-        after[pg->rank()].push_back(torch::cat({w.detach().reshape({-1}).to(torch::kDouble), b.detach()}));
+        after[pg->rank()].push_back(
+            torch::cat({w.detach().reshape({-1}).to(torch::kDouble), b.detach()}));
       }
       EXPECT_EQ(averager.step(), steps);
       EXPECT_TRUE(w.requires_grad());

@@ -119,8 +119,9 @@ class PowerSGDWork : public Work {
                at::Tensor r2, std::vector<at::Tensor> gradients,
                std::vector<Compressed> compressed, std::vector<size_t> uncompressed,
                int64_t gradient_numel, PowerSGDOptions options, std::shared_ptr<void> owner)
-      : owner_(std::move(owner)), group_(group), round1_(std::move(round1)), buffer_(std::move(buffer)),
-        r1_(std::move(r1)), r2_(std::move(r2)), gradients_(std::move(gradients)),
+      : owner_(std::move(owner)), group_(group), round1_(std::move(round1)),
+        buffer_(std::move(buffer)), r1_(std::move(r1)), r2_(std::move(r2)),
+        gradients_(std::move(gradients)),
         compressed_(std::move(compressed)), uncompressed_(std::move(uncompressed)),
         gradient_numel_(gradient_numel), options_(std::move(options)) {}
 
