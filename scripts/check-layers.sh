@@ -13,7 +13,7 @@ public_layer() {
     lockstep/errors.h|lockstep/log.h|lockstep/env_vars.h|lockstep/options.h) echo core ;;
     lockstep/launch_env.h|lockstep/store.h|lockstep/process_group.h|lockstep/thread_group.h|\
     lockstep/agreement.h) echo comm ;;
-    lockstep/ddp.h|lockstep/sync_batch_norm.h|lockstep/grad_scaler.h|\
+    lockstep/ddp.h|lockstep/comm_hooks.h|lockstep/sync_batch_norm.h|lockstep/grad_scaler.h|\
     lockstep/zero_redundancy_optimizer.h) echo ddp ;;
     lockstep/data_parallel.h) echo dp ;;
     lockstep/sampler.h|lockstep/readers.h) echo data ;;

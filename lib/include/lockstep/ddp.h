@@ -55,17 +55,31 @@ struct GradBucket {
   int64_t gradient_numel = 0;
   /// True for the last bucket of the iteration.
   bool is_last = false;
+  /// One tensor per parameter of the bucket, in bucket order, shaped as the parameter: views
+  /// of `buffer`'s gradient part (writing one writes the buffer). Built once per bucket plan
+  /// and reused; a hook must not replace them.
+  std::vector<at::Tensor> gradients;
+  /// Each parameter's position in the list DDP reduces (the wrapped module's parameters that
+  /// require grad and are not ignored, in registration order). Stable across bucket rebuilds:
+  /// key per-parameter state by it.
+  std::vector<size_t> parameter_indices;
+  /// Each parameter's name, as in the wrapped module's named_parameters().
+  std::vector<std::string> parameter_names;
 };
 
 /// Reduces buckets across ranks. The default all-reduces in the bucket's dtype; lockstep also
-/// ships fp16 and bf16 compression. Implement your own by deriving from it.
+/// ships fp16 and bf16 compression here and PowerSGD, int8 quantization and post-local SGD in
+/// `lockstep/comm_hooks.h`. Implement your own by deriving from it.
 ///
 /// Contract: `reduce` is called once per bucket per synchronized backward, in bucket order, on
 /// the autograd engine's thread, while backward continues; it must not block on communication
 /// but return a Work that, once `wait()` returned, has left the elementwise sum over all
 /// ranks in `bucket.buffer`. Every rank calls it for the same buckets in the same order, so a
-/// hook may issue collectives. One hook object serves one DDP instance (it may cache buffers
-/// per bucket index).
+/// hook may issue collectives. DDP calls `wait()` on every bucket's Work in bucket order, and
+/// only after it launched every bucket of the iteration, so a hook may also issue a further
+/// collective from inside `wait()` (PowerSGD's second round); never from `is_completed()`,
+/// which DDP polls at moments that differ between ranks. One hook object serves one DDP
+/// instance (it may cache buffers per bucket index).
 class CommHook {
  public:
   virtual ~CommHook() = default;

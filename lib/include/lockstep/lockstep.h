@@ -3,6 +3,7 @@
 /// Umbrella header: everything a training program needs from lockstep.
 
 #include "lockstep/agreement.h"
+#include "lockstep/comm_hooks.h"
 #include "lockstep/data_parallel.h"
 #include "lockstep/ddp.h"
 #include "lockstep/env_vars.h"

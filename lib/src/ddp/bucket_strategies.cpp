@@ -137,6 +137,18 @@ class FlatBuckets : public BucketStrategy {
         slots[i].view = alias_slice(bucket.buffer, offset, params[i].sizes());
         offset += params[i].numel();
       }
+      if (c_.options->comm_hook) {
+        // What the hook sees, built once per plan (GradBucket::gradients alias the buffer).
+        auto& gb = bucket.hook_view;
+        gb.index = b;
+        gb.buffer = bucket.buffer;
+        gb.gradient_numel = bucket.gradient_numel;
+        for (size_t i : bucket.params) {
+          gb.gradients.push_back(slots[i].view);
+          gb.parameter_indices.push_back(i);
+          gb.parameter_names.push_back((*c_.names)[i]);
+        }
+      }
     }
     if (c_.options->gradient_as_bucket_view) {
       // Carry existing gradients into the new views and alias them.
@@ -183,10 +195,7 @@ class FlatBuckets : public BucketStrategy {
     set_element(bucket.buffer, presence_index(bucket), present_ ? 1.0 : 0.0);
     set_element(bucket.buffer, presence_index(bucket) + 1, bucket.nonfinite ? 1.0 : 0.0);
     if (fused_average_) return c_.group->allreduce(bucket.buffer, op_);
-    GradBucket gb;
-    gb.index = b;
-    gb.buffer = bucket.buffer;
-    gb.gradient_numel = bucket.gradient_numel;
+    auto& gb = bucket.hook_view;
     gb.is_last = is_last;
     auto work = c_.hook->reduce(*c_.group, gb);
     LOCKSTEP_ASSERT(work != nullptr, "comm hook '", c_.hook->name(), "' returned no Work");
@@ -257,6 +266,7 @@ class FlatBuckets : public BucketStrategy {
     at::Tensor buffer;  // gradients, one control element per parameter, presence, non-finite
     int64_t gradient_numel = 0;
     bool nonfinite = false;  // this rank had a NaN/Inf gradient in it this iteration
+    GradBucket hook_view;    // handed to the comm hook (comm hooks only)
   };
 
   static int64_t presence_index(const Bucket& bucket) {
