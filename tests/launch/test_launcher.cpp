@@ -1056,6 +1056,113 @@ TEST(Launcher, TwoNodesInNetworkNamespacesJoinedByAVethPair) {
   EXPECT_NE(node0.out().find("done rank=0"), std::string::npos);
 }
 
+// N network namespaces ("hosts") whose veth ends meet on a bridge in a hub namespace of their
+// own (so the host's firewall never sees the traffic): node k has address <sub>.(k+1)/24 on
+// interface "e<k><tag>". Everything is removed by the destructor.
+class NetNsCluster {
+ public:
+  explicit NetNsCluster(int n) {
+    tag_ = std::to_string(getpid() % 100000);
+    hub_ = "lsh" + tag_;
+    const std::string sub = "10.232." + std::to_string(getpid() % 250) + ".";
+    std::vector<std::string> cmds = {"ip netns add " + hub_,
+                                     "ip -n " + hub_ + " link add br" + tag_ + " type bridge",
+                                     "ip -n " + hub_ + " link set br" + tag_ + " up"};
+    for (int k = 0; k < n; ++k) {
+      const std::string ns = "lsn" + std::to_string(k) + "_" + tag_;
+      const std::string in = "e" + std::to_string(k) + tag_, out = "h" + std::to_string(k) + tag_;
+      nodes_.push_back(ns);
+      ifnames_.push_back(in);
+      addrs_.push_back(sub + std::to_string(k + 1));
+      for (const std::string& c :
+           {"ip netns add " + ns, "ip link add " + in + " type veth peer name " + out,
+            "ip link set " + in + " netns " + ns, "ip link set " + out + " netns " + hub_,
+            "ip -n " + hub_ + " link set " + out + " master br" + tag_,
+            "ip -n " + hub_ + " link set " + out + " up",
+            "ip -n " + ns + " addr add " + addrs_.back() + "/24 dev " + in,
+            "ip -n " + ns + " link set " + in + " up", "ip -n " + ns + " link set lo up"}) {
+        cmds.push_back(c);
+      }
+    }
+    for (const auto& c : cmds) {
+      if (std::system((c + " 2>/tmp/lockstep-netns-" + tag_ + ".err").c_str()) != 0) {
+        std::ifstream in("/tmp/lockstep-netns-" + tag_ + ".err");
+        std::stringstream ss;
+        ss << in.rdbuf();
+        error_ = "`" + c + "` failed: " + ss.str();
+        return;
+      }
+    }
+    ok_ = true;
+  }
+  ~NetNsCluster() {
+    std::string del = "ip netns del " + hub_ + " 2>/dev/null";
+    for (const auto& ns : nodes_) del += "; ip netns del " + ns + " 2>/dev/null";
+    std::system(del.c_str());
+    std::remove(("/tmp/lockstep-netns-" + tag_ + ".err").c_str());
+  }
+  bool ok_ = false;
+  std::string error_, tag_, hub_;
+  std::vector<std::string> nodes_, ifnames_, addrs_;
+};
+
+// Elastic membership across network namespaces: three "hosts" on a bridge, --nnodes 2:3. Node
+// 2's launcher is killed with SIGKILL; the job finishes on nodes 0 and 1 with world size 2, and
+// no namespace is left behind.
+TEST(Launcher, ElasticJobInNetworkNamespacesLosesANode) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces (ip netns)";
+  std::string ip = access("/usr/sbin/ip", X_OK) == 0 ? "/usr/sbin/ip" : "/sbin/ip";
+  if (access(ip.c_str(), X_OK) != 0) GTEST_SKIP() << "iproute2's `ip` is not installed";
+  std::vector<std::string> names;
+  {
+    NetNsCluster net(3);
+    if (!net.ok_) GTEST_SKIP() << "network namespaces unavailable here: " << net.error_;
+    names = net.nodes_;
+    names.push_back(net.hub_);
+    const std::vector<std::string> worker = {kWorker, "--mode", "loop-first"};
+    auto node = [&](int k, const std::string& port) {
+      Env env = kNodesEnv;
+      env["LOCKSTEP_TIMEOUT"] = "10";
+      env["LOCKSTEP_SOCKET_IFNAME"] = net.ifnames_[k];
+      // The namespaces share one kernel, hostname and boot id, so lockstep would pick shared
+      // memory between their workers; Gloo puts the data plane on the bridge too.
+      env["LOCKSTEP_TRANSPORT"] = "gloo";
+      auto argv = launcher("--nnodes 2:3 --node-rank " + std::to_string(k) + " --master-addr " +
+                               net.addrs_[0] + " --master-port " + port +
+                               " --run-id ens --grace-period 2 --nproc-per-node 1 "
+                               "--max-restarts 1 --rdzv-last-call 1",
+                           worker);
+      argv.insert(argv.begin(), {ip, "netns", "exec", net.nodes_[k]});
+      return std::make_unique<Proc>(argv, env);
+    };
+    auto node0 = node(0, "0");
+    std::smatch m;
+    std::regex hosting("hosting the rendezvous store at [0-9.]+:(\\d+)");
+    ASSERT_TRUE(node0->until([&] { return std::regex_search(node0->err(), m, hosting); },
+                             Seconds(30)))
+        << node0->all();
+    const std::string port = m[1];
+    auto node1 = node(1, port);
+    auto node2 = node(2, port);
+    for (Proc* p : {node0.get(), node1.get(), node2.get()}) {
+      ASSERT_TRUE(p->until([&] { return ready_pids(p->out()).size() == 1; }, Seconds(kJobBound)))
+          << p->all();
+      EXPECT_NE(p->out().find("world=3"), std::string::npos) << p->out();
+    }
+    auto lost = ready_pids(node2->out());
+    ASSERT_EQ(kill(node2->pid(), SIGKILL), 0);
+    EXPECT_EQ(node0->wait(Seconds(kJobBound)), 0) << node0->all();
+    EXPECT_EQ(node1->wait(Seconds(30)), 0) << node1->all();
+    EXPECT_NE(node1->out().find("resolved rank=1 world=2 "), std::string::npos) << node1->out();
+    EXPECT_NE(node0->err().find("of world size 2 (2 of 2..3 nodes)"), std::string::npos)
+        << node0->err();
+    EXPECT_TRUE(all_gone(lost, Seconds(5)));
+  }
+  for (const auto& n : names) {
+    EXPECT_NE(access(("/run/netns/" + n).c_str(), F_OK), 0) << "namespace " << n << " left behind";
+  }
+}
+
 // The local addresses of `pid`'s TCP sockets, as "a.b.c.d:port" (from /proc/net/tcp and its
 // fds): those listening only, or all of them.
 std::vector<std::string> tcp_addresses(pid_t pid, bool listening_only) {
