@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Recipe smoke + resume test, on a small slice of the recipe's data:
-#   1. an uninterrupted run of WORLD ranks;
+#   1. an uninterrupted run of WORLD ranks, which also writes TensorBoard scalars;
 #   2. the same run stopped after STOP steps (as if preempted: exit 75, checkpoint written),
 #      then started again: it must resume and end with a checkpoint byte-identical to (1)
 #      (parameters, optimizer state, RNG state, position);
@@ -39,9 +39,14 @@ launch() {
   return "${codes[0]}"
 }
 
-echo "== uninterrupted run ($world rank(s))"
-launch --out-dir "$work/a" "$@"
+echo "== uninterrupted run ($world rank(s)), with TensorBoard scalars"
+launch --out-dir "$work/a" --tensorboard "$work/a/tb" "$@"
 test -f "$work/a/checkpoint.lsck"
+# Rank 0 alone writes one event file, holding the step records' loss scalars (the format
+# itself is checked in tests/train/test_tensorboard.cpp).
+events=("$work"/a/tb/events.out.tfevents.*)
+[ "${#events[@]}" = 1 ] && [ -f "${events[0]}" ] || { echo "expected one event file in $work/a/tb, found: ${events[*]}" >&2; exit 1; }
+grep -q "step/loss" "${events[0]}" || { echo "${events[0]} has no step/loss scalar" >&2; exit 1; }
 test -f "$work/a/report.html"
 if [ -n "${RECIPE_CHECK:-}" ]; then
   /usr/bin/python3 - "$work/a/metrics.jsonl" "$RECIPE_CHECK" <<'PY'

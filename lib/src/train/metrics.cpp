@@ -130,10 +130,13 @@ void Progress::finish() {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-MetricsWriter::MetricsWriter(const std::string& path, bool append)
-    : path_(path), start_(std::chrono::steady_clock::now()) {
+MetricsWriter::MetricsWriter(MetricsOptions options)
+    : path_(options.path()), start_(std::chrono::steady_clock::now()) {
+  if (!options.tensorboard_dir().empty()) {
+    tensorboard_ = std::make_unique<TensorBoardWriter>(options.tensorboard_dir());
+  }
   if (path_.empty()) return;
-  out_ = std::make_unique<std::ofstream>(path_, append ? std::ios::app : std::ios::trunc);
+  out_ = std::make_unique<std::ofstream>(path_, options.append() ? std::ios::app : std::ios::trunc);
   if (!*out_) {
     throw Error(concat("could not open metrics file '", path_, "' for writing; check that its "
                        "directory exists and is writable"));
@@ -143,6 +146,26 @@ MetricsWriter::MetricsWriter(const std::string& path, bool append)
 MetricsWriter::~MetricsWriter() = default;
 
 void MetricsWriter::write(const MetricRecord& record) {
+  if (tensorboard_ && record.kind != "bucket") {
+    // The step: the record's "step", else its "epoch", else the count of its kind so far.
+    const char* step_field = nullptr;
+    int64_t step = records_of_kind_[record.kind]++;
+    for (const char* name : {"epoch", "step"}) {
+      for (const auto& kv : record.fields) {
+        if (kv.first == name && std::isfinite(kv.second)) {
+          step_field = name;
+          step = static_cast<int64_t>(std::llround(kv.second));
+        }
+      }
+    }
+    std::vector<std::pair<std::string, double>> scalars;
+    for (const auto& kv : record.fields) {
+      if (step_field == nullptr || kv.first != step_field) {
+        scalars.emplace_back(record.kind + "/" + kv.first, kv.second);
+      }
+    }
+    tensorboard_->add_scalars(step, scalars);
+  }
   if (!out_) return;
   json j;
   j["kind"] = record.kind;
