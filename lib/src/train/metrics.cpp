@@ -130,12 +130,33 @@ void Progress::finish() {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
+namespace {
+
+// The largest "time" of the records in the JSON-lines file at `path`: where a resumed run's
+// clock continues (0 for a missing file or one without times; lines that are not JSON objects,
+// such as one torn by a crash, are skipped).
+double last_time(const std::string& path) {
+  std::ifstream in(path);
+  double last = 0;
+  std::string line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, /*cb=*/nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("time") && j["time"].is_number()) {
+      last = std::max(last, j["time"].get<double>());
+    }
+  }
+  return last;
+}
+
+}  // namespace
+
 MetricsWriter::MetricsWriter(MetricsOptions options)
     : path_(options.path()), start_(std::chrono::steady_clock::now()) {
   if (!options.tensorboard_dir().empty()) {
     tensorboard_ = std::make_unique<TensorBoardWriter>(options.tensorboard_dir());
   }
   if (path_.empty()) return;
+  if (options.append()) time_offset_ = last_time(path_);
   out_ = std::make_unique<std::ofstream>(path_, options.append() ? std::ios::app : std::ios::trunc);
   if (!*out_) {
     throw Error(concat("could not open metrics file '", path_, "' for writing; check that its "
@@ -169,7 +190,8 @@ void MetricsWriter::write(const MetricRecord& record) {
   if (!out_) return;
   json j;
   j["kind"] = record.kind;
-  j["time"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  j["time"] = time_offset_ +
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   for (const auto& kv : record.fields) {
     j[kv.first] = std::isfinite(kv.second) ? json(kv.second) : json(nullptr);
   }

@@ -103,7 +103,8 @@ class TensorBoardWriter {
 struct MetricsOptions {
   /// JSON-lines file to write; "" (default): none (ranks other than 0).
   LOCKSTEP_ARG(std::string, path) = "";
-  /// Append to an existing file (a resumed run) instead of truncating it. Default false.
+  /// Append to an existing file (a resumed run) instead of truncating it; "time" then continues
+  /// from the largest "time" in the file rather than starting again at 0. Default false.
   LOCKSTEP_ARG(bool, append) = false;
   /// Directory for a TensorBoard event file mirroring the records (see MetricsWriter);
   /// "" (default): none. Give it on rank 0 only.
@@ -111,7 +112,9 @@ struct MetricsOptions {
 };
 
 /// Appends JSON-lines records to a file, one object per line with "kind" and "time" (seconds
-/// since the writer was created) besides the fields. A writer constructed with an empty path
+/// since the writer was created; with `append`, plus the largest "time" already in the file,
+/// so that a resumed run's clock goes on from where the records it keeps stopped) besides the
+/// fields. A writer constructed with an empty path
 /// (ranks other than 0) writes nothing. Flushes every line. Not thread-safe.
 ///
 /// With `tensorboard_dir`, every record except "bucket" ones (a timeline, many per step, that
@@ -137,6 +140,7 @@ class MetricsWriter {
   std::unique_ptr<TensorBoardWriter> tensorboard_;
   std::map<std::string, int64_t> records_of_kind_;
   std::chrono::steady_clock::time_point start_;
+  double time_offset_ = 0;  ///< seconds already in an appended file
 };
 
 /// Rewinds a JSON-lines metrics file to a checkpoint before a resumed run appends to it, so
