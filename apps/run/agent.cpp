@@ -19,6 +19,7 @@
 #include <poll.h>
 #include <sstream>
 
+#include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
 #include "processes.h"
 #include "rounds.h"
@@ -135,6 +136,7 @@ void Agent::spawn(Worker& w, const RoundLayout& layout) {
   const StreamPlan plan = stream_plan(o_, w.local_rank);
   if (plan.file[0]) spec.stdout_log = dir + "/stdout.log";
   if (plan.file[1]) spec.stderr_log = dir + "/stderr.log";
+  spec.env[env::kStdoutTty] = stdout_tty_env(plan, ::isatty(STDOUT_FILENO) == 1);
   spec.stdout_console = plan.console[0];
   spec.stderr_console = plan.console[1];
   w.process.start(spec);
@@ -167,7 +169,7 @@ WorkerEvent Agent::event_of(Worker& w, const ProcessChange& change, double time)
       return e;
   }
   w.process.stream(1).pump();  // what it wrote last is in the pipe already
-  e.last_stderr = w.process.stream(1).last_line;
+  e.last_stderr = w.process.stream(1).relay.last_line;
   std::ifstream in(w.error_file);
   if (in) {
     try {
@@ -497,6 +499,7 @@ void print_plan(const RunOptions& o, const EnvMap& env, int cpu_count) {
     auto vars = worker_env(o, layout, i, concat(files, "/attempt_0/rank_", layout.rank_offset + i,
                                                 "/error.json"), env, cpu_count);
     StreamPlan plan = stream_plan(o, i);
+    vars[env::kStdoutTty] = stdout_tty_env(plan, ::isatty(STDOUT_FILENO) == 1);
     auto where = [&](int s) {
       return std::string(plan.console[s] && plan.file[s] ? "console+file"
                          : plan.file[s]                  ? "file"

@@ -369,6 +369,10 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
   return result;
 }
 
+std::string stdout_tty_env(const StreamPlan& plan, bool launcher_stdout_is_tty) {
+  return plan.console[0] && launcher_stdout_is_tty ? "1" : "0";
+}
+
 EnvMap worker_env(const RunOptions& options, const RoundLayout& layout, int local_rank,
                   const std::string& error_file, const EnvMap& env, int cpu_count) {
   EnvMap add;

@@ -82,6 +82,12 @@ struct StreamPlan {
 /// goes to both, a --redirects stream to its file only, any other stream to the console only.
 StreamPlan stream_plan(const RunOptions& options, int local_rank);
 
+/// The value of LOCKSTEP_STDOUT_TTY for a worker whose streams follow `plan`: "1" when its
+/// stdout reaches the console and the launcher's own stdout is a terminal
+/// (`launcher_stdout_is_tty`), else "0" (its stdout is a pipe either way, so the worker
+/// cannot tell by isatty; lockstep/env_vars.h).
+std::string stdout_tty_env(const StreamPlan& plan, bool launcher_stdout_is_tty);
+
 /// True when some local rank's plan writes a file (the agent then needs a log directory).
 bool needs_log_files(const RunOptions& options);
 

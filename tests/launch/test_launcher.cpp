@@ -233,7 +233,7 @@ TEST(Launcher, TwoAndFourRankJobsCompleteWithTheRightEnvironment) {
                         " LOCAL_WORLD_SIZE=" + std::to_string(n) +
                         " GROUP_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=(\\d+) "
                         "OMP_NUM_THREADS=1 LOCKSTEP_ERROR_FILE=\\S+/attempt_0/rank_" +
-                        std::to_string(r) + "/error.json\n");
+                        std::to_string(r) + "/error.json LOCKSTEP_STDOUT_TTY=0\n");
       ASSERT_TRUE(std::regex_search(p.out(), m, env_re)) << p.out();
       if (port.empty()) port = m[1];
       EXPECT_EQ(m[1], port) << "every rank must get the same store port";
@@ -251,6 +251,12 @@ TEST(Launcher, TwoAndFourRankJobsCompleteWithTheRightEnvironment) {
                 std::string::npos)
           << p.err();
       EXPECT_EQ(p.out().find("stderr line"), std::string::npos);
+      // '\r' ends a line (the launcher's stdout here is a pipe: each redraw its own line).
+      const std::string rs = std::to_string(r);
+      EXPECT_NE(p.out().find("[rank " + rs + "] redraw 1 of rank " + rs + "\n[rank " + rs +
+                             "] redraw 2 of rank " + rs + "\n"),
+                std::string::npos)
+          << p.out();
     }
     EXPECT_NE(p.err().find("all " + std::to_string(n) + " worker(s) exited 0"), std::string::npos);
   }

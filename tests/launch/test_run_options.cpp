@@ -181,6 +181,18 @@ TEST(RunOptions, RedirectsAndTeeFollowTorchrun) {
   EXPECT_FALSE(needs_log_files(o));
 }
 
+// LOCKSTEP_STDOUT_TTY: 1 only where a worker's stdout reaches the launcher's terminal.
+TEST(RunOptions, StdoutTtyOnlyWhenTheConsoleIsATerminal) {
+  auto o = parse_run_options(split("--nproc-per-node 2 -r 0:1 -- p"), {}, 8).options;
+  const auto rank0 = stream_plan(o, 0), rank1 = stream_plan(o, 1);
+  ASSERT_FALSE(rank0.console[0]);  // -r 0:1: rank 0's stdout goes to its file only
+  ASSERT_TRUE(rank1.console[0]);
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank1, /*launcher_stdout_is_tty=*/true), "1");
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank1, /*launcher_stdout_is_tty=*/false), "0");
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank0, /*launcher_stdout_is_tty=*/true), "0");
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank0, /*launcher_stdout_is_tty=*/false), "0");
+}
+
 struct Bad {
   std::string args;
   std::string says;

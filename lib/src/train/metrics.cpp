@@ -7,13 +7,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
+#include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
+#include "lockstep/launch_env.h"
 
 namespace lockstep {
 namespace train {
@@ -61,8 +64,14 @@ void replace_file(const std::string& path, const std::string& text, const std::s
 // Progress
 
 Progress::Progress(ProgressOptions options) : options_(std::move(options)) {
-  enabled_ = options_.rank() == 0;
-  bar_ = enabled_ && (options_.tty() == 1 || (options_.tty() == -1 && ::isatty(STDOUT_FILENO)));
+  const bool main = options_.rank() < 0 ? is_main_process() : options_.rank() == 0;
+  enabled_ = main || options_.all_ranks();
+  bool tty = options_.tty() == 1;
+  if (options_.tty() == -1) {
+    const char* told = std::getenv(env::kStdoutTty);  // the launcher's stdout, not our pipe's
+    tty = (told != nullptr && *told != '\0') ? std::string(told) == "1" : ::isatty(STDOUT_FILENO);
+  }
+  bar_ = main && tty;
   start_ = last_print_ = std::chrono::steady_clock::now();
 }
 

@@ -23,10 +23,16 @@ namespace train {
 struct ProgressOptions {
   /// Steps in the run (for the bar and the ETA); 0: unknown. Default 0.
   LOCKSTEP_ARG(int64_t, total_steps) = 0;
-  /// This process's rank: only rank 0 prints. Default 0.
-  LOCKSTEP_ARG(int, rank) = 0;
-  /// 1: draw a bar, 0: plain lines, -1 (default): a bar when stdout is a terminal.
+  /// This process's global rank: only rank 0 prints (see all_ranks). -1 (default): from the
+  /// launch environment, as lockstep::is_main_process() says (rank 0, or not launched).
+  LOCKSTEP_ARG(int, rank) = -1;
+  /// 1: draw a bar, 0: plain lines, -1 (default): a bar when stdout reaches a terminal: as
+  /// LOCKSTEP_STDOUT_TTY says when set (lockstep-run sets it to 1 when its own stdout is a
+  /// terminal, since a worker's stdout is a pipe to the launcher), else isatty(stdout).
   LOCKSTEP_ARG(int, tty) = -1;
+  /// Every rank prints, not only rank 0: plain lines on ranks other than 0 (a bar from each
+  /// would overwrite the others' on one terminal). Default false.
+  LOCKSTEP_ARG(bool, all_ranks) = false;
   /// Seconds between plain lines (and bar redraws). Default 5 (bar: 0.2).
   LOCKSTEP_ARG(double, every_seconds) = 5.0;
   /// Prefix of every line, e.g. "epoch 3". Default "train".
@@ -34,7 +40,9 @@ struct ProgressOptions {
 };
 
 /// Progress of a run on rank 0's stdout: a bar with samples/s, loss and ETA on a terminal,
-/// else a plain line every `every_seconds`. Other ranks print nothing. Not thread-safe.
+/// else a plain line every `every_seconds`. Other ranks print nothing unless `all_ranks`.
+/// Reads LOCKSTEP_STDOUT_TTY and, with rank -1, the launch environment when constructed.
+/// Not thread-safe.
 class Progress {
  public:
   explicit Progress(ProgressOptions options = ProgressOptions());
