@@ -51,6 +51,9 @@ struct RunOptions {
   double monitor_interval = 0.1; ///< seconds between checks of the other nodes (store)
   double grace_period = 30.0;    ///< seconds between SIGTERM and SIGKILL
   double rdzv_timeout = 120.0;   ///< seconds for every node to join a round
+  /// seconds without a heartbeat before another node's launcher counts as hung (Note
+  /// [Launcher heartbeats] in heartbeat.h); 0: no heartbeats
+  double heartbeat_timeout = 60.0;
   bool dry_run = false;          ///< print the plan and each worker's environment, start nothing
   bool quiet = false;            ///< no [lockstep-run] progress lines (summary still printed)
   std::string program;           ///< the worker program (searched in PATH)
@@ -99,6 +102,7 @@ struct RoundLayout {
   int master_port = 0;         ///< bound port of the store
   int restart_count = 0;       ///< round number (0 for the first attempt)
   std::string store_token;     ///< the job token (raw bytes; Note [Job token] in rounds.cpp)
+  std::vector<std::string> hosts;  ///< each node's host name, as its launcher announced it
 };
 
 /// The variables lockstep-run adds for local rank `local_rank` (the worker inherits the rest of

@@ -94,11 +94,15 @@ std::optional<RoundLayout> Rounds::join(int round, const std::string& host,
   store_->set(key(concat("node/", o_.node_rank)), concat(o_.nproc_per_node, " ", host));
   auto deadline = Clock::now() + seconds(o_.rdzv_timeout);
   std::vector<int> nproc(o_.nnodes, -1);
+  std::vector<std::string> hosts(o_.nnodes);
   int missing = o_.nnodes;
   while (true) {
     for (int k = 0; k < o_.nnodes; ++k) {
       if (nproc[k] >= 0 || !store_->check({key(concat("node/", k))})) continue;
-      nproc[k] = std::stoi(store_->get(key(concat("node/", k))));
+      const std::string value = store_->get(key(concat("node/", k)));
+      nproc[k] = std::stoi(value);
+      const size_t space = value.find(' ');
+      if (space != std::string::npos) hosts[k] = value.substr(space + 1);
       --missing;
     }
     if (missing == 0) break;
@@ -124,8 +128,15 @@ std::optional<RoundLayout> Rounds::join(int round, const std::string& host,
   }
   layout.restart_count = round_;
   layout.store_token = token_;
+  layout.hosts = hosts;
   return layout;
 }
+
+void Rounds::beat() {
+  if (o_.nnodes > 1) store_->add(key(concat("beat/", o_.node_rank)), 1);
+}
+
+int64_t Rounds::beats(int node) { return store_->add(key(concat("beat/", node)), 0); }
 
 void Rounds::share(const WorkerEvent& event) {
   if (o_.nnodes == 1) return;

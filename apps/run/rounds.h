@@ -39,6 +39,8 @@ namespace run {
 //      node's "done" (or a "failed": a remote failure fails the round for everyone).
 //   6. A failed round with restarts left starts round r+1 on every node; otherwise each agent
 //      prints the summary of the published failure and exits with its code.
+//   Throughout steps 2-5 each agent beats "beat/<k>" and watches the others' beats
+//      (Note [Launcher heartbeats] in heartbeat.h): one that stops beating fails the round.
 //   7. Before exiting, each agent sets "exit/<k>"; node 0 waits (bounded) for all of them, so
 //      no agent loses the store while it still reads the outcome.
 // Workers get PR_SET_PDEATHSIG(SIGKILL) and their own process group: if the agent dies, they
@@ -76,6 +78,12 @@ class Rounds {
   Failure publish(const Failure& failure);
   /// The published failure, if any.
   std::optional<Failure> published();
+
+  /// Adds 1 to this node's heartbeat counter (Note [Launcher heartbeats] in heartbeat.h; does
+  /// nothing with one node). Throws as the store does when it is gone.
+  void beat();
+  /// `node`'s heartbeat counter in this round (0 before its first beat).
+  int64_t beats(int node);
 
   /// Step 5: this node's workers all exited 0.
   void set_done();

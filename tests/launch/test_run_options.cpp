@@ -123,6 +123,18 @@ TEST(RunOptions, HelpExplainsEveryFlagWithItsDefault) {
   EXPECT_NE(r.help_text.find("(default: 29500)"), std::string::npos) << r.help_text;
 }
 
+TEST(RunOptions, HeartbeatTimeout) {
+  EXPECT_EQ(parse_run_options(split("-- p"), {}, 8).options.heartbeat_timeout, 60.0);
+  EXPECT_EQ(parse_run_options(split("--heartbeat-timeout 5 -- p"), {}, 8).options.heartbeat_timeout,
+            5.0);
+  EXPECT_EQ(parse_run_options(split("--heartbeat-timeout 0 -- p"), {}, 8).options.heartbeat_timeout,
+            0.0);
+  // The program's own flags are not the launcher's.
+  auto r = parse_run_options(split("--heartbeat-timeout 9 p --heartbeat-timeout 1"), {}, 8);
+  EXPECT_EQ(r.options.heartbeat_timeout, 9.0);
+  EXPECT_EQ(r.options.args, (std::vector<std::string>{"--heartbeat-timeout", "1"}));
+}
+
 TEST(RunOptions, RendezvousIdRoleAndNoPython) {
   auto r = parse_run_options(split("--rdzv-id job42 --role trainer --no-python -- p"), {}, 8);
   EXPECT_EQ(r.options.run_id, "job42");
@@ -207,6 +219,9 @@ TEST(RunOptions, RejectsBadInvocationsWithOneLine) {
       {"--nproc-per-node gpu -- p", "needs CUDA devices and NCCL"},
       {"--nproc-per-node gpu -- p", "auto/cpu for one worker per core"},
       {"--nnodes 0 -- p", "--nnodes"},
+      {"--heartbeat-timeout 0.1 -- p",
+       "--heartbeat-timeout 0.1: expected 0 (off) or at least twice --monitor-interval (0.1 s)"},
+      {"--heartbeat-timeout -1 -- p", "--heartbeat-timeout"},
       {"--nnodes 1:4 -- p", "elastic node ranges (MIN < MAX) are not supported"},
       {"--nnodes 1:4 -- p", "fixed number of nodes (N or N:N"},
       {"--nnodes 4:2 -- p", "--nnodes 4:2: expected MIN:MAX with MIN <= MAX"},
