@@ -19,7 +19,9 @@
 #include <poll.h>
 #include <sstream>
 
+#include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
+#include "heartbeat.h"
 #include "processes.h"
 #include "rounds.h"
 #include "verdict.h"
@@ -85,6 +87,9 @@ class Agent {
   bool judge_and_publish(bool now);
   void begin_stop(int sig);
   bool others_done();
+  // Note [Launcher heartbeats]: beats and reads the others' beats when due; returns the
+  // failure to publish when another node's launcher is hung. Throws when the store is gone.
+  std::optional<Failure> heartbeat();
   void print_summary(const std::string& headline);
   void cleanup_files();
 
@@ -104,6 +109,9 @@ class Agent {
   double ready_at_ = 0;              // when a pending verdict may be published (wall clock)
   int stop_signal_ = 0;              // SIGINT/SIGTERM/SIGHUP received
   bool stopping_ = false;
+  std::optional<HeartbeatWatch> watch_;  // this round's view of the other nodes' beats
+  Clock::time_point next_beat_;
+  std::vector<std::string> hosts_;       // each node's host, from the round's join
   Clock::time_point kill_at_;
   bool killed_ = false;
 };
@@ -135,6 +143,7 @@ void Agent::spawn(Worker& w, const RoundLayout& layout) {
   const StreamPlan plan = stream_plan(o_, w.local_rank);
   if (plan.file[0]) spec.stdout_log = dir + "/stdout.log";
   if (plan.file[1]) spec.stderr_log = dir + "/stderr.log";
+  spec.env[env::kStdoutTty] = stdout_tty_env(plan, ::isatty(STDOUT_FILENO) == 1);
   spec.stdout_console = plan.console[0];
   spec.stderr_console = plan.console[1];
   w.process.start(spec);
@@ -167,7 +176,7 @@ WorkerEvent Agent::event_of(Worker& w, const ProcessChange& change, double time)
       return e;
   }
   w.process.stream(1).pump();  // what it wrote last is in the pipe already
-  e.last_stderr = w.process.stream(1).last_line;
+  e.last_stderr = w.process.stream(1).relay.last_line;
   std::ifstream in(w.error_file);
   if (in) {
     try {
@@ -314,9 +323,12 @@ Outcome Agent::supervise() {
     }
     if (Clock::now() >= next_check) {
       next_check = Clock::now() + interval();
-      if (!failure_ && o_.nnodes > 1) {
+      if (o_.nnodes > 1 && outcome != Outcome::kStoreLost) {
+        const bool handling = failure_.has_value();  // ours, or another node's, already
         try {
-          if (auto remote = rounds_->published()) {
+          auto hung = heartbeat();  // beats while stopping too, so no peer thinks us hung
+          if (handling) {
+          } else if (auto remote = rounds_->published()) {
             failure_ = remote;
             pending = false;
             say_.progress(remote->membership
@@ -337,8 +349,17 @@ Outcome Agent::supervise() {
             pending = false;
             say_.progress(concat(failure_->what, ": stopping local workers"));
             begin_stop(SIGTERM);
+          } else if (hung) {
+            failure_ = rounds_->publish(*hung);
+            pending = false;
+            say_.always(failure_->what + ": stopping local workers");
+            begin_stop(SIGTERM);
           }
         } catch (const std::exception& e) {
+          if (handling) {
+            watch_.reset();  // the store may go while a failure is handled: stop beating
+            continue;
+          }
           Failure f;
           f.root.node = o_.node_rank;
           f.root.exit_code = kExitLauncherError;
@@ -356,6 +377,34 @@ Outcome Agent::supervise() {
   return failure_ ? Outcome::kFailure : Outcome::kSuccess;
 }
 
+std::optional<Failure> Agent::heartbeat() {
+  if (!watch_ || Clock::now() < next_beat_) return std::nullopt;
+  next_beat_ = Clock::now() + std::chrono::milliseconds(static_cast<long>(
+                                  1000 * heartbeat_interval(o_.heartbeat_timeout,
+                                                            o_.monitor_interval)));
+  rounds_->beat();
+  auto seconds_now = [] {
+    return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+  };
+  for (int k : rounds_->members()) {
+    if (k != o_.node_rank) watch_->observe(k, rounds_->beats(k), seconds_now());
+  }
+  auto silence = watch_->hung(seconds_now());
+  if (!silence) return std::nullopt;
+  Failure f;
+  f.root.node = silence->node;
+  f.root.host = static_cast<size_t>(silence->node) < hosts_.size() ? hosts_[silence->node] : "";
+  f.root.exit_code = kExitLauncherError;
+  f.root.time = wall_now();
+  f.what = concat("node ", silence->node, "'s launcher",
+                  f.root.host.empty() ? "" : " (" + f.root.host + ")",
+                  " is hung: its heartbeat has not moved for ",
+                  static_cast<long>(silence->seconds), " s (--heartbeat-timeout ",
+                  o_.heartbeat_timeout, "); it is stopped, or its machine is overloaded or cut "
+                  "off. Look at that node; with restarts left the job starts a new round");
+  return f;
+}
+
 bool Agent::others_done() {
   // Local workers all exited 0: wait for the other nodes, or for a failure anywhere.
   rounds_->set_done();
@@ -363,6 +412,11 @@ bool Agent::others_done() {
   while (true) {
     if (auto remote = rounds_->published()) {
       failure_ = remote;
+      return false;
+    }
+    if (auto hung = heartbeat()) {
+      failure_ = rounds_->publish(*hung);
+      say_.always(failure_->what);
       return false;
     }
     if (rounds_->all_done()) return true;
@@ -469,6 +523,17 @@ int Agent::run() {
         w.local_rank = i;
         w.rank = layout->rank_offset + i;
       }
+      hosts_ = layout->hosts;
+      watch_.reset();
+      if (o_.nnodes > 1 && o_.heartbeat_timeout > 0) {
+        watch_.emplace(o_.nnodes, o_.node_rank, o_.heartbeat_timeout,
+                       std::chrono::duration<double>(Clock::now().time_since_epoch()).count());
+        const auto& members = rounds_->members();
+        for (int k = 0; k < o_.nnodes; ++k) {
+          if (std::find(members.begin(), members.end(), k) == members.end()) watch_->leave_out(k);
+        }
+        next_beat_ = Clock::now();
+      }
       for (auto& w : workers_) spawn(w, *layout);
       outcome = supervise();
       if (outcome == Outcome::kSuccess && !others_done()) {
@@ -541,6 +606,7 @@ void print_plan(const RunOptions& o, const EnvMap& env, int cpu_count) {
     auto vars = worker_env(o, layout, i, concat(files, "/attempt_0/rank_", layout.rank_offset + i,
                                                 "/error.json"), env, cpu_count);
     StreamPlan plan = stream_plan(o, i);
+    vars[env::kStdoutTty] = stdout_tty_env(plan, ::isatty(STDOUT_FILENO) == 1);
     auto where = [&](int s) {
       return std::string(plan.console[s] && plan.file[s] ? "console+file"
                          : plan.file[s]                  ? "file"

@@ -23,7 +23,7 @@ const std::set<std::string> kValueFlags = {
     "nproc-per-node", "nnodes",        "node-rank",    "master-addr",      "master-port",
     "max-restarts",   "run-id",        "log-dir",      "monitor-interval", "grace-period",
     "rdzv-timeout",   "rdzv-backend",  "rdzv-endpoint", "rdzv-id",         "redirects",
-    "tee",            "role",          "rdzv-last-call"};
+    "tee",            "role",          "rdzv-last-call", "heartbeat-timeout"};
 
 // Note [Rendezvous backends]
 // torchrun's --rdzv-backend picks how nodes meet: `static` (node ranks given, node 0's
@@ -252,6 +252,9 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
        cxxopts::value<std::string>()->default_value(pet("PET_RDZV_LAST_CALL", "5")))
       ("rdzv-timeout", "seconds for every node's launcher to join a round",
        cxxopts::value<std::string>()->default_value(pet("PET_RDZV_TIMEOUT", "120")))
+      ("heartbeat-timeout", "with several nodes: seconds without a heartbeat from another "
+       "node's launcher before the job fails naming that node as hung (0: no heartbeats)",
+       cxxopts::value<std::string>()->default_value("60"))
       ("dry-run", "print the topology and every worker's environment, start nothing")
       ("quiet", "no progress lines from the launcher (the failure summary is still printed)")
       ("h,help", "print this help");
@@ -362,12 +365,23 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
       to_seconds("monitor-interval", parsed["monitor-interval"].as<std::string>(), 0.001);
   o.grace_period = to_seconds("grace-period", parsed["grace-period"].as<std::string>(), 0);
   o.rdzv_timeout = to_seconds("rdzv-timeout", parsed["rdzv-timeout"].as<std::string>(), 0.1);
+  o.heartbeat_timeout =
+      to_seconds("heartbeat-timeout", parsed["heartbeat-timeout"].as<std::string>(), 0);
+  if (o.heartbeat_timeout > 0 && o.heartbeat_timeout < 2 * o.monitor_interval) {
+    bad(concat("--heartbeat-timeout ", o.heartbeat_timeout, ": expected 0 (off) or at least twice "
+               "--monitor-interval (", o.monitor_interval, " s), so that a node beats between "
+               "two checks"));
+  }
   o.dry_run = parsed.count("dry-run") > 0;
   o.quiet = parsed.count("quiet") > 0;
   if (o.program.empty()) {
     bad("no program to run: expected `lockstep-run [options] -- program [args...]`");
   }
   return result;
+}
+
+std::string stdout_tty_env(const StreamPlan& plan, bool launcher_stdout_is_tty) {
+  return plan.console[0] && launcher_stdout_is_tty ? "1" : "0";
 }
 
 EnvMap worker_env(const RunOptions& options, const RoundLayout& layout, int local_rank,

@@ -53,6 +53,9 @@ struct RunOptions {
   double monitor_interval = 0.1; ///< seconds between checks of the other nodes (store)
   double grace_period = 30.0;    ///< seconds between SIGTERM and SIGKILL
   double rdzv_timeout = 120.0;   ///< seconds for every node to join a round
+  /// seconds without a heartbeat before another node's launcher counts as hung (Note
+  /// [Launcher heartbeats] in heartbeat.h); 0: no heartbeats
+  double heartbeat_timeout = 60.0;
   bool dry_run = false;          ///< print the plan and each worker's environment, start nothing
   bool quiet = false;            ///< no [lockstep-run] progress lines (summary still printed)
   std::string program;           ///< the worker program (searched in PATH)
@@ -87,6 +90,12 @@ struct StreamPlan {
 /// goes to both, a --redirects stream to its file only, any other stream to the console only.
 StreamPlan stream_plan(const RunOptions& options, int local_rank);
 
+/// The value of LOCKSTEP_STDOUT_TTY for a worker whose streams follow `plan`: "1" when its
+/// stdout reaches the console and the launcher's own stdout is a terminal
+/// (`launcher_stdout_is_tty`), else "0" (its stdout is a pipe either way, so the worker
+/// cannot tell by isatty; lockstep/env_vars.h).
+std::string stdout_tty_env(const StreamPlan& plan, bool launcher_stdout_is_tty);
+
 /// True when some local rank's plan writes a file (the agent then needs a log directory).
 bool needs_log_files(const RunOptions& options);
 
@@ -101,6 +110,7 @@ struct RoundLayout {
   int group_world_size = 1;    ///< nodes in the round (GROUP_WORLD_SIZE)
   bool member = true;          ///< false: the round was formed without this node (elastic)
   std::string store_token;     ///< the job token (raw bytes; Note [Job token] in rounds.cpp)
+  std::vector<std::string> hosts;  ///< each node's host name, as its launcher announced it
 };
 
 /// The variables lockstep-run adds for local rank `local_rank` (the worker inherits the rest of

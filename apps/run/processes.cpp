@@ -66,10 +66,8 @@ std::vector<int> wait(std::chrono::milliseconds timeout) {
 }  // namespace signals
 
 void Stream::flush() {
-  if (pending.empty()) return;
-  last_line = pending;
-  if (console) write_all(out_fd, prefix + pending + "\n");
-  pending.clear();
+  std::string out = relay_rest(relay, prefix, terminal);
+  if (console && !out.empty()) write_all(out_fd, out);
 }
 
 void Stream::close() {
@@ -92,16 +90,9 @@ void Stream::pump() {
       return;
     }
     if (log_fd >= 0) write_all(log_fd, std::string(buf, static_cast<size_t>(n)));
-    pending.append(buf, static_cast<size_t>(n));
-    std::string out;
-    size_t start = 0;
-    for (size_t nl; (nl = pending.find('\n', start)) != std::string::npos; start = nl + 1) {
-      last_line = pending.substr(start, nl - start);
-      out += prefix + last_line + "\n";
-    }
-    pending.erase(0, start);
-    if (pending.size() > 65536) flush();  // a very long line without a newline
+    std::string out = run::relay(relay, std::string(buf, static_cast<size_t>(n)), prefix, terminal);
     if (!out.empty() && console) write_all(out_fd, out);
+    if (relay.pending.size() > 65536) flush();  // a very long line without an end
   }
 }
 
@@ -128,6 +119,7 @@ void WorkerProcess::start(const ProcessSpec& spec) {
     streams_[s] = Stream();
     streams_[s].fd = pipes[s][0];
     streams_[s].out_fd = s == 0 ? 1 : 2;
+    streams_[s].terminal = ::isatty(streams_[s].out_fd) == 1;
     streams_[s].prefix = concat("[rank ", spec.rank, "] ");
     streams_[s].console = s == 0 ? spec.stdout_console : spec.stderr_console;
     const std::string& path = s == 0 ? spec.stdout_log : spec.stderr_log;

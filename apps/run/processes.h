@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lockstep/launch_env.h"
+#include "relay.h"
 
 namespace lockstep {
 namespace run {
@@ -28,16 +29,17 @@ std::vector<int> wait(std::chrono::milliseconds timeout);
 }  // namespace signals
 
 /// One output stream of a worker, forwarded to the launcher's stdout or stderr one line at a
-/// time with a "[rank r] " prefix (a partial line waits for its newline) unless `console` is
-/// off (--redirects), and copied verbatim to a log file when there is one.
+/// time with a "[rank r] " prefix (a partial line waits for its '\n' or '\r': Note [Carriage
+/// returns in the relay] in relay.h) unless `console` is off (--redirects), and copied
+/// verbatim to a log file when there is one.
 struct Stream {
   int fd = -1;        ///< read end of the worker's pipe; -1 once closed
   int out_fd = 1;     ///< the launcher's stdout (1) or stderr (2)
   bool console = true;  ///< forward to out_fd (the last line is kept for the verdict either way)
+  bool terminal = false;  ///< out_fd is a terminal (keep '\r' redraws)
   int log_fd = -1;    ///< the per-rank log file, or -1
   std::string prefix; ///< "[rank r] "
-  std::string pending;
-  std::string last_line;
+  RelayState relay;   ///< the partial line and the last line
 
   /// Forwards what is readable now; closes the stream at end of file.
   void pump();

@@ -134,9 +134,14 @@ std::optional<RoundLayout> Rounds::join(int round, const std::string& host,
   layout.world_size = 0;
   layout.rank_offset = 0;
   layout.group_world_size = static_cast<int>(members_.size());
+  layout.hosts.assign(static_cast<size_t>(o_.nnodes), "");
   for (size_t i = 0; i < members_.size(); ++i) {
     const int k = members_[i];
-    const int n = std::stoi(store_->get(key(concat("node/", k))));
+    const std::string value = store_->get(key(concat("node/", k)));  // "<nproc> <host>"
+    const int n = std::stoi(value);
+    if (const size_t space = value.find(' '); space != std::string::npos) {
+      layout.hosts[static_cast<size_t>(k)] = value.substr(space + 1);
+    }
     if (k < o_.node_rank) layout.rank_offset += n;
     if (k == o_.node_rank) layout.group_rank = static_cast<int>(i);
     layout.world_size += n;
@@ -245,6 +250,12 @@ int64_t Rounds::waiting() {
   if (!o_.elastic()) return 0;
   return store_->add(key("waiting"), 0);
 }
+
+void Rounds::beat() {
+  if (o_.nnodes > 1) store_->add(key(concat("beat/", o_.node_rank)), 1);
+}
+
+int64_t Rounds::beats(int node) { return store_->add(key(concat("beat/", node)), 0); }
 
 void Rounds::share(const WorkerEvent& event) {
   if (o_.nnodes == 1) return;

@@ -39,6 +39,8 @@ namespace run {
 //      node's "done" (or a "failed": a remote failure fails the round for everyone).
 //   6. A failed round with restarts left starts round r+1 on every node; otherwise each agent
 //      prints the summary of the published failure and exits with its code.
+//   Throughout steps 2-5 each agent beats "beat/<k>" and watches the others' beats
+//      (Note [Launcher heartbeats] in heartbeat.h): one that stops beating fails the round.
 //   7. Before exiting, each agent sets "exit/<k>"; node 0 waits (bounded) for all of them, so
 //      no agent loses the store while it still reads the outcome.
 // Workers get PR_SET_PDEATHSIG(SIGKILL) and their own process group: if the agent dies, they
@@ -100,6 +102,12 @@ class Rounds {
   /// The published failure, if any.
   std::optional<Failure> published();
 
+  /// Adds 1 to this node's heartbeat counter (Note [Launcher heartbeats] in heartbeat.h; does
+  /// nothing with one node). Throws as the store does when it is gone.
+  void beat();
+  /// `node`'s heartbeat counter in this round (0 before its first beat).
+  int64_t beats(int node);
+
   /// Step 5: this node's workers all exited 0.
   void set_done();
   /// Step 5: every node's workers all exited 0.
@@ -108,7 +116,8 @@ class Rounds {
   /// Step 7 (never throws).
   void exit_handshake(const std::function<void()>& wait);
 
-  /// Elastic: nodes of the round in progress (the members join decided).
+  /// The node ranks of the round in progress (every node unless elastic), ascending.
+  const std::vector<int>& members() const { return members_; }
   int member_count() const { return static_cast<int>(members_.size()); }
   /// Elastic, standby: says this node waits to join, then polls until the round ends; returns
   /// true when it ended in success (the job is done without this node), false when it failed

@@ -49,7 +49,10 @@ void add_common_options(cxxopts::Options& options, int default_epochs, int defau
     ("limit-train", "Use only the first N training examples (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("limit-eval", "Use only the first N evaluation examples (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("progress", "Progress display: auto (bar on a terminal), bar or lines",
-     cxxopts::value<std::string>()->default_value("auto"));
+     cxxopts::value<std::string>()->default_value("auto"))
+    ("tensorboard", "Also write the metrics as TensorBoard scalars to an event file in DIR "
+                    "(rank 0; e.g. OUT_DIR/tb, then `tensorboard --logdir OUT_DIR/tb`)",
+     cxxopts::value<std::string>()->default_value(""));
   // clang-format on
 }
 
@@ -160,6 +163,7 @@ Common read_common(const cxxopts::ParseResult& r) {
   c.max_steps = r["max-steps"].as<int64_t>();
   c.limit_train = r["limit-train"].as<int64_t>();
   c.limit_eval = r["limit-eval"].as<int64_t>();
+  c.tensorboard = r["tensorboard"].as<std::string>();
   std::string p = r["progress"].as<std::string>();
   if (p == "auto") c.progress = -1;
   else if (p == "bar") c.progress = 1;
@@ -374,6 +378,13 @@ bool Checkpointer::load(Position& position) {
     std::fflush(stdout);
   }
   return true;
+}
+
+train::MetricsWriter metrics_writer(const Common& common, int rank, const std::string& path,
+                                    bool resumed) {
+  if (rank != 0) return train::MetricsWriter(train::MetricsOptions());
+  return train::MetricsWriter(
+      train::MetricsOptions().path(path).append(resumed).tensorboard_dir(common.tensorboard));
 }
 
 void write_ddp_stats(train::MetricsWriter& metrics, int64_t step, const DDPStats& stats) {

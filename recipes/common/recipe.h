@@ -75,6 +75,7 @@ struct Common {
   int64_t limit_train = 0;       ///< use only the first N training examples; 0: all
   int64_t limit_eval = 0;
   int progress = -1;             ///< -1 auto, 0 lines, 1 bar
+  std::string tensorboard;       ///< directory for TensorBoard event files; "" none
   std::map<std::string, std::string> as_config() const;
 };
 Common read_common(const cxxopts::ParseResult& result);
@@ -160,6 +161,11 @@ class Checkpointer {
   ShardedSampler sampler_;
   std::map<std::string, std::string> config_;
 };
+
+/// The run's metrics writer: JSON lines at `path` and, with --tensorboard, TensorBoard scalars,
+/// on rank 0 (other ranks get a writer that writes nothing); appends when `resumed`.
+train::MetricsWriter metrics_writer(const Common& common, int rank, const std::string& path,
+                                    bool resumed);
 
 /// Writes DDP's statistics of the last iteration as "ddp" and "bucket" records (the report
 /// draws the bucket timeline from them).

@@ -257,7 +257,7 @@ int run(int argc, char** argv) {
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
-  train::MetricsWriter metrics(rank == 0 ? metrics_path : "", resumed);
+  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
   if (rank == 0) {
     std::printf("sales_forecast: %d rank(s), %s: %lld training / %lld validation rows, %lld steps%s\n", world,

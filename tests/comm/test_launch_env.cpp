@@ -255,3 +255,37 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
+
+// The process that prints and writes files: global rank 0 under any launcher, or a process
+// that no launcher started.
+TEST(LaunchEnv, IsMainProcess) {
+  const EnvMap torchrun = {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"},
+                           {"MASTER_PORT", "5"}};
+  EnvMap torchrun1 = torchrun;
+  torchrun1["RANK"] = "1";
+  EXPECT_TRUE(lockstep::is_main_process(torchrun));
+  EXPECT_FALSE(lockstep::is_main_process(torchrun1));
+  // Local rank 0 of node 1 is not the main process: the global rank decides.
+  EnvMap node1 = torchrun1;
+  node1["LOCAL_RANK"] = "0";
+  node1["GROUP_RANK"] = "1";
+  EXPECT_FALSE(lockstep::is_main_process(node1));
+  EXPECT_FALSE(lockstep::is_main_process({{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "4"},
+                                          {"MASTER_ADDR", "h"}, {"MASTER_PORT", "5"}}));
+  EXPECT_TRUE(lockstep::is_main_process({{"OMPI_COMM_WORLD_RANK", "0"},
+                                         {"OMPI_COMM_WORLD_SIZE", "4"},
+                                         {"MASTER_ADDR", "h"}, {"MASTER_PORT", "5"}}));
+  // Not launched: the only process, with or without LOCKSTEP_STANDALONE.
+  EXPECT_TRUE(lockstep::is_main_process(EnvMap{}));
+  EXPECT_TRUE(lockstep::is_main_process({{"LOCKSTEP_STANDALONE", "1"}}));
+  EXPECT_TRUE(lockstep::is_main_process({{"HOME", "/root"}, {"MASTER_PORT", "5"}}));
+  // A launcher's variables that do not add up are the resolver's error, not "main".
+  try {
+    lockstep::is_main_process({{"RANK", "5"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"},
+                               {"MASTER_PORT", "5"}});
+    FAIL() << "expected InvalidArgument for rank >= world size";
+  } catch (const lockstep::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("RANK"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(lockstep::is_main_process({{"WORLD_SIZE", "2"}}), lockstep::InvalidArgument);
+}

@@ -235,7 +235,7 @@ TEST(Launcher, TwoAndFourRankJobsCompleteWithTheRightEnvironment) {
                         " LOCAL_WORLD_SIZE=" + std::to_string(n) +
                         " GROUP_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=(\\d+) "
                         "OMP_NUM_THREADS=1 LOCKSTEP_ERROR_FILE=\\S+/attempt_0/rank_" +
-                        std::to_string(r) + "/error.json\n");
+                        std::to_string(r) + "/error.json LOCKSTEP_STDOUT_TTY=0\n");
       ASSERT_TRUE(std::regex_search(p.out(), m, env_re)) << p.out();
       if (port.empty()) port = m[1];
       EXPECT_EQ(m[1], port) << "every rank must get the same store port";
@@ -253,6 +253,12 @@ TEST(Launcher, TwoAndFourRankJobsCompleteWithTheRightEnvironment) {
                 std::string::npos)
           << p.err();
       EXPECT_EQ(p.out().find("stderr line"), std::string::npos);
+      // '\r' ends a line (the launcher's stdout here is a pipe: each redraw its own line).
+      const std::string rs = std::to_string(r);
+      EXPECT_NE(p.out().find("[rank " + rs + "] redraw 1 of rank " + rs + "\n[rank " + rs +
+                             "] redraw 2 of rank " + rs + "\n"),
+                std::string::npos)
+          << p.out();
     }
     EXPECT_NE(p.err().find("all " + std::to_string(n) + " worker(s) exited 0"), std::string::npos);
   }
@@ -836,6 +842,49 @@ TEST(Launcher, StoppedWorkerOnOneNodeIsTheRootCauseOnBoth) {
 
 // The same worker under Debian's torchrun (1.13, which needs `-r 1 -t 1` on Python 3.11 and
 // hosts the store itself).
+// Note [Launcher heartbeats]: node 1's launcher is stopped (SIGSTOP) while its worker runs on.
+// Node 0 sees node 1's heartbeat stand still, fails the job naming node 1 once
+// --heartbeat-timeout has passed, and stops its worker; node 1, continued, reports the same
+// failure. No worker is left.
+TEST(Launcher, HungLauncherOnOneNodeIsNamedAfterTheHeartbeatTimeout) {
+  Env env = kNodesEnv;
+  env["LOCKSTEP_TIMEOUT"] = "120";  // the workers themselves would not notice within the test
+  const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
+  const std::string flags = " --run-id hb --grace-period 1 --heartbeat-timeout 2 --nproc-per-node 1";
+  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0" + flags, worker), env);
+  std::string port = hosted_port(node0);
+  ASSERT_FALSE(port.empty()) << node0.all();
+  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port + flags, worker), env);
+  ASSERT_TRUE(node1.until([&] { return ready_pids(node1.out()).count(1) == 1; },
+                          Seconds(kJobBound)))
+      << node1.all();
+  ASSERT_TRUE(node0.until([&] { return ready_pids(node0.out()).count(0) == 1; }, Seconds(30)))
+      << node0.all();
+  auto pids = ready_pids(node1.out());
+  auto pids0 = ready_pids(node0.out());
+  pids.insert(pids0.begin(), pids0.end());
+  const auto stopped_at = Clock::now();
+  ASSERT_EQ(kill(node1.pid(), SIGSTOP), 0);
+  const std::string hung = "node 1's launcher (";
+  const bool named = node0.until([&] { return node0.err().find(hung) != std::string::npos; },
+                                 Seconds(30));
+  const double after = since(stopped_at);
+  kill(node1.pid(), SIGCONT);
+  ASSERT_TRUE(named) << node0.all();
+  // Node 1's last beat came at most one heartbeat interval (2 s / 5) before the stop.
+  EXPECT_GE(after, 2.0 - 0.4) << "declared hung before --heartbeat-timeout passed";
+  EXPECT_LT(after, 15.0);
+  EXPECT_EQ(node0.wait(Seconds(30)), 1) << node0.all();
+  EXPECT_EQ(node1.wait(Seconds(30)), 1) << node1.all();
+  for (Proc* p : {&node0, &node1}) {
+    EXPECT_NE(p->err().find("first failure: node 1's launcher ("), std::string::npos) << p->err();
+    EXPECT_NE(p->err().find(") is hung: its heartbeat has not moved for "), std::string::npos)
+        << p->err();
+    EXPECT_NE(p->err().find("(--heartbeat-timeout 2)"), std::string::npos) << p->err();
+  }
+  EXPECT_TRUE(all_gone(pids, Seconds(10))) << "a worker outlived the job";
+}
+
 TEST(Interop, TorchrunNoPython) {
   if (access("/usr/bin/torchrun", X_OK) != 0) GTEST_SKIP() << "/usr/bin/torchrun not installed";
   auto port = std::to_string(free_port());

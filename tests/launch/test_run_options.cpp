@@ -138,6 +138,18 @@ TEST(RunOptions, HelpExplainsEveryFlagWithItsDefault) {
   EXPECT_NE(r.help_text.find("(default: 29500)"), std::string::npos) << r.help_text;
 }
 
+TEST(RunOptions, HeartbeatTimeout) {
+  EXPECT_EQ(parse_run_options(split("-- p"), {}, 8).options.heartbeat_timeout, 60.0);
+  EXPECT_EQ(parse_run_options(split("--heartbeat-timeout 5 -- p"), {}, 8).options.heartbeat_timeout,
+            5.0);
+  EXPECT_EQ(parse_run_options(split("--heartbeat-timeout 0 -- p"), {}, 8).options.heartbeat_timeout,
+            0.0);
+  // The program's own flags are not the launcher's.
+  auto r = parse_run_options(split("--heartbeat-timeout 9 p --heartbeat-timeout 1"), {}, 8);
+  EXPECT_EQ(r.options.heartbeat_timeout, 9.0);
+  EXPECT_EQ(r.options.args, (std::vector<std::string>{"--heartbeat-timeout", "1"}));
+}
+
 TEST(RunOptions, RendezvousIdRoleAndNoPython) {
   auto r = parse_run_options(split("--rdzv-id job42 --role trainer --no-python -- p"), {}, 8);
   EXPECT_EQ(r.options.run_id, "job42");
@@ -196,6 +208,18 @@ TEST(RunOptions, RedirectsAndTeeFollowTorchrun) {
   EXPECT_FALSE(needs_log_files(o));
 }
 
+// LOCKSTEP_STDOUT_TTY: 1 only where a worker's stdout reaches the launcher's terminal.
+TEST(RunOptions, StdoutTtyOnlyWhenTheConsoleIsATerminal) {
+  auto o = parse_run_options(split("--nproc-per-node 2 -r 0:1 -- p"), {}, 8).options;
+  const auto rank0 = stream_plan(o, 0), rank1 = stream_plan(o, 1);
+  ASSERT_FALSE(rank0.console[0]);  // -r 0:1: rank 0's stdout goes to its file only
+  ASSERT_TRUE(rank1.console[0]);
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank1, /*launcher_stdout_is_tty=*/true), "1");
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank1, /*launcher_stdout_is_tty=*/false), "0");
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank0, /*launcher_stdout_is_tty=*/true), "0");
+  EXPECT_EQ(lockstep::run::stdout_tty_env(rank0, /*launcher_stdout_is_tty=*/false), "0");
+}
+
 struct Bad {
   std::string args;
   std::string says;
@@ -212,6 +236,9 @@ TEST(RunOptions, RejectsBadInvocationsWithOneLine) {
       {"--nnodes 0 -- p", "--nnodes"},
       {"--standalone --nnodes 1:4 -- p", "--standalone runs a single node, but --nnodes is 1:4"},
       {"--nnodes 1:4 --rdzv-last-call x -- p", "--rdzv-last-call"},
+      {"--heartbeat-timeout 0.1 -- p",
+       "--heartbeat-timeout 0.1: expected 0 (off) or at least twice --monitor-interval (0.1 s)"},
+      {"--heartbeat-timeout -1 -- p", "--heartbeat-timeout"},
       {"--nnodes 4:2 -- p", "--nnodes 4:2: expected MIN:MAX with MIN <= MAX"},
       {"--rdzv-backend etcd -- p", "--rdzv-backend: expected static or c10d"},
       {"--rdzv-endpoint h0 -- p", "the static backend needs a port (host:port)"},

@@ -76,8 +76,12 @@ int body(int argc, char** argv) {
             << " MASTER_ADDR=" << env_or("MASTER_ADDR", "-")
             << " MASTER_PORT=" << env_or("MASTER_PORT", "-")
             << " OMP_NUM_THREADS=" << env_or("OMP_NUM_THREADS", "-")
-            << " LOCKSTEP_ERROR_FILE=" << env_or("LOCKSTEP_ERROR_FILE", "-") << std::endl;
+            << " LOCKSTEP_ERROR_FILE=" << env_or("LOCKSTEP_ERROR_FILE", "-")
+            << " LOCKSTEP_STDOUT_TTY=" << env_or("LOCKSTEP_STDOUT_TTY", "-") << std::endl;
   std::cerr << "stderr line from rank " << r << std::endl;
+  // Two redraws of one line, as a progress bar makes them, then its end of line.
+  std::cout << "redraw 1 of rank " << r << "\rredraw 2 of rank " << r << "\r" << std::flush;
+  std::cout << "\n" << std::flush;
   std::cout << "ready rank=" << r << " pid=" << getpid() << " restart=" << launch.restart_count
             << std::endl;
 

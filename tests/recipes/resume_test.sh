@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Recipe smoke + resume test, on a small slice of the recipe's data:
-#   1. an uninterrupted run of WORLD ranks;
+#   1. an uninterrupted run of WORLD ranks, which also writes TensorBoard scalars;
 #   2. the same run stopped after STOP steps (as if preempted: exit 75, checkpoint written),
 #      then started again: it must resume and end with a checkpoint byte-identical to (1)
 #      (parameters, optimizer state, RNG state, position);
 #      and its metrics.jsonl holds the uninterrupted run's records, each once, although the
-#      stopped run's file was given the records a crash past the checkpoint leaves behind;
+#      stopped run's file was given the records a crash past the checkpoint leaves behind,
+#      with "time" going on across the resume rather than back to 0;
 #   3. a config file with an unknown key and one with a bad value are rejected by name (exit 2).
 # If RECIPE_CHECK is set, it is a Python expression over `r`, the last "epoch" record of run
 # (1)'s metrics.jsonl, that must be true (a quality bar, e.g. the model beats a baseline).
@@ -39,9 +40,14 @@ launch() {
   return "${codes[0]}"
 }
 
-echo "== uninterrupted run ($world rank(s))"
-launch --out-dir "$work/a" "$@"
+echo "== uninterrupted run ($world rank(s)), with TensorBoard scalars"
+launch --out-dir "$work/a" --tensorboard "$work/a/tb" "$@"
 test -f "$work/a/checkpoint.lsck"
+# Rank 0 alone writes one event file, holding the step records' loss scalars (the format
+# itself is checked in tests/train/test_tensorboard.cpp).
+events=("$work"/a/tb/events.out.tfevents.*)
+[ "${#events[@]}" = 1 ] && [ -f "${events[0]}" ] || { echo "expected one event file in $work/a/tb, found: ${events[*]}" >&2; exit 1; }
+grep -q "step/loss" "${events[0]}" || { echo "${events[0]} has no step/loss scalar" >&2; exit 1; }
 test -f "$work/a/report.html"
 if [ -n "${RECIPE_CHECK:-}" ]; then
   /usr/bin/python3 - "$work/a/metrics.jsonl" "$RECIPE_CHECK" <<'PY'
@@ -77,6 +83,18 @@ print(f"{sys.argv[2]}: the uninterrupted run's {len(want)} records, each once")
 PY
 }
 
+# The "time" of a resumed run's records goes on from the kept records' (never back to 0).
+times_increase() {
+  /usr/bin/python3 - "$1" <<'PY'
+import json, sys
+t = [r["time"] for r in map(json.loads, filter(str.strip, open(sys.argv[1])))]
+back = [(i, a, b) for i, (a, b) in enumerate(zip(t, t[1:])) if b < a]
+if back:
+    sys.exit(f"{sys.argv[1]}: time goes back from {back[0][1]} to {back[0][2]} at record {back[0][0] + 1}")
+print(f"{sys.argv[1]}: time never goes back ({t[0]:.1f} .. {t[-1]:.1f} s)")
+PY
+}
+
 echo "== stopped after $stop steps"
 set +e; launch --out-dir "$work/b" --stop-after "$stop" "$@"; code=$?; set -e
 if [ "$code" != 75 ]; then echo "expected exit code 75 (preempted), got $code" >&2; exit 1; fi
@@ -93,6 +111,7 @@ if ! cmp "$work/a/checkpoint.lsck" "$work/b/checkpoint.lsck"; then
 fi
 echo "resumed run is bitwise equal to the uninterrupted run"
 same_records "$work/a/metrics.jsonl" "$work/b/metrics.jsonl"
+times_increase "$work/b/metrics.jsonl"
 
 if [ -n "${LOCKSTEP_RUN:-}" ]; then
   echo "== under lockstep-run --max-restarts 1, one worker killed with SIGKILL after the first checkpoint"
@@ -112,6 +131,7 @@ if [ -n "${LOCKSTEP_RUN:-}" ]; then
   cmp "$work/a/checkpoint.lsck" "$work/c/checkpoint.lsck" || { echo "the run restarted after kill -9 differs from the uninterrupted run" >&2; exit 1; }
   echo "the run restarted after kill -9 is bitwise equal to the uninterrupted run"
   same_records "$work/a/metrics.jsonl" "$work/c/metrics.jsonl"
+  times_increase "$work/c/metrics.jsonl"
 fi
 
 echo "== config file errors"

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <string>
+#include <vector>
 
 #include "lockstep/errors.h"
 #include "lockstep/train/metrics.h"
@@ -172,4 +174,66 @@ TEST(Metrics, RewindNamesAPathThatIsNotAFileAndAFileItCannotReplace) {
               std::string::npos)
         << what;
   }
+}
+
+// Issue "metrics `time` field after resume": a resumed run's records go on from the largest
+// time the kept records hold instead of starting again at 0, so time-based plots of the whole
+// file do not fold back.
+TEST(Metrics, TimeContinuesAfterResume) {
+  std::string path = ::testing::TempDir() + "lockstep_time_" + std::to_string(::getpid()) +
+                     ".jsonl";
+  {
+    std::ofstream out(path, std::ios::trunc);
+    out << R"({"kind":"step","time":100.5,"step":20})" "\n"
+        << R"({"kind":"epoch","time":120.25,"epoch":1})" "\n"
+        << R"({"kind":"step","time":110.0,"step":40})" "\n"  // out of order: the largest counts
+        << R"({"kind":"step","time":999,"st)";               // torn by the crash: ignored
+  }
+  EXPECT_EQ(rewind_metrics(path, 40, 1), 1u);  // drops the torn line
+  auto times = [&] {
+    std::vector<double> t;
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) {
+      auto at = line.find(R"("time":)");
+      EXPECT_NE(at, std::string::npos) << line;
+      if (at != std::string::npos) t.push_back(std::stod(line.substr(at + 7)));
+    }
+    return t;
+  };
+  {
+    MetricsWriter w(MetricsOptions().path(path).append(true));
+    w.write({"step", {{"step", 60}}});
+    w.write({"step", {{"step", 80}}});
+  }
+  auto t = times();
+  ASSERT_EQ(t.size(), 5u);
+  EXPECT_GE(t[3], 120.25) << "the resumed run's clock starts from the largest kept time";
+  EXPECT_LT(t[3], 120.25 + 60) << "and runs at wall-clock speed from there";
+  EXPECT_GE(t[4], t[3]);
+  // A second resume continues from the first resumed run's last record.
+  {
+    MetricsWriter w(path, /*append=*/true);
+    w.write({"step", {{"step", 100}}});
+  }
+  t = times();
+  ASSERT_EQ(t.size(), 6u);
+  EXPECT_GE(t[5], t[4]);
+  // Without append (a fresh run) the clock starts at 0 again.
+  {
+    MetricsWriter w(path);
+    w.write({"step", {{"step", 1}}});
+  }
+  t = times();
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_LT(t[0], 60.0);
+  // Appending to a missing file, or one without times, starts at 0.
+  std::remove(path.c_str());
+  {
+    MetricsWriter w(path, /*append=*/true);
+    w.write({"step", {{"step", 1}}});
+  }
+  t = times();
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_LT(t[0], 60.0);
+  std::remove(path.c_str());
 }

@@ -40,6 +40,11 @@ constexpr const char* kStoreToken = "LOCKSTEP_STORE_TOKEN";
 /// Path of a file holding the store token in hex, mode 0600 or stricter (else an error);
 /// an alternative to LOCKSTEP_STORE_TOKEN. Set at most one of the two.
 constexpr const char* kStoreTokenFile = "LOCKSTEP_STORE_TOKEN_FILE";
+/// Set by lockstep-run for every worker: 1 when the worker's stdout reaches a terminal (the
+/// launcher's own stdout is one and the rank's stdout is not redirected to a file only), else
+/// 0. A worker's stdout is a pipe to the launcher, so isatty() cannot tell; train::Progress
+/// draws its bar by this instead. Other launchers leave it unset (then isatty() decides).
+constexpr const char* kStdoutTty = "LOCKSTEP_STDOUT_TTY";
 /// Set to 1 by lockstep-run when it hosts the rendezvous store on MASTER_PORT.
 constexpr const char* kAgentStore = "LOCKSTEP_AGENT_STORE";
 

@@ -85,4 +85,13 @@ LaunchEnv resolve_launch_env(const EnvMap& env, const LaunchOverrides& overrides
 /// This process's environment (environ) as an EnvMap.
 EnvMap process_environment();
 
+/// True when `env` makes this process global rank 0, or names no launcher at all (a program
+/// started by hand: the only process): the one that prints progress, writes metrics and files
+/// that every rank would write alike. Needs no process group, so it also works before
+/// init_process_group. Throws InvalidArgument, as resolve_launch_env does, for a launcher's
+/// variables that are partial or out of range.
+bool is_main_process(const EnvMap& env);
+/// `is_main_process(process_environment())`.
+bool is_main_process();
+
 }  // namespace lockstep

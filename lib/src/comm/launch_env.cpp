@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
+#include <exception>
 #include <sstream>
 #include <vector>
 
@@ -377,5 +378,26 @@ EnvMap process_environment() {
   }
   return env;
 }
+
+bool is_main_process(const EnvMap& env) {
+  std::exception_ptr launcher_error;
+  try {
+    return resolve_launch_env(env).rank == 0;
+  } catch (const InvalidArgument&) {
+    launcher_error = std::current_exception();
+  }
+  // No launcher's variables is an error for a process group but not here: a process started
+  // alone is the main one. Standalone resolution succeeds exactly when there are none.
+  EnvMap alone = env;
+  alone[env::kStandalone] = "1";
+  try {
+    resolve_launch_env(alone);
+  } catch (const InvalidArgument&) {
+    std::rethrow_exception(launcher_error);  // the launcher's variables are partial or bad
+  }
+  return true;
+}
+
+bool is_main_process() { return is_main_process(process_environment()); }
 
 }  // namespace lockstep

@@ -7,13 +7,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
+#include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
+#include "lockstep/launch_env.h"
 
 namespace lockstep {
 namespace train {
@@ -61,8 +64,14 @@ void replace_file(const std::string& path, const std::string& text, const std::s
 // Progress
 
 Progress::Progress(ProgressOptions options) : options_(std::move(options)) {
-  enabled_ = options_.rank() == 0;
-  bar_ = enabled_ && (options_.tty() == 1 || (options_.tty() == -1 && ::isatty(STDOUT_FILENO)));
+  const bool main = options_.rank() < 0 ? is_main_process() : options_.rank() == 0;
+  enabled_ = main || options_.all_ranks();
+  bool tty = options_.tty() == 1;
+  if (options_.tty() == -1) {
+    const char* told = std::getenv(env::kStdoutTty);  // the launcher's stdout, not our pipe's
+    tty = (told != nullptr && *told != '\0') ? std::string(told) == "1" : ::isatty(STDOUT_FILENO);
+  }
+  bar_ = main && tty;
   start_ = last_print_ = std::chrono::steady_clock::now();
 }
 
@@ -130,10 +139,34 @@ void Progress::finish() {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-MetricsWriter::MetricsWriter(const std::string& path, bool append)
-    : path_(path), start_(std::chrono::steady_clock::now()) {
+namespace {
+
+// The largest "time" of the records in the JSON-lines file at `path`: where a resumed run's
+// clock continues (0 for a missing file or one without times; lines that are not JSON objects,
+// such as one torn by a crash, are skipped).
+double last_time(const std::string& path) {
+  std::ifstream in(path);
+  double last = 0;
+  std::string line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, /*cb=*/nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("time") && j["time"].is_number()) {
+      last = std::max(last, j["time"].get<double>());
+    }
+  }
+  return last;
+}
+
+}  // namespace
+
+MetricsWriter::MetricsWriter(MetricsOptions options)
+    : path_(options.path()), start_(std::chrono::steady_clock::now()) {
+  if (!options.tensorboard_dir().empty()) {
+    tensorboard_ = std::make_unique<TensorBoardWriter>(options.tensorboard_dir());
+  }
   if (path_.empty()) return;
-  out_ = std::make_unique<std::ofstream>(path_, append ? std::ios::app : std::ios::trunc);
+  if (options.append()) time_offset_ = last_time(path_);
+  out_ = std::make_unique<std::ofstream>(path_, options.append() ? std::ios::app : std::ios::trunc);
   if (!*out_) {
     throw Error(concat("could not open metrics file '", path_, "' for writing; check that its "
                        "directory exists and is writable"));
@@ -143,10 +176,31 @@ MetricsWriter::MetricsWriter(const std::string& path, bool append)
 MetricsWriter::~MetricsWriter() = default;
 
 void MetricsWriter::write(const MetricRecord& record) {
+  if (tensorboard_ && record.kind != "bucket") {
+    // The step: the record's "step", else its "epoch", else the count of its kind so far.
+    const char* step_field = nullptr;
+    int64_t step = records_of_kind_[record.kind]++;
+    for (const char* name : {"epoch", "step"}) {
+      for (const auto& kv : record.fields) {
+        if (kv.first == name && std::isfinite(kv.second)) {
+          step_field = name;
+          step = static_cast<int64_t>(std::llround(kv.second));
+        }
+      }
+    }
+    std::vector<std::pair<std::string, double>> scalars;
+    for (const auto& kv : record.fields) {
+      if (step_field == nullptr || kv.first != step_field) {
+        scalars.emplace_back(record.kind + "/" + kv.first, kv.second);
+      }
+    }
+    tensorboard_->add_scalars(step, scalars);
+  }
   if (!out_) return;
   json j;
   j["kind"] = record.kind;
-  j["time"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  j["time"] = time_offset_ +
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   for (const auto& kv : record.fields) {
     j[kv.first] = std::isfinite(kv.second) ? json(kv.second) : json(nullptr);
   }

@@ -1,11 +1,12 @@
 #pragma once
 /// \file
 /// What a person sees of a training run: a progress bar or plain progress lines on rank 0,
-/// metrics as JSON lines, and a self-contained HTML report (inline SVG, no scripts, no
+/// metrics as JSON lines (and, optionally, TensorBoard event files), and a self-contained HTML report (inline SVG, no scripts, no
 /// network) drawn from those lines.
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -22,10 +23,16 @@ namespace train {
 struct ProgressOptions {
   /// Steps in the run (for the bar and the ETA); 0: unknown. Default 0.
   LOCKSTEP_ARG(int64_t, total_steps) = 0;
-  /// This process's rank: only rank 0 prints. Default 0.
-  LOCKSTEP_ARG(int, rank) = 0;
-  /// 1: draw a bar, 0: plain lines, -1 (default): a bar when stdout is a terminal.
+  /// This process's global rank: only rank 0 prints (see all_ranks). -1 (default): from the
+  /// launch environment, as lockstep::is_main_process() says (rank 0, or not launched).
+  LOCKSTEP_ARG(int, rank) = -1;
+  /// 1: draw a bar, 0: plain lines, -1 (default): a bar when stdout reaches a terminal: as
+  /// LOCKSTEP_STDOUT_TTY says when set (lockstep-run sets it to 1 when its own stdout is a
+  /// terminal, since a worker's stdout is a pipe to the launcher), else isatty(stdout).
   LOCKSTEP_ARG(int, tty) = -1;
+  /// Every rank prints, not only rank 0: plain lines on ranks other than 0 (a bar from each
+  /// would overwrite the others' on one terminal). Default false.
+  LOCKSTEP_ARG(bool, all_ranks) = false;
   /// Seconds between plain lines (and bar redraws). Default 5 (bar: 0.2).
   LOCKSTEP_ARG(double, every_seconds) = 5.0;
   /// Prefix of every line, e.g. "epoch 3". Default "train".
@@ -33,7 +40,9 @@ struct ProgressOptions {
 };
 
 /// Progress of a run on rank 0's stdout: a bar with samples/s, loss and ETA on a terminal,
-/// else a plain line every `every_seconds`. Other ranks print nothing. Not thread-safe.
+/// else a plain line every `every_seconds`. Other ranks print nothing unless `all_ranks`.
+/// Reads LOCKSTEP_STDOUT_TTY and, with rank -1, the launch environment when constructed.
+/// Not thread-safe.
 class Progress {
  public:
   explicit Progress(ProgressOptions options = ProgressOptions());
@@ -68,22 +77,78 @@ struct MetricRecord {
   std::vector<std::pair<std::string, double>> fields;
 };
 
+/// Scalars for TensorBoard: one event file (`events.out.tfevents.<unix time>.<host>.<pid>.<n>`,
+/// the name torch.utils.tensorboard gives its files) in a directory, written without a protobuf
+/// library (Note [TensorBoard event files] in lib/src/train/event_file.h). Point
+/// `tensorboard --logdir` at the directory, or at its parent to compare runs. Every call of
+/// `add_scalars` is flushed, so a running TensorBoard sees it. A writer constructed with an
+/// empty directory (ranks other than 0) writes nothing. Not thread-safe.
+class TensorBoardWriter {
+ public:
+  /// Creates `dir` (and its missing parents) and a new event file in it. Throws lockstep::Error
+  /// naming the path when either cannot be created.
+  explicit TensorBoardWriter(const std::string& dir);
+  ~TensorBoardWriter();
+  TensorBoardWriter(const TensorBoardWriter&) = delete;
+  TensorBoardWriter& operator=(const TensorBoardWriter&) = delete;
+  /// Writes `values` (tag, value) as scalars at `step`, in one event, and flushes. Tags group in
+  /// TensorBoard by their prefix up to the first '/' ("step/loss").
+  void add_scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
+  /// Writes one scalar at `step` and flushes.
+  void add_scalar(const std::string& tag, double value, int64_t step) {
+    add_scalars(step, {{tag, value}});
+  }
+  /// Path of the event file ("" when disabled).
+  const std::string& path() const { return path_; }
+
+ private:
+  void write_record(const std::string& data);
+  std::string path_;
+  std::FILE* file_ = nullptr;
+};
+
+/// Options of `MetricsWriter`.
+struct MetricsOptions {
+  /// JSON-lines file to write; "" (default): none (ranks other than 0).
+  LOCKSTEP_ARG(std::string, path) = "";
+  /// Append to an existing file (a resumed run) instead of truncating it; "time" then continues
+  /// from the largest "time" in the file rather than starting again at 0. Default false.
+  LOCKSTEP_ARG(bool, append) = false;
+  /// Directory for a TensorBoard event file mirroring the records (see MetricsWriter);
+  /// "" (default): none. Give it on rank 0 only.
+  LOCKSTEP_ARG(std::string, tensorboard_dir) = "";
+};
+
 /// Appends JSON-lines records to a file, one object per line with "kind" and "time" (seconds
-/// since the writer was created) besides the fields. A writer constructed with an empty path
+/// since the writer was created; with `append`, plus the largest "time" already in the file,
+/// so that a resumed run's clock goes on from where the records it keeps stopped) besides the
+/// fields. A writer constructed with an empty path
 /// (ranks other than 0) writes nothing. Flushes every line. Not thread-safe.
+///
+/// With `tensorboard_dir`, every record except "bucket" ones (a timeline, many per step, that
+/// the HTML report draws) is also written to a TensorBoardWriter there: each field as the
+/// scalar "<kind>/<field>" at the record's "step" field, else its "epoch" field, else the
+/// count of earlier records of its kind; the field used as the step is not itself a scalar.
 class MetricsWriter {
  public:
-  explicit MetricsWriter(const std::string& path, bool append = false);
+  explicit MetricsWriter(MetricsOptions options);
+  explicit MetricsWriter(const std::string& path, bool append = false)
+      : MetricsWriter(MetricsOptions().path(path).append(append)) {}
   ~MetricsWriter();
-  /// Writes {"kind": kind, "time": t, field: value, ...}.
+  /// Writes {"kind": kind, "time": t, field: value, ...} (and the scalars to TensorBoard).
   void write(const MetricRecord& record);
   /// Path written to ("" when disabled).
   const std::string& path() const { return path_; }
+  /// Path of the TensorBoard event file ("" when none).
+  std::string tensorboard_path() const { return tensorboard_ ? tensorboard_->path() : ""; }
 
  private:
   std::string path_;
   std::unique_ptr<std::ofstream> out_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
+  std::map<std::string, int64_t> records_of_kind_;
   std::chrono::steady_clock::time_point start_;
+  double time_offset_ = 0;  ///< seconds already in an appended file
 };
 
 /// Rewinds a JSON-lines metrics file to a checkpoint before a resumed run appends to it, so
