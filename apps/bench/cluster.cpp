@@ -214,6 +214,7 @@ EmulatedCluster::EmulatedCluster(int nodes, const LinkSpec& link) {
     }
   };
   must({ip, "netns", "add", hub_});
+  created_.push_back(hub_);
   must({ip, "-n", hub_, "link", "add", "name", "br0", "type", "bridge"});
   must({ip, "-n", hub_, "link", "set", "dev", "br0", "up"});
   const std::string rate = tc_rate(link.rate_bits), burst = tbf_burst(link.rate_bits);
@@ -222,6 +223,7 @@ EmulatedCluster::EmulatedCluster(int nodes, const LinkSpec& link) {
   for (int i = 0; i < nodes; ++i) {
     const std::string ns = node_ns_[i], hub_end = concat(tag_, "h", i), node_end = ifname(i);
     must({ip, "netns", "add", ns});
+    created_.push_back(ns);
     must({ip, "-n", hub_, "link", "add", "name", hub_end, "type", "veth", "peer", "name", node_end,
           "netns", ns});
     must({ip, "-n", hub_, "link", "set", "dev", hub_end, "master", "br0"});
@@ -269,14 +271,14 @@ EmulatedCluster::~EmulatedCluster() {
 void EmulatedCluster::remove() noexcept {
   // Deleting a namespace deletes its links, and a veth pair goes with either end.
   const std::string ip = ip_path();
-  for (const auto& ns : namespaces()) {
-    if (access(("/var/run/netns/" + ns).c_str(), F_OK) != 0) continue;
+  for (const auto& ns : created_) {
     std::string out;
     if (run_command({ip, "netns", "del", ns}, &out) != 0) {
       std::cerr << "lockstep-bench: could not delete network namespace " << ns << ": "
                 << trimmed(out) << " (delete it with `ip netns del " << ns << "`)" << std::endl;
     }
   }
+  created_.clear();
 }
 
 std::string EmulatedCluster::ifname(int i) const { return concat(tag_, "n", i); }

@@ -89,6 +89,7 @@ class EmulatedCluster {
   std::string tag_;  // "lsbc<pid>"
   std::string hub_;
   std::vector<std::string> node_ns_;
+  std::vector<std::string> created_;  // what remove() deletes: only what this object made
   bool delay_applied_ = false;
   std::string note_;
   std::string shaping_;

@@ -24,7 +24,9 @@
 #include <sstream>
 #include <string>
 
+#include "cluster.h"
 #include "coordinator.h"
+#include "lockstep/errors.h"
 #include "models.h"
 #include "options.h"
 #include "report.h"
@@ -656,6 +658,28 @@ TEST(BenchCluster, SmallestClusterRunsInNamespacesAndLeavesNoneBehind) {
       << r.markdown;
   EXPECT_NE(r.markdown.find("| lockstep DDP, flat Gloo, fp16_compress_hook"), std::string::npos);
   EXPECT_NE(r.markdown.find("--cluster 2x1"), std::string::npos);
+}
+
+TEST(BenchCluster, FailedSetUpNamesTheCommandAndRemovesWhatItCreated) {
+  const std::string why = cluster_unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  // Node 1's name is taken (by this test), so the set-up fails after the hub and node 0.
+  const std::string tag = "lsbc" + std::to_string(getpid());
+  ASSERT_EQ(std::system(("ip netns add " + tag + "-n1").c_str()), 0);
+  bench::LinkSpec link = bench::parse_link("1gbit");
+  try {
+    bench::EmulatedCluster cluster(2, link);
+    ADD_FAILURE() << "set-up succeeded although " << tag << "-n1 existed";
+  } catch (const lockstep::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("emulated cluster: `"), std::string::npos) << what;
+    EXPECT_NE(what.find("netns add " + tag + "-n1` failed"), std::string::npos) << what;
+    EXPECT_NE(what.find("It needs root (CAP_NET_ADMIN), iproute2"), std::string::npos) << what;
+  }
+  EXPECT_FALSE(netns_exists(tag + "-hub"));
+  EXPECT_FALSE(netns_exists(tag + "-n0"));
+  EXPECT_TRUE(netns_exists(tag + "-n1")) << "removed a namespace it did not create";
+  std::system(("ip netns del " + tag + "-n1").c_str());
 }
 
 TEST(BenchCluster, InterruptedRunRemovesItsNamespacesAndExits130) {
