@@ -358,6 +358,8 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
   j["replicas"] = s.replicas;
   j["batch"] = s.batch;
   j["bucket_cap_mb"] = s.bucket_cap_mb;
+  if (s.nodes > 0) j["nodes"] = s.nodes;
+  if (!s.comm_hook.empty()) j["comm_hook"] = s.comm_hook;
   std::string status = r.status;
   if (status == "ok" && r.failed_runs == r.runs) status = "failed";
   if (status == "ok" && r.step_ms.empty() && r.disturbed_runs > 0) status = "disturbed";

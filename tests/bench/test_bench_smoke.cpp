@@ -307,7 +307,7 @@ TEST(BenchScenarios, ClusterScenariosRunOnEveryNodeAgainstFlatGloo) {
   bench::BenchOptions o;
   o.cluster_nodes = 2;
   o.cluster_ranks_per_node = 2;
-  o.cluster_scenarios = bench::cluster_scenario_names();
+  o.cluster_scenarios = {"gloo", "hier", "torch_ddp", "fp16"};
   const auto sc = bench::cluster_scenarios_for(o, "deep_mlp");
   ASSERT_EQ(sc.size(), 4u);
   std::map<std::string, bench::Scenario> by_id;
@@ -582,7 +582,8 @@ TEST(BenchCluster, SmallestClusterRunsInNamespacesAndLeavesNoneBehind) {
 
   auto r = run_bench(
       "--cluster 2x1 --link 10gbit:0.2ms --model small_mlp --steps 3 --warmup 1 --repeats 1 "
-      "--batch 8 --retries 0 --keep-disturbed --worker-timeout 60");
+      "--batch 8 --cluster-scenarios gloo,hier,torch_ddp,fp16 --retries 0 --keep-disturbed "
+      "--worker-timeout 60");
   const std::string err = slurp(r.dir + "/stderr.txt");
   ASSERT_EQ(r.rc, 0) << err;
   EXPECT_FALSE(netns_exists(stale));
@@ -623,6 +624,7 @@ TEST(BenchCluster, SmallestClusterRunsInNamespacesAndLeavesNoneBehind) {
     SCOPED_TRACE(s.dump());
     ids.push_back(s["id"]);
     EXPECT_EQ(s["world"].get<int>(), 2);
+    EXPECT_EQ(s["nodes"].get<int>(), 2);
     if (s["status"] == "skipped") {  // only the optional python3-torch peer, with its reason
       EXPECT_EQ(s["kind"], "torch_ddp");
       EXPECT_FALSE(s.value("note", std::string()).empty());
@@ -642,6 +644,7 @@ TEST(BenchCluster, SmallestClusterRunsInNamespacesAndLeavesNoneBehind) {
   // would have given a flat shared-memory group, "shm").
   EXPECT_EQ(m["scenarios"][1]["backend"], "hier");
   EXPECT_EQ(m["scenarios"][0]["backend"], "gloo");
+  EXPECT_EQ(m["scenarios"][3]["comm_hook"], "fp16");
   EXPECT_EQ(m["scenarios"][3]["ddp_stats"]["buckets"].get<int>(), 1);
 
   bool hier_goal = false;
