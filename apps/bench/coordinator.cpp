@@ -17,12 +17,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <numeric>
 #include <thread>
 #include <vector>
 
+#include "cluster.h"
 #include "lockstep/errors.h"
 #include "proc.h"
 #include "scenarios.h"
@@ -66,28 +68,6 @@ int free_port() {
   return ntohs(a.sin_port);
 }
 
-pid_t spawn(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env,
-            const std::string& log_path) {
-  pid_t pid = fork();
-  if (pid < 0) throw Error("fork() failed");
-  if (pid == 0) {
-    for (const auto& kv : env) setenv(kv.first.c_str(), kv.second.c_str(), 1);
-    int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    if (fd >= 0) {
-      dup2(fd, 1);
-      dup2(fd, 2);
-      close(fd);
-    }
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    std::fprintf(stderr, "exec %s failed\n", args[0]);
-    _exit(127);
-  }
-  return pid;
-}
-
 // Waits for every pid; on the first failure or at the deadline kills the rest (by pid).
 // Returns the exit codes (-signal for a signal, 124 for our timeout).
 std::vector<int> wait_all(const std::vector<pid_t>& pids, int timeout_s) {
@@ -111,6 +91,12 @@ std::vector<int> wait_all(const std::vector<pid_t>& pids, int timeout_s) {
       }
     }
     if (left == 0) break;
+    if (!killing && cluster_interrupted()) {
+      killing = true;  // Ctrl-C during an emulated-cluster run: the caller unwinds
+      for (size_t i = 0; i < pids.size(); ++i) {
+        if (!done[i]) codes[i] = 130;
+      }
+    }
     if (!killing && Clock::now() > deadline) {
       killing = true;
       for (size_t i = 0; i < pids.size(); ++i) {
@@ -143,6 +129,20 @@ std::string trim(const std::string& s) {
   return b == std::string::npos ? "" : s.substr(b, e - b + 1);
 }
 
+// `bytes` random bytes in hex (a store token).
+std::string random_hex(int bytes) {
+  std::ifstream in("/dev/urandom", std::ios::binary);
+  std::string out;
+  static const char* kHex = "0123456789abcdef";
+  for (int i = 0; i < bytes; ++i) {
+    const int c = in.get();
+    if (c < 0) throw Error("cannot read /dev/urandom for a store token");
+    out += kHex[(c >> 4) & 15];
+    out += kHex[c & 15];
+  }
+  return out;
+}
+
 // What the runs of one scenario reported, merged over the repeats.
 struct Outcome {
   std::string status = "ok";  // ok | skipped (see note)
@@ -168,6 +168,9 @@ struct Outcome {
 class Runner {
  public:
   Runner(BenchOptions o, std::string tmp) : o_(std::move(o)), tmp_(std::move(tmp)) {}
+
+  /// The emulated cluster the next cluster scenarios run on (null: none).
+  void set_cluster(const EmulatedCluster* cluster) { cluster_ = cluster; }
 
   // Runs one repeat of `s` (with its reruns when disturbed), merging into `out`.
   void run(const Scenario& s, Outcome& out) {
@@ -206,6 +209,12 @@ class Runner {
     const std::string job = "bench" + std::to_string(getpid()) + "_" + std::to_string(seq_++);
     std::vector<pid_t> pids;
     std::vector<std::string> results, logs;
+    if (s.nodes > 0 && (!cluster_ || cluster_->nodes() != s.nodes)) {
+      throw Error("lockstep-bench: a cluster scenario without its emulated cluster (a bug)");
+    }
+    const int per_node = s.nodes > 0 ? s.world / s.nodes : s.world;
+    // The job's store listens on a namespace's address, not loopback: give it a token.
+    const std::string token = s.nodes > 0 ? random_hex(32) : "";
     for (int r = 0; r < s.world; ++r) {
       const std::string base = tmp_ + "/" + job + "_r" + std::to_string(r);
       results.push_back(base + ".json");
@@ -224,6 +233,17 @@ class Runner {
           {"MKL_NUM_THREADS", omp},
           {"GLOO_SOCKET_IFNAME", "lo"},
       };
+      const int node = r / per_node;
+      if (s.nodes > 0) {
+        // Note [The emulated cluster]: rank r runs on node r / per_node, in its namespace.
+        env["LOCAL_RANK"] = std::to_string(r % per_node);
+        env["LOCAL_WORLD_SIZE"] = std::to_string(per_node);
+        env["GROUP_RANK"] = std::to_string(node);
+        env["MASTER_ADDR"] = cluster_->address(0);
+        env["GLOO_SOCKET_IFNAME"] = cluster_->ifname(node);
+        env["LOCKSTEP_SOCKET_IFNAME"] = cluster_->ifname(node);
+        env["LOCKSTEP_STORE_TOKEN"] = token;
+      }
       if (!getenv("LOCKSTEP_LOG_LEVEL")) env["LOCKSTEP_LOG_LEVEL"] = "warn";
       if (!s.transport.empty()) env["LOCKSTEP_TRANSPORT"] = s.transport;
       std::vector<std::string> argv;
@@ -250,13 +270,20 @@ class Runner {
         c.bucket_cap_mb = s.bucket_cap_mb > 0 ? s.bucket_cap_mb : o_.bucket_cap_mb;
         c.sweep_min_bytes = o_.sweep_min_bytes;
         c.sweep_max_bytes = o_.sweep_max_bytes;
+        if (!s.comm_hook.empty()) c.comm_hook = s.comm_hook;
         c.result = results.back();
         argv = worker_arguments(c);
         argv.insert(argv.begin(), self_exe());
       }
-      pids.push_back(spawn(argv, env, logs.back()));
+      pids.push_back(spawn_process(argv, {env.begin(), env.end()}, logs.back(),
+                                   s.nodes > 0 ? cluster_ : nullptr, node));
     }
     auto codes = wait_all(pids, o_.worker_timeout_s);
+    if (cluster_interrupted()) {
+      for (const auto& p : results) std::remove(p.c_str());
+      for (const auto& p : logs) std::remove(p.c_str());
+      throw Error("interrupted by a signal; the emulated cluster's namespaces are removed");
+    }
     bool ok = true;
     for (int r = 0; r < s.world && ok; ++r) {
       if (codes[r] == 0) continue;
@@ -315,7 +342,10 @@ class Runner {
   BenchOptions o_;
   std::string tmp_;
   int seq_ = 0;
+  const EmulatedCluster* cluster_ = nullptr;
 };
+
+
 
 json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
                    const json& floor_median, double disturbance_cpus) {
@@ -328,6 +358,8 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
   j["replicas"] = s.replicas;
   j["batch"] = s.batch;
   j["bucket_cap_mb"] = s.bucket_cap_mb;
+  if (s.nodes > 0) j["nodes"] = s.nodes;
+  if (!s.comm_hook.empty()) j["comm_hook"] = s.comm_hook;
   std::string status = r.status;
   if (status == "ok" && r.failed_runs == r.runs) status = "failed";
   if (status == "ok" && r.step_ms.empty() && r.disturbed_runs > 0) status = "disturbed";
@@ -424,12 +456,60 @@ json median_of_ok(const std::vector<Scenario>& sc, const std::vector<Outcome>& r
   return json();
 }
 
+// Note [The emulated cluster] (cluster.h): one cluster per link, created, measured on every
+// model, and removed (also when a run throws or a signal arrives) before the next.
+template <typename RunModel>
+json run_cluster(Runner& runner, const BenchOptions& o, RunModel&& run_model) {
+  json c = {{"nodes", o.cluster_nodes},
+            {"ranks_per_node", o.cluster_ranks_per_node},
+            {"world", o.cluster_nodes * o.cluster_ranks_per_node},
+            {"links", json::array()}};
+  for (const auto& stale : remove_stale_cluster_namespaces()) {
+    std::cerr << "lockstep-bench: removed network namespace " << stale
+              << ", left behind by a run that no longer exists" << std::endl;
+  }
+  for (const auto& link : o.links) {
+    EmulatedCluster cluster(o.cluster_nodes, link);
+    runner.set_cluster(&cluster);
+    std::cerr << "[cluster " << o.cluster_nodes << "x" << o.cluster_ranks_per_node << ", link "
+              << link.text << "] namespaces";
+    for (const auto& ns : cluster.namespaces()) std::cerr << " " << ns;
+    std::cerr << std::endl;
+    json l = {{"link", link.text},
+              {"rate_bits", link.rate_bits},
+              {"delay_ms", link.delay_ms},
+              {"delay_applied", cluster.delay_applied()},
+              {"shaping", cluster.shaping()},
+              {"models", json::array()}};
+    if (!cluster.note().empty()) l["note"] = cluster.note();
+    try {
+      for (const auto& model : o.models) {
+        auto sc = cluster_scenarios_for(o, model);
+        if (sc.empty()) continue;
+        l["models"].push_back(run_model(model + " @ " + link.text, sc));
+        l["models"].back()["model"] = model;
+      }
+    } catch (...) {
+      runner.set_cluster(nullptr);
+      throw;
+    }
+    runner.set_cluster(nullptr);
+    c["links"].push_back(l);
+  }
+  return c;
+}
+
 }  // namespace
 
 json run_benchmark(const BenchOptions& o) {
   char tmpl[] = "/tmp/lockstep-bench-XXXXXX";
   if (!mkdtemp(tmpl)) throw Error("mkdtemp(/tmp/lockstep-bench-XXXXXX) failed: is /tmp writable?");
   const std::string tmp = tmpl;
+  // The folder goes also when a run throws (an interrupted cluster run): its files are gone.
+  struct RemoveDir {
+    std::string path;
+    ~RemoveDir() { rmdir(path.c_str()); }
+  } remove_tmp{tmp};
   Runner runner(o, tmp);
   json doc;
   struct utsname u {};
@@ -455,12 +535,15 @@ json run_benchmark(const BenchOptions& o) {
                    {"dp_replicas", o.dp_replicas},
                    {"dp_omp_threads", o.dp_omp_threads},
                    {"dp_scope_blas", o.dp_scope_blas}};
+  if (o.cluster_nodes > 0) {
+    doc["config"]["cluster"] = std::to_string(o.cluster_nodes) + "x" +
+                               std::to_string(o.cluster_ranks_per_node);
+    doc["config"]["cluster_scenarios"] = o.cluster_scenarios;
+  }
   const bool have_py = access(o.python.c_str(), X_OK) == 0 && !o.script.empty() &&
                        access(o.script.c_str(), R_OK) == 0;
-  doc["models"] = json::array();
-  for (const auto& model : o.models) {
-    auto sc = scenarios_for(o, model);
-    if (sc.empty()) continue;
+  // Every scenario of `sc` (one model), interleaved over the repeats, as the model's JSON.
+  auto run_model = [&](const std::string& model, const std::vector<Scenario>& sc) {
     std::vector<Outcome> res(sc.size());
     for (size_t i = 0; i < sc.size(); ++i) {
       if (sc[i].kind == "torch_ddp" && !have_py) {
@@ -482,7 +565,26 @@ json run_benchmark(const BenchOptions& o) {
       m["scenarios"].push_back(scenario_json(sc[i], res[i], median_of_ok(sc, res, sc[i].reference),
                                              floor, o.disturbance_cpus));
     }
-    doc["models"].push_back(m);
+    return m;
+  };
+  doc["models"] = json::array();
+  if (o.cluster_nodes > 0) {
+    doc["cluster"] = run_cluster(runner, o, run_model);
+    doc["targets"] = json::array();
+    for (const auto& l : doc["cluster"]["links"]) {
+      for (const auto& t : compute_cluster_targets(l["models"], l["link"].get<std::string>())) {
+        doc["targets"].push_back(t);
+      }
+    }
+    doc["allreduce"] = json::array();
+    doc["environment"]["loadavg_end"] = load_average();
+    rmdir(tmp.c_str());
+    return doc;
+  }
+  for (const auto& model : o.models) {
+    auto sc = scenarios_for(o, model);
+    if (sc.empty()) continue;
+    doc["models"].push_back(run_model(model, sc));
   }
   doc["targets"] = compute_targets(doc["models"]);
 

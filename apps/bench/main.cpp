@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "cluster.h"
 #include "coordinator.h"
 #include "lockstep/errors.h"
 #include "options.h"
@@ -93,6 +94,6 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "lockstep-bench: " << e.what() << std::endl;
-    return bench::kExitFailure;
+    return bench::cluster_interrupted() ? bench::kExitInterrupted : bench::kExitFailure;
   }
 }

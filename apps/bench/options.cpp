@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "lockstep/errors.h"
+#include "cluster.h"
 #include "scenarios.h"
 
 namespace lockstep {
@@ -117,6 +118,10 @@ cxxopts::Options make_cli() {
     ("python", "interpreter with torch for PyTorch's DDP", str("/usr/bin/python3"))
     ("script", "torch_ddp_bench.py; default: next to the sources or the binary", str(""))
     ("worker-timeout", "seconds before a scenario's workers are killed", str("300"))
+    ("cluster", "NODESxRANKS (2x2): run ranks in NODES network namespaces joined by shaped veth links "
+                "(needs root; docs/performance.md, Emulated cluster) instead of the loopback scenarios", str(""))
+    ("link", "emulated links, one cluster run each: RATE[:DELAY] in tc units", str("1gbit:0.2ms,10gbit:0.2ms"))
+    ("cluster-scenarios", "comma list of: " + join(cluster_scenario_names()) + ", or all", str("all"))
     ("json", "write the results as JSON here", str(""))
     ("markdown", "write the report as markdown here", str(""))
     ("from-json", "render an earlier --json file (terminal, and --markdown) instead of running", str(""))
@@ -125,6 +130,7 @@ cxxopts::Options make_cli() {
     ("worker", "run one rank of a scenario of this kind: " + join(worker_kinds()), str(""))
     ("threads", "intra-op threads (DataParallel: per replica)", str("1"))
     ("replicas", "DataParallel replicas", str("1"))
+    ("comm-hook", "DDP communication hook of a ddp worker (allreduce, fp16, bf16, ...)", str("allreduce"))
     ("scope-blas", "DataParallelOptions::scope_blas_threads, 1 or 0", str("1"))
     ("result", "result file", str(""));
   // clang-format on
@@ -188,6 +194,7 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv) {
     c.bucket_cap_mb = to_number("bucket-cap-mb", s("bucket-cap-mb"), 0, /*open=*/true);
     c.sweep_min_bytes = to_int("sweep-min-bytes", s("sweep-min-bytes"), 4);
     c.sweep_max_bytes = to_int("sweep-max-bytes", s("sweep-max-bytes"), c.sweep_min_bytes);
+    c.comm_hook = s("comm-hook");
     c.result = s("result");
     if (c.result.empty()) bad("--worker needs --result FILE (the coordinator sets both)");
     return out;
@@ -204,7 +211,17 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv) {
     return out;
   }
   out.mode = ParseResult::Mode::kRun;
-  o.models = to_names("model", s("model"), all_model_names(), model_names());
+  if (!s("cluster").empty()) {
+    parse_cluster_shape(s("cluster"), o.cluster_nodes, o.cluster_ranks_per_node);
+    for (const auto& l : split(s("link"))) o.links.push_back(parse_link(l));
+    if (o.links.empty()) bad("--link: expected a comma list such as 1gbit:0.2ms,10gbit:0.2ms");
+    o.cluster_scenarios = to_names("cluster-scenarios", s("cluster-scenarios"),
+                                   cluster_scenario_names(), cluster_scenario_names());
+  }
+  // A cluster run trains the MLP and the deep MLP unless --model says otherwise.
+  o.models = o.cluster_nodes > 0 && a.count("model") == 0
+                 ? std::vector<std::string>{"mlp", "deep_mlp"}
+                 : to_names("model", s("model"), all_model_names(), model_names());
   o.families = to_names("scenario", s("scenario"), scenario_families(), scenario_families());
   o.steps = static_cast<int>(to_int("steps", s("steps"), 1, 1000000));
   o.warmup = static_cast<int>(to_int("warmup", s("warmup"), 0, 1000000));
@@ -254,6 +271,7 @@ std::vector<std::string> worker_arguments(const WorkerConfig& c) {
           "--replicas",        std::to_string(c.replicas),
           "--scope-blas",      c.scope_blas ? "1" : "0",
           "--bucket-cap-mb",   format_number(c.bucket_cap_mb),
+          "--comm-hook",       c.comm_hook,
           "--sweep-min-bytes", std::to_string(c.sweep_min_bytes),
           "--sweep-max-bytes", std::to_string(c.sweep_max_bytes),
           "--result",          c.result};

@@ -15,6 +15,15 @@ namespace bench {
 constexpr int kExitUsage = 2;
 /// Exit code when the benchmark itself fails (a worker that cannot write its result, ...).
 constexpr int kExitFailure = 1;
+/// Exit code after SIGINT/SIGTERM/SIGHUP ended an emulated-cluster run (cleaned up).
+constexpr int kExitInterrupted = 130;
+
+/// One emulated link of --link (cluster.h): a rate and a one-way delay.
+struct LinkSpec {
+  std::string text;      ///< as given, "1gbit:0.2ms"
+  double rate_bits = 0;  ///< bits per second
+  double delay_ms = 0;   ///< one way; 0: none
+};
 
 /// What the user asked the coordinator for. Every field is a flag of the same name (see
 /// `lockstep-bench --help`); lists are comma-separated on the command line.
@@ -45,6 +54,12 @@ struct BenchOptions {
   std::string markdown_path;  ///< --markdown: write the markdown report here
   std::string from_json;      ///< --from-json: render this earlier result instead of running
   std::string command;        ///< the invocation, "lockstep-bench ...", for the report
+  /// --cluster NODESxRANKS: run the emulated-cluster scenarios (cluster.h) instead of the
+  /// loopback families; 0 nodes: no cluster.
+  int cluster_nodes = 0;
+  int cluster_ranks_per_node = 0;  ///< ranks (processes) per node of --cluster
+  std::vector<LinkSpec> links;     ///< --link, one cluster run per link
+  std::vector<std::string> cluster_scenarios;  ///< --cluster-scenarios (cluster_scenario_names())
 };
 
 /// One worker process: one rank of one scenario run (internal flags, set by the coordinator).
@@ -60,6 +75,7 @@ struct WorkerConfig {
   double bucket_cap_mb = 25;
   int64_t sweep_min_bytes = 1024;
   int64_t sweep_max_bytes = int64_t{64} << 20;
+  std::string comm_hook = "allreduce";  ///< ddp: the DDP communication hook (worker.cpp's table)
   std::string result;  ///< JSON result file
 };
 

@@ -134,6 +134,53 @@ std::string disturbance_lines(const json& m, bool md) {
   return os.str();
 }
 
+// One model's table: its scenarios, with the notes of those that did not run.
+std::string render_model(const json& m, bool md) {
+  std::ostringstream os;
+  os << (md ? "**" : "== ") << m["model"].get<std::string>() << " (" << m["params"].get<int64_t>()
+     << " parameters, batch " << m["batch"].get<int64_t>() << " per rank)" << (md ? "**" : "")
+     << "\n\n";
+  // The "vs floor" column only where a floor ran, so that older results render as before.
+  bool floor = false;
+  for (const auto& s : m["scenarios"]) floor = floor || s.contains("vs_floor");
+  Table t = {{"scenario", "transport", "median ms", "p10-p90 ms", "samples/s", "ratio", "vs"}};
+  if (floor) t[0].push_back("vs floor");
+  t[0].push_back("peak RSS MiB");
+  for (const auto& s : m["scenarios"]) {
+    std::vector<std::string> row;
+    if (s["status"] != "ok") {
+      row = {s["label"].get<std::string>(), "", s["status"].get<std::string>(), "", "", "", ""};
+      if (floor) row.push_back("");
+      row.push_back("");
+      t.push_back(row);
+      continue;
+    }
+    const std::string backend = s.value("backend", std::string());
+    row = {s["label"].get<std::string>(),
+           backend == "none" ? "" : backend,
+           fixed(s["median_ms"].get<double>()),
+           fixed(s["p10_ms"].get<double>(), 1) + "-" + fixed(s["p90_ms"].get<double>(), 1),
+           fixed(s["samples_per_s"].get<double>(), 0),
+           s.contains("ratio") ? fixed(s["ratio"].get<double>()) + "x" : "",
+           s["reference"].is_null() ? "" : s["reference"].get<std::string>()};
+    if (floor)
+      row.push_back(s.contains("vs_floor") ? fixed(s["vs_floor"].get<double>()) + "x" : "");
+    row.push_back(fixed(s["peak_rss_mib"].get<double>(), 0));
+    t.push_back(row);
+  }
+  os << render(t, md) << "\n";
+  for (const auto& s : m["scenarios"]) {
+    if (s["status"] != "ok" && s.contains("note")) {
+      os << (md ? "- " : "  ") << s["label"].get<std::string>() << ": "
+         << s["status"].get<std::string>() << ": " << one_line(s["note"].get<std::string>())
+         << "\n";
+    }
+  }
+  os << disturbance_lines(m, md);
+  os << "\n";
+  return os.str();
+}
+
 }  // namespace
 
 std::string render_report(const json& doc, bool md) {
@@ -149,7 +196,10 @@ std::string render_report(const json& doc, bool md) {
        << env["loadavg_end"].get<std::string>()
        << " at the end. Every scenario: " << cfg["repeats"].get<int>() << " interleaved repeats x "
        << cfg["steps"].get<int>() << " timed steps after " << cfg["warmup"].get<int>()
-       << " warm-up steps, 1 intra-op thread per rank unless stated, loopback, bucket cap "
+       << " warm-up steps, 1 intra-op thread per rank unless stated, "
+       << (doc.contains("cluster") ? "ranks in network namespaces over the emulated links below"
+                                   : "loopback")
+       << ", bucket cap "
        << cfg["bucket_cap_mb"].get<double>() << " MB. Step time: median over all timed "
        << "steps of rank 0 (p10-p90 beside it); ratio: against the scenario named in `vs`; peak "
           "RSS: "
@@ -163,51 +213,26 @@ std::string render_report(const json& doc, bool md) {
     os << "\n\n";
   }
   os << render_headline(doc, md);
-  for (const auto& m : doc["models"]) {
-    os << (md ? "**" : "== ") << m["model"].get<std::string>() << " (" << m["params"].get<int64_t>()
-       << " parameters, batch " << m["batch"].get<int64_t>() << " per rank)" << (md ? "**" : "")
-       << "\n\n";
-    // The "vs floor" column only where a floor ran, so that older results render as before.
-    bool floor = false;
-    for (const auto& s : m["scenarios"]) floor = floor || s.contains("vs_floor");
-    Table t = {{"scenario", "transport", "median ms", "p10-p90 ms", "samples/s", "ratio", "vs"}};
-    if (floor) t[0].push_back("vs floor");
-    t[0].push_back("peak RSS MiB");
-    for (const auto& s : m["scenarios"]) {
-      std::vector<std::string> row;
-      if (s["status"] != "ok") {
-        row = {s["label"].get<std::string>(), "", s["status"].get<std::string>(), "", "", "", ""};
-        if (floor) row.push_back("");
-        row.push_back("");
-        t.push_back(row);
-        continue;
-      }
-      const std::string backend = s.value("backend", std::string());
-      row = {s["label"].get<std::string>(),
-             backend == "none" ? "" : backend,
-             fixed(s["median_ms"].get<double>()),
-             fixed(s["p10_ms"].get<double>(), 1) + "-" + fixed(s["p90_ms"].get<double>(), 1),
-             fixed(s["samples_per_s"].get<double>(), 0),
-             s.contains("ratio") ? fixed(s["ratio"].get<double>()) + "x" : "",
-             s["reference"].is_null() ? "" : s["reference"].get<std::string>()};
-      if (floor)
-        row.push_back(s.contains("vs_floor") ? fixed(s["vs_floor"].get<double>()) + "x" : "");
-      row.push_back(fixed(s["peak_rss_mib"].get<double>(), 0));
-      t.push_back(row);
+  if (doc.contains("cluster")) {
+    const auto& c = doc["cluster"];
+    for (const auto& l : c["links"]) {
+      const std::string shape = std::to_string(c["nodes"].get<int>()) + " nodes x " +
+                                std::to_string(c["ranks_per_node"].get<int>()) + " ranks";
+      os << (md ? "**Emulated cluster**, " : "== emulated cluster, ") << shape << ", link "
+         << l["link"].get<std::string>() << " ("
+         << (l["delay_applied"].get<bool>() ? "rate and delay applied"
+                                            : "rate applied, delay NOT applied")
+         << ")" << (md ? "\n\n" : "\n");
+      if (l.contains("note")) os << (md ? "- " : "  ") << one_line(l["note"]) << "\n";
+      if (!md) os << "\n";
+      for (const auto& m : l["models"]) os << render_model(m, md);
     }
-    os << render(t, md) << "\n";
-    for (const auto& s : m["scenarios"]) {
-      if (s["status"] != "ok" && s.contains("note")) {
-        os << (md ? "- " : "  ") << s["label"].get<std::string>() << ": "
-           << s["status"].get<std::string>() << ": " << one_line(s["note"].get<std::string>())
-           << "\n";
-      }
-    }
-    os << disturbance_lines(m, md);
-    os << "\n";
   }
+  for (const auto& m : doc["models"]) os << render_model(m, md);
   if (!doc["targets"].empty()) {
-    os << (md ? "**Targets** (2 ranks, 1 thread each, loopback)\n\n" : "== targets\n\n");
+    os << (md ? (doc.contains("cluster") ? "**Goals** (emulated cluster)\n\n"
+                                         : "**Targets** (2 ranks, 1 thread each, loopback)\n\n")
+              : "== targets\n\n");
     Table t = {{"model", "measure", "value", "requirement", "met", "goal", "goal met"}};
     for (const auto& g : doc["targets"]) {
       const std::string what = g["target"];

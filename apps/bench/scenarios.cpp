@@ -174,6 +174,80 @@ std::vector<Scenario> scenarios_for(const BenchOptions& o, const std::string& mo
   return v;
 }
 
+namespace {
+
+const json* find_scenario(const json& model, const std::string& id);
+
+// Note [Cluster scenarios]: one row per scenario; a hook named here must be in worker.cpp's
+// comm_hooks() table (adding PowerSGD is one row there and one here).
+struct ClusterRow {
+  const char* id;
+  const char* kind;
+  const char* transport;
+  const char* hook;
+  const char* label;
+};
+const ClusterRow kClusterRows[] = {
+    {"gloo", "ddp", "gloo", "", "lockstep DDP, flat Gloo"},
+    {"hier", "ddp", "shm", "", "lockstep DDP, hierarchical (shm within a node, Gloo between)"},
+    {"torch_ddp", "torch_ddp", "", "", "PyTorch DDP, Gloo (python3-torch)"},
+    {"fp16", "ddp", "gloo", "fp16", "lockstep DDP, flat Gloo, fp16_compress_hook"},
+};
+
+}  // namespace
+
+std::vector<std::string> cluster_scenario_names() {
+  std::vector<std::string> v;
+  for (const auto& r : kClusterRows) v.push_back(r.id);
+  return v;
+}
+
+std::vector<Scenario> cluster_scenarios_for(const BenchOptions& o, const std::string& model) {
+  std::vector<Scenario> v;
+  const bool has_gloo = has(o.cluster_scenarios, "gloo");
+  for (const auto& r : kClusterRows) {
+    if (!has(o.cluster_scenarios, r.id)) continue;
+    Scenario s = named(r.id, r.kind, r.label);
+    s.model = model;
+    s.nodes = o.cluster_nodes;
+    s.world = o.cluster_nodes * o.cluster_ranks_per_node;
+    s.batch = o.batch > 0 ? o.batch : default_batch(model);
+    s.bucket_cap_mb = o.bucket_cap_mb;
+    s.transport = r.transport;
+    s.comm_hook = r.hook;
+    if (has_gloo && s.id != "gloo") s.reference = "gloo";
+    v.push_back(s);
+  }
+  return v;
+}
+
+json compute_cluster_targets(const json& models, const std::string& link) {
+  json out = json::array();
+  for (const auto& m : models) {
+    const std::string name = m["model"];
+    const json* gloo = find_scenario(m, "gloo");
+    if (!gloo) continue;
+    const double g = (*gloo)["median_ms"].get<double>();
+    auto add = [&](const std::string& id, const std::string& what, const std::string& goal,
+                   double limit) {
+      const json* s = find_scenario(m, id);
+      if (!s) return;
+      const double r = (*s)["median_ms"].get<double>() / g;
+      out.push_back({{"model", name},
+                     {"target", what + " step time, " + link},
+                     {"value", r},
+                     {"requirement", "(reported)"},
+                     {"met", true},
+                     {"goal", goal},
+                     {"goal_met", limit > 0 ? r <= limit : true}});
+    };
+    add("hier", "lockstep hierarchical / flat Gloo", "<= 0.70", 0.7);
+    add("fp16", "lockstep fp16 / flat Gloo", "", 0);
+    add("torch_ddp", "PyTorch DDP / lockstep flat Gloo", "", 0);
+  }
+  return out;
+}
+
 std::vector<Scenario> sweep_scenarios(const BenchOptions& o) {
   std::vector<Scenario> v;
   if (!has(o.families, "allreduce")) return v;

@@ -45,6 +45,8 @@ struct Scenario {
   bool grad_view = false;    ///< torch_ddp: gradient_as_bucket_view=True
   int omp_threads = 0;       ///< OMP_NUM_THREADS; 0: `threads`
   bool scope_blas = true;    ///< dp: DataParallelOptions::scope_blas_threads
+  int nodes = 0;             ///< emulated-cluster nodes (world = nodes x ranks); 0: loopback
+  std::string comm_hook;     ///< ddp: the DDP communication hook; empty: the default
 };
 
 /// The scenarios of `model` selected by `options.families`, with references to scenarios that
@@ -52,6 +54,18 @@ struct Scenario {
 /// by side, no gradient communication, one 1-element all-reduce per step) come with any of
 /// ddp, perparam and torch_ddp, since their ratios are read against them.
 std::vector<Scenario> scenarios_for(const BenchOptions& options, const std::string& model);
+
+/// The scenarios of an emulated-cluster run (--cluster-scenarios), in order: gloo (lockstep
+/// DDP, flat Gloo), hier (lockstep DDP, shared memory within a node and Gloo between nodes),
+/// torch_ddp (PyTorch's DDP over Gloo), fp16 (lockstep DDP, flat Gloo, fp16_compress_hook).
+std::vector<std::string> cluster_scenario_names();
+/// The emulated-cluster scenarios of `model` selected by `options.cluster_scenarios`, on
+/// options.cluster_nodes x options.cluster_ranks_per_node ranks, their ratios against gloo.
+std::vector<Scenario> cluster_scenarios_for(const BenchOptions& options, const std::string& model);
+/// The goals of one link's cluster results (the "models" array of one link): hierarchical
+/// at most 0.7x flat Gloo; fp16 and PyTorch against flat Gloo reported. Same fields as
+/// compute_targets'.
+nlohmann::json compute_cluster_targets(const nlohmann::json& models, const std::string& link);
 
 /// The all-reduce sweep's scenarios: one per transport in `options.transports` (empty when
 /// the allreduce family is not selected).

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -118,6 +119,28 @@ json summarise_ddp(const std::vector<DDPStats>& stats, std::pair<long, long> mem
   return d;
 }
 
+// Note [Cluster scenarios] in scenarios.cpp: the DDP communication hooks a ddp worker can use
+// (--comm-hook), by name. A new hook is one row.
+const std::map<std::string, std::function<CommHookPtr()>>& comm_hooks() {
+  static const std::map<std::string, std::function<CommHookPtr()>> table = {
+      {"allreduce", [] { return allreduce_hook(); }},
+      {"fp16", [] { return fp16_compress_hook(); }},
+      {"bf16", [] { return bf16_compress_hook(); }},
+  };
+  return table;
+}
+
+CommHookPtr make_comm_hook(const std::string& name) {
+  const auto& table = comm_hooks();
+  auto it = table.find(name);
+  if (it == table.end()) {
+    std::string names;
+    for (const auto& kv : table) names += (names.empty() ? "" : ", ") + kv.first;
+    throw InvalidArgument("--comm-hook: unknown hook '" + name + "'; expected one of " + names);
+  }
+  return it->second();
+}
+
 }  // namespace
 
 int run_worker(const WorkerConfig& c) {
@@ -126,6 +149,8 @@ int run_worker(const WorkerConfig& c) {
   json out;
   out["kind"] = c.kind;
 
+  // Before the process group: a bad hook fails this rank at once, not in a collective.
+  const CommHookPtr hook = c.kind == "ddp" ? make_comm_hook(c.comm_hook) : nullptr;
   ProcessGroupPtr pg;
   if (c.kind != "plain" && c.kind != "dp") {
     pg = init_process_group();
@@ -191,7 +216,10 @@ int run_worker(const WorkerConfig& c) {
       loss_of(net->forward(data.input), data.target).backward();
     }
     const auto mem_before = rss_pss_kb();
-    DistributedDataParallel<BenchNetImpl> ddp(net, pg, DDPOptions().bucket_cap_mb(c.bucket_cap_mb));
+    DistributedDataParallel<BenchNetImpl> ddp(
+        net, pg,
+        DDPOptions().bucket_cap_mb(c.bucket_cap_mb).comm_hook(hook));
+    out["comm_hook"] = c.comm_hook;
     step = [&, ddp]() mutable {
       opt.zero_grad();
       loss_of(ddp->forward(data.input), data.target).backward();

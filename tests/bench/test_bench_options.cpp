@@ -170,6 +170,7 @@ TEST(BenchOptions, WorkerArgumentsParseBackIntoTheSameConfig) {
   c.bucket_cap_mb = 0.25;
   c.sweep_min_bytes = 8;
   c.sweep_max_bytes = 4096;
+  c.comm_hook = "fp16";
   c.result = "r.json";
   const auto r = parse(lockstep::bench::worker_arguments(c));
   ASSERT_EQ(r.mode, Mode::kWorker);
@@ -185,7 +186,46 @@ TEST(BenchOptions, WorkerArgumentsParseBackIntoTheSameConfig) {
   EXPECT_EQ(w.bucket_cap_mb, c.bucket_cap_mb);
   EXPECT_EQ(w.sweep_min_bytes, c.sweep_min_bytes);
   EXPECT_EQ(w.sweep_max_bytes, c.sweep_max_bytes);
+  EXPECT_EQ(w.comm_hook, "fp16");
   EXPECT_EQ(w.result, c.result);
+}
+
+TEST(BenchOptions, ClusterShapeLinksAndTheirDefaults) {
+  {
+    const auto r = parse({"--cluster", "2x2"});
+    ASSERT_EQ(r.mode, Mode::kRun);
+    const auto& o = r.options;
+    EXPECT_EQ(o.cluster_nodes, 2);
+    EXPECT_EQ(o.cluster_ranks_per_node, 2);
+    ASSERT_EQ(o.links.size(), 2u);
+    EXPECT_EQ(o.links[0].text, "1gbit:0.2ms");
+    EXPECT_DOUBLE_EQ(o.links[0].rate_bits, 1e9);
+    EXPECT_DOUBLE_EQ(o.links[0].delay_ms, 0.2);
+    EXPECT_DOUBLE_EQ(o.links[1].rate_bits, 1e10);
+    // A cluster run trains the MLP and the deep MLP unless --model says otherwise.
+    EXPECT_EQ(o.models, (std::vector<std::string>{"mlp", "deep_mlp"}));
+    EXPECT_EQ(o.cluster_scenarios, lockstep::bench::cluster_scenario_names());
+    const auto& v = o.cluster_scenarios;
+    ASSERT_GE(v.size(), 4u);
+    EXPECT_EQ(std::vector<std::string>(v.begin(), v.begin() + 4),
+              (std::vector<std::string>{"gloo", "hier", "torch_ddp", "fp16"}));
+  }
+  {
+    const auto r = parse({"--cluster", "4x1", "--link", "500mbit:50us,100kbit", "--model",
+                          "small_mlp", "--cluster-scenarios", "hier,gloo"});
+    const auto& o = r.options;
+    EXPECT_EQ(o.cluster_nodes, 4);
+    EXPECT_EQ(o.cluster_ranks_per_node, 1);
+    ASSERT_EQ(o.links.size(), 2u);
+    EXPECT_DOUBLE_EQ(o.links[0].rate_bits, 5e8);
+    EXPECT_DOUBLE_EQ(o.links[0].delay_ms, 0.05);
+    EXPECT_DOUBLE_EQ(o.links[1].rate_bits, 1e5);
+    EXPECT_DOUBLE_EQ(o.links[1].delay_ms, 0.0);
+    EXPECT_EQ(o.models, (std::vector<std::string>{"small_mlp"}));
+    EXPECT_EQ(o.cluster_scenarios, (std::vector<std::string>{"hier", "gloo"}));
+  }
+  // Without --cluster, --link is parsed by nobody and nothing emulated runs.
+  EXPECT_EQ(parse({"--link", "1gbit"}).options.cluster_nodes, 0);
 }
 
 TEST(BenchOptions, WorkerBatchZeroIsTheModelsDefault) {
@@ -237,6 +277,22 @@ TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
       {{"--worker", "ddp", "--model", "all", "--result", "r"},
        "--model: a worker runs one model, one of mlp, deep_mlp, cnn, transformer, small_mlp, but "
        "got 'all'"},
+      {{"--cluster", "1x2"}, "--cluster: expected NODESxRANKS with 2 to 4 nodes and 1 to 16 "
+                             "ranks per node (such as 2x2), but got '1x2'"},
+      {{"--cluster", "5x1"}, "but got '5x1'"},
+      {{"--cluster", "2x0"}, "but got '2x0'"},
+      {{"--cluster", "2x2x"}, "but got '2x2x'"},
+      {{"--cluster", "2x2", "--link", "1gbps"},
+       "--link: expected RATE[:DELAY] such as 1gbit:0.2ms or 10gbit (RATE in kbit, mbit or gbit; "
+       "DELAY in ms or us), but got '1gbps': unknown rate unit 'gbps'"},
+      {{"--cluster", "2x2", "--link", "1gbit:2"}, "but got '1gbit:2': unknown delay unit ''"},
+      {{"--cluster", "2x2", "--link", "gbit"}, "but got 'gbit': no rate"},
+      {{"--cluster", "2x2", "--link", "1gbit:"}, "but got '1gbit:': no delay"},
+      {{"--cluster", "2x2", "--link", "1kbit"}, "the rate must be within 100kbit..100gbit"},
+      {{"--cluster", "2x2", "--link", "1gbit:2000ms"}, "the delay must be at most 1000ms"},
+      {{"--cluster", "2x2", "--link", ","}, "--link: expected a comma list such as 1gbit:0.2ms"},
+      {{"--cluster", "2x2", "--cluster-scenarios", "gloo,nccl"},
+       "--cluster-scenarios: unknown 'nccl'; expected a comma list of gloo, hier, torch_ddp, fp16"},
       {{"--worker", "dp", "--model", "mlp", "--result", "r", "--scope-blas", "2"},
        "--scope-blas: expected 1 or 0 (true or false), but got '2'"},
   };

@@ -5,8 +5,14 @@
 // synchronized floor and DDP's ratio to it, a sweep covering the requested sizes) and a
 // markdown report. Nothing here is timed.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <fcntl.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <regex>
+#include <thread>
 
 #include <algorithm>
 #include <cmath>
@@ -18,7 +24,9 @@
 #include <sstream>
 #include <string>
 
+#include "cluster.h"
 #include "coordinator.h"
+#include "lockstep/errors.h"
 #include "models.h"
 #include "options.h"
 #include "report.h"
@@ -295,6 +303,51 @@ TEST(BenchCoordinator, RerunsDisturbedRunsThenLeavesThemOut) {
   EXPECT_EQ(bench::judge_run(std::nan(""), 0.1, 0, 0, false), V::kAccept);
 }
 
+TEST(BenchScenarios, ClusterScenariosRunOnEveryNodeAgainstFlatGloo) {
+  bench::BenchOptions o;
+  o.cluster_nodes = 2;
+  o.cluster_ranks_per_node = 2;
+  o.cluster_scenarios = {"gloo", "hier", "torch_ddp", "fp16"};
+  const auto sc = bench::cluster_scenarios_for(o, "deep_mlp");
+  ASSERT_EQ(sc.size(), 4u);
+  std::map<std::string, bench::Scenario> by_id;
+  for (const auto& s : sc) {
+    by_id[s.id] = s;
+    EXPECT_EQ(s.nodes, 2);
+    EXPECT_EQ(s.world, 4);
+    EXPECT_EQ(s.model, "deep_mlp");
+    EXPECT_EQ(s.batch, 64);
+    EXPECT_EQ(s.reference, s.id == "gloo" ? "" : "gloo") << s.id;
+  }
+  EXPECT_EQ(by_id["gloo"].transport, "gloo");
+  EXPECT_EQ(by_id["hier"].transport, "shm");  // hierarchical once the nodes are hosts
+  EXPECT_EQ(by_id["torch_ddp"].kind, "torch_ddp");
+  EXPECT_EQ(by_id["fp16"].comm_hook, "fp16");
+  EXPECT_EQ(by_id["fp16"].transport, "gloo");
+  // Without gloo there is nothing to compare against.
+  o.cluster_scenarios = {"hier", "fp16"};
+  for (const auto& s : bench::cluster_scenarios_for(o, "mlp")) EXPECT_EQ(s.reference, "");
+}
+
+TEST(BenchTargets, ClusterGoalIsHierarchicalAtMostSevenTenthsOfFlatGloo) {
+  auto scenario = [](const char* id, double ms) {
+    return json{{"id", id}, {"status", "ok"}, {"median_ms", ms}};
+  };
+  json models = json::array({json{
+      {"model", "mlp"},
+      {"scenarios",
+       json::array({scenario("gloo", 100), scenario("hier", 60), scenario("fp16", 80)})}}});
+  const json t = bench::compute_cluster_targets(models, "1gbit:0.2ms");
+  ASSERT_EQ(t.size(), 2u) << t.dump();
+  EXPECT_EQ(t[0]["target"], "lockstep hierarchical / flat Gloo step time, 1gbit:0.2ms");
+  EXPECT_DOUBLE_EQ(t[0]["value"].get<double>(), 0.6);
+  EXPECT_EQ(t[0]["goal"], "<= 0.70");
+  EXPECT_TRUE(t[0]["goal_met"].get<bool>());
+  EXPECT_DOUBLE_EQ(t[1]["value"].get<double>(), 0.8);
+  models[0]["scenarios"][1]["median_ms"] = 75.0;
+  EXPECT_FALSE(bench::compute_cluster_targets(models, "x")[0]["goal_met"].get<bool>());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The program
 
@@ -473,6 +526,212 @@ TEST(BenchSmoke, BadInvocationsExitWithTwoAndSayWhy) {
           .find("missing.json: cannot read it (or it is empty); expected a file written by --json"),
       std::string::npos)
       << slurp(dir + "/b.txt");
+}
+
+TEST(BenchSmoke, UnknownCommHookIsNamedWithTheChoices) {
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  EXPECT_EQ(exit_code("--worker ddp --model small_mlp --steps 1 --warmup 0 --comm-hook bogus "
+                      "--result " + dir + "/r.json",
+                      dir + "/out.txt"),
+            bench::kExitFailure);
+  EXPECT_NE(slurp(dir + "/out.txt")
+                .find("--comm-hook: unknown hook 'bogus'; expected one of allreduce, bf16, fp16"),
+            std::string::npos)
+      << slurp(dir + "/out.txt");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulated cluster (issue 17): needs root and network namespaces; nothing timed.
+
+// Why the emulated cluster cannot run here, or "" when it can.
+std::string cluster_unavailable() {
+  if (geteuid() != 0) return "needs root to create network namespaces (ip netns)";
+  const std::string probe = "lsbc" + std::to_string(getpid()) + "-probe";
+  if (std::system(("ip netns add " + probe + " > /dev/null 2>&1").c_str()) != 0) {
+    return "`ip netns add` failed: no iproute2 or no network namespaces here";
+  }
+  std::system(("ip netns del " + probe + " > /dev/null 2>&1").c_str());
+  return "";
+}
+
+bool netns_exists(const std::string& name) {
+  return access(("/var/run/netns/" + name).c_str(), F_OK) == 0;
+}
+
+// The namespaces a cluster run created, from the line its coordinator prints.
+std::vector<std::string> cluster_namespaces(const std::string& stderr_text) {
+  std::vector<std::string> out;
+  std::smatch m;
+  if (!std::regex_search(stderr_text, m, std::regex("\\] namespaces ([^\\n]+)"))) return out;
+  std::istringstream is(m[1].str());
+  for (std::string ns; is >> ns;) out.push_back(ns);
+  return out;
+}
+
+TEST(BenchCluster, SmallestClusterRunsInNamespacesAndLeavesNoneBehind) {
+  const std::string why = cluster_unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  // A namespace left by a coordinator that no longer runs: the run removes it first.
+  const pid_t dead = fork();
+  if (dead == 0) _exit(0);
+  waitpid(dead, nullptr, 0);
+  const std::string stale = "lsbc" + std::to_string(dead) + "-n0";
+  ASSERT_EQ(std::system(("ip netns add " + stale).c_str()), 0);
+
+  auto r = run_bench(
+      "--cluster 2x1 --link 10gbit:0.2ms --model small_mlp --steps 3 --warmup 1 --repeats 1 "
+      "--batch 8 --cluster-scenarios gloo,hier,torch_ddp,fp16 --retries 0 --keep-disturbed "
+      "--worker-timeout 60");
+  const std::string err = slurp(r.dir + "/stderr.txt");
+  ASSERT_EQ(r.rc, 0) << err;
+  EXPECT_FALSE(netns_exists(stale));
+  EXPECT_NE(err.find("removed network namespace " + stale), std::string::npos) << err;
+
+  // Its own namespaces: two nodes and the hub, named after the coordinator, all gone now, and
+  // no link of theirs in this (the root) namespace.
+  const auto names = cluster_namespaces(err);
+  ASSERT_EQ(names.size(), 3u) << err;
+  const std::string tag = names[0].substr(0, names[0].find('-'));
+  for (const auto& ns : names) {
+    EXPECT_EQ(ns.rfind(tag + "-", 0), 0u) << ns;
+    EXPECT_FALSE(netns_exists(ns)) << ns << " was left behind";
+  }
+  const std::string links = r.dir + "/links.txt";
+  ASSERT_EQ(std::system(("ip -o link show > " + links + " 2>&1").c_str()), 0);
+  EXPECT_EQ(slurp(links).find(tag), std::string::npos) << slurp(links);
+
+  ASSERT_TRUE(r.doc.is_object()) << "no JSON written";
+  EXPECT_TRUE(r.doc["models"].empty());
+  const json& c = r.doc["cluster"];
+  EXPECT_EQ(c["nodes"].get<int>(), 2);
+  EXPECT_EQ(c["ranks_per_node"].get<int>(), 1);
+  ASSERT_EQ(c["links"].size(), 1u);
+  const json& l = c["links"][0];
+  EXPECT_EQ(l["link"], "10gbit:0.2ms");
+  EXPECT_DOUBLE_EQ(l["rate_bits"].get<double>(), 1e10);
+  EXPECT_DOUBLE_EQ(l["delay_ms"].get<double>(), 0.2);
+  EXPECT_NE(l["shaping"].get<std::string>().find("10Gbit"), std::string::npos) << l.dump();
+  if (!l["delay_applied"].get<bool>()) {
+    EXPECT_NE(l["note"].get<std::string>().find("not applied"), std::string::npos) << l.dump();
+  }
+  ASSERT_EQ(l["models"].size(), 1u);
+  const json& m = l["models"][0];
+  EXPECT_EQ(m["model"], "small_mlp");
+  std::vector<std::string> ids;
+  for (const auto& s : m["scenarios"]) {
+    SCOPED_TRACE(s.dump());
+    ids.push_back(s["id"]);
+    EXPECT_EQ(s["world"].get<int>(), 2);
+    EXPECT_EQ(s["nodes"].get<int>(), 2);
+    if (s["status"] == "skipped") {  // only the optional python3-torch peer, with its reason
+      EXPECT_EQ(s["kind"], "torch_ddp");
+      EXPECT_FALSE(s.value("note", std::string()).empty());
+      continue;
+    }
+    ASSERT_EQ(s["status"], "ok");
+    EXPECT_EQ(s["steps"].get<int>(), 3);
+    EXPECT_GT(s["median_ms"].get<double>(), 0.0);
+    EXPECT_LE(s["p10_ms"].get<double>(), s["p90_ms"].get<double>());
+    EXPECT_GT(s["allreduce_all_grads_ms"].get<double>(), 0.0);
+    if (s["id"] != "gloo") {
+      EXPECT_TRUE(s.contains("ratio"));
+    }
+  }
+  EXPECT_EQ(ids, (std::vector<std::string>{"gloo", "hier", "torch_ddp", "fp16"}));
+  // Each namespace is a host of its own: the shm transport became hierarchical (one host
+  // would have given a flat shared-memory group, "shm").
+  EXPECT_EQ(m["scenarios"][1]["backend"], "hier");
+  EXPECT_EQ(m["scenarios"][0]["backend"], "gloo");
+  EXPECT_EQ(m["scenarios"][3]["comm_hook"], "fp16");
+  EXPECT_EQ(m["scenarios"][3]["ddp_stats"]["buckets"].get<int>(), 1);
+
+  bool hier_goal = false;
+  for (const auto& t : r.doc["targets"]) {
+    hier_goal = hier_goal ||
+                t["target"] == "lockstep hierarchical / flat Gloo step time, 10gbit:0.2ms";
+  }
+  EXPECT_TRUE(hier_goal) << r.doc["targets"].dump();
+  EXPECT_NE(r.markdown.find("**Emulated cluster**, 2 nodes x 1 ranks, link 10gbit:0.2ms"),
+            std::string::npos)
+      << r.markdown;
+  EXPECT_NE(r.markdown.find("| lockstep DDP, hierarchical (shm within a node, Gloo between)"),
+            std::string::npos)
+      << r.markdown;
+  EXPECT_NE(r.markdown.find("| lockstep DDP, flat Gloo, fp16_compress_hook"), std::string::npos);
+  EXPECT_NE(r.markdown.find("--cluster 2x1"), std::string::npos);
+}
+
+TEST(BenchCluster, FailedSetUpNamesTheCommandAndRemovesWhatItCreated) {
+  const std::string why = cluster_unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  // Node 1's name is taken (by this test), so the set-up fails after the hub and node 0.
+  const std::string tag = "lsbc" + std::to_string(getpid());
+  ASSERT_EQ(std::system(("ip netns add " + tag + "-n1").c_str()), 0);
+  bench::LinkSpec link = bench::parse_link("1gbit");
+  try {
+    bench::EmulatedCluster cluster(2, link);
+    ADD_FAILURE() << "set-up succeeded although " << tag << "-n1 existed";
+  } catch (const lockstep::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("emulated cluster: `"), std::string::npos) << what;
+    EXPECT_NE(what.find("netns add " + tag + "-n1` failed"), std::string::npos) << what;
+    EXPECT_NE(what.find("It needs root (CAP_NET_ADMIN), iproute2"), std::string::npos) << what;
+  }
+  EXPECT_FALSE(netns_exists(tag + "-hub"));
+  EXPECT_FALSE(netns_exists(tag + "-n0"));
+  EXPECT_TRUE(netns_exists(tag + "-n1")) << "removed a namespace it did not create";
+  std::system(("ip netns del " + tag + "-n1").c_str());
+}
+
+TEST(BenchCluster, InterruptedRunRemovesItsNamespacesAndExits130) {
+  const std::string why = cluster_unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string log = dir + "/stderr.txt";
+    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    execl(LOCKSTEP_BENCH_EXE, LOCKSTEP_BENCH_EXE, "--cluster", "2x1", "--link", "10mbit",
+          "--model", "small_mlp", "--steps", "100000", "--warmup", "0", "--repeats", "1",
+          "--cluster-scenarios", "gloo", "--worker-timeout", "120", nullptr);
+    _exit(127);
+  }
+  ASSERT_GT(pid, 0);
+  // Polls for the hub namespace the coordinator creates (bounded).
+  const std::string hub = "lsbc" + std::to_string(pid) + "-hub";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!netns_exists(hub) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const bool created = netns_exists(hub);
+  kill(pid, SIGINT);
+  int st = 0;
+  // The coordinator kills its workers and deletes its namespaces: bounded by its own
+  // polling of the workers (milliseconds) and `ip netns del`.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  pid_t got = 0;
+  while ((got = waitpid(pid, &st, WNOHANG)) == 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (got == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    FAIL() << "the coordinator did not exit within 60 s of SIGINT";
+  }
+  ASSERT_TRUE(created) << slurp(dir + "/stderr.txt");
+  ASSERT_TRUE(WIFEXITED(st)) << slurp(dir + "/stderr.txt");
+  EXPECT_EQ(WEXITSTATUS(st), bench::kExitInterrupted) << slurp(dir + "/stderr.txt");
+  for (const std::string& ns : {hub, "lsbc" + std::to_string(pid) + "-n0",
+                                "lsbc" + std::to_string(pid) + "-n1"}) {
+    EXPECT_FALSE(netns_exists(ns)) << ns << " was left behind";
+  }
+  EXPECT_NE(slurp(dir + "/stderr.txt").find("interrupted by a signal"), std::string::npos);
 }
 
 }  // namespace
