@@ -192,6 +192,7 @@ const ClusterRow kClusterRows[] = {
     {"hier", "ddp", "shm", "", "lockstep DDP, hierarchical (shm within a node, Gloo between)"},
     {"torch_ddp", "torch_ddp", "", "", "PyTorch DDP, Gloo (python3-torch)"},
     {"fp16", "ddp", "gloo", "fp16", "lockstep DDP, flat Gloo, fp16_compress_hook"},
+    {"powersgd", "ddp", "gloo", "powersgd", "lockstep DDP, flat Gloo, powersgd_hook (rank 4)"},
 };
 
 }  // namespace
@@ -243,6 +244,7 @@ json compute_cluster_targets(const json& models, const std::string& link) {
     };
     add("hier", "lockstep hierarchical / flat Gloo", "<= 0.70", 0.7);
     add("fp16", "lockstep fp16 / flat Gloo", "", 0);
+    add("powersgd", "lockstep PowerSGD (rank 4) / flat Gloo", "<= 0.30", 0.3);
     add("torch_ddp", "PyTorch DDP / lockstep flat Gloo", "", 0);
   }
   return out;

@@ -57,13 +57,14 @@ std::vector<Scenario> scenarios_for(const BenchOptions& options, const std::stri
 
 /// The scenarios of an emulated-cluster run (--cluster-scenarios), in order: gloo (lockstep
 /// DDP, flat Gloo), hier (lockstep DDP, shared memory within a node and Gloo between nodes),
-/// torch_ddp (PyTorch's DDP over Gloo), fp16 (lockstep DDP, flat Gloo, fp16_compress_hook).
+/// torch_ddp (PyTorch's DDP over Gloo), fp16 (lockstep DDP, flat Gloo, fp16_compress_hook),
+/// powersgd (the same with powersgd_hook, rank 4).
 std::vector<std::string> cluster_scenario_names();
 /// The emulated-cluster scenarios of `model` selected by `options.cluster_scenarios`, on
 /// options.cluster_nodes x options.cluster_ranks_per_node ranks, their ratios against gloo.
 std::vector<Scenario> cluster_scenarios_for(const BenchOptions& options, const std::string& model);
 /// The goals of one link's cluster results (the "models" array of one link): hierarchical
-/// at most 0.7x flat Gloo; fp16 and PyTorch against flat Gloo reported. Same fields as
+/// at most 0.7x flat Gloo, PowerSGD at most 0.3x; fp16 and PyTorch against flat Gloo reported. Same fields as
 /// compute_targets'.
 nlohmann::json compute_cluster_targets(const nlohmann::json& models, const std::string& link);
 

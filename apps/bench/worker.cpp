@@ -11,6 +11,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "lockstep/comm_hooks.h"
 #include "lockstep/data_parallel.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
@@ -126,6 +127,12 @@ const std::map<std::string, std::function<CommHookPtr()>>& comm_hooks() {
       {"allreduce", [] { return allreduce_hook(); }},
       {"fp16", [] { return fp16_compress_hook(); }},
       {"bf16", [] { return bf16_compress_hook(); }},
+      // Issue 17's setting: rank 4, compressing from the second iteration (the warm-up steps
+      // are untimed, so every timed step is compressed).
+      {"powersgd", [] {
+         return powersgd_hook(
+             PowerSGDOptions().matrix_approximation_rank(4).start_powersgd_iter(1));
+       }},
   };
   return table;
 }

@@ -50,6 +50,10 @@ void add_common_options(cxxopts::Options& options, int default_epochs, int defau
     ("limit-eval", "Use only the first N evaluation examples (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("progress", "Progress display: auto (bar on a terminal), bar or lines",
      cxxopts::value<std::string>()->default_value("auto"))
+    ("comm-hook", "How DDP reduces gradients: allreduce (exact, the default), fp16, bf16, "
+                  "int8, or powersgd (rank 4 after 10 exact steps, with error feedback; its state "
+                  "is not checkpointed, so a resumed run is not bitwise that of an uninterrupted one)",
+     cxxopts::value<std::string>()->default_value("allreduce"))
     ("tensorboard", "Also write the metrics as TensorBoard scalars to an event file in DIR "
                     "(rank 0; e.g. OUT_DIR/tb, then `tensorboard --logdir OUT_DIR/tb`)",
      cxxopts::value<std::string>()->default_value(""));
@@ -144,7 +148,23 @@ std::map<std::string, std::string> Common::as_config() const {
   return {{"epochs", std::to_string(epochs)},        {"batch-size", std::to_string(batch_size)},
           {"lr", concat(lr)},                         {"seed", std::to_string(seed)},
           {"max-steps", std::to_string(max_steps)},   {"limit-train", std::to_string(limit_train)},
-          {"limit-eval", std::to_string(limit_eval)}};
+          {"limit-eval", std::to_string(limit_eval)},  {"comm-hook", comm_hook}};
+}
+
+lockstep::DDPOptions ddp_options(const Common& common) {
+  // A NaN or Inf gradient stops every rank, naming the step, rank and parameter.
+  auto options = lockstep::DDPOptions().nonfinite(lockstep::NonFinite::kAbort);
+  const std::string& h = common.comm_hook;
+  if (h == "allreduce") return options.comm_hook(lockstep::allreduce_hook());
+  if (h == "fp16") return options.comm_hook(lockstep::fp16_compress_hook());
+  if (h == "bf16") return options.comm_hook(lockstep::bf16_compress_hook());
+  if (h == "int8") return options.comm_hook(lockstep::int8_quantize_hook());
+  if (h == "powersgd") {
+    return options.comm_hook(lockstep::powersgd_hook(
+        lockstep::PowerSGDOptions().matrix_approximation_rank(4).start_powersgd_iter(10)));
+  }
+  throw UsageError(concat("--comm-hook must be allreduce, fp16, bf16, int8 or powersgd, but got '",
+                          h, "'"));
 }
 
 Common read_common(const cxxopts::ParseResult& r) {
@@ -164,6 +184,8 @@ Common read_common(const cxxopts::ParseResult& r) {
   c.limit_train = r["limit-train"].as<int64_t>();
   c.limit_eval = r["limit-eval"].as<int64_t>();
   c.tensorboard = r["tensorboard"].as<std::string>();
+  c.comm_hook = r["comm-hook"].as<std::string>();
+  (void)ddp_options(c);  // an unknown hook is a usage error before anything starts
   std::string p = r["progress"].as<std::string>();
   if (p == "auto") c.progress = -1;
   else if (p == "bar") c.progress = 1;

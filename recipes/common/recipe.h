@@ -76,9 +76,12 @@ struct Common {
   int64_t limit_eval = 0;
   int progress = -1;             ///< -1 auto, 0 lines, 1 bar
   std::string tensorboard;       ///< directory for TensorBoard event files; "" none
+  std::string comm_hook = "allreduce";  ///< --comm-hook: how DDP reduces gradients
   std::map<std::string, std::string> as_config() const;
 };
 Common read_common(const cxxopts::ParseResult& result);
+/// The recipes' DDP options: NaN/Inf gradients abort on every rank; --comm-hook's hook.
+lockstep::DDPOptions ddp_options(const Common& common);
 
 /// Installs the SIGTERM/SIGINT flag-setting handler (see Note [Preemption]).
 void install_stop_handlers();

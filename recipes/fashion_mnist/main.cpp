@@ -188,7 +188,7 @@ int run(int argc, char** argv) {
   // Averages gradients, overlapped with backward; a NaN or Inf gradient stops every rank,
   // naming the step, rank and parameter where it began.
   DistributedDataParallel ddp(net, pg,
-                              lockstep::DDPOptions().nonfinite(lockstep::NonFinite::kAbort));
+                              recipe::ddp_options(common));
 
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   // A crash after the checkpoint left records the resumed run writes again: drop them.

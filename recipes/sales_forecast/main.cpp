@@ -253,7 +253,7 @@ int run(int argc, char** argv) {
   bool resumed = common.resume && checkpointer.load(pos);
   // A NaN or Inf gradient stops every rank, naming the step, rank and parameter.
   DistributedDataParallel ddp(net, pg,
-                              lockstep::DDPOptions().nonfinite(lockstep::NonFinite::kAbort));
+                              recipe::ddp_options(common));
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);

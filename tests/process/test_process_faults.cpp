@@ -177,6 +177,50 @@ void expect_gloo_death_named(int world, int victim) {
   for (auto& c : ranks) reap(c);
 }
 
+// Note [Naming a lost peer on another host] in lib/src/comm/gloo_group.cpp: ranks 1 and 2
+// run on "another host" (a UTS namespace with its own hostname, so lockstep cannot check their
+// processes from rank 0). Rank 2 is killed; rank 1 (beside it) names it as dead, and rank 0
+// names it as the remote rank that did not report the failure.
+TEST(ProcessFaults, GlooErrorNamesALostPeerOnAnotherHost) {
+  if (geteuid() != 0 || access("/usr/bin/unshare", X_OK) != 0) {
+    GTEST_SKIP() << "needs root and /usr/bin/unshare to give ranks another host name";
+  }
+  TempDir dir;
+  int port = free_port();
+  std::vector<Child> ranks;
+  for (int r = 0; r < 3; ++r) {
+    auto env = rank_env(r, 3, port);
+    env["LOCKSTEP_TRANSPORT"] = "gloo";
+    std::vector<std::string> argv = {LOCKSTEP_RANK_WORKER, "loop", "1000000000"};
+    if (r > 0) {
+      argv = {"/usr/bin/unshare", "--uts", "/bin/sh", "-c",
+              "hostname lockstep-hostb && exec \"$0\" loop 1000000000", LOCKSTEP_RANK_WORKER};
+    }
+    ranks.push_back(spawn(argv, env, dir, "rank" + std::to_string(r)));
+  }
+  for (auto& c : ranks) {
+    ASSERT_TRUE(eventually([&] { return contains(c.out(), "ready"); }, seconds(60)))
+        << "a rank never got through its first all-reduce; stderr: " << c.err();
+  }
+  kill(ranks[2].pid, SIGKILL);
+  const auto killed_at = Clock::now();
+  ASSERT_TRUE(wait_for(ranks[0], seconds(30))) << "rank 0 still running 30 s after the kill";
+  ASSERT_TRUE(wait_for(ranks[1], seconds(30))) << "rank 1 still running 30 s after the kill";
+  const double took = secs(Clock::now() - killed_at);
+  report_bound("kill -9 of a rank on another host (Gloo): rank 0 names it", took, 5);
+  EXPECT_LT(took, 5.0);
+  const std::string pid = std::to_string(ranks[2].pid);
+  EXPECT_TRUE(contains(ranks[1].err(), "rank 2 (pid " + pid + " on lockstep-hostb) died"))
+      << ranks[1].err();
+  const auto err0 = ranks[0].err();
+  EXPECT_EQ(ranks[0].exit_code(), 3) << err0;
+  EXPECT_TRUE(contains(err0, "the other remote ranks reported the failure within 1 s while "
+                             "rank 2 (pid " + pid + " on lockstep-hostb) did not"))
+      << err0;
+  EXPECT_TRUE(contains(err0, "Check rank 2's log and host")) << err0;
+  for (auto& c : ranks) reap(c);
+}
+
 TEST(ProcessFaults, GlooErrorNamesTheKilledPeer) { expect_gloo_death_named(2, 1); }
 
 TEST(ProcessFaults, GlooErrorNamesTheKilledPeerOfThree) { expect_gloo_death_named(3, 2); }

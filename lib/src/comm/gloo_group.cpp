@@ -163,8 +163,10 @@ class PeerTable {
               concat("Check rank ", dead.front(), "'s log (killed, out of memory?)")};
     }
     std::string remote;
+    std::vector<int> remote_ranks;
     for (size_t r = 0; r < peers_.size(); ++r) {
       if (static_cast<int>(r) == rank_ || peers_[r].process) continue;
+      remote_ranks.push_back(static_cast<int>(r));
       remote += concat(remote.empty() ? "" : ", ", "rank ", r,
                        peers_[r].host.empty() ? "" : concat(" on ", host_name(peers_[r].host)));
     }
@@ -172,6 +174,38 @@ class PeerTable {
       return {"a peer closed its connection, but no rank on this host died (a peer may have "
               "failed and exited)",
               "Check the other ranks' logs"};
+    }
+    // Note [Naming a lost peer on another host]: every surviving rank that sees the failure
+    // records "failed/<rank>" (above), so the remote ranks that record nothing within the
+    // grace are the likely lost ones.
+    std::vector<int> silent = remote_ranks;
+    const auto quiet_until = std::chrono::steady_clock::now() + kDeathGrace;
+    while (!silent.empty()) {
+      for (auto it = silent.begin(); it != silent.end();) {
+        bool reported = false;
+        try {
+          reported = store_->check({concat("failed/", *it)});
+        } catch (const std::exception&) {  // the store went too: nothing more to learn
+          silent.clear();
+          break;
+        }
+        it = reported ? silent.erase(it) : it + 1;
+      }
+      if (silent.empty() || std::chrono::steady_clock::now() >= quiet_until) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling the store
+    }
+    if (!silent.empty() && silent.size() < remote_ranks.size()) {
+      std::string who;
+      for (size_t i = 0; i < silent.size(); ++i) {
+        const auto& p = peers_[silent[i]];
+        who += concat(i == 0 ? "" : ", ", "rank ", silent[i], " (pid ", p.pid, " on ",
+                      host_name(p.host), ")");
+      }
+      return {concat("a peer closed its connection; no rank on this host died, and the other "
+                     "remote ranks reported the failure within ", kDeathGrace.count() / 1000.0,
+                     " s while ", who, silent.size() == 1 ? " did not: it" : " did not: they",
+                     " probably died or lost the network"),
+              concat("Check rank ", silent.front(), "'s log and host")};
     }
     return {concat("a peer closed its connection, and no rank on this host died; the lost peer "
                    "is among ", remote, " (their liveness cannot be checked from here)"),
