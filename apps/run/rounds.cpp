@@ -248,14 +248,16 @@ std::optional<bool> Rounds::stand_by(const std::function<bool()>& wait) {
 
 int64_t Rounds::waiting() {
   if (!o_.elastic()) return 0;
-  return store_->add(key("waiting"), 0);
+  return guarded([&] { return store_->add(key("waiting"), 0); });
 }
 
 void Rounds::beat() {
-  if (o_.nnodes > 1) store_->add(key(concat("beat/", o_.node_rank)), 1);
+  if (o_.nnodes > 1) guarded([&] { return store_->add(key(concat("beat/", o_.node_rank)), 1); });
 }
 
-int64_t Rounds::beats(int node) { return store_->add(key(concat("beat/", node)), 0); }
+int64_t Rounds::beats(int node) {
+  return guarded([&] { return store_->add(key(concat("beat/", node)), 0); });
+}
 
 void Rounds::share(const WorkerEvent& event) {
   if (o_.nnodes == 1) return;
@@ -263,7 +265,7 @@ void Rounds::share(const WorkerEvent& event) {
     int64_t n = store_->add(key("events"), 1);
     store_->set(key(concat("event/", n)), to_json(event).dump());
   } catch (const std::exception&) {
-    // The store is gone: the next check of "failed" reports it.
+    lost_ = true;  // the store is gone: the next check of "failed" reports it
   }
 }
 
@@ -284,7 +286,7 @@ std::vector<WorkerEvent> Rounds::shared_events() {
       }
     }
   } catch (const std::exception&) {
-    // The store is gone: judge from what was read; the next check of "failed" reports it.
+    lost_ = true;  // the store is gone: judge from what was read; "failed" reports it
   }
   return events;
 }
@@ -310,25 +312,33 @@ Failure Rounds::publish(const Failure& failure) {
     }
     return read_failure();
   } catch (const std::exception&) {
+    lost_ = true;
     return failure;  // the store is gone: report what we saw
   }
 }
 
 std::optional<Failure> Rounds::published() {
-  if (!store_->check({key("failed")})) return std::nullopt;
-  return read_failure();
+  if (!guarded([&] { return store_->check({key("failed")}); })) return std::nullopt;
+  return guarded([&] { return read_failure(); });
 }
 
-void Rounds::set_done() { store_->set(key(concat("done/", o_.node_rank)), "1"); }
+void Rounds::set_done() {
+  guarded([&] {
+    store_->set(key(concat("done/", o_.node_rank)), "1");
+    return 0;
+  });
+}
 
 bool Rounds::all_done() {
   std::vector<std::string> keys;
   for (int k : members_) keys.push_back(key(concat("done/", k)));
-  return store_->check(keys);
+  return guarded([&] { return store_->check(keys); });
 }
 
 void Rounds::exit_handshake(const std::function<void()>& wait) {
-  if (o_.nnodes == 1) return;
+  // Once lost, the store is not called again: a new connection would retry for the whole
+  // connect timeout before giving up.
+  if (o_.nnodes == 1 || lost_) return;
   try {
     store_->set(key(concat("exit/", o_.node_rank)), "1");
     if (o_.node_rank != 0) return;

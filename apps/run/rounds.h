@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "lockstep/errors.h"
 #include "lockstep/store.h"
 #include "options.h"
 #include "verdict.h"
@@ -138,6 +139,20 @@ class Rounds {
   std::unique_ptr<Store> store_;
   int round_ = 0;
   std::vector<int> members_;  // node ranks of the round, ascending
+  bool lost_ = false;         // a store call failed: the store's host is gone
+
+  // Runs a store call; once one failed, fails at once (a new connection would retry for the
+  // whole connect timeout, keeping a launcher whose store's host died from exiting).
+  template <typename F>
+  auto guarded(F&& call) -> decltype(call()) {
+    if (lost_) throw CommError(detail::concat("the rendezvous store ", describe(), " was lost earlier"));
+    try {
+      return call();
+    } catch (...) {
+      lost_ = true;
+      throw;
+    }
+  }
 };
 
 }  // namespace run

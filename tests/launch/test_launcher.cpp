@@ -675,6 +675,46 @@ std::string hosted_port(Proc& node0) {
   return m[1];
 }
 
+// The store's host dies: node 0's launcher (which hosts the rendezvous store) is killed with
+// SIGKILL, its worker dies with it, and node 1's launcher fails within the bound saying it
+// lost the store or that rank 0 died, with no worker left on either node.
+TEST(Launcher, StoreHostDeathFailsTheOtherNodesNamingTheStore) {
+  Env env = kNodesEnv;
+  env["LOCKSTEP_TIMEOUT"] = "10";
+  const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
+  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id sd --grace-period 2 "
+                      "--nproc-per-node 1",
+                      worker),
+             env);
+  std::string port = hosted_port(node0);
+  ASSERT_FALSE(port.empty()) << node0.all();
+  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
+                          " --run-id sd --grace-period 2 --nproc-per-node 1",
+                      worker),
+             env);
+  ASSERT_TRUE(node1.until([&] { return ready_pids(node1.out()).count(1) == 1; },
+                          Seconds(kJobBound)))
+      << node1.all();
+  ASSERT_TRUE(node0.until([&] { return ready_pids(node0.out()).count(0) == 1; }, Seconds(30)))
+      << node0.all();
+  auto pids = ready_pids(node1.out());
+  auto pids0 = ready_pids(node0.out());
+  pids.insert(pids0.begin(), pids0.end());
+  const auto killed_at = Clock::now();
+  ASSERT_EQ(kill(node0.pid(), SIGKILL), 0);
+  const int code = node1.wait(Seconds(60));
+  const double took = since(killed_at);
+  report_bound("the store's host (node 0's launcher) killed: node 1 fails", took, 30);
+  EXPECT_LT(took, 30.0) << node1.all();
+  EXPECT_NE(code, 0) << node1.all();
+  // Whichever node 1 sees first: the store gone, or its worker's error naming rank 0's death.
+  const std::string err = node1.err();
+  EXPECT_TRUE(err.find("lost the rendezvous store") != std::string::npos ||
+              err.find("rank 0 (pid " + std::to_string(pids[0]) + ") died") != std::string::npos)
+      << err;
+  EXPECT_TRUE(all_gone(pids, Seconds(5))) << "a worker outlived the store's host";
+}
+
 // Elastic membership (Note [Elastic membership] in apps/run/rounds.h), three launchers on
 // this machine with --nnodes 2:3. A node that is lost (its launcher killed with SIGKILL, so
 // its worker dies too) fails the round; the next round forms on the two that are left, with
