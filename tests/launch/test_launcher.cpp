@@ -675,31 +675,52 @@ std::string hosted_port(Proc& node0) {
   return m[1];
 }
 
+// Two launchers on this machine, one looping worker each (run id `run_id`), started until
+// both workers are ready; `pids` holds ranks 0 and 1 (empty, with a failure added, when they
+// did not get ready).
+struct TwoNodes {
+  std::unique_ptr<Proc> node0, node1;
+  std::map<int, pid_t> pids;
+};
+TwoNodes start_two_looping_nodes(const std::string& run_id, const Env& env, int grace,
+                                 const std::string& extra_flags = "") {
+  TwoNodes job;
+  const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
+  const std::string common = " --run-id " + run_id + " --grace-period " + std::to_string(grace) +
+                             " --nproc-per-node 1" + extra_flags;
+  job.node0 = std::make_unique<Proc>(
+      launcher("--nnodes 2 --node-rank 0 --master-port 0" + common, worker), env);
+  const std::string port = hosted_port(*job.node0);
+  if (port.empty()) {
+    ADD_FAILURE() << "node 0 hosted no store: " << job.node0->all();
+    return job;
+  }
+  job.node1 = std::make_unique<Proc>(
+      launcher("--nnodes 2 --node-rank 1 --master-port " + port + common, worker), env);
+  Proc& n0 = *job.node0;
+  Proc& n1 = *job.node1;
+  if (!n1.until([&] { return ready_pids(n1.out()).count(1) == 1; }, Seconds(kJobBound)) ||
+      !n0.until([&] { return ready_pids(n0.out()).count(0) == 1; }, Seconds(30))) {
+    ADD_FAILURE() << "the workers did not get ready: " << n0.all() << n1.all();
+    return job;
+  }
+  job.pids = ready_pids(n1.out());
+  auto pids0 = ready_pids(n0.out());
+  job.pids.insert(pids0.begin(), pids0.end());
+  return job;
+}
+
 // The store's host dies: node 0's launcher (which hosts the rendezvous store) is killed with
 // SIGKILL, its worker dies with it, and node 1's launcher fails within the bound saying it
 // lost the store or that rank 0 died, with no worker left on either node.
 TEST(Launcher, StoreHostDeathFailsTheOtherNodesNamingTheStore) {
   Env env = kNodesEnv;
   env["LOCKSTEP_TIMEOUT"] = "10";
-  const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
-  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id sd --grace-period 2 "
-                      "--nproc-per-node 1",
-                      worker),
-             env);
-  std::string port = hosted_port(node0);
-  ASSERT_FALSE(port.empty()) << node0.all();
-  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
-                          " --run-id sd --grace-period 2 --nproc-per-node 1",
-                      worker),
-             env);
-  ASSERT_TRUE(node1.until([&] { return ready_pids(node1.out()).count(1) == 1; },
-                          Seconds(kJobBound)))
-      << node1.all();
-  ASSERT_TRUE(node0.until([&] { return ready_pids(node0.out()).count(0) == 1; }, Seconds(30)))
-      << node0.all();
-  auto pids = ready_pids(node1.out());
-  auto pids0 = ready_pids(node0.out());
-  pids.insert(pids0.begin(), pids0.end());
+  TwoNodes job = start_two_looping_nodes("sd", env, /*grace=*/2);
+  ASSERT_EQ(job.pids.size(), 2u);
+  Proc& node0 = *job.node0;
+  Proc& node1 = *job.node1;
+  const auto pids = job.pids;
   const auto killed_at = Clock::now();
   ASSERT_EQ(kill(node0.pid(), SIGKILL), 0);
   const int code = node1.wait(Seconds(60));
@@ -710,7 +731,7 @@ TEST(Launcher, StoreHostDeathFailsTheOtherNodesNamingTheStore) {
   // Whichever node 1 sees first: the store gone, or its worker's error naming rank 0's death.
   const std::string err = node1.err();
   EXPECT_TRUE(err.find("lost the rendezvous store") != std::string::npos ||
-              err.find("rank 0 (pid " + std::to_string(pids[0]) + ") died") != std::string::npos)
+              err.find("rank 0 (pid " + std::to_string(pids.at(0)) + ") died") != std::string::npos)
       << err;
   EXPECT_TRUE(all_gone(pids, Seconds(5))) << "a worker outlived the store's host";
 }
@@ -841,25 +862,11 @@ TEST(Launcher, EarlyExitZeroOnOneNodeFailsBothNodes) {
 TEST(Launcher, StoppedWorkerOnOneNodeIsTheRootCauseOnBoth) {
   Env env = kNodesEnv;
   env["LOCKSTEP_TIMEOUT"] = "3";
-  const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
-  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id st --grace-period 1 "
-                      "--nproc-per-node 1",
-                      worker),
-             env);
-  std::string port = hosted_port(node0);
-  ASSERT_FALSE(port.empty()) << node0.all();
-  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port +
-                          " --run-id st --grace-period 1 --nproc-per-node 1",
-                      worker),
-             env);
-  ASSERT_TRUE(node1.until([&] { return ready_pids(node1.out()).count(1) == 1; },
-                          Seconds(kJobBound)))
-      << node1.all();
-  ASSERT_TRUE(node0.until([&] { return ready_pids(node0.out()).count(0) == 1; }, Seconds(30)))
-      << node0.all();
-  auto pids = ready_pids(node1.out());
-  auto pids0 = ready_pids(node0.out());
-  pids.insert(pids0.begin(), pids0.end());
+  TwoNodes job = start_two_looping_nodes("st", env, /*grace=*/1);
+  ASSERT_EQ(job.pids.size(), 2u);
+  Proc& node0 = *job.node0;
+  Proc& node1 = *job.node1;
+  auto pids = job.pids;
   auto stopped_at = Clock::now();
   ASSERT_EQ(kill(pids[1], SIGSTOP), 0);
   EXPECT_EQ(node0.wait(Seconds(60)), 128 + SIGSTOP) << node0.all();
@@ -880,8 +887,6 @@ TEST(Launcher, StoppedWorkerOnOneNodeIsTheRootCauseOnBoth) {
   EXPECT_TRUE(all_gone(pids, Seconds(5))) << "a worker outlived its launcher";
 }
 
-// The same worker under Debian's torchrun (1.13, which needs `-r 1 -t 1` on Python 3.11 and
-// hosts the store itself).
 // Note [Launcher heartbeats]: node 1's launcher is stopped (SIGSTOP) while its worker runs on.
 // Node 0 sees node 1's heartbeat stand still, fails the job naming node 1 once
 // --heartbeat-timeout has passed, and stops its worker; node 1, continued, reports the same
@@ -889,20 +894,11 @@ TEST(Launcher, StoppedWorkerOnOneNodeIsTheRootCauseOnBoth) {
 TEST(Launcher, HungLauncherOnOneNodeIsNamedAfterTheHeartbeatTimeout) {
   Env env = kNodesEnv;
   env["LOCKSTEP_TIMEOUT"] = "120";  // the workers themselves would not notice within the test
-  const std::vector<std::string> worker = {kWorker, "--mode", "loop"};
-  const std::string flags = " --run-id hb --grace-period 1 --heartbeat-timeout 2 --nproc-per-node 1";
-  Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0" + flags, worker), env);
-  std::string port = hosted_port(node0);
-  ASSERT_FALSE(port.empty()) << node0.all();
-  Proc node1(launcher("--nnodes 2 --node-rank 1 --master-port " + port + flags, worker), env);
-  ASSERT_TRUE(node1.until([&] { return ready_pids(node1.out()).count(1) == 1; },
-                          Seconds(kJobBound)))
-      << node1.all();
-  ASSERT_TRUE(node0.until([&] { return ready_pids(node0.out()).count(0) == 1; }, Seconds(30)))
-      << node0.all();
-  auto pids = ready_pids(node1.out());
-  auto pids0 = ready_pids(node0.out());
-  pids.insert(pids0.begin(), pids0.end());
+  TwoNodes job = start_two_looping_nodes("hb", env, /*grace=*/1, " --heartbeat-timeout 2");
+  ASSERT_EQ(job.pids.size(), 2u);
+  Proc& node0 = *job.node0;
+  Proc& node1 = *job.node1;
+  auto pids = job.pids;
   const auto stopped_at = Clock::now();
   ASSERT_EQ(kill(node1.pid(), SIGSTOP), 0);
   const std::string hung = "node 1's launcher (";
@@ -925,6 +921,8 @@ TEST(Launcher, HungLauncherOnOneNodeIsNamedAfterTheHeartbeatTimeout) {
   EXPECT_TRUE(all_gone(pids, Seconds(10))) << "a worker outlived the job";
 }
 
+// The same worker under Debian's torchrun (1.13, which needs `-r 1 -t 1` on Python 3.11 and
+// hosts the store itself).
 TEST(Interop, TorchrunNoPython) {
   if (access("/usr/bin/torchrun", X_OK) != 0) GTEST_SKIP() << "/usr/bin/torchrun not installed";
   auto port = std::to_string(free_port());
@@ -1322,7 +1320,7 @@ TEST(Launcher, ForeignClientsAreRefusedAndTheJobGoesOnListeningOnLoopbackOnly) {
   EXPECT_GE(sockets, 5u) << "expected the store, its clients and Gloo's pairs";
 
   // Without the token, and with another job's token: refused, within 2 s, naming the fix.
-  for (const std::string token : {std::string(), std::string(32, 'x')}) {
+  for (const std::string& token : {std::string(), std::string(32, 'x')}) {
     auto start = Clock::now();
     try {
       lockstep::Store::tcp("127.0.0.1", port, /*is_server=*/false, std::chrono::seconds(5),
