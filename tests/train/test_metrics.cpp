@@ -31,6 +31,8 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
     for (int s = 1; s <= 20; ++s) {
       w.write({"step", {{"step", s}, {"epoch", 1}, {"loss", 2.0 / s}, {"samples_per_s", 1000 + s}}});
       w.write({"bucket", {{"step", s}, {"bucket", s % 3}, {"start_ms", s * 10.0}, {"end_ms", s * 10.0 + 3}}});
+      w.write({"ddp", {{"step", s}, {"forward_ms", 5.0}, {"backward_compute_ms", 9.0},
+                       {"comm_ms", 4.0}, {"exposed_comm_ms", 1.5}}});
     }
     w.write({"epoch", {{"epoch", 1}, {"train_loss", 0.5}, {"val_loss", 0.6}, {"accuracy", 0.9}}});
     w.write({"epoch", {{"epoch", 2}, {"train_loss", 0.4}, {"val_loss", 0.55}, {"accuracy", 0.92}}});
@@ -38,7 +40,7 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
   std::string lines = slurp(metrics);
   EXPECT_NE(lines.find(R"("kind":"step")"), std::string::npos);
   EXPECT_NE(lines.find(R"("loss":0.1)"), std::string::npos) << lines.substr(0, 400);
-  EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 42);
+  EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 62);
 
   write_report(ReportOptions().metrics_path(metrics).output_path(report).title("T <1>")
                    .summary({{"test accuracy", "91.2%"}}).preformatted("sample & text"));
@@ -51,6 +53,18 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
   EXPECT_NE(html.find("accuracy (last 0.92)"), std::string::npos);
   EXPECT_NE(html.find("samples_per_s"), std::string::npos);
   EXPECT_NE(html.find("DDP bucket all-reduce timeline"), std::string::npos);
+  // The DDP phases per step share one chart, one polyline each, with their last values.
+  size_t ddp_chart = html.find("DDP time per step (ms)");
+  ASSERT_NE(ddp_chart, std::string::npos);
+  std::string ddp_svg = html.substr(ddp_chart, html.find("</svg>", ddp_chart) - ddp_chart);
+  for (const char* label : {"forward_ms (last 5)", "backward_compute_ms (last 9)", "comm_ms (last 4)",
+                            "exposed_comm_ms (last 1.5)"}) {
+    EXPECT_NE(ddp_svg.find(label), std::string::npos) << label;
+  }
+  size_t polylines = 0;
+  for (size_t p = ddp_svg.find("<polyline"); p != std::string::npos; p = ddp_svg.find("<polyline", p + 1)) ++polylines;
+  EXPECT_EQ(polylines, 4u);
+  EXPECT_NE(html.find("throughput (samples_per_s)"), std::string::npos);
   EXPECT_EQ(html.find("<script"), std::string::npos) << "the report must be self-contained";
   EXPECT_EQ(html.find("http://"), html.find("http://www.w3.org/2000/svg"))
       << "no external resources";

@@ -446,12 +446,33 @@ void write_report(const ReportOptions& options) {
       }
       if (f.find("loss") != std::string::npos) {
         losses.emplace_back(f, std::move(s));
+      } else if (f.size() > 6 && f.compare(f.size() - 6, 6, "_per_s") == 0) {
+        html << line_chart(concat("throughput (", f, ")"), kind, {{f, std::move(s)}});
       } else {
         html << line_chart(f, kind, {{f, std::move(s)}});
       }
     }
     if (!losses.empty()) html << line_chart("loss", kind, losses);
     html << "</div>";
+  }
+  auto ddp = by_kind.find("ddp");
+  if (ddp != by_kind.end()) {
+    // One line per logged phase of the step, so exposed communication reads against the rest.
+    std::vector<std::pair<std::string, Series>> times;
+    for (const char* f : {"forward_ms", "backward_compute_ms", "comm_ms", "exposed_comm_ms"}) {
+      Series s;
+      for (const auto& r : ddp->second) {
+        if (r.contains(f) && r[f].is_number() && r.contains("step") && r["step"].is_number()) {
+          s.x.push_back(r["step"].get<double>());
+          s.y.push_back(r[f].get<double>());
+        }
+      }
+      if (!s.x.empty()) times.emplace_back(f, std::move(s));
+    }
+    if (!times.empty()) {
+      html << "<h2>DDP time per step</h2><div>"
+           << line_chart("DDP time per step (ms)", "step", times) << "</div>";
+    }
   }
   auto buckets = by_kind.find("bucket");
   if (buckets != by_kind.end()) {

@@ -182,7 +182,9 @@ struct ReportOptions {
 
 /// Writes a self-contained HTML page with one SVG line chart per numeric field of the "step"
 /// and "epoch" records (loss, accuracy, samples/s, ...) and, when "bucket" records (fields
-/// step, bucket, start_ms, end_ms) are present, a timeline of DDP bucket all-reduces.
+/// step, bucket, start_ms, end_ms) are present, a timeline of DDP bucket all-reduces. Fields
+/// ending in "_per_s" are drawn as throughput; "ddp" records (step, forward_ms,
+/// backward_compute_ms, comm_ms, exposed_comm_ms) share one chart of DDP time per step.
 /// Atomic (temp file + rename). Throws lockstep::Error naming the path on I/O failure.
 void write_report(const ReportOptions& options);
 
