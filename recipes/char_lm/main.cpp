@@ -208,6 +208,7 @@ int run(int argc, char** argv) {
   DistributedDataParallel ddp(lm, pg,
                               recipe::ddp_options(common));
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  const char* const kReportTitle = "lockstep: character-level Transformer on Debian's fortunes";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
   train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
@@ -284,10 +285,7 @@ int run(int argc, char** argv) {
   if (rank == 0) {
     std::string sample = generate(lm, prompt, sample_length, context, 0.8, common.seed);
     const std::string report = common.out_dir + "/report.html";
-    train::write_report(train::ReportOptions()
-                            .metrics_path(metrics_path)
-                            .output_path(report)
-                            .title("lockstep: character-level Transformer on Debian's fortunes")
+    train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
                             .summary({{"train loss (nats/char)", concat(train_loss)},
                                       {"validation loss (nats/char)", concat(val)},
                                       {"uniform baseline (nats/char)", concat(std::log(double(kVocab)))},

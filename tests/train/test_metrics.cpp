@@ -43,11 +43,21 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
   EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 62);
 
   write_report(ReportOptions().metrics_path(metrics).output_path(report).title("T <1>")
-                   .summary({{"test accuracy", "91.2%"}}).preformatted("sample & text"));
+                   .summary({{"test accuracy", "91.2%"}}).preformatted("sample & text")
+                   .settings({{"lr", "0.001"}, {"comm-hook", "<fp16>"}})
+                   .command("lockstep-fashion-mnist --lr 0.001 --out-dir 'a b'"));
   std::string html = slurp(report);
   EXPECT_NE(html.find("<title>T &lt;1&gt;</title>"), std::string::npos);
   EXPECT_NE(html.find("91.2%"), std::string::npos);
   EXPECT_NE(html.find("sample &amp; text"), std::string::npos);
+  // Settings: a table of name/value rows, escaped; the command verbatim (escaped).
+  size_t settings = html.find("<table class='settings'>");
+  ASSERT_NE(settings, std::string::npos);
+  EXPECT_NE(html.find("<tr><td>comm-hook</td><td>&lt;fp16&gt;</td></tr>", settings), std::string::npos);
+  EXPECT_NE(html.find("<tr><td>lr</td><td>0.001</td></tr>", settings), std::string::npos);
+  EXPECT_NE(html.find("<pre class='command'>lockstep-fashion-mnist --lr 0.001 --out-dir &#39;a b&#39;</pre>"),
+            std::string::npos)
+      << html.substr(0, 1200);
   EXPECT_NE(html.find("train_loss (last 0.4)"), std::string::npos);
   EXPECT_NE(html.find("val_loss (last 0.55)"), std::string::npos);
   EXPECT_NE(html.find("accuracy (last 0.92)"), std::string::npos);

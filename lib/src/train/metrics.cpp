@@ -253,6 +253,7 @@ std::string html_escape(const std::string& s) {
       case '>': out += "&gt;"; break;
       case '&': out += "&amp;"; break;
       case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;
       default: out += c;
     }
   }
@@ -412,6 +413,17 @@ void write_report(const ReportOptions& options) {
   if (!options.summary().empty()) {
     html << "<table>";
     for (const auto& kv : options.summary()) {
+      html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
+           << "</td></tr>";
+    }
+    html << "</table>";
+  }
+  if (!options.command().empty()) {
+    html << "<h2>Command</h2><pre class='command'>" << html_escape(options.command()) << "</pre>";
+  }
+  if (!options.settings().empty()) {
+    html << "<h2>Settings</h2><table class='settings'>";
+    for (const auto& kv : options.settings()) {
       html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
            << "</td></tr>";
     }

@@ -166,6 +166,9 @@ size_t rewind_metrics(const std::string& path, int64_t step, int64_t epochs_done
 /// Key/value lines of a report's summary table.
 using SummaryLines = std::vector<std::pair<std::string, std::string>>;
 
+/// Name -> value settings of a run, shown as a table in a report.
+using Settings = std::map<std::string, std::string>;
+
 /// Options of `write_report`.
 struct ReportOptions {
   /// The JSON-lines file written by MetricsWriter. Required.
@@ -178,6 +181,11 @@ struct ReportOptions {
   LOCKSTEP_ARG(SummaryLines, summary) = {};
   /// A free-text block shown verbatim (e.g. a generated text sample). Default none.
   LOCKSTEP_ARG(std::string, preformatted) = "";
+  /// The run's settings (flag name -> value, e.g. a recipe's config), shown as a table under
+  /// "Settings". Default none (no table).
+  LOCKSTEP_ARG(Settings, settings) = {};
+  /// The command line that started the run, shown verbatim under "Command". Default none.
+  LOCKSTEP_ARG(std::string, command) = "";
 };
 
 /// Writes a self-contained HTML page with one SVG line chart per numeric field of the "step"
