@@ -267,6 +267,12 @@ int run(int argc, char** argv) {
       progress.finish();
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", last_train}, {"val_loss", val}}});
       if (rank == 0) {
+        // A live report at each epoch end: an open browser tab follows the run (Note in
+        // docs/checkpoints-and-recipes.md, "Report"); the final write below drops the refresh.
+        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
+                                .live(true)
+                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
+                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train loss %.4f, validation loss %.4f nats/char (%.3f bits/char)\n",
                     static_cast<long long>(pos.epoch + 1), last_train, val, val / std::log(2.0));
         std::fflush(stdout);

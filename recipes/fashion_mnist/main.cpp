@@ -262,6 +262,12 @@ int run(int argc, char** argv) {
                                {"test_accuracy", acc},
                                {"samples_per_s", loss_count * common.batch_size / secs}}});
       if (rank == 0) {
+        // A live report at each epoch end: an open browser tab follows the run (Note in
+        // docs/checkpoints-and-recipes.md, "Report"); the final write below drops the refresh.
+        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
+                                .live(true)
+                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
+                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
                     static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, loss_count),
                     test_loss, 100 * acc, recipe::seconds_text(secs).c_str());

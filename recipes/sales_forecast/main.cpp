@@ -314,6 +314,12 @@ int run(int argc, char** argv) {
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", loss_sum / std::max<int64_t>(1, count)},
                                {"val_mae", v[0]}, {"val_rmse", v[1]}, {"naive_mae", v[2]}}});
       if (rank == 0) {
+        // A live report at each epoch end: an open browser tab follows the run (Note in
+        // docs/checkpoints-and-recipes.md, "Report"); the final write below drops the refresh.
+        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
+                                .live(true)
+                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
+                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train mse %.5f, validation MAE %.2f (seasonal naive %.2f)\n",
                     static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, count), v[0], v[2]);
         std::fflush(stdout);

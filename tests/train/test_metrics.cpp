@@ -75,9 +75,35 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
   for (size_t p = ddp_svg.find("<polyline"); p != std::string::npos; p = ddp_svg.find("<polyline", p + 1)) ++polylines;
   EXPECT_EQ(polylines, 4u);
   EXPECT_NE(html.find("throughput (samples_per_s)"), std::string::npos);
+  EXPECT_EQ(html.find("http-equiv"), std::string::npos) << "a final report does not refresh";
+  EXPECT_EQ(html.find("Run in progress"), std::string::npos);
   EXPECT_EQ(html.find("<script"), std::string::npos) << "the report must be self-contained";
   EXPECT_EQ(html.find("http://"), html.find("http://www.w3.org/2000/svg"))
       << "no external resources";
+}
+
+TEST(Metrics, LiveReportRefreshesUntilTheFinalWrite) {
+  std::string dir = ::testing::TempDir();
+  std::string metrics = dir + "lockstep_live_metrics_" + std::to_string(::getpid()) + ".jsonl";
+  std::string report = dir + "lockstep_live_report_" + std::to_string(::getpid()) + ".html";
+  MetricsWriter w(metrics);
+  w.write({"step", {{"step", 1}, {"loss", 2.0}}});
+  write_report(ReportOptions().metrics_path(metrics).output_path(report).live(true));
+  std::string html = slurp(report);
+  size_t head_end = html.find("</head>");
+  size_t refresh = html.find(R"(<meta http-equiv="refresh" content="10">)");
+  ASSERT_NE(refresh, std::string::npos);
+  EXPECT_LT(refresh, head_end) << "the refresh must be in <head>";
+  EXPECT_NE(html.find("Run in progress"), std::string::npos);
+  // Records written after the live report show up in the next write; the final one stops refreshing.
+  w.write({"step", {{"step", 2}, {"loss", 1.25}}});
+  write_report(ReportOptions().metrics_path(metrics).output_path(report));
+  html = slurp(report);
+  EXPECT_EQ(html.find("http-equiv"), std::string::npos);
+  EXPECT_EQ(html.find("Run in progress"), std::string::npos);
+  EXPECT_NE(html.find("loss (last 1.25)"), std::string::npos);
+  std::remove(metrics.c_str());
+  std::remove(report.c_str());
 }
 
 TEST(Metrics, DisabledWriterWritesNothingAndBadFilesAreNamed) {

@@ -404,12 +404,17 @@ void write_report(const ReportOptions& options) {
     }
   }
   std::ostringstream html;
-  html << "<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+  html << "<!DOCTYPE html><html><head><meta charset='utf-8'>";
+  if (options.live()) html << "<meta http-equiv=\"refresh\" content=\"10\">";
+  html << "<title>"
        << html_escape(options.title())
        << "</title><style>body{font-family:sans-serif;margin:24px;max-width:1340px}"
           "svg{margin:6px}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px "
           "8px}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style></head><body>";
   html << "<h1>" << html_escape(options.title()) << "</h1>";
+  if (options.live()) {
+    html << "<p class='live'><b>Run in progress</b>: this page reloads every 10 s.</p>";
+  }
   if (!options.summary().empty()) {
     html << "<table>";
     for (const auto& kv : options.summary()) {

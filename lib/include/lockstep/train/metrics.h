@@ -186,6 +186,10 @@ struct ReportOptions {
   LOCKSTEP_ARG(Settings, settings) = {};
   /// The command line that started the run, shown verbatim under "Command". Default none.
   LOCKSTEP_ARG(std::string, command) = "";
+  /// True while the run is still going: the page carries
+  /// `<meta http-equiv="refresh" content="10">` so an open browser tab follows the run, and
+  /// says it is in progress. Write the final report with false (the default) to drop both.
+  LOCKSTEP_ARG(bool, live) = false;
 };
 
 /// Writes a self-contained HTML page with one SVG line chart per numeric field of the "step"
