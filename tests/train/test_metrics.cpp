@@ -106,6 +106,49 @@ TEST(Metrics, LiveReportRefreshesUntilTheFinalWrite) {
   std::remove(report.c_str());
 }
 
+TEST(Metrics, OverlayReportDrawsEachRunInItsOwnColourWithALegend) {
+  std::string dir = ::testing::TempDir();
+  std::string pid = std::to_string(::getpid());
+  std::string a = dir + "lockstep_overlay_a_" + pid + ".jsonl", b = dir + "lockstep_overlay_b_" + pid + ".jsonl";
+  std::string report = dir + "lockstep_overlay_" + pid + ".html";
+  {
+    MetricsWriter wa(a), wb(b);
+    for (int s = 1; s <= 4; ++s) {
+      wa.write({"step", {{"step", s}, {"loss", 4.0 / s}}});
+      wb.write({"step", {{"step", s}, {"loss", 3.0 / s}}});
+    }
+    wa.write({"epoch", {{"epoch", 1}, {"val_loss", 0.5}}});  // run b has no epoch records
+  }
+  write_overlay_report(OverlayOptions().runs({{"run A", a}, {"run <B>", b}}).output_path(report));
+  std::string html = slurp(report);
+  size_t chart = html.find(">loss by run<");  // not val_loss
+  ASSERT_NE(chart, std::string::npos) << html.substr(0, 800);
+  std::string svg = html.substr(chart, html.find("</svg>", chart) - chart);
+  EXPECT_NE(svg.find("<polyline fill='none' stroke='#1f77b4'"), std::string::npos);
+  EXPECT_NE(svg.find("<polyline fill='none' stroke='#d62728'"), std::string::npos);
+  EXPECT_NE(svg.find("fill='#1f77b4' text-anchor='end'>run A (last 1)"), std::string::npos) << svg;
+  EXPECT_NE(svg.find("fill='#d62728' text-anchor='end'>run &lt;B&gt; (last 0.75)"), std::string::npos) << svg;
+  // A run without the field keeps its colour and says so in the legend.
+  size_t val = html.find("val_loss by run");
+  ASSERT_NE(val, std::string::npos);
+  std::string val_svg = html.substr(val, html.find("</svg>", val) - val);
+  EXPECT_NE(val_svg.find("run A (last 0.5)"), std::string::npos);
+  EXPECT_NE(val_svg.find("fill='#d62728' text-anchor='end'>run &lt;B&gt; (no data)"), std::string::npos) << val_svg;
+  EXPECT_EQ(val_svg.find("stroke='#d62728'"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+
+  EXPECT_THROW(write_overlay_report(OverlayOptions().output_path(report)), lockstep::Error);
+  try {
+    write_overlay_report(OverlayOptions().runs({{"gone", "/nonexistent_dir_lockstep/m.jsonl"}}).output_path(report));
+    FAIL() << "expected an error";
+  } catch (const lockstep::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent_dir_lockstep/m.jsonl"), std::string::npos);
+  }
+  std::remove(a.c_str());
+  std::remove(b.c_str());
+  std::remove(report.c_str());
+}
+
 TEST(Metrics, DisabledWriterWritesNothingAndBadFilesAreNamed) {
   MetricsWriter off("");
   off.write({"step", {{"loss", 1}}});

@@ -200,5 +200,28 @@ struct ReportOptions {
 /// Atomic (temp file + rename). Throws lockstep::Error naming the path on I/O failure.
 void write_report(const ReportOptions& options);
 
+/// One run of an overlay report: its name in the legend and its metrics.jsonl.
+struct OverlayRun {
+  std::string label;
+  std::string metrics_path;
+};
+
+/// Options of `write_overlay_report`.
+struct OverlayOptions {
+  /// The runs to draw, in legend order (colours cycle after 10). Required: at least one.
+  LOCKSTEP_ARG(std::vector<OverlayRun>, runs) = {};
+  /// Where to write the HTML page. Required.
+  LOCKSTEP_ARG(std::string, output_path) = "";
+  /// Title of the page. Default "lockstep runs compared".
+  LOCKSTEP_ARG(std::string, title) = "lockstep runs compared";
+};
+
+/// Writes a self-contained HTML page that overlays several runs: for each loss field of the
+/// "step" and "epoch" records (loss, train_loss, val_loss, ...) one SVG chart with one line per
+/// run, each run in its own colour, with a legend of run labels. Atomic. Throws
+/// lockstep::Error naming the path when a metrics file cannot be read or is not JSON lines, and
+/// when no run or no output path is given. (The `lockstep-report` program wraps this.)
+void write_overlay_report(const OverlayOptions& options);
+
 }  // namespace train
 }  // namespace lockstep
