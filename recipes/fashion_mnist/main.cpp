@@ -262,8 +262,8 @@ int run(int argc, char** argv) {
                                {"test_accuracy", acc},
                                {"samples_per_s", loss_count * common.batch_size / secs}}});
       if (rank == 0) {
-        // A live report at each epoch end: an open browser tab follows the run (Note in
-        // docs/checkpoints-and-recipes.md, "Report"); the final write below drops the refresh.
+        // A live report at each epoch end: an open browser tab follows the run (see
+        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
         train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
                                 .live(true)
                                 .summary({{"epochs done", std::to_string(pos.epoch + 1)},
