@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -147,6 +148,68 @@ TEST(Metrics, OverlayReportDrawsEachRunInItsOwnColourWithALegend) {
   std::remove(a.c_str());
   std::remove(b.c_str());
   std::remove(report.c_str());
+}
+
+// Renders a report in headless Chromium and checks the parsed DOM: the page is well-formed
+// enough that every chart becomes an SVG element, the settings table and command block are
+// where they belong, and a live page keeps its refresh in <head>. Skipped without chromium
+// (Debian's `chromium` package; scripts/install-deps.sh installs it).
+TEST(Metrics, ReportRendersInChromium) {
+  if (std::system("command -v chromium >/dev/null 2>&1") != 0) GTEST_SKIP() << "chromium not installed";
+  std::string dir = ::testing::TempDir();
+  std::string pid = std::to_string(::getpid());
+  std::string metrics = dir + "lockstep_dom_metrics_" + pid + ".jsonl";
+  std::string report = dir + "lockstep_dom_report_" + pid + ".html";
+  std::string profile = dir + "lockstep_dom_profile_" + pid;
+  {
+    MetricsWriter w(metrics);
+    for (int s = 1; s <= 5; ++s) {
+      w.write({"step", {{"step", s}, {"loss", 1.0 / s}, {"samples_per_s", 100 * s}}});
+      w.write({"ddp", {{"step", s}, {"forward_ms", 1.0}, {"backward_compute_ms", 2.0},
+                       {"comm_ms", 3.0}, {"exposed_comm_ms", 0.5}}});
+      w.write({"bucket", {{"step", s}, {"bucket", 0}, {"start_ms", s * 10.0}, {"end_ms", s * 10.0 + 2}}});
+    }
+  }
+  auto dump_dom = [&]() {
+    std::string out = report + ".dom";
+    std::string cmd = "timeout 60 chromium --headless --no-sandbox --disable-gpu --user-data-dir='" + profile +
+                      "' --dump-dom 'file://" + report + "' > '" + out + "' 2>/dev/null";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::string dom = slurp(out);
+    std::remove(out.c_str());
+    return dom;
+  };
+  auto count = [](const std::string& text, const std::string& what) {
+    size_t n = 0;
+    for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+    return n;
+  };
+  write_report(ReportOptions().metrics_path(metrics).output_path(report).title("DOM check")
+                   .settings({{"lr", "0.001"}, {"batch-size", "64"}})
+                   .command("lockstep-fashion-mnist --lr 0.001"));
+  std::string html = slurp(report);
+  std::string dom = dump_dom();
+  ASSERT_NE(dom.find("<h1>DOM check</h1>"), std::string::npos) << dom.substr(0, 400);
+  // Every <svg> of the file is an element of the DOM (none swallowed by a parse error).
+  EXPECT_EQ(count(dom, "<svg "), count(html, "<svg "));
+  EXPECT_GE(count(dom, "<svg "), 4u);  // loss, throughput, DDP times, bucket timeline
+  size_t ddp = dom.find("DDP time per step (ms)</text>");
+  ASSERT_NE(ddp, std::string::npos);
+  EXPECT_EQ(count(dom.substr(ddp, dom.find("</svg>", ddp) - ddp), "<polyline "), 4u);
+  EXPECT_NE(dom.find("<table class=\"settings\"><tbody><tr><td>batch-size</td><td>64</td></tr>"
+                     "<tr><td>lr</td><td>0.001</td></tr></tbody></table>"),
+            std::string::npos);
+  EXPECT_NE(dom.find("<pre class=\"command\">lockstep-fashion-mnist --lr 0.001</pre>"), std::string::npos);
+  EXPECT_EQ(dom.find("http-equiv"), std::string::npos);
+
+  write_report(ReportOptions().metrics_path(metrics).output_path(report).live(true));
+  dom = dump_dom();
+  size_t refresh = dom.find("<meta http-equiv=\"refresh\" content=\"10\">");
+  ASSERT_NE(refresh, std::string::npos) << dom.substr(0, 400);
+  EXPECT_LT(refresh, dom.find("</head>"));
+  std::remove(metrics.c_str());
+  std::remove(report.c_str());
+  EXPECT_EQ(std::system(("rm -rf '" + profile + "'").c_str()), 0);
 }
 
 TEST(Metrics, DisabledWriterWritesNothingAndBadFilesAreNamed) {
