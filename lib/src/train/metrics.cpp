@@ -528,13 +528,7 @@ void write_report(const ReportOptions& options) {
     // Losses share one chart; everything else gets its own.
     std::vector<std::pair<std::string, Series>> losses;
     for (const auto& f : fields) {
-      Series s;
-      for (const auto& r : it->second) {
-        if (r.contains(f) && r[f].is_number() && r.contains(xkey)) {
-          s.x.push_back(r[xkey].get<double>());
-          s.y.push_back(r[f].get<double>());
-        }
-      }
+      Series s = series_of(it->second, xkey, f);
       if (f.find("loss") != std::string::npos) {
         losses.emplace_back(f, std::move(s));
       } else if (f.size() > 6 && f.compare(f.size() - 6, 6, "_per_s") == 0) {
@@ -551,13 +545,7 @@ void write_report(const ReportOptions& options) {
     // One line per logged phase of the step, so exposed communication reads against the rest.
     std::vector<std::pair<std::string, Series>> times;
     for (const char* f : {"forward_ms", "backward_compute_ms", "comm_ms", "exposed_comm_ms"}) {
-      Series s;
-      for (const auto& r : ddp->second) {
-        if (r.contains(f) && r[f].is_number() && r.contains("step") && r["step"].is_number()) {
-          s.x.push_back(r["step"].get<double>());
-          s.y.push_back(r[f].get<double>());
-        }
-      }
+      Series s = series_of(ddp->second, "step", f);
       if (!s.x.empty()) times.emplace_back(f, std::move(s));
     }
     if (!times.empty()) {
