@@ -10,6 +10,7 @@ packages=(
   fortunes        # English text for the char_lm recipe (BSD licence)
   python3-torch   # test oracle and benchmark peer only; never a runtime dependency
   clang libclang-rt-14-dev  # libFuzzer with ASan/UBSan for tests/fuzz; never a runtime dependency
+  chromium        # renders the HTML report in a test (tests/train/test_metrics.cpp); never a runtime dependency
 )
 
 missing=()

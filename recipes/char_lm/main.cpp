@@ -208,6 +208,7 @@ int run(int argc, char** argv) {
   DistributedDataParallel ddp(lm, pg,
                               recipe::ddp_options(common));
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  const char* const kReportTitle = "lockstep: character-level Transformer on Debian's fortunes";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
   train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
@@ -266,6 +267,12 @@ int run(int argc, char** argv) {
       progress.finish();
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", last_train}, {"val_loss", val}}});
       if (rank == 0) {
+        // A live report at each epoch end: an open browser tab follows the run (see
+        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
+        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
+                                .live(true)
+                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
+                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train loss %.4f, validation loss %.4f nats/char (%.3f bits/char)\n",
                     static_cast<long long>(pos.epoch + 1), last_train, val, val / std::log(2.0));
         std::fflush(stdout);
@@ -284,10 +291,7 @@ int run(int argc, char** argv) {
   if (rank == 0) {
     std::string sample = generate(lm, prompt, sample_length, context, 0.8, common.seed);
     const std::string report = common.out_dir + "/report.html";
-    train::write_report(train::ReportOptions()
-                            .metrics_path(metrics_path)
-                            .output_path(report)
-                            .title("lockstep: character-level Transformer on Debian's fortunes")
+    train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
                             .summary({{"train loss (nats/char)", concat(train_loss)},
                                       {"validation loss (nats/char)", concat(val)},
                                       {"uniform baseline (nats/char)", concat(std::log(double(kVocab)))},

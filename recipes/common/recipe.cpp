@@ -438,6 +438,36 @@ int run_main(const std::function<int()>& body) {
   });
 }
 
+train::ReportOptions report_options(const Common& common, const std::string& metrics_path,
+                                    const std::string& title,
+                                    const std::map<std::string, std::string>& config, int argc,
+                                    char** argv) {
+  return train::ReportOptions()
+      .metrics_path(metrics_path)
+      .output_path(common.out_dir + "/report.html")
+      .title(title)
+      .settings(config)
+      .command(command_line(argc, argv));
+}
+
+std::string command_line(int argc, char** argv) {
+  std::string line;
+  for (int i = 0; i < argc; ++i) {
+    std::string a = argv[i];
+    const bool plain = !a.empty() && a.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                         "0123456789-_./=:,+@%") == std::string::npos;
+    if (!line.empty()) line += ' ';
+    if (plain) {
+      line += a;
+    } else {
+      line += '\'';
+      for (char c : a) line += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      line += '\'';
+    }
+  }
+  return line;
+}
+
 std::string seconds_text(double s) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%d:%02d", static_cast<int>(s) / 60, static_cast<int>(s) % 60);

@@ -182,5 +182,16 @@ int run_main(const std::function<int()>& body);
 /// "1:23" for logs.
 std::string seconds_text(double s);
 
+/// The report options every recipe shares: metrics_path, `out_dir`/report.html, the title,
+/// the run's config as settings and argv as the command.
+train::ReportOptions report_options(const Common& common, const std::string& metrics_path,
+                                    const std::string& title,
+                                    const std::map<std::string, std::string>& config, int argc,
+                                    char** argv);
+
+/// argv as one shell line (arguments with spaces or shell characters single-quoted), for the
+/// report's "Command" block.
+std::string command_line(int argc, char** argv);
+
 }  // namespace recipe
 }  // namespace lockstep

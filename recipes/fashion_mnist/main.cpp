@@ -191,6 +191,7 @@ int run(int argc, char** argv) {
                               recipe::ddp_options(common));
 
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  const char* const kReportTitle = "lockstep: Fashion-MNIST CNN";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
   train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
@@ -261,6 +262,12 @@ int run(int argc, char** argv) {
                                {"test_accuracy", acc},
                                {"samples_per_s", loss_count * common.batch_size / secs}}});
       if (rank == 0) {
+        // A live report at each epoch end: an open browser tab follows the run (see
+        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
+        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
+                                .live(true)
+                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
+                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
                     static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, loss_count),
                     test_loss, 100 * acc, recipe::seconds_text(secs).c_str());
@@ -280,10 +287,7 @@ int run(int argc, char** argv) {
     const std::string weights = common.out_dir + "/fashion_mnist_weights.pt";
     train::export_weights(*net, weights);
     const std::string report = common.out_dir + "/report.html";
-    train::write_report(train::ReportOptions()
-                            .metrics_path(metrics_path)
-                            .output_path(report)
-                            .title("lockstep: Fashion-MNIST CNN")
+    train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
                             .summary({{"test accuracy", concat(100 * acc, " %")},
                                       {"test loss", concat(test_loss)},
                                       {"ranks", std::to_string(world)},

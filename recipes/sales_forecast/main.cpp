@@ -255,6 +255,7 @@ int run(int argc, char** argv) {
   DistributedDataParallel ddp(net, pg,
                               recipe::ddp_options(common));
   const std::string metrics_path = common.out_dir + "/metrics.jsonl";
+  const char* const kReportTitle = "lockstep: next-day sales forecast";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
   train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
@@ -313,6 +314,12 @@ int run(int argc, char** argv) {
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", loss_sum / std::max<int64_t>(1, count)},
                                {"val_mae", v[0]}, {"val_rmse", v[1]}, {"naive_mae", v[2]}}});
       if (rank == 0) {
+        // A live report at each epoch end: an open browser tab follows the run (see
+        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
+        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
+                                .live(true)
+                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
+                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train mse %.5f, validation MAE %.2f (seasonal naive %.2f)\n",
                     static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, count), v[0], v[2]);
         std::fflush(stdout);
@@ -329,10 +336,7 @@ int run(int argc, char** argv) {
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   if (rank == 0) {
     const std::string report = common.out_dir + "/report.html";
-    train::write_report(train::ReportOptions()
-                            .metrics_path(metrics_path)
-                            .output_path(report)
-                            .title("lockstep: next-day sales forecast")
+    train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
                             .summary({{"validation MAE (model)", concat(v[0])},
                                       {"validation MAE (seasonal naive)", concat(v[2])},
                                       {"validation RMSE (model)", concat(v[1])},

@@ -49,6 +49,11 @@ events=("$work"/a/tb/events.out.tfevents.*)
 [ "${#events[@]}" = 1 ] && [ -f "${events[0]}" ] || { echo "expected one event file in $work/a/tb, found: ${events[*]}" >&2; exit 1; }
 grep -q "step/loss" "${events[0]}" || { echo "${events[0]} has no step/loss scalar" >&2; exit 1; }
 test -f "$work/a/report.html"
+# The final report shows the run's settings and command and no longer refreshes (the live
+# writes at each epoch end carry a refresh; the last write drops it).
+grep -q "<table class='settings'>" "$work/a/report.html" || { echo "report.html has no settings table" >&2; exit 1; }
+grep -q "<pre class='command'>[^<]*--out-dir" "$work/a/report.html" || { echo "report.html has no command line" >&2; exit 1; }
+if grep -q 'http-equiv="refresh"' "$work/a/report.html"; then echo "the final report.html still refreshes" >&2; exit 1; fi
 if [ -n "${RECIPE_CHECK:-}" ]; then
   /usr/bin/python3 - "$work/a/metrics.jsonl" "$RECIPE_CHECK" <<'PY'
 import json, sys

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -31,6 +32,8 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
     for (int s = 1; s <= 20; ++s) {
       w.write({"step", {{"step", s}, {"epoch", 1}, {"loss", 2.0 / s}, {"samples_per_s", 1000 + s}}});
       w.write({"bucket", {{"step", s}, {"bucket", s % 3}, {"start_ms", s * 10.0}, {"end_ms", s * 10.0 + 3}}});
+      w.write({"ddp", {{"step", s}, {"forward_ms", 5.0}, {"backward_compute_ms", 9.0},
+                       {"comm_ms", 4.0}, {"exposed_comm_ms", 1.5}}});
     }
     w.write({"epoch", {{"epoch", 1}, {"train_loss", 0.5}, {"val_loss", 0.6}, {"accuracy", 0.9}}});
     w.write({"epoch", {{"epoch", 2}, {"train_loss", 0.4}, {"val_loss", 0.55}, {"accuracy", 0.92}}});
@@ -38,22 +41,175 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
   std::string lines = slurp(metrics);
   EXPECT_NE(lines.find(R"("kind":"step")"), std::string::npos);
   EXPECT_NE(lines.find(R"("loss":0.1)"), std::string::npos) << lines.substr(0, 400);
-  EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 42);
+  EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 62);
 
   write_report(ReportOptions().metrics_path(metrics).output_path(report).title("T <1>")
-                   .summary({{"test accuracy", "91.2%"}}).preformatted("sample & text"));
+                   .summary({{"test accuracy", "91.2%"}}).preformatted("sample & text")
+                   .settings({{"lr", "0.001"}, {"comm-hook", "<fp16>"}})
+                   .command("lockstep-fashion-mnist --lr 0.001 --out-dir 'a b'"));
   std::string html = slurp(report);
   EXPECT_NE(html.find("<title>T &lt;1&gt;</title>"), std::string::npos);
   EXPECT_NE(html.find("91.2%"), std::string::npos);
   EXPECT_NE(html.find("sample &amp; text"), std::string::npos);
+  // Settings: a table of name/value rows, escaped; the command verbatim (escaped).
+  size_t settings = html.find("<table class='settings'>");
+  ASSERT_NE(settings, std::string::npos);
+  EXPECT_NE(html.find("<tr><td>comm-hook</td><td>&lt;fp16&gt;</td></tr>", settings), std::string::npos);
+  EXPECT_NE(html.find("<tr><td>lr</td><td>0.001</td></tr>", settings), std::string::npos);
+  EXPECT_NE(html.find("<pre class='command'>lockstep-fashion-mnist --lr 0.001 --out-dir &#39;a b&#39;</pre>"),
+            std::string::npos)
+      << html.substr(0, 1200);
   EXPECT_NE(html.find("train_loss (last 0.4)"), std::string::npos);
   EXPECT_NE(html.find("val_loss (last 0.55)"), std::string::npos);
   EXPECT_NE(html.find("accuracy (last 0.92)"), std::string::npos);
   EXPECT_NE(html.find("samples_per_s"), std::string::npos);
   EXPECT_NE(html.find("DDP bucket all-reduce timeline"), std::string::npos);
+  // The DDP phases per step share one chart, one polyline each, with their last values.
+  size_t ddp_chart = html.find("DDP time per step (ms)");
+  ASSERT_NE(ddp_chart, std::string::npos);
+  std::string ddp_svg = html.substr(ddp_chart, html.find("</svg>", ddp_chart) - ddp_chart);
+  for (const char* label : {"forward_ms (last 5)", "backward_compute_ms (last 9)", "comm_ms (last 4)",
+                            "exposed_comm_ms (last 1.5)"}) {
+    EXPECT_NE(ddp_svg.find(label), std::string::npos) << label;
+  }
+  size_t polylines = 0;
+  for (size_t p = ddp_svg.find("<polyline"); p != std::string::npos; p = ddp_svg.find("<polyline", p + 1)) ++polylines;
+  EXPECT_EQ(polylines, 4u);
+  EXPECT_NE(html.find("throughput (samples_per_s)"), std::string::npos);
+  EXPECT_EQ(html.find("http-equiv"), std::string::npos) << "a final report does not refresh";
+  EXPECT_EQ(html.find("Run in progress"), std::string::npos);
   EXPECT_EQ(html.find("<script"), std::string::npos) << "the report must be self-contained";
   EXPECT_EQ(html.find("http://"), html.find("http://www.w3.org/2000/svg"))
       << "no external resources";
+}
+
+TEST(Metrics, LiveReportRefreshesUntilTheFinalWrite) {
+  std::string dir = ::testing::TempDir();
+  std::string metrics = dir + "lockstep_live_metrics_" + std::to_string(::getpid()) + ".jsonl";
+  std::string report = dir + "lockstep_live_report_" + std::to_string(::getpid()) + ".html";
+  MetricsWriter w(metrics);
+  w.write({"step", {{"step", 1}, {"loss", 2.0}}});
+  write_report(ReportOptions().metrics_path(metrics).output_path(report).live(true));
+  std::string html = slurp(report);
+  size_t head_end = html.find("</head>");
+  size_t refresh = html.find(R"(<meta http-equiv="refresh" content="10">)");
+  ASSERT_NE(refresh, std::string::npos);
+  EXPECT_LT(refresh, head_end) << "the refresh must be in <head>";
+  EXPECT_NE(html.find("Run in progress"), std::string::npos);
+  // Records written after the live report show up in the next write; the final one stops refreshing.
+  w.write({"step", {{"step", 2}, {"loss", 1.25}}});
+  write_report(ReportOptions().metrics_path(metrics).output_path(report));
+  html = slurp(report);
+  EXPECT_EQ(html.find("http-equiv"), std::string::npos);
+  EXPECT_EQ(html.find("Run in progress"), std::string::npos);
+  EXPECT_NE(html.find("loss (last 1.25)"), std::string::npos);
+  std::remove(metrics.c_str());
+  std::remove(report.c_str());
+}
+
+TEST(Metrics, OverlayReportDrawsEachRunInItsOwnColourWithALegend) {
+  std::string dir = ::testing::TempDir();
+  std::string pid = std::to_string(::getpid());
+  std::string a = dir + "lockstep_overlay_a_" + pid + ".jsonl", b = dir + "lockstep_overlay_b_" + pid + ".jsonl";
+  std::string report = dir + "lockstep_overlay_" + pid + ".html";
+  {
+    MetricsWriter wa(a), wb(b);
+    for (int s = 1; s <= 4; ++s) {
+      wa.write({"step", {{"step", s}, {"loss", 4.0 / s}}});
+      wb.write({"step", {{"step", s}, {"loss", 3.0 / s}}});
+    }
+    wa.write({"epoch", {{"epoch", 1}, {"val_loss", 0.5}}});  // run b has no epoch records
+  }
+  write_overlay_report(OverlayOptions().runs({{"run A", a}, {"run <B>", b}}).output_path(report));
+  std::string html = slurp(report);
+  size_t chart = html.find(">loss by run<");  // not val_loss
+  ASSERT_NE(chart, std::string::npos) << html.substr(0, 800);
+  std::string svg = html.substr(chart, html.find("</svg>", chart) - chart);
+  EXPECT_NE(svg.find("<polyline fill='none' stroke='#1f77b4'"), std::string::npos);
+  EXPECT_NE(svg.find("<polyline fill='none' stroke='#d62728'"), std::string::npos);
+  EXPECT_NE(svg.find("fill='#1f77b4' text-anchor='end'>run A (last 1)"), std::string::npos) << svg;
+  EXPECT_NE(svg.find("fill='#d62728' text-anchor='end'>run &lt;B&gt; (last 0.75)"), std::string::npos) << svg;
+  // A run without the field keeps its colour and says so in the legend.
+  size_t val = html.find("val_loss by run");
+  ASSERT_NE(val, std::string::npos);
+  std::string val_svg = html.substr(val, html.find("</svg>", val) - val);
+  EXPECT_NE(val_svg.find("run A (last 0.5)"), std::string::npos);
+  EXPECT_NE(val_svg.find("fill='#d62728' text-anchor='end'>run &lt;B&gt; (no data)"), std::string::npos) << val_svg;
+  EXPECT_EQ(val_svg.find("stroke='#d62728'"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+
+  EXPECT_THROW(write_overlay_report(OverlayOptions().output_path(report)), lockstep::Error);
+  try {
+    write_overlay_report(OverlayOptions().runs({{"gone", "/nonexistent_dir_lockstep/m.jsonl"}}).output_path(report));
+    FAIL() << "expected an error";
+  } catch (const lockstep::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent_dir_lockstep/m.jsonl"), std::string::npos);
+  }
+  std::remove(a.c_str());
+  std::remove(b.c_str());
+  std::remove(report.c_str());
+}
+
+// Renders a report in headless Chromium and checks the parsed DOM: the page is well-formed
+// enough that every chart becomes an SVG element, the settings table and command block are
+// where they belong, and a live page keeps its refresh in <head>. Skipped without chromium
+// (Debian's `chromium` package; scripts/install-deps.sh installs it).
+TEST(Metrics, ReportRendersInChromium) {
+  if (std::system("command -v chromium >/dev/null 2>&1") != 0) GTEST_SKIP() << "chromium not installed";
+  std::string dir = ::testing::TempDir();
+  std::string pid = std::to_string(::getpid());
+  std::string metrics = dir + "lockstep_dom_metrics_" + pid + ".jsonl";
+  std::string report = dir + "lockstep_dom_report_" + pid + ".html";
+  std::string profile = dir + "lockstep_dom_profile_" + pid;
+  {
+    MetricsWriter w(metrics);
+    for (int s = 1; s <= 5; ++s) {
+      w.write({"step", {{"step", s}, {"loss", 1.0 / s}, {"samples_per_s", 100 * s}}});
+      w.write({"ddp", {{"step", s}, {"forward_ms", 1.0}, {"backward_compute_ms", 2.0},
+                       {"comm_ms", 3.0}, {"exposed_comm_ms", 0.5}}});
+      w.write({"bucket", {{"step", s}, {"bucket", 0}, {"start_ms", s * 10.0}, {"end_ms", s * 10.0 + 2}}});
+    }
+  }
+  auto dump_dom = [&]() {
+    std::string out = report + ".dom";
+    std::string cmd = "timeout 60 chromium --headless --no-sandbox --disable-gpu --user-data-dir='" + profile +
+                      "' --dump-dom 'file://" + report + "' > '" + out + "' 2>/dev/null";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::string dom = slurp(out);
+    std::remove(out.c_str());
+    return dom;
+  };
+  auto count = [](const std::string& text, const std::string& what) {
+    size_t n = 0;
+    for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+    return n;
+  };
+  write_report(ReportOptions().metrics_path(metrics).output_path(report).title("DOM check")
+                   .settings({{"lr", "0.001"}, {"batch-size", "64"}})
+                   .command("lockstep-fashion-mnist --lr 0.001"));
+  std::string html = slurp(report);
+  std::string dom = dump_dom();
+  ASSERT_NE(dom.find("<h1>DOM check</h1>"), std::string::npos) << dom.substr(0, 400);
+  // Every <svg> of the file is an element of the DOM (none swallowed by a parse error).
+  EXPECT_EQ(count(dom, "<svg "), count(html, "<svg "));
+  EXPECT_GE(count(dom, "<svg "), 4u);  // loss, throughput, DDP times, bucket timeline
+  size_t ddp = dom.find("DDP time per step (ms)</text>");
+  ASSERT_NE(ddp, std::string::npos);
+  EXPECT_EQ(count(dom.substr(ddp, dom.find("</svg>", ddp) - ddp), "<polyline "), 4u);
+  EXPECT_NE(dom.find("<table class=\"settings\"><tbody><tr><td>batch-size</td><td>64</td></tr>"
+                     "<tr><td>lr</td><td>0.001</td></tr></tbody></table>"),
+            std::string::npos);
+  EXPECT_NE(dom.find("<pre class=\"command\">lockstep-fashion-mnist --lr 0.001</pre>"), std::string::npos);
+  EXPECT_EQ(dom.find("http-equiv"), std::string::npos);
+
+  write_report(ReportOptions().metrics_path(metrics).output_path(report).live(true));
+  dom = dump_dom();
+  size_t refresh = dom.find("<meta http-equiv=\"refresh\" content=\"10\">");
+  ASSERT_NE(refresh, std::string::npos) << dom.substr(0, 400);
+  EXPECT_LT(refresh, dom.find("</head>"));
+  std::remove(metrics.c_str());
+  std::remove(report.c_str());
+  EXPECT_EQ(std::system(("rm -rf '" + profile + "'").c_str()), 0);
 }
 
 TEST(Metrics, DisabledWriterWritesNothingAndBadFilesAreNamed) {

@@ -253,6 +253,7 @@ std::string html_escape(const std::string& s) {
       case '>': out += "&gt;"; break;
       case '&': out += "&amp;"; break;
       case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;
       default: out += c;
     }
   }
@@ -294,7 +295,8 @@ std::string line_chart(const std::string& title, const std::string& xlabel,
   }
   auto px = [&](double x) { return L + (x - xmin) / (xmax - xmin) * (W - L - R); };
   auto py = [&](double y) { return T + (ymax - y) / (ymax - ymin) * (H - T - B); };
-  static const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"};
+  static const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
   std::ostringstream os;
   os << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
      << "' viewBox='0 0 " << W << " " << H << "'>";
@@ -317,7 +319,12 @@ std::string line_chart(const std::string& title, const std::string& xlabel,
   int c = 0;
   double legend_x = W - R - 8;
   for (const auto& l : lines) {
-    const char* color = colors[c++ % 5];
+    const char* color = colors[c++ % 10];
+    if (l.second.x.empty()) {  // keeps its colour slot (overlays: a run without this field)
+      os << "<text x='" << legend_x << "' y='" << T + 14 * c << "' font-size='11' fill='" << color
+         << "' text-anchor='end'>" << html_escape(l.first) << " (no data)</text>";
+      continue;
+    }
     os << "<polyline fill='none' stroke='" << color << "' stroke-width='1.5' points='";
     for (size_t i = 0; i < l.second.x.size(); ++i) {
       os << px(l.second.x[i]) << "," << py(l.second.y[i]) << " ";
@@ -381,13 +388,10 @@ std::string bucket_timeline(const std::vector<json>& records) {
   return os.str();
 }
 
-}  // namespace
-
-void write_report(const ReportOptions& options) {
-  LOCKSTEP_CHECK(!options.metrics_path().empty() && !options.output_path().empty(),
-                 "write_report needs metrics_path and output_path");
-  std::ifstream in(options.metrics_path());
-  if (!in) throw Error(concat("cannot read metrics file '", options.metrics_path(), "'"));
+// The records of a metrics.jsonl file by kind.
+std::map<std::string, std::vector<json>> read_metrics(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(concat("cannot read metrics file '", path, "'"));
   std::map<std::string, std::vector<json>> by_kind;
   std::string line;
   size_t lineno = 0;
@@ -398,20 +402,107 @@ void write_report(const ReportOptions& options) {
       json j = json::parse(line);
       by_kind[j.value("kind", std::string("?"))].push_back(std::move(j));
     } catch (const std::exception& e) {
-      throw Error(concat("metrics file '", options.metrics_path(), "' line ", lineno,
-                         " is not JSON: ", e.what()));
+      throw Error(concat("metrics file '", path, "' line ", lineno, " is not JSON: ", e.what()));
     }
   }
+  return by_kind;
+}
+
+// field -> (x of `xkey`, y) of the numeric values of `field` in `records`.
+Series series_of(const std::vector<json>& records, const std::string& xkey, const std::string& field) {
+  Series s;
+  for (const auto& r : records) {
+    if (r.contains(field) && r[field].is_number() && r.contains(xkey) && r[xkey].is_number()) {
+      s.x.push_back(r[xkey].get<double>());
+      s.y.push_back(r[field].get<double>());
+    }
+  }
+  return s;
+}
+
+const char* const kPageStyle =
+    "<style>body{font-family:sans-serif;margin:24px;max-width:1340px}"
+    "svg{margin:6px}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px "
+    "8px}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style>";
+
+}  // namespace
+
+void write_overlay_report(const OverlayOptions& options) {
+  LOCKSTEP_CHECK(!options.runs().empty() && !options.output_path().empty(),
+                 "write_overlay_report needs at least one run and an output_path");
+  std::vector<std::map<std::string, std::vector<json>>> runs;
+  for (const auto& run : options.runs()) runs.push_back(read_metrics(run.metrics_path));
   std::ostringstream html;
-  html << "<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+  html << "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" << html_escape(options.title())
+       << "</title>" << kPageStyle << "</head><body><h1>" << html_escape(options.title()) << "</h1>";
+  html << "<table class='runs'>";
+  for (const auto& run : options.runs()) {
+    html << "<tr><td>" << html_escape(run.label) << "</td><td>" << html_escape(run.metrics_path)
+         << "</td></tr>";
+  }
+  html << "</table>";
+  size_t charts = 0;
+  for (const char* kind : {"epoch", "step"}) {
+    // The loss fields any run has, in first-seen order.
+    std::vector<std::string> fields;
+    for (const auto& by_kind : runs) {
+      auto it = by_kind.find(kind);
+      if (it == by_kind.end()) continue;
+      for (const auto& r : it->second) {
+        for (const auto& kv : r.items()) {
+          if (kv.key().find("loss") == std::string::npos || !kv.value().is_number()) continue;
+          if (std::find(fields.begin(), fields.end(), kv.key()) == fields.end()) fields.push_back(kv.key());
+        }
+      }
+    }
+    if (fields.empty()) continue;
+    html << "<h2>per " << kind << "</h2><div>";
+    for (const auto& f : fields) {
+      std::vector<std::pair<std::string, Series>> lines;
+      for (size_t i = 0; i < runs.size(); ++i) {
+        auto it = runs[i].find(kind);
+        Series s = it == runs[i].end() ? Series() : series_of(it->second, kind, f);
+        // Every run keeps its slot, so its colour is the same in every chart.
+        lines.emplace_back(options.runs()[i].label, std::move(s));
+      }
+      html << line_chart(concat(f, " by run"), kind, lines);
+      ++charts;
+    }
+    html << "</div>";
+  }
+  if (charts == 0) html << "<p><i>None of these runs recorded a loss.</i></p>";
+  html << "</body></html>\n";
+  replace_file(options.output_path(), html.str(), "overlay report");
+}
+
+void write_report(const ReportOptions& options) {
+  LOCKSTEP_CHECK(!options.metrics_path().empty() && !options.output_path().empty(),
+                 "write_report needs metrics_path and output_path");
+  auto by_kind = read_metrics(options.metrics_path());
+  std::ostringstream html;
+  html << "<!DOCTYPE html><html><head><meta charset='utf-8'>";
+  if (options.live()) html << "<meta http-equiv=\"refresh\" content=\"10\">";
+  html << "<title>"
        << html_escape(options.title())
-       << "</title><style>body{font-family:sans-serif;margin:24px;max-width:1340px}"
-          "svg{margin:6px}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px "
-          "8px}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style></head><body>";
+       << "</title>" << kPageStyle << "</head><body>";
   html << "<h1>" << html_escape(options.title()) << "</h1>";
+  if (options.live()) {
+    html << "<p class='live'><b>Run in progress</b>: this page reloads every 10 s.</p>";
+  }
   if (!options.summary().empty()) {
     html << "<table>";
     for (const auto& kv : options.summary()) {
+      html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
+           << "</td></tr>";
+    }
+    html << "</table>";
+  }
+  if (!options.command().empty()) {
+    html << "<h2>Command</h2><pre class='command'>" << html_escape(options.command()) << "</pre>";
+  }
+  if (!options.settings().empty()) {
+    html << "<h2>Settings</h2><table class='settings'>";
+    for (const auto& kv : options.settings()) {
       html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
            << "</td></tr>";
     }
@@ -437,21 +528,30 @@ void write_report(const ReportOptions& options) {
     // Losses share one chart; everything else gets its own.
     std::vector<std::pair<std::string, Series>> losses;
     for (const auto& f : fields) {
-      Series s;
-      for (const auto& r : it->second) {
-        if (r.contains(f) && r[f].is_number() && r.contains(xkey)) {
-          s.x.push_back(r[xkey].get<double>());
-          s.y.push_back(r[f].get<double>());
-        }
-      }
+      Series s = series_of(it->second, xkey, f);
       if (f.find("loss") != std::string::npos) {
         losses.emplace_back(f, std::move(s));
+      } else if (f.size() > 6 && f.compare(f.size() - 6, 6, "_per_s") == 0) {
+        html << line_chart(concat("throughput (", f, ")"), kind, {{f, std::move(s)}});
       } else {
         html << line_chart(f, kind, {{f, std::move(s)}});
       }
     }
     if (!losses.empty()) html << line_chart("loss", kind, losses);
     html << "</div>";
+  }
+  auto ddp = by_kind.find("ddp");
+  if (ddp != by_kind.end()) {
+    // One line per logged phase of the step, so exposed communication reads against the rest.
+    std::vector<std::pair<std::string, Series>> times;
+    for (const char* f : {"forward_ms", "backward_compute_ms", "comm_ms", "exposed_comm_ms"}) {
+      Series s = series_of(ddp->second, "step", f);
+      if (!s.x.empty()) times.emplace_back(f, std::move(s));
+    }
+    if (!times.empty()) {
+      html << "<h2>DDP time per step</h2><div>"
+           << line_chart("DDP time per step (ms)", "step", times) << "</div>";
+    }
   }
   auto buckets = by_kind.find("bucket");
   if (buckets != by_kind.end()) {

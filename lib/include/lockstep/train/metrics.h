@@ -166,6 +166,9 @@ size_t rewind_metrics(const std::string& path, int64_t step, int64_t epochs_done
 /// Key/value lines of a report's summary table.
 using SummaryLines = std::vector<std::pair<std::string, std::string>>;
 
+/// Name -> value settings of a run, shown as a table in a report.
+using Settings = std::map<std::string, std::string>;
+
 /// Options of `write_report`.
 struct ReportOptions {
   /// The JSON-lines file written by MetricsWriter. Required.
@@ -178,13 +181,47 @@ struct ReportOptions {
   LOCKSTEP_ARG(SummaryLines, summary) = {};
   /// A free-text block shown verbatim (e.g. a generated text sample). Default none.
   LOCKSTEP_ARG(std::string, preformatted) = "";
+  /// The run's settings (flag name -> value, e.g. a recipe's config), shown as a table under
+  /// "Settings". Default none (no table).
+  LOCKSTEP_ARG(Settings, settings) = {};
+  /// The command line that started the run, shown verbatim under "Command". Default none.
+  LOCKSTEP_ARG(std::string, command) = "";
+  /// True while the run is still going: the page carries
+  /// `<meta http-equiv="refresh" content="10">` so an open browser tab follows the run, and
+  /// says it is in progress. Write the final report with false (the default) to drop both.
+  LOCKSTEP_ARG(bool, live) = false;
 };
 
 /// Writes a self-contained HTML page with one SVG line chart per numeric field of the "step"
 /// and "epoch" records (loss, accuracy, samples/s, ...) and, when "bucket" records (fields
-/// step, bucket, start_ms, end_ms) are present, a timeline of DDP bucket all-reduces.
+/// step, bucket, start_ms, end_ms) are present, a timeline of DDP bucket all-reduces. Fields
+/// ending in "_per_s" are drawn as throughput; "ddp" records (step, forward_ms,
+/// backward_compute_ms, comm_ms, exposed_comm_ms) share one chart of DDP time per step.
 /// Atomic (temp file + rename). Throws lockstep::Error naming the path on I/O failure.
 void write_report(const ReportOptions& options);
+
+/// One run of an overlay report: its name in the legend and its metrics.jsonl.
+struct OverlayRun {
+  std::string label;
+  std::string metrics_path;
+};
+
+/// Options of `write_overlay_report`.
+struct OverlayOptions {
+  /// The runs to draw, in legend order (colours cycle after 10). Required: at least one.
+  LOCKSTEP_ARG(std::vector<OverlayRun>, runs) = {};
+  /// Where to write the HTML page. Required.
+  LOCKSTEP_ARG(std::string, output_path) = "";
+  /// Title of the page. Default "lockstep runs compared".
+  LOCKSTEP_ARG(std::string, title) = "lockstep runs compared";
+};
+
+/// Writes a self-contained HTML page that overlays several runs: for each loss field of the
+/// "step" and "epoch" records (loss, train_loss, val_loss, ...) one SVG chart with one line per
+/// run, each run in its own colour, with a legend of run labels. Atomic. Throws
+/// lockstep::Error naming the path when a metrics file cannot be read or is not JSON lines, and
+/// when no run or no output path is given. (The `lockstep-report` program wraps this.)
+void write_overlay_report(const OverlayOptions& options);
 
 }  // namespace train
 }  // namespace lockstep
