@@ -17,6 +17,7 @@
 #include "lockstep/comm_hooks.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
+#include "support/models.h"
 #include "support/threads.h"
 
 namespace {
@@ -75,14 +76,7 @@ Tensor orthogonalized(Tensor p) {
 // ---------------------------------------------------------------------------------------------
 // GradBucket's per-parameter views
 
-struct Mlp : nn::Module {
-  nn::Linear l1{nullptr}, l2{nullptr};
-  Mlp(int64_t in = 6, int64_t hidden = 16, int64_t out = 3) {
-    l1 = register_module("l1", nn::Linear(in, hidden));
-    l2 = register_module("l2", nn::Linear(hidden, out));
-  }
-  Tensor forward(Tensor x) { return l2(torch::relu(l1(x))); }
-};
+using lockstep_test::Mlp;
 
 class InspectingHook : public lockstep::CommHook {
  public:

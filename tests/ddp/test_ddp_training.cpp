@@ -30,14 +30,7 @@ namespace nn = torch::nn;
 
 constexpr int64_t kBatch = 4;
 
-struct Mlp : nn::Module {
-  nn::Linear l1{nullptr}, l2{nullptr};
-  Mlp() {
-    l1 = register_module("l1", nn::Linear(6, 16));
-    l2 = register_module("l2", nn::Linear(16, 3));
-  }
-  Tensor forward(Tensor x) { return l2(torch::relu(l1(x))); }
-};
+using lockstep_test::Mlp;
 
 std::vector<Tensor> snapshot(nn::Module& m) {
   std::vector<Tensor> out;

@@ -20,6 +20,7 @@
 #include "lockstep/errors.h"
 #include "lockstep/grad_scaler.h"
 #include "lockstep/train/checkpoint.h"
+#include "support/models.h"
 #include "support/message.h"
 #include "support/threads.h"
 
@@ -36,14 +37,7 @@ namespace nn = torch::nn;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-struct Mlp : nn::Module {
-  nn::Linear l1{nullptr}, l2{nullptr};
-  Mlp() {
-    l1 = register_module("l1", nn::Linear(6, 16));
-    l2 = register_module("l2", nn::Linear(16, 3));
-  }
-  Tensor forward(Tensor x) { return l2(torch::relu(l1(x))); }
-};
+using lockstep_test::Mlp;
 
 std::vector<Tensor> snapshot(nn::Module& m) {
   std::vector<Tensor> out;

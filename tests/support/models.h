@@ -4,6 +4,16 @@
 
 namespace lockstep_test {
 
+/// Linear(in, hidden), ReLU, Linear(hidden, out): the DDP tests' small model.
+struct Mlp : torch::nn::Module {
+  torch::nn::Linear l1{nullptr}, l2{nullptr};
+  explicit Mlp(int64_t in = 6, int64_t hidden = 16, int64_t out = 3) {
+    l1 = register_module("l1", torch::nn::Linear(in, hidden));
+    l2 = register_module("l2", torch::nn::Linear(hidden, out));
+  }
+  torch::Tensor forward(torch::Tensor x) { return l2(torch::relu(l1(x))); }
+};
+
 /// Linear(3, 3) then BatchNorm1d(3): parameters and buffers (running statistics).
 struct BnNet : torch::nn::Module {
   torch::nn::Linear fc{nullptr};
