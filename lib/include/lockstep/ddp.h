@@ -166,7 +166,8 @@ struct DDPOptions {
   /// rank's own). PyTorch's `_set_params_and_buffers_to_ignore_for_model`. An unknown name is
   /// an InvalidArgument. Default: none.
   LOCKSTEP_ARG(std::vector<std::string>, ignore) = {};
-  /// How buckets are reduced; nullptr (default): `allreduce_hook()`.
+  /// How buckets are reduced; nullptr (default): `allreduce_hook()`. Giving
+  /// `allreduce_hook()` explicitly is the same as the default, fast path included.
   LOCKSTEP_ARG(CommHookPtr, comm_hook) = nullptr;
   /// Chrome trace output path; "" (default): the LOCKSTEP_TRACE environment variable, and no
   /// trace when that is unset. With more than one rank each rank writes `<stem>-rank<r><ext>`.

@@ -295,7 +295,12 @@ DistributedDataParallelBase::DistributedDataParallelBase(std::shared_ptr<torch::
   ro.find_unused_parameters = options_.find_unused_parameters();
   ro.gradient_as_bucket_view = options_.gradient_as_bucket_view();
   ro.rebuild_buckets = options_.rebuild_buckets();
-  ro.comm_hook = options_.comm_hook();
+  // The built-in all-reduce hook is the default, however it was given: DDP then averages
+  // inside the reduction pass (Note [Where the average is taken]) and a world-1 job
+  // communicates nothing. Passing allreduce_hook() explicitly used to cost one more pass
+  // over every gradient per step.
+  ro.comm_hook = dynamic_cast<AllreduceHook*>(options_.comm_hook().get()) ? nullptr
+                                                                           : options_.comm_hook();
   ro.nonfinite = options_.nonfinite();
   ro.static_graph = options_.static_graph();
   LOCKSTEP_CHECK(options_.max_grad_norm() >= 0 && std::isfinite(options_.max_grad_norm()),
