@@ -156,6 +156,7 @@ struct Outcome {
   std::vector<double> repeat_medians;  // one per counted repeat
   std::vector<double> allreduce_ms;    // one per counted repeat
   std::vector<double> plain_step_ms;   // overhead: the interleaved plain steps
+  std::vector<double> cpu_ms_per_step;  // rank 0, one per counted repeat
   std::vector<double> cpus;            // every attempt: CPU time of all ranks per second
   std::vector<double> others;          // every attempt: Note [Disturbed runs]
   long peak_rss_kb = 0;                // max over ranks and repeats
@@ -328,6 +329,7 @@ class Runner {
         auto p = j["plain_step_ms"].get<std::vector<double>>();
         out.plain_step_ms.insert(out.plain_step_ms.end(), p.begin(), p.end());
       }
+      if (j.contains("cpu_ms_per_step")) out.cpu_ms_per_step.push_back(j["cpu_ms_per_step"]);
       out.backend = j.value("backend", "");
       out.params = j.value("params", int64_t{0});
       if (j.contains("ddp_stats")) out.ddp_stats.push_back(j["ddp_stats"]);
@@ -408,6 +410,7 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
     j["vs_floor"] = med / floor_median.get<double>();
   }
   if (!r.plain_step_ms.empty()) j["plain_median_ms"] = median(r.plain_step_ms);
+  if (!r.cpu_ms_per_step.empty()) j["cpu_ms_per_step"] = median(r.cpu_ms_per_step);
   if (!r.ddp_stats.empty()) {
     // lockstep DDP's own statistics, each field the median over the repeats' medians.
     json d;
@@ -418,6 +421,26 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
     }
     d["buckets"] = r.ddp_stats.back()["buckets"];
     d["bucket_bytes"] = r.ddp_stats.back()["bucket_bytes"];
+    // Each bucket's [ready, launched, done], the median over the repeats that had the same
+    // number of buckets as the last one.
+    const json& last = r.ddp_stats.back();
+    if (last.contains("bucket_ms")) {
+      json timeline = json::array();
+      for (size_t b = 0; b < last["bucket_ms"].size(); ++b) {
+        json point = json::array();
+        for (size_t f = 0; f < 3; ++f) {
+          std::vector<double> v;
+          for (const auto& x : r.ddp_stats) {
+            if (x.contains("bucket_ms") && x["bucket_ms"].size() == last["bucket_ms"].size()) {
+              v.push_back(x["bucket_ms"][b][f].get<double>());
+            }
+          }
+          point.push_back(median(v));
+        }
+        timeline.push_back(point);
+      }
+      d["bucket_ms"] = timeline;
+    }
     for (const char* k : {"extra_rss_mib", "extra_pss_mib", "gradient_mib"}) {
       double worst = -1e30;
       for (const auto& x : r.ddp_stats) {
@@ -611,14 +634,20 @@ json run_benchmark(const BenchOptions& o) {
         json rows = json::array();
         const auto& reps = res[i].sweep;
         for (size_t k = 0; k < reps[0].size(); ++k) {
-          std::vector<double> ms, bus, alg;
+          std::vector<double> ms, bus, alg, inplace, copy, add;
           for (const auto& r : reps) {
             ms.push_back(r[k]["ms"]);
             bus.push_back(r[k]["busbw_gbps"]);
             alg.push_back(r[k]["algbw_gbps"]);
+            inplace.push_back(r[k].value("inplace_ms", 0.0));
+            copy.push_back(r[k].value("copy_ms", 0.0));
+            add.push_back(r[k].value("add_ms", 0.0));
           }
           rows.push_back({{"bytes", reps[0][k]["bytes"]},
                           {"ms", median(ms)},
+                          {"inplace_ms", median(inplace)},
+                          {"copy_ms", median(copy)},
+                          {"add_ms", median(add)},
                           {"busbw_gbps", median(bus)},
                           {"algbw_gbps", median(alg)}});
         }

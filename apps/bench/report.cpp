@@ -134,6 +134,31 @@ std::string disturbance_lines(const json& m, bool md) {
   return os.str();
 }
 
+// Where a lockstep DDP step's communication went: backward compute and, per bucket, when its
+// last gradient arrived, when its reduction started and when it was seen done (ms since the
+// first gradient hook, medians), from DDP's own statistics.
+std::string bucket_lines(const json& m, bool md) {
+  std::ostringstream os;
+  for (const auto& s : m["scenarios"]) {
+    if (s["status"] != "ok" || !s.contains("ddp_stats") || !s["ddp_stats"].contains("bucket_ms") ||
+        s["ddp_stats"]["bucket_ms"].empty()) {
+      continue;
+    }
+    const auto& d = s["ddp_stats"];
+    os << (md ? "- " : "  ") << s["label"].get<std::string>() << ": backward compute "
+       << fixed(d["backward_compute_ms"]) << " ms, exposed " << fixed(d["exposed_comm_ms"])
+       << " ms;";
+    for (size_t b = 0; b < d["bucket_ms"].size(); ++b) {
+      const auto& p = d["bucket_ms"][b];
+      const double mb = b < d["bucket_bytes"].size() ? d["bucket_bytes"][b].get<double>() / 1e6 : 0;
+      os << " bucket " << b << " (" << fixed(mb) << " MB) ready " << fixed(p[0]) << ", launched "
+         << fixed(p[1]) << ", done " << fixed(p[2]) << (b + 1 < d["bucket_ms"].size() ? ";" : "");
+    }
+    os << "\n";
+  }
+  return os.str();
+}
+
 // One model's table: its scenarios, with the notes of those that did not run.
 std::string render_model(const json& m, bool md) {
   std::ostringstream os;
@@ -145,12 +170,16 @@ std::string render_model(const json& m, bool md) {
   for (const auto& s : m["scenarios"]) floor = floor || s.contains("vs_floor");
   Table t = {{"scenario", "transport", "median ms", "p10-p90 ms", "samples/s", "ratio", "vs"}};
   if (floor) t[0].push_back("vs floor");
+  bool cpu = false;
+  for (const auto& s : m["scenarios"]) cpu = cpu || s.contains("cpu_ms_per_step");
+  if (cpu) t[0].push_back("CPU ms/step");
   t[0].push_back("peak RSS MiB");
   for (const auto& s : m["scenarios"]) {
     std::vector<std::string> row;
     if (s["status"] != "ok") {
       row = {s["label"].get<std::string>(), "", s["status"].get<std::string>(), "", "", "", ""};
       if (floor) row.push_back("");
+      if (cpu) row.push_back("");
       row.push_back("");
       t.push_back(row);
       continue;
@@ -165,6 +194,7 @@ std::string render_model(const json& m, bool md) {
            s["reference"].is_null() ? "" : s["reference"].get<std::string>()};
     if (floor)
       row.push_back(s.contains("vs_floor") ? fixed(s["vs_floor"].get<double>()) + "x" : "");
+    if (cpu) row.push_back(s.contains("cpu_ms_per_step") ? fixed(s["cpu_ms_per_step"]) : "");
     row.push_back(fixed(s["peak_rss_mib"].get<double>(), 0));
     t.push_back(row);
   }
@@ -177,6 +207,7 @@ std::string render_model(const json& m, bool md) {
     }
   }
   os << disturbance_lines(m, md);
+  os << bucket_lines(m, md);
   os << "\n";
   return os.str();
 }
@@ -256,7 +287,9 @@ std::string render_report(const json& doc, bool md) {
     for (const auto& a : doc["allreduce"]) world = a.value("world", world);
     os << (md ? "**All-reduce sweep** (" + std::to_string(world) +
                     " ranks, float32 sum, median of 3 runs of back-to-back "
-                    "iterations; bus bandwidth = 2(n-1)/n x size / time)\n\n"
+                    "iterations; bus bandwidth = 2(n-1)/n x size / time; shm in place: a shared "
+                    "reduction buffer, as DDP's buckets; copy, add: memcpy and dst += src of "
+                    "the same bytes on every rank at once)\n\n"
               : "== all-reduce sweep (" + std::to_string(world) + " ranks)\n\n");
     Table t = {{"size"}};
     std::vector<const json*> cols;
@@ -274,6 +307,14 @@ std::string render_report(const json& doc, bool md) {
     // How much faster shared memory is than Gloo, size by size.
     const bool speedup = gloo && shm && (*gloo)["sweep"].size() == (*shm)["sweep"].size();
     if (speedup) t[0].push_back("gloo / shm");
+    // Note [The memory floor of a reduction] (worker.cpp): the shared-buffer all-reduce DDP's
+    // buckets take, and a copy and an add of the same bytes with every rank at it at once.
+    const bool memory = shm && !(*shm)["sweep"].empty() && (*shm)["sweep"][0].contains("add_ms");
+    if (memory) {
+      t[0].push_back("shm in place us");
+      t[0].push_back("copy us");
+      t[0].push_back("add us");
+    }
     if (!cols.empty()) {
       const auto& rows0 = (*cols[0])["sweep"];
       for (size_t i = 0; i < rows0.size(); ++i) {
@@ -288,6 +329,12 @@ std::string render_report(const json& doc, bool md) {
                                   (*shm)["sweep"][i]["ms"].get<double>(),
                               1) +
                         "x");
+        }
+        if (memory) {
+          const auto& r = (*shm)["sweep"][i];
+          for (const char* key : {"inplace_ms", "copy_ms", "add_ms"}) {
+            row.push_back(fixed(r[key].get<double>() * 1e3, 1));
+          }
         }
         t.push_back(row);
       }

@@ -4,6 +4,8 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -46,6 +48,35 @@ double time_allreduce_all_grads(ProcessGroup& pg, int64_t numel, int iters) {
   return median(t);
 }
 
+// Note [The memory floor of a reduction]: this machine's memory bandwidth for the bytes an
+// all-reduce moves, with every rank at it at once (as in a real step, where both ranks reduce
+// while they share the memory bus and L3): the median per-iteration time of a copy of n
+// floats (memcpy) and of an add of n floats into n (dst[i] += src[i]), after a barrier, in
+// back-to-back iterations like the sweep's. The in-place all-reduce of W ranks costs about
+// an add over n (its reduction reads n and writes n/W) plus a copy of n (W-1)/W (the
+// gather), so these two columns bound from below what any reduction on this machine can do.
+std::pair<double, double> time_memory(ProcessGroup& pg, int64_t n, int iters) {
+  std::vector<float> a(static_cast<size_t>(n), 1.0f), b(static_cast<size_t>(n), 0.0f);
+  float* dst = b.data();
+  const float* src = a.data();
+  std::vector<double> copy_iter, add_iter;
+  for (int rep = 0; rep < 3; ++rep) {
+    pg.barrier()->wait();
+    auto t0 = Clock::now();
+    for (int i = 0; i < iters; ++i) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    copy_iter.push_back(ms_since(t0) / iters);
+    pg.barrier()->wait();
+    t0 = Clock::now();
+    for (int i = 0; i < iters; ++i) {
+      for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+    }
+    add_iter.push_back(ms_since(t0) / iters);
+  }
+  // Keep the adds observable so that they are not optimised away.
+  LOCKSTEP_CHECK(std::isfinite(dst[n - 1]), "memory benchmark produced ", dst[n - 1]);
+  return {median(copy_iter), median(add_iter)};
+}
+
 json sweep_allreduce(ProcessGroup& pg, int64_t min_bytes, int64_t max_bytes) {
   json rows = json::array();
   const int w = pg.size();
@@ -70,8 +101,23 @@ json sweep_allreduce(ProcessGroup& pg, int64_t min_bytes, int64_t max_bytes) {
     }
     const double ms = median(per_iter);
     const double algbw = static_cast<double>(n * 4) / (ms * 1e-3) / 1e9;
+    // The same all-reduce of a shared reduction buffer (Note [Shared reduction buffers]):
+    // what DDP's buckets take; on a transport without such buffers, the copying path again.
+    auto shared = pg.new_buffer(n, torch::dtype(torch::kFloat));
+    pg.allreduce(shared)->wait();
+    std::vector<double> inplace_iter;
+    for (int rep = 0; rep < 3; ++rep) {
+      pg.barrier()->wait();
+      auto t0 = Clock::now();
+      for (int i = 0; i < iters; ++i) pg.allreduce(shared)->wait();
+      inplace_iter.push_back(ms_since(t0) / iters);
+    }
+    const auto memory = time_memory(pg, n, iters);
     rows.push_back({{"bytes", n * 4},
                     {"ms", ms},
+                    {"inplace_ms", median(inplace_iter)},
+                    {"copy_ms", memory.first},
+                    {"add_ms", memory.second},
                     {"algbw_gbps", algbw},
                     {"busbw_gbps", algbw * 2.0 * (w - 1) / w},
                     {"iters", iters}});
@@ -111,6 +157,23 @@ json summarise_ddp(const std::vector<DDPStats>& stats, std::pair<long, long> mem
     for (const auto& b : stats.back().buckets) sizes.push_back(b.bytes);
   }
   d["bucket_bytes"] = sizes;
+  // Each bucket's timeline (ms since the iteration's first gradient hook), the median over
+  // the steps of the last bucket plan: [ready, launched, done].
+  json timeline = json::array();
+  if (!stats.empty()) {
+    const size_t nb = stats.back().buckets.size();
+    for (size_t b = 0; b < nb; ++b) {
+      std::vector<double> ready, launched, done;
+      for (const auto& st : stats) {
+        if (st.buckets.size() != nb) continue;  // before the buckets were rebuilt
+        ready.push_back(st.buckets[b].ready_ms);
+        launched.push_back(st.buckets[b].launched_ms);
+        done.push_back(st.buckets[b].done_ms);
+      }
+      timeline.push_back({median(ready), median(launched), median(done)});
+    }
+  }
+  d["bucket_ms"] = timeline;
   const auto mem_after = rss_pss_kb();
   if (mem_before.first >= 0 && mem_after.first >= 0) {
     d["extra_rss_mib"] = (mem_after.first - mem_before.first) / 1024.0;
@@ -301,7 +364,13 @@ int run_worker(const WorkerConfig& c) {
   out["cpu_s"] = process_cpu_seconds() - cpu0;
   out["busy_s"] = machine_busy_seconds() - busy0;
   out["step_ms"] = times;
-  if (c.kind == "overhead") out["plain_step_ms"] = plain_ms;
+  if (c.kind == "overhead") {
+    out["plain_step_ms"] = plain_ms;
+  } else if (c.steps > 0) {
+    // CPU time of this rank per step (all its threads): the work a scenario does, which
+    // other processes on the machine stretch less than they stretch wall time.
+    out["cpu_ms_per_step"] = out["cpu_s"].get<double>() * 1e3 / c.steps;
+  }
   if (after) after();
   if (pg) out["allreduce_all_grads_ms"] = time_allreduce_all_grads(*pg, numel, /*iters=*/10);
   out["vmhwm_kb"] = vm_hwm_kb();

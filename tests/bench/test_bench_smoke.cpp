@@ -440,6 +440,19 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
     if (s["kind"] == "ddp") {
       EXPECT_GE(s["ddp_stats"]["buckets"].get<int>(), 1) << s.dump();
       EXPECT_GE(s["ddp_stats"]["exposed_comm_ms"].get<double>(), 0.0) << s.dump();
+      // Each bucket's [ready, launched, done] in that order (world 1 communicates nothing and
+      // has no buckets to time).
+      if (s["world"].get<int>() > 1) {
+        const auto& timeline = s["ddp_stats"]["bucket_ms"];
+        ASSERT_EQ(timeline.size(), s["ddp_stats"]["bucket_bytes"].size()) << s.dump();
+        for (const auto& p : timeline) {
+          EXPECT_LE(p[0].get<double>(), p[1].get<double>()) << s.dump();
+          EXPECT_LE(p[1].get<double>(), p[2].get<double>()) << s.dump();
+        }
+      }
+    }
+    if (s["status"] == "ok" && s["kind"] != "torch_ddp" && s["kind"] != "overhead") {
+      EXPECT_GT(s["cpu_ms_per_step"].get<double>(), 0.0) << s.dump();
     }
   }
   // The synchronized floor: two ranks over the default transport, and every other two-rank
@@ -466,6 +479,11 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
       EXPECT_EQ(row["bytes"].get<int64_t>(), bytes);
       EXPECT_GT(row["ms"].get<double>(), 0.0);
       EXPECT_GT(row["busbw_gbps"].get<double>(), 0.0);
+      // Note [The memory floor of a reduction]: the shared-buffer all-reduce, a copy and an
+      // add of the same bytes.
+      for (const char* key : {"inplace_ms", "copy_ms", "add_ms"}) {
+        EXPECT_GT(row[key].get<double>(), 0.0) << key << " " << row.dump();
+      }
       bytes *= 4;
     }
   }
@@ -484,7 +502,13 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   EXPECT_NE(r.markdown.find("| synchronized floor: 2 ranks"), std::string::npos) << r.markdown;
   EXPECT_NE(r.markdown.find("**Headline**"), std::string::npos) << r.markdown;
   EXPECT_NE(r.markdown.find("| vs floor |"), std::string::npos) << r.markdown;
-  EXPECT_NE(r.markdown.find("| gloo / shm |"), std::string::npos) << r.markdown;
+  EXPECT_NE(r.markdown.find("| gloo / shm | shm in place us | copy us | add us |"),
+            std::string::npos)
+      << r.markdown;
+  EXPECT_NE(r.markdown.find("| CPU ms/step |"), std::string::npos) << r.markdown;
+  EXPECT_NE(r.markdown.find("- lockstep DDP, world 2: backward compute "), std::string::npos)
+      << r.markdown;
+  EXPECT_NE(r.markdown.find(" bucket 0 ("), std::string::npos) << r.markdown;
   EXPECT_NE(r.markdown.find("lockstep-bench --model mlp"), std::string::npos)
       << "the markdown must carry the reproducing command";
   EXPECT_NE(r.terminal.find("per-parameter all-reduce, world 2"), std::string::npos);
