@@ -18,7 +18,8 @@
 // Note [TensorBoard purge step]
 // A run resumed from a checkpoint at step N writes steps >= N again, and its new event file
 // sits in the same directory as the crashed run's, which TensorBoard reads first (it reads a
-// run's files in name order, and the name starts with the Unix time). TensorBoard's
+// run's files in name order, and the Unix time in seconds comes first in the name; a restart
+// within the same second may sort either way, as with torch's files). TensorBoard's
 // EventAccumulator drops every event of the run with step >= S that it has read so far, on
 // every tag, when it reads an Event {step (2) = S, session_log (7) = SessionLog {status (1) =
 // START (1)}} in a file whose file_version is "brain.Event:2" or later (its
