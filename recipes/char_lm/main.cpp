@@ -211,7 +211,7 @@ int run(int argc, char** argv) {
   const char* const kReportTitle = "lockstep: character-level Transformer on Debian's fortunes";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
-  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
+  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed, pos.step);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
   if (rank == 0) {
     std::printf("char_lm: %d rank(s), %lld training / %lld validation characters from %zu files, "
@@ -250,11 +250,21 @@ int run(int argc, char** argv) {
       ++count;
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       progress.update(pos.step, common.batch_size, l);
-      if (pos.step % 10 == 0 || pos.step == total) {
+      const bool logged = pos.step % 10 == 0 || pos.step == total;
+      if (logged) {
         metrics.write({"step", {{"step", double(pos.step)}, {"loss", l},
                                 {"chars_per_s", common.batch_size * context / dt}}});
       }
-      if (recipe::end_step(*pg, common, pos.step, l)) {
+      const recipe::StepEnd end = recipe::end_step(*pg, common, pos.step, l, dt);
+      // Every rank's step time came with the end-of-step all-reduce: one line per rank.
+      if (logged) {
+        recipe::write_rank_throughput(metrics, pos.step, end.step_seconds, static_cast<int64_t>(idx.size()));
+      }
+      if (rank == 0 && recipe::report_due(common, pos.step)) {
+        recipe::write_live_report(
+            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
+      }
+      if (end.stop) {
         preempted = true;
         break;
       }
@@ -267,12 +277,6 @@ int run(int argc, char** argv) {
       progress.finish();
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", last_train}, {"val_loss", val}}});
       if (rank == 0) {
-        // A live report at each epoch end: an open browser tab follows the run (see
-        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
-        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
-                                .live(true)
-                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
-                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train loss %.4f, validation loss %.4f nats/char (%.3f bits/char)\n",
                     static_cast<long long>(pos.epoch + 1), last_train, val, val / std::log(2.0));
         std::fflush(stdout);
@@ -280,6 +284,11 @@ int run(int argc, char** argv) {
       ++pos.epoch;
       pos.batch = 0;
       sampler.set_epoch(pos.epoch);
+      // A live report at each epoch end: an open browser tab follows the run.
+      if (rank == 0) {
+        recipe::write_live_report(
+            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
+      }
     }
     checkpointer.save(pos);
   }

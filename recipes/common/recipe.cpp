@@ -56,7 +56,9 @@ void add_common_options(cxxopts::Options& options, int default_epochs, int defau
      cxxopts::value<std::string>()->default_value("allreduce"))
     ("tensorboard", "Also write the metrics as TensorBoard scalars to an event file in DIR "
                     "(rank 0; e.g. OUT_DIR/tb, then `tensorboard --logdir OUT_DIR/tb`)",
-     cxxopts::value<std::string>()->default_value(""));
+     cxxopts::value<std::string>()->default_value(""))
+    ("report-every", "Also rewrite the live OUT_DIR/report.html every N steps (0: at epoch ends only)",
+     cxxopts::value<int64_t>()->default_value("200"));
   // clang-format on
 }
 
@@ -185,6 +187,7 @@ Common read_common(const cxxopts::ParseResult& r) {
   c.limit_eval = r["limit-eval"].as<int64_t>();
   c.tensorboard = r["tensorboard"].as<std::string>();
   c.comm_hook = r["comm-hook"].as<std::string>();
+  c.report_every = r["report-every"].as<int64_t>();
   (void)ddp_options(c);  // an unknown hook is a usage error before anything starts
   std::string p = r["progress"].as<std::string>();
   if (p == "auto") c.progress = -1;
@@ -197,6 +200,10 @@ Common read_common(const cxxopts::ParseResult& r) {
   if (c.threads < 1) throw UsageError(concat("--threads must be >= 1, but got ", c.threads));
   for (auto* v : {&c.checkpoint_every, &c.stop_after, &c.max_steps, &c.limit_train, &c.limit_eval}) {
     if (*v < 0) throw UsageError("step and limit flags must be >= 0");
+  }
+  if (c.report_every < 0) {
+    throw UsageError(concat("--report-every must be >= 0 (0: a report at epoch ends only), but got ",
+                            c.report_every));
   }
   return c;
 }
@@ -220,16 +227,21 @@ void install_stop_handlers() {
 
 bool stop_signalled() { return g_stop != 0; }
 
-bool end_step(ProcessGroup& group, const Common& common, int64_t step, double loss) {
-  // One all-reduce (max) per step: [0] stop, [1 + r] rank r's loss is not finite.
-  auto flags = torch::zeros({1 + group.size()}, torch::kInt);
+StepEnd end_step(ProcessGroup& group, const Common& common, int64_t step, double loss,
+                 double step_seconds) {
+  // One all-reduce (max) per step: [0] stop, [1 + r] rank r's loss is not finite, [1 + W + r]
+  // rank r's step seconds (the other ranks put 0 there, so the max is rank r's value).
+  const int world = group.size();
+  auto flags = torch::zeros({1 + 2 * world}, torch::kDouble);
+  auto f = flags.accessor<double, 1>();
   const bool stop = stop_signalled() || (common.stop_after > 0 && step >= common.stop_after);
-  flags[0] = stop ? 1 : 0;
-  flags[1 + group.rank()] = std::isfinite(loss) ? 0 : 1;
-  if (group.size() > 1) group.allreduce(flags, ReduceOp::kMax)->wait();
+  f[0] = stop ? 1 : 0;
+  f[1 + group.rank()] = std::isfinite(loss) ? 0 : 1;
+  f[1 + world + group.rank()] = std::max(0.0, step_seconds);
+  if (world > 1) group.allreduce(flags, ReduceOp::kMax)->wait();
   std::string bad;
-  for (int r = 0; r < group.size(); ++r) {
-    if (flags[1 + r].item<int>() != 0) bad += concat(bad.empty() ? "" : ", ", r);
+  for (int r = 0; r < world; ++r) {
+    if (f[1 + r] != 0) bad += concat(bad.empty() ? "" : ", ", r);
   }
   if (!bad.empty()) {
     throw Error(concat(group.where(), " the training loss is not finite at step ", step,
@@ -237,7 +249,10 @@ bool end_step(ProcessGroup& group, const Common& common, int64_t step, double lo
                        "); stopping without a checkpoint of this step. Look for NaN/Inf in the "
                        "input data or lower --lr (now ", common.lr, ")."));
   }
-  return flags[0].item<int>() != 0;
+  StepEnd end;
+  end.stop = f[0] != 0;
+  for (int r = 0; r < world; ++r) end.step_seconds.push_back(f[1 + world + r]);
+  return end;
 }
 
 ProcessGroupPtr start(int threads) {
@@ -403,10 +418,36 @@ bool Checkpointer::load(Position& position) {
 }
 
 train::MetricsWriter metrics_writer(const Common& common, int rank, const std::string& path,
-                                    bool resumed) {
+                                    bool resumed, int64_t step) {
   if (rank != 0) return train::MetricsWriter(train::MetricsOptions());
-  return train::MetricsWriter(
-      train::MetricsOptions().path(path).append(resumed).tensorboard_dir(common.tensorboard));
+  // Steps count from 1: the checkpoint at `step` covers steps <= step, the resumed run writes
+  // step + 1 onwards, so TensorBoard drops what the crashed run wrote from step + 1 on.
+  return train::MetricsWriter(train::MetricsOptions()
+                                  .path(path)
+                                  .append(resumed)
+                                  .tensorboard_dir(common.tensorboard)
+                                  .tensorboard_purge_step(resumed ? step + 1 : -1));
+}
+
+void write_rank_throughput(train::MetricsWriter& metrics, int64_t step,
+                           const std::vector<double>& step_seconds, int64_t samples_per_rank) {
+  train::MetricRecord record{"rank_throughput", {{"step", double(step)}}};
+  for (size_t r = 0; r < step_seconds.size(); ++r) {
+    const double s = step_seconds[r];
+    record.fields.emplace_back(concat("rank", r), s > 0 ? samples_per_rank / s : 0.0);
+  }
+  metrics.write(record);
+}
+
+bool report_due(const Common& common, int64_t step) {
+  return common.report_every > 0 && step % common.report_every == 0;
+}
+
+void write_live_report(train::ReportOptions options, const Position& position) {
+  // docs/checkpoints-and-recipes.md, "Live report": the page reloads itself; the final,
+  // non-live write at the end of the run stops that.
+  train::write_report(options.live(true).summary(
+      {{"epochs done", std::to_string(position.epoch)}, {"steps", std::to_string(position.step)}}));
 }
 
 void write_ddp_stats(train::MetricsWriter& metrics, int64_t step, const DDPStats& stats) {

@@ -77,6 +77,7 @@ struct Common {
   int progress = -1;             ///< -1 auto, 0 lines, 1 bar
   std::string tensorboard;       ///< directory for TensorBoard event files; "" none
   std::string comm_hook = "allreduce";  ///< --comm-hook: how DDP reduces gradients
+  int64_t report_every = 200;    ///< steps between live reports; 0: at epoch ends only
   std::map<std::string, std::string> as_config() const;
 };
 Common read_common(const cxxopts::ParseResult& result);
@@ -88,12 +89,22 @@ void install_stop_handlers();
 /// True once SIGTERM or SIGINT arrived in this process.
 bool stop_signalled();
 
-/// Collective, once after every training step, with this rank's loss of the step. Raises
-/// lockstep::Error on every rank when the loss is not finite on any rank, naming the step and
-/// the ranks (before any checkpoint of that step is written, so the last one stays usable).
-/// Returns true on every rank when any rank was signalled or `--stop-after` steps were
-/// reached (see Note [Preemption]).
-bool end_step(ProcessGroup& group, const Common& common, int64_t step, double loss);
+/// What end_step learned from every rank; the same on every rank.
+struct StepEnd {
+  /// Every rank stops after this step: a rank was signalled or `--stop-after` steps were
+  /// reached (see Note [Preemption]).
+  bool stop = false;
+  /// Each rank's `step_seconds`, by rank (for the report's per-rank throughput).
+  std::vector<double> step_seconds;
+};
+
+/// Collective, once after every training step, with this rank's loss of the step and the
+/// seconds its step took. Raises lockstep::Error on every rank when the loss is not finite on
+/// any rank, naming the step and the ranks (before any checkpoint of that step is written, so
+/// the last one stays usable). One all-reduce carries the stop flags, the loss checks and the
+/// step times, so the per-rank timings cost no collective of their own.
+StepEnd end_step(ProcessGroup& group, const Common& common, int64_t step, double loss,
+                 double step_seconds);
 
 /// The process group of this run (from the launch environment; one rank without one) and
 /// torch's intra-op threads set to `threads`; then installs the stop handlers (Note
@@ -166,9 +177,23 @@ class Checkpointer {
 };
 
 /// The run's metrics writer: JSON lines at `path` and, with --tensorboard, TensorBoard scalars,
-/// on rank 0 (other ranks get a writer that writes nothing); appends when `resumed`.
+/// on rank 0 (other ranks get a writer that writes nothing). When `resumed` (from a checkpoint
+/// at `step`), it appends, and its event file makes TensorBoard drop the crashed run's scalars
+/// past `step` (MetricsOptions::tensorboard_purge_step), so each step shows once.
 train::MetricsWriter metrics_writer(const Common& common, int rank, const std::string& path,
-                                    bool resumed);
+                                    bool resumed, int64_t step);
+
+/// Writes a "rank_throughput" record at `step`: field "rank<r>" is `samples_per_rank` /
+/// `step_seconds[r]` (the report draws one line per rank).
+void write_rank_throughput(train::MetricsWriter& metrics, int64_t step,
+                           const std::vector<double>& step_seconds, int64_t samples_per_rank);
+
+/// True when a live report is due after `step`: every --report-every steps (never when 0).
+bool report_due(const Common& common, int64_t step);
+
+/// Rank 0: writes `options` as a live report (it reloads itself in a browser until the final,
+/// non-live write) with the run's position as its summary.
+void write_live_report(train::ReportOptions options, const Position& position);
 
 /// Writes DDP's statistics of the last iteration as "ddp" and "bucket" records (the report
 /// draws the bucket timeline from them).

@@ -194,7 +194,7 @@ int run(int argc, char** argv) {
   const char* const kReportTitle = "lockstep: Fashion-MNIST CNN";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
-  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
+  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed, pos.step);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
   if (rank == 0) {
     std::printf("fashion_mnist: %d rank(s), %lld training / %lld test images, global batch %lld, "
@@ -240,12 +240,22 @@ int run(int argc, char** argv) {
       ++loss_count;
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       progress.update(pos.step, common.batch_size, l);
-      if (pos.step % 20 == 0 || pos.step == total) {
+      const bool logged = pos.step % 20 == 0 || pos.step == total;
+      if (logged) {
         metrics.write({"step", {{"step", double(pos.step)}, {"epoch", double(pos.epoch)},
                                 {"loss", l}, {"samples_per_s", common.batch_size / dt}}});
         if (world > 1) recipe::write_ddp_stats(metrics, pos.step, ddp->last_stats());
       }
-      if (recipe::end_step(*pg, common, pos.step, l)) {
+      const recipe::StepEnd end = recipe::end_step(*pg, common, pos.step, l, dt);
+      // Every rank's step time came with the end-of-step all-reduce: one line per rank.
+      if (logged) {
+        recipe::write_rank_throughput(metrics, pos.step, end.step_seconds, static_cast<int64_t>(idx.size()));
+      }
+      if (rank == 0 && recipe::report_due(common, pos.step)) {
+        recipe::write_live_report(
+            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
+      }
+      if (end.stop) {
         preempted = true;
         break;
       }
@@ -262,12 +272,6 @@ int run(int argc, char** argv) {
                                {"test_accuracy", acc},
                                {"samples_per_s", loss_count * common.batch_size / secs}}});
       if (rank == 0) {
-        // A live report at each epoch end: an open browser tab follows the run (see
-        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
-        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
-                                .live(true)
-                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
-                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train loss %.4f, test loss %.4f, test accuracy %.2f%% (%s)\n",
                     static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, loss_count),
                     test_loss, 100 * acc, recipe::seconds_text(secs).c_str());
@@ -276,6 +280,11 @@ int run(int argc, char** argv) {
       ++pos.epoch;
       pos.batch = 0;
       sampler.set_epoch(pos.epoch);
+      // A live report at each epoch end: an open browser tab follows the run.
+      if (rank == 0) {
+        recipe::write_live_report(
+            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
+      }
     }
     checkpointer.save(pos);
   }

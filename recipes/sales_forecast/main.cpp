@@ -258,7 +258,7 @@ int run(int argc, char** argv) {
   const char* const kReportTitle = "lockstep: next-day sales forecast";
   // A crash after the checkpoint left records the resumed run writes again: drop them.
   if (rank == 0 && resumed) train::rewind_metrics(metrics_path, pos.step, /*epochs_done=*/pos.epoch);
-  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed);
+  train::MetricsWriter metrics = recipe::metrics_writer(common, rank, metrics_path, resumed, pos.step);
   train::Progress progress(train::ProgressOptions().total_steps(total).rank(rank).tty(common.progress));
   if (rank == 0) {
     std::printf("sales_forecast: %d rank(s), %s: %lld training / %lld validation rows, %lld steps%s\n", world,
@@ -290,6 +290,7 @@ int run(int argc, char** argv) {
       auto idx = recipe::next_batch(sampler, local);
       if (static_cast<int64_t>(idx.size()) < local) break;
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
+      auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
       auto loss = torch::mse_loss(ddp->forward(xtr.index_select(0, index)), ytr.index_select(0, index));
       loss.backward();
@@ -300,8 +301,19 @@ int run(int argc, char** argv) {
       loss_sum += l;
       ++count;
       progress.update(pos.step, common.batch_size, l);
-      if (pos.step % 20 == 0) metrics.write({"step", {{"step", double(pos.step)}, {"loss", l}}});
-      if (recipe::end_step(*pg, common, pos.step, l)) {
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const bool logged = pos.step % 20 == 0;
+      if (logged) metrics.write({"step", {{"step", double(pos.step)}, {"loss", l}}});
+      const recipe::StepEnd end = recipe::end_step(*pg, common, pos.step, l, dt);
+      // Every rank's step time came with the end-of-step all-reduce: one line per rank.
+      if (logged) {
+        recipe::write_rank_throughput(metrics, pos.step, end.step_seconds, static_cast<int64_t>(idx.size()));
+      }
+      if (rank == 0 && recipe::report_due(common, pos.step)) {
+        recipe::write_live_report(
+            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
+      }
+      if (end.stop) {
         preempted = true;
         break;
       }
@@ -314,12 +326,6 @@ int run(int argc, char** argv) {
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", loss_sum / std::max<int64_t>(1, count)},
                                {"val_mae", v[0]}, {"val_rmse", v[1]}, {"naive_mae", v[2]}}});
       if (rank == 0) {
-        // A live report at each epoch end: an open browser tab follows the run (see
-        // docs/checkpoints-and-recipes.md, "Live report"); the final write below drops the refresh.
-        train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
-                                .live(true)
-                                .summary({{"epochs done", std::to_string(pos.epoch + 1)},
-                                          {"steps", std::to_string(pos.step)}}));
         std::printf("epoch %lld: train mse %.5f, validation MAE %.2f (seasonal naive %.2f)\n",
                     static_cast<long long>(pos.epoch + 1), loss_sum / std::max<int64_t>(1, count), v[0], v[2]);
         std::fflush(stdout);
@@ -327,6 +333,11 @@ int run(int argc, char** argv) {
       ++pos.epoch;
       pos.batch = 0;
       sampler.set_epoch(pos.epoch);
+      // A live report at each epoch end: an open browser tab follows the run.
+      if (rank == 0) {
+        recipe::write_live_report(
+            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
+      }
     }
     checkpointer.save(pos);
   }

@@ -7,7 +7,10 @@
 #      and its metrics.jsonl holds the uninterrupted run's records, each once, although the
 #      stopped run's file was given the records a crash past the checkpoint leaves behind,
 #      with "time" going on across the resume rather than back to 0;
-#   3. a config file with an unknown key and one with a bad value are rejected by name (exit 2).
+#      the stopped run's live report (--report-every 1) was written at its last step, and the
+#      resumed run's TensorBoard file purges the steps past the checkpoint;
+#   3. a config file with an unknown key and one with a bad value, and a negative
+#      --report-every, are rejected by name (exit 2).
 # If RECIPE_CHECK is set, it is a Python expression over `r`, the last "epoch" record of run
 # (1)'s metrics.jsonl, that must be true (a quality bar, e.g. the model beats a baseline).
 # Usage: resume_test.sh BINARY WORLD STOP [recipe flags...]
@@ -54,6 +57,16 @@ test -f "$work/a/report.html"
 grep -q "<table class='settings'>" "$work/a/report.html" || { echo "report.html has no settings table" >&2; exit 1; }
 grep -q "<pre class='command'>[^<]*--out-dir" "$work/a/report.html" || { echo "report.html has no command line" >&2; exit 1; }
 if grep -q 'http-equiv="refresh"' "$work/a/report.html"; then echo "the final report.html still refreshes" >&2; exit 1; fi
+# Per-rank throughput: one line per rank, from the step times the end-of-step all-reduce carries.
+rank_lines() {
+  /usr/bin/python3 - "$1" <<'PY'
+import sys
+html = open(sys.argv[1]).read()
+at = html.find(">throughput per rank (samples/s)<")
+print(html[at:html.find("</svg>", at)].count("<polyline") if at >= 0 else -1)
+PY
+}
+[ "$(rank_lines "$work/a/report.html")" = "$world" ] || { echo "report.html: expected a per-rank throughput chart with $world line(s), got $(rank_lines "$work/a/report.html")" >&2; exit 1; }
 if [ -n "${RECIPE_CHECK:-}" ]; then
   /usr/bin/python3 - "$work/a/metrics.jsonl" "$RECIPE_CHECK" <<'PY'
 import json, sys
@@ -101,16 +114,27 @@ PY
 }
 
 echo "== stopped after $stop steps"
-set +e; launch --out-dir "$work/b" --stop-after "$stop" "$@"; code=$?; set -e
+set +e; launch --out-dir "$work/b" --stop-after "$stop" --report-every 1 "$@"; code=$?; set -e
 if [ "$code" != 75 ]; then echo "expected exit code 75 (preempted), got $code" >&2; exit 1; fi
+# --report-every 1: the live report was rewritten after the last step, mid-epoch, and still
+# reloads itself (the run is not finished).
+grep -q "<tr><td>steps</td><td>$stop</td></tr>" "$work/b/report.html" || { echo "the live report.html was not written at step $stop" >&2; exit 1; }
+grep -q 'http-equiv="refresh"' "$work/b/report.html" || { echo "the live report.html does not refresh" >&2; exit 1; }
 # As if the run had crashed after its checkpoint rather than stopping there: the records the
 # uninterrupted run wrote past this point (which the resumed run writes again), then a line
 # torn by the crash.
 tail -n "+$(( $(wc -l < "$work/b/metrics.jsonl") + 1 ))" "$work/a/metrics.jsonl" >> "$work/b/metrics.jsonl"
 printf '{"kind":"step","st' >> "$work/b/metrics.jsonl"
 echo "== resumed"
-launch --out-dir "$work/b" "$@" | tee "$work/resume.log"
+launch --out-dir "$work/b" --tensorboard "$work/b/tb" "$@" | tee "$work/resume.log"
 grep -q "resumed at step $stop" "$work/resume.log" || { echo "the second run did not resume at step $stop" >&2; exit 1; }
+# The resumed run's event file asks TensorBoard to drop what earlier files hold from step
+# stop + 1 on: an Event {step (key 0x10) stop + 1, session_log (0x3a, 2 bytes) {status (0x08)
+# START (1)}} (the purge rule itself is checked in tests/train/test_tensorboard.cpp).
+[ "$stop" -lt 127 ] || { echo "this check encodes step $stop + 1 as a one-byte varint" >&2; exit 1; }
+start_event=$(printf '\\x10\\x%02x\\x3a\\x02\\x08\\x01' $((stop + 1)))
+LC_ALL=C grep -qaP "$start_event" "$work"/b/tb/events.out.tfevents.* ||
+  { echo "the resumed run's event file has no SessionLog START at step $((stop + 1))" >&2; exit 1; }
 if ! cmp "$work/a/checkpoint.lsck" "$work/b/checkpoint.lsck"; then
   echo "resumed run's final checkpoint differs from the uninterrupted run's" >&2; exit 1
 fi
@@ -146,5 +170,11 @@ set +e; out=$("$bin" --config "$work/bad_key.json" 2>&1); code=$?; set -e
 echo '{"epochs": "many"}' > "$work/bad_value.json"
 set +e; out=$("$bin" --config "$work/bad_value.json" 2>&1); code=$?; set -e
 [ "$code" = 2 ] && grep -q "bad value for 'epochs'" <<<"$out" || { echo "bad value not rejected: $code $out" >&2; exit 1; }
-"$bin" --help | grep -q -- "--checkpoint-every"
+set +e; out=$("$bin" --report-every -1 2>&1); code=$?; set -e
+[ "$code" = 2 ] && grep -q -- "--report-every must be >= 0" <<<"$out" || { echo "negative --report-every not rejected: $code $out" >&2; exit 1; }
+# Into a file: `grep -q` on a pipe exits at the match and a help longer than stdio's buffer
+# then dies of SIGPIPE (exit 141 under pipefail).
+"$bin" --help > "$work/help.txt"
+grep -q -- "--checkpoint-every" "$work/help.txt"
+grep -q -- "--report-every" "$work/help.txt"
 echo "PASS"

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,89 @@ TEST(Metrics, JsonLinesAndReportWithCurvesAndBucketTimeline) {
   EXPECT_EQ(html.find("<script"), std::string::npos) << "the report must be self-contained";
   EXPECT_EQ(html.find("http://"), html.find("http://www.w3.org/2000/svg"))
       << "no external resources";
+}
+
+namespace {
+size_t count_of(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+  return n;
+}
+
+// The text of the <svg> element holding `marker` ("" when none).
+std::string svg_around(const std::string& html, const std::string& marker) {
+  size_t at = html.find(marker);
+  if (at == std::string::npos) return "";
+  size_t begin = html.rfind("<svg", at);
+  return html.substr(begin, html.find("</svg>", at) - begin);
+}
+}  // namespace
+
+// Per-rank throughput: one line per rank of the "rank_throughput" records. The bucket
+// timeline: one group of lanes per step (the last three), backward compute against each
+// bucket's reduction, with the reductions split where backward compute ended (Note [Bucket
+// lanes] in lib/src/train/metrics.cpp).
+TEST(Metrics, ReportDrawsPerRankThroughputAndBucketLanesAgainstBackward) {
+  std::string dir = ::testing::TempDir();
+  std::string pid = std::to_string(::getpid());
+  std::string metrics = dir + "lockstep_lanes_metrics_" + pid + ".jsonl";
+  std::string report = dir + "lockstep_lanes_report_" + pid + ".html";
+  const int world = 3;
+  {
+    MetricsWriter w(metrics);
+    for (int s = 1; s <= 4; ++s) {
+      w.write({"step", {{"step", s}, {"loss", 1.0 / s}}});
+      MetricRecord ranks{"rank_throughput", {{"step", s}}};
+      for (int r = world - 1; r >= 0; --r) ranks.fields.emplace_back("rank" + std::to_string(r), 100.0 * (r + 1) + s);
+      w.write(ranks);
+      w.write({"ddp", {{"step", s}, {"forward_ms", 1.0}, {"backward_compute_ms", 10.0},
+                       {"comm_ms", 10.0}, {"exposed_comm_ms", 2.0}}});
+      // Bucket 0 overlaps backward, bucket 1 straddles its end, bucket 2 starts after it.
+      w.write({"bucket", {{"step", s}, {"bucket", 0}, {"ready_ms", 1.0}, {"start_ms", 2.0}, {"end_ms", 5.0}}});
+      w.write({"bucket", {{"step", s}, {"bucket", 1}, {"ready_ms", 7.0}, {"start_ms", 8.0}, {"end_ms", 11.0}}});
+      w.write({"bucket", {{"step", s}, {"bucket", 2}, {"ready_ms", 9.5}, {"start_ms", 10.5}, {"end_ms", 12.0}}});
+    }
+  }
+  write_report(ReportOptions().metrics_path(metrics).output_path(report));
+  std::string html = slurp(report);
+  std::string ranks = svg_around(html, "throughput per rank (samples/s)");
+  ASSERT_FALSE(ranks.empty()) << html.substr(0, 600);
+  EXPECT_EQ(count_of(ranks, "<polyline"), size_t(world));
+  // Legend in rank order with each rank's last value.
+  size_t r0 = ranks.find("rank 0 (last 104)"), r1 = ranks.find("rank 1 (last 204)"), r2 = ranks.find("rank 2 (last 304)");
+  ASSERT_NE(r0, std::string::npos) << ranks;
+  ASSERT_NE(r1, std::string::npos) << ranks;
+  ASSERT_NE(r2, std::string::npos) << ranks;
+  EXPECT_LT(r0, r1);
+  EXPECT_LT(r1, r2);
+
+  std::string lanes = svg_around(html, "timeline against backward compute");
+  ASSERT_FALSE(lanes.empty()) << html;
+  EXPECT_NE(lanes.find("(last 3 steps)"), std::string::npos);
+  EXPECT_EQ(count_of(lanes, "<g class='lane'"), 3u);
+  EXPECT_EQ(lanes.find("data-step='1'"), std::string::npos) << "only the last three steps";
+  for (const char* step : {"data-step='2'", "data-step='3'", "data-step='4'"}) {
+    size_t at = lanes.find(step);
+    ASSERT_NE(at, std::string::npos) << step;
+    std::string lane = lanes.substr(at, lanes.find("</g>", at) - at);
+    EXPECT_EQ(count_of(lane, "class='compute'"), 1u) << step;
+    EXPECT_EQ(count_of(lane, "class='exposed'"), 1u) << step;
+    EXPECT_EQ(count_of(lane, "class='bucket hidden'"), 2u) << "bucket 0, and bucket 1 until 10 ms: " << step;
+    EXPECT_EQ(count_of(lane, "class='bucket exposed'"), 2u) << "bucket 1 from 10 ms, and bucket 2: " << step;
+    EXPECT_EQ(count_of(lane, "class='ready'"), 3u) << step;
+    EXPECT_EQ(count_of(lane, ">bucket "), 3u) << step;
+  }
+  // One time axis for all steps, 0 .. 12 ms (the latest end: backward 10 + wait 2, bucket 2 at
+  // 12) over the 536 px between the margins from x = 88: backward compute spans 10/12 of it,
+  // the wait the rest; bucket 1 splits at the same x.
+  EXPECT_NE(lanes.find("class='compute' x='88' y='"), std::string::npos) << lanes;
+  EXPECT_NE(lanes.find("width='446.667' height='10' fill='#1f77b4'"), std::string::npos) << lanes;
+  EXPECT_NE(lanes.find("class='exposed' x='534.667'"), std::string::npos) << lanes;
+  EXPECT_NE(lanes.find("width='89.3333' height='10' fill='#d62728'"), std::string::npos) << lanes;
+  EXPECT_NE(lanes.find("class='bucket exposed' x='534.667'"), std::string::npos) << lanes;
+  EXPECT_NE(lanes.find(">12 ms</text>"), std::string::npos);
+  std::remove(metrics.c_str());
+  std::remove(report.c_str());
 }
 
 TEST(Metrics, LiveReportRefreshesUntilTheFinalWrite) {
@@ -161,13 +245,18 @@ TEST(Metrics, ReportRendersInChromium) {
   std::string metrics = dir + "lockstep_dom_metrics_" + pid + ".jsonl";
   std::string report = dir + "lockstep_dom_report_" + pid + ".html";
   std::string profile = dir + "lockstep_dom_profile_" + pid;
+  const int kWorld = 4;
   {
     MetricsWriter w(metrics);
     for (int s = 1; s <= 5; ++s) {
       w.write({"step", {{"step", s}, {"loss", 1.0 / s}, {"samples_per_s", 100 * s}}});
+      MetricRecord ranks{"rank_throughput", {{"step", s}}};
+      for (int r = 0; r < kWorld; ++r) ranks.fields.emplace_back("rank" + std::to_string(r), 50.0 * s + r);
+      w.write(ranks);
       w.write({"ddp", {{"step", s}, {"forward_ms", 1.0}, {"backward_compute_ms", 2.0},
                        {"comm_ms", 3.0}, {"exposed_comm_ms", 0.5}}});
       w.write({"bucket", {{"step", s}, {"bucket", 0}, {"start_ms", s * 10.0}, {"end_ms", s * 10.0 + 2}}});
+      w.write({"bucket", {{"step", s}, {"bucket", 1}, {"start_ms", 1.0}, {"end_ms", 1.5}}});
     }
   }
   auto dump_dom = [&]() {
@@ -179,11 +268,6 @@ TEST(Metrics, ReportRendersInChromium) {
     std::remove(out.c_str());
     return dom;
   };
-  auto count = [](const std::string& text, const std::string& what) {
-    size_t n = 0;
-    for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
-    return n;
-  };
   write_report(ReportOptions().metrics_path(metrics).output_path(report).title("DOM check")
                    .settings({{"lr", "0.001"}, {"batch-size", "64"}})
                    .command("lockstep-fashion-mnist --lr 0.001"));
@@ -191,11 +275,31 @@ TEST(Metrics, ReportRendersInChromium) {
   std::string dom = dump_dom();
   ASSERT_NE(dom.find("<h1>DOM check</h1>"), std::string::npos) << dom.substr(0, 400);
   // Every <svg> of the file is an element of the DOM (none swallowed by a parse error).
-  EXPECT_EQ(count(dom, "<svg "), count(html, "<svg "));
-  EXPECT_GE(count(dom, "<svg "), 4u);  // loss, throughput, DDP times, bucket timeline
+  EXPECT_EQ(count_of(dom, "<svg "), count_of(html, "<svg "));
+  EXPECT_GE(count_of(dom, "<svg "), 5u);  // loss, throughput, per rank, DDP times, bucket timeline
   size_t ddp = dom.find("DDP time per step (ms)</text>");
   ASSERT_NE(ddp, std::string::npos);
-  EXPECT_EQ(count(dom.substr(ddp, dom.find("</svg>", ddp) - ddp), "<polyline "), 4u);
+  EXPECT_EQ(count_of(dom.substr(ddp, dom.find("</svg>", ddp) - ddp), "<polyline "), 4u);
+  // Per-rank throughput: as many series as ranks, each a polyline with points.
+  std::string ranks = svg_around(dom, "throughput per rank (samples/s)</text>");
+  ASSERT_FALSE(ranks.empty());
+  EXPECT_EQ(count_of(ranks, "<polyline "), size_t(kWorld));
+  EXPECT_EQ(count_of(ranks, "<polyline fill=\"none\" stroke=\"#"), size_t(kWorld));
+  EXPECT_EQ(count_of(ranks, "<circle "), size_t(kWorld) * 5);
+  // The bucket timeline: a group of lanes for each of the last three steps, each with a
+  // backward-compute bar and both buckets drawn with a width.
+  std::string lanes = svg_around(dom, "timeline against backward compute");
+  ASSERT_FALSE(lanes.empty());
+  EXPECT_EQ(count_of(lanes, "<g class=\"lane\""), 3u);
+  EXPECT_EQ(count_of(lanes, "<rect class=\"compute\""), 3u);
+  EXPECT_EQ(count_of(lanes, "<rect class=\"exposed\""), 3u);
+  EXPECT_EQ(count_of(lanes, "<rect class=\"bucket "), 6u);
+  std::regex width("<rect class=\"(compute|exposed|bucket [a-z]+)\" x=\"[0-9.]+\" y=\"[0-9.]+\" width=\"([0-9.]+)\"");
+  size_t bars = 0;
+  for (std::sregex_iterator it(lanes.begin(), lanes.end(), width), end; it != end; ++it, ++bars) {
+    EXPECT_GE(std::stod((*it)[2]), 1.0) << (*it)[0];
+  }
+  EXPECT_EQ(bars, 12u) << "every bar of the lanes parsed with x, y and width";
   EXPECT_NE(dom.find("<table class=\"settings\"><tbody><tr><td>batch-size</td><td>64</td></tr>"
                      "<tr><td>lr</td><td>0.001</td></tr></tbody></table>"),
             std::string::npos);

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -134,6 +135,22 @@ struct Scalars {
   std::vector<std::pair<std::string, float>> values;
 };
 
+// The (tag, simple_value) pairs of a serialized Summary.
+std::vector<std::pair<std::string, float>> summary_values(const std::string& bytes) {
+  std::vector<std::pair<std::string, float>> values;
+  auto summary = decode(bytes);
+  for (auto it = summary.lower_bound(1); it != summary.upper_bound(1); ++it) {
+    auto value = decode(it->second.bytes);
+    EXPECT_EQ(value.count(1), 1u);
+    EXPECT_EQ(value.count(2), 1u);
+    if (!value.count(1) || !value.count(2)) continue;
+    EXPECT_EQ(value.find(2)->second.wire_type, 5u) << "simple_value is a fixed32 float";
+    values.emplace_back(value.find(1)->second.bytes, as_float(value.find(2)->second));
+  }
+  EXPECT_EQ(summary.size(), values.size()) << "Summary holds only `value` fields";
+  return values;
+}
+
 Scalars decode_scalars(const std::string& event) {
   auto e = decode(event);
   Scalars out;
@@ -144,17 +161,49 @@ Scalars decode_scalars(const std::string& event) {
   if (e.count(2)) out.step = static_cast<int64_t>(e.find(2)->second.number);
   if (!e.count(5)) return out;
   EXPECT_EQ(e.find(5)->second.wire_type, 2u);
-  auto summary = decode(e.find(5)->second.bytes);
-  for (auto it = summary.lower_bound(1); it != summary.upper_bound(1); ++it) {
-    auto value = decode(it->second.bytes);
-    EXPECT_EQ(value.count(1), 1u);
-    EXPECT_EQ(value.count(2), 1u);
-    if (!value.count(1) || !value.count(2)) continue;
-    EXPECT_EQ(value.find(2)->second.wire_type, 5u) << "simple_value is a fixed32 float";
-    out.values.emplace_back(value.find(1)->second.bytes, as_float(value.find(2)->second));
-  }
-  EXPECT_EQ(summary.size(), out.values.size()) << "Summary holds only `value` fields";
+  out.values = summary_values(e.find(5)->second.bytes);
   return out;
+}
+
+// One scalar as TensorBoard shows it.
+struct Point {
+  std::string tag;
+  int64_t step;
+  float value;
+};
+
+// What TensorBoard's EventAccumulator keeps of a run directory: its event files read in name
+// order (as TensorBoard reads them), every scalar of every Summary, and, for each Event
+// {step S, session_log {status START}} in a file of file_version "brain.Event:2", the points
+// read so far with step >= S dropped (Note [TensorBoard purge step] in
+// lib/src/train/event_file.h).
+std::vector<Point> tensorboard_view(const std::string& dir) {
+  auto names = files_in(dir);
+  std::sort(names.begin(), names.end());
+  std::vector<Point> points;
+  for (const auto& name : names) {
+    if (name.find("tfevents") == std::string::npos) continue;
+    bool version2 = false;
+    for (const auto& record : read_records(dir + "/" + name)) {
+      auto e = decode(record);
+      const int64_t step = e.count(2) ? static_cast<int64_t>(e.find(2)->second.number) : 0;
+      if (e.count(3)) version2 = e.find(3)->second.bytes == "brain.Event:2";
+      if (e.count(7) && version2) {
+        auto session_log = decode(e.find(7)->second.bytes);
+        if (session_log.count(1) && session_log.find(1)->second.number == /*START=*/1) {
+          points.erase(std::remove_if(points.begin(), points.end(),
+                                      [&](const Point& p) { return p.step >= step; }),
+                       points.end());
+        }
+      }
+      if (e.count(5)) {
+        for (const auto& tv : summary_values(e.find(5)->second.bytes)) {
+          points.push_back({tv.first, step, tv.second});
+        }
+      }
+    }
+  }
+  return points;
 }
 
 void expect_file_version(const std::string& event) {
@@ -340,4 +389,95 @@ TEST(TensorBoard, PythonTensorBoardReadsTheFile) {
   const std::string py = dir + "/check.py";
   std::ofstream(py) << script;
   EXPECT_EQ(std::system(("/usr/bin/python3 '" + py + "' '" + dir + "'").c_str()), 0);
+}
+
+// A run that crashed after step 10 with its checkpoint at step 6, resumed: the new event file
+// starts with torch's SummaryWriter(purge_step=7) events, and what TensorBoard shows holds each
+// step once, steps 1..6 from the crashed run and 7..12 from the resumed one. Without the purge
+// step the same reader sees steps 7..10 twice.
+TEST(TensorBoard, ResumedRunPurgesTheCrashedRunsStepsPastTheCheckpoint) {
+  auto crash_and_resume = [](const std::string& dir, int64_t purge_step) {
+    std::vector<std::string> made;
+    {
+      MetricsWriter crashed(MetricsOptions().tensorboard_dir(dir));
+      made.push_back(crashed.tensorboard_path());
+      for (int s = 1; s <= 10; ++s) crashed.write({"step", {{"step", s}, {"loss", s}}});
+      crashed.write({"epoch", {{"epoch", 1}, {"val_loss", 0.5}}});
+    }
+    MetricsWriter resumed(MetricsOptions().tensorboard_dir(dir).tensorboard_purge_step(purge_step));
+    made.push_back(resumed.tensorboard_path());
+    for (int s = 7; s <= 12; ++s) resumed.write({"step", {{"step", s}, {"loss", 100 + s}}});
+    auto names = files_in(dir);
+    std::sort(names.begin(), names.end());
+    EXPECT_EQ(names.size(), 2u);
+    EXPECT_EQ(dir + "/" + names.front(), made.front())
+        << "TensorBoard reads files in name order: the crashed run's must come first";
+    return made;
+  };
+
+  const std::string dir = fresh_dir("purge");
+  auto made = crash_and_resume(dir, 7);
+  // The resumed file: file_version at step 7, then SessionLog START at step 7, then scalars.
+  auto records = read_records(made.back());
+  ASSERT_EQ(records.size(), 2u + 6u);
+  expect_file_version(records[0]);
+  auto version = decode(records[0]);
+  ASSERT_EQ(version.count(2), 1u);
+  EXPECT_EQ(version.find(2)->second.number, 7u);
+  auto start = decode(records[1]);
+  ASSERT_EQ(start.count(2), 1u);
+  EXPECT_EQ(start.find(2)->second.number, 7u);
+  ASSERT_EQ(start.count(7), 1u) << "session_log is Event field 7";
+  EXPECT_EQ(start.count(5), 0u);
+  auto session_log = decode(start.find(7)->second.bytes);
+  ASSERT_EQ(session_log.count(1), 1u);
+  EXPECT_EQ(session_log.find(1)->second.number, 1u) << "SessionLog.status START is 1";
+  // The crashed run's file has no purge events: its first event carries no step.
+  auto first = read_records(made.front());
+  ASSERT_FALSE(first.empty());
+  EXPECT_EQ(decode(first[0]).count(2), 0u);
+
+  std::map<int64_t, std::vector<float>> loss;
+  std::vector<float> val_loss;
+  for (const auto& p : tensorboard_view(dir)) {
+    if (p.tag == "step/loss") loss[p.step].push_back(p.value);
+    if (p.tag == "epoch/val_loss") val_loss.push_back(p.value);
+  }
+  ASSERT_EQ(loss.size(), 12u);
+  for (const auto& kv : loss) {
+    ASSERT_EQ(kv.second.size(), 1u) << "step " << kv.first << " shows " << kv.second.size() << " times";
+    EXPECT_EQ(kv.second[0], kv.first <= 6 ? float(kv.first) : float(100 + kv.first)) << "step " << kv.first;
+  }
+  EXPECT_EQ(val_loss, std::vector<float>{0.5f}) << "epoch 1 (TensorBoard step 1) is kept";
+
+  // The control: without a purge step, the same view shows steps 7..10 twice.
+  const std::string plain = fresh_dir("nopurge");
+  crash_and_resume(plain, -1);
+  std::map<int64_t, int> seen;
+  for (const auto& p : tensorboard_view(plain)) {
+    if (p.tag == "step/loss") ++seen[p.step];
+  }
+  EXPECT_EQ(seen[6], 1);
+  EXPECT_EQ(seen[7], 2);
+  EXPECT_EQ(seen[10], 2);
+  EXPECT_EQ(seen[11], 1);
+}
+
+TEST(TensorBoard, PurgeStepBelowMinusOneIsRejected) {
+  const std::string dir = fresh_dir("badpurge");
+  try {
+    TensorBoardWriter tb(dir, -2);
+    FAIL() << "expected an error for purge_step -2";
+  } catch (const lockstep::InvalidArgument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("expected purge_step >= 0"), std::string::npos) << what;
+    EXPECT_NE(what.find("but got -2"), std::string::npos) << what;
+    EXPECT_NE(what.find(dir), std::string::npos) << what;
+  }
+  EXPECT_TRUE(files_in(dir).empty()) << "nothing is created for a rejected writer";
+  EXPECT_THROW(MetricsWriter(MetricsOptions().tensorboard_dir(dir).tensorboard_purge_step(-5)),
+               lockstep::InvalidArgument);
+  // purge_step 0 is valid: it drops everything earlier files hold.
+  TensorBoardWriter zero(dir, 0);
+  EXPECT_EQ(read_records(zero.path()).size(), 2u);
 }

@@ -14,6 +14,18 @@
 // (its "legacy" scalar form, which torch.utils.tensorboard writes too). The file name holds
 // "tfevents" (TensorBoard's filter): events.out.tfevents.<unix time>.<host>.<pid>.<n>, as
 // torch.utils.tensorboard names its files.
+//
+// Note [TensorBoard purge step]
+// A run resumed from a checkpoint at step N writes steps >= N again, and its new event file
+// sits in the same directory as the crashed run's, which TensorBoard reads first (it reads a
+// run's files in name order, and the Unix time in seconds comes first in the name; a restart
+// within the same second may sort either way, as with torch's files). TensorBoard's
+// EventAccumulator drops every event of the run with step >= S that it has read so far, on
+// every tag, when it reads an Event {step (2) = S, session_log (7) = SessionLog {status (1) =
+// START (1)}} in a file whose file_version is "brain.Event:2" or later (its
+// _CheckForRestartAndMaybePurge). torch.utils.tensorboard's SummaryWriter(purge_step=N)
+// writes a file_version event at step N and then that START event at step N; so does
+// TensorBoardWriter(dir, purge_step), its first event carrying step N.
 
 #include <cstdint>
 #include <string>
@@ -24,8 +36,13 @@ namespace lockstep {
 namespace train {
 namespace detail {
 
-/// The serialized first Event of a file: wall_time and file_version "brain.Event:2".
-std::string encode_file_version_event(double wall_time);
+/// The serialized first Event of a file: wall_time and file_version "brain.Event:2", and
+/// `step` when it is >= 0 (a purging writer's, Note [TensorBoard purge step]).
+std::string encode_file_version_event(double wall_time, int64_t step = -1);
+
+/// The serialized Event {wall_time, step, session_log {status START}} that makes TensorBoard
+/// drop the events with step >= `step` it read before (Note [TensorBoard purge step]).
+std::string encode_session_start_event(double wall_time, int64_t step);
 
 /// The serialized Event of `values` (tag, value) at `step`: one Summary with a Value each.
 std::string encode_scalars_event(double wall_time, int64_t step,

@@ -162,7 +162,8 @@ double last_time(const std::string& path) {
 MetricsWriter::MetricsWriter(MetricsOptions options)
     : path_(options.path()), start_(std::chrono::steady_clock::now()) {
   if (!options.tensorboard_dir().empty()) {
-    tensorboard_ = std::make_unique<TensorBoardWriter>(options.tensorboard_dir());
+    tensorboard_ = std::make_unique<TensorBoardWriter>(options.tensorboard_dir(),
+                                                       options.tensorboard_purge_step());
   }
   if (path_.empty()) return;
   if (options.append()) time_offset_ = last_time(path_);
@@ -344,48 +345,147 @@ std::string line_chart(const std::string& title, const std::string& xlabel,
   return os.str();
 }
 
-// A Gantt-style chart: one row per bucket, one bar per all-reduce, for the last few steps.
-std::string bucket_timeline(const std::vector<json>& records) {
+Series series_of(const std::vector<json>& records, const std::string& xkey, const std::string& field);
+
+// Note [Bucket lanes]
+// The DDP timeline draws, for each of the last few steps with "bucket" records, a group of
+// lanes on one time axis that starts at the step's first gradient hook: "backward" (compute
+// from 0 to backward_compute_ms of the step's "ddp" record, then the wait for communication,
+// exposed_comm_ms, in red), and one lane per bucket with its reduction from start_ms to end_ms
+// (a tick at ready_ms). A reduction's part before backward compute ended is hidden behind it
+// (green); its part after is exposed (orange). A step without a "ddp" record shows its buckets
+// only. Every group shares the axis, so steps compare directly.
+std::string bucket_timeline(const std::vector<json>& buckets, const std::vector<json>* ddp) {
   std::set<double> steps;
-  for (const auto& r : records) steps.insert(r.value("step", 0.0));
-  std::set<double> shown;
-  for (auto it = steps.rbegin(); it != steps.rend() && shown.size() < 3; ++it) shown.insert(*it);
-  double t0 = std::numeric_limits<double>::infinity(), t1 = -t0;
-  int buckets = 0;
-  for (const auto& r : records) {
-    if (!shown.count(r.value("step", 0.0))) continue;
-    t0 = std::min(t0, r.value("start_ms", 0.0));
+  for (const auto& r : buckets) steps.insert(r.value("step", 0.0));
+  std::vector<double> shown;
+  for (auto it = steps.rbegin(); it != steps.rend() && shown.size() < 3; ++it) shown.insert(shown.begin(), *it);
+  struct Phase {
+    double compute = -1, exposed = 0;
+  };
+  std::map<double, Phase> phases;
+  if (ddp != nullptr) {
+    for (const auto& r : *ddp) {
+      if (!r.contains("backward_compute_ms") || !r["backward_compute_ms"].is_number()) continue;
+      phases[r.value("step", 0.0)] = {r["backward_compute_ms"].get<double>(),
+                                      r.value("exposed_comm_ms", 0.0)};
+    }
+  }
+  std::map<double, std::vector<const json*>> of_step;  // in bucket order
+  double t1 = 0;
+  for (const auto& r : buckets) {
+    double step = r.value("step", 0.0);
+    if (std::find(shown.begin(), shown.end(), step) == shown.end()) continue;
+    of_step[step].push_back(&r);
     t1 = std::max(t1, r.value("end_ms", 0.0));
-    buckets = std::max(buckets, static_cast<int>(r.value("bucket", 0.0)) + 1);
   }
-  if (!std::isfinite(t0) || buckets == 0) return "";
-  if (t1 <= t0) t1 = t0 + 1;
-  const double W = 640, L = 64, R = 16, T = 28, row = 16;
-  const double H = T + row * buckets + 30;
+  for (double step : shown) {
+    auto p = phases.find(step);
+    if (p != phases.end()) t1 = std::max(t1, p->second.compute + std::max(0.0, p->second.exposed));
+  }
+  if (shown.empty()) return "";
+  if (t1 <= 0) t1 = 1;
+  for (auto& kv : of_step) {
+    std::stable_sort(kv.second.begin(), kv.second.end(), [](const json* a, const json* b) {
+      return a->value("bucket", 0.0) < b->value("bucket", 0.0);
+    });
+  }
+  const double W = 640, L = 88, R = 16, T = 28, row = 14, gap = 16;
+  double lanes = 0;
+  for (double step : shown) lanes += 1 + of_step[step].size();
+  const double H = T + row * lanes + gap * shown.size() + 42;
+  auto px = [&](double ms) { return L + std::max(0.0, ms) / t1 * (W - L - R); };
+  auto bar = [&](std::ostream& os, const char* cls, const char* color, double y, double from,
+                 double to, const std::string& tip) {
+    const double w = std::max(1.0, px(to) - px(from));
+    os << "<rect class='" << cls << "' x='" << px(from) << "' y='" << y + 2 << "' width='" << w
+       << "' height='" << row - 4 << "' fill='" << color << "'><title>" << html_escape(tip)
+       << "</title></rect>";
+  };
   std::ostringstream os;
-  os << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H << "'>";
+  os << "<svg class='bucket-timeline' xmlns='http://www.w3.org/2000/svg' width='" << W
+     << "' height='" << H << "' viewBox='0 0 " << W << " " << H << "'>";
   os << "<rect width='100%' height='100%' fill='white' stroke='#ccc'/>";
-  os << "<text x='" << L << "' y='18' font-size='14' font-weight='bold'>DDP bucket all-reduce "
-        "timeline (last "
+  os << "<text x='8' y='18' font-size='14' font-weight='bold'>DDP bucket all-reduce "
+        "timeline against backward compute (last "
      << shown.size() << " steps)</text>";
-  for (int b = 0; b < buckets; ++b) {
-    os << "<text x='" << L - 4 << "' y='" << T + row * b + 11
-       << "' font-size='10' text-anchor='end'>bucket " << b << "</text>";
+  for (int i = 0; i <= 4; ++i) {
+    const double x = px(t1 * i / 4);
+    os << "<line x1='" << x << "' x2='" << x << "' y1='" << T << "' y2='" << H - 38
+       << "' stroke='#eee'/><text x='" << x << "' y='" << H - 24 << "' font-size='10' text-anchor='"
+       << (i == 4 ? "end" : "middle") << "'>" << num(t1 * i / 4) << " ms</text>";
   }
-  for (const auto& r : records) {
-    if (!shown.count(r.value("step", 0.0))) continue;
-    double s = r.value("start_ms", 0.0), e = r.value("end_ms", 0.0);
-    int b = static_cast<int>(r.value("bucket", 0.0));
-    double x = L + (s - t0) / (t1 - t0) * (W - L - R);
-    double w = std::max(1.0, (e - s) / (t1 - t0) * (W - L - R));
-    os << "<rect x='" << x << "' y='" << T + row * b + 2 << "' width='" << w
-       << "' height='" << row - 4 << "' fill='#2ca02c'><title>step " << num(r.value("step", 0.0))
-       << " bucket " << b << ": " << num(e - s) << " ms</title></rect>";
+  double y = T;
+  for (double step : shown) {
+    os << "<g class='lane' data-step='" << num(step) << "'>";
+    os << "<text x='4' y='" << y + 11 << "' font-size='10' font-weight='bold'>step " << num(step)
+       << "</text>";
+    y += gap;
+    auto p = phases.find(step);
+    const double compute = p == phases.end() ? -1 : p->second.compute;
+    os << "<text x='" << L - 4 << "' y='" << y + 10
+       << "' font-size='10' text-anchor='end'>backward</text>";
+    if (compute >= 0) {
+      bar(os, "compute", "#1f77b4", y, 0, compute, concat("step ", num(step), ": backward compute ", num(compute), " ms"));
+      if (p->second.exposed > 0) {
+        bar(os, "exposed", "#d62728", y, compute, compute + p->second.exposed,
+            concat("step ", num(step), ": waited ", num(p->second.exposed), " ms for communication (exposed)"));
+      }
+    }
+    y += row;
+    for (const json* r : of_step[step]) {
+      const double s = r->value("start_ms", 0.0), e = r->value("end_ms", 0.0);
+      const int b = static_cast<int>(r->value("bucket", 0.0));
+      os << "<text x='" << L - 4 << "' y='" << y + 10 << "' font-size='10' text-anchor='end'>bucket "
+         << b << "</text>";
+      const std::string what = concat("step ", num(step), " bucket ", b, ": ", num(s), " to ", num(e), " ms");
+      if (compute < 0 || e <= compute) {
+        bar(os, "bucket hidden", "#2ca02c", y, s, e, what);
+      } else if (s >= compute) {
+        bar(os, "bucket exposed", "#ff7f0e", y, s, e, concat(what, ", after backward compute"));
+      } else {
+        bar(os, "bucket hidden", "#2ca02c", y, s, compute, concat(what, ", overlapped until ", num(compute), " ms"));
+        bar(os, "bucket exposed", "#ff7f0e", y, compute, e, concat(what, ", exposed after ", num(compute), " ms"));
+      }
+      if (r->contains("ready_ms") && (*r)["ready_ms"].is_number()) {
+        const double x = px((*r)["ready_ms"].get<double>());
+        os << "<line class='ready' x1='" << x << "' x2='" << x << "' y1='" << y << "' y2='" << y + row
+           << "' stroke='#555'/>";
+      }
+      y += row;
+    }
+    if (compute >= 0) {
+      os << "<line x1='" << px(compute) << "' x2='" << px(compute) << "' y1='" << y - row * (1 + of_step[step].size())
+         << "' y2='" << y << "' stroke='#1f77b4' stroke-dasharray='3,2'/>";
+    }
+    os << "</g>";
   }
-  os << "<text x='" << L << "' y='" << H - 8 << "' font-size='10'>0 ms</text>";
-  os << "<text x='" << W - R << "' y='" << H - 8 << "' font-size='10' text-anchor='end'>"
-     << num(t1 - t0) << " ms</text></svg>";
+  os << "<text x='" << L << "' y='" << H - 8 << "' font-size='10'>"
+        "<tspan fill='#1f77b4'>backward compute</tspan> | <tspan fill='#d62728'>waiting for "
+        "communication</tspan> | <tspan fill='#2ca02c'>reduction hidden behind compute</tspan> | "
+        "<tspan fill='#ff7f0e'>reduction exposed</tspan></text>";
+  os << "</svg>";
   return os.str();
+}
+
+// The chart of "rank_throughput" records: one line per field "rank<r>", in rank order.
+std::string rank_throughput_chart(const std::vector<json>& records) {
+  std::map<long, std::string> fields;
+  for (const auto& r : records) {
+    for (const auto& kv : r.items()) {
+      const std::string& k = kv.key();
+      if (k.size() > 4 && k.compare(0, 4, "rank") == 0 && kv.value().is_number() &&
+          k.find_first_not_of("0123456789", 4) == std::string::npos) {
+        fields.emplace(std::stol(k.substr(4)), k);
+      }
+    }
+  }
+  std::vector<std::pair<std::string, Series>> lines;
+  for (const auto& f : fields) {
+    lines.emplace_back(concat("rank ", f.first), series_of(records, "step", f.second));
+  }
+  if (lines.empty()) return "";
+  return line_chart("throughput per rank (samples/s)", "step", lines);
 }
 
 // The records of a metrics.jsonl file by kind.
@@ -540,6 +640,11 @@ void write_report(const ReportOptions& options) {
     if (!losses.empty()) html << line_chart("loss", kind, losses);
     html << "</div>";
   }
+  auto ranks = by_kind.find("rank_throughput");
+  if (ranks != by_kind.end()) {
+    const std::string chart = rank_throughput_chart(ranks->second);
+    if (!chart.empty()) html << "<h2>Throughput per rank</h2><div>" << chart << "</div>";
+  }
   auto ddp = by_kind.find("ddp");
   if (ddp != by_kind.end()) {
     // One line per logged phase of the step, so exposed communication reads against the rest.
@@ -555,7 +660,8 @@ void write_report(const ReportOptions& options) {
   }
   auto buckets = by_kind.find("bucket");
   if (buckets != by_kind.end()) {
-    html << "<h2>DDP communication</h2>" << bucket_timeline(buckets->second);
+    html << "<h2>DDP communication</h2>"
+         << bucket_timeline(buckets->second, ddp == by_kind.end() ? nullptr : &ddp->second);
   } else {
     html << "<p><i>No DDP bucket statistics were recorded (single rank, or the run did not "
             "log them).</i></p>";

@@ -61,12 +61,29 @@ void put_bytes(std::string& out, uint32_t field, const std::string& bytes) {
   out += bytes;
 }
 
+void put_step(std::string& event, int64_t step) {
+  put_key(event, /*step=*/2, kVarint);
+  put_varint(event, static_cast<uint64_t>(step));  // int64: negative steps take 10 bytes
+}
+
 }  // namespace
 
-std::string encode_file_version_event(double wall_time) {
+std::string encode_file_version_event(double wall_time, int64_t step) {
   std::string event;
   put_double(event, /*wall_time=*/1, wall_time);
+  if (step >= 0) put_step(event, step);
   put_bytes(event, /*file_version=*/3, "brain.Event:2");
+  return event;
+}
+
+std::string encode_session_start_event(double wall_time, int64_t step) {
+  std::string session_log;
+  put_key(session_log, /*status=*/1, kVarint);
+  put_varint(session_log, /*SessionLog::START=*/1);
+  std::string event;
+  put_double(event, /*wall_time=*/1, wall_time);
+  put_step(event, step);
+  put_bytes(event, /*session_log=*/7, session_log);
   return event;
 }
 
@@ -81,8 +98,7 @@ std::string encode_scalars_event(double wall_time, int64_t step,
   }
   std::string event;
   put_double(event, /*wall_time=*/1, wall_time);
-  put_key(event, /*step=*/2, kVarint);
-  put_varint(event, static_cast<uint64_t>(step));  // int64: negative steps take 10 bytes
+  put_step(event, step);
   put_bytes(event, /*summary=*/5, summary);
   return event;
 }
@@ -124,7 +140,10 @@ void make_directories(const std::string& dir) {
 
 }  // namespace
 
-TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
+TensorBoardWriter::TensorBoardWriter(const std::string& dir, int64_t purge_step) {
+  LOCKSTEP_CHECK(purge_step >= -1, "TensorBoardWriter: expected purge_step >= 0 (the first step "
+                 "a resumed run writes again) or -1 (purge nothing), but got ", purge_step,
+                 " for '", dir, "'");
   if (dir.empty()) return;
   make_directories(dir);
   static std::atomic<int> files_made{0};
@@ -142,7 +161,9 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
     throw Error(concat("could not create the TensorBoard event file '", path, "': ", reason,
                        "; check that the directory is writable"));
   }
-  write_record(detail::encode_file_version_event(now));
+  // Note [TensorBoard purge step]
+  write_record(detail::encode_file_version_event(now, purge_step));
+  if (purge_step >= 0) write_record(detail::encode_session_start_event(now, purge_step));
 }
 
 TensorBoardWriter::~TensorBoardWriter() {

@@ -87,7 +87,13 @@ class TensorBoardWriter {
  public:
   /// Creates `dir` (and its missing parents) and a new event file in it. Throws lockstep::Error
   /// naming the path when either cannot be created.
-  explicit TensorBoardWriter(const std::string& dir);
+  ///
+  /// `purge_step` >= 0 is torch's SummaryWriter(purge_step=N) for a run resumed at step N: the
+  /// file starts with events that make TensorBoard drop what earlier files in the directory
+  /// (the crashed run's) hold at steps >= N, on every tag, so the steps written again appear
+  /// once (Note [TensorBoard purge step] in lib/src/train/event_file.h). -1 (default): purge
+  /// nothing. Anything below -1 throws lockstep::InvalidArgument.
+  explicit TensorBoardWriter(const std::string& dir, int64_t purge_step = -1);
   ~TensorBoardWriter();
   TensorBoardWriter(const TensorBoardWriter&) = delete;
   TensorBoardWriter& operator=(const TensorBoardWriter&) = delete;
@@ -117,6 +123,11 @@ struct MetricsOptions {
   /// Directory for a TensorBoard event file mirroring the records (see MetricsWriter);
   /// "" (default): none. Give it on rank 0 only.
   LOCKSTEP_ARG(std::string, tensorboard_dir) = "";
+  /// A resumed run's first step (the checkpoint's step + 1 when steps count from 1): the new
+  /// event file makes TensorBoard drop the records of earlier files at steps >= it, as
+  /// TensorBoardWriter's `purge_step` says. -1 (default): none. Purging goes by the TensorBoard
+  /// step, so records drawn at their "epoch" (see MetricsWriter) keep theirs.
+  LOCKSTEP_ARG(int64_t, tensorboard_purge_step) = -1;
 };
 
 /// Appends JSON-lines records to a file, one object per line with "kind" and "time" (seconds
@@ -193,10 +204,15 @@ struct ReportOptions {
 };
 
 /// Writes a self-contained HTML page with one SVG line chart per numeric field of the "step"
-/// and "epoch" records (loss, accuracy, samples/s, ...) and, when "bucket" records (fields
-/// step, bucket, start_ms, end_ms) are present, a timeline of DDP bucket all-reduces. Fields
-/// ending in "_per_s" are drawn as throughput; "ddp" records (step, forward_ms,
-/// backward_compute_ms, comm_ms, exposed_comm_ms) share one chart of DDP time per step.
+/// and "epoch" records (loss, accuracy, samples/s, ...). Fields ending in "_per_s" are drawn
+/// as throughput; "ddp" records (step, forward_ms, backward_compute_ms, comm_ms,
+/// exposed_comm_ms) share one chart of DDP time per step; "rank_throughput" records (step and
+/// one field "rank<r>" per rank: that rank's samples/s in the step) share one chart with a line
+/// per rank. When "bucket" records (step, bucket, start_ms, end_ms; times since the step's
+/// first gradient hook) are present, the last three steps that have them are drawn as lanes on
+/// one time axis: backward compute (0 to backward_compute_ms of the step's "ddp" record), the
+/// wait for communication after it (exposed_comm_ms), and one bar per bucket reduction, so what
+/// overlaps backward and what is exposed read at a glance.
 /// Atomic (temp file + rename). Throws lockstep::Error naming the path on I/O failure.
 void write_report(const ReportOptions& options);
 
