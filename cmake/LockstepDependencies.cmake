@@ -4,7 +4,6 @@
 #   torch                 LibTorch (libtorch-dev). Link the target `torch`, never raw -ltorch:
 #                         it carries USE_C10D_GLOO / USE_DISTRIBUTED, without which c10d's
 #                         ProcessGroupGloo.hpp compiles to nothing.
-#   spdlog::spdlog        logging (libspdlog-dev), private to the library
 #   nlohmann_json::nlohmann_json   JSON (nlohmann-json3-dev), private
 #   cxxopts::cxxopts      command-line parsing for apps and recipes (libcxxopts-dev)
 #   ZLIB::ZLIB            gzip'd IDX files (zlib1g-dev)
@@ -36,11 +35,11 @@ if(Torch_VERSION)
 endif()
 
 # Without Debian's packages (a pip or archive LibTorch on another distribution), point
-# LOCKSTEP_HEADER_DEPS_DIR at a folder holding spdlog/, fmt/, nlohmann/ and cxxopts.hpp:
+# LOCKSTEP_HEADER_DEPS_DIR at a folder holding nlohmann/ and cxxopts.hpp:
 # they are then used header-only. LOCKSTEP_GTEST_SOURCE_DIR likewise takes a googletest
 # source tree (Debian: /usr/src/googletest).
 set(LOCKSTEP_HEADER_DEPS_DIR "" CACHE PATH
-    "Folder with spdlog/, fmt/, nlohmann/, cxxopts.hpp used when their CMake packages are absent")
+    "Folder with nlohmann/ and cxxopts.hpp, used when their CMake packages are absent")
 set(LOCKSTEP_GTEST_SOURCE_DIR "" CACHE PATH
     "googletest source tree used when the GTest CMake package is absent")
 
@@ -64,8 +63,9 @@ function(lockstep_find_or_header_only package alias)
   endif()
 endfunction()
 
-lockstep_find_or_header_only(spdlog spdlog::spdlog
-                             SPDLOG_HEADER_ONLY SPDLOG_FMT_EXTERNAL FMT_HEADER_ONLY)
+# No spdlog: lockstep writes its own log lines (Note [lockstep's log lines] in
+# lib/src/core/log.cpp), so a distribution's spdlog built for its own fmt cannot clash with the
+# fmt that LibTorch 2.x bundles.
 lockstep_find_or_header_only(nlohmann_json nlohmann_json::nlohmann_json)
 find_package(ZLIB REQUIRED)
 

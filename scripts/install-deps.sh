@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build ccache pkg-config zlib1g-dev
-  libtorch-dev libgloo-dev libcxxopts-dev nlohmann-json3-dev libgtest-dev libspdlog-dev
+  libtorch-dev libgloo-dev libcxxopts-dev nlohmann-json3-dev libgtest-dev
   libopenblas0-pthread dataset-fashion-mnist
   fortunes        # English text for the char_lm recipe (BSD licence)
   python3-torch   # test oracle and benchmark peer only; never a runtime dependency

@@ -1,11 +1,15 @@
 // Errors and logging: the bottom of the stack, free of LibTorch headers (fast to compile).
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <ctime>
 #include <mutex>
 
 #include "lockstep/env_vars.h"
@@ -25,40 +29,88 @@ void throw_internal(const char* file, int line, const char* condition, const std
 
 namespace {
 
-spdlog::level::level_enum to_spdlog(LogLevel level) {
+// Note [lockstep's log lines]
+// One line per message on stderr (a program's stdout stays its own), in the layout
+//   [HH:MM:SS.mmm] [lockstep] [rank r/w] [level] message
+// with the level coloured when stderr is a terminal (and NO_COLOR is unset). Each line is one
+// write(2) under a mutex, so lines of different threads never interleave and a line reaches
+// the launcher's relay whole. lockstep writes its own lines rather than through spdlog: a
+// distribution's spdlog is compiled against the distribution's fmt, which LibTorch 2.x's
+// bundled fmt shadows on the include path, and the build then fails (issue 18).
+const char* level_name(LogLevel level) {
   switch (level) {
-    case LogLevel::kTrace: return spdlog::level::trace;
-    case LogLevel::kDebug: return spdlog::level::debug;
-    case LogLevel::kInfo: return spdlog::level::info;
-    case LogLevel::kWarn: return spdlog::level::warn;
-    case LogLevel::kError: return spdlog::level::err;
-    case LogLevel::kOff: return spdlog::level::off;
+    case LogLevel::kTrace: return "trace";
+    case LogLevel::kDebug: return "debug";
+    case LogLevel::kInfo: return "info";
+    case LogLevel::kWarn: return "warning";
+    case LogLevel::kError: return "error";
+    case LogLevel::kOff: return "off";
   }
-  return spdlog::level::info;
+  return "info";
+}
+
+const char* level_colour(LogLevel level) {
+  switch (level) {
+    case LogLevel::kTrace: return "\033[37m";
+    case LogLevel::kDebug: return "\033[36m";
+    case LogLevel::kInfo: return "\033[32m";
+    case LogLevel::kWarn: return "\033[33m\033[1m";
+    case LogLevel::kError: return "\033[31m\033[1m";
+    case LogLevel::kOff: return "";
+  }
+  return "";
 }
 
 struct Logger {
-  std::shared_ptr<spdlog::logger> logger;
+  std::mutex mutex;
+  std::string where;  // "[rank r/w] " once known
+  bool colour = false;
   std::atomic<LogLevel> level{LogLevel::kInfo};
 
   Logger() {
-    // stderr, so that a program's stdout stays its own.
-    logger = std::make_shared<spdlog::logger>(
-        "lockstep", std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
-    set_rank_pattern("");
+    const char* term = std::getenv("TERM");
+    colour = isatty(STDERR_FILENO) == 1 && std::getenv("NO_COLOR") == nullptr &&
+             !(term != nullptr && std::strcmp(term, "dumb") == 0);
     if (const char* text = std::getenv(env::kLogLevel)) {
       try {
         level = parse_log_level(text);
       } catch (const InvalidArgument& e) {
         level = LogLevel::kInfo;
-        logger->warn("{} (falling back to info)", e.what());
+        write(LogLevel::kWarn, detail::concat(e.what(), " (falling back to info)"));
       }
     }
-    logger->set_level(to_spdlog(level));
   }
 
-  void set_rank_pattern(const std::string& where) {
-    logger->set_pattern("[%H:%M:%S.%e] [lockstep] " + where + "[%^%l%$] %v");
+  void write(LogLevel at, const std::string& message) {
+    timeval now{};
+    gettimeofday(&now, nullptr);
+    std::tm local{};
+    localtime_r(&now.tv_sec, &local);
+    char stamp[32];
+    std::snprintf(stamp, sizeof(stamp), "[%02d:%02d:%02d.%03d] ", local.tm_hour, local.tm_min,
+                  local.tm_sec, static_cast<int>(now.tv_usec / 1000));
+    std::string line;
+    line.reserve(message.size() + 64);
+    line += stamp;
+    line += "[lockstep] ";
+    std::lock_guard<std::mutex> lock(mutex);
+    line += where;
+    line += '[';
+    if (colour) line += level_colour(at);
+    line += level_name(at);
+    if (colour) line += "\033[m";
+    line += "] ";
+    line += message;
+    line += '\n';
+    const char* p = line.data();
+    size_t left = line.size();
+    while (left > 0) {
+      const ssize_t n = ::write(STDERR_FILENO, p, left);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;  // stderr closed or full: logging never fails the program
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
   }
 };
 
@@ -83,20 +135,19 @@ LogLevel parse_log_level(const std::string& text) {
                                     text, "'."));
 }
 
-void set_log_level(LogLevel level) {
-  instance().level = level;
-  instance().logger->set_level(to_spdlog(level));
-}
+void set_log_level(LogLevel level) { instance().level = level; }
 
 LogLevel log_level() { return instance().level; }
 
 void set_log_rank(int rank, int world_size) {
-  instance().set_rank_pattern(detail::concat("[rank ", rank, "/", world_size, "] "));
+  auto& logger = instance();
+  std::lock_guard<std::mutex> lock(logger.mutex);
+  logger.where = detail::concat("[rank ", rank, "/", world_size, "] ");
 }
 
 void log(LogLevel level, const std::string& message) {
   if (level < instance().level.load() || level == LogLevel::kOff) return;
-  instance().logger->log(to_spdlog(level), message);
+  instance().write(level, message);
 }
 
 }  // namespace lockstep
