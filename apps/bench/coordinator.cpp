@@ -49,6 +49,10 @@ double others_cpus(double busy_s, double ranks_cpu_s, double wall_s) {
 
 namespace {
 
+// Note [Allocator settings]: what --malloc fixed sets for every worker.
+constexpr const char* kFixedMallocTunables =
+    "glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432";
+
 // A port the kernel considers free right now (torchrun's standalone mode does the same; the
 // window until rank 0 binds it is tiny and a clash fails loudly at rendezvous).
 int free_port() {
@@ -161,6 +165,7 @@ struct Outcome {
   std::vector<double> others;          // every attempt: Note [Disturbed runs]
   long peak_rss_kb = 0;                // max over ranks and repeats
   std::string backend;
+  std::string glibc_tunables;  // rank 0's GLIBC_TUNABLES (Note [Allocator settings])
   int64_t params = 0;
   json sweep;
   json ddp_stats = json::array();  // rank 0's, one object per repeat
@@ -246,6 +251,13 @@ class Runner {
         env["LOCKSTEP_STORE_TOKEN"] = token;
       }
       if (!getenv("LOCKSTEP_LOG_LEVEL")) env["LOCKSTEP_LOG_LEVEL"] = "warn";
+      // Note [Allocator settings]
+      // glibc's malloc raises its trim and mmap thresholds as a process frees large blocks,
+      // so whether a step's activations are faulted in anew depends on the allocator's
+      // history (and differs between the main arena and replica threads' arenas). --malloc
+      // fixed pins both thresholds for every worker, both sides of every comparison alike;
+      // the default leaves glibc as a user has it.
+      if (o_.malloc_mode == "fixed") env["GLIBC_TUNABLES"] = kFixedMallocTunables;
       if (!s.transport.empty()) env["LOCKSTEP_TRANSPORT"] = s.transport;
       std::vector<std::string> argv;
       if (s.kind == "torch_ddp") {
@@ -331,6 +343,7 @@ class Runner {
       }
       if (j.contains("cpu_ms_per_step")) out.cpu_ms_per_step.push_back(j["cpu_ms_per_step"]);
       out.backend = j.value("backend", "");
+      out.glibc_tunables = j.value("glibc_tunables", "");
       out.params = j.value("params", int64_t{0});
       if (j.contains("ddp_stats")) out.ddp_stats.push_back(j["ddp_stats"]);
       if (j.contains("sweep")) {
@@ -411,6 +424,7 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
   }
   if (!r.plain_step_ms.empty()) j["plain_median_ms"] = median(r.plain_step_ms);
   if (!r.cpu_ms_per_step.empty()) j["cpu_ms_per_step"] = median(r.cpu_ms_per_step);
+  if (!r.glibc_tunables.empty()) j["glibc_tunables"] = r.glibc_tunables;
   if (!r.ddp_stats.empty()) {
     // lockstep DDP's own statistics, each field the median over the repeats' medians.
     json d;
@@ -555,6 +569,7 @@ json run_benchmark(const BenchOptions& o) {
                    {"retries", o.retries},
                    {"disturbance_cpus", o.disturbance_cpus},
                    {"keep_disturbed", o.keep_disturbed},
+                   {"malloc", o.malloc_mode},
                    {"dp_replicas", o.dp_replicas},
                    {"dp_omp_threads", o.dp_omp_threads},
                    {"dp_scope_blas", o.dp_scope_blas}};

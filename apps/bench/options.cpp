@@ -115,6 +115,8 @@ cxxopts::Options make_cli() {
     ("retries", "reruns of a run that other processes disturbed", str("2"))
     ("disturbance-cpus", "other processes' CPU use (cores) during a run that marks it disturbed", str("0.1"))
     ("keep-disturbed", "count runs that stayed disturbed instead of leaving them out")
+    ("malloc", "glibc malloc of every worker: default (adaptive thresholds) or fixed (trim 256 MiB, "
+               "mmap 32 MiB, through GLIBC_TUNABLES; docs/performance.md)", str("default"))
     ("python", "interpreter with torch for PyTorch's DDP", str("/usr/bin/python3"))
     ("script", "torch_ddp_bench.py; default: next to the sources or the binary", str(""))
     ("worker-timeout", "seconds before a scenario's workers are killed", str("300"))
@@ -255,6 +257,10 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv) {
   o.retries = static_cast<int>(to_int("retries", s("retries"), 0, 100));
   o.disturbance_cpus = to_number("disturbance-cpus", s("disturbance-cpus"), 0, /*open=*/true);
   o.keep_disturbed = a.count("keep-disturbed") > 0;
+  o.malloc_mode = s("malloc");
+  if (o.malloc_mode != "default" && o.malloc_mode != "fixed") {
+    bad(concat("--malloc: expected default or fixed, but got '", o.malloc_mode, "'"));
+  }
   o.python = s("python");
   o.script = s("script");
   o.worker_timeout_s = static_cast<int>(to_int("worker-timeout", s("worker-timeout"), 1, 86400));

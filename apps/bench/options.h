@@ -47,6 +47,9 @@ struct BenchOptions {
   int retries = 2;                ///< reruns of a disturbed run (Note [Disturbed runs])
   double disturbance_cpus = 0.1;  ///< other processes' CPU use (cores) that marks a run disturbed
   bool keep_disturbed = false;    ///< count disturbed runs anyway (still reported as such)
+  /// glibc malloc settings of every worker, both sides alike (Note [Allocator settings] in
+  /// coordinator.cpp): "default" (glibc's adaptive thresholds, what a user has) or "fixed".
+  std::string malloc_mode = "default";
   int worker_timeout_s = 300;     ///< seconds before a scenario's workers are killed
   std::string python = "/usr/bin/python3";  ///< interpreter with torch for PyTorch's DDP
   std::string script;         ///< torch_ddp_bench.py; empty: next to the sources or the binary

@@ -235,6 +235,10 @@ std::string render_report(const json& doc, bool md) {
        << "steps of rank 0 (p10-p90 beside it); ratio: against the scenario named in `vs`; peak "
           "RSS: "
           "the largest VmHWM of any rank.";
+    if (cfg.value("malloc", std::string("default")) == "fixed") {
+      os << " Every worker ran with glibc's malloc thresholds fixed (`--malloc fixed`: "
+            "GLIBC_TUNABLES trim 256 MiB, mmap 32 MiB).";
+    }
     if (cfg.contains("disturbance_cpus")) {
       os << " A run during which other processes used more than "
          << format_number(cfg["disturbance_cpus"].get<double>()) << " cores was rerun up to "

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -364,6 +365,9 @@ int run_worker(const WorkerConfig& c) {
   out["cpu_s"] = process_cpu_seconds() - cpu0;
   out["busy_s"] = machine_busy_seconds() - busy0;
   out["step_ms"] = times;
+  // Note [Allocator settings] in coordinator.cpp: what this worker's malloc ran with.
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  out["glibc_tunables"] = tunables ? tunables : "";
   if (c.kind == "overhead") {
     out["plain_step_ms"] = plain_ms;
   } else if (c.steps > 0) {

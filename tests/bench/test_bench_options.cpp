@@ -96,6 +96,8 @@ TEST(BenchOptions, EveryFlagIsRead) {
                         "--disturbance-cpus",
                         "0.25",
                         "--keep-disturbed",
+                        "--malloc",
+                        "fixed",
                         "--python",
                         "/opt/py",
                         "--script",
@@ -127,6 +129,7 @@ TEST(BenchOptions, EveryFlagIsRead) {
   EXPECT_EQ(o.retries, 0);
   EXPECT_EQ(o.disturbance_cpus, 0.25);
   EXPECT_TRUE(o.keep_disturbed);
+  EXPECT_EQ(o.malloc_mode, "fixed");
   EXPECT_EQ(o.python, "/opt/py");
   EXPECT_EQ(o.script, "s.py");
   EXPECT_EQ(o.worker_timeout_s, 9);
@@ -266,6 +269,7 @@ TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
       {{"--dp-scope-blas", "maybe"},
        "--dp-scope-blas: expected 1 or 0 (true or false), but got 'maybe'"},
       {{"--retries", "-1"}, "--retries: expected an integer in [0, 100], but got '-1'"},
+      {{"--malloc", "tcmalloc"}, "--malloc: expected default or fixed, but got 'tcmalloc'"},
       {{"--disturbance-cpus", "0"}, "--disturbance-cpus: expected a number > 0, but got '0'"},
       {{"--worker-timeout", "0"}, "--worker-timeout: expected an integer in [1, 86400]"},
       {{"--no-such-flag"}, "(see lockstep-bench --help)"},

@@ -520,6 +520,19 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   EXPECT_EQ(slurp(r.dir + "/again.md"), r.markdown);
 }
 
+TEST(BenchSmoke, FixedMallocReachesEveryWorker) {
+  // Note [Allocator settings]: --malloc fixed pins glibc's thresholds in every worker.
+  auto r = run_bench("--model small_mlp --scenario plain --steps 1 --warmup 0 --repeats 1 "
+                     "--malloc fixed --retries 0 --keep-disturbed");
+  ASSERT_EQ(r.rc, 0) << slurp(r.dir + "/stderr.txt");
+  EXPECT_EQ(r.doc["config"]["malloc"], "fixed");
+  const json& s = r.doc["models"][0]["scenarios"][0];
+  ASSERT_EQ(s["status"], "ok") << s.dump();
+  EXPECT_EQ(s["glibc_tunables"],
+            "glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432");
+  EXPECT_NE(r.markdown.find("`--malloc fixed`"), std::string::npos) << r.markdown;
+}
+
 int exit_code(const std::string& args, const std::string& out) {
   const int rc =
       std::system((std::string(LOCKSTEP_BENCH_EXE) + " " + args + " > " + out + " 2>&1").c_str());
