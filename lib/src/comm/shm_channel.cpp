@@ -207,7 +207,7 @@ void Channel::transmit(const at::Tensor& host, int dst, int tag, const ChannelMe
   auto why = [&] {
     return concat("rank ", message.peer, " did not receive it (", offset, " of its ", total,
                   " bytes are in the channel, which buffers ", kChannelChunks * room,
-                  "). Check that it calls recv for this send (and its log).");
+                  " bytes). Check that it calls recv for this send (and its log).");
   };
   do {
     wait(r.control->tail, r.control->tail_waiters, has_room, dst, deadline, message, why);
