@@ -12,6 +12,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lockstep/comm_hooks.h"
@@ -273,6 +274,36 @@ TEST(PowerSGD, WithoutErrorFeedbackOrWarmStartUsesAFreshQEachIteration) {
           << "iteration " << it << " rank " << r;
     }
   }
+}
+
+// Round 2 is issued by the hook's worker, not by wait(): the Work completes while nobody
+// waits for it (observed with a bounded poll of is_completed()), and the bucket then already
+// holds what a hook whose Work is waited for at once computes, bit for bit.
+TEST(PowerSGD, RoundTwoCompletesWithoutWait) {
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto eager = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto waited = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto gb = make_bucket({{24, 16}, {5}, {8, 30}}, {0, 1, 2}, at::kFloat);
+    auto ref = make_bucket({{24, 16}, {5}, {8, 30}}, {0, 1, 2}, at::kFloat);
+    for (int it = 0; it < 3; ++it) {
+      for (size_t k = 0; k < gb.gradients.size(); ++k) {
+        auto c = contribution(pg->rank(), it, k, gb.gradients[k].sizes(), 2, at::kFloat);
+        gb.gradients[k].copy_(c);
+        ref.gradients[k].copy_(c);
+      }
+      auto work = eager->reduce(*pg, gb);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (!work->is_completed() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::yield();
+      }
+      ASSERT_TRUE(work->is_completed()) << pg->where() << " iteration " << it
+                                        << ": round 2 did not complete without wait()";
+      waited->reduce(*pg, ref)->wait();
+      EXPECT_TRUE(torch::equal(gb.buffer, ref.buffer)) << pg->where() << " iteration " << it;
+      EXPECT_TRUE(torch::equal(eager->error(0), waited->error(0))) << pg->where();
+      work->wait();  // only waits
+    }
+  });
 }
 
 TEST(PowerSGD, ANonFiniteResultDropsTheStateAndAZeroGradientStaysZero) {
