@@ -38,8 +38,8 @@ using detail::concat;
 // front (posix_fallocate, so a full /dev/shm fails at construction, not with SIGBUS in the
 // middle of training), nothing is left to clean up when a rank dies mid-message, and there is
 // no shm_open / mmap / munmap per message. The cost is a handoff per chunk, which is small
-// next to the copies once chunks are a few hundred KiB: the budget is about 8 MiB for the
-// whole group (1 MiB per pair at W <= 3, less for more ranks, at least 64 KiB per pair).
+// next to the copies once chunks are a few hundred KiB: the rings share 8 MiB, each between 64 KiB
+// and 1 MiB (2 MiB in all at W = 2, 8 MiB from 4 to 12 ranks, 16 MiB at 16).
 //
 // The tag, dtype and element count are checked, not used to select a message (docs/
 // collectives.md, "Point-to-point: order, tags"): a recv that does not match the next message
