@@ -143,9 +143,7 @@ class HierGroup : public ProcessGroup {
   WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
     if (host_of_[dst] != host_) return ProcessGroup::run_send(tensor, dst, tag);
     return channel_->send(tensor, local_rank_of_[dst], tag,
-                          {concat(where(), " send to rank ", dst, " (tag ", tag, ", ",
-                                  tensor.numel(), " x ", tensor.scalar_type(), ") via shm"),
-                           dst, nullptr});
+                          channel_send_message(where(), tensor, dst, tag));
   }
 
   WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {

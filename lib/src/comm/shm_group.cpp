@@ -388,10 +388,7 @@ class ShmGroup : public ProcessGroup {
 
   // Note [Shared-memory channel] (shm_channel.cpp)
   WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
-    return channel_->send(tensor, dst, tag,
-                          {concat(where(), " send to rank ", dst, " (tag ", tag, ", ",
-                                  tensor.numel(), " x ", tensor.scalar_type(), ") via shm"),
-                           dst, nullptr});
+    return channel_->send(tensor, dst, tag, channel_send_message(where(), tensor, dst, tag));
   }
 
   WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
@@ -715,6 +712,13 @@ class ShmGroup : public ProcessGroup {
 
 
 }  // namespace
+
+ChannelMessage channel_send_message(const std::string& where, const at::Tensor& tensor,
+                                    int dst, int tag) {
+  return {concat(where, " send to rank ", dst, " (tag ", tag, ", ", tensor.numel(), " x ",
+                 tensor.scalar_type(), ") via shm"),
+          dst, nullptr};
+}
 
 ChannelMessage channel_recv_message(const std::string& where, const at::Tensor& tensor,
                                     int src, int tag) {

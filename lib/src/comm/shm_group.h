@@ -42,6 +42,11 @@ ProcessGroupPtr make_group(const GroupSpec& spec);
 /// The send / recv channel of `group` when make_group built it for one host (shm), else null.
 Channel* channel_of(ProcessGroup& group);
 
+/// A send's description ("<where> send to rank <dst> (tag, count x dtype) via shm"), with
+/// ranks numbered as `where` numbers them.
+ChannelMessage channel_send_message(const std::string& where, const at::Tensor& tensor, int dst,
+                                    int tag);
+
 /// A recv's description ("<where> recv from rank <src> (tag, count x dtype) via shm") and its
 /// check of what was sent, with ranks numbered as `where` numbers them.
 ChannelMessage channel_recv_message(const std::string& where, const at::Tensor& tensor, int src,
