@@ -657,6 +657,84 @@ TEST_P(DataConformance, SendRecvEveryPairInOrder) {
   });
 }
 
+// Messages larger than any transport's buffering (the shm channel's ring holds at most 1 MiB
+// per pair), with four tags in flight at once: every rank sends kLarge, 0, 1001 and 1
+// elements (tags 3..6) to the next rank and receives as many from the previous one. Even ranks
+// post their recvs first, odd ranks their sends, and no Work is waited for before all are
+// posted.
+TEST_P(DataConformance, SendRecvLargerThanTheChannelWithTagsInFlight) {
+  if (world() == 1) GTEST_SKIP() << "no peer to send to";
+  const std::vector<int64_t> counts = {kLarge, 0, 1001, 1};
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    const int w = pg.size(), me = pg.rank();
+    const int next = (me + 1) % w, prev = (me + w - 1) % w;
+    std::vector<WorkPtr> works;
+    std::vector<at::Tensor> sent, received;
+    auto post_sends = [&] {
+      for (size_t k = 0; k < counts.size(); ++k) {
+        sent.push_back(input(me + static_cast<int>(k), counts[k], dtype()));
+        works.push_back(pg.send(sent.back(), next, 3 + static_cast<int>(k)));
+      }
+    };
+    auto post_recvs = [&] {
+      for (size_t k = 0; k < counts.size(); ++k) {
+        received.push_back(at::full({counts[k]}, 99, dtype()));
+        works.push_back(pg.recv(received.back(), prev, 3 + static_cast<int>(k)));
+      }
+    };
+    if (me % 2 == 0) {
+      post_recvs();
+      post_sends();
+    } else {
+      post_sends();
+      post_recvs();
+    }
+    for (auto& work : works) work->wait();
+    for (size_t k = 0; k < counts.size(); ++k) {
+      EXPECT_TRUE(bitwise_equal(received[k], input(prev + static_cast<int>(k), counts[k],
+                                                    dtype())))
+          << pg.where() << " message " << k << " (" << counts[k] << " elements)";
+    }
+  });
+}
+
+// Receiving tags out of their send order is a mismatch, not a wait for the other tag: the
+// recv fails naming what was sent (a message larger than the shm channel is drained without
+// writing a byte), and the following recvs get the following messages intact.
+TEST_P(GroupConformance, RecvOfTagsOutOfOrderFailsAndKeepsTheChannel) {
+  if (world() == 1) GTEST_SKIP() << "no peer to send to";
+  using lockstep::detail::concat;
+  on_ranks(transport(), [&](ProcessGroup& pg) {
+    if (pg.rank() > 1) return;
+    if (pg.rank() == 0) {
+      std::vector<WorkPtr> works = {pg.send(at::arange(kLarge, at::kDouble), 1, 1),
+                                    pg.send(at::full({2}, 8.0f), 1, 8),
+                                    pg.send(at::full({2}, 9.0f), 1, 9)};
+      for (auto& work : works) work->wait();
+      return;
+    }
+    auto expect_mismatch = [&](at::Tensor t, int tag, const std::string& sent) {
+      const auto before = t.clone();
+      try {
+        pg.recv(t, 0, tag)->wait();
+        ADD_FAILURE() << pg.where() << " recv of " << sent << ": no error";
+      } catch (const lockstep::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()),
+                  concat(pg.where(), " recv from rank 0 (tag ", tag, ", ", t.numel(), " x ",
+                         t.scalar_type(), "): rank 0 sent ", sent,
+                         ". Messages between two ranks are received in the order they were "
+                         "sent: give each recv the tag, dtype and element count of its send."));
+      }
+      EXPECT_TRUE(at::equal(t, before)) << pg.where() << ": a rejected message was written";
+    };
+    expect_mismatch(at::zeros({kLarge}, at::kFloat), 1, concat(kLarge, " x Double with tag 1"));
+    expect_mismatch(at::zeros({2}, at::kFloat), 9, "2 x Float with tag 8");
+    auto t = at::zeros({2}, at::kFloat);
+    pg.recv(t, 0, 9)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({2}, 9.0f))) << pg.where();
+  });
+}
+
 // A recv that does not match the next message fails naming what was sent, and leaves the
 // channel in order: the following message is received intact.
 TEST_P(GroupConformance, RecvOfAMismatchedMessageNamesTheSend) {
@@ -1036,30 +1114,44 @@ TEST_P(GroupConformance, NewGroupRejectsBadRanksOnEveryRank) {
   });
 }
 
+// Fresh shm (one host) or hier (several) groups, one rank per entry of `hosts`, with a short
+// timeout for the tests of timeouts.
+std::vector<ProcessGroupPtr> small_timeout_groups(
+    const std::vector<std::string>& hosts, const std::string& job,
+    std::chrono::milliseconds timeout = std::chrono::milliseconds(300)) {
+  const int world = static_cast<int>(hosts.size());
+  std::vector<ProcessGroupPtr> groups(world);
+  auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
+  lockstep_test::run_ranks(world, [&](int r) {
+    groups[r] = lockstep::new_shm_group(
+        r, world, store,
+        lockstep::ProcessGroupOptions().timeout(timeout).rendezvous_timeout(
+            std::chrono::seconds(20)).job_id(job_prefix() + job).host_id(hosts[r]));
+  });
+  return groups;
+}
+
+void expect_timeout(const WorkPtr& work, const std::string& want) {
+  try {
+    work->wait();
+    ADD_FAILURE() << "no timeout; expected " << want;
+  } catch (const lockstep::TimeoutError& e) {
+    EXPECT_EQ(std::string(e.what()), want);
+  }
+}
+
 // A recv (or a thread group's send) whose peer never posts the other side fails with
 // TimeoutError after the group's timeout, naming the peer; the channel stays usable. Fresh
-// groups with a 300 ms timeout: the thread group's direct path and the store mailbox of shm.
+// groups with a 300 ms timeout: the thread group's direct path, the shm channel, and a
+// hierarchical group (hosts A A B) that uses the channel on host A and the store between hosts.
 TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
   using lockstep::detail::concat;
   const auto timeout = std::chrono::milliseconds(300);
   auto threads = lockstep::new_thread_groups(2, lockstep::ThreadGroupOptions().timeout(timeout));
-  std::vector<ProcessGroupPtr> shm(2);
-  auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
-  lockstep_test::run_ranks(2, [&](int r) {
-    shm[r] = lockstep::new_shm_group(
-        r, 2, store,
-        lockstep::ProcessGroupOptions().timeout(timeout).rendezvous_timeout(
-            std::chrono::seconds(20)).job_id(job_prefix() + "p2p-timeout"));
-  });
-  ASSERT_TRUE(shm[0] && shm[1]);
-  auto expect_timeout = [](const WorkPtr& work, const std::string& want) {
-    try {
-      work->wait();
-      ADD_FAILURE() << "no timeout; expected " << want;
-    } catch (const lockstep::TimeoutError& e) {
-      EXPECT_EQ(std::string(e.what()), want);
-    }
-  };
+  auto shm = small_timeout_groups({"A", "A"}, "p2p-timeout");
+  auto hier = small_timeout_groups({"A", "A", "B"}, "p2p-timeout-hier");
+  ASSERT_TRUE(shm[0] && shm[1] && hier[0] && hier[1] && hier[2]);
+  ASSERT_EQ(hier[0]->backend(), "hier");
   auto t = at::zeros({3}, at::kFloat);
   expect_timeout(threads[1]->recv(t, 0),
                  "[rank 1/2] recv from rank 0 (tag 0, 3 x Float, thread group) timed out after "
@@ -1070,7 +1162,13 @@ TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
                  "0.3 s: the peer did not post the matching recv. Check that it does, and its "
                  "log.");
   expect_timeout(shm[1]->recv(t, 0, 2),
-                 "[rank 1/2] recv #1 from rank 0 (tag 2, 3 x Float) via the store timed out "
+                 "[rank 1/2] recv from rank 0 (tag 2, 3 x Float) via shm timed out after 0.3 s: "
+                 "rank 0 sent nothing. Check that it calls send for this recv (and its log).");
+  expect_timeout(hier[1]->recv(t, 0, 2),
+                 "[rank 1/3] recv from rank 0 (tag 2, 3 x Float) via shm timed out after 0.3 s: "
+                 "rank 0 sent nothing. Check that it calls send for this recv (and its log).");
+  expect_timeout(hier[2]->recv(t, 0, 2),
+                 "[rank 2/3] recv #1 from rank 0 (tag 2, 3 x Float) via the store timed out "
                  "after 0.3 s: the peer sent nothing. Check that it calls send for this recv "
                  "(and its log).");
   // The timed-out Works left their queues: the next pair matches.
@@ -1078,11 +1176,117 @@ TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
     auto x = at::full({3}, static_cast<float>(r + 1));
     if (r == 0) {
       threads[0]->send(x, 1)->wait();
+      shm[0]->send(x, 1, 2)->wait();
+      hier[0]->send(x, 1, 2)->wait();
     } else {
       threads[1]->recv(x, 0)->wait();
       EXPECT_TRUE(at::equal(x, at::full({3}, 1.0f)));
+      auto y = at::zeros({3}, at::kFloat), z = at::zeros({3}, at::kFloat);
+      shm[1]->recv(y, 0, 2)->wait();
+      hier[1]->recv(z, 0, 2)->wait();
+      EXPECT_TRUE(at::equal(y, at::full({3}, 1.0f)));
+      EXPECT_TRUE(at::equal(z, at::full({3}, 1.0f)));
     }
   });
+}
+
+// A shm send larger than the channel times out when nobody receives it, naming the peer and
+// what is buffered; its recv, posted later, times out after the buffered part; a recv that
+// finds the next message where the rest of its own should be fails naming the abandonment;
+// messages after either are received intact.
+TEST(PointToPointTimeouts, AShmMessageLargerThanTheChannelTimesOutOnBothSides) {
+  using lockstep::detail::concat;
+  auto shm = small_timeout_groups({"A", "A"}, "p2p-timeout-large");
+  ASSERT_TRUE(shm[0] && shm[1]);
+  auto big = at::arange(kLarge, at::kFloat);
+  const std::string send_what = concat("[rank 0/2] send to rank 1 (tag 0, ", kLarge,
+                                       " x Float) via shm timed out after 0.3 s: rank 1 did not "
+                                       "receive it (");
+  const std::string send_tail = " bytes). Check that it calls recv for this send (and its log).";
+  std::string buffered;
+  try {
+    shm[0]->send(big, 1, 0)->wait();
+    ADD_FAILURE() << "no timeout";
+  } catch (const lockstep::TimeoutError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.substr(0, send_what.size()), send_what) << what;
+    ASSERT_GE(what.size(), send_tail.size());
+    EXPECT_EQ(what.substr(what.size() - send_tail.size()), send_tail) << what;
+    // "<n> of its <total> bytes are in the channel, which buffers <n>"
+    buffered = what.substr(send_what.size(), what.find(' ', send_what.size()) - send_what.size());
+    EXPECT_EQ(what.find(concat(buffered, " of its ", kLarge * 4, " bytes are in the channel, "
+                               "which buffers ", buffered)),
+              send_what.size())
+        << what;
+  }
+  auto out = at::zeros({kLarge}, at::kFloat);
+  expect_timeout(shm[1]->recv(out, 0, 0),
+                 concat("[rank 1/2] recv from rank 0 (tag 0, ", kLarge, " x Float) via shm timed "
+                        "out after 0.3 s: rank 0 sent ", buffered, " of the message's ",
+                        kLarge * 4, " bytes, then nothing. Check rank 0's log."));
+  auto small = at::full({3}, 5.0f), small_out = at::zeros({3}, at::kFloat);
+  shm[0]->send(small, 1, 1)->wait();
+  shm[1]->recv(small_out, 0, 1)->wait();
+  EXPECT_TRUE(at::equal(small_out, small));
+
+  expect_timeout(shm[0]->send(big, 1, 0), send_what.substr(0, send_what.find(" timed out")) +
+                                               " timed out after 0.3 s: rank 1 did not receive "
+                                               "it (" + buffered + " of its " +
+                                               std::to_string(kLarge * 4) +
+                                               " bytes are in the channel, which buffers " +
+                                               buffered + send_tail);
+  auto small_sent = shm[0]->send(small, 1, 1);  // waits for room behind the abandoned chunks
+  try {
+    shm[1]->recv(out, 0, 0)->wait();
+    ADD_FAILURE() << "no error for an abandoned message";
+  } catch (const lockstep::CommError& e) {
+    EXPECT_EQ(std::string(e.what()),
+              concat("[rank 1/2] recv from rank 0 (tag 0, ", kLarge, " x Float) via shm: rank 0 "
+                     "abandoned the message after ", buffered, " of its ", kLarge * 4, " bytes "
+                     "(its send failed or timed out) and sent another; the tensor holds part of "
+                     "it. Check rank 0's log."));
+  }
+  small_sent->wait();
+  small_out.zero_();
+  shm[1]->recv(small_out, 0, 1)->wait();
+  EXPECT_TRUE(at::equal(small_out, small));
+}
+
+// A shm recv whose peer destroys its group fails at once naming it; destroying the group of a
+// rank whose recv waits fails that recv with StateError.
+TEST(PointToPointTimeouts, AShmRecvFailsWhenEitherSideLeaves) {
+  using lockstep::detail::concat;
+  {
+    auto shm = small_timeout_groups({"A", "A"}, "p2p-departed", std::chrono::seconds(20));
+    ASSERT_TRUE(shm[0] && shm[1]);
+    auto t = at::zeros({3}, at::kFloat);
+    auto work = shm[1]->recv(t, 0, 4);
+    shm[0].reset();
+    try {
+      work->wait();
+      ADD_FAILURE() << "no error";
+    } catch (const lockstep::CommError& e) {
+      EXPECT_EQ(std::string(e.what()),
+                "[rank 1/2] recv from rank 0 (tag 4, 3 x Float) via shm: rank 0 destroyed its "
+                "process group (or exited) first. Every send needs a recv on its peer before "
+                "the peer leaves.");
+    }
+  }
+  {
+    auto shm = small_timeout_groups({"A", "A"}, "p2p-stopping", std::chrono::seconds(20));
+    ASSERT_TRUE(shm[0] && shm[1]);
+    auto t = at::zeros({3}, at::kFloat);
+    auto work = shm[1]->recv(t, 0, 4);
+    shm[1].reset();
+    try {
+      work->wait();
+      ADD_FAILURE() << "no error";
+    } catch (const lockstep::StateError& e) {
+      EXPECT_EQ(std::string(e.what()),
+                "[rank 1/2] recv from rank 0 (tag 4, 3 x Float) via shm: this rank destroyed "
+                "its process group before the message was through.");
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,11 +12,13 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lockstep/comm_hooks.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
+#include "lockstep/thread_group.h"
 #include "support/models.h"
 #include "support/threads.h"
 
@@ -273,6 +275,81 @@ TEST(PowerSGD, WithoutErrorFeedbackOrWarmStartUsesAFreshQEachIteration) {
           << "iteration " << it << " rank " << r;
     }
   }
+}
+
+// Round 2 is issued by the hook's worker, not by wait(): the Work completes while nobody
+// waits for it (observed with a bounded poll of is_completed()), and the bucket then already
+// holds what a hook whose Work is waited for at once computes, bit for bit.
+TEST(PowerSGD, RoundTwoCompletesWithoutWait) {
+  with_groups(2, [&](const lockstep::ProcessGroupPtr& pg) {
+    auto eager = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto waited = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto gb = make_bucket({{24, 16}, {5}, {8, 30}}, {0, 1, 2}, at::kFloat);
+    auto ref = make_bucket({{24, 16}, {5}, {8, 30}}, {0, 1, 2}, at::kFloat);
+    for (int it = 0; it < 3; ++it) {
+      for (size_t k = 0; k < gb.gradients.size(); ++k) {
+        auto c = contribution(pg->rank(), it, k, gb.gradients[k].sizes(), 2, at::kFloat);
+        gb.gradients[k].copy_(c);
+        ref.gradients[k].copy_(c);
+      }
+      auto work = eager->reduce(*pg, gb);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (!work->is_completed() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::yield();
+      }
+      ASSERT_TRUE(work->is_completed()) << pg->where() << " iteration " << it
+                                        << ": round 2 did not complete without wait()";
+      waited->reduce(*pg, ref)->wait();
+      EXPECT_TRUE(torch::equal(gb.buffer, ref.buffer)) << pg->where() << " iteration " << it;
+      EXPECT_TRUE(torch::equal(eager->error(0), waited->error(0))) << pg->where();
+      work->wait();  // only waits
+    }
+  });
+}
+
+// A ProcessGroup written outside lockstep (here one that forwards to a thread group) builds no
+// subgroups: PowerSGD then issues round 2 from wait() on the DDP group (the Work is not
+// complete before), with the same result as on the thread group itself.
+class ForwardingGroup : public lockstep::ProcessGroup {
+ public:
+  explicit ForwardingGroup(lockstep::ProcessGroupPtr inner)
+      : ProcessGroup(inner->rank(), inner->size(), inner->timeout(), inner->store()),
+        inner_(std::move(inner)) {}
+  std::string backend() const override { return "forwarding"; }
+  lockstep::WorkPtr allreduce(Tensor& t, lockstep::ReduceOp op) override {
+    return inner_->allreduce(t, op);
+  }
+  lockstep::WorkPtr broadcast(Tensor& t, int root) override { return inner_->broadcast(t, root); }
+  lockstep::WorkPtr allgather(std::vector<Tensor>& out, const Tensor& in) override {
+    return inner_->allgather(out, in);
+  }
+  lockstep::WorkPtr barrier() override { return inner_->barrier(); }
+
+ private:
+  lockstep::ProcessGroupPtr inner_;
+};
+
+TEST(PowerSGD, WithAGroupThatBuildsNoSubgroupsRoundTwoRunsInWait) {
+  auto inner = lockstep::new_thread_groups(2);
+  lockstep_test::run_ranks(2, [&](int r) {
+    ForwardingGroup pg(inner[r]);
+    auto fallback = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto direct = lockstep::powersgd_hook(PowerSGDOptions().start_powersgd_iter(0));
+    auto gb = make_bucket({{24, 16}, {5}}, {0, 1}, at::kFloat);
+    auto ref = make_bucket({{24, 16}, {5}}, {0, 1}, at::kFloat);
+    for (int it = 0; it < 2; ++it) {
+      for (size_t k = 0; k < gb.gradients.size(); ++k) {
+        auto c = contribution(r, it, k, gb.gradients[k].sizes(), 2, at::kFloat);
+        gb.gradients[k].copy_(c);
+        ref.gradients[k].copy_(c);
+      }
+      auto work = fallback->reduce(pg, gb);
+      EXPECT_FALSE(work->is_completed()) << "rank " << r << ": round 2 ran before wait()";
+      work->wait();
+      direct->reduce(*inner[r], ref)->wait();
+      EXPECT_TRUE(torch::equal(gb.buffer, ref.buffer)) << "rank " << r << " iteration " << it;
+    }
+  });
 }
 
 TEST(PowerSGD, ANonFiniteResultDropsTheStateAndAZeroGradientStaysZero) {

@@ -356,4 +356,70 @@ TEST(ShmProcessFaults, SigtermDuringBufferSetupEndsTheRankAndItsPeerNamesIt) {
   EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "buffer left in /dev/shm";
 }
 
+// send / recv on the shm channel: a peer that is stopped is named as stopped when the recv
+// times out, and once resumed its message arrives (the channel stays usable); a peer that
+// dies is named as dead by a waiting recv and by a send that waits for room, well before the
+// timeout.
+TEST(ShmProcessFaults, SendRecvNameAStoppedAndADeadPeer) {
+  auto job = make_job("p2p");
+  auto status = run_processes(2, [&](int rank) {
+    auto pg = join(job, rank, 2, /*timeout_s=*/3);
+    auto t = at::zeros({3});
+    pg->barrier()->wait();
+    if (rank == 1) {
+      raise(SIGSTOP);  // rank 0 resumes it after its recv timed out
+      pg->send(at::full({3}, 7.0f), 0, 1)->wait();
+      pg->barrier()->wait();
+      raise(SIGKILL);
+    }
+    try {
+      pg->recv(t, 1, 1)->wait();
+      fprintf(stderr, "recv from a stopped rank: no error\n");
+      return 10;
+    } catch (const lockstep::TimeoutError& e) {
+      const std::string what = e.what();
+      const auto at = what.find("(pid ");
+      const std::string want = "[rank 0/2] recv from rank 1 (tag 1, 3 x Float) via shm timed "
+                               "out after 3 s: rank 1 (pid ";
+      if (what.compare(0, want.size(), want) != 0 || at == std::string::npos ||
+          what.find(") is stopped (SIGSTOP, Ctrl-Z or a debugger). Resume it with SIGCONT or "
+                    "kill it.") == std::string::npos) {
+        fprintf(stderr, "wrong message for a stopped peer: %s\n", what.c_str());
+        return 11;
+      }
+      kill(std::atoi(what.c_str() + at + 5), SIGCONT);
+    }
+    pg->recv(t, 1, 1)->wait();
+    if (!at::equal(t, at::full({3}, 7.0f))) return 12;
+    pg->barrier()->wait();  // rank 1 dies after it
+    const auto start = std::chrono::steady_clock::now();
+    auto expect_died = [&](const lockstep::WorkPtr& work, const std::string& want) {
+      try {
+        work->wait();
+        fprintf(stderr, "no error although rank 1 died: %s\n", want.c_str());
+        return 20;
+      } catch (const lockstep::CommError& e) {
+        const std::string what = e.what();
+        const double s =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (what.compare(0, want.size(), want) != 0 ||
+            what.find(") died while this rank waited for it. Check rank 1's log (killed, out of "
+                      "memory?).") == std::string::npos || s > 2.5) {
+          fprintf(stderr, "after %.2f s: %s\n", s, what.c_str());
+          return 21;
+        }
+      }
+      return 0;
+    };
+    const int recv_code = expect_died(
+        pg->recv(t, 1, 2), "[rank 0/2] recv from rank 1 (tag 2, 3 x Float) via shm: rank 1 (pid ");
+    if (recv_code != 0) return recv_code;
+    return expect_died(pg->send(at::zeros({1 << 20}), 1, 3),
+                       "[rank 0/2] send to rank 1 (tag 3, 1048576 x Float) via shm: rank 1 (pid ");
+  });
+  expect_exit_zero(status, /*skip=*/1);
+  EXPECT_TRUE(WIFSIGNALED(status[1]) && WTERMSIG(status[1]) == SIGKILL);
+  EXPECT_TRUE(shm_test::shm_entries(job.id).empty()) << "channel left in /dev/shm";
+}
+
 }  // namespace

@@ -63,9 +63,12 @@ struct PowerSGDOptions {
 ///
 /// Per bucket and compressed iteration it issues two all-reduces: the uncompressed gradients,
 /// the control elements and every P in one, then every Q. The first starts when the bucket is
-/// ready (overlapping backward); the second is issued by the Work's `wait()`, which DDP calls
-/// for every bucket in bucket order at the end of backward (Note [PowerSGD rounds] in
-/// lib/src/ddp/comm_hooks.cpp), so every rank issues collectives in the same order.
+/// ready, on DDP's group; the second as soon as the first finished, from the hook's worker
+/// thread, on a second group over the same ranks that the hook builds with new_group (a
+/// collective) at its first compressed bucket: both overlap backward, and the Work completes
+/// without wait() (Note [PowerSGD rounds] in lib/src/ddp/comm_hooks.cpp). With a group that
+/// cannot build subgroups the second is issued by the Work's `wait()`, which DDP calls for
+/// every bucket in bucket order. A hook serves one DDP group at a time.
 ///
 /// Initial Q of a parameter (its index i in `GradBucket::parameter_indices`): float32
 /// `randn({m, r})` from a CPU generator seeded with `random_seed + 1000003 * draw + i`, cast

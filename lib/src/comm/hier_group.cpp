@@ -48,6 +48,8 @@ class HierGroup : public ProcessGroup {
         local_rank_of_[hosts_[h][i]] = static_cast<int>(i);
       }
     }
+    channel_ = channel_of(*local_);
+    LOCKSTEP_ASSERT(channel_ != nullptr, "the host group of a hierarchical group is not shm");
     executor_ = std::make_unique<SerialExecutor>();
   }
 
@@ -135,6 +137,21 @@ class HierGroup : public ProcessGroup {
     return make_group(sub);
   }
 
+  // Note [Shared-memory channel] (shm_channel.cpp): ranks on this host through the host
+  // group's channel; ranks on other hosts through the store (ProcessGroup's default), since
+  // only the hosts' leaders are connected by Gloo.
+  WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
+    if (host_of_[dst] != host_) return ProcessGroup::run_send(tensor, dst, tag);
+    return channel_->send(tensor, local_rank_of_[dst], tag,
+                          channel_send_message(where(), tensor, dst, tag));
+  }
+
+  WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
+    if (host_of_[src] != host_) return ProcessGroup::run_recv(tensor, src, tag);
+    return channel_->recv(tensor, local_rank_of_[src], tag,
+                          channel_recv_message(where(), tensor, src, tag));
+  }
+
   WorkPtr barrier() override {
     next_sequence();
     return post([this] {
@@ -151,6 +168,7 @@ class HierGroup : public ProcessGroup {
   std::vector<std::vector<int>> hosts_;
   int host_;
   ProcessGroupPtr local_;
+  Channel* channel_ = nullptr;  // local_'s
   ProcessGroupPtr leaders_;  // null on non-leaders
   std::vector<int> host_of_;
   std::vector<int> local_rank_of_;

@@ -47,7 +47,9 @@ const char* to_string(ReduceOp op) {
 // completes at once (the store buffers it); recv's Work reads them on wait() (or on an
 // is_completed() that finds the header), checks the header against its tensor before it
 // reads a byte of payload, and deletes the keys. Every byte crosses the store's server twice:
-// fine for metadata and small activations, slow for bulk data (use Gloo for that).
+// fine for metadata and small activations, slow for bulk data (use Gloo for that). The shm
+// group has its own channel (Note [Shared-memory channel]); the hierarchical group uses this
+// path only between ranks on different hosts.
 struct ProcessGroup::StoreMailbox {
   std::mutex mutex;
   std::map<int, uint64_t> sent, received;  // per peer: messages so far

@@ -29,6 +29,7 @@
 
 #include "comm/hier_group.h"
 #include "comm/serial_executor.h"
+#include "comm/shm_channel.h"
 #include "comm/shm_kernels.h"
 #include "comm/shm_segment.h"
 #include "core/spin_wait.h"
@@ -142,11 +143,14 @@ class ShmGroup : public ProcessGroup {
       auto& l = segment_.line(r);
       peers_[r] = std::make_unique<PeerProcess>(l.pid, l.pid_ns);
     }
+    channel_ = std::make_unique<Channel>(rank, size, *store, job_id, rendezvous_timeout, timeout,
+                                         spin_, segment_, peers_);
     executor_ = std::make_unique<SerialExecutor>();
   }
 
   ~ShmGroup() override {
     executor_.reset();  // finishes queued collectives (each bounded by the timeout)
+    channel_.reset();   // fails waiting sends and recvs
     auto& me = segment_.line(rank());
     me.departed.store(1);
     futex_wake_all(&me.arrive);
@@ -378,6 +382,32 @@ class ShmGroup : public ProcessGroup {
       }
       if (!out.device().is_cpu()) out.copy_(host);
     });
+  }
+
+  Channel& channel() { return *channel_; }
+
+  // Note [Shared-memory channel] (shm_channel.cpp)
+  WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
+    return channel_->send(tensor, dst, tag, channel_send_message(where(), tensor, dst, tag));
+  }
+
+  WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
+    return channel_->recv(tensor, src, tag, recv_message(where(), tensor, src, tag));
+  }
+
+  // How a recv names itself, and its check of what was sent; `src` numbered as `where` does.
+  static ChannelMessage recv_message(const std::string& where, const at::Tensor& tensor, int src,
+                                     int tag) {
+    const at::ScalarType dtype = tensor.scalar_type();
+    const int64_t numel = tensor.numel();
+    return {concat(where, " recv from rank ", src, " (tag ", tag, ", ", numel, " x ", dtype,
+                   ") via shm"),
+            src,
+            [where, src, tag, dtype, numel](int sent_tag, int64_t sent_dtype,
+                                            int64_t sent_numel) {
+              return p2p_mismatch(where, src, tag, dtype, numel, sent_tag, sent_dtype,
+                                  sent_numel);
+            }};
   }
 
   // Note [Subgroups]: a new segment among the members.
@@ -676,11 +706,29 @@ class ShmGroup : public ProcessGroup {
   uint32_t phase_ = 0;  // only the executor's thread touches it
   std::chrono::microseconds spin_{spin_budget(size())};  // Note [Spinning only on spare cores]
   FailStop fail_stop_;
+  std::unique_ptr<Channel> channel_;          // send / recv
   std::unique_ptr<SerialExecutor> executor_;  // last: its thread uses everything above
 };
 
 
 }  // namespace
+
+ChannelMessage channel_send_message(const std::string& where, const at::Tensor& tensor,
+                                    int dst, int tag) {
+  return {concat(where, " send to rank ", dst, " (tag ", tag, ", ", tensor.numel(), " x ",
+                 tensor.scalar_type(), ") via shm"),
+          dst, nullptr};
+}
+
+ChannelMessage channel_recv_message(const std::string& where, const at::Tensor& tensor,
+                                    int src, int tag) {
+  return ShmGroup::recv_message(where, tensor, src, tag);
+}
+
+Channel* channel_of(ProcessGroup& group) {
+  auto* shm = dynamic_cast<ShmGroup*>(&group);
+  return shm == nullptr ? nullptr : &shm->channel();
+}
 
 std::string host_identity() {
   char name[256] = {0};

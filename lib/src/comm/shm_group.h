@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/shm_channel.h"
 #include "lockstep/process_group.h"
 #include "lockstep/store.h"
 
@@ -37,6 +38,19 @@ struct GroupSpec {
 /// One host: a pure shared-memory group ("shm"). Several hosts: shared memory within each
 /// host and Gloo between one leader per host ("hier"). Collective.
 ProcessGroupPtr make_group(const GroupSpec& spec);
+
+/// The send / recv channel of `group` when make_group built it for one host (shm), else null.
+Channel* channel_of(ProcessGroup& group);
+
+/// A send's description ("<where> send to rank <dst> (tag, count x dtype) via shm"), with
+/// ranks numbered as `where` numbers them.
+ChannelMessage channel_send_message(const std::string& where, const at::Tensor& tensor, int dst,
+                                    int tag);
+
+/// A recv's description ("<where> recv from rank <src> (tag, count x dtype) via shm") and its
+/// check of what was sent, with ranks numbered as `where` numbers them.
+ChannelMessage channel_recv_message(const std::string& where, const at::Tensor& tensor, int src,
+                                    int tag);
 
 }  // namespace shm
 }  // namespace lockstep

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "comm/serial_executor.h"
 #include "lockstep/errors.h"
 
 namespace lockstep {
@@ -49,12 +50,20 @@ int64_t count_iteration(std::mutex& mutex, int64_t& iteration, bool is_last) {
 //   3. error feedback: e_r = A_r - A_approx / W, so that sum_r e_r = S - A_approx is exactly
 //      what the approximation lost (PyTorch keeps M_r - approx in unscaled units, the same
 //      thing times W); the next iteration adds e_r to A_r before compressing.
-// Round 2 needs round 1's result, and a collective issued from a continuation would run when
-// some thread happens to observe round 1 complete: at different points of the collective
-// sequence on different ranks. So round 2 is issued by the Work's wait(), and DDP waits for
-// the buckets in bucket order after launching them all (CommHook's contract): every rank
-// issues P_0, P_1, ..., P_k, Q_0, ..., Q_k. Round 1 overlaps backward; round 2 does not.
-// is_completed() reports false until wait() ran. A non-finite Q (a NaN or Inf gradient
+// Round 2 needs round 1's result, so it cannot be issued when the bucket is launched; and a
+// collective issued from whichever thread happens to observe round 1 complete would land at
+// different points of the group's collective sequence on different ranks. So the hook state
+// owns a second group, new_group over every rank of the DDP group (collective; made by the
+// first compressed reduce(), which every rank reaches at the same point of its sequence), and
+// one worker thread. reduce() issues round 1 on the DDP group and queues the bucket's rest on
+// the worker, which runs buckets in issue order: wait for round 1, orthogonalize, Q = A^T P,
+// all-reduce Q on the second group, wait, write the approximation and the error feedback. On
+// each group every rank issues the same collectives in the same order (round 1s in bucket
+// order on the DDP group, round 2s in bucket order on the second), so round 2 overlaps the
+// rest of backward and the Work completes without anyone calling wait(); wait() only waits.
+// A group that cannot build a subgroup (ProcessGroup::make_subgroup not implemented: every
+// rank sees the same StateError) falls back to issuing round 2 from wait(), in bucket order
+// (CommHook's contract). A non-finite Q (a NaN or Inf gradient
 // somewhere) drops that parameter's Q and error so the next iteration starts clean; the NaN
 // still reaches the bucket, where DDP's NonFinite policy sees it.
 
@@ -95,6 +104,63 @@ struct Compressed {
 
 }  // namespace
 
+namespace {
+
+// Everything after round 1 of one bucket (Note [PowerSGD rounds], steps 2 and 3).
+struct PowerSGDRound2 {
+  WorkPtr round1;
+  at::Tensor buffer, r1, r2;
+  std::vector<at::Tensor> gradients;
+  std::vector<Compressed> compressed;
+  std::vector<size_t> uncompressed;
+  int64_t gradient_numel;
+  PowerSGDOptions options;
+
+  // Waits for round 1, all-reduces Q on `group` and writes the bucket and the state.
+  void run(ProcessGroup& group, int world) {
+    round1->wait();
+    at::NoGradGuard no_grad;
+    int64_t offset = 0;
+    for (size_t k : uncompressed) {
+      auto& g = gradients[k];
+      g.view({-1}).copy_(r1.narrow(0, offset, g.numel()));
+      offset += g.numel();
+    }
+    const int64_t controls = buffer.numel() - gradient_numel;
+    buffer.narrow(0, gradient_numel, controls).copy_(r1.narrow(0, offset, controls));
+    std::vector<at::Tensor> ps, qs, ms;
+    for (const auto& c : compressed) {
+      auto p = r1.narrow(0, c.p_offset, c.n * c.r).view({c.n, c.r});
+      orthogonalize(p, options.orthogonalization_epsilon());
+      auto q = r2.narrow(0, c.q_offset, c.m * c.r).view({c.m, c.r});
+      auto m = gradients[c.position].view({c.n, c.m});
+      at::mm_out(q, m.t(), p);
+      ps.push_back(p);
+      qs.push_back(q);
+      ms.push_back(m);
+    }
+    if (!compressed.empty()) group.allreduce(r2, ReduceOp::kSum)->wait();
+    const double inv_world = 1.0 / world;
+    for (size_t k = 0; k < compressed.size(); ++k) {
+      auto& state = *compressed[k].state;
+      auto approx = at::mm(ps[k], qs[k].t());
+      if (!at::isfinite(qs[k]).all().item<bool>()) {
+        state.q = at::Tensor();
+        state.error = at::Tensor();
+      } else {
+        if (options.use_error_feedback()) {
+          if (!state.error.defined()) state.error = at::empty_like(ms[k]);
+          at::sub_out(state.error, ms[k], approx, inv_world);
+        }
+        if (options.warm_start()) state.q.copy_(qs[k]);
+      }
+      ms[k].copy_(approx);
+    }
+  }
+};
+
+}  // namespace
+
 struct PowerSGDHook::State {
   PowerSGDOptions options;
   std::mutex mutex;
@@ -104,26 +170,55 @@ struct PowerSGDHook::State {
     at::Tensor round1, round2;
   };
   std::vector<Buffers> buckets;  // by bucket index
+  // Note [PowerSGD rounds]: the group round 2 runs on, made for `parent`; no worker after a
+  // fallback (round 2 then runs on the parent, from wait()).
+  const ProcessGroup* parent = nullptr;
+  ProcessGroupPtr second;
+  std::unique_ptr<comm::SerialExecutor> worker;  // last: its tasks use the members above
 
   PowerParam& param(size_t index) {
     std::lock_guard<std::mutex> lock(mutex);
     return params[index];
   }
+
+  // Collective over `group` the first time (and whenever DDP's group changes).
+  void prepare(ProcessGroup& group) {
+    if (parent == &group) return;
+    worker.reset();  // finishes the previous group's buckets
+    second.reset();
+    parent = &group;
+    std::vector<int> all(group.size());
+    for (int r = 0; r < group.size(); ++r) all[r] = r;
+    try {
+      second = new_group(group, all);
+    } catch (const StateError&) {  // on every rank: the transport builds no subgroups
+      return;
+    }
+    worker = std::make_unique<comm::SerialExecutor>();
+  }
 };
 
 namespace {
 
+// The Work of a compressed bucket: the worker's task (Note [PowerSGD rounds]).
 class PowerSGDWork : public Work {
  public:
-  PowerSGDWork(ProcessGroup* group, WorkPtr round1, at::Tensor buffer, at::Tensor r1,
-               at::Tensor r2, std::vector<at::Tensor> gradients,
-               std::vector<Compressed> compressed, std::vector<size_t> uncompressed,
-               int64_t gradient_numel, PowerSGDOptions options, std::shared_ptr<void> owner)
-      : owner_(std::move(owner)), group_(group), round1_(std::move(round1)),
-        buffer_(std::move(buffer)), r1_(std::move(r1)), r2_(std::move(r2)),
-        gradients_(std::move(gradients)),
-        compressed_(std::move(compressed)), uncompressed_(std::move(uncompressed)),
-        gradient_numel_(gradient_numel), options_(std::move(options)) {}
+  PowerSGDWork(WorkPtr inner, std::shared_ptr<void> owner)
+      : owner_(std::move(owner)), inner_(std::move(inner)) {}
+  bool is_completed() override { return inner_->is_completed(); }
+  void wait() override { inner_->wait(); }
+
+ private:
+  std::shared_ptr<void> owner_;  // the hook's state, which the task points into
+  WorkPtr inner_;
+};
+
+// The fallback: round 2 on the DDP group, issued by the first wait().
+class PowerSGDWaitWork : public Work {
+ public:
+  PowerSGDWaitWork(ProcessGroup* group, std::shared_ptr<PowerSGDRound2> job,
+                   std::shared_ptr<void> owner)
+      : owner_(std::move(owner)), group_(group), job_(std::move(job)) {}
 
   bool is_completed() override { return done_.load(); }
 
@@ -131,7 +226,7 @@ class PowerSGDWork : public Work {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!done_.load()) {
       try {
-        finish();
+        job_->run(*group_, group_->size());
       } catch (...) {
         error_ = std::current_exception();
       }
@@ -141,56 +236,9 @@ class PowerSGDWork : public Work {
   }
 
  private:
-  void finish() {
-    round1_->wait();
-    at::NoGradGuard no_grad;
-    int64_t offset = 0;
-    for (size_t k : uncompressed_) {
-      auto& g = gradients_[k];
-      g.view({-1}).copy_(r1_.narrow(0, offset, g.numel()));
-      offset += g.numel();
-    }
-    const int64_t controls = buffer_.numel() - gradient_numel_;
-    buffer_.narrow(0, gradient_numel_, controls).copy_(r1_.narrow(0, offset, controls));
-    std::vector<at::Tensor> ps, qs, ms;
-    for (const auto& c : compressed_) {
-      auto p = r1_.narrow(0, c.p_offset, c.n * c.r).view({c.n, c.r});
-      orthogonalize(p, options_.orthogonalization_epsilon());
-      auto q = r2_.narrow(0, c.q_offset, c.m * c.r).view({c.m, c.r});
-      auto m = gradients_[c.position].view({c.n, c.m});
-      at::mm_out(q, m.t(), p);
-      ps.push_back(p);
-      qs.push_back(q);
-      ms.push_back(m);
-    }
-    if (!compressed_.empty()) group_->allreduce(r2_, ReduceOp::kSum)->wait();
-    const double inv_world = 1.0 / group_->size();
-    for (size_t k = 0; k < compressed_.size(); ++k) {
-      auto& state = *compressed_[k].state;
-      auto approx = at::mm(ps[k], qs[k].t());
-      if (!at::isfinite(qs[k]).all().item<bool>()) {
-        state.q = at::Tensor();
-        state.error = at::Tensor();
-      } else {
-        if (options_.use_error_feedback()) {
-          if (!state.error.defined()) state.error = at::empty_like(ms[k]);
-          at::sub_out(state.error, ms[k], approx, inv_world);
-        }
-        if (options_.warm_start()) state.q.copy_(qs[k]);
-      }
-      ms[k].copy_(approx);
-    }
-  }
-
-  std::shared_ptr<void> owner_;  // the hook's state, which compressed_ points into
+  std::shared_ptr<void> owner_;
   ProcessGroup* group_;
-  WorkPtr round1_;
-  at::Tensor buffer_, r1_, r2_;
-  std::vector<at::Tensor> gradients_;
-  std::vector<Compressed> compressed_;
-  std::vector<size_t> uncompressed_;
-  int64_t gradient_numel_;
-  PowerSGDOptions options_;
+  std::shared_ptr<PowerSGDRound2> job_;
   std::mutex mutex_;
   std::atomic<bool> done_{false};
   std::exception_ptr error_;
@@ -253,6 +301,7 @@ WorkPtr PowerSGDHook::reduce(ProcessGroup& group, GradBucket& bucket) {
                  bucket.gradients.size(), " gradient views and ", bucket.parameter_indices.size(),
                  " parameter indices; expected one of each per parameter (a GradBucket built "
                  "by DistributedDataParallel has them).");
+  s.prepare(group);  // Note [PowerSGD rounds]: collective the first time
   at::NoGradGuard no_grad;
   // Plan: which gradients are compressed, and where each piece lives in the two rounds.
   std::vector<Compressed> compressed;
@@ -318,11 +367,13 @@ WorkPtr PowerSGDHook::reduce(ProcessGroup& group, GradBucket& bucket) {
     auto p = r1.narrow(0, c.p_offset, c.n * c.r).view({c.n, c.r});
     at::mm_out(p, m, st.q);
   }
-  auto round1 = group.allreduce(r1, ReduceOp::kSum);
-  return std::make_shared<PowerSGDWork>(&group, std::move(round1), bucket.buffer, r1,
-                                        cache.round2, bucket.gradients, std::move(compressed),
-                                        std::move(uncompressed), bucket.gradient_numel, o,
-                                        state_);
+  auto job = std::make_shared<PowerSGDRound2>(PowerSGDRound2{
+      group.allreduce(r1, ReduceOp::kSum), bucket.buffer, r1, cache.round2, bucket.gradients,
+      std::move(compressed), std::move(uncompressed), bucket.gradient_numel, o});
+  if (!s.worker) return std::make_shared<PowerSGDWaitWork>(&group, std::move(job), state_);
+  ProcessGroup* second = s.second.get();
+  return std::make_shared<PowerSGDWork>(
+      s.worker->post([job, second] { job->run(*second, second->size()); }), state_);
 }
 
 std::shared_ptr<PowerSGDHook> powersgd_hook(PowerSGDOptions options) {
