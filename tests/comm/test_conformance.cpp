@@ -1190,6 +1190,34 @@ TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
   });
 }
 
+// A shm group of more than kChannelMaxRanks (16) ranks reserves no channel (its rings would
+// grow with W(W-1)) and sends through the store: the timeout names that path, and a message
+// between its first and last rank arrives intact.
+TEST(PointToPointTimeouts, AShmGroupAboveSixteenRanksSendsThroughTheStore) {
+  auto groups = small_timeout_groups(std::vector<std::string>(17, "A"), "p2p-17",
+                                     std::chrono::milliseconds(1000));
+  for (const auto& g : groups) ASSERT_TRUE(g);
+  lockstep_test::run_ranks(2, [&](int r) {
+    if (r == 0) {
+      groups[0]->send(at::full({3}, 7.0f), 16, 2)->wait();
+    } else {
+      auto y = at::zeros({3}, at::kFloat);
+      groups[16]->recv(y, 0, 2)->wait();
+      EXPECT_TRUE(at::equal(y, at::full({3}, 7.0f)));
+    }
+  });
+  auto t = at::zeros({3}, at::kFloat);
+  try {
+    groups[16]->recv(t, 0, 2)->wait();
+    ADD_FAILURE() << "no timeout";
+  } catch (const lockstep::TimeoutError& e) {
+    EXPECT_NE(std::string(e.what()).find("[rank 16/17] recv #2 from rank 0 (tag 2, 3 x Float) "
+                                         "via the store timed out"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 // A shm send larger than the channel times out when nobody receives it, naming the peer and
 // what is buffered; its recv, posted later, times out after the buffered part; a recv that
 // finds the next message where the rest of its own should be fails naming the abandonment;

@@ -48,8 +48,7 @@ class HierGroup : public ProcessGroup {
         local_rank_of_[hosts_[h][i]] = static_cast<int>(i);
       }
     }
-    channel_ = channel_of(*local_);
-    LOCKSTEP_ASSERT(channel_ != nullptr, "the host group of a hierarchical group is not shm");
+    channel_ = channel_of(*local_);  // null above kChannelMaxRanks ranks on a host: the store
     executor_ = std::make_unique<SerialExecutor>();
   }
 
@@ -141,13 +140,13 @@ class HierGroup : public ProcessGroup {
   // group's channel; ranks on other hosts through the store (ProcessGroup's default), since
   // only the hosts' leaders are connected by Gloo.
   WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
-    if (host_of_[dst] != host_) return ProcessGroup::run_send(tensor, dst, tag);
+    if (host_of_[dst] != host_ || !channel_) return ProcessGroup::run_send(tensor, dst, tag);
     return channel_->send(tensor, local_rank_of_[dst], tag,
                           channel_send_message(where(), tensor, dst, tag));
   }
 
   WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
-    if (host_of_[src] != host_) return ProcessGroup::run_recv(tensor, src, tag);
+    if (host_of_[src] != host_ || !channel_) return ProcessGroup::run_recv(tensor, src, tag);
     return channel_->recv(tensor, local_rank_of_[src], tag,
                           channel_recv_message(where(), tensor, src, tag));
   }

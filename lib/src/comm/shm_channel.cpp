@@ -246,6 +246,15 @@ void Channel::receive(const at::Tensor& host, int src, int tag, const ChannelMes
     wait(r.control->head, r.control->head_waiters, has_chunk, src, deadline, message, why);
     ChunkHeader h;
     std::memcpy(&h, r.chunk(r.control->tail.load(std::memory_order_relaxed)), sizeof(h));
+    // The header comes from another process: bound every size before it is used.
+    const uint64_t room = r.chunk_bytes - kChunkHeader;
+    if (h.len > room || h.offset > h.total || h.len > h.total - h.offset) {
+      throw CommError(concat(message.what, ": rank ", message.peer, " wrote a corrupt chunk "
+                             "header (payload ", h.len, " bytes at offset ", h.offset, " of a ",
+                             h.total, "-byte message; a chunk holds ", room, "). Do all ranks "
+                             "run the same lockstep build? The channel from rank ",
+                             message.peer, " cannot be used any more."));
+    }
     return h;
   };
   auto release = [&] {
@@ -262,8 +271,13 @@ void Channel::receive(const at::Tensor& host, int src, int tag, const ChannelMes
   }
   const std::string wrong = message.mismatch ? message.mismatch(h.tag, h.dtype, h.numel) : "";
   const uint64_t bytes = static_cast<uint64_t>(host.numel()) * host.element_size();
-  LOCKSTEP_ASSERT(!wrong.empty() || h.total == bytes, message.what, ": a matching message of ",
-                  h.total, " bytes for ", bytes);
+  if (wrong.empty() && h.total != bytes) {
+    throw CommError(concat(message.what, ": rank ", message.peer, " sent a message of ",
+                           h.total, " bytes whose header describes the ", bytes, " bytes "
+                           "expected: a corrupt header. Do all ranks run the same lockstep "
+                           "build? The channel from rank ", message.peer,
+                           " cannot be used any more."));
+  }
   char* out = wrong.empty() && bytes > 0 ? static_cast<char*>(host.data_ptr()) : nullptr;
   const uint64_t seq = h.seq;
   total = h.total;

@@ -25,6 +25,10 @@ namespace shm {
 size_t channel_chunk_bytes(int size);
 /// Chunks in each pair's ring.
 constexpr uint32_t kChannelChunks = 4;
+/// The largest group that gets a channel (Note [Shared-memory channel]): its rings are
+/// reserved for every ordered pair up front, W(W-1) of them, so a larger group sends through
+/// the store instead of reserving hundreds of MiB of /dev/shm it may never use.
+constexpr int kChannelMaxRanks = 16;
 
 /// One send or recv as its caller names it (the hierarchical group numbers ranks globally,
 /// its host group locally).

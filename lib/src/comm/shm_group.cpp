@@ -143,8 +143,10 @@ class ShmGroup : public ProcessGroup {
       auto& l = segment_.line(r);
       peers_[r] = std::make_unique<PeerProcess>(l.pid, l.pid_ns);
     }
-    channel_ = std::make_unique<Channel>(rank, size, *store, job_id, rendezvous_timeout, timeout,
-                                         spin_, segment_, peers_);
+    if (size <= kChannelMaxRanks) {
+      channel_ = std::make_unique<Channel>(rank, size, *store, job_id, rendezvous_timeout,
+                                           timeout, spin_, segment_, peers_);
+    }
     executor_ = std::make_unique<SerialExecutor>();
   }
 
@@ -384,14 +386,17 @@ class ShmGroup : public ProcessGroup {
     });
   }
 
-  Channel& channel() { return *channel_; }
+  Channel* channel() { return channel_.get(); }
 
-  // Note [Shared-memory channel] (shm_channel.cpp)
+  // Note [Shared-memory channel] (shm_channel.cpp); groups above kChannelMaxRanks through
+  // the store (ProcessGroup's default).
   WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
+    if (!channel_) return ProcessGroup::run_send(tensor, dst, tag);
     return channel_->send(tensor, dst, tag, channel_send_message(where(), tensor, dst, tag));
   }
 
   WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
+    if (!channel_) return ProcessGroup::run_recv(tensor, src, tag);
     return channel_->recv(tensor, src, tag, recv_message(where(), tensor, src, tag));
   }
 
@@ -727,7 +732,7 @@ ChannelMessage channel_recv_message(const std::string& where, const at::Tensor& 
 
 Channel* channel_of(ProcessGroup& group) {
   auto* shm = dynamic_cast<ShmGroup*>(&group);
-  return shm == nullptr ? nullptr : &shm->channel();
+  return shm == nullptr ? nullptr : shm->channel();
 }
 
 std::string host_identity() {

@@ -39,7 +39,8 @@ struct GroupSpec {
 /// host and Gloo between one leader per host ("hier"). Collective.
 ProcessGroupPtr make_group(const GroupSpec& spec);
 
-/// The send / recv channel of `group` when make_group built it for one host (shm), else null.
+/// The send / recv channel of `group` when make_group built it for one host (shm) of at most
+/// kChannelMaxRanks ranks, else null.
 Channel* channel_of(ProcessGroup& group);
 
 /// A send's description ("<where> send to rank <dst> (tag, count x dtype) via shm"), with
