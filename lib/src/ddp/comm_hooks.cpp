@@ -186,14 +186,18 @@ struct PowerSGDHook::State {
     if (parent == &group) return;
     worker.reset();  // finishes the previous group's buckets
     second.reset();
-    parent = &group;
+    parent = nullptr;  // set once the second group exists, or is known not to be possible
     std::vector<int> all(group.size());
     for (int r = 0; r < group.size(); ++r) all[r] = r;
     try {
       second = new_group(group, all);
     } catch (const StateError&) {  // on every rank: the transport builds no subgroups
+      parent = &group;
       return;
     }
+    // Any other failure (a timeout, /dev/shm full) propagates from this reduce(), and the
+    // next one tries again instead of silently keeping the wait() fallback.
+    parent = &group;
     worker = std::make_unique<comm::SerialExecutor>();
   }
 };
