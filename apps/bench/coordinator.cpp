@@ -654,13 +654,15 @@ json run_benchmark(const BenchOptions& o) {
             ms.push_back(r[k]["ms"]);
             bus.push_back(r[k]["busbw_gbps"]);
             alg.push_back(r[k]["algbw_gbps"]);
-            inplace.push_back(r[k].value("inplace_ms", 0.0));
+            if (r[k].contains("inplace_ms") && r[k]["inplace_ms"].is_number()) {
+              inplace.push_back(r[k]["inplace_ms"].get<double>());
+            }
             copy.push_back(r[k].value("copy_ms", 0.0));
             add.push_back(r[k].value("add_ms", 0.0));
           }
           rows.push_back({{"bytes", reps[0][k]["bytes"]},
                           {"ms", median(ms)},
-                          {"inplace_ms", median(inplace)},
+                          {"inplace_ms", inplace.empty() ? json(nullptr) : json(median(inplace))},
                           {"copy_ms", median(copy)},
                           {"add_ms", median(add)},
                           {"busbw_gbps", median(bus)},

@@ -140,8 +140,9 @@ std::string disturbance_lines(const json& m, bool md) {
 std::string bucket_lines(const json& m, bool md) {
   std::ostringstream os;
   for (const auto& s : m["scenarios"]) {
-    if (s["status"] != "ok" || !s.contains("ddp_stats") || !s["ddp_stats"].contains("bucket_ms") ||
-        s["ddp_stats"]["bucket_ms"].empty()) {
+    // World 1 communicates nothing: its buckets have no timeline.
+    if (s["status"] != "ok" || s.value("world", 2) < 2 || !s.contains("ddp_stats") ||
+        !s["ddp_stats"].contains("bucket_ms") || s["ddp_stats"]["bucket_ms"].empty()) {
       continue;
     }
     const auto& d = s["ddp_stats"];
@@ -313,7 +314,8 @@ std::string render_report(const json& doc, bool md) {
     if (speedup) t[0].push_back("gloo / shm");
     // Note [The memory floor of a reduction] (worker.cpp): the shared-buffer all-reduce DDP's
     // buckets take, and a copy and an add of the same bytes with every rank at it at once.
-    const bool memory = shm && !(*shm)["sweep"].empty() && (*shm)["sweep"][0].contains("add_ms");
+    const bool memory = shm && !(*shm)["sweep"].empty() && (*shm)["sweep"][0].contains("add_ms") &&
+                        (*shm)["sweep"].size() == (*cols[0])["sweep"].size();
     if (memory) {
       t[0].push_back("shm in place us");
       t[0].push_back("copy us");
@@ -337,7 +339,7 @@ std::string render_report(const json& doc, bool md) {
         if (memory) {
           const auto& r = (*shm)["sweep"][i];
           for (const char* key : {"inplace_ms", "copy_ms", "add_ms"}) {
-            row.push_back(fixed(r[key].get<double>() * 1e3, 1));
+            row.push_back(r[key].is_number() ? fixed(r[key].get<double>() * 1e3, 1) : "");
           }
         }
         t.push_back(row);

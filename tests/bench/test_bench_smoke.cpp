@@ -509,6 +509,8 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   EXPECT_NE(r.markdown.find("- lockstep DDP, world 2: backward compute "), std::string::npos)
       << r.markdown;
   EXPECT_NE(r.markdown.find(" bucket 0 ("), std::string::npos) << r.markdown;
+  EXPECT_EQ(r.markdown.find("- lockstep DDP, world 1: backward compute"), std::string::npos)
+      << "world 1 communicates nothing: no bucket timeline\n" << r.markdown;
   EXPECT_NE(r.markdown.find("lockstep-bench --model mlp"), std::string::npos)
       << "the markdown must carry the reproducing command";
   EXPECT_NE(r.terminal.find("per-parameter all-reduce, world 2"), std::string::npos);
