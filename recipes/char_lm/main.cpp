@@ -255,16 +255,11 @@ int run(int argc, char** argv) {
         metrics.write({"step", {{"step", double(pos.step)}, {"loss", l},
                                 {"chars_per_s", common.batch_size * context / dt}}});
       }
-      const recipe::StepEnd end = recipe::end_step(*pg, common, pos.step, l, dt);
-      // Every rank's step time came with the end-of-step all-reduce: one line per rank.
-      if (logged) {
-        recipe::write_rank_throughput(metrics, pos.step, end.step_seconds, static_cast<int64_t>(idx.size()));
-      }
-      if (rank == 0 && recipe::report_due(common, pos.step)) {
-        recipe::write_live_report(
-            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
-      }
-      if (end.stop) {
+      const auto report = [&] {
+        return recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv);
+      };
+      if (recipe::finish_step(*pg, common, pos, l, dt, logged, static_cast<int64_t>(idx.size()),
+                              metrics, report)) {
         preempted = true;
         break;
       }

@@ -450,6 +450,17 @@ void write_live_report(train::ReportOptions options, const Position& position) {
       {{"epochs done", std::to_string(position.epoch)}, {"steps", std::to_string(position.step)}}));
 }
 
+bool finish_step(ProcessGroup& group, const Common& common, const Position& position,
+                 double loss, double step_seconds, bool logged, int64_t samples_per_rank,
+                 train::MetricsWriter& metrics,
+                 const std::function<train::ReportOptions()>& report) {
+  const StepEnd end = end_step(group, common, position.step, loss, step_seconds);
+  // Every rank's step time came with the end-of-step all-reduce: one line per rank.
+  if (logged) write_rank_throughput(metrics, position.step, end.step_seconds, samples_per_rank);
+  if (group.rank() == 0 && report_due(common, position.step)) write_live_report(report(), position);
+  return end.stop;
+}
+
 void write_ddp_stats(train::MetricsWriter& metrics, int64_t step, const DDPStats& stats) {
   metrics.write({"ddp", {{"step", double(step)},
                          {"forward_ms", stats.forward_ms},

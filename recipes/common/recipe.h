@@ -22,6 +22,7 @@
 #include <cxxopts.hpp>
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -194,6 +195,15 @@ bool report_due(const Common& common, int64_t step);
 /// Rank 0: writes `options` as a live report (it reloads itself in a browser until the final,
 /// non-live write) with the run's position as its summary.
 void write_live_report(train::ReportOptions options, const Position& position);
+
+/// The end of a training step, as every recipe ends it: end_step's all-reduce, each rank's
+/// throughput on logged steps (write_rank_throughput, `samples_per_rank` per step), and rank
+/// 0's live report when report_due (`report` builds its options, only then). Collective.
+/// Returns whether every rank stops now (StepEnd::stop).
+bool finish_step(ProcessGroup& group, const Common& common, const Position& position,
+                 double loss, double step_seconds, bool logged, int64_t samples_per_rank,
+                 train::MetricsWriter& metrics,
+                 const std::function<train::ReportOptions()>& report);
 
 /// Writes DDP's statistics of the last iteration as "ddp" and "bucket" records (the report
 /// draws the bucket timeline from them).

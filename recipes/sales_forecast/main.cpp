@@ -304,16 +304,11 @@ int run(int argc, char** argv) {
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const bool logged = pos.step % 20 == 0;
       if (logged) metrics.write({"step", {{"step", double(pos.step)}, {"loss", l}}});
-      const recipe::StepEnd end = recipe::end_step(*pg, common, pos.step, l, dt);
-      // Every rank's step time came with the end-of-step all-reduce: one line per rank.
-      if (logged) {
-        recipe::write_rank_throughput(metrics, pos.step, end.step_seconds, static_cast<int64_t>(idx.size()));
-      }
-      if (rank == 0 && recipe::report_due(common, pos.step)) {
-        recipe::write_live_report(
-            recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv), pos);
-      }
-      if (end.stop) {
+      const auto report = [&] {
+        return recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv);
+      };
+      if (recipe::finish_step(*pg, common, pos, l, dt, logged, static_cast<int64_t>(idx.size()),
+                              metrics, report)) {
         preempted = true;
         break;
       }
