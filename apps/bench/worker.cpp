@@ -49,6 +49,19 @@ double time_allreduce_all_grads(ProcessGroup& pg, int64_t numel, int iters) {
   return median(t);
 }
 
+// Milliseconds per call of `op`: the median of 3 runs of `iters` back-to-back calls, each run
+// started together on every rank (a barrier), as nccl-tests time collectives.
+double per_call_ms(ProcessGroup& pg, int iters, const std::function<void()>& op) {
+  std::vector<double> runs;
+  for (int run = 0; run < 3; ++run) {
+    pg.barrier()->wait();
+    const auto t0 = Clock::now();
+    for (int i = 0; i < iters; ++i) op();
+    runs.push_back(ms_since(t0) / iters);
+  }
+  return median(runs);
+}
+
 // Note [The memory floor of a reduction]: this machine's memory bandwidth for the bytes an
 // all-reduce moves, with every rank at it at once (as in a real step, where both ranks reduce
 // while they share the memory bus and L3): the median per-iteration time of a copy of n
@@ -73,22 +86,15 @@ std::pair<double, double> time_memory(ProcessGroup& pg, int64_t n, int iters) {
   std::fill(b.get(), b.get() + n, 0.0f);
   float* dst = b.get();
   const float* src = a.get();
-  std::vector<double> copy_iter, add_iter;
-  for (int rep = 0; rep < 3; ++rep) {
-    pg.barrier()->wait();
-    auto t0 = Clock::now();
-    for (int i = 0; i < iters; ++i) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
-    copy_iter.push_back(ms_since(t0) / iters);
-    pg.barrier()->wait();
-    t0 = Clock::now();
-    for (int i = 0; i < iters; ++i) {
-      for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
-    }
-    add_iter.push_back(ms_since(t0) / iters);
-  }
+  const double copy = per_call_ms(pg, iters, [&] {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  });
+  const double add = per_call_ms(pg, iters, [&] {
+    for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+  });
   // Keep the adds observable so that they are not optimised away.
   LOCKSTEP_CHECK(std::isfinite(dst[n - 1]), "memory benchmark produced ", dst[n - 1]);
-  return {median(copy_iter), median(add_iter)};
+  return {copy, add};
 }
 
 constexpr int64_t kMaxSharedSweepBytes = int64_t{32} << 20;
@@ -108,14 +114,7 @@ json sweep_allreduce(ProcessGroup& pg, int64_t min_bytes, int64_t max_bytes) {
     // Back-to-back iterations, as nccl-tests time them; the same count on every rank.
     const int iters =
         static_cast<int>(std::clamp<int64_t>((256LL << 20) / std::max<int64_t>(bytes, 1), 5, 200));
-    std::vector<double> per_iter;
-    for (int rep = 0; rep < 3; ++rep) {
-      pg.barrier()->wait();
-      auto t0 = Clock::now();
-      for (int i = 0; i < iters; ++i) pg.allreduce(t)->wait();
-      per_iter.push_back(ms_since(t0) / iters);
-    }
-    const double ms = median(per_iter);
+    const double ms = per_call_ms(pg, iters, [&] { pg.allreduce(t)->wait(); });
     const double algbw = static_cast<double>(n * 4) / (ms * 1e-3) / 1e9;
     // The same all-reduce of a shared reduction buffer (Note [Shared reduction buffers]):
     // what DDP's buckets take; on a transport without such buffers, the copying path again.
@@ -125,14 +124,7 @@ json sweep_allreduce(ProcessGroup& pg, int64_t min_bytes, int64_t max_bytes) {
     if (n * 4 * w <= kMaxSharedSweepBytes) {
       auto shared = pg.new_buffer(n, torch::dtype(torch::kFloat));
       pg.allreduce(shared)->wait();
-      std::vector<double> inplace_iter;
-      for (int rep = 0; rep < 3; ++rep) {
-        pg.barrier()->wait();
-        auto t0 = Clock::now();
-        for (int i = 0; i < iters; ++i) pg.allreduce(shared)->wait();
-        inplace_iter.push_back(ms_since(t0) / iters);
-      }
-      inplace = median(inplace_iter);
+      inplace = per_call_ms(pg, iters, [&] { pg.allreduce(shared)->wait(); });
     }
     const auto memory = time_memory(pg, n, iters);
     rows.push_back({{"bytes", n * 4},
