@@ -8,9 +8,14 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
 #include <chrono>
 #include <future>
 
+#include "comm/shm_channel.h"
+#include "comm/shm_segment.h"
 #include "lockstep/errors.h"
 #include "lockstep/process_group.h"
 #include "shm/shm_support.h"
@@ -241,3 +246,49 @@ TEST(ShmFaults, UnsupportedDtypesAreRejected) {
 }
 
 }  // namespace
+
+// The mapping of the job's send/recv channel in this process (Note [Shared-memory channel]):
+// the /dev/shm object of the job whose size is the channel's for `world` ranks.
+char* find_channel_mapping(const std::string& job, int world) {
+  const size_t bytes = static_cast<size_t>(world) * (world - 1) *
+                       (lockstep::shm::kPage +
+                        lockstep::shm::kChannelChunks * lockstep::shm::channel_chunk_bytes(world));
+  std::ifstream maps("/proc/self/maps");
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("/dev/shm/lockstep-" + job + "-") == std::string::npos) continue;
+    uintptr_t start = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &start, &end) != 2) continue;
+    if (end - start == bytes) return reinterpret_cast<char*>(start);
+  }
+  return nullptr;
+}
+
+// A chunk header in the channel is another process's data: a length beyond the chunk is a
+// CommError naming the peer, before anything is copied (never a read past the mapping or a
+// write past the tensor).
+TEST(ShmChannel, ACorruptChunkHeaderIsACommErrorNamingThePeer) {
+  auto job = unique_job("corrupt");
+  auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
+  std::vector<ProcessGroupPtr> groups(2);
+  run_ranks(2, [&](int r) { groups[r] = lockstep::new_shm_group(r, 2, store, test_options(job)); });
+  ASSERT_TRUE(groups[0] && groups[1]);
+  groups[0]->send(at::full({3}, 1.0f), 1, 0)->wait();  // in the ring 0 -> 1, not yet received
+  char* base = find_channel_mapping(job, 2);
+  ASSERT_NE(base, nullptr) << "no channel mapping of job " << job << " in /proc/self/maps";
+  // Ring (0 -> 1) is the first; its control page, then chunk 0: seq, offset, len, total.
+  auto* len = reinterpret_cast<uint64_t*>(base + lockstep::shm::kPage + 16);
+  ASSERT_EQ(*len, 12u) << "the chunk layout changed; update this test";
+  *len = uint64_t{1} << 40;
+  auto t = at::zeros({3});
+  try {
+    groups[1]->recv(t, 0, 0)->wait();
+    ADD_FAILURE() << "no error for a corrupt chunk header";
+  } catch (const lockstep::CommError& e) {
+    EXPECT_NE(std::string(e.what()).find(
+                  "rank 0 wrote a corrupt chunk header (payload 1099511627776 bytes at offset 0 "
+                  "of a 12-byte message"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_TRUE(at::equal(t, at::zeros({3}))) << "nothing may be copied from a corrupt chunk";
+}
