@@ -69,10 +69,10 @@ double per_call_ms(ProcessGroup& pg, int iters, const std::function<void()>& op)
 // back-to-back iterations like the sweep's. The in-place all-reduce of W ranks costs about
 // an add over n (its reduction reads n and writes n/W) plus a copy of n (W-1)/W (the
 // gather), so these two columns bound from below what any reduction on this machine can do.
-// Both buffers are page-aligned, as the shared regions are: glibc's memcpy (rep movsb) on
-// this AMD EPYC VM is 10-30x slower for 16 KiB-1 MiB when the destination lies 1-63 bytes
-// past the source modulo 4 KiB (256 KiB: 342 us against 11-33 us), which two adjacent
-// malloc'd vectors hit, and which would measure the erratum instead of the memory.
+// Both buffers are page-aligned, as the shared regions are: glibc's memcpy on this AMD EPYC
+// VM is 10-30x slower for 16-256 KiB when the destination lies 16 bytes past the source
+// modulo 4 KiB (256 KiB: 342 us against 11-33 us at 0, 48, 64, 80 or 4032 bytes), which two
+// neighbouring malloc'd vectors are, so the column would have measured that instead.
 std::pair<double, double> time_memory(ProcessGroup& pg, int64_t n, int iters) {
   auto page_aligned = [n] {
     void* p = nullptr;
