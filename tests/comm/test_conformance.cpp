@@ -1171,13 +1171,14 @@ TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
                  "[rank 2/3] recv #1 from rank 0 (tag 2, 3 x Float) via the store timed out "
                  "after 0.3 s: the peer sent nothing. Check that it calls send for this recv "
                  "(and its log).");
-  // The timed-out Works left their queues: the next pair matches.
+  // The timed-out Works left their queues: the next pair matches (the store path included).
   lockstep_test::run_ranks(2, [&](int r) {
     auto x = at::full({3}, static_cast<float>(r + 1));
     if (r == 0) {
       threads[0]->send(x, 1)->wait();
       shm[0]->send(x, 1, 2)->wait();
       hier[0]->send(x, 1, 2)->wait();
+      hier[0]->send(x, 2, 2)->wait();
     } else {
       threads[1]->recv(x, 0)->wait();
       EXPECT_TRUE(at::equal(x, at::full({3}, 1.0f)));
@@ -1186,6 +1187,9 @@ TEST(PointToPointTimeouts, AnUnmatchedMessageTimesOutNamingThePeer) {
       hier[1]->recv(z, 0, 2)->wait();
       EXPECT_TRUE(at::equal(y, at::full({3}, 1.0f)));
       EXPECT_TRUE(at::equal(z, at::full({3}, 1.0f)));
+      auto w = at::zeros({3}, at::kFloat);
+      hier[2]->recv(w, 0, 2)->wait();  // recv #1 again: the timed-out one gave its number back
+      EXPECT_TRUE(at::equal(w, at::full({3}, 1.0f)));
     }
   });
 }
@@ -1216,6 +1220,16 @@ TEST(PointToPointTimeouts, AShmGroupAboveSixteenRanksSendsThroughTheStore) {
               std::string::npos)
         << e.what();
   }
+  // The timed-out recv left the queue: the next message is received by the next recv.
+  lockstep_test::run_ranks(2, [&](int r) {
+    if (r == 0) {
+      groups[0]->send(at::full({3}, 8.0f), 16, 2)->wait();
+    } else {
+      auto y = at::zeros({3}, at::kFloat);
+      groups[16]->recv(y, 0, 2)->wait();
+      EXPECT_TRUE(at::equal(y, at::full({3}, 8.0f)));
+    }
+  });
 }
 
 // A shm send larger than the channel times out when nobody receives it, naming the peer and

@@ -311,7 +311,7 @@ class ProcessGroup {
   std::shared_ptr<Store> store_;
   uint64_t sequence_ = 0;
   struct StoreMailbox;  // the default send / recv (process_group.cpp)
-  std::unique_ptr<StoreMailbox> mailbox_;
+  std::shared_ptr<StoreMailbox> mailbox_;  // shared with pending store recvs (weakly)
   uint64_t subgroups_ = 0;  // new_group calls so far
   friend ProcessGroupPtr new_group(ProcessGroup& parent, const std::vector<int>& ranks);
 };

@@ -66,9 +66,11 @@ class StoreRecvWork : public Work {
  public:
   StoreRecvWork(std::shared_ptr<Store> store, std::string key, at::Tensor tensor,
                 std::chrono::milliseconds timeout, std::string what,
-                std::function<std::string(int, int64_t, int64_t)> mismatch)
+                std::function<std::string(int, int64_t, int64_t)> mismatch,
+                std::function<void()> on_timeout)
       : store_(std::move(store)), key_(std::move(key)), tensor_(std::move(tensor)),
-        timeout_(timeout), what_(std::move(what)), mismatch_(std::move(mismatch)) {}
+        timeout_(timeout), what_(std::move(what)), mismatch_(std::move(mismatch)),
+        on_timeout_(std::move(on_timeout)) {}
 
   bool is_completed() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -91,6 +93,7 @@ class StoreRecvWork : public Work {
         error_ = std::make_exception_ptr(TimeoutError(concat(
             what_, " timed out after ", timeout_.count() / 1000.0, " s: the peer sent nothing. "
             "Check that it calls send for this recv (and its log).")));
+        if (on_timeout_) on_timeout_();
       } catch (const std::exception& e) {
         error_ = std::make_exception_ptr(CommError(concat(what_, " failed: ", e.what())));
       }
@@ -149,6 +152,7 @@ class StoreRecvWork : public Work {
   std::chrono::milliseconds timeout_;
   std::string what_;
   std::function<std::string(int, int64_t, int64_t)> mismatch_;
+  std::function<void()> on_timeout_;  // gives the recv's number back (ProcessGroup::run_recv)
   std::mutex mutex_;
   bool done_ = false;
   std::exception_ptr error_;
@@ -159,7 +163,7 @@ class StoreRecvWork : public Work {
 ProcessGroup::ProcessGroup(int rank, int size, std::chrono::milliseconds timeout,
                            std::shared_ptr<Store> store)
     : rank_(rank), size_(size), timeout_(timeout), store_(std::move(store)),
-      mailbox_(std::make_unique<StoreMailbox>()) {}
+      mailbox_(std::make_shared<StoreMailbox>()) {}
 
 ProcessGroup::~ProcessGroup() = default;
 
@@ -739,8 +743,16 @@ WorkPtr ProcessGroup::run_recv(at::Tensor& tensor, int src, int tag) {
                                                             int64_t sent_numel) {
     return p2p_mismatch_message(where, src, tag, dtype, numel, sent_tag, sent_dtype, sent_numel);
   };
+  // A recv that times out leaves the queue, as on every transport: its number is given back
+  // when no later recv from `src` took one, so that the next recv gets the next message.
+  auto give_back = [mailbox = std::weak_ptr<StoreMailbox>(mailbox_), src, n] {
+    if (auto m = mailbox.lock()) {
+      std::lock_guard<std::mutex> lock(m->mutex);
+      if (m->received[src] == n) --m->received[src];
+    }
+  };
   return std::make_shared<StoreRecvWork>(store_, mailbox_key(src, rank(), n), tensor, timeout(),
-                                         what, mismatch);
+                                         what, mismatch, give_back);
 }
 
 }  // namespace lockstep
