@@ -1201,15 +1201,19 @@ TEST(PointToPointTimeouts, AShmGroupAboveSixteenRanksSendsThroughTheStore) {
   auto groups = small_timeout_groups(std::vector<std::string>(17, "A"), "p2p-17",
                                      std::chrono::milliseconds(1000));
   for (const auto& g : groups) ASSERT_TRUE(g);
-  lockstep_test::run_ranks(2, [&](int r) {
-    if (r == 0) {
-      groups[0]->send(at::full({3}, 7.0f), 16, 2)->wait();
-    } else {
-      auto y = at::zeros({3}, at::kFloat);
-      groups[16]->recv(y, 0, 2)->wait();
-      EXPECT_TRUE(at::equal(y, at::full({3}, 7.0f)));
-    }
-  });
+  // Rank 0 sends `value` to rank 16, which must receive exactly it.
+  auto exchange = [&](float value) {
+    lockstep_test::run_ranks(2, [&](int r) {
+      if (r == 0) {
+        groups[0]->send(at::full({3}, value), 16, 2)->wait();
+      } else {
+        auto y = at::zeros({3}, at::kFloat);
+        groups[16]->recv(y, 0, 2)->wait();
+        EXPECT_TRUE(at::equal(y, at::full({3}, value)));
+      }
+    });
+  };
+  exchange(7.0f);
   auto t = at::zeros({3}, at::kFloat);
   try {
     groups[16]->recv(t, 0, 2)->wait();
@@ -1220,16 +1224,7 @@ TEST(PointToPointTimeouts, AShmGroupAboveSixteenRanksSendsThroughTheStore) {
               std::string::npos)
         << e.what();
   }
-  // The timed-out recv left the queue: the next message is received by the next recv.
-  lockstep_test::run_ranks(2, [&](int r) {
-    if (r == 0) {
-      groups[0]->send(at::full({3}, 8.0f), 16, 2)->wait();
-    } else {
-      auto y = at::zeros({3}, at::kFloat);
-      groups[16]->recv(y, 0, 2)->wait();
-      EXPECT_TRUE(at::equal(y, at::full({3}, 8.0f)));
-    }
-  });
+  exchange(8.0f);  // the timed-out recv left the queue: the next recv gets the next message
 }
 
 // A shm send larger than the channel times out when nobody receives it, naming the peer and
