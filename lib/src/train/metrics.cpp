@@ -589,24 +589,21 @@ void write_report(const ReportOptions& options) {
   if (options.live()) {
     html << "<p class='live'><b>Run in progress</b>: this page reloads every 10 s.</p>";
   }
-  if (!options.summary().empty()) {
-    html << "<table>";
-    for (const auto& kv : options.summary()) {
+  // A two-column table of (name, value) rows after `open` (the summary, the settings).
+  auto key_value_table = [&html](const std::string& open, const auto& rows) {
+    html << open;
+    for (const auto& kv : rows) {
       html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
            << "</td></tr>";
     }
     html << "</table>";
-  }
+  };
+  if (!options.summary().empty()) key_value_table("<table>", options.summary());
   if (!options.command().empty()) {
     html << "<h2>Command</h2><pre class='command'>" << html_escape(options.command()) << "</pre>";
   }
   if (!options.settings().empty()) {
-    html << "<h2>Settings</h2><table class='settings'>";
-    for (const auto& kv : options.settings()) {
-      html << "<tr><td>" << html_escape(kv.first) << "</td><td>" << html_escape(kv.second)
-           << "</td></tr>";
-    }
-    html << "</table>";
+    key_value_table("<h2>Settings</h2><table class='settings'>", options.settings());
   }
   if (!options.preformatted().empty()) {
     html << "<pre>" << html_escape(options.preformatted()) << "</pre>";
