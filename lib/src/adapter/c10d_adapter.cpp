@@ -1,4 +1,5 @@
-// The adapter's c10d half: c10d's stores and ProcessGroupGloo behind the version-neutral
+// The adapter's c10d half: c10d's stores, ProcessGroupGloo and (where LibTorch has it and
+// CMake's check passed, Note [NCCL adapter]) ProcessGroupNCCL behind the version-neutral
 // handles of torch_adapter.h. See Note [Torch adapter]. Nothing here translates errors:
 // c10d's exceptions travel up to comm/, which names rank, operation and peer.
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
@@ -6,6 +7,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/version.h>
+#if defined(LOCKSTEP_WITH_NCCL)
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <cstdlib>
 
 #include "adapter/torch_adapter.h"
 #include "lockstep/errors.h"
@@ -102,21 +108,21 @@ class ForwardingStore : public c10d::Store {
 };
 
 // ---------------------------------------------------------------------------------------------
-// ProcessGroupGloo
+// ProcessGroupGloo and ProcessGroupNCCL: c10d gives both the same collective calls
 
-c10d::ReduceOp to_c10d(GlooReduceOp op) {
+c10d::ReduceOp to_c10d(C10dReduceOp op) {
   switch (op) {
-    case GlooReduceOp::kSum: return c10d::ReduceOp::SUM;
-    case GlooReduceOp::kMin: return c10d::ReduceOp::MIN;
-    case GlooReduceOp::kMax: return c10d::ReduceOp::MAX;
-    case GlooReduceOp::kProduct: return c10d::ReduceOp::PRODUCT;
+    case C10dReduceOp::kSum: return c10d::ReduceOp::SUM;
+    case C10dReduceOp::kMin: return c10d::ReduceOp::MIN;
+    case C10dReduceOp::kMax: return c10d::ReduceOp::MAX;
+    case C10dReduceOp::kProduct: return c10d::ReduceOp::PRODUCT;
   }
   return c10d::ReduceOp::SUM;
 }
 
-class C10dWorkHandle : public GlooWorkHandle {
+class C10dWorkImpl : public C10dWork {
  public:
-  explicit C10dWorkHandle(c10::intrusive_ptr<c10d::Work> work) : work_(std::move(work)) {}
+  explicit C10dWorkImpl(c10::intrusive_ptr<c10d::Work> work) : work_(std::move(work)) {}
   bool is_completed() override { return work_->isCompleted(); }
   void wait() override { work_->wait(); }
 
@@ -124,33 +130,34 @@ class C10dWorkHandle : public GlooWorkHandle {
   c10::intrusive_ptr<c10d::Work> work_;
 };
 
-GlooWorkHandlePtr wrap(c10::intrusive_ptr<c10d::Work> work) {
-  return std::make_shared<C10dWorkHandle>(std::move(work));
+C10dWorkPtr wrap(c10::intrusive_ptr<c10d::Work> work) {
+  return std::make_shared<C10dWorkImpl>(std::move(work));
 }
 
-class C10dGlooBackend : public GlooBackend {
+template <typename ProcessGroupT>
+class C10dBackendOf : public C10dBackend {
  public:
-  explicit C10dGlooBackend(c10::intrusive_ptr<c10d::ProcessGroupGloo> pg) : pg_(std::move(pg)) {}
+  explicit C10dBackendOf(c10::intrusive_ptr<ProcessGroupT> pg) : pg_(std::move(pg)) {}
 
-  GlooWorkHandlePtr allreduce(at::Tensor& tensor, GlooReduceOp op) override {
+  C10dWorkPtr allreduce(at::Tensor& tensor, C10dReduceOp op) override {
     std::vector<at::Tensor> tensors{tensor};
     c10d::AllreduceOptions opts;
     opts.reduceOp = to_c10d(op);
     return wrap(pg_->allreduce(tensors, opts));
   }
-  GlooWorkHandlePtr broadcast(at::Tensor& tensor, int root) override {
+  C10dWorkPtr broadcast(at::Tensor& tensor, int root) override {
     std::vector<at::Tensor> tensors{tensor};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     return wrap(pg_->broadcast(tensors, opts));
   }
-  GlooWorkHandlePtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
+  C10dWorkPtr allgather(std::vector<at::Tensor>& outputs, const at::Tensor& input) override {
     std::vector<std::vector<at::Tensor>> outs{outputs};
     std::vector<at::Tensor> ins{input};
     return wrap(pg_->allgather(outs, ins));
   }
-  GlooWorkHandlePtr barrier() override { return wrap(pg_->barrier()); }
-  GlooWorkHandlePtr gather(std::vector<at::Tensor>& outputs, at::Tensor& input,
+  C10dWorkPtr barrier() override { return wrap(pg_->barrier()); }
+  C10dWorkPtr gather(std::vector<at::Tensor>& outputs, at::Tensor& input,
                            int root) override {
     std::vector<std::vector<at::Tensor>> outs;
     if (!outputs.empty()) outs.push_back(outputs);
@@ -159,7 +166,7 @@ class C10dGlooBackend : public GlooBackend {
     opts.rootRank = root;
     return wrap(pg_->gather(outs, ins, opts));
   }
-  GlooWorkHandlePtr scatter(at::Tensor& output, std::vector<at::Tensor>& inputs,
+  C10dWorkPtr scatter(at::Tensor& output, std::vector<at::Tensor>& inputs,
                             int root) override {
     std::vector<at::Tensor> outs{output};
     std::vector<std::vector<at::Tensor>> ins;
@@ -168,22 +175,22 @@ class C10dGlooBackend : public GlooBackend {
     opts.rootRank = root;
     return wrap(pg_->scatter(outs, ins, opts));
   }
-  GlooWorkHandlePtr alltoall(at::Tensor& output, at::Tensor& input,
+  C10dWorkPtr alltoall(at::Tensor& output, at::Tensor& input,
                              std::vector<int64_t> output_splits,
                              std::vector<int64_t> input_splits) override {
     return wrap(pg_->alltoall_base(output, input, output_splits, input_splits));
   }
-  GlooWorkHandlePtr send(at::Tensor& tensor, int dst, int tag) override {
+  C10dWorkPtr send(at::Tensor& tensor, int dst, int tag) override {
     std::vector<at::Tensor> tensors{tensor};
     return wrap(pg_->send(tensors, dst, tag));
   }
-  GlooWorkHandlePtr recv(at::Tensor& tensor, int src, int tag) override {
+  C10dWorkPtr recv(at::Tensor& tensor, int src, int tag) override {
     std::vector<at::Tensor> tensors{tensor};
     return wrap(pg_->recv(tensors, src, tag));
   }
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+  c10::intrusive_ptr<ProcessGroupT> pg_;
 };
 
 }  // namespace
@@ -216,7 +223,7 @@ std::shared_ptr<detail::KeyValueStore> make_c10d_hash_store(std::chrono::millise
   return std::make_shared<C10dKeyValueStore>(store);
 }
 
-std::shared_ptr<GlooBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueStore> store,
+std::shared_ptr<C10dBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueStore> store,
                                                int rank, int size,
                                                std::chrono::milliseconds timeout, int threads,
                                                const GlooDeviceSpec& device) {
@@ -235,8 +242,51 @@ std::shared_ptr<GlooBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueS
     throw GlooDeviceError(e.what());
   }
   auto forwarding = c10::make_intrusive<ForwardingStore>(std::move(store));
-  return std::make_shared<C10dGlooBackend>(
+  return std::make_shared<C10dBackendOf<c10d::ProcessGroupGloo>>(
       c10::make_intrusive<c10d::ProcessGroupGloo>(forwarding, rank, size, options));
+}
+
+// Note [NCCL adapter]
+// ProcessGroupNCCL exists only in LibTorch builds with CUDA and NCCL (the CMake target then
+// defines USE_C10D_NCCL). This code cannot be compiled on a CPU-only LibTorch, so CMake first
+// try-compiles this file with LOCKSTEP_WITH_NCCL against the LibTorch in use
+// (cmake/LockstepNccl.cmake) and defines it for the real build only when that succeeds; a
+// LibTorch whose c10d moved on then costs lockstep its NCCL backend (with a configure
+// warning), never the build. Errors: c10d's watchdog enforces `timeout` on every collective.
+// Its default on a timeout is to tear the process down (std::abort); lockstep asks for
+// "clean up only" instead (the communicator is aborted and the Work fails with c10d's error,
+// which comm/ turns into a TimeoutError naming rank, operation and sequence number) unless
+// the user set TORCH_NCCL_ASYNC_ERROR_HANDLING (NCCL_ASYNC_ERROR_HANDLING before 2.2)
+// themselves. Not yet run on a GPU (docs/gpu.md).
+bool nccl_compiled() {
+#if defined(LOCKSTEP_WITH_NCCL)
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::shared_ptr<C10dBackend> make_nccl_backend(std::shared_ptr<detail::KeyValueStore> store,
+                                               int rank, int size,
+                                               std::chrono::milliseconds timeout) {
+#if defined(LOCKSTEP_WITH_NCCL)
+  if (std::getenv("TORCH_NCCL_ASYNC_ERROR_HANDLING") == nullptr &&
+      std::getenv("NCCL_ASYNC_ERROR_HANDLING") == nullptr) {
+    setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", 0);  // 2: CleanUpOnly
+    setenv("NCCL_ASYNC_ERROR_HANDLING", "2", 0);
+  }
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = timeout;
+  auto forwarding = c10::make_intrusive<ForwardingStore>(std::move(store));
+  return std::make_shared<C10dBackendOf<c10d::ProcessGroupNCCL>>(
+      c10::make_intrusive<c10d::ProcessGroupNCCL>(forwarding, rank, size, options));
+#else
+  (void)store;
+  (void)rank;
+  (void)size;
+  (void)timeout;
+  throw std::logic_error("make_nccl_backend: lockstep was built without its NCCL adapter");
+#endif
 }
 
 }  // namespace adapter

@@ -60,19 +60,19 @@ std::shared_ptr<detail::KeyValueStore> make_c10d_file_store(const std::string& p
 std::shared_ptr<detail::KeyValueStore> make_c10d_hash_store(std::chrono::milliseconds timeout);
 
 // ---------------------------------------------------------------------------------------------
-// ProcessGroupGloo
+// c10d process groups: ProcessGroupGloo, and ProcessGroupNCCL where LibTorch has it
 
-/// The reductions c10d's Gloo backend runs natively (no average: comm divides after a sum).
-enum class GlooReduceOp { kSum, kMin, kMax, kProduct };
+/// The reductions lockstep asks of c10d's backends (no average: comm divides after a sum).
+enum class C10dReduceOp { kSum, kMin, kMax, kProduct };
 
 /// A c10d Work. wait() rethrows c10d's exception untranslated.
-class GlooWorkHandle {
+class C10dWork {
  public:
-  virtual ~GlooWorkHandle() = default;
+  virtual ~C10dWork() = default;
   virtual bool is_completed() = 0;
   virtual void wait() = 0;
 };
-using GlooWorkHandlePtr = std::shared_ptr<GlooWorkHandle>;
+using C10dWorkPtr = std::shared_ptr<C10dWork>;
 
 /// How Gloo picks the network device.
 struct GlooDeviceSpec {
@@ -80,29 +80,31 @@ struct GlooDeviceSpec {
   std::string hostname;  ///< else bind to this host's address when non-empty
 };                       ///< else c10d's default device (the hostname, falling back to lo)
 
-/// A connected c10d ProcessGroupGloo. Each call starts the collective and returns its Work;
-/// a failure to start throws c10d's exception.
-class GlooBackend {
+/// A c10d process group (ProcessGroupGloo or ProcessGroupNCCL). Each call starts the
+/// collective and returns its Work; a failure to start throws c10d's exception. A NCCL Work's
+/// wait() makes the calling thread's current CUDA stream wait for the collective (it does not
+/// block the CPU), as c10d's does.
+class C10dBackend {
  public:
-  virtual ~GlooBackend() = default;
-  virtual GlooWorkHandlePtr allreduce(at::Tensor& tensor, GlooReduceOp op) = 0;
-  virtual GlooWorkHandlePtr broadcast(at::Tensor& tensor, int root) = 0;
-  virtual GlooWorkHandlePtr allgather(std::vector<at::Tensor>& outputs,
+  virtual ~C10dBackend() = default;
+  virtual C10dWorkPtr allreduce(at::Tensor& tensor, C10dReduceOp op) = 0;
+  virtual C10dWorkPtr broadcast(at::Tensor& tensor, int root) = 0;
+  virtual C10dWorkPtr allgather(std::vector<at::Tensor>& outputs,
                                       const at::Tensor& input) = 0;
-  virtual GlooWorkHandlePtr barrier() = 0;
+  virtual C10dWorkPtr barrier() = 0;
   /// c10d gather: `outputs` (size() tensors) on root, empty elsewhere.
-  virtual GlooWorkHandlePtr gather(std::vector<at::Tensor>& outputs, at::Tensor& input,
+  virtual C10dWorkPtr gather(std::vector<at::Tensor>& outputs, at::Tensor& input,
                                    int root) = 0;
   /// c10d scatter: `inputs` (size() tensors) on root, empty elsewhere.
-  virtual GlooWorkHandlePtr scatter(at::Tensor& output, std::vector<at::Tensor>& inputs,
+  virtual C10dWorkPtr scatter(at::Tensor& output, std::vector<at::Tensor>& inputs,
                                     int root) = 0;
   /// c10d alltoall_base with explicit split sizes (rows along dim 0).
-  virtual GlooWorkHandlePtr alltoall(at::Tensor& output, at::Tensor& input,
+  virtual C10dWorkPtr alltoall(at::Tensor& output, at::Tensor& input,
                                      std::vector<int64_t> output_splits,
                                      std::vector<int64_t> input_splits) = 0;
-  /// c10d send / recv of one contiguous CPU tensor on Gloo slot `tag` (>= 0).
-  virtual GlooWorkHandlePtr send(at::Tensor& tensor, int dst, int tag) = 0;
-  virtual GlooWorkHandlePtr recv(at::Tensor& tensor, int src, int tag) = 0;
+  /// c10d send / recv of one contiguous tensor (Gloo: a CPU tensor on slot `tag` >= 0).
+  virtual C10dWorkPtr send(at::Tensor& tensor, int dst, int tag) = 0;
+  virtual C10dWorkPtr recv(at::Tensor& tensor, int src, int tag) = 0;
 };
 
 /// The Gloo device could not be created (no such interface, an unresolvable host).
@@ -113,10 +115,21 @@ struct GlooDeviceError : std::runtime_error {
 /// Builds the Gloo device (throws GlooDeviceError when the interface or host is unusable),
 /// then connects the full mesh of `size` ranks through `store` (collective, bounded by
 /// `timeout`); throws c10d's exception on failure.
-std::shared_ptr<GlooBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueStore> store,
+std::shared_ptr<C10dBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueStore> store,
                                                int rank, int size,
                                                std::chrono::milliseconds timeout, int threads,
                                                const GlooDeviceSpec& device);
+
+/// True when this LibTorch has c10d's ProcessGroupNCCL and lockstep's NCCL adapter compiled
+/// against it (CMake's LOCKSTEP_NCCL check, Note [NCCL adapter] in c10d_adapter.cpp).
+bool nccl_compiled();
+
+/// c10d's ProcessGroupNCCL over `store`; its communicator connects at the first collective,
+/// on the device of that collective's tensor. `timeout` bounds each collective (c10d's
+/// watchdog). Throws std::logic_error when nccl_compiled() is false.
+std::shared_ptr<C10dBackend> make_nccl_backend(std::shared_ptr<detail::KeyValueStore> store,
+                                               int rank, int size,
+                                               std::chrono::milliseconds timeout);
 
 // ---------------------------------------------------------------------------------------------
 // Autograd

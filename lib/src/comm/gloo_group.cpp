@@ -26,16 +26,16 @@ using detail::concat;
 
 namespace {
 
-adapter::GlooReduceOp to_gloo(ReduceOp op) {
+adapter::C10dReduceOp to_gloo(ReduceOp op) {
   switch (op) {
     case ReduceOp::kSum:
     case ReduceOp::kAvg:  // Gloo has no average: sum, then divide (then_work in allreduce).
-      return adapter::GlooReduceOp::kSum;
-    case ReduceOp::kMin: return adapter::GlooReduceOp::kMin;
-    case ReduceOp::kMax: return adapter::GlooReduceOp::kMax;
-    case ReduceOp::kProduct: return adapter::GlooReduceOp::kProduct;
+      return adapter::C10dReduceOp::kSum;
+    case ReduceOp::kMin: return adapter::C10dReduceOp::kMin;
+    case ReduceOp::kMax: return adapter::C10dReduceOp::kMax;
+    case ReduceOp::kProduct: return adapter::C10dReduceOp::kProduct;
   }
-  return adapter::GlooReduceOp::kSum;
+  return adapter::C10dReduceOp::kSum;
 }
 
 // Note [Naming the peer of a Gloo failure]
@@ -227,7 +227,7 @@ class PeerTable {
 // a lost connection, the peer (Note [Naming the peer of a Gloo failure]).
 class GlooWork : public Work {
  public:
-  GlooWork(adapter::GlooWorkHandlePtr work, std::string what,
+  GlooWork(adapter::C10dWorkPtr work, std::string what,
            std::shared_ptr<const PeerTable> peers)
       : work_(std::move(work)), what_(std::move(what)), peers_(std::move(peers)) {}
 
@@ -263,7 +263,7 @@ class GlooWork : public Work {
   }
 
  private:
-  adapter::GlooWorkHandlePtr work_;
+  adapter::C10dWorkPtr work_;
   std::string what_;
   std::shared_ptr<const PeerTable> peers_;
   std::mutex mutex_;
@@ -274,7 +274,7 @@ class GlooWork : public Work {
 class GlooGroup : public ProcessGroup {
  public:
   GlooGroup(int rank, int size, std::chrono::milliseconds timeout, std::shared_ptr<Store> store,
-            std::shared_ptr<adapter::GlooBackend> backend, std::shared_ptr<const PeerTable> peers,
+            std::shared_ptr<adapter::C10dBackend> backend, std::shared_ptr<const PeerTable> peers,
             int threads, adapter::GlooDeviceSpec device)
       : ProcessGroup(rank, size, timeout, std::move(store)), backend_(std::move(backend)),
         peers_(std::move(peers)), threads_(threads), device_(std::move(device)) {}
@@ -436,7 +436,7 @@ class GlooGroup : public ProcessGroup {
     }
   }
 
-  std::shared_ptr<adapter::GlooBackend> backend_;
+  std::shared_ptr<adapter::C10dBackend> backend_;
   std::shared_ptr<const PeerTable> peers_;
   int threads_;
   adapter::GlooDeviceSpec device_;
@@ -450,7 +450,7 @@ ProcessGroupPtr make_gloo_group(int rank, int size, const std::shared_ptr<Store>
                                 std::chrono::milliseconds timeout, int threads,
                                 const adapter::GlooDeviceSpec& device) {
   LOCKSTEP_CHECK(threads >= 1, "Expected at least 1 Gloo thread, but got ", threads, ".");
-  std::shared_ptr<adapter::GlooBackend> backend;
+  std::shared_ptr<adapter::C10dBackend> backend;
   store->set(concat("peer/", rank), PeerTable::my_entry());  // Note [Naming the peer of a Gloo failure]
   try {
     backend = adapter::make_gloo_backend(store->impl()->kv, rank, size, timeout, threads, device);

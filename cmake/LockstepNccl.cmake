@@ -1,0 +1,68 @@
+# lockstep's NCCL backend (Note [NCCL adapter] in lib/src/adapter/c10d_adapter.cpp).
+#
+#   LOCKSTEP_NCCL=AUTO (default)  on when LibTorch has c10d's NCCL (its target defines
+#                                 USE_C10D_NCCL) and the adapter compiles against it; off, with a
+#                                 warning that says why, otherwise
+#   LOCKSTEP_NCCL=ON              the same checks, but a failure stops the configure
+#   LOCKSTEP_NCCL=OFF             never (LOCKSTEP_TRANSPORT=nccl then fails with a clear error)
+#
+# The adapter is try-compiled first because this code cannot be compiled on a CPU-only
+# LibTorch (Debian's): a LibTorch whose c10d moved on costs lockstep its NCCL backend, never
+# the build. lockstep_enable_nccl(target) defines LOCKSTEP_WITH_NCCL on `target` when on, and
+# sets LOCKSTEP_NCCL_ENABLED.
+set(LOCKSTEP_NCCL "AUTO" CACHE STRING "NCCL backend: AUTO, ON or OFF")
+set_property(CACHE LOCKSTEP_NCCL PROPERTY STRINGS AUTO ON OFF)
+
+function(lockstep_enable_nccl target)
+  set(LOCKSTEP_NCCL_ENABLED OFF PARENT_SCOPE)
+  string(TOUPPER "${LOCKSTEP_NCCL}" mode)
+  if(NOT mode MATCHES "^(AUTO|ON|OFF)$")
+    message(FATAL_ERROR "LOCKSTEP_NCCL: expected AUTO, ON or OFF, but got '${LOCKSTEP_NCCL}'.")
+  endif()
+  if(mode STREQUAL "OFF")
+    message(STATUS "lockstep: NCCL backend off (LOCKSTEP_NCCL=OFF)")
+    return()
+  endif()
+  set(has_nccl FALSE)
+  foreach(t torch torch_cpu torch_cuda)
+    if(TARGET ${t})
+      get_target_property(defs ${t} INTERFACE_COMPILE_DEFINITIONS)
+      if(defs MATCHES "USE_C10D_NCCL")
+        set(has_nccl TRUE)
+      endif()
+    endif()
+  endforeach()
+  if(NOT has_nccl)
+    set(why "this LibTorch was built without c10d's NCCL (CPU-only, or ROCm without RCCL)")
+    if(mode STREQUAL "ON")
+      message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}. Point CMAKE_PREFIX_PATH at a CUDA "
+                          "build of LibTorch, or set LOCKSTEP_NCCL=AUTO.")
+    endif()
+    message(STATUS "lockstep: NCCL backend off: ${why}")
+    return()
+  endif()
+  set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)
+  try_compile(compiles ${CMAKE_BINARY_DIR}/lockstep_nccl_check
+    SOURCES ${PROJECT_SOURCE_DIR}/lib/src/adapter/c10d_adapter.cpp
+    CMAKE_FLAGS
+      "-DINCLUDE_DIRECTORIES=${PROJECT_SOURCE_DIR}/lib/src;${PROJECT_SOURCE_DIR}/lib/include"
+    COMPILE_DEFINITIONS -DLOCKSTEP_WITH_NCCL
+    LINK_LIBRARIES torch
+    CXX_STANDARD 17
+    CXX_STANDARD_REQUIRED ON
+    OUTPUT_VARIABLE output)
+  if(NOT compiles)
+    set(log ${CMAKE_BINARY_DIR}/lockstep_nccl_check.log)
+    file(WRITE ${log} "${output}")
+    set(why "lib/src/adapter/c10d_adapter.cpp does not compile against this LibTorch's "
+            "ProcessGroupNCCL (compiler output: ${log})")
+    if(mode STREQUAL "ON")
+      message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}.")
+    endif()
+    message(WARNING "lockstep: NCCL backend off: ${why}. Please report it with the log.")
+    return()
+  endif()
+  target_compile_definitions(${target} PRIVATE LOCKSTEP_WITH_NCCL)
+  set(LOCKSTEP_NCCL_ENABLED ON PARENT_SCOPE)
+  message(STATUS "lockstep: NCCL backend on")
+endfunction()
