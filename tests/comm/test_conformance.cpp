@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "comm/nccl_group.h"
 #include "lockstep/agreement.h"
 #include "lockstep/errors.h"
 #include "lockstep/process_group.h"
@@ -83,8 +84,10 @@ enum class Order {
 struct Transport {
   std::string backend;             // "gloo", "shm", "hier" or "threads"
   std::vector<std::string> hosts;  // each rank's host_id; hier: two hosts or more
+  bool routed = false;  // behind the CUDA router (Note [CUDA routing]), with CPU tensors
   int world() const { return static_cast<int>(hosts.size()); }
   std::string name() const {
+    if (routed) return "cudarouter_" + backend + "_world" + std::to_string(world());
     if (backend != "hier") return backend + "_world" + std::to_string(world());
     std::string layout;
     for (const auto& h : hosts) layout += h;
@@ -112,6 +115,11 @@ std::vector<Transport> all_transports() {
     Transport s{"hier", {}};
     for (const char* c = layout; *c; ++c) s.hosts.push_back(std::string(1, *c));
     transports.push_back(s);
+  }
+  // What every CPU collective of a CUDA build's default group passes through: the router
+  // in front of shared memory.
+  for (int world = 1; world <= 3; ++world) {
+    transports.push_back({"shm", std::vector<std::string>(world, "A"), true});
   }
   return transports;
 }
@@ -150,6 +158,14 @@ std::vector<ProcessGroupPtr> make_groups(const Transport& transport) {
                        .host_id(transport.hosts[r]);
     groups[r] = transport.backend == "gloo" ? lockstep::new_gloo_group(r, world, store, options)
                                           : lockstep::new_shm_group(r, world, store, options);
+    if (transport.routed) {
+      auto make_host = [options](const std::vector<int>& ranks, int sub_rank,
+                                 const std::shared_ptr<lockstep::Store>& s) {
+        return lockstep::new_shm_group(sub_rank, static_cast<int>(ranks.size()), s, options);
+      };
+      groups[r] = lockstep::comm::make_cuda_routing_group(
+          groups[r], "auto", transport.hosts, std::chrono::seconds(20), make_host);
+    }
     // Keep every rank's group until all have connected (a Gloo group destroyed early closes
     // sockets a slower rank is still connecting to).
     groups[r]->barrier()->wait();

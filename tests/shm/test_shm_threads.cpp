@@ -14,6 +14,8 @@
 #include <chrono>
 #include <future>
 
+#include "adapter/torch_adapter.h"
+#include "comm/nccl_group.h"
 #include "comm/shm_channel.h"
 #include "comm/shm_segment.h"
 #include "lockstep/errors.h"
@@ -161,11 +163,73 @@ TEST(ShmSelection, TransportOptionEnvironmentAndAuto) {
   auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
   try {
     lockstep::init_process_group(
-        test_options("bad").store(store).rank(0).world_size(1).transport("nccl").environment(none));
+        test_options("bad").store(store).rank(0).world_size(1).transport("ucc").environment(none));
     ADD_FAILURE() << "expected InvalidArgument";
   } catch (const lockstep::InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find("gloo, shm or auto"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("gloo, shm, nccl or auto, but got 'ucc'"),
+              std::string::npos) << e.what();
   }
+  if (lockstep::adapter::nccl_compiled()) return;  // the rest is the CPU-only LibTorch's case
+  // Asked for NCCL on a LibTorch without it: refused at once, before any rendezvous, naming
+  // the LibTorch and what to do.
+  try {
+    lockstep::init_process_group(test_options("nonccl").store(store).rank(0).world_size(2)
+                                     .transport("nccl").environment(none));
+    ADD_FAILURE() << "expected InvalidArgument";
+  } catch (const lockstep::InvalidArgument& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("[rank 0/2] LOCKSTEP_TRANSPORT=nccl: this lockstep has no NCCL backend"),
+              std::string::npos) << m;
+    EXPECT_NE(m.find("LOCKSTEP_TRANSPORT=auto"), std::string::npos) << m;
+  }
+  // "auto" without NCCL is the plain host group: CUDA tensors stage through host memory.
+  EXPECT_EQ(pick("auto", none, {"h", "h"}), "shm");
+}
+
+// Note [CUDA routing]: the route of CUDA tensors is a pure function of every rank's device.
+TEST(CudaRoute, AutoTakesNcclOnlyWhenEveryRankHasItsOwnGpu) {
+  using lockstep::comm::plan_cuda_route;
+  const std::string a = "hostA/boot1", b = "hostB/boot2";
+  auto one_each = plan_cuda_route("auto", true, {{a, 0}, {a, 1}, {b, 0}, {b, 1}}, "[rank 0/4]");
+  EXPECT_TRUE(one_each.nccl) << one_each.reason;
+  EXPECT_TRUE(plan_cuda_route("auto", true, {{a, 0}}, "[rank 0/1]").nccl);  // world 1
+
+  auto shared = plan_cuda_route("auto", true, {{a, 0}, {a, 0}}, "[rank 0/2]");
+  EXPECT_FALSE(shared.nccl);
+  EXPECT_EQ(shared.reason, "ranks 0 and 1 both use cuda:0 on hostA");
+
+  auto mixed = plan_cuda_route("auto", true, {{a, 0}, {a, -1}}, "[rank 0/2]");
+  EXPECT_FALSE(mixed.nccl);
+  EXPECT_EQ(mixed.reason, "rank 1 passed a non-CUDA tensor");
+
+  auto without = plan_cuda_route("auto", false, {{a, 0}, {b, 0}}, "[rank 0/2]");
+  EXPECT_FALSE(without.nccl);
+  EXPECT_EQ(without.reason, "lockstep was built without NCCL");
+}
+
+TEST(CudaRoute, ForcedNcclNamesWhatStandsInItsWay) {
+  using lockstep::comm::plan_cuda_route;
+  const std::string a = "hostA/boot1";
+  EXPECT_TRUE(plan_cuda_route("nccl", true, {{a, 0}, {a, 1}}, "[rank 1/2]").nccl);
+  auto message = [&](bool compiled, const std::vector<lockstep::comm::CudaPlacement>& ranks) {
+    try {
+      plan_cuda_route("nccl", compiled, ranks, "[rank 1/3]");
+    } catch (const lockstep::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto shared = message(true, {{a, 0}, {a, 1}, {a, 1}});
+  EXPECT_NE(shared.find("[rank 1/3] LOCKSTEP_TRANSPORT=nccl: ranks 1 and 2 both use cuda:1 on "
+                        "hostA, and NCCL refuses two ranks on one GPU"), std::string::npos)
+      << shared;
+  EXPECT_NE(shared.find("--nproc-per-node gpu"), std::string::npos) << shared;
+  auto cpu = message(true, {{a, 0}, {a, -1}, {a, 1}});
+  EXPECT_NE(cpu.find("rank 1 passed a tensor that is not on CUDA"), std::string::npos) << cpu;
+  auto absent = message(false, {{a, 0}, {a, 1}, {a, 2}});
+  EXPECT_NE(absent.find("this lockstep has no NCCL backend (LibTorch "), std::string::npos)
+      << absent;
+  EXPECT_THROW(plan_cuda_route("gloo", true, {}, "[rank 0/1]"), lockstep::InvalidArgument);
 }
 
 TEST(ShmFaults, MismatchedCollectivesAreNamed) {

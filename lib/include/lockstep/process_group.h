@@ -99,11 +99,11 @@ struct ProcessGroupOptions {
   /// Network interface Gloo binds to; "" (default): LOCKSTEP_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
   /// else loopback for a loopback master and the hostname's address otherwise.
   LOCKSTEP_ARG(std::string, socket_ifname) = "";
-  /// "gloo", "shm" or "auto"; "" (default): LOCKSTEP_TRANSPORT, else "auto". "auto" uses
-  /// shared memory among ranks that share a host: one host gives a pure shared-memory group
-  /// (backend() "shm"), several hosts a hierarchical one ("hier": shared memory within each
-  /// host, Gloo between hosts); when no two ranks share a host it uses Gloo. "shm" always
-  /// builds the shm or hier group; "gloo" always Gloo.
+  /// "gloo", "shm", "nccl" or "auto"; "" (default): LOCKSTEP_TRANSPORT, else "auto". "auto":
+  /// shared memory among ranks that share a host (one host: "shm"; several: "hier", Gloo
+  /// between hosts), Gloo when no two ranks share one, and CUDA tensors over NCCL when every
+  /// rank has its own GPU (docs/gpu.md). "nccl" insists on NCCL for CUDA tensors; "shm"
+  /// always builds the shm or hier group; "gloo" always Gloo.
   LOCKSTEP_ARG(std::string, transport) = "";
   /// This rank's host identity: ranks with equal identities use shared memory among
   /// themselves. "" (default): hostname + "/" + the kernel's boot id. Set it when containers

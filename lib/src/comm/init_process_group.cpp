@@ -4,11 +4,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cstdlib>
 #include <thread>
 
 #include "adapter/torch_adapter.h"
 #include "comm/gloo_group.h"
+#include "comm/nccl_group.h"
 #include "comm/shm_group.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
@@ -213,17 +215,21 @@ std::string resolve_transport(const ProcessGroupOptions& options, const EnvMap& 
     t = env_or(env, env::kTransport, "auto");
     source = env::kTransport;
   }
-  LOCKSTEP_CHECK(t == "gloo" || t == "shm" || t == "auto", "Expected ", source,
-                 " to be gloo, shm or auto, but got '", t, "'.");
+  LOCKSTEP_CHECK(t == "gloo" || t == "shm" || t == "nccl" || t == "auto", "Expected ", source,
+                 " to be gloo, shm, nccl or auto, but got '", t, "'.");
   return t;
 }
 
 // Rendezvous, then the transport (Note [Rendezvous checks]): "gloo"; "shm" (shared memory on
-// one host, hierarchical over several); "auto" = "shm" unless no two ranks share a host.
+// one host, hierarchical over several); "auto" = "shm" unless no two ranks share a host, and,
+// when lockstep has its NCCL adapter, CUDA tensors over NCCL where every rank has its own GPU;
+// "nccl" = "auto" for CPU tensors and NCCL for CUDA ones (Note [CUDA routing]).
 ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
                         const ProcessGroupOptions& options, const Timeouts& timeouts,
                         const adapter::GlooDeviceSpec& device, const std::string& transport,
                         const std::string& job_id) {
+  const std::string where = concat("[rank ", rank, "/", size, "]");
+  if (transport == "nccl") comm::plan_cuda_route("nccl", adapter::nccl_compiled(), {}, where);
   store->set_timeout(timeouts.rendezvous);
   std::string host_id = options.host_id().empty() ? shm::host_identity() : options.host_id();
   rendezvous_checks(*store, rank, size, timeouts.rendezvous, host_id);
@@ -233,26 +239,41 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
     return comm::make_gloo_group(r, n, std::make_shared<Store>(s->prefixed("gloo")), collective,
                                  threads, device);
   };
-  if (transport == "gloo") return gloo(rank, size, store);
-  shm::GroupSpec spec;
-  spec.rank = rank;
-  spec.size = size;
-  spec.store = store;
-  spec.timeout = timeouts.collective;
-  spec.rendezvous_timeout = timeouts.rendezvous;
-  spec.job_id = job_id.empty() ? "default" : job_id;
-  spec.make_leader_group = gloo;
+  std::vector<std::string> hosts;
   for (int r = 0; r < size; ++r) {
-    spec.host_of_rank.push_back(r == rank ? host_id : store->get(concat("hostid/", r)));
+    hosts.push_back(r == rank ? host_id : store->get(concat("hostid/", r)));
   }
-  if (transport == "auto" && size > 1) {
-    auto sorted = spec.host_of_rank;
-    std::sort(sorted.begin(), sorted.end());
-    if (std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) {
-      return gloo(rank, size, store);  // every rank alone on its host
+  const std::string host_transport = transport == "nccl" ? "auto" : transport;
+  // The group of `ranks` (of this group) for CPU tensors; also builds the subgroups' own.
+  comm::HostGroupFactory make_host = [=](const std::vector<int>& ranks, int sub_rank,
+                                         const std::shared_ptr<Store>& s) -> ProcessGroupPtr {
+    const int n = static_cast<int>(ranks.size());
+    if (host_transport == "gloo") return gloo(sub_rank, n, s);
+    shm::GroupSpec spec;
+    spec.rank = sub_rank;
+    spec.size = n;
+    spec.store = s;
+    spec.timeout = timeouts.collective;
+    spec.rendezvous_timeout = timeouts.rendezvous;
+    spec.job_id = job_id.empty() ? "default" : job_id;
+    spec.make_leader_group = gloo;
+    for (int r : ranks) spec.host_of_rank.push_back(hosts[r]);
+    if (host_transport == "auto" && n > 1) {
+      auto sorted = spec.host_of_rank;
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) {
+        return gloo(sub_rank, n, s);  // every rank alone on its host
+      }
     }
-  }
-  return shm::make_group(spec);
+    return shm::make_group(spec);
+  };
+  std::vector<int> everyone(size);
+  std::iota(everyone.begin(), everyone.end(), 0);
+  auto host = make_host(everyone, rank, store);
+  const bool route_cuda = transport == "nccl" || (transport == "auto" && adapter::nccl_compiled());
+  if (!route_cuda) return host;
+  return comm::make_cuda_routing_group(std::move(host), transport, std::move(hosts),
+                                       timeouts.rendezvous, std::move(make_host));
 }
 
 }  // namespace
