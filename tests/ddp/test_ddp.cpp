@@ -11,6 +11,7 @@
 #include <sstream>
 #include <unordered_set>
 
+#include "adapter/torch_adapter.h"
 #include "ddp/reducer.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
@@ -459,6 +460,23 @@ TEST(DDPParity, MlpOnCuda) {
         << "rank " << r << ": " << ranks[r].out();
   }
   for (auto& c : ranks) lockstep_test::reap(c);
+}
+
+// Note [CUDA routing]: CUDA buckets over NCCL. One GPU allows only world size 1 (NCCL refuses
+// two ranks on one GPU); "auto" must pick NCCL there too. Runs only with CUDA and lockstep's
+// NCCL backend (docs/gpu.md); not yet run on a GPU.
+TEST(DDPParity, MlpOnCudaOverNcclAtWorldOne) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!lockstep::adapter::nccl_compiled()) GTEST_SKIP() << "lockstep was built without NCCL";
+  for (const std::string transport : {"nccl", "auto"}) {
+    for (bool view : {false, true}) {
+      for (bool dbl : {false, true}) {
+        auto cfg = cuda_config(transport, view, dbl);
+        cfg.world = 1;
+        check_parity<MlpCase>(cfg);
+      }
+    }
+  }
 }
 
 TEST(DDPParity, Cnn) {
