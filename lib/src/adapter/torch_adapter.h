@@ -132,6 +132,28 @@ std::shared_ptr<C10dBackend> make_nccl_backend(std::shared_ptr<detail::KeyValueS
                                                std::chrono::milliseconds timeout);
 
 // ---------------------------------------------------------------------------------------------
+// Device tensors through host memory (Note [Staging device tensors] in torch_adapter.cpp)
+
+/// A copy of a device (CUDA) tensor into pinned host memory, queued on a side stream after the
+/// work already queued on the caller's current stream, so the caller never blocks; and the
+/// copy of the result back, on the same stream. Device-generic (c10 streams and events), so it
+/// compiles against a CPU-only LibTorch; only CUDA tensors use it.
+class HostStaging {
+ public:
+  virtual ~HostStaging() = default;
+  /// The pinned host copy (valid once wait_copied returned true).
+  virtual const at::Tensor& host() const = 0;
+  /// Waits until the copy to host finished, or `deadline`; false on timeout.
+  virtual bool wait_copied(std::chrono::steady_clock::time_point deadline) = 0;
+  /// Copies host() back into the device tensor on the side stream and waits until it landed,
+  /// or `deadline`; false on timeout.
+  virtual bool copy_back(std::chrono::steady_clock::time_point deadline) = 0;
+};
+
+/// Starts staging `device_tensor` (not on the CPU) to host memory; returns at once.
+std::unique_ptr<HostStaging> stage_to_host(const at::Tensor& device_tensor);
+
+// ---------------------------------------------------------------------------------------------
 // Autograd
 
 /// Keeps a hook registered (and the grad accumulator alive) while held; dropping the last

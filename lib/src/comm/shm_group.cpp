@@ -27,6 +27,7 @@
 #include <random>
 #include <thread>
 
+#include "adapter/torch_adapter.h"
 #include "comm/hier_group.h"
 #include "comm/serial_executor.h"
 #include "comm/shm_channel.h"
@@ -169,12 +170,16 @@ class ShmGroup : public ProcessGroup {
                    ". Use LOCKSTEP_TRANSPORT=gloo for other dtypes.");
     const bool avg = op == ReduceOp::kAvg;
     if (!tensor.device().is_cpu()) {  // Note [Device tensors over shared memory]
-      at::Tensor host = tensor.to(at::kCPU);
-      Call call = make_call(OpKind::kAllreduce, host, static_cast<int32_t>(op), to_string(op));
-      at::Tensor t = tensor;
-      return post([this, call, host, t, fn, avg]() mutable {
+      std::shared_ptr<adapter::HostStaging> staging = adapter::stage_to_host(tensor);
+      Call call = make_call(OpKind::kAllreduce, staging->host(), static_cast<int32_t>(op),
+                            to_string(op));
+      return post([this, call, staging, fn, avg]() mutable {
+        const auto deadline = std::chrono::steady_clock::now() + timeout();
+        await_staging(staging->wait_copied(deadline), call, "to host memory");
+        at::Tensor host = staging->host();
         run_allreduce(call, host, fn, avg);
-        t.copy_(host);
+        await_staging(staging->copy_back(std::chrono::steady_clock::now() + timeout()), call,
+                      "back to the device");
       });
     }
     if (auto buffer = find_buffer(tensor)) {  // Note [Shared reduction buffers]
@@ -446,11 +451,21 @@ class ShmGroup : public ProcessGroup {
 
   // Note [Device tensors over shared memory]
   // A CUDA tensor (a DDP bucket of a model on a GPU, parameters broadcast at construction) is
-  // staged through host memory: the caller's thread copies it to the host, which orders the
-  // copy after the kernels that produced it on the caller's current stream; the collective
-  // runs on the host copy; the executor copies the result back (a blocking copy, so it is on
-  // the device when the Work completes). Gloo stages CUDA tensors the same way. Other devices
-  // are rejected.
+  // staged through host memory. An all-reduce (DDP's buckets) stages asynchronously (Note
+  // [Staging device tensors] in the adapter): the caller's thread only queues a copy into
+  // pinned memory on a side stream, ordered after the kernels queued on its current stream,
+  // so the autograd thread never waits for the GPU; the executor waits for that copy (within
+  // the timeout), reduces, and copies the result back on the same stream, waiting for it, so
+  // it is on the device when the Work completes. The other collectives copy on the caller's
+  // thread (which orders the copy the same way, but blocks) and back on the executor.
+  // Gloo stages CUDA tensors itself. Other devices are rejected.
+  void await_staging(bool done, const Call& call, const char* direction) const {
+    if (done) return;
+    throw TimeoutError(concat(call.what, ": the copy of the CUDA tensor ", direction,
+                              " did not finish within ", timeout().count(), " ms (a busy or "
+                              "hung GPU). Check nvidia-smi; raise LOCKSTEP_TIMEOUT if the GPU "
+                              "is merely slow."));
+  }
   void check_device(const char* op, const at::Tensor& t) const {
     check_tensor(op, t);
     LOCKSTEP_CHECK(t.device().is_cpu() || t.device().is_cuda(), where(), " ", op,
