@@ -159,9 +159,9 @@ std::vector<ProcessGroupPtr> make_groups(const Transport& transport) {
     groups[r] = transport.backend == "gloo" ? lockstep::new_gloo_group(r, world, store, options)
                                           : lockstep::new_shm_group(r, world, store, options);
     if (transport.routed) {
-      auto make_host = [options](const std::vector<int>& ranks, int sub_rank,
+      auto make_host = [options](const std::vector<std::string>& hosts, int sub_rank,
                                  const std::shared_ptr<lockstep::Store>& s) {
-        return lockstep::new_shm_group(sub_rank, static_cast<int>(ranks.size()), s, options);
+        return lockstep::new_shm_group(sub_rank, static_cast<int>(hosts.size()), s, options);
       };
       groups[r] = lockstep::comm::make_cuda_routing_group(
           groups[r], "auto", transport.hosts, std::chrono::seconds(20), make_host);

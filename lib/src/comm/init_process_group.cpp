@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <numeric>
 #include <cstdlib>
 #include <thread>
 
@@ -244,10 +243,11 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
     hosts.push_back(r == rank ? host_id : store->get(concat("hostid/", r)));
   }
   const std::string host_transport = transport == "nccl" ? "auto" : transport;
-  // The group of `ranks` (of this group) for CPU tensors; also builds the subgroups' own.
-  comm::HostGroupFactory make_host = [=](const std::vector<int>& ranks, int sub_rank,
+  // The group for CPU tensors of ranks on these hosts; also builds the subgroups' own.
+  comm::HostGroupFactory make_host = [=](const std::vector<std::string>& host_of_rank,
+                                         int sub_rank,
                                          const std::shared_ptr<Store>& s) -> ProcessGroupPtr {
-    const int n = static_cast<int>(ranks.size());
+    const int n = static_cast<int>(host_of_rank.size());
     if (host_transport == "gloo") return gloo(sub_rank, n, s);
     shm::GroupSpec spec;
     spec.rank = sub_rank;
@@ -257,7 +257,7 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
     spec.rendezvous_timeout = timeouts.rendezvous;
     spec.job_id = job_id.empty() ? "default" : job_id;
     spec.make_leader_group = gloo;
-    for (int r : ranks) spec.host_of_rank.push_back(hosts[r]);
+    spec.host_of_rank = host_of_rank;
     if (host_transport == "auto" && n > 1) {
       auto sorted = spec.host_of_rank;
       std::sort(sorted.begin(), sorted.end());
@@ -267,9 +267,7 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
     }
     return shm::make_group(spec);
   };
-  std::vector<int> everyone(size);
-  std::iota(everyone.begin(), everyone.end(), 0);
-  auto host = make_host(everyone, rank, store);
+  auto host = make_host(hosts, rank, store);
   const bool route_cuda = transport == "nccl" || (transport == "auto" && adapter::nccl_compiled());
   if (!route_cuda) return host;
   return comm::make_cuda_routing_group(std::move(host), transport, std::move(hosts),

@@ -31,7 +31,10 @@ using detail::concat;
 // of that list, gives every rank the same answer. "auto" takes NCCL when every rank is on a
 // distinct GPU and the host transport (staged through host memory) otherwise; "nccl" insists
 // and fails with what to change. The route holds for the group's life. NCCL's communicator
-// connects lazily too, at the first collective it runs.
+// connects lazily too, at the first collective it runs. Point to point, not being collective,
+// never decides: before the first CUDA collective a CUDA send or recv takes the host path, so
+// a program must order its sends and recvs against its collectives alike on both ranks (as
+// every program with collectives already does).
 // Sequence numbers: the router numbers its own collectives for messages; the host group
 // keeps its own count.
 // Not yet run on a GPU: this tree was built only against CPU-only LibTorch (docs/gpu.md).
@@ -216,8 +219,9 @@ class CudaRoutingGroup : public ProcessGroup {
                                 const std::shared_ptr<Store>& store) override {
     std::vector<std::string> hosts;
     for (int r : ranks) hosts.push_back(host_of_rank_[r]);
-    return std::make_shared<CudaRoutingGroup>(make_host_(ranks, sub_rank, store), transport_,
-                                              std::move(hosts), rendezvous_timeout_, make_host_);
+    auto host = make_host_(hosts, sub_rank, store);
+    return std::make_shared<CudaRoutingGroup>(std::move(host), transport_, std::move(hosts),
+                                              rendezvous_timeout_, make_host_);
   }
 
   // The checks and agreement ran on this group (Note [Checked collectives]); on the host path
@@ -254,7 +258,7 @@ class CudaRoutingGroup : public ProcessGroup {
   // payload over NCCL. A mismatched payload is drained into scratch memory, so the sender's
   // NCCL send completes, and the recv fails naming both sides.
   WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
-    if (!tensor.is_cuda() || !route_to_nccl(tensor)) return host_->send(tensor, dst, tag);
+    if (!tensor.is_cuda() || !decided_nccl()) return host_->send(tensor, dst, tag);
     auto header = at::tensor({static_cast<int64_t>(tag),
                               static_cast<int64_t>(tensor.scalar_type()), tensor.numel()},
                              at::kLong);
@@ -267,7 +271,7 @@ class CudaRoutingGroup : public ProcessGroup {
   }
 
   WorkPtr run_recv(at::Tensor& tensor, int src, int tag) override {
-    if (!tensor.is_cuda() || !route_to_nccl(tensor)) return host_->recv(tensor, src, tag);
+    if (!tensor.is_cuda() || !decided_nccl()) return host_->recv(tensor, src, tag);
     auto what = describe("recv", tensor, concat("from rank ", src, ", tag ", tag));
     auto header = at::zeros({3}, at::kLong);
     // The host recv checks the header's tag (sent under the user's tag) against `tag`; the
@@ -299,6 +303,13 @@ class CudaRoutingGroup : public ProcessGroup {
 
   // True when `t` goes to NCCL; decides the route at the first CUDA tensor.
   bool on_nccl(const at::Tensor& t) { return t.is_cuda() && route_to_nccl(t); }
+
+  // Point to point is not collective, so it cannot decide the route (the other ranks would
+  // not publish their devices): before the first CUDA collective it takes the host path.
+  bool decided_nccl() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return decided_ && route_.nccl;
+  }
 
   bool route_to_nccl(const at::Tensor& t) {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -35,10 +35,11 @@ struct CudaRoute {
 CudaRoute plan_cuda_route(const std::string& transport, bool nccl_compiled,
                           const std::vector<CudaPlacement>& ranks, const std::string& where);
 
-/// Builds the host group of a subgroup: (ranks of the parent, this rank's position, store).
-using HostGroupFactory = std::function<ProcessGroupPtr(const std::vector<int>& ranks,
-                                                       int sub_rank,
-                                                       const std::shared_ptr<Store>& store)>;
+/// Builds the host group of a subgroup from its members' host identities (one per member, in
+/// rank order), this rank's position among them and the subgroup's store.
+using HostGroupFactory = std::function<ProcessGroupPtr(
+    const std::vector<std::string>& host_of_rank, int sub_rank,
+    const std::shared_ptr<Store>& store)>;
 
 /// A group that runs collectives on CUDA tensors over NCCL (when plan_cuda_route says so, at
 /// the group's first CUDA collective) and everything else over `host`. `host_of_rank` holds
