@@ -97,11 +97,11 @@ cxxopts::Options make_cli() {
   // clang-format off
   cli.add_options()
     ("scenario", "comma list of: " + join(scenario_families()) + ", or all", str("all"))
-    ("model", "comma list of: " + join(all_model_names()) + ", or all (every model but small_mlp)", str("all"))
+    ("model", "comma list of: " + join(all_model_names()) + ", or all (mlp, deep_mlp, cnn, transformer)", str("all"))
     ("steps", "timed steps per scenario run", str("30"))
     ("warmup", "untimed steps before them", str("5"))
     ("repeats", "interleaved rounds over all scenarios (odd rounds run in reverse order)", str("3"))
-    ("batch", "per-rank batch; 0: the model's default (64, transformer 16)", str("0"))
+    ("batch", "per-rank batch; 0: the model's default (64, transformer 16, wide 512, deep 256)", str("0"))
     ("bucket-cap-mb", "DDP bucket cap for lockstep and PyTorch", str("25"))
     ("bucket-caps", "bucket-size sweep caps (MB)", str("1,4,25,100"))
     ("bucket-sweep-model", "model of the bucket-size sweep", str("deep_mlp"))

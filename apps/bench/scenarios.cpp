@@ -14,11 +14,16 @@ std::vector<std::string> model_names() { return {"mlp", "deep_mlp", "cnn", "tran
 
 std::vector<std::string> all_model_names() {
   auto v = model_names();
-  v.push_back("small_mlp");
+  for (const char* m : {"small_mlp", "wide", "deep"}) v.push_back(m);
   return v;
 }
 
-int64_t default_batch(const std::string& model) { return model == "transformer" ? 16 : 64; }
+int64_t default_batch(const std::string& model) {
+  if (model == "transformer") return 16;
+  if (model == "wide") return 512;  // issue 18's GPU table
+  if (model == "deep") return 256;
+  return 64;
+}
 
 std::vector<std::string> scenario_families() {
   return {"plain",     "ddp",          "perparam", "torch_ddp", "dp",

@@ -16,10 +16,12 @@ namespace bench {
 
 /// The models `--model all` runs, in that order (models.h builds them).
 std::vector<std::string> model_names();
-/// Every model models.h builds: model_names() and small_mlp (784-128-128-10, the
-/// DataParallel comparison's small model), which runs only when named.
+/// Every model models.h builds: model_names(), small_mlp (784-128-128-10, the DataParallel
+/// comparison's small model), and issue 18's GPU models wide and deep,
+/// which run only when named.
 std::vector<std::string> all_model_names();
-/// Default per-rank batch of a model: 64, transformer 16 (the Python peer gets it passed).
+/// Default per-rank batch of a model: 64, transformer 16, wide 512, deep 256 (the Python peer
+/// gets it passed).
 int64_t default_batch(const std::string& model);
 
 /// The families `--scenario all` selects, in the order they run:

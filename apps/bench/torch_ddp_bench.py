@@ -80,9 +80,27 @@ class TransformerStack(nn.Module):
         return self.head(x.mean(0))
 
 
+class LinearStack(nn.Module):
+    """models.h's LinearStack: Linear layers of widths sizes[0] -> sizes[1] -> ..., ReLU between."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
+
+    def forward(self, x):
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < n:
+                x = F.relu(x)
+        return x
+
+
 def make_model(name):
     return {"mlp": Mlp, "small_mlp": lambda: Mlp(128), "deep_mlp": DeepMlp, "cnn": FashionCnn,
-            "transformer": TransformerStack}[name]()
+            "transformer": TransformerStack,
+            "wide": lambda: LinearStack([1024, 4096, 4096, 4096, 4096, 1000]),
+            "deep": lambda: LinearStack([1024] * 49 + [1000])}[name]()
 
 
 def make_batch(name, batch):
@@ -95,6 +113,9 @@ def make_batch(name, batch):
         classes = 256
     elif name == "cnn":
         x = torch.randn(batch, 1, 28, 28, generator=g)
+    elif name in ("wide", "deep"):
+        x = torch.randn(batch, 1024, generator=g)
+        classes = 1000
     else:
         x = torch.randn(batch, 32, 128, generator=g)
     return x, torch.randint(classes, (batch,), generator=g)

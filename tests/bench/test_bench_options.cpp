@@ -252,7 +252,7 @@ TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
       {{"--batch", "-2"}, "--batch: expected an integer >= 0, but got '-2'"},
       {{"--model", "resnet"},
        "--model: unknown 'resnet'; expected a comma list of mlp, deep_mlp, cnn, transformer, "
-       "small_mlp or all"},
+       "small_mlp, wide, deep or all"},
       {{"--model", ","}, "--model: expected a comma list of mlp, deep_mlp"},
       {{"--scenario", "plain,nope"}, "--scenario: unknown 'nope'; expected a comma list of plain"},
       {{"--bucket-cap-mb", "0"}, "--bucket-cap-mb: expected a number > 0, but got '0'"},
@@ -279,8 +279,8 @@ TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
        "dp, allreduce"},
       {{"--worker", "ddp", "--model", "mlp"}, "--worker needs --result FILE"},
       {{"--worker", "ddp", "--model", "all", "--result", "r"},
-       "--model: a worker runs one model, one of mlp, deep_mlp, cnn, transformer, small_mlp, but "
-       "got 'all'"},
+       "--model: a worker runs one model, one of mlp, deep_mlp, cnn, transformer, small_mlp, wide, "
+       "deep, but got 'all'"},
       {{"--cluster", "1x2"}, "--cluster: expected NODESxRANKS with 2 to 4 nodes and 1 to 16 "
                              "ranks per node (such as 2x2), but got '1x2'"},
       {{"--cluster", "5x1"}, "but got '5x1'"},

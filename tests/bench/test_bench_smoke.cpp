@@ -48,7 +48,8 @@ std::string slurp(const std::string& path) {
 // Units, no processes
 
 TEST(BenchModels, EveryNamedModelBuildsAndRunsItsBatch) {
-  const std::map<std::string, int64_t> params = {{"mlp", 1863690}, {"small_mlp", 118282}};
+  const std::map<std::string, int64_t> params = {
+      {"mlp", 1863690}, {"small_mlp", 118282}, {"wide", 58639336}, {"deep", 51405800}};
   for (const auto& name : bench::all_model_names()) {
     SCOPED_TRACE(name);
     bench::BenchNet net(name);
@@ -66,7 +67,8 @@ TEST(BenchModels, EveryNamedModelBuildsAndRunsItsBatch) {
     ADD_FAILURE() << "no error for an unknown model";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find(
-                  "unknown model 'resnet': expected mlp, deep_mlp, cnn, transformer or small_mlp"),
+                  "unknown model 'resnet': expected mlp, deep_mlp, cnn, transformer, small_mlp, "
+                  "wide or deep"),
               std::string::npos)
         << e.what();
   }
