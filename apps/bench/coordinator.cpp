@@ -268,6 +268,8 @@ class Runner {
                 "--warmup",        std::to_string(o_.warmup),
                 "--bucket-cap-mb", format_number(s.bucket_cap_mb),
                 "--threads",       std::to_string(s.threads),
+                "--device",        o_.device,
+                "--backend",       s.torch_backend,
                 "--result",        results.back()};
         if (s.grad_view) argv.push_back("--gradient-as-bucket-view");
       } else {
@@ -284,6 +286,7 @@ class Runner {
         c.sweep_min_bytes = o_.sweep_min_bytes;
         c.sweep_max_bytes = o_.sweep_max_bytes;
         if (!s.comm_hook.empty()) c.comm_hook = s.comm_hook;
+        c.device = o_.device;
         c.result = results.back();
         argv = worker_arguments(c);
         argv.insert(argv.begin(), self_exe());
@@ -572,7 +575,9 @@ json run_benchmark(const BenchOptions& o) {
                    {"malloc", o.malloc_mode},
                    {"dp_replicas", o.dp_replicas},
                    {"dp_omp_threads", o.dp_omp_threads},
-                   {"dp_scope_blas", o.dp_scope_blas}};
+                   {"dp_scope_blas", o.dp_scope_blas},
+                   {"device", o.device}};
+  if (o.device == "cuda") doc["environment"]["gpus"] = o.gpus;
   if (o.cluster_nodes > 0) {
     doc["config"]["cluster"] = std::to_string(o.cluster_nodes) + "x" +
                                std::to_string(o.cluster_ranks_per_node);
@@ -584,7 +589,10 @@ json run_benchmark(const BenchOptions& o) {
   auto run_model = [&](const std::string& model, const std::vector<Scenario>& sc) {
     std::vector<Outcome> res(sc.size());
     for (size_t i = 0; i < sc.size(); ++i) {
-      if (sc[i].kind == "torch_ddp" && !have_py) {
+      if (!sc[i].skip.empty()) {  // planned: this machine cannot run it (scenarios.h)
+        res[i].status = "skipped";
+        res[i].note = sc[i].skip;
+      } else if (sc[i].kind == "torch_ddp" && !have_py) {
         res[i].status = "skipped";
         res[i].note = "PyTorch's DDP needs " + o.python + " with torch (python3-torch) and " +
                       (o.script.empty() ? std::string("torch_ddp_bench.py") : o.script);

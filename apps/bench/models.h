@@ -20,7 +20,7 @@
 /// | deep        | 48 x Linear(1024,1024) Linear(1024,1000), ReLU between (98 tensors) | 51,405,800 |
 ///
 /// wide and deep are issue 18's GPU models (batch 512 and 256 by default); they run only when
-/// named.
+/// named, and by default with --device cuda.
 #include <torch/torch.h>
 
 #include <cstdint>

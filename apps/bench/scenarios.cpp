@@ -34,6 +34,10 @@ std::vector<std::string> worker_kinds() {
   return {"plain", "floor", "ddp", "perparam", "overhead", "dp", "allreduce"};
 }
 
+std::vector<std::string> cuda_scenario_families() { return {"plain", "ddp", "torch_ddp"}; }
+
+std::vector<std::string> cuda_worker_kinds() { return {"plain", "floor", "ddp", "perparam"}; }
+
 namespace {
 
 bool has(const std::vector<std::string>& v, const std::string& x) {
@@ -48,9 +52,78 @@ Scenario named(std::string id, std::string kind, std::string label) {
   return s;
 }
 
+// Clears the references whose scenario does not run.
+void clear_missing_references(std::vector<Scenario>& v) {
+  for (auto& s : v) {
+    bool found = false;
+    for (const auto& t : v) found = found || (t.id == s.reference && t.skip.empty());
+    if (!found) s.reference.clear();
+  }
+}
+
 }  // namespace
 
+std::vector<Scenario> cuda_scenarios_for(const BenchOptions& o, const std::string& model) {
+  const int64_t b = o.batch > 0 ? o.batch : default_batch(model);
+  std::vector<Scenario> v;
+  auto add = [&](Scenario s, int world, std::string reference) {
+    s.model = model;
+    s.world = world;
+    s.batch = b;
+    s.bucket_cap_mb = o.bucket_cap_mb;
+    s.reference = std::move(reference);
+    v.push_back(s);
+  };
+  // NCCL takes one GPU per rank: "Duplicate GPU detected" for two ranks on one.
+  const std::string nccl_w2_skip =
+      o.gpus >= 2 ? ""
+                  : "NCCL refuses two ranks on one GPU (\"Duplicate GPU detected\"); needs 2 "
+                    "visible GPUs, found " +
+                        std::to_string(o.gpus);
+  auto lockstep = [&](const std::string& id, const std::string& label, const std::string& t) {
+    Scenario s = named(id, "ddp", label);
+    s.transport = t;
+    return s;
+  };
+  auto pytorch = [&](const std::string& id, const std::string& label, const std::string& be) {
+    Scenario s = named(id, "torch_ddp", label);
+    s.torch_backend = be;
+    return s;
+  };
+  const bool ddp = has(o.families, "ddp"), torch = has(o.families, "torch_ddp");
+  if (has(o.families, "plain") || ddp || torch) {
+    add(named("plain", "plain", "plain LibTorch, 1 process"), 1, "");
+  }
+  if (ddp) {
+    add(lockstep("ddp_w1", "lockstep DDP, world 1", ""), 1, "plain");
+    // Until lockstep has an NCCL transport this row fails, with the error in its note.
+    add(lockstep("ddp_w1_nccl", "lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl", "nccl"), 1,
+        "plain");
+  }
+  if (torch) {
+    add(pytorch("torch_ddp_w1", "PyTorch DDP, world 1, Gloo", "gloo"), 1, "plain");
+    add(pytorch("torch_ddp_nccl_w1", "PyTorch DDP, world 1, NCCL", "nccl"), 1, "plain");
+  }
+  if (ddp) {
+    add(lockstep("ddp_w2", "lockstep DDP, world 2, default transport", ""), 2, "torch_ddp_w2");
+    add(lockstep("ddp_w2_gloo", "lockstep DDP, world 2, LOCKSTEP_TRANSPORT=gloo", "gloo"), 2,
+        "torch_ddp_w2");
+    Scenario n = lockstep("ddp_w2_nccl", "lockstep DDP, world 2, LOCKSTEP_TRANSPORT=nccl", "nccl");
+    n.skip = nccl_w2_skip;
+    add(n, 2, "torch_ddp_nccl_w2");
+  }
+  if (torch) {
+    add(pytorch("torch_ddp_w2", "PyTorch DDP, world 2, Gloo", "gloo"), 2, "");
+    Scenario n = pytorch("torch_ddp_nccl_w2", "PyTorch DDP, world 2, NCCL", "nccl");
+    n.skip = nccl_w2_skip;
+    add(n, 2, "");
+  }
+  clear_missing_references(v);
+  return v;
+}
+
 std::vector<Scenario> scenarios_for(const BenchOptions& o, const std::string& model) {
+  if (o.device == "cuda") return cuda_scenarios_for(o, model);
   const int64_t b = o.batch > 0 ? o.batch : default_batch(model);
   const int r = o.dp_replicas;
   const std::string rs = std::to_string(r);
@@ -170,12 +243,7 @@ std::vector<Scenario> scenarios_for(const BenchOptions& o, const std::string& mo
       add(s);
     }
   }
-  // Clear the references whose scenario does not run.
-  for (auto& s : v) {
-    bool found = false;
-    for (const auto& t : v) found = found || t.id == s.reference;
-    if (!found) s.reference.clear();
-  }
+  clear_missing_references(v);
   return v;
 }
 
