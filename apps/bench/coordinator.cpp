@@ -632,7 +632,8 @@ json run_benchmark(const BenchOptions& o) {
     if (sc.empty()) continue;
     doc["models"].push_back(run_model(model, sc));
   }
-  doc["targets"] = compute_targets(doc["models"]);
+  doc["targets"] = o.device == "cuda" ? compute_cuda_targets(doc["models"])
+                                      : compute_targets(doc["models"]);
 
   doc["allreduce"] = json::array();
   const auto sweeps = sweep_scenarios(o);

@@ -2,6 +2,7 @@
 #include "scenarios.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "stats.h"
 
@@ -479,6 +480,42 @@ json compute_targets(const json& models) {
       add("DataParallel " + rs + " replicas / 1 module x " + rs + " threads throughput", r,
           ">= 0.90", r >= 0.9, ">= 1.30", r >= 1.3);
     }
+  }
+  return out;
+}
+
+json compute_cuda_targets(const json& models) {
+  json out = json::array();
+  for (const auto& m : models) {
+    const std::string name = m["model"];
+    auto med = [&](const char* id) {
+      const json* s = find_scenario(m, id);
+      return s ? (*s)["median_ms"].get<double>() : std::nan("");
+    };
+    auto add = [&](const std::string& what, double value, const std::string& goal, bool goal_met) {
+      if (std::isnan(value)) return;  // one side did not run
+      out.push_back({{"model", name},
+                     {"target", what},
+                     {"value", value},
+                     {"requirement", "(reported)"},
+                     {"met", true},
+                     {"goal", goal},
+                     {"goal_met", goal_met}});
+    };
+    const double td2 = med("torch_ddp_w2");
+    const double r_auto = med("ddp_w2") / td2;
+    add("lockstep DDP (default transport) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA", r_auto,
+        "<= 0.90", r_auto <= 0.9);
+    const double r_gloo = med("ddp_w2_gloo") / td2;
+    add("lockstep DDP (Gloo) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA", r_gloo, "<= 0.90",
+        r_gloo <= 0.9);
+    const double r_t = med("ddp_w2") / med("ddp_w2_gloo");
+    add("lockstep DDP default transport / lockstep DDP Gloo step time, 2 ranks, CUDA", r_t,
+        "<= 1.00", r_t <= 1.0);
+    const double w1 = med("ddp_w1") / med("plain") - 1.0;
+    add("lockstep DDP world 1 overhead over plain, CUDA", w1, "<= 3%", w1 <= 0.03);
+    const double n1 = med("ddp_w1") / med("torch_ddp_nccl_w1");
+    add("lockstep DDP world 1 / PyTorch DDP world 1 (NCCL) step time, CUDA", n1, "", true);
   }
   return out;
 }

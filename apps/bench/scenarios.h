@@ -104,6 +104,13 @@ nlohmann::json compute_cluster_targets(const nlohmann::json& models, const std::
 /// the allreduce family is not selected).
 std::vector<Scenario> sweep_scenarios(const BenchOptions& options);
 
+/// Issue 18's goals for a --device cuda run, from its per-model results (same fields as
+/// compute_targets'): lockstep DDP world 2 at most 0.9x PyTorch's DDP over Gloo, over the
+/// default transport and over Gloo; the default transport no slower than lockstep's Gloo
+/// path; world 1 at most 3% over plain training. All reported (requirement "(reported)"),
+/// their goals checked.
+nlohmann::json compute_cuda_targets(const nlohmann::json& models);
+
 /// The targets the report checks, from the per-model results of a run (the "models" array
 /// of the JSON document): one object per target with model, target, value, requirement, met,
 /// goal and goal_met. Reads only the JSON, so an old result file gets them too.

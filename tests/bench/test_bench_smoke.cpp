@@ -477,6 +477,117 @@ TEST(BenchScenarios, CudaPlanIsIssue18sComparisonWithNcclWorldTwoSkippedOnOneGpu
   EXPECT_EQ(bench::scenarios_for(options_with({"ddp"}), "wide").size(), 5u);
 }
 
+// A --device cuda document as run_benchmark writes it, made up (nothing measured).
+json synthetic_cuda_doc() {
+  json m = {{"model", "deep"}, {"params", 51405800}, {"batch", 256}, {"scenarios", json::array()}};
+  m["scenarios"].push_back(scenario("plain", "plain", 8.0, 1));
+  m["scenarios"].push_back(scenario("ddp_w1", "ddp", 8.4, 1));
+  json nccl = {{"id", "ddp_w1_nccl"},
+               {"kind", "ddp"},
+               {"label", "lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl"},
+               {"status", "failed"},
+               {"world", 1},
+               {"reference", "plain"},
+               {"note", "1 of 1 runs failed: rank 0 exited with code 1: lockstep-bench: Expected "
+                        "LOCKSTEP_TRANSPORT to be gloo, shm or auto, but got 'nccl'."}};
+  m["scenarios"].push_back(nccl);
+  m["scenarios"].push_back(scenario("torch_ddp_nccl_w1", "torch_ddp", 10.0, 1));
+  m["scenarios"].push_back(scenario("ddp_w2", "ddp", 90.0));
+  m["scenarios"].push_back(scenario("ddp_w2_gloo", "ddp", 100.0));
+  m["scenarios"].push_back(scenario("torch_ddp_w2", "torch_ddp", 110.0));
+  json skipped = {{"id", "torch_ddp_nccl_w2"},
+                  {"kind", "torch_ddp"},
+                  {"label", "PyTorch DDP, world 2, NCCL"},
+                  {"status", "skipped"},
+                  {"world", 2},
+                  {"reference", nullptr},
+                  {"note", "NCCL refuses two ranks on one GPU"}};
+  m["scenarios"].push_back(skipped);
+  json doc = synthetic_doc(false);
+  doc["config"]["device"] = "cuda";
+  doc["environment"]["gpus"] = 1;
+  doc["models"] = json::array({m});
+  doc["targets"] = bench::compute_cuda_targets(doc["models"]);
+  return doc;
+}
+
+TEST(BenchTargets, CudaGoalsAreIssue18s) {
+  const json t = synthetic_cuda_doc()["targets"];
+  struct Want {
+    const char* target;
+    double value;
+    const char* goal;
+    bool met;
+  };
+  const std::vector<Want> wants = {
+      {"lockstep DDP (default transport) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA",
+       90.0 / 110.0, "<= 0.90", true},
+      {"lockstep DDP (Gloo) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA", 100.0 / 110.0,
+       "<= 0.90", false},
+      {"lockstep DDP default transport / lockstep DDP Gloo step time, 2 ranks, CUDA", 0.9,
+       "<= 1.00", true},
+      {"lockstep DDP world 1 overhead over plain, CUDA", 0.05, "<= 3%", false},
+      {"lockstep DDP world 1 / PyTorch DDP world 1 (NCCL) step time, CUDA", 0.84, "", true},
+  };
+  ASSERT_EQ(t.size(), wants.size()) << t.dump(2);
+  for (const auto& w : wants) {
+    SCOPED_TRACE(w.target);
+    const json* g = find_target(t, w.target);
+    ASSERT_NE(g, nullptr) << t.dump(2);
+    EXPECT_NEAR((*g)["value"].get<double>(), w.value, 1e-9);
+    EXPECT_EQ((*g)["goal"], w.goal);
+    EXPECT_EQ((*g)["goal_met"].get<bool>(), w.met);
+    EXPECT_EQ((*g)["requirement"], "(reported)");
+  }
+  // A scenario that failed or was skipped gives no target (nothing to divide).
+  json models = synthetic_cuda_doc()["models"];
+  for (auto& s : models[0]["scenarios"]) {
+    if (s["id"] == "torch_ddp_w2") s["status"] = "failed";
+  }
+  EXPECT_EQ(bench::compute_cuda_targets(models).size(), 3u);
+}
+
+TEST(BenchReport, CudaRunShowsTheScenariosSideBySideWithFailuresNamed) {
+  const json doc = synthetic_cuda_doc();
+  const std::string md = bench::render_report(doc, true);
+  EXPECT_NE(md.find("**Side by side on CUDA**"), std::string::npos) << md;
+  EXPECT_EQ(md.find("**Headline**"), std::string::npos) << "no floor on CUDA\n" << md;
+  EXPECT_NE(md.find("every rank on CUDA (cuda:LOCAL_RANK % 1 visible GPUs)"), std::string::npos)
+      << md;
+  // One row per model, one column per scenario in the plan's order (spaces aside).
+  auto line_at = [&](size_t at) {
+    std::string line = md.substr(at, md.find('\n', at) - at);
+    line.erase(std::remove(line.begin(), line.end(), ' '), line.end());
+    return line;
+  };
+  const size_t header = md.find("| model ", md.find("**Side by side on CUDA**"));
+  ASSERT_NE(header, std::string::npos) << md;
+  EXPECT_EQ(line_at(header),
+            "|model|plainlabelms|ddp_w1labelms|lockstepDDP,world1,LOCKSTEP_TRANSPORT=ncclms|"
+            "torch_ddp_nccl_w1labelms|ddp_w2labelms|ddp_w2_gloolabelms|torch_ddp_w2labelms|"
+            "PyTorchDDP,world2,NCCLms|")
+      << md;
+  const size_t row = md.find("| deep (51.4M params, batch 256) ", header);
+  ASSERT_NE(row, std::string::npos) << md;
+  EXPECT_EQ(line_at(row),
+            "|deep(51.4Mparams,batch256)|8.00|8.40|failed|10.00|90.00|100.00|110.00|skipped|")
+      << md;
+  // The failed and the skipped rows say why, under the model's table.
+  EXPECT_NE(md.find("- lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl: failed: 1 of 1 runs failed: "
+                    "rank 0 exited with code 1: lockstep-bench: Expected LOCKSTEP_TRANSPORT"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("- PyTorch DDP, world 2, NCCL: skipped: NCCL refuses two ranks on one GPU"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("**Goals** (issue 18, CUDA)"), std::string::npos) << md;
+  const std::string terminal = bench::render_report(doc, false);
+  EXPECT_NE(terminal.find("== side by side on CUDA"), std::string::npos) << terminal;
+  // A CPU document renders as before: no side-by-side table.
+  EXPECT_EQ(bench::render_report(synthetic_doc(true), true).find("Side by side"),
+            std::string::npos);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The program
 
