@@ -97,7 +97,8 @@ std::vector<Scenario> cuda_scenarios_for(const BenchOptions& o, const std::strin
   }
   if (ddp) {
     add(lockstep("ddp_w1", "lockstep DDP, world 1", ""), 1, "plain");
-    // Until lockstep has an NCCL transport this row fails, with the error in its note.
+    // Where lockstep was built without NCCL (docs/gpu.md) this row fails at start-up, a
+    // failed row with lockstep's error in its note.
     add(lockstep("ddp_w1_nccl", "lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl", "nccl"), 1,
         "plain");
   }

@@ -40,9 +40,9 @@ std::vector<std::string> worker_kinds();
 /// LOCKSTEP_TRANSPORT=nccl; PyTorch DDP world 1 over Gloo and NCCL; lockstep DDP world 2 over
 /// the default transport, Gloo and NCCL; PyTorch DDP world 2 over Gloo and NCCL. NCCL refuses
 /// two ranks on one GPU ("Duplicate GPU detected"), so the NCCL world-2 rows are skipped, with
-/// that reason, when fewer than 2 GPUs are visible. A row whose workers fail (lockstep's NCCL
-/// transport before it exists, a python3 torch without CUDA) is a failed or skipped row with
-/// the error in its note; the other rows still run. The CPU-only families (floor, perparam,
+/// that reason, when fewer than 2 GPUs are visible. A row whose workers fail (LOCKSTEP_TRANSPORT=nccl
+/// where lockstep was built without NCCL, a python3 torch without CUDA) is a failed or skipped
+/// row with the error in its note; the other rows still run. The CPU-only families (floor, perparam,
 /// overhead, dp, bucket_sweep, allreduce) are not offered. main() refuses --device cuda, with
 /// exit code 2 and before starting any worker, where torch::cuda::is_available() is false.
 
