@@ -219,8 +219,11 @@ class Runner {
       throw Error("lockstep-bench: a cluster scenario without its emulated cluster (a bug)");
     }
     const int per_node = s.nodes > 0 ? s.world / s.nodes : s.world;
-    // The job's store listens on a namespace's address, not loopback: give it a token.
-    const std::string token = s.nodes > 0 ? random_hex(32) : "";
+    // Every job's store gets a token, as lockstep-run gives one: an emulated cluster's store
+    // listens on a namespace's address, not loopback, and without one every lockstep worker
+    // logs the no-token warning first, which then fills the head of a failed run's note
+    // instead of its error.
+    const std::string token = random_hex(32);
     for (int r = 0; r < s.world; ++r) {
       const std::string base = tmp_ + "/" + job + "_r" + std::to_string(r);
       results.push_back(base + ".json");
@@ -248,8 +251,8 @@ class Runner {
         env["MASTER_ADDR"] = cluster_->address(0);
         env["GLOO_SOCKET_IFNAME"] = cluster_->ifname(node);
         env["LOCKSTEP_SOCKET_IFNAME"] = cluster_->ifname(node);
-        env["LOCKSTEP_STORE_TOKEN"] = token;
       }
+      env["LOCKSTEP_STORE_TOKEN"] = token;
       if (!getenv("LOCKSTEP_LOG_LEVEL")) env["LOCKSTEP_LOG_LEVEL"] = "warn";
       // Note [Allocator settings]
       // glibc's malloc raises its trim and mmap thresholds as a process frees large blocks,

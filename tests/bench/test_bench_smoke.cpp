@@ -930,9 +930,13 @@ TEST(BenchSmoke, FailingScenarioIsAFailedRowAndTheRunGoesOn) {
   EXPECT_EQ(by_id["ddp_w2_gloo"]["status"], "ok") << by_id["ddp_w2_gloo"].dump();
   EXPECT_EQ(by_id["plain"]["status"], "ok") << by_id["plain"].dump();
   const std::string md = slurp(dir + "/out.md");
-  EXPECT_NE(md.find("- lockstep DDP, world 1: failed: 1 of 1 runs failed: rank 0 exited with code 1"),
-            std::string::npos)
-      << md;
+  const size_t line = md.find("- lockstep DDP, world 1: failed: 1 of 1 runs failed: rank 0 exited "
+                              "with code 1");
+  ASSERT_NE(line, std::string::npos) << md;
+  // The error itself, not a warning logged before it, is what the report's line shows.
+  const std::string text = md.substr(line, md.find('\n', line) - line);
+  EXPECT_NE(text.find("but got 'bogus'"), std::string::npos) << text;
+  EXPECT_EQ(text.find("no job token"), std::string::npos) << text;
 }
 
 // ---------------------------------------------------------------------------------------------
