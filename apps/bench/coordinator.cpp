@@ -219,8 +219,11 @@ class Runner {
       throw Error("lockstep-bench: a cluster scenario without its emulated cluster (a bug)");
     }
     const int per_node = s.nodes > 0 ? s.world / s.nodes : s.world;
-    // The job's store listens on a namespace's address, not loopback: give it a token.
-    const std::string token = s.nodes > 0 ? random_hex(32) : "";
+    // Every job's store gets a token, as lockstep-run gives one: an emulated cluster's store
+    // listens on a namespace's address, not loopback, and without one every lockstep worker
+    // logs the no-token warning first, which then fills the head of a failed run's note
+    // instead of its error.
+    const std::string token = random_hex(32);
     for (int r = 0; r < s.world; ++r) {
       const std::string base = tmp_ + "/" + job + "_r" + std::to_string(r);
       results.push_back(base + ".json");
@@ -248,8 +251,8 @@ class Runner {
         env["MASTER_ADDR"] = cluster_->address(0);
         env["GLOO_SOCKET_IFNAME"] = cluster_->ifname(node);
         env["LOCKSTEP_SOCKET_IFNAME"] = cluster_->ifname(node);
-        env["LOCKSTEP_STORE_TOKEN"] = token;
       }
+      env["LOCKSTEP_STORE_TOKEN"] = token;
       if (!getenv("LOCKSTEP_LOG_LEVEL")) env["LOCKSTEP_LOG_LEVEL"] = "warn";
       // Note [Allocator settings]
       // glibc's malloc raises its trim and mmap thresholds as a process frees large blocks,
@@ -268,6 +271,8 @@ class Runner {
                 "--warmup",        std::to_string(o_.warmup),
                 "--bucket-cap-mb", format_number(s.bucket_cap_mb),
                 "--threads",       std::to_string(s.threads),
+                "--device",        o_.device,
+                "--backend",       s.torch_backend,
                 "--result",        results.back()};
         if (s.grad_view) argv.push_back("--gradient-as-bucket-view");
       } else {
@@ -284,6 +289,7 @@ class Runner {
         c.sweep_min_bytes = o_.sweep_min_bytes;
         c.sweep_max_bytes = o_.sweep_max_bytes;
         if (!s.comm_hook.empty()) c.comm_hook = s.comm_hook;
+        c.device = o_.device;
         c.result = results.back();
         argv = worker_arguments(c);
         argv.insert(argv.begin(), self_exe());
@@ -572,7 +578,9 @@ json run_benchmark(const BenchOptions& o) {
                    {"malloc", o.malloc_mode},
                    {"dp_replicas", o.dp_replicas},
                    {"dp_omp_threads", o.dp_omp_threads},
-                   {"dp_scope_blas", o.dp_scope_blas}};
+                   {"dp_scope_blas", o.dp_scope_blas},
+                   {"device", o.device}};
+  if (o.device == "cuda") doc["environment"]["gpus"] = o.gpus;
   if (o.cluster_nodes > 0) {
     doc["config"]["cluster"] = std::to_string(o.cluster_nodes) + "x" +
                                std::to_string(o.cluster_ranks_per_node);
@@ -584,7 +592,10 @@ json run_benchmark(const BenchOptions& o) {
   auto run_model = [&](const std::string& model, const std::vector<Scenario>& sc) {
     std::vector<Outcome> res(sc.size());
     for (size_t i = 0; i < sc.size(); ++i) {
-      if (sc[i].kind == "torch_ddp" && !have_py) {
+      if (!sc[i].skip.empty()) {  // planned: this machine cannot run it (scenarios.h)
+        res[i].status = "skipped";
+        res[i].note = sc[i].skip;
+      } else if (sc[i].kind == "torch_ddp" && !have_py) {
         res[i].status = "skipped";
         res[i].note = "PyTorch's DDP needs " + o.python + " with torch (python3-torch) and " +
                       (o.script.empty() ? std::string("torch_ddp_bench.py") : o.script);
@@ -624,7 +635,8 @@ json run_benchmark(const BenchOptions& o) {
     if (sc.empty()) continue;
     doc["models"].push_back(run_model(model, sc));
   }
-  doc["targets"] = compute_targets(doc["models"]);
+  doc["targets"] = o.device == "cuda" ? compute_cuda_targets(doc["models"])
+                                      : compute_targets(doc["models"]);
 
   doc["allreduce"] = json::array();
   const auto sweeps = sweep_scenarios(o);

@@ -8,8 +8,10 @@
 // (runs the workers, gathers their results), worker (one rank of one scenario), report (the
 // tables, from the JSON alone), models.h (the benchmark models), proc (/proc readers).
 #include <signal.h>
+#include <torch/cuda.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -78,6 +80,16 @@ int main(int argc, char** argv) {
       }
       doc = nlohmann::json::parse(text);
     } else {
+      // Note [lockstep-bench on CUDA] (scenarios.h): no GPU, nothing started.
+      if (o.device == "cuda") {
+        if (!torch::cuda::is_available()) {
+          std::cerr << "lockstep-bench: "
+                    << bench::cuda_unavailable_message(std::getenv("CUDA_VISIBLE_DEVICES"))
+                    << std::endl;
+          return bench::kExitUsage;
+        }
+        o.gpus = static_cast<int>(torch::cuda::device_count());
+      }
       if (o.script.empty()) o.script = default_script();
       signal(SIGPIPE, SIG_IGN);
       doc = bench::run_benchmark(o);

@@ -16,6 +16,11 @@
 /// |             | Linear(1600,128) ReLU Linear(128,10)  (Fashion-MNIST 28x28) |           |
 /// | transformer | 2 x TransformerEncoderLayer(d=128, heads=4, ff=512, no dropout), |  ~400,000 |
 /// |             | mean over the sequence, Linear(128,10); input (batch, seq=32, 128) |     |
+/// | wide        | Linear(1024,4096) 3 x Linear(4096,4096) Linear(4096,1000), ReLU between | 58,639,336 |
+/// | deep        | 48 x Linear(1024,1024) Linear(1024,1000), ReLU between (98 tensors) | 51,405,800 |
+///
+/// wide and deep are issue 18's GPU models (batch 512 and 256 by default); they run only when
+/// named, and by default with --device cuda.
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -58,6 +63,34 @@ struct DeepMlpImpl : torch::nn::Module {
   std::vector<torch::nn::Linear> layers;
 };
 TORCH_MODULE(DeepMlp);
+
+/// Linear layers of widths sizes[0] -> sizes[1] -> ... with ReLU between (none after the
+/// last), registered fc0, fc1, ...: issue 18's wide and deep GPU models. Input (batch, sizes[0]).
+struct LinearStackImpl : torch::nn::Module {
+  explicit LinearStackImpl(const std::vector<int64_t>& sizes) {
+    for (size_t i = 0; i + 1 < sizes.size(); ++i) {
+      layers.push_back(register_module("fc" + std::to_string(i),
+                                       torch::nn::Linear(sizes[i], sizes[i + 1])));
+    }
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      x = layers[i](x);
+      if (i + 1 < layers.size()) x = torch::relu(x);
+    }
+    return x;
+  }
+  std::vector<torch::nn::Linear> layers;
+};
+TORCH_MODULE(LinearStack);
+
+/// The layer widths of the wide and deep GPU models.
+inline std::vector<int64_t> linear_stack_sizes(const std::string& name) {
+  if (name == "wide") return {1024, 4096, 4096, 4096, 4096, 1000};
+  std::vector<int64_t> v(49, 1024);  // deep: 48 x Linear(1024,1024), then the head
+  v.push_back(1000);
+  return v;
+}
 
 /// The two-convolution Fashion-MNIST CNN. Input (batch, 1, 28, 28).
 struct FashionCnnImpl : torch::nn::Module {
@@ -122,9 +155,13 @@ struct BenchNetImpl : torch::nn::Module {
     } else if (name == "transformer") {
       net_ = torch::nn::AnyModule(TransformerStack());
       register_module("net", net_.ptr());
+    } else if (name == "wide" || name == "deep") {
+      net_ = torch::nn::AnyModule(LinearStack(linear_stack_sizes(name)));
+      register_module("net", net_.ptr());
     } else {
-      throw std::invalid_argument("unknown model '" + name +
-                                  "': expected mlp, deep_mlp, cnn, transformer or small_mlp");
+      throw std::invalid_argument(
+          "unknown model '" + name +
+          "': expected mlp, deep_mlp, cnn, transformer, small_mlp, wide or deep");
     }
   }
   torch::Tensor forward(torch::Tensor x) { return net_.forward(x); }
@@ -154,6 +191,9 @@ inline Batch make_batch(const std::string& name, int64_t batch, uint64_t seed = 
     b.input = at::randn({batch, 1, 28, 28}, gen);
   } else if (name == "transformer") {
     b.input = at::randn({batch, 32, 128}, gen);
+  } else if (name == "wide" || name == "deep") {
+    b.input = at::randn({batch, 1024}, gen);
+    classes = 1000;
   } else {
     throw std::invalid_argument("unknown model '" + name + "'");
   }

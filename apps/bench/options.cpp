@@ -96,12 +96,16 @@ cxxopts::Options make_cli() {
   auto str = [](const char* d) { return cxxopts::value<std::string>()->default_value(d); };
   // clang-format off
   cli.add_options()
-    ("scenario", "comma list of: " + join(scenario_families()) + ", or all", str("all"))
-    ("model", "comma list of: " + join(all_model_names()) + ", or all (every model but small_mlp)", str("all"))
+    ("scenario", "comma list of: " + join(scenario_families()) + ", or all; with --device cuda: " +
+                 join(cuda_scenario_families()) + ", or all", str("all"))
+    ("model", "comma list of: " + join(all_model_names()) + ", or all (mlp, deep_mlp, cnn, transformer); "
+              "default: all, with --device cuda wide,deep", str("all"))
+    ("device", "cpu, or cuda: every rank on cuda:LOCAL_RANK % (visible GPUs), the GPU scenarios "
+               "(docs/performance.md, GPU)", str("cpu"))
     ("steps", "timed steps per scenario run", str("30"))
     ("warmup", "untimed steps before them", str("5"))
     ("repeats", "interleaved rounds over all scenarios (odd rounds run in reverse order)", str("3"))
-    ("batch", "per-rank batch; 0: the model's default (64, transformer 16)", str("0"))
+    ("batch", "per-rank batch; 0: the model's default (64, transformer 16, wide 512, deep 256)", str("0"))
     ("bucket-cap-mb", "DDP bucket cap for lockstep and PyTorch", str("25"))
     ("bucket-caps", "bucket-size sweep caps (MB)", str("1,4,25,100"))
     ("bucket-sweep-model", "model of the bucket-size sweep", str("deep_mlp"))
@@ -139,7 +143,22 @@ cxxopts::Options make_cli() {
   return cli;
 }
 
+std::string to_device(const std::string& text) {
+  if (text != "cpu" && text != "cuda") {
+    bad(concat("--device: expected cpu or cuda, but got '", text, "'"));
+  }
+  return text;
+}
+
 }  // namespace
+
+std::string cuda_unavailable_message(const char* visible_devices) {
+  std::string where = "this LibTorch is CPU-only, or no GPU is visible";
+  if (visible_devices) where += concat(" (CUDA_VISIBLE_DEVICES='", visible_devices, "')");
+  return concat("--device cuda: expected a CUDA device, but torch::cuda::is_available() is false: ",
+                where, ". Run on a GPU machine with a CUDA build of LibTorch, or drop --device cuda. "
+                "Nothing was started.");
+}
 
 std::string format_number(double v) {
   std::ostringstream os;
@@ -197,6 +216,13 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv) {
     c.sweep_min_bytes = to_int("sweep-min-bytes", s("sweep-min-bytes"), 4);
     c.sweep_max_bytes = to_int("sweep-max-bytes", s("sweep-max-bytes"), c.sweep_min_bytes);
     c.comm_hook = s("comm-hook");
+    c.device = to_device(s("device"));
+    const auto on_cuda = cuda_worker_kinds();
+    if (c.device == "cuda" &&
+        std::find(on_cuda.begin(), on_cuda.end(), c.kind) == on_cuda.end()) {
+      bad(concat("--device cuda: worker kind '", c.kind, "' runs on the CPU only; expected one of ",
+                 join(on_cuda)));
+    }
     c.result = s("result");
     if (c.result.empty()) bad("--worker needs --result FILE (the coordinator sets both)");
     return out;
@@ -213,6 +239,12 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv) {
     return out;
   }
   out.mode = ParseResult::Mode::kRun;
+  o.device = to_device(s("device"));
+  const bool cuda = o.device == "cuda";
+  if (cuda && !s("cluster").empty()) {
+    bad(concat("--cluster: the emulated cluster runs CPU ranks only, but got --device cuda; drop "
+               "one of them"));
+  }
   if (!s("cluster").empty()) {
     parse_cluster_shape(s("cluster"), o.cluster_nodes, o.cluster_ranks_per_node);
     for (const auto& l : split(s("link"))) o.links.push_back(parse_link(l));
@@ -221,10 +253,30 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv) {
                                    cluster_scenario_names(), cluster_scenario_names());
   }
   // A cluster run trains the MLP and the deep MLP unless --model says otherwise.
-  o.models = o.cluster_nodes > 0 && a.count("model") == 0
-                 ? std::vector<std::string>{"mlp", "deep_mlp"}
-                 : to_names("model", s("model"), all_model_names(), model_names());
-  o.families = to_names("scenario", s("scenario"), scenario_families(), scenario_families());
+  // A --device cuda run trains issue 18's GPU models unless --model says otherwise.
+  if (o.cluster_nodes > 0 && a.count("model") == 0) {
+    o.models = {"mlp", "deep_mlp"};
+  } else if (cuda && a.count("model") == 0) {
+    o.models = {"wide", "deep"};
+  } else {
+    o.models = to_names("model", s("model"), all_model_names(), model_names());
+  }
+  if (cuda) {
+    // Note [lockstep-bench on CUDA] (scenarios.h): "all" is every family that runs there.
+    const auto families = cuda_scenario_families();
+    const auto v = split(s("scenario"));
+    if (v != std::vector<std::string>{"all"}) {
+      for (const auto& f : v) {
+        if (std::find(families.begin(), families.end(), f) == families.end()) {
+          bad(concat("--scenario: '", f, "' does not run with --device cuda; expected a comma ",
+                     "list of ", join(families), " or all"));
+        }
+      }
+    }
+    o.families = to_names("scenario", s("scenario"), families, families);
+  } else {
+    o.families = to_names("scenario", s("scenario"), scenario_families(), scenario_families());
+  }
   o.steps = static_cast<int>(to_int("steps", s("steps"), 1, 1000000));
   o.warmup = static_cast<int>(to_int("warmup", s("warmup"), 0, 1000000));
   o.repeats = static_cast<int>(to_int("repeats", s("repeats"), 1, 10000));
@@ -278,6 +330,7 @@ std::vector<std::string> worker_arguments(const WorkerConfig& c) {
           "--scope-blas",      c.scope_blas ? "1" : "0",
           "--bucket-cap-mb",   format_number(c.bucket_cap_mb),
           "--comm-hook",       c.comm_hook,
+          "--device",          c.device,
           "--sweep-min-bytes", std::to_string(c.sweep_min_bytes),
           "--sweep-max-bytes", std::to_string(c.sweep_max_bytes),
           "--result",          c.result};

@@ -63,6 +63,11 @@ struct BenchOptions {
   int cluster_ranks_per_node = 0;  ///< ranks (processes) per node of --cluster
   std::vector<LinkSpec> links;     ///< --link, one cluster run per link
   std::vector<std::string> cluster_scenarios;  ///< --cluster-scenarios (cluster_scenario_names())
+  /// --device: "cpu" (default) or "cuda" (Note [lockstep-bench on CUDA] in scenarios.h).
+  std::string device = "cpu";
+  /// CUDA devices visible to the coordinator (torch::cuda::device_count()); set by main()
+  /// before planning a --device cuda run, 0 otherwise.
+  int gpus = 0;
 };
 
 /// One worker process: one rank of one scenario run (internal flags, set by the coordinator).
@@ -79,6 +84,8 @@ struct WorkerConfig {
   int64_t sweep_min_bytes = 1024;
   int64_t sweep_max_bytes = int64_t{64} << 20;
   std::string comm_hook = "allreduce";  ///< ddp: the DDP communication hook (worker.cpp's table)
+  /// "cpu" or "cuda": on cuda, the model and batch go to cuda:<LOCAL_RANK % device_count>.
+  std::string device = "cpu";
   std::string result;  ///< JSON result file
 };
 
@@ -103,6 +110,11 @@ ParseResult parse_bench_options(const std::vector<std::string>& argv);
 /// The command-line flags that make a worker process parse back into `config` (the
 /// coordinator appends them to its own executable's path).
 std::vector<std::string> worker_arguments(const WorkerConfig& config);
+
+/// What lockstep-bench says, and exits kExitUsage with before starting any worker, when
+/// --device cuda is asked for where torch::cuda::is_available() is false. `visible_devices`
+/// is CUDA_VISIBLE_DEVICES (null: not set), named in the message when set.
+std::string cuda_unavailable_message(const char* visible_devices);
 
 /// The help text (what `--help` prints).
 std::string bench_help();

@@ -116,6 +116,44 @@ std::string render_headline(const json& doc, bool md) {
   return os.str();
 }
 
+// Note [lockstep-bench on CUDA] (scenarios.h): issue 18's table, one row per model and one
+// column per scenario, side by side: the median step time, or why there is none.
+std::string render_side_by_side(const json& doc, bool md) {
+  std::vector<std::string> ids, labels;
+  for (const auto& m : doc["models"]) {
+    for (const auto& s : m["scenarios"]) {
+      const std::string id = s["id"];
+      if (std::find(ids.begin(), ids.end(), id) != ids.end()) continue;
+      ids.push_back(id);
+      labels.push_back(s["label"]);
+    }
+  }
+  if (ids.empty()) return "";
+  Table t = {{"model"}};
+  for (const auto& l : labels) t[0].push_back(l + " ms");
+  for (const auto& m : doc["models"]) {
+    std::vector<std::string> row = {m["model"].get<std::string>() + " (" +
+                                    fixed(m["params"].get<int64_t>() / 1e6, 1) + "M params, batch " +
+                                    std::to_string(m["batch"].get<int64_t>()) + ")"};
+    for (const auto& id : ids) {
+      std::string cell;
+      for (const auto& s : m["scenarios"]) {
+        if (s["id"] != id) continue;
+        cell = s["status"] == "ok" ? fixed(s["median_ms"].get<double>())
+                                   : s["status"].get<std::string>();
+      }
+      row.push_back(cell);
+    }
+    t.push_back(row);
+  }
+  std::ostringstream os;
+  os << (md ? "**Side by side on CUDA**: median step time per model; a failed or skipped "
+              "scenario says why under its model's table\n\n"
+            : "== side by side on CUDA (median step ms)\n\n");
+  os << render(t, md) << "\n";
+  return os.str();
+}
+
 // Runs rerun or left out (Note [Disturbed runs] in coordinator.h), one line per scenario.
 std::string disturbance_lines(const json& m, bool md) {
   std::ostringstream os;
@@ -219,6 +257,7 @@ std::string render_report(const json& doc, bool md) {
   std::ostringstream os;
   const auto& env = doc["environment"];
   const auto& cfg = doc["config"];
+  const bool cuda = cfg.value("device", std::string("cpu")) == "cuda";
   if (md) {
     os << "Measured with `" << doc["command"].get<std::string>() << "` on "
        << env["nproc"].get<int>() << " cores (" << env["uname"].get<std::string>() << "), "
@@ -231,6 +270,10 @@ std::string render_report(const json& doc, bool md) {
        << " warm-up steps, 1 intra-op thread per rank unless stated, "
        << (doc.contains("cluster") ? "ranks in network namespaces over the emulated links below"
                                    : "loopback")
+       << (cuda ? ", every rank on CUDA (cuda:LOCAL_RANK % " +
+                      std::to_string(env.value("gpus", 0)) + " visible GPUs), each step timed "
+                      "between device synchronisations"
+                : "")
        << ", bucket cap "
        << cfg["bucket_cap_mb"].get<double>() << " MB. Step time: median over all timed "
        << "steps of rank 0 (p10-p90 beside it); ratio: against the scenario named in `vs`; peak "
@@ -248,7 +291,8 @@ std::string render_report(const json& doc, bool md) {
     }
     os << "\n\n";
   }
-  os << render_headline(doc, md);
+  // On CUDA the side-by-side table is the headline (no floor runs there).
+  os << (cuda ? render_side_by_side(doc, md) : render_headline(doc, md));
   if (doc.contains("cluster")) {
     const auto& c = doc["cluster"];
     for (const auto& l : c["links"]) {
@@ -267,6 +311,7 @@ std::string render_report(const json& doc, bool md) {
   for (const auto& m : doc["models"]) os << render_model(m, md);
   if (!doc["targets"].empty()) {
     os << (md ? (doc.contains("cluster") ? "**Goals** (emulated cluster)\n\n"
+                 : cuda                  ? "**Goals** (issue 18, CUDA)\n\n"
                                          : "**Targets** (2 ranks, 1 thread each, loopback)\n\n")
               : "== targets\n\n");
     Table t = {{"model", "measure", "value", "requirement", "met", "goal", "goal met"}};

@@ -2,6 +2,7 @@
 #include "scenarios.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "stats.h"
 
@@ -14,11 +15,16 @@ std::vector<std::string> model_names() { return {"mlp", "deep_mlp", "cnn", "tran
 
 std::vector<std::string> all_model_names() {
   auto v = model_names();
-  v.push_back("small_mlp");
+  for (const char* m : {"small_mlp", "wide", "deep"}) v.push_back(m);
   return v;
 }
 
-int64_t default_batch(const std::string& model) { return model == "transformer" ? 16 : 64; }
+int64_t default_batch(const std::string& model) {
+  if (model == "transformer") return 16;
+  if (model == "wide") return 512;  // issue 18's GPU table
+  if (model == "deep") return 256;
+  return 64;
+}
 
 std::vector<std::string> scenario_families() {
   return {"plain",     "ddp",          "perparam", "torch_ddp", "dp",
@@ -28,6 +34,10 @@ std::vector<std::string> scenario_families() {
 std::vector<std::string> worker_kinds() {
   return {"plain", "floor", "ddp", "perparam", "overhead", "dp", "allreduce"};
 }
+
+std::vector<std::string> cuda_scenario_families() { return {"plain", "ddp", "torch_ddp"}; }
+
+std::vector<std::string> cuda_worker_kinds() { return {"plain", "floor", "ddp", "perparam"}; }
 
 namespace {
 
@@ -43,9 +53,79 @@ Scenario named(std::string id, std::string kind, std::string label) {
   return s;
 }
 
+// Clears the references whose scenario does not run.
+void clear_missing_references(std::vector<Scenario>& v) {
+  for (auto& s : v) {
+    bool found = false;
+    for (const auto& t : v) found = found || (t.id == s.reference && t.skip.empty());
+    if (!found) s.reference.clear();
+  }
+}
+
 }  // namespace
 
+std::vector<Scenario> cuda_scenarios_for(const BenchOptions& o, const std::string& model) {
+  const int64_t b = o.batch > 0 ? o.batch : default_batch(model);
+  std::vector<Scenario> v;
+  auto add = [&](Scenario s, int world, std::string reference) {
+    s.model = model;
+    s.world = world;
+    s.batch = b;
+    s.bucket_cap_mb = o.bucket_cap_mb;
+    s.reference = std::move(reference);
+    v.push_back(s);
+  };
+  // NCCL takes one GPU per rank: "Duplicate GPU detected" for two ranks on one.
+  const std::string nccl_w2_skip =
+      o.gpus >= 2 ? ""
+                  : "NCCL refuses two ranks on one GPU (\"Duplicate GPU detected\"); needs 2 "
+                    "visible GPUs, found " +
+                        std::to_string(o.gpus);
+  auto lockstep = [&](const std::string& id, const std::string& label, const std::string& t) {
+    Scenario s = named(id, "ddp", label);
+    s.transport = t;
+    return s;
+  };
+  auto pytorch = [&](const std::string& id, const std::string& label, const std::string& be) {
+    Scenario s = named(id, "torch_ddp", label);
+    s.torch_backend = be;
+    return s;
+  };
+  const bool ddp = has(o.families, "ddp"), torch = has(o.families, "torch_ddp");
+  if (has(o.families, "plain") || ddp || torch) {
+    add(named("plain", "plain", "plain LibTorch, 1 process"), 1, "");
+  }
+  if (ddp) {
+    add(lockstep("ddp_w1", "lockstep DDP, world 1", ""), 1, "plain");
+    // Where lockstep was built without NCCL (docs/gpu.md) this row fails at start-up, a
+    // failed row with lockstep's error in its note.
+    add(lockstep("ddp_w1_nccl", "lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl", "nccl"), 1,
+        "plain");
+  }
+  if (torch) {
+    add(pytorch("torch_ddp_w1", "PyTorch DDP, world 1, Gloo", "gloo"), 1, "plain");
+    add(pytorch("torch_ddp_nccl_w1", "PyTorch DDP, world 1, NCCL", "nccl"), 1, "plain");
+  }
+  if (ddp) {
+    add(lockstep("ddp_w2", "lockstep DDP, world 2, default transport", ""), 2, "torch_ddp_w2");
+    add(lockstep("ddp_w2_gloo", "lockstep DDP, world 2, LOCKSTEP_TRANSPORT=gloo", "gloo"), 2,
+        "torch_ddp_w2");
+    Scenario n = lockstep("ddp_w2_nccl", "lockstep DDP, world 2, LOCKSTEP_TRANSPORT=nccl", "nccl");
+    n.skip = nccl_w2_skip;
+    add(n, 2, "torch_ddp_nccl_w2");
+  }
+  if (torch) {
+    add(pytorch("torch_ddp_w2", "PyTorch DDP, world 2, Gloo", "gloo"), 2, "");
+    Scenario n = pytorch("torch_ddp_nccl_w2", "PyTorch DDP, world 2, NCCL", "nccl");
+    n.skip = nccl_w2_skip;
+    add(n, 2, "");
+  }
+  clear_missing_references(v);
+  return v;
+}
+
 std::vector<Scenario> scenarios_for(const BenchOptions& o, const std::string& model) {
+  if (o.device == "cuda") return cuda_scenarios_for(o, model);
   const int64_t b = o.batch > 0 ? o.batch : default_batch(model);
   const int r = o.dp_replicas;
   const std::string rs = std::to_string(r);
@@ -165,12 +245,7 @@ std::vector<Scenario> scenarios_for(const BenchOptions& o, const std::string& mo
       add(s);
     }
   }
-  // Clear the references whose scenario does not run.
-  for (auto& s : v) {
-    bool found = false;
-    for (const auto& t : v) found = found || t.id == s.reference;
-    if (!found) s.reference.clear();
-  }
+  clear_missing_references(v);
   return v;
 }
 
@@ -406,6 +481,42 @@ json compute_targets(const json& models) {
       add("DataParallel " + rs + " replicas / 1 module x " + rs + " threads throughput", r,
           ">= 0.90", r >= 0.9, ">= 1.30", r >= 1.3);
     }
+  }
+  return out;
+}
+
+json compute_cuda_targets(const json& models) {
+  json out = json::array();
+  for (const auto& m : models) {
+    const std::string name = m["model"];
+    auto med = [&](const char* id) {
+      const json* s = find_scenario(m, id);
+      return s ? (*s)["median_ms"].get<double>() : std::nan("");
+    };
+    auto add = [&](const std::string& what, double value, const std::string& goal, bool goal_met) {
+      if (std::isnan(value)) return;  // one side did not run
+      out.push_back({{"model", name},
+                     {"target", what},
+                     {"value", value},
+                     {"requirement", "(reported)"},
+                     {"met", true},
+                     {"goal", goal},
+                     {"goal_met", goal_met}});
+    };
+    const double td2 = med("torch_ddp_w2");
+    const double r_auto = med("ddp_w2") / td2;
+    add("lockstep DDP (default transport) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA", r_auto,
+        "<= 0.90", r_auto <= 0.9);
+    const double r_gloo = med("ddp_w2_gloo") / td2;
+    add("lockstep DDP (Gloo) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA", r_gloo, "<= 0.90",
+        r_gloo <= 0.9);
+    const double r_t = med("ddp_w2") / med("ddp_w2_gloo");
+    add("lockstep DDP default transport / lockstep DDP Gloo step time, 2 ranks, CUDA", r_t,
+        "<= 1.00", r_t <= 1.0);
+    const double w1 = med("ddp_w1") / med("plain") - 1.0;
+    add("lockstep DDP world 1 overhead over plain, CUDA", w1, "<= 3%", w1 <= 0.03);
+    const double n1 = med("ddp_w1") / med("torch_ddp_nccl_w1");
+    add("lockstep DDP world 1 / PyTorch DDP world 1 (NCCL) step time, CUDA", n1, "", true);
   }
   return out;
 }

@@ -1,6 +1,7 @@
 // lockstep-bench's worker: one rank of one scenario (see worker.h).
 #include "worker.h"
 
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -18,6 +19,7 @@
 #include "lockstep/data_parallel.h"
 #include "lockstep/ddp.h"
 #include "lockstep/errors.h"
+#include "lockstep/launch_env.h"
 #include "lockstep/process_group.h"
 #include "models.h"
 #include "proc.h"
@@ -34,16 +36,39 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-// One all-reduce of every gradient as one flat tensor, median of `iters`: the communication a
-// data-parallel step cannot avoid, the denominator of the exposed-communication fraction.
-double time_allreduce_all_grads(ProcessGroup& pg, int64_t numel, int iters) {
-  auto flat = torch::zeros({numel});
+// Note [lockstep-bench on CUDA] (scenarios.h): this rank's device, cuda:<LOCAL_RANK % visible
+// GPUs> (ranks of one host share GPU 0 on a one-GPU machine), or the CPU.
+torch::Device worker_device(const WorkerConfig& c) {
+  if (c.device != "cuda") return torch::kCPU;
+  if (!torch::cuda::is_available()) {
+    throw InvalidArgument(cuda_unavailable_message(std::getenv("CUDA_VISIBLE_DEVICES")));
+  }
+  const int gpus = static_cast<int>(torch::cuda::device_count());
+  const int local_rank = resolve_launch_env(process_environment()).local_rank;
+  return torch::Device(torch::kCUDA, static_cast<torch::DeviceIndex>(local_rank % gpus));
+}
+
+// Waits for the work queued on `device` (nothing on the CPU): CUDA kernels run asynchronously,
+// so a clock read without it would time the launches, not the step. torch::cuda::synchronize
+// is in LibTorch 1.13's and 2.x's torch/cuda.h alike.
+void sync_device(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+// One all-reduce of every gradient as one flat tensor on the gradients' device, median of
+// `iters`: the communication a data-parallel step cannot avoid, the denominator of the
+// exposed-communication fraction.
+double time_allreduce_all_grads(ProcessGroup& pg, int64_t numel, int iters,
+                                const torch::Device& device) {
+  auto flat = torch::zeros({numel}, torch::TensorOptions().device(device));
   pg.allreduce(flat)->wait();  // warm the pairs for this size
+  sync_device(device);
   pg.barrier()->wait();
   std::vector<double> t;
   for (int i = 0; i < iters; ++i) {
     auto t0 = Clock::now();
     pg.allreduce(flat)->wait();
+    sync_device(device);
     t.push_back(ms_since(t0));
   }
   return median(t);
@@ -232,6 +257,9 @@ int run_worker(const WorkerConfig& c) {
   torch::manual_seed(0);
   json out;
   out["kind"] = c.kind;
+  // Before the process group, so that a rank without its GPU fails at once.
+  const torch::Device device = worker_device(c);
+  out["device"] = device.str();
 
   // Before the process group: a bad hook fails this rank at once, not in a collective.
   const CommHookPtr hook = c.kind == "ddp" ? make_comm_hook(c.comm_hook) : nullptr;
@@ -259,7 +287,10 @@ int run_worker(const WorkerConfig& c) {
   BenchNet net(c.model);
   const int64_t numel = parameter_count(*net);
   out["params"] = numel;
+  net->to(device);  // before the optimizer and DDP see the parameters
   auto data = make_batch(c.model, c.batch);
+  data.input = data.input.to(device);
+  data.target = data.target.to(device);
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.01));
   std::function<void()> step;
   std::function<void()> per_step;  // after each timed step, outside the timer (statistics)
@@ -357,8 +388,11 @@ int run_worker(const WorkerConfig& c) {
   }
 
   // The overhead kind's step is timed twice over: only its wrapped half counts, below.
+  // On CUDA every clock read at a step's boundary follows sync_device, so that a step's time
+  // is its GPU work, not its kernel launches (the overhead kind runs on the CPU only).
   std::vector<double> times;
   for (int i = 0; i < c.warmup; ++i) step();
+  sync_device(device);
   plain_ms.clear();
   if (pg) pg->barrier()->wait();
   const double cpu0 = process_cpu_seconds();
@@ -368,6 +402,7 @@ int run_worker(const WorkerConfig& c) {
     const size_t plain_before = plain_ms.size();
     auto t0 = Clock::now();
     step();
+    sync_device(device);
     double ms = ms_since(t0);
     if (plain_ms.size() > plain_before) ms -= plain_ms.back();
     times.push_back(ms);
@@ -389,7 +424,9 @@ int run_worker(const WorkerConfig& c) {
     out["cpu_ms_per_step"] = out["cpu_s"].get<double>() * 1e3 / c.steps;
   }
   if (after) after();
-  if (pg) out["allreduce_all_grads_ms"] = time_allreduce_all_grads(*pg, numel, /*iters=*/10);
+  if (pg) {
+    out["allreduce_all_grads_ms"] = time_allreduce_all_grads(*pg, numel, /*iters=*/10, device);
+  }
   out["vmhwm_kb"] = vm_hwm_kb();
   std::ofstream(c.result) << out.dump();
   if (pg) pg->barrier()->wait();  // nobody tears the group down while a peer still uses it

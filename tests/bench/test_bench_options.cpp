@@ -53,6 +53,7 @@ TEST(BenchOptions, DefaultsRunEveryModelButSmallMlpAndEveryFamily) {
   EXPECT_EQ(o.worker_timeout_s, 300);
   EXPECT_EQ(o.python, "/usr/bin/python3");
   EXPECT_EQ(o.command, "lockstep-bench");
+  EXPECT_EQ(o.device, "cpu");
   for (const char* f : {"floor", "overhead", "ddp", "dp", "allreduce", "torch_ddp"}) {
     EXPECT_NE(std::find(o.families.begin(), o.families.end(), f), o.families.end()) << f;
   }
@@ -175,6 +176,7 @@ TEST(BenchOptions, WorkerArgumentsParseBackIntoTheSameConfig) {
   c.sweep_max_bytes = 4096;
   c.comm_hook = "fp16";
   c.result = "r.json";
+  c.device = "cpu";
   const auto r = parse(lockstep::bench::worker_arguments(c));
   ASSERT_EQ(r.mode, Mode::kWorker);
   const WorkerConfig& w = r.worker;
@@ -190,7 +192,58 @@ TEST(BenchOptions, WorkerArgumentsParseBackIntoTheSameConfig) {
   EXPECT_EQ(w.sweep_min_bytes, c.sweep_min_bytes);
   EXPECT_EQ(w.sweep_max_bytes, c.sweep_max_bytes);
   EXPECT_EQ(w.comm_hook, "fp16");
+  EXPECT_EQ(w.device, "cpu");
   EXPECT_EQ(w.result, c.result);
+  // A CUDA worker's device travels too (the kinds that run there).
+  c.kind = "ddp";
+  c.device = "cuda";
+  EXPECT_EQ(parse(lockstep::bench::worker_arguments(c)).worker.device, "cuda");
+}
+
+// Note [lockstep-bench on CUDA]: --device picks the device, the GPU models and the families
+// that run there; parsing needs no GPU.
+TEST(BenchOptions, DeviceCudaDefaultsToTheGpuModelsAndFamilies) {
+  EXPECT_EQ(parse({"--device", "cpu"}).options.device, "cpu");
+  EXPECT_EQ(parse({"--device", "cpu"}).options.models,
+            (std::vector<std::string>{"mlp", "deep_mlp", "cnn", "transformer"}));
+  {
+    const auto r = parse({"--device", "cuda"});
+    ASSERT_EQ(r.mode, Mode::kRun);
+    EXPECT_EQ(r.options.device, "cuda");
+    EXPECT_EQ(r.options.models, (std::vector<std::string>{"wide", "deep"}));
+    EXPECT_EQ(r.options.families, (std::vector<std::string>{"plain", "ddp", "torch_ddp"}));
+    EXPECT_EQ(r.options.families, lockstep::bench::cuda_scenario_families());
+    EXPECT_EQ(r.options.gpus, 0) << "main() counts the GPUs, not the parser";
+  }
+  {
+    const auto r = parse({"--device", "cuda", "--model", "mlp,wide", "--scenario", "ddp"});
+    EXPECT_EQ(r.options.models, (std::vector<std::string>{"mlp", "wide"}));
+    EXPECT_EQ(r.options.families, (std::vector<std::string>{"ddp"}));
+  }
+  EXPECT_EQ(parse({"--device", "cuda", "--scenario", "all"}).options.families,
+            lockstep::bench::cuda_scenario_families());
+  // wide and deep run on the CPU too when named, with their own batches.
+  EXPECT_EQ(parse({"--model", "wide,deep"}).options.models,
+            (std::vector<std::string>{"wide", "deep"}));
+  const auto w = parse({"--worker", "ddp", "--model", "deep", "--device", "cuda", "--result", "r"});
+  ASSERT_EQ(w.mode, Mode::kWorker);
+  EXPECT_EQ(w.worker.device, "cuda");
+  EXPECT_EQ(w.worker.batch, 256);
+  EXPECT_EQ(parse({"--worker", "plain", "--model", "wide", "--result", "r"}).worker.batch, 512);
+  EXPECT_EQ(parse({"--worker", "plain", "--model", "wide", "--result", "r"}).worker.device, "cpu");
+}
+
+TEST(BenchOptions, CudaUnavailableMessageSaysWhatToDo) {
+  const std::string m = lockstep::bench::cuda_unavailable_message(nullptr);
+  for (const char* part : {"--device cuda: expected a CUDA device",
+                           "torch::cuda::is_available() is false",
+                           "this LibTorch is CPU-only, or no GPU is visible",
+                           "Run on a GPU machine", "drop --device cuda", "Nothing was started"}) {
+    EXPECT_NE(m.find(part), std::string::npos) << part << "\n" << m;
+  }
+  EXPECT_EQ(m.find("CUDA_VISIBLE_DEVICES"), std::string::npos) << m;
+  const std::string hidden = lockstep::bench::cuda_unavailable_message("");
+  EXPECT_NE(hidden.find("(CUDA_VISIBLE_DEVICES='')"), std::string::npos) << hidden;
 }
 
 TEST(BenchOptions, ClusterShapeLinksAndTheirDefaults) {
@@ -252,7 +305,21 @@ TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
       {{"--batch", "-2"}, "--batch: expected an integer >= 0, but got '-2'"},
       {{"--model", "resnet"},
        "--model: unknown 'resnet'; expected a comma list of mlp, deep_mlp, cnn, transformer, "
-       "small_mlp or all"},
+       "small_mlp, wide, deep or all"},
+      {{"--device", "tpu"}, "--device: expected cpu or cuda, but got 'tpu'"},
+      {{"--device", "CUDA"}, "--device: expected cpu or cuda, but got 'CUDA'"},
+      {{"--device", ""}, "--device: expected cpu or cuda, but got ''"},
+      {{"--device", "cuda", "--scenario", "plain,dp"},
+       "--scenario: 'dp' does not run with --device cuda; expected a comma list of plain, ddp, "
+       "torch_ddp or all"},
+      {{"--device", "cuda", "--scenario", "allreduce"}, "'allreduce' does not run with --device"},
+      {{"--device", "cuda", "--cluster", "2x2"},
+       "--cluster: the emulated cluster runs CPU ranks only, but got --device cuda"},
+      {{"--worker", "dp", "--model", "mlp", "--device", "cuda", "--result", "r"},
+       "--device cuda: worker kind 'dp' runs on the CPU only; expected one of plain, floor, ddp, "
+       "perparam"},
+      {{"--worker", "ddp", "--model", "mlp", "--device", "gpu", "--result", "r"},
+       "--device: expected cpu or cuda, but got 'gpu'"},
       {{"--model", ","}, "--model: expected a comma list of mlp, deep_mlp"},
       {{"--scenario", "plain,nope"}, "--scenario: unknown 'nope'; expected a comma list of plain"},
       {{"--bucket-cap-mb", "0"}, "--bucket-cap-mb: expected a number > 0, but got '0'"},
@@ -279,8 +346,8 @@ TEST(BenchOptions, RejectsBadValuesNamingFlagValueAndWhatIsAllowed) {
        "dp, allreduce"},
       {{"--worker", "ddp", "--model", "mlp"}, "--worker needs --result FILE"},
       {{"--worker", "ddp", "--model", "all", "--result", "r"},
-       "--model: a worker runs one model, one of mlp, deep_mlp, cnn, transformer, small_mlp, but "
-       "got 'all'"},
+       "--model: a worker runs one model, one of mlp, deep_mlp, cnn, transformer, small_mlp, wide, "
+       "deep, but got 'all'"},
       {{"--cluster", "1x2"}, "--cluster: expected NODESxRANKS with 2 to 4 nodes and 1 to 16 "
                              "ranks per node (such as 2x2), but got '1x2'"},
       {{"--cluster", "5x1"}, "but got '5x1'"},

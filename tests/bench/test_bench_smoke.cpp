@@ -24,6 +24,8 @@
 #include <sstream>
 #include <string>
 
+#include <torch/cuda.h>
+
 #include "cluster.h"
 #include "coordinator.h"
 #include "lockstep/errors.h"
@@ -48,7 +50,8 @@ std::string slurp(const std::string& path) {
 // Units, no processes
 
 TEST(BenchModels, EveryNamedModelBuildsAndRunsItsBatch) {
-  const std::map<std::string, int64_t> params = {{"mlp", 1863690}, {"small_mlp", 118282}};
+  const std::map<std::string, int64_t> params = {
+      {"mlp", 1863690}, {"small_mlp", 118282}, {"wide", 58639336}, {"deep", 51405800}};
   for (const auto& name : bench::all_model_names()) {
     SCOPED_TRACE(name);
     bench::BenchNet net(name);
@@ -66,7 +69,8 @@ TEST(BenchModels, EveryNamedModelBuildsAndRunsItsBatch) {
     ADD_FAILURE() << "no error for an unknown model";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find(
-                  "unknown model 'resnet': expected mlp, deep_mlp, cnn, transformer or small_mlp"),
+                  "unknown model 'resnet': expected mlp, deep_mlp, cnn, transformer, small_mlp, "
+                  "wide or deep"),
               std::string::npos)
         << e.what();
   }
@@ -349,6 +353,243 @@ TEST(BenchTargets, ClusterGoalIsHierarchicalAtMostSevenTenthsOfFlatGloo) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// --device cuda (Note [lockstep-bench on CUDA]): what can be checked without a GPU
+
+// Issue 18's GPU models: the sizes of its table, and the same shapes in the Python peer.
+TEST(BenchModels, GpuModelsMatchIssue18AndThePythonPeer) {
+  std::map<std::string, std::pair<int64_t, size_t>> cpp;
+  for (const char* name : {"wide", "deep"}) {
+    bench::BenchNet net(name);
+    cpp[name] = {bench::parameter_count(*net), net->parameters().size()};
+    EXPECT_EQ(bench::default_batch(name), std::string(name) == "wide" ? 512 : 256);
+  }
+  EXPECT_EQ(cpp["deep"].second, 98u);  // 48 x Linear(1024,1024) + head, weight and bias
+  EXPECT_EQ(cpp["wide"].second, 10u);  // Linear 1024-4096, 3 x 4096-4096, 4096-1000
+  if (access("/usr/bin/python3", X_OK) != 0 ||
+      std::system("/usr/bin/python3 -c 'import torch' > /dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "no /usr/bin/python3 with torch (python3-torch): the peer is not compared";
+  }
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string out = std::string(tmpl) + "/shapes.json";
+  const std::string script = LOCKSTEP_BENCH_PY_SCRIPT;
+  const std::string dir = script.substr(0, script.find_last_of('/'));
+  const std::string cmd =
+      "/usr/bin/python3 -c 'import sys, json; sys.path.insert(0, \"" + dir +
+      "\"); import torch_ddp_bench as b; "
+      "ps = {n: list(b.make_model(n).parameters()) for n in (\"wide\", \"deep\")}; "
+      "print(json.dumps({n: [sum(p.numel() for p in v), len(v), "
+      "list(b.make_batch(n, 2)[0].shape)] for n, v in ps.items()}))' > " +
+      out;
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const json py = json::parse(slurp(out));
+  for (const char* name : {"wide", "deep"}) {
+    SCOPED_TRACE(name);
+    EXPECT_EQ(py[name][0].get<int64_t>(), cpp[name].first);
+    EXPECT_EQ(py[name][1].get<size_t>(), cpp[name].second);
+    EXPECT_EQ(py[name][2], json::array({2, 1024}));
+    EXPECT_EQ(bench::make_batch(name, 2).input.sizes().vec(), (std::vector<int64_t>{2, 1024}));
+  }
+}
+
+bench::BenchOptions cuda_options(int gpus, std::vector<std::string> families = {}) {
+  bench::BenchOptions o;
+  o.device = "cuda";
+  o.gpus = gpus;
+  o.families = families.empty() ? bench::cuda_scenario_families() : std::move(families);
+  return o;
+}
+
+TEST(BenchScenarios, CudaPlanIsIssue18sComparisonWithNcclWorldTwoSkippedOnOneGpu) {
+  const auto v = bench::scenarios_for(cuda_options(/*gpus=*/1), "wide");
+  std::vector<std::string> ids;
+  for (const auto& s : v) ids.push_back(s.id);
+  EXPECT_EQ(ids, (std::vector<std::string>{"plain", "ddp_w1", "ddp_w1_nccl", "torch_ddp_w1",
+                                           "torch_ddp_nccl_w1", "ddp_w2", "ddp_w2_gloo",
+                                           "ddp_w2_nccl", "torch_ddp_w2", "torch_ddp_nccl_w2"}));
+  struct Row {
+    const char* id;
+    const char* kind;
+    int world;
+    const char* transport;      // LOCKSTEP_TRANSPORT (lockstep) or "" (default)
+    const char* torch_backend;  // torch_ddp only
+    const char* reference;
+    bool skipped;
+  };
+  const std::vector<Row> rows = {
+      {"plain", "plain", 1, "", "", "", false},
+      {"ddp_w1", "ddp", 1, "", "", "plain", false},
+      {"ddp_w1_nccl", "ddp", 1, "nccl", "", "plain", false},
+      {"torch_ddp_w1", "torch_ddp", 1, "", "gloo", "plain", false},
+      {"torch_ddp_nccl_w1", "torch_ddp", 1, "", "nccl", "plain", false},
+      {"ddp_w2", "ddp", 2, "", "", "torch_ddp_w2", false},
+      {"ddp_w2_gloo", "ddp", 2, "gloo", "", "torch_ddp_w2", false},
+      {"ddp_w2_nccl", "ddp", 2, "nccl", "", "", true},  // its NCCL peer is skipped too
+      {"torch_ddp_w2", "torch_ddp", 2, "", "gloo", "", false},
+      {"torch_ddp_nccl_w2", "torch_ddp", 2, "", "nccl", "", true},
+  };
+  for (const auto& r : rows) {
+    SCOPED_TRACE(r.id);
+    const auto* s = find(v, r.id);
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->kind, r.kind);
+    EXPECT_EQ(s->world, r.world);
+    EXPECT_EQ(s->transport, r.transport);
+    if (s->kind == "torch_ddp") {
+      EXPECT_EQ(s->torch_backend, r.torch_backend);
+    }
+    EXPECT_EQ(s->reference, r.reference);
+    EXPECT_EQ(s->model, "wide");
+    EXPECT_EQ(s->batch, 512);
+    EXPECT_EQ(s->bucket_cap_mb, 25);
+    if (r.skipped) {
+      EXPECT_EQ(s->skip,
+                "NCCL refuses two ranks on one GPU (\"Duplicate GPU detected\"); needs 2 visible "
+                "GPUs, found 1");
+    } else {
+      EXPECT_EQ(s->skip, "");
+    }
+  }
+  // Two GPUs: the NCCL world-2 rows run, one rank per GPU, lockstep's against PyTorch's.
+  const auto two = bench::scenarios_for(cuda_options(2), "deep");
+  ASSERT_EQ(two.size(), 10u);
+  for (const auto& s : two) {
+    EXPECT_EQ(s.skip, "") << s.id;
+    EXPECT_EQ(s.batch, 256) << s.id;
+  }
+  EXPECT_EQ(find(two, "ddp_w2_nccl")->reference, "torch_ddp_nccl_w2");
+  // Families select rows as on the CPU; plain comes with either DDP family.
+  const auto ddp_only = bench::scenarios_for(cuda_options(1, {"ddp"}), "deep");
+  ids.clear();
+  for (const auto& s : ddp_only) ids.push_back(s.id);
+  EXPECT_EQ(ids, (std::vector<std::string>{"plain", "ddp_w1", "ddp_w1_nccl", "ddp_w2",
+                                           "ddp_w2_gloo", "ddp_w2_nccl"}));
+  EXPECT_EQ(find(ddp_only, "ddp_w2")->reference, "") << "PyTorch's DDP does not run";
+  EXPECT_EQ(bench::scenarios_for(cuda_options(1, {"plain"}), "wide").size(), 1u);
+  auto batch = cuda_options(0);
+  batch.batch = 8;
+  batch.bucket_cap_mb = 4;
+  for (const auto& s : bench::scenarios_for(batch, "wide")) {
+    EXPECT_EQ(s.batch, 8) << s.id;
+    EXPECT_EQ(s.bucket_cap_mb, 4) << s.id;
+  }
+  // The CPU plan of the same families is unchanged by the GPU models.
+  EXPECT_EQ(bench::scenarios_for(options_with({"ddp"}), "wide").size(), 5u);
+}
+
+// A --device cuda document as run_benchmark writes it, made up (nothing measured).
+json synthetic_cuda_doc() {
+  json m = {{"model", "deep"}, {"params", 51405800}, {"batch", 256}, {"scenarios", json::array()}};
+  m["scenarios"].push_back(scenario("plain", "plain", 8.0, 1));
+  m["scenarios"].push_back(scenario("ddp_w1", "ddp", 8.4, 1));
+  json nccl = {{"id", "ddp_w1_nccl"},
+               {"kind", "ddp"},
+               {"label", "lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl"},
+               {"status", "failed"},
+               {"world", 1},
+               {"reference", "plain"},
+               {"note", "1 of 1 runs failed: rank 0 exited with code 1: lockstep-bench: [rank 0/1] "
+                        "LOCKSTEP_TRANSPORT=nccl: this lockstep has no NCCL backend"}};
+  m["scenarios"].push_back(nccl);
+  m["scenarios"].push_back(scenario("torch_ddp_nccl_w1", "torch_ddp", 10.0, 1));
+  m["scenarios"].push_back(scenario("ddp_w2", "ddp", 90.0));
+  m["scenarios"].push_back(scenario("ddp_w2_gloo", "ddp", 100.0));
+  m["scenarios"].push_back(scenario("torch_ddp_w2", "torch_ddp", 110.0));
+  json skipped = {{"id", "torch_ddp_nccl_w2"},
+                  {"kind", "torch_ddp"},
+                  {"label", "PyTorch DDP, world 2, NCCL"},
+                  {"status", "skipped"},
+                  {"world", 2},
+                  {"reference", nullptr},
+                  {"note", "NCCL refuses two ranks on one GPU"}};
+  m["scenarios"].push_back(skipped);
+  json doc = synthetic_doc(false);
+  doc["config"]["device"] = "cuda";
+  doc["environment"]["gpus"] = 1;
+  doc["models"] = json::array({m});
+  doc["targets"] = bench::compute_cuda_targets(doc["models"]);
+  return doc;
+}
+
+TEST(BenchTargets, CudaGoalsAreIssue18s) {
+  const json t = synthetic_cuda_doc()["targets"];
+  struct Want {
+    const char* target;
+    double value;
+    const char* goal;
+    bool met;
+  };
+  const std::vector<Want> wants = {
+      {"lockstep DDP (default transport) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA",
+       90.0 / 110.0, "<= 0.90", true},
+      {"lockstep DDP (Gloo) / PyTorch DDP (Gloo) step time, 2 ranks, CUDA", 100.0 / 110.0,
+       "<= 0.90", false},
+      {"lockstep DDP default transport / lockstep DDP Gloo step time, 2 ranks, CUDA", 0.9,
+       "<= 1.00", true},
+      {"lockstep DDP world 1 overhead over plain, CUDA", 0.05, "<= 3%", false},
+      {"lockstep DDP world 1 / PyTorch DDP world 1 (NCCL) step time, CUDA", 0.84, "", true},
+  };
+  ASSERT_EQ(t.size(), wants.size()) << t.dump(2);
+  for (const auto& w : wants) {
+    SCOPED_TRACE(w.target);
+    const json* g = find_target(t, w.target);
+    ASSERT_NE(g, nullptr) << t.dump(2);
+    EXPECT_NEAR((*g)["value"].get<double>(), w.value, 1e-9);
+    EXPECT_EQ((*g)["goal"], w.goal);
+    EXPECT_EQ((*g)["goal_met"].get<bool>(), w.met);
+    EXPECT_EQ((*g)["requirement"], "(reported)");
+  }
+  // A scenario that failed or was skipped gives no target (nothing to divide).
+  json models = synthetic_cuda_doc()["models"];
+  for (auto& s : models[0]["scenarios"]) {
+    if (s["id"] == "torch_ddp_w2") s["status"] = "failed";
+  }
+  EXPECT_EQ(bench::compute_cuda_targets(models).size(), 3u);
+}
+
+TEST(BenchReport, CudaRunShowsTheScenariosSideBySideWithFailuresNamed) {
+  const json doc = synthetic_cuda_doc();
+  const std::string md = bench::render_report(doc, true);
+  EXPECT_NE(md.find("**Side by side on CUDA**"), std::string::npos) << md;
+  EXPECT_EQ(md.find("**Headline**"), std::string::npos) << "no floor on CUDA\n" << md;
+  EXPECT_NE(md.find("every rank on CUDA (cuda:LOCAL_RANK % 1 visible GPUs)"), std::string::npos)
+      << md;
+  // One row per model, one column per scenario in the plan's order (spaces aside).
+  auto line_at = [&](size_t at) {
+    std::string line = md.substr(at, md.find('\n', at) - at);
+    line.erase(std::remove(line.begin(), line.end(), ' '), line.end());
+    return line;
+  };
+  const size_t header = md.find("| model ", md.find("**Side by side on CUDA**"));
+  ASSERT_NE(header, std::string::npos) << md;
+  EXPECT_EQ(line_at(header),
+            "|model|plainlabelms|ddp_w1labelms|lockstepDDP,world1,LOCKSTEP_TRANSPORT=ncclms|"
+            "torch_ddp_nccl_w1labelms|ddp_w2labelms|ddp_w2_gloolabelms|torch_ddp_w2labelms|"
+            "PyTorchDDP,world2,NCCLms|")
+      << md;
+  const size_t row = md.find("| deep (51.4M params, batch 256) ", header);
+  ASSERT_NE(row, std::string::npos) << md;
+  EXPECT_EQ(line_at(row),
+            "|deep(51.4Mparams,batch256)|8.00|8.40|failed|10.00|90.00|100.00|110.00|skipped|")
+      << md;
+  // The failed and the skipped rows say why, under the model's table.
+  EXPECT_NE(md.find("- lockstep DDP, world 1, LOCKSTEP_TRANSPORT=nccl: failed: 1 of 1 runs failed: "
+                    "rank 0 exited with code 1: lockstep-bench: [rank 0/1] LOCKSTEP_TRANSPORT=nccl: "
+                    "this lockstep has no NCCL backend"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("- PyTorch DDP, world 2, NCCL: skipped: NCCL refuses two ranks on one GPU"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("**Goals** (issue 18, CUDA)"), std::string::npos) << md;
+  const std::string terminal = bench::render_report(doc, false);
+  EXPECT_NE(terminal.find("== side by side on CUDA"), std::string::npos) << terminal;
+  // A CPU document renders as before: no side-by-side table.
+  EXPECT_EQ(bench::render_report(synthetic_doc(true), true).find("Side by side"),
+            std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The program
 
 struct BenchRun {
@@ -579,6 +820,123 @@ TEST(BenchSmoke, UnknownCommHookIsNamedWithTheChoices) {
                 .find("--comm-hook: unknown hook 'bogus'; expected one of allreduce, bf16, fp16"),
             std::string::npos)
       << slurp(dir + "/out.txt");
+}
+
+// Runs lockstep-bench with `env` ("NAME=value ...") before it; its exit code.
+int exit_code_with(const std::string& env, const std::string& args, const std::string& out) {
+  const int rc = std::system(
+      (env + " " + std::string(LOCKSTEP_BENCH_EXE) + " " + args + " > " + out + " 2>&1").c_str());
+  EXPECT_TRUE(WIFEXITED(rc));
+  return WEXITSTATUS(rc);
+}
+
+// Note [lockstep-bench on CUDA]: without a GPU, --device cuda says so and starts nothing.
+TEST(BenchSmoke, DeviceCudaWithoutAGpuExitsTwoBeforeAnyWorker) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a GPU is visible: this checks its absence";
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  EXPECT_EQ(exit_code("--device cuda --steps 1 --repeats 1 --json " + dir + "/out.json",
+                      dir + "/a.txt"),
+            bench::kExitUsage);
+  const std::string a = slurp(dir + "/a.txt");
+  EXPECT_NE(a.find("lockstep-bench: --device cuda: expected a CUDA device, but "
+                   "torch::cuda::is_available() is false: this LibTorch is CPU-only, or no GPU "
+                   "is visible."),
+            std::string::npos)
+      << a;
+  EXPECT_NE(a.find("drop --device cuda"), std::string::npos) << a;
+  EXPECT_EQ(a.find("repeat 1/"), std::string::npos) << "a worker was started:\n" << a;
+  EXPECT_EQ(std::count(a.begin(), a.end(), '\n'), 1) << "one line:\n" << a;
+  EXPECT_TRUE(slurp(dir + "/out.json").empty()) << "nothing is written";
+  // GPUs hidden by CUDA_VISIBLE_DEVICES are named as the reason.
+  EXPECT_EQ(exit_code_with("CUDA_VISIBLE_DEVICES=", "--device cuda --model wide", dir + "/b.txt"),
+            bench::kExitUsage);
+  EXPECT_NE(slurp(dir + "/b.txt").find("(CUDA_VISIBLE_DEVICES='')"), std::string::npos)
+      << slurp(dir + "/b.txt");
+  // A bad --device is a usage error before anything else.
+  EXPECT_EQ(exit_code("--device gpu", dir + "/c.txt"), bench::kExitUsage);
+  EXPECT_NE(slurp(dir + "/c.txt").find("--device: expected cpu or cuda, but got 'gpu'"),
+            std::string::npos)
+      << slurp(dir + "/c.txt");
+  // A worker started by hand with --device cuda says the same and fails.
+  EXPECT_EQ(exit_code("--worker plain --model small_mlp --device cuda --result " + dir + "/r.json",
+                      dir + "/d.txt"),
+            bench::kExitFailure);
+  EXPECT_NE(slurp(dir + "/d.txt").find("--device cuda: expected a CUDA device"), std::string::npos)
+      << slurp(dir + "/d.txt");
+}
+
+// The Python peer refuses what its torch cannot run with exit code 3, which the coordinator
+// reports as a skipped row with this text (Note [How lockstep-bench runs scenarios]).
+TEST(BenchSmoke, PythonPeerSkipsCudaItCannotRunAndRefusesNcclOnTheCpu) {
+  const int probe = access("/usr/bin/python3", X_OK) != 0
+                        ? -1
+                        : std::system("/usr/bin/python3 -c 'import torch, sys; "
+                                      "sys.exit(5 if torch.cuda.is_available() else 0)' "
+                                      "> /dev/null 2>&1");
+  if (probe != 0 && WIFEXITED(probe) && WEXITSTATUS(probe) == 5) {
+    GTEST_SKIP() << "this torch has CUDA and a GPU: nothing to refuse";
+  }
+  if (probe != 0) GTEST_SKIP() << "no /usr/bin/python3 with torch (python3-torch)";
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  auto run = [&](const std::string& args, const std::string& out) {
+    const int rc = std::system(("/usr/bin/python3 " + std::string(LOCKSTEP_BENCH_PY_SCRIPT) +
+                                " --model wide --batch 2 --result " + dir + "/r.json " + args +
+                                " > " + out + " 2>&1")
+                                   .c_str());
+    EXPECT_TRUE(WIFEXITED(rc));
+    return WEXITSTATUS(rc);
+  };
+  EXPECT_EQ(run("--device cuda --backend gloo", dir + "/a.txt"), 3);
+  EXPECT_NE(slurp(dir + "/a.txt").find("--device cuda: expected a CUDA device, but "
+                                       "torch.cuda.is_available() is False"),
+            std::string::npos)
+      << slurp(dir + "/a.txt");
+  EXPECT_EQ(run("--device cpu --backend nccl", dir + "/b.txt"), 2);
+  EXPECT_NE(slurp(dir + "/b.txt").find("--backend nccl: expected --device cuda"),
+            std::string::npos)
+      << slurp(dir + "/b.txt");
+  EXPECT_TRUE(slurp(dir + "/r.json").empty()) << "nothing ran";
+}
+
+// A scenario whose workers fail is a failed row with the error in its note, and the others
+// still run: what the --device cuda rows that cannot run here rely on (LOCKSTEP_TRANSPORT=nccl
+// where lockstep was built without NCCL). Here the environment gives every default-transport
+// rank a transport no lockstep has, so the test does not depend on how lockstep was built.
+TEST(BenchSmoke, FailingScenarioIsAFailedRowAndTheRunGoesOn) {
+  char tmpl[] = "/tmp/lockstep-bench-test-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  ASSERT_EQ(exit_code_with("LOCKSTEP_TRANSPORT=bogus",
+                           "--model small_mlp --scenario ddp --steps 1 --warmup 0 --repeats 1 "
+                           "--retries 0 --keep-disturbed --worker-timeout 60 --json " +
+                               dir + "/out.json --markdown " + dir + "/out.md",
+                           dir + "/log.txt"),
+            0)
+      << slurp(dir + "/log.txt");
+  const json doc = json::parse(slurp(dir + "/out.json"));
+  std::map<std::string, json> by_id;
+  for (const auto& s : doc["models"][0]["scenarios"]) by_id[s["id"]] = s;
+  ASSERT_EQ(by_id.count("ddp_w1"), 1u);
+  EXPECT_EQ(by_id["ddp_w1"]["status"], "failed") << by_id["ddp_w1"].dump();
+  const std::string note = by_id["ddp_w1"].value("note", std::string());
+  EXPECT_NE(note.find("rank 0 exited with code 1"), std::string::npos) << note;
+  EXPECT_NE(note.find("LOCKSTEP_TRANSPORT to be gloo, shm"), std::string::npos) << note;
+  EXPECT_NE(note.find("but got 'bogus'"), std::string::npos) << note;
+  // The coordinator's own LOCKSTEP_TRANSPORT=gloo row, and plain, ran.
+  EXPECT_EQ(by_id["ddp_w2_gloo"]["status"], "ok") << by_id["ddp_w2_gloo"].dump();
+  EXPECT_EQ(by_id["plain"]["status"], "ok") << by_id["plain"].dump();
+  const std::string md = slurp(dir + "/out.md");
+  const size_t line = md.find("- lockstep DDP, world 1: failed: 1 of 1 runs failed: rank 0 exited "
+                              "with code 1");
+  ASSERT_NE(line, std::string::npos) << md;
+  // The error itself, not a warning logged before it, is what the report's line shows.
+  const std::string text = md.substr(line, md.find('\n', line) - line);
+  EXPECT_NE(text.find("but got 'bogus'"), std::string::npos) << text;
+  EXPECT_EQ(text.find("no job token"), std::string::npos) << text;
 }
 
 // ---------------------------------------------------------------------------------------------
