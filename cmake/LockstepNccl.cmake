@@ -32,7 +32,7 @@ function(lockstep_enable_nccl target)
       endif()
     endif()
   endforeach()
-  if(NOT has_nccl)
+  if(NOT has_nccl)  # torch_cuda carries it (PUBLIC); torch only through torch_cuda_library
     set(why "this LibTorch was built without c10d's NCCL (CPU-only, or ROCm without RCCL)")
     if(mode STREQUAL "ON")
       message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}. Point CMAKE_PREFIX_PATH at a CUDA "
@@ -41,21 +41,41 @@ function(lockstep_enable_nccl target)
     message(STATUS "lockstep: NCCL backend off: ${why}")
     return()
   endif()
+  # nccl.h: LibTorch's CMake config does not name its folder. A CUDA toolkit or a system NCCL
+  # has it in the usual places; a pip LibTorch's comes from the nvidia-nccl wheel.
+  set(hints $ENV{NCCL_INCLUDE_DIR} $ENV{NCCL_ROOT}/include $ENV{CUDA_HOME}/include)
+  find_package(Python3 COMPONENTS Interpreter QUIET)
+  if(Python3_Interpreter_FOUND)
+    execute_process(COMMAND ${Python3_EXECUTABLE} -c
+                    "import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], 'include'))"
+                    OUTPUT_VARIABLE wheel OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    list(APPEND hints ${wheel})
+  endif()
+  find_path(LOCKSTEP_NCCL_INCLUDE_DIR nccl.h HINTS ${hints} PATH_SUFFIXES include
+            DOC "folder holding nccl.h, for lockstep's NCCL adapter")
+  if(NOT LOCKSTEP_NCCL_INCLUDE_DIR)
+    set(why "nccl.h was not found (set LOCKSTEP_NCCL_INCLUDE_DIR or NCCL_INCLUDE_DIR to its folder)")
+    if(mode STREQUAL "ON")
+      message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}.")
+    endif()
+    message(WARNING "lockstep: NCCL backend off: ${why}.")
+    return()
+  endif()
   set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)
-  try_compile(compiles ${CMAKE_BINARY_DIR}/lockstep_nccl_check
+  try_compile(LOCKSTEP_NCCL_COMPILES ${CMAKE_BINARY_DIR}/lockstep_nccl_check
     SOURCES ${PROJECT_SOURCE_DIR}/lib/src/adapter/c10d_adapter.cpp
     CMAKE_FLAGS
-      "-DINCLUDE_DIRECTORIES=${PROJECT_SOURCE_DIR}/lib/src;${PROJECT_SOURCE_DIR}/lib/include"
+      "-DINCLUDE_DIRECTORIES=${PROJECT_SOURCE_DIR}/lib/src;${PROJECT_SOURCE_DIR}/lib/include;${LOCKSTEP_NCCL_INCLUDE_DIR}"
     COMPILE_DEFINITIONS -DLOCKSTEP_WITH_NCCL
     LINK_LIBRARIES torch
     CXX_STANDARD 17
     CXX_STANDARD_REQUIRED ON
     OUTPUT_VARIABLE output)
-  if(NOT compiles)
+  if(NOT LOCKSTEP_NCCL_COMPILES)
     set(log ${CMAKE_BINARY_DIR}/lockstep_nccl_check.log)
     file(WRITE ${log} "${output}")
-    set(why "lib/src/adapter/c10d_adapter.cpp does not compile against this LibTorch's "
-            "ProcessGroupNCCL (compiler output: ${log})")
+    string(CONCAT why "lib/src/adapter/c10d_adapter.cpp does not compile against this "
+           "LibTorch's ProcessGroupNCCL (compiler output: ${log})")
     if(mode STREQUAL "ON")
       message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}.")
     endif()
@@ -63,6 +83,7 @@ function(lockstep_enable_nccl target)
     return()
   endif()
   target_compile_definitions(${target} PRIVATE LOCKSTEP_WITH_NCCL)
+  target_include_directories(${target} SYSTEM PRIVATE ${LOCKSTEP_NCCL_INCLUDE_DIR})
   set(LOCKSTEP_NCCL_ENABLED ON PARENT_SCOPE)
   message(STATUS "lockstep: NCCL backend on")
 endfunction()

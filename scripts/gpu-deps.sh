@@ -10,4 +10,5 @@ cp -r /usr/include/nlohmann "$deps/include/"
 cp /usr/include/cxxopts.hpp "$deps/include/"
 cp -r /usr/include/gloo "$deps/gloo/"      # used only when LibTorch ships no gloo headers
 cp -r /usr/src/googletest "$deps/googletest"
+mkdir -p "$deps/zlib" && cp /usr/include/zlib.h /usr/include/zconf.h "$deps/zlib/"  # headers only
 du -sh "$deps"

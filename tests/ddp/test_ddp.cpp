@@ -462,6 +462,43 @@ TEST(DDPParity, MlpOnCuda) {
   for (auto& c : ranks) lockstep_test::reap(c);
 }
 
+// Note [CUDA routing]: every collective on CUDA tensors through the router at world size 1 (the
+// most NCCL allows on one GPU), checking that NCCL carried them, not the host path. Runs only
+// with CUDA and lockstep's NCCL backend (docs/gpu.md); not yet run on a GPU.
+TEST(ProcessGroupOnCuda, NcclAtWorldOne) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!lockstep::adapter::nccl_compiled()) GTEST_SKIP() << "lockstep was built without NCCL";
+  for (const std::string transport : {"nccl", "auto"}) {
+    auto store = std::make_shared<lockstep::Store>(lockstep::Store::hash());
+    auto pg = lockstep::init_process_group(lockstep::ProcessGroupOptions()
+                                               .store(store).rank(0).world_size(1)
+                                               .transport(transport).job_id("nccl1-" + transport)
+                                               .timeout(std::chrono::seconds(60)));
+    const auto cuda = torch::TensorOptions().device(torch::kCUDA, 0);
+    auto t = torch::arange(1000, cuda.dtype(torch::kFloat));
+    pg->allreduce(t)->wait();
+    EXPECT_TRUE(torch::equal(t.cpu(), torch::arange(1000, torch::kFloat))) << transport;
+    EXPECT_EQ(pg->transport_for(t), "nccl") << transport;
+    EXPECT_EQ(pg->backend().rfind("nccl+", 0), 0u) << pg->backend();
+    pg->allreduce(t, lockstep::ReduceOp::kAvg)->wait();
+    EXPECT_TRUE(torch::equal(t.cpu(), torch::arange(1000, torch::kFloat))) << transport;
+    auto d = torch::full({7}, 2.5, cuda.dtype(torch::kDouble));
+    pg->broadcast(d, 0)->wait();
+    EXPECT_TRUE(torch::equal(d.cpu(), torch::full({7}, 2.5, torch::kDouble)));
+    std::vector<torch::Tensor> gathered{torch::empty({7}, cuda.dtype(torch::kDouble))};
+    pg->allgather(gathered, d)->wait();
+    EXPECT_TRUE(torch::equal(gathered[0].cpu(), d.cpu()));
+    auto in = torch::arange(12, cuda.dtype(torch::kLong)).view({4, 3});
+    auto out = torch::zeros({4, 3}, cuda.dtype(torch::kLong));
+    pg->all_to_all_single(out, in)->wait();
+    EXPECT_TRUE(torch::equal(out.cpu(), in.cpu()));
+    auto cpu = torch::ones({5});  // CPU tensors still take the host transport
+    pg->allreduce(cpu)->wait();
+    EXPECT_NE(pg->transport_for(cpu), "nccl");
+    pg->barrier()->wait();
+  }
+}
+
 // Note [CUDA routing]: CUDA buckets over NCCL. One GPU allows only world size 1 (NCCL refuses
 // two ranks on one GPU); "auto" must pick NCCL there too. Runs only with CUDA and lockstep's
 // NCCL backend (docs/gpu.md); not yet run on a GPU.

@@ -198,6 +198,14 @@ TEST(CudaRoute, AutoTakesNcclOnlyWhenEveryRankHasItsOwnGpu) {
   EXPECT_FALSE(shared.nccl);
   EXPECT_EQ(shared.reason, "ranks 0 and 1 both use cuda:0 on hostA");
 
+  // Each rank with its own CUDA_VISIBLE_DEVICES sees its GPU as cuda:0: the bus ids tell.
+  EXPECT_TRUE(plan_cuda_route("auto", true, {{a, 0, "0000:17:00.0"}, {a, 0, "0000:65:00.0"}},
+                              "[rank 0/2]").nccl);
+  auto same_bus = plan_cuda_route("auto", true, {{a, 0, "0000:17:00.0"}, {a, 1, "0000:17:00.0"}},
+                                  "[rank 0/2]");
+  EXPECT_FALSE(same_bus.nccl);
+  EXPECT_EQ(same_bus.reason, "ranks 0 and 1 both use cuda:1 on hostA (GPU 0000:17:00.0)");
+
   auto mixed = plan_cuda_route("auto", true, {{a, 0}, {a, -1}}, "[rank 0/2]");
   EXPECT_FALSE(mixed.nccl);
   EXPECT_EQ(mixed.reason, "rank 1 passed a non-CUDA tensor");

@@ -8,6 +8,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/version.h>
 #if defined(LOCKSTEP_WITH_NCCL)
+#include <cuda_runtime_api.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -113,6 +114,7 @@ class ForwardingStore : public c10d::Store {
 c10d::ReduceOp to_c10d(C10dReduceOp op) {
   switch (op) {
     case C10dReduceOp::kSum: return c10d::ReduceOp::SUM;
+    case C10dReduceOp::kAvg: return c10d::ReduceOp::AVG;
     case C10dReduceOp::kMin: return c10d::ReduceOp::MIN;
     case C10dReduceOp::kMax: return c10d::ReduceOp::MAX;
     case C10dReduceOp::kProduct: return c10d::ReduceOp::PRODUCT;
@@ -124,7 +126,13 @@ class C10dWorkImpl : public C10dWork {
  public:
   explicit C10dWorkImpl(c10::intrusive_ptr<c10d::Work> work) : work_(std::move(work)) {}
   bool is_completed() override { return work_->isCompleted(); }
-  void wait() override { work_->wait(); }
+  void wait(std::chrono::milliseconds timeout) override {
+    if (timeout.count() > 0) {
+      work_->wait(timeout);
+    } else {
+      work_->wait();
+    }
+  }
 
  private:
   c10::intrusive_ptr<c10d::Work> work_;
@@ -247,17 +255,21 @@ std::shared_ptr<C10dBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueS
 }
 
 // Note [NCCL adapter]
-// ProcessGroupNCCL exists only in LibTorch builds with CUDA and NCCL (the CMake target then
-// defines USE_C10D_NCCL). This code cannot be compiled on a CPU-only LibTorch, so CMake first
-// try-compiles this file with LOCKSTEP_WITH_NCCL against the LibTorch in use
-// (cmake/LockstepNccl.cmake) and defines it for the real build only when that succeeds; a
-// LibTorch whose c10d moved on then costs lockstep its NCCL backend (with a configure
-// warning), never the build. Errors: c10d's watchdog enforces `timeout` on every collective.
-// Its default on a timeout is to tear the process down (std::abort); lockstep asks for
-// "clean up only" instead (the communicator is aborted and the Work fails with c10d's error,
-// which comm/ turns into a TimeoutError naming rank, operation and sequence number) unless
-// the user set TORCH_NCCL_ASYNC_ERROR_HANDLING (NCCL_ASYNC_ERROR_HANDLING before 2.2)
-// themselves. Not yet run on a GPU (docs/gpu.md).
+// ProcessGroupNCCL exists only in LibTorch builds with CUDA and NCCL (torch_cuda then defines
+// USE_C10D_NCCL). This code cannot be compiled on a CPU-only LibTorch, so CMake first
+// try-compiles this file with LOCKSTEP_WITH_NCCL against the LibTorch in use, with nccl.h's
+// folder found (cmake/LockstepNccl.cmake), and defines it for the real build only when that
+// succeeds; a LibTorch whose c10d moved on then costs lockstep its NCCL backend (with a
+// configure message saying why), never the build.
+// Timeouts: without blocking wait, c10d's NCCL Work::wait() only makes the current stream
+// wait, and a collective that times out is caught by c10d's watchdog on its own copy of the
+// Work: the caller's Work never learns of it, and by default (TORCH_NCCL_ASYNC_ERROR_HANDLING
+// 3) the watchdog then kills the process. So comm/ waits with Work::wait(timeout), which
+// blocks the CPU until the collective is done or the timeout passed and then throws (turned
+// into a TimeoutError naming rank, operation and sequence number); the watchdog gets twice
+// the timeout, as a backstop, and is told to clean up only (abort the communicator, no
+// teardown) unless the user chose a mode (prepare_nccl_environment, called at
+// init_process_group, before the group's threads start). Not yet run on a GPU (docs/gpu.md).
 bool nccl_compiled() {
 #if defined(LOCKSTEP_WITH_NCCL)
   return true;
@@ -266,17 +278,36 @@ bool nccl_compiled() {
 #endif
 }
 
+void prepare_nccl_environment() {
+#if defined(LOCKSTEP_WITH_NCCL)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2)
+  const char* name = "TORCH_NCCL_ASYNC_ERROR_HANDLING";
+#else
+  const char* name = "NCCL_ASYNC_ERROR_HANDLING";
+#endif
+  if (std::getenv("TORCH_NCCL_ASYNC_ERROR_HANDLING") == nullptr &&
+      std::getenv("NCCL_ASYNC_ERROR_HANDLING") == nullptr) {
+    setenv(name, "2", 0);  // 2: CleanUpOnly
+  }
+#endif
+}
+
+std::string cuda_device_identity(int index) {
+#if defined(LOCKSTEP_WITH_NCCL)
+  char bus_id[64] = {0};
+  if (cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id) - 1, index) == cudaSuccess) {
+    return bus_id;
+  }
+#endif
+  return "cuda:" + std::to_string(index);
+}
+
 std::shared_ptr<C10dBackend> make_nccl_backend(std::shared_ptr<detail::KeyValueStore> store,
                                                int rank, int size,
                                                std::chrono::milliseconds timeout) {
 #if defined(LOCKSTEP_WITH_NCCL)
-  if (std::getenv("TORCH_NCCL_ASYNC_ERROR_HANDLING") == nullptr &&
-      std::getenv("NCCL_ASYNC_ERROR_HANDLING") == nullptr) {
-    setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", 0);  // 2: CleanUpOnly
-    setenv("NCCL_ASYNC_ERROR_HANDLING", "2", 0);
-  }
   auto options = c10d::ProcessGroupNCCL::Options::create();
-  options->timeout = timeout;
+  options->timeout = 2 * timeout;  // a backstop: comm/ waits with `timeout` itself
   auto forwarding = c10::make_intrusive<ForwardingStore>(std::move(store));
   return std::make_shared<C10dBackendOf<c10d::ProcessGroupNCCL>>(
       c10::make_intrusive<c10d::ProcessGroupNCCL>(forwarding, rank, size, options));

@@ -62,15 +62,19 @@ std::shared_ptr<detail::KeyValueStore> make_c10d_hash_store(std::chrono::millise
 // ---------------------------------------------------------------------------------------------
 // c10d process groups: ProcessGroupGloo, and ProcessGroupNCCL where LibTorch has it
 
-/// The reductions lockstep asks of c10d's backends (no average: comm divides after a sum).
-enum class C10dReduceOp { kSum, kMin, kMax, kProduct };
+/// The reductions lockstep asks of c10d's backends. kAvg only of NCCL (Gloo has none: comm
+/// divides after a sum).
+enum class C10dReduceOp { kSum, kAvg, kMin, kMax, kProduct };
 
 /// A c10d Work. wait() rethrows c10d's exception untranslated.
 class C10dWork {
  public:
   virtual ~C10dWork() = default;
   virtual bool is_completed() = 0;
-  virtual void wait() = 0;
+  /// Waits for completion; a positive `timeout` bounds the wait on the CPU (c10d's
+  /// Work::wait(timeout), which throws when it passes). 0: c10d's own wait, which for NCCL only
+  /// makes the current stream wait.
+  virtual void wait(std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) = 0;
 };
 using C10dWorkPtr = std::shared_ptr<C10dWork>;
 
@@ -124,9 +128,20 @@ std::shared_ptr<C10dBackend> make_gloo_backend(std::shared_ptr<detail::KeyValueS
 /// against it (CMake's LOCKSTEP_NCCL check, Note [NCCL adapter] in c10d_adapter.cpp).
 bool nccl_compiled();
 
+/// Sets c10d's NCCL error handling to "clean up only" (the watchdog aborts a timed-out
+/// collective's communicator instead of tearing the process down) unless the user chose one.
+/// Call once, early (it sets an environment variable). A no-op without NCCL.
+void prepare_nccl_environment();
+
+/// What identifies CUDA device `index` on its host, as NCCL's duplicate-GPU check sees it: its
+/// PCI bus id with NCCL compiled in (ranks with their own CUDA_VISIBLE_DEVICES all see
+/// cuda:0), else "cuda:<index>".
+std::string cuda_device_identity(int index);
+
 /// c10d's ProcessGroupNCCL over `store`; its communicator connects at the first collective,
-/// on the device of that collective's tensor. `timeout` bounds each collective (c10d's
-/// watchdog). Throws std::logic_error when nccl_compiled() is false.
+/// on the device of that collective's tensor. c10d's watchdog gets twice `timeout`, as a
+/// backstop behind lockstep's own bounded waits. Throws std::logic_error when
+/// nccl_compiled() is false.
 std::shared_ptr<C10dBackend> make_nccl_backend(std::shared_ptr<detail::KeyValueStore> store,
                                                int rank, int size,
                                                std::chrono::milliseconds timeout);

@@ -267,8 +267,9 @@ ProcessGroupPtr connect(int rank, int size, const std::shared_ptr<Store>& store,
     }
     return shm::make_group(spec);
   };
-  auto host = make_host(hosts, rank, store);
   const bool route_cuda = transport == "nccl" || (transport == "auto" && adapter::nccl_compiled());
+  if (route_cuda) adapter::prepare_nccl_environment();  // Note [NCCL adapter]: before threads
+  auto host = make_host(hosts, rank, store);
   if (!route_cuda) return host;
   return comm::make_cuda_routing_group(std::move(host), transport, std::move(hosts),
                                        timeouts.rendezvous, std::move(make_host));

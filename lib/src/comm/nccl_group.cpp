@@ -3,9 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
-#include <set>
 
 #include "adapter/torch_adapter.h"
 #include "comm/foreign_error.h"
@@ -68,12 +68,15 @@ CudaRoute plan_cuda_route(const std::string& transport, bool nccl_compiled,
                    "kind of device to one collective.");
     return {false, concat("rank ", r, " passed a non-CUDA tensor")};
   }
-  std::map<std::pair<std::string, int>, size_t> first;
+  std::map<std::pair<std::string, std::string>, size_t> first;
   for (size_t r = 0; r < ranks.size(); ++r) {
-    auto [it, fresh] = first.emplace(std::make_pair(ranks[r].host, ranks[r].device), r);
+    const auto& p = ranks[r];
+    const std::string gpu = p.gpu.empty() ? concat("cuda:", p.device) : p.gpu;
+    auto [it, fresh] = first.emplace(std::make_pair(p.host, gpu), r);
     if (fresh) continue;
     std::string shared = concat("ranks ", it->second, " and ", r, " both use ",
-                                describe_device(ranks[r]));
+                                describe_device(ranks[r]),
+                                p.gpu.empty() ? "" : concat(" (GPU ", p.gpu, ")"));
     LOCKSTEP_CHECK(!forced, where, " LOCKSTEP_TRANSPORT=nccl: ", shared,
                    ", and NCCL refuses two ranks on one GPU. Give each rank its own GPU (start "
                    "one worker per GPU with `lockstep-run --nproc-per-node gpu` and bind it with "
@@ -88,9 +91,8 @@ namespace {
 
 adapter::C10dReduceOp to_c10d(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg:  // summed, then divided (allreduce)
-      return adapter::C10dReduceOp::kSum;
+    case ReduceOp::kSum: return adapter::C10dReduceOp::kSum;
+    case ReduceOp::kAvg: return adapter::C10dReduceOp::kAvg;  // ncclAvg
     case ReduceOp::kMin: return adapter::C10dReduceOp::kMin;
     case ReduceOp::kMax: return adapter::C10dReduceOp::kMax;
     case ReduceOp::kProduct: return adapter::C10dReduceOp::kProduct;
@@ -99,13 +101,13 @@ adapter::C10dReduceOp to_c10d(ReduceOp op) {
 }
 
 // A NCCL Work whose failure becomes a lockstep error naming rank, operation and sequence
-// number. wait() makes the caller's current CUDA stream wait for the collective (c10d's
-// semantics); a collective past the timeout was aborted by c10d's watchdog (Note [NCCL
-// adapter]) and fails here.
+// number. wait() blocks the CPU until the collective is done on the GPU or the group's timeout
+// passed (Note [NCCL adapter]: c10d's stream-only wait would never report a timeout), so once
+// it returns the result is visible to every stream.
 class NcclWork : public Work {
  public:
-  NcclWork(adapter::C10dWorkPtr work, std::string what)
-      : work_(std::move(work)), what_(std::move(what)) {}
+  NcclWork(adapter::C10dWorkPtr work, std::string what, std::chrono::milliseconds timeout)
+      : work_(std::move(work)), what_(std::move(what)), timeout_(timeout) {}
 
   bool is_completed() override {
     try {
@@ -120,7 +122,7 @@ class NcclWork : public Work {
     if (error_) std::rethrow_exception(error_);
     if (done_) return;
     try {
-      work_->wait();
+      work_->wait(timeout_);
       done_ = true;
     } catch (const std::exception& e) {
       if (looks_like_timeout(e.what())) {
@@ -140,6 +142,7 @@ class NcclWork : public Work {
  private:
   adapter::C10dWorkPtr work_;
   std::string what_;
+  std::chrono::milliseconds timeout_;
   std::mutex mutex_;
   bool done_ = false;
   std::exception_ptr error_;
@@ -164,12 +167,8 @@ class CudaRoutingGroup : public ProcessGroup {
   WorkPtr allreduce(at::Tensor& tensor, ReduceOp op) override {
     if (!on_nccl(tensor)) return host_->allreduce(tensor, op);
     check_allreduce(tensor, op);
-    auto work = start(describe("allreduce", tensor, to_string(op)),
-                      [&] { return nccl_->allreduce(tensor, to_c10d(op)); });
-    if (op != ReduceOp::kAvg) return work;
-    at::Tensor t = tensor;
-    const int n = size();
-    return then_work(std::move(work), [t, n]() mutable { t.div_(n); });  // after the wait
+    return start(describe("allreduce", tensor, to_string(op)),
+                 [&] { return nccl_->allreduce(tensor, to_c10d(op)); });
   }
 
   WorkPtr broadcast(at::Tensor& tensor, int root) override {
@@ -254,15 +253,20 @@ class CudaRoutingGroup : public ProcessGroup {
   }
 
   // Point to point: NCCL does not check what it receives, so a CUDA message is a header (tag,
-  // dtype, element count) over the host group, checked as on every transport, then the
-  // payload over NCCL. A mismatched payload is drained into scratch memory, so the sender's
-  // NCCL send completes, and the recv fails naming both sides.
+  // dtype, element count) sent over the host group under one fixed tag, then the payload over
+  // NCCL. The receiver compares the header with its own tag, dtype and count; a mismatched
+  // payload is drained into scratch memory, so the sender's NCCL send completes, and the recv
+  // fails naming both sides. The recv waits for the header on the caller's thread (within the
+  // timeout) before it posts NCCL's recv, and NCCL's send and recv are not grouped: two ranks
+  // that each recv (or each send a large tensor) before sending to the other deadlock until
+  // the timeout, where the host path would not.
+  static constexpr int kHeaderTag = 0x4c534e48;  // "LSNH"
   WorkPtr run_send(const at::Tensor& tensor, int dst, int tag) override {
     if (!tensor.is_cuda() || !decided_nccl()) return host_->send(tensor, dst, tag);
     auto header = at::tensor({static_cast<int64_t>(tag),
                               static_cast<int64_t>(tensor.scalar_type()), tensor.numel()},
                              at::kLong);
-    auto header_work = host_->send(header, dst, tag);
+    auto header_work = host_->send(header, dst, kHeaderTag);
     if (tensor.numel() == 0) return header_work;
     at::Tensor payload = tensor;
     auto work = start(describe("send", tensor, concat("to rank ", dst, ", tag ", tag)),
@@ -274,9 +278,7 @@ class CudaRoutingGroup : public ProcessGroup {
     if (!tensor.is_cuda() || !decided_nccl()) return host_->recv(tensor, src, tag);
     auto what = describe("recv", tensor, concat("from rank ", src, ", tag ", tag));
     auto header = at::zeros({3}, at::kLong);
-    // The host recv checks the header's tag (sent under the user's tag) against `tag`; the
-    // dtype and count are compared here. Waited for on the caller's thread, within timeout().
-    host_->recv(header, src, tag)->wait();
+    host_->recv(header, src, kHeaderTag)->wait();  // on the caller's thread, within timeout()
     const int64_t* h = header.data_ptr<int64_t>();
     std::string wrong = p2p_mismatch(where(), src, tag, tensor.scalar_type(), tensor.numel(),
                                      static_cast<int>(h[0]), h[1], h[2]);
@@ -320,26 +322,41 @@ class CudaRoutingGroup : public ProcessGroup {
   // Note [CUDA routing]: every rank publishes its device and reads everyone's.
   void decide(const at::Tensor& t) {
     Store& store = *ProcessGroup::store();
+    const int device = t.get_device();
     store.set(concat("cuda_route/", rank()),
-              concat(t.is_cuda() ? t.get_device() : -1, " ", host_of_rank_[rank()]));
+              concat(device, " ", adapter::cuda_device_identity(device), " ",
+                     host_of_rank_[rank()]));
+    // The ranks reach their first CUDA collective at different times (one may still load
+    // data): wait as long as a collective or a rendezvous may take, whichever is longer.
+    const auto limit = std::max(rendezvous_timeout_, timeout());
     std::vector<CudaPlacement> placements(size());
     for (int r = 0; r < size(); ++r) {
       auto key = concat("cuda_route/", r);
       try {
-        store.wait({key}, rendezvous_timeout_);
+        store.wait({key}, limit);
       } catch (const std::exception& e) {
         throw TimeoutError(concat(where(), " the first CUDA collective: rank ", r, " did not "
-                                  "publish its CUDA device within ", rendezvous_timeout_.count(),
-                                  " ms (", brief(e), "). Every rank must issue the same "
-                                  "collectives in the same order; check rank ", r, "'s log."));
+                                  "publish its CUDA device within ", limit.count(), " ms (",
+                                  brief(e), "). Every rank must issue the same collectives in "
+                                  "the same order, on tensors of the same kind of device; "
+                                  "check rank ", r, "'s log."));
       }
       std::string v = store.get(key);
-      auto space = v.find(' ');
-      LOCKSTEP_CHECK(space != std::string::npos, where(), " the first CUDA collective: rank ",
-                     r, " published a malformed device entry '", v,
-                     "'. Are the ranks running the same lockstep build?");
-      placements[r].device = std::stoi(v.substr(0, space));
-      placements[r].host = v.substr(space + 1);
+      auto first_space = v.find(' ');
+      auto second_space = first_space == std::string::npos ? first_space
+                                                           : v.find(' ', first_space + 1);
+      int index = -1;
+      try {
+        index = std::stoi(v.substr(0, first_space));
+      } catch (const std::exception&) {
+        second_space = std::string::npos;
+      }
+      LOCKSTEP_CHECK(second_space != std::string::npos, where(),
+                     " the first CUDA collective: rank ", r, " published a malformed device "
+                     "entry '", v, "'. Are the ranks running the same lockstep build?");
+      placements[r].device = index;
+      placements[r].gpu = v.substr(first_space + 1, second_space - first_space - 1);
+      placements[r].host = v.substr(second_space + 1);
     }
     route_ = plan_cuda_route(transport_, adapter::nccl_compiled(), placements, where());
     if (route_.nccl) {
@@ -367,7 +384,7 @@ class CudaRoutingGroup : public ProcessGroup {
   template <typename F>
   WorkPtr start(const std::string& what, F&& f) {
     try {
-      return std::make_shared<NcclWork>(f(), what);
+      return std::make_shared<NcclWork>(f(), what, timeout());
     } catch (const lockstep::Error&) {
       throw;
     } catch (const std::exception& e) {

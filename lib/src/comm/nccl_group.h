@@ -19,6 +19,7 @@ namespace comm {
 struct CudaPlacement {
   std::string host;  ///< host identity
   int device = -1;   ///< CUDA device index; -1: the rank passed a tensor that is not on CUDA
+  std::string gpu;   ///< the GPU's identity on its host (PCI bus id); "": use `device`
 };
 
 /// The route of a group's CUDA tensors.
@@ -28,7 +29,8 @@ struct CudaRoute {
 };
 
 /// Decides where CUDA tensors go, the same on every rank (a pure function of what every rank
-/// published). `transport` is "nccl" (forced) or "auto". Forced NCCL fails with
+/// published). Two ranks share a GPU when host and GPU identity agree (ranks with their own
+/// CUDA_VISIBLE_DEVICES all see cuda:0). `transport` is "nccl" (forced) or "auto". Forced NCCL fails with
 /// InvalidArgument (naming `where`, the ranks and what to do) when lockstep has no NCCL
 /// adapter, when two ranks share one GPU (NCCL refuses that), or when a rank's tensor is not
 /// on CUDA; "auto" then takes the host transport instead and says why.
