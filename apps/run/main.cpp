@@ -1,5 +1,7 @@
 // lockstep-run: a torchrun-compatible launcher. See README "Launching", Note [lockstep-run
 // rounds] (rounds.h) and Note [Root cause] (verdict.h).
+#include <torch/cuda.h>
+
 #include <iostream>
 #include <string>
 #include <vector>
@@ -15,7 +17,10 @@ int main(int argc, char** argv) {
   const int cpus = available_cpus();
   ParseResult parsed;
   try {
-    parsed = parse_run_options(std::vector<std::string>(argv, argv + argc), env, cpus);
+    // Counted only for --nproc-per-node gpu (it starts the CUDA driver); honours
+    // CUDA_VISIBLE_DEVICES, and is 0 on a CPU-only LibTorch.
+    const auto gpus = [] { return static_cast<int>(torch::cuda::device_count()); };
+    parsed = parse_run_options(std::vector<std::string>(argv, argv + argc), env, cpus, gpus);
   } catch (const lockstep::Error& e) {
     std::cerr << "lockstep-run: error: " << e.what() << std::endl;
     return kExitUsage;

@@ -1,6 +1,7 @@
 // lockstep-run's option parsing and per-worker environment (see options.h).
 #include "options.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cxxopts.hpp>
@@ -169,7 +170,7 @@ bool needs_log_files(const RunOptions& options) {
 }
 
 ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap& env,
-                              int cpu_count) {
+                              int cpu_count, const std::function<int()>& gpu_count) {
   // Split: launcher flags, then the program (after "--" or at the first non-flag token).
   std::vector<std::string> flags = {argv.empty() ? "lockstep-run" : argv[0]};
   ParseResult result;
@@ -205,8 +206,8 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
                         "the rendezvous store on node 0, fails fast, restarts, and never leaves "
                         "orphans.\n\n  lockstep-run [options] -- program [args...]\n");
   spec.add_options()
-      ("nproc-per-node", "workers on this node: a number, or auto/cpu (one per core); gpu is "
-       "refused (needs CUDA/NCCL)",
+      ("nproc-per-node", "workers on this node: a number, auto/cpu (one per core), or gpu "
+       "(one per visible CUDA device; bind each with lockstep::bind_local_device)",
        cxxopts::value<std::string>()->default_value(pet("PET_NPROC_PER_NODE", "1")))
       ("nnodes", "nodes in the job: N, or N:N (elastic ranges MIN:MAX with MIN < MAX are "
        "not supported)",
@@ -280,9 +281,14 @@ ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap
   if (nproc == "auto" || nproc == "cpu") {
     o.nproc_per_node = cpu_count > 0 ? cpu_count : 1;
   } else if (nproc == "gpu") {
-    bad("--nproc-per-node gpu: one worker per GPU needs CUDA devices and NCCL, which "
-        "lockstep-run does not count or set up (its workers use Gloo and shared memory on the "
-        "CPU); give a number (--nproc-per-node 4), or auto/cpu for one worker per core");
+    const int gpus = gpu_count ? gpu_count() : 0;
+    if (gpus < 1) {
+      bad("--nproc-per-node gpu: expected one worker per visible CUDA device, but no CUDA "
+          "device is visible (this LibTorch is CPU-only, there is no GPU, or "
+          "CUDA_VISIBLE_DEVICES is empty); give a number (--nproc-per-node 4), or auto/cpu for "
+          "one worker per core");
+    }
+    o.nproc_per_node = std::min(gpus, 4096);
   } else {
     o.nproc_per_node = to_int("nproc-per-node", nproc, 1, 4096);
   }

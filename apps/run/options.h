@@ -2,6 +2,7 @@
 // lockstep-run's command line and the environment each worker gets. Pure (no processes, no
 // sockets), so tests/launch/test_run_options.cpp covers it table-driven.
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -73,10 +74,12 @@ struct ParseResult {
 };
 
 /// Parses `argv` (argv[0] included). `env` supplies PET_* defaults; `cpu_count` resolves
-/// `--nproc-per-node auto`. Throws lockstep::InvalidArgument with one line naming the flag,
-/// its value and what is allowed.
+/// `--nproc-per-node auto` and `cpu`; `gpu_count` (the visible CUDA devices; none when empty)
+/// resolves `--nproc-per-node gpu` and is called only then, because counting GPUs starts the
+/// CUDA driver in the launcher. Throws lockstep::InvalidArgument with one line naming the
+/// flag, its value and what is allowed.
 ParseResult parse_run_options(const std::vector<std::string>& argv, const EnvMap& env,
-                              int cpu_count);
+                              int cpu_count, const std::function<int()>& gpu_count = {});
 
 /// Where one worker's stdout (index 0) and stderr (1) go: the launcher's console (prefixed
 /// "[rank r] "), a file under the log directory, or both.

@@ -67,7 +67,8 @@ struct LMImpl : torch::nn::Module {
   // tokens: N x S (S <= context) -> logits N x S x vocab.
   torch::Tensor forward(torch::Tensor tokens) {
     const int64_t s = tokens.size(1);
-    auto positions = torch::arange(s, torch::kLong);
+    auto positions = torch::arange(s, tokens.options());
+    if (mask_.device() != tokens.device()) mask_ = mask_.to(tokens.device());  // not a buffer
     auto h = tok(tokens) + pos(positions).unsqueeze(0);
     h = encoder(h.transpose(0, 1), mask_.narrow(0, 0, s).narrow(1, 0, s));
     return head(h.transpose(0, 1));
@@ -80,8 +81,10 @@ struct LMImpl : torch::nn::Module {
 };
 TORCH_MODULE(LM);
 
-// Mean cross-entropy (nats/char) over non-overlapping windows of `data`, sharded. Collective.
-double evaluate(ProcessGroup& pg, LM& lm, const torch::Tensor& data, int64_t context, int64_t limit) {
+// Mean cross-entropy (nats/char) over non-overlapping windows of `data`, sharded, computed on
+// `device`. Collective.
+double evaluate(ProcessGroup& pg, LM& lm, const torch::Tensor& data, int64_t context, int64_t limit,
+                const torch::Device& device) {
   torch::NoGradGuard no_grad;
   lm->eval();
   int64_t windows = (data.numel() - 1) / context;
@@ -93,7 +96,7 @@ double evaluate(ProcessGroup& pg, LM& lm, const torch::Tensor& data, int64_t con
       xs.push_back(data.narrow(0, k * context, context));
       ys.push_back(data.narrow(0, k * context + 1, context));
     }
-    auto x = torch::stack(xs), y = torch::stack(ys);
+    auto x = torch::stack(xs).to(device), y = torch::stack(ys).to(device);
     auto logits = lm->forward(x);
     sums[0] += torch::nn::functional::cross_entropy(
                    logits.reshape({-1, kVocab}), y.reshape({-1}),
@@ -107,7 +110,7 @@ double evaluate(ProcessGroup& pg, LM& lm, const torch::Tensor& data, int64_t con
 }
 
 std::string generate(LM& lm, const std::string& prompt, int64_t length, int64_t context,
-                     double temperature, uint64_t seed) {
+                     double temperature, uint64_t seed, const torch::Device& device) {
   torch::NoGradGuard no_grad;
   lm->eval();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -116,8 +119,9 @@ std::string generate(LM& lm, const std::string& prompt, int64_t length, int64_t 
   std::string out = prompt;
   for (int64_t i = 0; i < length; ++i) {
     int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - context);
-    auto x = torch::tensor(std::vector<int64_t>(ids.begin() + start, ids.end()), torch::kLong).unsqueeze(0);
-    auto logits = lm->forward(x).select(1, x.size(1) - 1).squeeze(0) / temperature;
+    auto x = torch::tensor(std::vector<int64_t>(ids.begin() + start, ids.end()), torch::kLong).unsqueeze(0).to(device);
+    // Sampled on the CPU with the seeded CPU generator, whatever the device.
+    auto logits = lm->forward(x).select(1, x.size(1) - 1).squeeze(0).to(torch::kCPU) / temperature;
     auto next = torch::multinomial(torch::softmax(logits, 0), 1, false, gen).item<int64_t>();
     ids.push_back(next);
     out += decode(next);
@@ -163,6 +167,7 @@ int run(int argc, char** argv) {
     if (!(c == '\n' || (c >= 32 && c < 127))) throw recipe::UsageError("--prompt must be printable ASCII");
   }
 
+  const torch::Device device = recipe::bind_device(common);  // Note [Recipe device]
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
   const int64_t local = recipe::local_batch_size(common, *pg);
@@ -193,6 +198,7 @@ int run(int argc, char** argv) {
 
   torch::manual_seed(common.seed);
   LM lm(context, d_model, heads, layers, dropout);
+  lm->to(device);  // before the optimizer takes its parameters
   torch::optim::AdamW optimizer(lm->parameters(), torch::optim::AdamWOptions(common.lr).weight_decay(0.01));
   // Full local batches of windows from the sharded sampler (Note [Recipe data order]).
   auto sampler = recipe::train_sampler(*pg, n, common.seed);
@@ -236,7 +242,7 @@ int run(int argc, char** argv) {
         xs.push_back(train_data.narrow(0, i * context, context));
         ys.push_back(train_data.narrow(0, i * context + 1, context));
       }
-      auto x = torch::stack(xs), y = torch::stack(ys);
+      auto x = torch::stack(xs).to(device), y = torch::stack(ys).to(device);
       auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
       auto loss = torch::nn::functional::cross_entropy(ddp->forward(x).reshape({-1, kVocab}), y.reshape({-1}));
@@ -268,7 +274,7 @@ int run(int argc, char** argv) {
     if (preempted) break;
     if (count > 0) last_train = loss_sum / count;
     if (pos.batch >= per_epoch) {
-      double val = evaluate(*pg, lm, val_data, context, common.limit_eval);
+      double val = evaluate(*pg, lm, val_data, context, common.limit_eval, device);
       progress.finish();
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)}, {"train_loss", last_train}, {"val_loss", val}}});
       if (rank == 0) {
@@ -289,11 +295,11 @@ int run(int argc, char** argv) {
   }
   progress.finish();
   if (preempted) return checkpointer.exit_preempted(pos);
-  double val = evaluate(*pg, lm, val_data, context, common.limit_eval);
-  double train_loss = evaluate(*pg, lm, train_data, context, common.limit_eval > 0 ? common.limit_eval : 2000);
+  double val = evaluate(*pg, lm, val_data, context, common.limit_eval, device);
+  double train_loss = evaluate(*pg, lm, train_data, context, common.limit_eval > 0 ? common.limit_eval : 2000, device);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   if (rank == 0) {
-    std::string sample = generate(lm, prompt, sample_length, context, 0.8, common.seed);
+    std::string sample = generate(lm, prompt, sample_length, context, 0.8, common.seed, device);
     const std::string report = common.out_dir + "/report.html";
     train::write_report(recipe::report_options(common, metrics_path, kReportTitle, config, argc, argv)
                             .summary({{"train loss (nats/char)", concat(train_loss)},

@@ -37,6 +37,10 @@ void add_common_options(cxxopts::Options& options, int default_epochs, int defau
     ("lr", "Learning rate", cxxopts::value<double>()->default_value(concat(default_lr)))
     ("seed", "Random seed (model initialisation, data order, dropout)", cxxopts::value<uint64_t>()->default_value("1"))
     ("threads", "Intra-op threads per rank", cxxopts::value<int>()->default_value("1"))
+    ("device", "Where each rank trains: cpu; cuda (cuda:LOCAL_RANK, one GPU per rank: launch "
+               "with lockstep-run --nproc-per-node gpu); cuda:N; or auto (cuda when a GPU is "
+               "visible, else cpu). The CUDA path is unverified on a GPU",
+     cxxopts::value<std::string>()->default_value("cpu"))
     ("out-dir", "Directory for the checkpoint, metrics, report and exported weights",
      cxxopts::value<std::string>()->default_value("out"))
     ("checkpoint", "Checkpoint path (default: OUT_DIR/checkpoint.lsck)", cxxopts::value<std::string>()->default_value(""))
@@ -176,6 +180,7 @@ Common read_common(const cxxopts::ParseResult& r) {
   c.lr = r["lr"].as<double>();
   c.seed = r["seed"].as<uint64_t>();
   c.threads = r["threads"].as<int>();
+  c.device = r["device"].as<std::string>();
   c.out_dir = r["out-dir"].as<std::string>();
   c.checkpoint = r["checkpoint"].as<std::string>();
   if (c.checkpoint.empty()) c.checkpoint = c.out_dir + "/checkpoint.lsck";
@@ -206,6 +211,14 @@ Common read_common(const cxxopts::ParseResult& r) {
                             c.report_every));
   }
   return c;
+}
+
+torch::Device bind_device(const Common& common) {
+  try {
+    return lockstep::bind_local_device(common.device);
+  } catch (const InvalidArgument& e) {
+    throw UsageError(concat("--device ", common.device, ": ", e.what()));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ struct UsageError : std::runtime_error {
 /// Thrown when --help was given (after printing it); main() maps it to kExitOk.
 struct HelpShown {};
 
-/// Adds the flags every recipe shares (config, epochs, batch size, lr, seed, threads,
+/// Adds the flags every recipe shares (config, epochs, batch size, lr, seed, threads, device,
 /// out-dir, checkpointing, data limits, progress).
 void add_common_options(cxxopts::Options& options, int default_epochs, int default_batch,
                         double default_lr);
@@ -67,6 +67,7 @@ struct Common {
   double lr = 1e-3;
   uint64_t seed = 0;
   int threads = 1;
+  std::string device = "cpu";  ///< --device: cpu, cuda (cuda:LOCAL_RANK), cuda:N or auto
   std::string out_dir;
   std::string checkpoint;   ///< path of the resumable checkpoint
   bool resume = true;
@@ -84,6 +85,23 @@ struct Common {
 Common read_common(const cxxopts::ParseResult& result);
 /// The recipes' DDP options: NaN/Inf gradients abort on every rank; --comm-hook's hook.
 lockstep::DDPOptions ddp_options(const Common& common);
+
+// Note [Recipe device]
+// --device picks where a rank trains (lockstep::bind_local_device: "cuda" is cuda:LOCAL_RANK,
+// made the current device; "auto" is CUDA when a GPU is visible). A recipe moves its model
+// there before building the optimizer and each batch there before the forward pass; its data,
+// metrics and evaluation sums stay on the CPU, and checkpoints and exported weights hold CPU
+// copies (train::save_checkpoint and export_weights copy to the CPU; load copies into the
+// model's device), so a checkpoint written on a GPU resumes on the CPU and back. The CUDA
+// random generator is not checkpointed: dropout streams on a GPU start afresh on resume. The
+// device is not part of the run's config (like --threads): a run may resume on another
+// device. The CUDA path is unverified on a GPU in this tree.
+
+/// --device resolved and bound (Note [Recipe device]). Call before start(), so that a bad
+/// --device fails before the rendezvous; UsageError (exit 2) naming --device when the value
+/// is not cpu/cuda/cuda:N/auto, when CUDA is asked for and no device is visible, or when the
+/// local rank has no GPU of its own.
+torch::Device bind_device(const Common& common);
 
 /// Installs the SIGTERM/SIGINT flag-setting handler (see Note [Preemption]).
 void install_stop_handlers();

@@ -95,8 +95,10 @@ struct NetImpl : torch::nn::Module {
 };
 TORCH_MODULE(Net);
 
-// Accuracy and mean loss over `split`, sharded over ranks and summed. Collective.
-std::pair<double, double> evaluate(ProcessGroup& pg, Net& net, const Split& split) {
+// Accuracy and mean loss over `split`, sharded over ranks and summed, computed on `device`.
+// Collective.
+std::pair<double, double> evaluate(ProcessGroup& pg, Net& net, const Split& split,
+                                   const torch::Device& device) {
   torch::NoGradGuard no_grad;
   net->eval();
   const int64_t n = split.images.size(0);
@@ -105,8 +107,8 @@ std::pair<double, double> evaluate(ProcessGroup& pg, Net& net, const Split& spli
   auto sums = torch::zeros({3}, torch::kDouble);  // correct, loss sum, count
   for (int64_t i = begin; i < end; i += 1000) {
     int64_t len = std::min<int64_t>(1000, end - i);
-    auto logits = net->forward(split.images.narrow(0, i, len));
-    auto y = split.labels.narrow(0, i, len);
+    auto logits = net->forward(split.images.narrow(0, i, len).to(device));
+    auto y = split.labels.narrow(0, i, len).to(device);
     sums[0] += logits.argmax(1).eq(y).sum().item<double>();
     sums[1] += torch::nn::functional::cross_entropy(
                    logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
@@ -150,6 +152,7 @@ int run(int argc, char** argv) {
   }
   const bool autocast = autocast_mode == "bf16";
 
+  const torch::Device device = recipe::bind_device(common);  // Note [Recipe device]
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
   const int64_t local = recipe::local_batch_size(common, *pg);
@@ -169,6 +172,7 @@ int run(int argc, char** argv) {
 
   torch::manual_seed(common.seed);  // same initial weights on every rank
   Net net(c1, c2, hidden, dropout, batch_norm, pg);
+  net->to(device);  // before the optimizer takes its parameters
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
   // Mixed precision (--autocast bf16): the forward under CPU bfloat16 autocast, the loss scaled
   // by a GradScaler whose skip decision every rank shares (DDP's gradients are identical on
@@ -216,13 +220,13 @@ int run(int argc, char** argv) {
       auto idx = recipe::next_batch(sampler, local);
       if (idx.empty()) break;
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
-      auto x = train_set.images.index_select(0, index);
-      auto y = train_set.labels.index_select(0, index);
+      auto x = train_set.images.index_select(0, index).to(device);
+      auto y = train_set.labels.index_select(0, index).to(device);
       auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
       torch::Tensor loss;
       {
-        lockstep::AutocastGuard mixed(torch::kCPU, torch::kBFloat16, autocast);
+        lockstep::AutocastGuard mixed(device, torch::kBFloat16, autocast);
         loss = torch::nn::functional::cross_entropy(ddp->forward(x), y);
       }
       if (autocast) {
@@ -259,7 +263,7 @@ int run(int argc, char** argv) {
     if (preempted) break;
     if (pos.batch >= per_epoch) {  // epoch finished: evaluate, checkpoint
       double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch).count();
-      auto [acc, test_loss] = evaluate(*pg, net, test_set);
+      auto [acc, test_loss] = evaluate(*pg, net, test_set, device);
       progress.finish();
       metrics.write({"epoch", {{"epoch", double(pos.epoch + 1)},
                                {"train_loss", loss_sum / std::max<int64_t>(1, loss_count)},
@@ -285,7 +289,7 @@ int run(int argc, char** argv) {
   }
   progress.finish();
   if (preempted) return checkpointer.exit_preempted(pos);
-  auto [acc, test_loss] = evaluate(*pg, net, test_set);
+  auto [acc, test_loss] = evaluate(*pg, net, test_set, device);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   if (rank == 0) {
     const std::string weights = common.out_dir + "/fashion_mnist_weights.pt";

@@ -210,6 +210,7 @@ int run(int argc, char** argv) {
     throw recipe::UsageError(concat("need --stores >= 1, --val-days >= 1, --hidden >= 1 and --days >= ",
                                     kLags + 14, " + --val-days"));
   }
+  const torch::Device device = recipe::bind_device(common);  // Note [Recipe device]
   auto pg = recipe::start(common.threads);  // installs the stop handlers once joined
   const int rank = pg->rank(), world = pg->size();
   const int64_t local = recipe::local_batch_size(common, *pg);
@@ -242,6 +243,7 @@ int run(int argc, char** argv) {
 
   torch::manual_seed(common.seed);
   Mlp net(ex.x.size(1), hidden);
+  net->to(device);  // before the optimizer takes its parameters
   torch::optim::Adam optimizer(net->parameters(), torch::optim::AdamOptions(common.lr));
   // Full local batches from the sharded sampler (Note [Recipe data order]).
   auto sampler = recipe::train_sampler(*pg, n, common.seed);
@@ -273,7 +275,7 @@ int run(int argc, char** argv) {
     auto scale = ex.scale.index_select(0, val_idx);
     auto truth = ex.truth.index_select(0, val_idx);
     auto naive = ex.naive.index_select(0, val_idx);
-    auto pred = naive + scale * (y_mean + y_std * net->forward(xv));
+    auto pred = naive + scale * (y_mean + y_std * net->forward(xv.to(device)).to(torch::kCPU));
     auto mae = (pred - truth).abs().mean().item<double>();
     auto rmse = (pred - truth).pow(2).mean().sqrt().item<double>();
     auto nmae = (naive - truth).abs().mean().item<double>();
@@ -292,7 +294,8 @@ int run(int argc, char** argv) {
       auto index = torch::from_blob(idx.data(), {static_cast<int64_t>(idx.size())}, torch::kLong);
       auto t0 = std::chrono::steady_clock::now();
       optimizer.zero_grad();
-      auto loss = torch::mse_loss(ddp->forward(xtr.index_select(0, index)), ytr.index_select(0, index));
+      auto loss = torch::mse_loss(ddp->forward(xtr.index_select(0, index).to(device)),
+                                  ytr.index_select(0, index).to(device));
       loss.backward();
       optimizer.step();
       ++pos.step;

@@ -5,6 +5,8 @@
 #include "lockstep/errors.h"
 #include "lockstep/launch_env.h"
 
+#include <torch/cuda.h>
+
 using lockstep::EnvMap;
 using lockstep::LaunchEnv;
 using lockstep::resolve_launch_env;
@@ -288,4 +290,122 @@ TEST(LaunchEnv, IsMainProcess) {
     EXPECT_NE(std::string(e.what()).find("RANK"), std::string::npos) << e.what();
   }
   EXPECT_THROW(lockstep::is_main_process({{"WORLD_SIZE", "2"}}), lockstep::InvalidArgument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The local device (Note [Local device]): decided from the GPU count alone, so every CUDA case
+// is checked here without a GPU.
+
+namespace {
+
+using lockstep::resolve_local_device;
+
+// torchrun's variables for local rank `local` of `local_world` workers on one node.
+EnvMap torchrun_env(int local, int local_world) {
+  return {{"RANK", std::to_string(local)},         {"WORLD_SIZE", std::to_string(local_world)},
+          {"LOCAL_RANK", std::to_string(local)},   {"LOCAL_WORLD_SIZE", std::to_string(local_world)},
+          {"MASTER_ADDR", "127.0.0.1"},            {"MASTER_PORT", "29500"}};
+}
+
+std::string device_error(const std::string& device, const EnvMap& env, int gpus) {
+  try {
+    auto d = resolve_local_device(device, env, gpus);
+    ADD_FAILURE() << "'" << device << "' with " << gpus << " GPU(s) resolved to " << d;
+  } catch (const lockstep::InvalidArgument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(LocalDevice, Resolves) {
+  const c10::Device cpu(c10::DeviceType::CPU);
+  auto cuda = [](int i) { return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(i)); };
+  struct Row {
+    std::string device;
+    EnvMap env;
+    int gpus;
+    c10::Device expected;
+  };
+  const Row table[] = {
+      {"cpu", {}, 0, cpu},
+      {"cpu", torchrun_env(1, 2), 2, cpu},
+      {"auto", {}, 0, cpu},                       // a CPU-only LibTorch or no GPU
+      {"auto", torchrun_env(3, 4), 0, cpu},
+      {"auto", {}, 1, cuda(0)},                   // started by hand: local rank 0
+      {"auto", torchrun_env(1, 2), 2, cuda(1)},
+      {"cuda", torchrun_env(3, 4), 4, cuda(3)},
+      {"cuda", {{"LOCKSTEP_STANDALONE", "1"}}, 2, cuda(0)},
+      {"cuda", {{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+                {"SLURM_NTASKS_PER_NODE", "4"}, {"MASTER_ADDR", "n0"}, {"MASTER_PORT", "1"}},
+       2, cuda(1)},
+      {"cuda:1", torchrun_env(0, 2), 2, cuda(1)},  // named: whatever the local rank
+      {"cuda:0", torchrun_env(3, 4), 1, cuda(0)},
+  };
+  for (const auto& row : table) {
+    SCOPED_TRACE(row.device + " with " + std::to_string(row.gpus) + " GPU(s)");
+    EXPECT_EQ(resolve_local_device(row.device, row.env, row.gpus), row.expected);
+  }
+}
+
+TEST(LocalDevice, CudaWithoutAVisibleDeviceSaysWhyAndWhatToDo) {
+  EXPECT_EQ(device_error("cuda", torchrun_env(0, 1), 0),
+            "Expected a CUDA device for device 'cuda', but no CUDA device is visible: this "
+            "LibTorch is CPU-only, or there is no GPU, or CUDA_VISIBLE_DEVICES hides them. Use "
+            "device 'cpu', or 'auto' (CUDA when a device is visible, else the CPU).");
+  // The variable's value is named when it is set.
+  EXPECT_NE(device_error("cuda:0", {{"CUDA_VISIBLE_DEVICES", ""}}, 0)
+                .find("or CUDA_VISIBLE_DEVICES='' hides them"),
+            std::string::npos);
+}
+
+TEST(LocalDevice, LocalRankWithoutAGpuNamesBothNumbers) {
+  for (const char* device : {"cuda", "auto"}) {
+    SCOPED_TRACE(device);
+    EXPECT_EQ(device_error(device, torchrun_env(2, 4), 2),
+              std::string("Expected one CUDA device per local rank for device '") + device +
+                  "', but local rank 2 (from LOCAL_RANK, 4 worker(s) on this node) has none: 2 "
+                  "CUDA device(s) are visible. Start one worker per GPU (`lockstep-run "
+                  "--nproc-per-node gpu`), make more devices visible (CUDA_VISIBLE_DEVICES), or "
+                  "name a shared device ('cuda:0').");
+  }
+  EXPECT_EQ(device_error("cuda:2", {}, 2),
+            "Expected a CUDA device index below the 2 visible CUDA device(s), but got 'cuda:2'. "
+            "Name a visible device, or use 'cuda' for cuda:LOCAL_RANK.");
+}
+
+TEST(LocalDevice, RejectsOtherStrings) {
+  for (const char* device : {"", "gpu", "CUDA", "Cpu", " cpu", "cpu:0", "cuda:", "cuda:x",
+                             "cuda:-1", "cuda:1x", "cuda:99999", "cuda:0:1", "mps", "xla"}) {
+    SCOPED_TRACE(device);
+    EXPECT_EQ(device_error(device, {}, 2),
+              std::string("Expected a device 'auto', 'cpu', 'cuda' or 'cuda:N' (N a device "
+                          "index), but got '") + device + "'.");
+  }
+}
+
+TEST(LocalDevice, PartialLaunchVariablesAreTheResolversError) {
+  const std::string what = device_error("cuda", {{"WORLD_SIZE", "2"}}, 2);
+  EXPECT_NE(what.find("Expected RANK to be set because WORLD_SIZE is set"), std::string::npos)
+      << what;
+}
+
+TEST(LocalDevice, BindOnThisMachine) {
+  // bind_local_device counts the real devices. "cpu" never touches CUDA; "auto" is the CPU
+  // exactly when no CUDA device is visible (always so with the CPU-only LibTorch of CI).
+  EXPECT_EQ(lockstep::bind_local_device("cpu", {}), c10::Device(c10::DeviceType::CPU));
+  const bool has_gpu = torch::cuda::is_available();
+  EXPECT_EQ(lockstep::bind_local_device("auto", {}),
+            has_gpu ? c10::Device(c10::DeviceType::CUDA, 0) : c10::Device(c10::DeviceType::CPU));
+  if (has_gpu) return;  // unverified on a GPU: there "cuda" binds cuda:0
+  try {
+    lockstep::bind_local_device("cuda", {});
+    FAIL() << "'cuda' resolved without a visible CUDA device";
+  } catch (const lockstep::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("no CUDA device is visible: this LibTorch is CPU-only"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(lockstep::bind_local_device("tpu", {}), lockstep::InvalidArgument);
 }

@@ -614,6 +614,21 @@ TEST(Launcher, BadInvocationsGiveOneLine) {
   close(busy);
 }
 
+// --nproc-per-node gpu where no CUDA device is visible (CUDA_VISIBLE_DEVICES emptied, so this
+// holds on a GPU machine too; the CPU-only LibTorch of CI sees none anyway) is a bad invocation:
+// exit 2 (kExitUsage), the reason and what to give instead, nothing started.
+TEST(Launcher, GpuWorkersWithoutAVisibleGpuAreAUsageError) {
+  Proc p({kRun, "--nproc-per-node", "gpu", "--", kWorker}, {{"CUDA_VISIBLE_DEVICES", ""}});
+  EXPECT_EQ(p.wait(Seconds(60)), 2) << p.all();
+  EXPECT_NE(p.err().find("lockstep-run: error: --nproc-per-node gpu: expected one worker per "
+                         "visible CUDA device, but no CUDA device is visible (this LibTorch is "
+                         "CPU-only, there is no GPU, or CUDA_VISIBLE_DEVICES is empty); give a "
+                         "number (--nproc-per-node 4), or auto/cpu for one worker per core\n"),
+            std::string::npos)
+      << p.err();
+  EXPECT_EQ(p.out(), "");
+}
+
 // Two launchers on this machine form one job; node 1 runs fewer workers than node 0.
 TEST(Launcher, TwoNodesOnThisMachineFormOneJob) {
   Proc node0(launcher("--nnodes 2 --node-rank 0 --master-port 0 --run-id mn --nproc-per-node 2",

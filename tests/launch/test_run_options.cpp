@@ -105,6 +105,39 @@ TEST(RunOptions, ElasticNodeRanges) {
   EXPECT_EQ(pet.nnodes, 2);
 }
 
+TEST(RunOptions, GpuStartsOneWorkerPerVisibleGpu) {
+  int counted = 0;
+  const auto three = [&] { return ++counted, 3; };
+  auto o = parse_run_options(split("--nproc-per-node gpu -- p"), {}, 8, three).options;
+  EXPECT_EQ(o.nproc_per_node, 3);
+  EXPECT_EQ(counted, 1);
+  // PET_NPROC_PER_NODE=gpu (Kubeflow's nprocPerNode) reads the same.
+  o = parse_run_options(split("-- p"), {{"PET_NPROC_PER_NODE", "gpu"}}, 8, three).options;
+  EXPECT_EQ(o.nproc_per_node, 3);
+  // The GPUs are counted only when asked for: counting starts the CUDA driver.
+  counted = 0;
+  for (const char* args : {"--nproc-per-node 2 -- p", "--nproc-per-node auto -- p", "-- p"}) {
+    parse_run_options(split(args), {}, 8, three);
+  }
+  EXPECT_EQ(counted, 0);
+}
+
+TEST(RunOptions, GpuWithoutVisibleGpusIsAUsageError) {
+  const std::string expected =
+      "--nproc-per-node gpu: expected one worker per visible CUDA device, but no CUDA device is "
+      "visible (this LibTorch is CPU-only, there is no GPU, or CUDA_VISIBLE_DEVICES is empty); "
+      "give a number (--nproc-per-node 4), or auto/cpu for one worker per core";
+  const std::function<int()> counts[] = {[] { return 0; }, {} /* not counted: none */};
+  for (const auto& gpus : counts) {
+    try {
+      parse_run_options(split("--nproc-per-node gpu -- p"), {}, 8, gpus);
+      ADD_FAILURE() << "accepted";
+    } catch (const lockstep::InvalidArgument& e) {
+      EXPECT_EQ(std::string(e.what()), expected);
+    }
+  }
+}
+
 TEST(RunOptions, ProgramArgumentsAreNotLauncherFlags) {
   auto r = parse_run_options(split("--nproc-per-node 2 ./train --nproc-per-node 7 --help"), {}, 8);
   EXPECT_EQ(r.options.nproc_per_node, 2);
@@ -231,8 +264,6 @@ TEST(RunOptions, RejectsBadInvocationsWithOneLine) {
       {"--nproc-per-node 2", "no program"},
       {"--nproc-per-node 0 -- p", "--nproc-per-node: expected an integer in [1, 4096], but got '0'"},
       {"--nproc-per-node two -- p", "--nproc-per-node"},
-      {"--nproc-per-node gpu -- p", "needs CUDA devices and NCCL"},
-      {"--nproc-per-node gpu -- p", "auto/cpu for one worker per core"},
       {"--nnodes 0 -- p", "--nnodes"},
       {"--standalone --nnodes 1:4 -- p", "--standalone runs a single node, but --nnodes is 1:4"},
       {"--nnodes 1:4 --rdzv-last-call x -- p", "--rdzv-last-call"},

@@ -5,10 +5,16 @@
 #   2. a run whose loss becomes non-finite (here: an absurd learning rate) stops on every rank
 #      with the same exit code, naming the step and the ranks, and writes no checkpoint of it;
 #   3. a checkpoint without the data sampler's state (as written before the recipes used
-#      lockstep::ShardedSampler) is refused with the way out.
-# Usage: errors_test.sh SALES_FORECAST_BINARY
+#      lockstep::ShardedSampler) is refused with the way out;
+# and runs that must exit 2 (bad command line) before anything starts, for every recipe given:
+#   4. --device cuda where no CUDA device is visible (CUDA_VISIBLE_DEVICES is emptied, so this
+#      holds with a CUDA LibTorch on a GPU machine too) says why and what to use instead, and
+#      --device with an unknown value names what is allowed; --device auto falls back to the CPU
+#      and trains.
+# Usage: errors_test.sh SALES_FORECAST_BINARY [OTHER_RECIPE_BINARY...]
 set -euo pipefail
 bin=$1
+recipes=("$@")
 work=$(mktemp -d "${TMPDIR:-/tmp}/lockstep_nonfinite.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -98,4 +104,44 @@ open(path, "wb").write(bytes(data))
 PY
 expect_failure "holds no data sampler state (written before the recipes used lockstep::ShardedSampler); start afresh with --resume=false or another --out-dir" \
   --data "$work/good.csv" --val-days 10 --batch-size 8 --out-dir "$work/old"
+# Runs recipe $1 as one process with the remaining flags and no visible CUDA device; it must
+# exit 2 saying `expected`, without having started (no output directory).
+expect_usage_error() {
+  local recipe=$1 expected=$2 out code
+  shift 2
+  set +e
+  out=$(CUDA_VISIBLE_DEVICES= LOCKSTEP_STANDALONE=1 "$recipe" --progress lines \
+        --out-dir "$work/never" "$@" 2>&1)
+  code=$?
+  set -e
+  if [ "$code" != 2 ] || ! grep -qF -- "$expected" <<<"$out"; then
+    echo "$(basename "$recipe") $*: expected exit code 2 and \"$expected\", got $code:" >&2
+    echo "$out" >&2
+    exit 1
+  fi
+  if [ -e "$work/never" ]; then echo "$(basename "$recipe") $*: it started" >&2; exit 1; fi
+}
+
+for recipe in "${recipes[@]}"; do
+  echo "== $(basename "$recipe") --device without a visible CUDA device, and a bad --device"
+  expect_usage_error "$recipe" "error: --device cuda: Expected a CUDA device for device 'cuda', but no CUDA device is visible: this LibTorch is CPU-only, or there is no GPU, or CUDA_VISIBLE_DEVICES='' hides them. Use device 'cpu', or 'auto' (CUDA when a device is visible, else the CPU)." \
+    --device cuda
+  expect_usage_error "$recipe" "error: --device cuda:1: Expected a CUDA device for device 'cuda:1', but no CUDA device is visible" \
+    --device cuda:1
+  expect_usage_error "$recipe" "error: --device gpu: Expected a device 'auto', 'cpu', 'cuda' or 'cuda:N' (N a device index), but got 'gpu'." \
+    --device gpu
+done
+
+echo "== --device auto without a visible CUDA device trains on the CPU"
+set +e
+out=$(CUDA_VISIBLE_DEVICES= LOCKSTEP_STANDALONE=1 LOCKSTEP_LOG_LEVEL=warn "$bin" --progress lines \
+      --device auto --data "$work/good.csv" --val-days 10 --batch-size 8 --max-steps 3 \
+      --out-dir "$work/auto" 2>&1)
+code=$?
+set -e
+if [ "$code" != 0 ] || ! grep -qF "3 steps on 1 rank(s)" <<<"$out"; then
+  echo "--device auto: expected exit code 0 and 3 steps, got $code:" >&2
+  echo "$out" >&2
+  exit 1
+fi
 echo "PASS"

@@ -28,6 +28,12 @@
 /// LOCAL_RANK, LOCAL_WORLD_SIZE or GROUP_RANK without RANK; RANK without WORLD_SIZE; a world
 /// size above 1 without MASTER_ADDR or MASTER_PORT; LOCKSTEP_STANDALONE=1 beside a launcher's
 /// variables.
+///
+/// resolve_local_device / bind_local_device turn the local rank into the device a worker trains
+/// on (Note [Local device] in launch_env.cpp), as PyTorch users write
+/// `torch.cuda.set_device(local_rank)` and `torch.device(f"cuda:{local_rank}")`.
+
+#include <c10/core/Device.h>
 
 #include <map>
 #include <optional>
@@ -93,5 +99,37 @@ EnvMap process_environment();
 bool is_main_process(const EnvMap& env);
 /// `is_main_process(process_environment())`.
 bool is_main_process();
+
+/// The device this worker trains on, from `device` and the launch environment `env`, given
+/// `cuda_device_count` visible CUDA devices (torch::cuda::device_count()). Pure: it sets
+/// nothing, so it is tested without a GPU. `device` is one of
+///   "cpu"     the CPU;
+///   "cuda"    cuda:LOCAL_RANK: one GPU per local rank (`lockstep-run --nproc-per-node gpu`);
+///   "cuda:N"  device N, whatever the local rank;
+///   "auto"    "cuda" when a CUDA device is visible, else the CPU.
+/// The local rank is resolve_launch_env(env).local_rank (LOCAL_RANK, SLURM_LOCALID,
+/// OMPI_COMM_WORLD_LOCAL_RANK, ...), and 0 for a process that no launcher started.
+/// Throws InvalidArgument for any other string; for "cuda" or "cuda:N" when no CUDA device is
+/// visible (a CPU-only LibTorch, no GPU, or CUDA_VISIBLE_DEVICES hiding them); for a local
+/// rank (or N) not below the number of visible devices, naming both numbers; and, as
+/// resolve_launch_env does, for a launcher's variables that are partial or out of range.
+c10::Device resolve_local_device(const std::string& device, const EnvMap& env,
+                                 int cuda_device_count);
+
+/// resolve_local_device(device, env, visible CUDA devices), and, for a CUDA device, makes it
+/// the calling thread's current CUDA device (torch.cuda.set_device), so that tensors created
+/// with `torch::kCUDA` and the CUDA streams of this thread use it. Call it once at the start
+/// of a worker, on the thread that trains, before creating CUDA tensors or the process group;
+/// then move the model and every batch to the device it returns:
+///
+///     auto device = lockstep::bind_local_device("cuda");  // cuda:LOCAL_RANK
+///     model->to(device);
+///
+/// Other threads keep their own current device (CUDA's is per thread). Throws as
+/// resolve_local_device does. The CUDA path is unverified on a GPU in this tree (it is
+/// built and tested against a CPU-only LibTorch).
+c10::Device bind_local_device(const std::string& device, const EnvMap& env);
+/// `bind_local_device(device, process_environment())`.
+c10::Device bind_local_device(const std::string& device = "auto");
 
 }  // namespace lockstep

@@ -2,6 +2,7 @@
 #include "adapter/torch_adapter.h"
 
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
@@ -10,6 +11,7 @@
 #include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/csrc/jit/serialization/pickler.h>
+#include <torch/cuda.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/schedulers/lr_scheduler.h>
 #include <torch/version.h>
@@ -28,6 +30,22 @@ namespace lockstep {
 namespace adapter {
 
 using detail::concat;
+
+// ---------------------------------------------------------------------------------------------
+// CUDA devices
+
+int cuda_device_count() { return static_cast<int>(torch::cuda::device_count()); }
+
+void set_current_cuda_device(int index) {
+  // The CUDA guard is registered by LibTorch's CUDA library (c10_cuda) when it is loaded; a
+  // CPU-only LibTorch has none. The guard's setDevice is cudaSetDevice: per host thread.
+  LOCKSTEP_CHECK(c10::impl::hasDeviceGuardImpl(c10::DeviceType::CUDA),
+                 "Expected a LibTorch with CUDA to make cuda:", index, " the current device, "
+                 "but this one has no CUDA backend (CPU-only build). Use the CPU, or link a "
+                 "CUDA build of LibTorch.");
+  c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+      ->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Autograd

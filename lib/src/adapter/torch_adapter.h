@@ -224,6 +224,17 @@ int autocast_decrement_nesting();
 void clear_autocast_cache();
 
 // ---------------------------------------------------------------------------------------------
+// CUDA devices (compiles against a CPU-only LibTorch: no CUDA header is needed)
+
+/// Visible CUDA devices: torch::cuda::device_count(), which honours CUDA_VISIBLE_DEVICES and
+/// is 0 on a CPU-only LibTorch.
+int cuda_device_count();
+
+/// Makes cuda:`index` the calling thread's current CUDA device (torch.cuda.set_device), through
+/// c10's CUDA device guard. Throws InvalidArgument when this LibTorch has no CUDA backend.
+void set_current_cuda_device(int index);
+
+// ---------------------------------------------------------------------------------------------
 // Pickling (torch.save's zip container)
 
 /// Writes `tensors` (CPU, contiguous) as a plain dict in the zip container torch.save writes,

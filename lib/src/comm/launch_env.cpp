@@ -8,6 +8,7 @@
 #include <sstream>
 #include <vector>
 
+#include "adapter/torch_adapter.h"
 #include "lockstep/env_vars.h"
 #include "lockstep/errors.h"
 
@@ -379,15 +380,20 @@ EnvMap process_environment() {
   return env;
 }
 
-bool is_main_process(const EnvMap& env) {
+namespace {
+
+// The launch environment `env` describes, or nothing when no launcher's variables are set (a
+// program started by hand: the only process). A launcher's partial or out-of-range variables
+// still throw, as resolve_launch_env does.
+std::optional<LaunchEnv> launched(const EnvMap& env) {
   std::exception_ptr launcher_error;
   try {
-    return resolve_launch_env(env).rank == 0;
+    return resolve_launch_env(env);
   } catch (const InvalidArgument&) {
     launcher_error = std::current_exception();
   }
-  // No launcher's variables is an error for a process group but not here: a process started
-  // alone is the main one. Standalone resolution succeeds exactly when there are none.
+  // No launcher's variables is an error for a process group but not here. Standalone
+  // resolution succeeds exactly when there are none.
   EnvMap alone = env;
   alone[env::kStandalone] = "1";
   try {
@@ -395,9 +401,83 @@ bool is_main_process(const EnvMap& env) {
   } catch (const InvalidArgument&) {
     std::rethrow_exception(launcher_error);  // the launcher's variables are partial or bad
   }
-  return true;
+  return std::nullopt;
+}
+
+}  // namespace
+
+bool is_main_process(const EnvMap& env) {
+  auto launch = launched(env);
+  return !launch || launch->rank == 0;
 }
 
 bool is_main_process() { return is_main_process(process_environment()); }
+
+// Note [Local device]
+// One worker per GPU is the layout of torchrun and of every GPU launcher: local rank r trains
+// on cuda:r (`torch.cuda.set_device(local_rank)`). "auto" lets one program run unchanged on a
+// laptop and on a GPU node; an explicit "cuda" that finds no GPU is an error rather than a
+// silent CPU run. A local rank with no GPU of its own is an error too, even under "auto":
+// falling back to the CPU for some ranks would make the job as slow as its CPU ranks, and
+// sharing a GPU between ranks is not what "cuda" says (name it: "cuda:0"). resolve_local_device
+// decides from the count alone, so every case is tested without a GPU; bind_local_device adds
+// the one side effect (the current device), which lives in the adapter. The CUDA path is
+// unverified on a GPU in this tree.
+
+c10::Device resolve_local_device(const std::string& device, const EnvMap& env,
+                                 int cuda_device_count) {
+  static const char* const kExpected = "'auto', 'cpu', 'cuda' or 'cuda:N' (N a device index)";
+  if (device == "cpu") return c10::Device(c10::DeviceType::CPU);
+  std::optional<int> index;
+  if (device.rfind("cuda:", 0) == 0) {
+    const std::string digits = device.substr(5);
+    const bool numeric = !digits.empty() && digits.size() <= 4 &&
+                         digits.find_first_not_of("0123456789") == std::string::npos;
+    LOCKSTEP_CHECK(numeric, "Expected a device ", kExpected, ", but got '", device, "'.");
+    index = std::stoi(digits);
+  } else {
+    LOCKSTEP_CHECK(device == "cuda" || device == "auto", "Expected a device ", kExpected,
+                   ", but got '", device, "'.");
+  }
+  if (device == "auto" && cuda_device_count <= 0) return c10::Device(c10::DeviceType::CPU);
+  if (cuda_device_count <= 0) {
+    auto hidden = env.find("CUDA_VISIBLE_DEVICES");
+    throw InvalidArgument(concat(
+        "Expected a CUDA device for device '", device, "', but no CUDA device is visible: this "
+        "LibTorch is CPU-only, or there is no GPU",
+        hidden == env.end() ? std::string(", or CUDA_VISIBLE_DEVICES hides them")
+                            : concat(", or CUDA_VISIBLE_DEVICES='", hidden->second,
+                                     "' hides them"),
+        ". Use device 'cpu', or 'auto' (CUDA when a device is visible, else the CPU)."));
+  }
+  if (index) {
+    LOCKSTEP_CHECK(*index < cuda_device_count, "Expected a CUDA device index below the ",
+                   cuda_device_count, " visible CUDA device(s), but got '", device,
+                   "'. Name a visible device, or use 'cuda' for cuda:LOCAL_RANK.");
+    return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(*index));
+  }
+  auto launch = launched(env);
+  const int local_rank = launch ? launch->local_rank : 0;
+  if (local_rank >= cuda_device_count) {
+    throw InvalidArgument(concat(
+        "Expected one CUDA device per local rank for device '", device, "', but local rank ",
+        local_rank, " (from ", launch->sources.at("local_rank"), ", ",
+        launch->local_world_size, " worker(s) on this node) has none: ", cuda_device_count,
+        " CUDA device(s) are visible. Start one worker per GPU (`lockstep-run "
+        "--nproc-per-node gpu`), make more devices visible (CUDA_VISIBLE_DEVICES), or name a "
+        "shared device ('cuda:0')."));
+  }
+  return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(local_rank));
+}
+
+c10::Device bind_local_device(const std::string& device, const EnvMap& env) {
+  c10::Device resolved = resolve_local_device(device, env, adapter::cuda_device_count());
+  if (resolved.is_cuda()) adapter::set_current_cuda_device(resolved.index());
+  return resolved;
+}
+
+c10::Device bind_local_device(const std::string& device) {
+  return bind_local_device(device, process_environment());
+}
 
 }  // namespace lockstep
