@@ -41,20 +41,6 @@ class Mlp(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-class DeepMlp(nn.Module):
-    def __init__(self, depth=48, width=256):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
-
-    def forward(self, x):
-        n = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i + 1 < n:
-                x = F.relu(x)
-        return x
-
-
 class FashionCnn(nn.Module):
     def __init__(self):
         super().__init__()
@@ -86,7 +72,8 @@ class TransformerStack(nn.Module):
 
 
 class LinearStack(nn.Module):
-    """models.h's LinearStack: Linear layers of widths sizes[0] -> sizes[1] -> ..., ReLU between."""
+    """models.h's LinearStack: Linear layers of widths sizes[0] -> sizes[1] -> ..., ReLU between
+    (deep_mlp, wide, deep)."""
 
     def __init__(self, sizes):
         super().__init__()
@@ -102,7 +89,7 @@ class LinearStack(nn.Module):
 
 
 def make_model(name):
-    return {"mlp": Mlp, "small_mlp": lambda: Mlp(128), "deep_mlp": DeepMlp, "cnn": FashionCnn,
+    return {"mlp": Mlp, "small_mlp": lambda: Mlp(128), "deep_mlp": lambda: LinearStack([256] * 49), "cnn": FashionCnn,
             "transformer": TransformerStack,
             "wide": lambda: LinearStack([1024, 4096, 4096, 4096, 4096, 1000]),
             "deep": lambda: LinearStack([1024] * 49 + [1000])}[name]()
