@@ -2,6 +2,7 @@
 // rank prefix, level filtering, no colour when stderr is not a terminal, whole lines from many
 // threads at once, and the level names LOCKSTEP_LOG_LEVEL accepts.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -106,6 +107,47 @@ TEST_F(Log, LinesFromManyThreadsStayWhole) {
   ASSERT_EQ(lines.size(), static_cast<size_t>(threads * per_thread));
   const std::regex whole(R"(\[[0-9:.]+\] \[lockstep\] (\[rank \d+/\d+\] )?\[info\] thread \d line \d+ x{200})");
   for (const auto& line : lines) ASSERT_TRUE(std::regex_match(line, whole)) << line;
+}
+
+// A non-blocking stderr pipe that is full (EAGAIN) gets the whole line once its reader drains
+// it: the writer waits for the pipe instead of dropping the rest of the line.
+TEST_F(Log, FullNonBlockingStderrLosesNothingOnceTheReaderDrains) {
+  lockstep::set_log_level(lockstep::LogLevel::kInfo);
+  lockstep::set_log_rank(0, 1);
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  ASSERT_EQ(fcntl(fds[1], F_SETFL, fcntl(fds[1], F_GETFL) | O_NONBLOCK), 0);
+  std::string filler(4096, 'x');
+  size_t prefilled = 0;
+  while (true) {  // fill the pipe until it says EAGAIN
+    const ssize_t n = write(fds[1], filler.data(), filler.size());
+    if (n <= 0) break;
+    prefilled += static_cast<size_t>(n);
+  }
+  ASSERT_EQ(errno, EAGAIN);
+  const std::string message(200000, 'm');  // several pipe buffers' worth
+  std::string received;
+  std::thread reader([&] {  // drains until the log line's newline arrives
+    char buffer[65536];
+    while (received.size() < prefilled || received.find('\n', prefilled) == std::string::npos) {
+      const ssize_t n = read(fds[0], buffer, sizeof(buffer));
+      if (n <= 0) break;
+      received.append(buffer, static_cast<size_t>(n));
+    }
+  });
+  std::fflush(stderr);
+  const int saved = dup(STDERR_FILENO);
+  dup2(fds[1], STDERR_FILENO);
+  lockstep::log_info(message);
+  dup2(saved, STDERR_FILENO);
+  close(saved);
+  close(fds[1]);
+  reader.join();
+  close(fds[0]);
+  ASSERT_GE(received.size(), prefilled);
+  const std::string line = received.substr(prefilled);
+  EXPECT_NE(line.find("[info] " + message + "\n"), std::string::npos)
+      << "got " << line.size() << " bytes of the line";
 }
 
 TEST(LogLevel, ParsesEveryNameAndRejectsOthersNamingTheChoices) {

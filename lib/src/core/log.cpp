@@ -1,9 +1,11 @@
 // Errors and logging: the bottom of the stack, free of LibTorch headers (fast to compile).
+#include <poll.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cctype>
 #include <cerrno>
 #include <cstdio>
@@ -37,6 +39,8 @@ namespace {
 // the launcher's relay whole. lockstep writes its own lines rather than through spdlog: a
 // distribution's spdlog is compiled against the distribution's fmt, which LibTorch 2.x's
 // bundled fmt shadows on the include path, and the build then fails (issue 18).
+constexpr auto kFullStderrWait = std::chrono::seconds(2);
+
 const char* level_name(LogLevel level) {
   switch (level) {
     case LogLevel::kTrace: return "trace";
@@ -104,10 +108,23 @@ struct Logger {
     line += '\n';
     const char* p = line.data();
     size_t left = line.size();
+    // A non-blocking stderr (a pipe another process made O_NONBLOCK) that is full says EAGAIN:
+    // wait until it takes more, up to kFullStderrWait per line, so a slow reader does not lose
+    // the rest of the line; a reader gone for that long loses it (logging never blocks the
+    // program for good, nor fails it).
+    auto deadline = std::chrono::steady_clock::now() + kFullStderrWait;
     while (left > 0) {
       const ssize_t n = ::write(STDERR_FILENO, p, left);
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;  // stderr closed or full: logging never fails the program
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        if (remaining.count() <= 0) break;
+        pollfd out{STDERR_FILENO, POLLOUT, 0};
+        ::poll(&out, 1, static_cast<int>(remaining.count()));
+        continue;
+      }
+      if (n <= 0) break;  // stderr closed: logging never fails the program
       p += n;
       left -= static_cast<size_t>(n);
     }
