@@ -258,9 +258,15 @@ class Runner {
       // glibc's malloc raises its trim and mmap thresholds as a process frees large blocks,
       // so whether a step's activations are faulted in anew depends on the allocator's
       // history (and differs between the main arena and replica threads' arenas). --malloc
-      // fixed pins both thresholds for every worker, both sides of every comparison alike;
-      // the default leaves glibc as a user has it.
-      if (o_.malloc_mode == "fixed") env["GLIBC_TUNABLES"] = kFixedMallocTunables;
+      // fixed pins both thresholds for every worker, both sides of every comparison alike,
+      // after the user's own tunables (glibc takes the last setting of a name, so theirs
+      // stay for everything else); the default leaves glibc as a user has it.
+      if (o_.malloc_mode == "fixed") {
+        const char* user = getenv("GLIBC_TUNABLES");
+        env["GLIBC_TUNABLES"] = user != nullptr && *user != '\0'
+                                    ? std::string(user) + ":" + kFixedMallocTunables
+                                    : std::string(kFixedMallocTunables);
+      }
       if (!s.transport.empty()) env["LOCKSTEP_TRANSPORT"] = s.transport;
       std::vector<std::string> argv;
       if (s.kind == "torch_ddp") {
