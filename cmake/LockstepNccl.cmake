@@ -13,6 +13,17 @@
 set(LOCKSTEP_NCCL "AUTO" CACHE STRING "NCCL backend: AUTO, ON or OFF")
 set_property(CACHE LOCKSTEP_NCCL PROPERTY STRINGS AUTO ON OFF)
 
+# Turns NCCL off for `why` (a message of `level`, STATUS or WARNING), or stops the configure
+# under LOCKSTEP_NCCL=ON; returns from the calling function (a macro's return() does).
+macro(lockstep_nccl_off level why)
+  if(mode STREQUAL "ON")
+    message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}. Point CMAKE_PREFIX_PATH at a CUDA build "
+                        "of LibTorch with c10d's NCCL, or set LOCKSTEP_NCCL=AUTO.")
+  endif()
+  message(${level} "lockstep: NCCL backend off: ${why}.")
+  return()
+endmacro()
+
 function(lockstep_enable_nccl target)
   set(LOCKSTEP_NCCL_ENABLED OFF PARENT_SCOPE)
   string(TOUPPER "${LOCKSTEP_NCCL}" mode)
@@ -33,13 +44,8 @@ function(lockstep_enable_nccl target)
     endif()
   endforeach()
   if(NOT has_nccl)  # torch_cuda carries it (PUBLIC); torch only through torch_cuda_library
-    set(why "this LibTorch was built without c10d's NCCL (CPU-only, or ROCm without RCCL)")
-    if(mode STREQUAL "ON")
-      message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}. Point CMAKE_PREFIX_PATH at a CUDA "
-                          "build of LibTorch, or set LOCKSTEP_NCCL=AUTO.")
-    endif()
-    message(STATUS "lockstep: NCCL backend off: ${why}")
-    return()
+    lockstep_nccl_off(STATUS
+                      "this LibTorch was built without c10d's NCCL (CPU-only, or ROCm without RCCL)")
   endif()
   # nccl.h: LibTorch's CMake config does not name its folder. A CUDA toolkit or a system NCCL
   # has it in the usual places; a pip LibTorch's comes from the nvidia-nccl wheel.
@@ -54,12 +60,8 @@ function(lockstep_enable_nccl target)
   find_path(LOCKSTEP_NCCL_INCLUDE_DIR nccl.h HINTS ${hints} PATH_SUFFIXES include
             DOC "folder holding nccl.h, for lockstep's NCCL adapter")
   if(NOT LOCKSTEP_NCCL_INCLUDE_DIR)
-    set(why "nccl.h was not found (set LOCKSTEP_NCCL_INCLUDE_DIR or NCCL_INCLUDE_DIR to its folder)")
-    if(mode STREQUAL "ON")
-      message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}.")
-    endif()
-    message(WARNING "lockstep: NCCL backend off: ${why}.")
-    return()
+    lockstep_nccl_off(WARNING
+                      "nccl.h was not found (set LOCKSTEP_NCCL_INCLUDE_DIR or NCCL_INCLUDE_DIR to its folder)")
   endif()
   set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)
   try_compile(LOCKSTEP_NCCL_COMPILES ${CMAKE_BINARY_DIR}/lockstep_nccl_check
@@ -75,12 +77,8 @@ function(lockstep_enable_nccl target)
     set(log ${CMAKE_BINARY_DIR}/lockstep_nccl_check.log)
     file(WRITE ${log} "${output}")
     string(CONCAT why "lib/src/adapter/c10d_adapter.cpp does not compile against this "
-           "LibTorch's ProcessGroupNCCL (compiler output: ${log})")
-    if(mode STREQUAL "ON")
-      message(FATAL_ERROR "LOCKSTEP_NCCL=ON, but ${why}.")
-    endif()
-    message(WARNING "lockstep: NCCL backend off: ${why}. Please report it with the log.")
-    return()
+           "LibTorch's ProcessGroupNCCL (compiler output, please report it: ${log})")
+    lockstep_nccl_off(WARNING "${why}")
   endif()
   target_compile_definitions(${target} PRIVATE LOCKSTEP_WITH_NCCL)
   target_include_directories(${target} SYSTEM PRIVATE ${LOCKSTEP_NCCL_INCLUDE_DIR})
