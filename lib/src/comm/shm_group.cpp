@@ -638,7 +638,8 @@ class ShmGroup : public ProcessGroup {
       if (first) verify(call);
       if (hi > lo) {
         for (int r = 0; r < w; ++r) srcs[r] = (r == rank() ? chunk : segment_.slot(r)) + lo * es;
-        fn(segment_.result() + lo * es, srcs.data(), w, hi - lo, avg);
+        void* dst = segment_.result() + lo * es;
+        fn(&dst, 1, srcs.data(), w, hi - lo, avg);
       }
       phase(call);
       std::memcpy(data + off * es, segment_.result(), count * es);
@@ -653,25 +654,16 @@ class ShmGroup : public ProcessGroup {
     const size_t es = c10::elementSize(buffer.dtype);
     const int64_t align = std::max<int64_t>(1, 64 / static_cast<int64_t>(es));
     const int64_t per = ((n + w - 1) / w + align - 1) / align * align;
-    auto lo_of = [&](int q) { return std::min(n, per * q); };
-    auto hi_of = [&](int q) { return std::min(n, per * (q + 1)); };
+    const int64_t lo = std::min(n, per * rank()), hi = std::min(n, per * (rank() + 1));
     phase(call);  // A: every region holds its rank's contribution
     verify(call);
     if (w == 1) return;
-    const int64_t lo = lo_of(rank()), hi = hi_of(rank());
     if (hi > lo) {
-      std::vector<const void*> srcs(w);
-      for (int q = 0; q < w; ++q) srcs[q] = buffer.region(q) + lo * es;
-      fn(buffer.region(rank()) + lo * es, srcs.data(), w, hi - lo, avg);
+      std::vector<void*> slices(w);
+      for (int q = 0; q < w; ++q) slices[q] = buffer.region(q) + lo * es;
+      fn(slices.data(), w, slices.data(), w, hi - lo, avg);
     }
-    phase(call);  // B: every slice is reduced in its owner's region
-    for (int q = 0; q < w; ++q) {
-      const int64_t qlo = lo_of(q), qhi = hi_of(q);
-      if (q == rank() || qhi <= qlo) continue;
-      std::memcpy(buffer.region(rank()) + qlo * es, buffer.region(q) + qlo * es,
-                  (qhi - qlo) * es);
-    }
-    phase(call);  // C: nobody reads this rank's region any more
+    phase(call);  // B: every region holds every reduced slice; nobody touches a region again
   }
 
   void run_broadcast(Call call, const at::Tensor& t, int root) {

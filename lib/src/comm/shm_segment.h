@@ -168,13 +168,15 @@ class Segment {
 // ShmGroup::new_buffer(numel) maps one more shared object holding one region per rank (each
 // rounded up to whole pages) and returns a tensor over this rank's region. An all-reduce of
 // exactly that tensor copies nothing in or out: after phase A every rank sums its slice of the
-// element range over regions 0..W-1 (in that order) in place into its own region; after
-// phase B it copies the other ranks' reduced slices from their regions into its own; phase C
-// keeps a rank from writing its region again (the next backward's gradients) while a peer still
-// reads from it. A slice is written only by its owner and read by others only after B, and
-// the owner's region is not written by anyone else, so no slice is read while it is written.
-// Memory traffic per rank for N bytes: read N, write N/W (the reduction), read and write
-// N (W-1)/W (the gather), against about 3N read and 3N written through the slots.
+// element range over regions 0..W-1 (in that order) and writes the result into that slice of
+// every region, in one pass (Note [One pass per element] in shm_kernels.cpp); phase B then
+// tells every rank that its whole region is reduced and that nobody reads or writes it any
+// more, so it may write the next backward's gradients there. A slice is read and written only
+// by its owner between A and B, and every rank has stopped writing its region at A, so no
+// element is read while another rank writes it. Memory traffic per rank for N bytes: read N
+// and write N (its slice of every region), against read N, write N/W, then read and write
+// N (W-1)/W with a separate gather after a third phase (lockstep before 2026-11-29), and about
+// 3N read and 3N written through the slots.
 struct SharedBuffer {
   std::unique_ptr<Mapping> mapping;
   size_t region_bytes = 0;
