@@ -159,7 +159,8 @@ struct Outcome {
   std::vector<double> step_ms;         // rank 0, every counted repeat pooled
   std::vector<double> repeat_medians;  // one per counted repeat
   std::vector<double> allreduce_ms;    // one per counted repeat
-  std::vector<double> plain_step_ms;   // overhead: the interleaved plain steps
+  std::vector<double> plain_step_ms;   // overhead: the interleaved plain (or floor) steps
+  std::vector<double> plain_repeat_medians;
   std::vector<double> cpu_ms_per_step;  // rank 0, one per counted repeat
   std::vector<double> cpus;            // every attempt: CPU time of all ranks per second
   std::vector<double> others;          // every attempt: Note [Disturbed runs]
@@ -352,6 +353,7 @@ class Runner {
       if (j.contains("plain_step_ms")) {
         auto p = j["plain_step_ms"].get<std::vector<double>>();
         out.plain_step_ms.insert(out.plain_step_ms.end(), p.begin(), p.end());
+        if (!p.empty()) out.plain_repeat_medians.push_back(median(p));
       }
       if (j.contains("cpu_ms_per_step")) out.cpu_ms_per_step.push_back(j["cpu_ms_per_step"]);
       out.backend = j.value("backend", "");
@@ -431,10 +433,16 @@ json scenario_json(const Scenario& s, const Outcome& r, const json& ref_median,
   j["peak_rss_mib"] = r.peak_rss_kb / 1024.0;
   if (!r.allreduce_ms.empty()) j["allreduce_all_grads_ms"] = median(r.allreduce_ms);
   if (ref_median.is_number()) j["ratio"] = med / ref_median.get<double>();
-  if (floor_median.is_number() && s.world >= 2 && s.kind != "floor") {
+  if (!r.plain_step_ms.empty()) {
+    j["plain_median_ms"] = median(r.plain_step_ms);
+    j["plain_repeat_medians_ms"] = r.plain_repeat_medians;
+  }
+  if (s.kind == "overhead" && s.world >= 2 && !r.plain_step_ms.empty()) {
+    // Note [Alternating steps]: its floor is the one it alternated with.
+    j["vs_floor"] = med / j["plain_median_ms"].get<double>();
+  } else if (floor_median.is_number() && s.world >= 2 && s.kind != "floor") {
     j["vs_floor"] = med / floor_median.get<double>();
   }
-  if (!r.plain_step_ms.empty()) j["plain_median_ms"] = median(r.plain_step_ms);
   if (!r.cpu_ms_per_step.empty()) j["cpu_ms_per_step"] = median(r.cpu_ms_per_step);
   if (!r.glibc_tunables.empty()) j["glibc_tunables"] = r.glibc_tunables;
   if (!r.ddp_stats.empty()) {

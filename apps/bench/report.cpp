@@ -87,11 +87,32 @@ const json* find_ok(const json& model, const std::string& id) {
   return nullptr;
 }
 
+// "1.08x (1.02-1.12x)": a ddp_w2_alt scenario's DDP median over its floor median, and the
+// lowest and highest of the same ratio per repeat; empty without one.
+std::string alternating_ratio(const json* s) {
+  if (!s || !s->contains("plain_median_ms")) return "";
+  std::string out =
+      fixed((*s)["median_ms"].get<double>() / (*s)["plain_median_ms"].get<double>()) + "x";
+  if (!s->contains("plain_repeat_medians_ms")) return out;
+  const auto ddp = (*s)["repeat_medians_ms"].get<std::vector<double>>();
+  const auto floor = (*s)["plain_repeat_medians_ms"].get<std::vector<double>>();
+  std::vector<double> r;
+  for (size_t i = 0; i < std::min(ddp.size(), floor.size()); ++i) r.push_back(ddp[i] / floor[i]);
+  if (r.size() < 2) return out;
+  const auto mm = std::minmax_element(r.begin(), r.end());
+  return out + " (" + fixed(*mm.first) + "-" + fixed(*mm.second) + "x)";
+}
+
 // Issue 20's headline: lockstep DDP against the synchronized floor, with PyTorch's DDP as the
-// peer column. Empty when no model ran DDP beside either.
+// peer column. Where `ddp_w2_alt` ran (Note [Alternating steps] in worker.cpp), a column with
+// its ratio and the range of its repeats' own ratios. Empty when no model ran DDP beside
+// either.
 std::string render_headline(const json& doc, bool md) {
+  bool alternating = false;
+  for (const auto& m : doc["models"]) alternating = alternating || find_ok(m, "ddp_w2_alt");
   Table t = {{"model", "synchronized floor ms", "lockstep DDP ms", "DDP / floor", "PyTorch DDP ms",
               "DDP / PyTorch DDP"}};
+  if (alternating) t[0].push_back("DDP / floor, alternating steps (repeats)");
   for (const auto& m : doc["models"]) {
     const json* floor = find_ok(m, "floor_w2");
     const json* d2 = find_ok(m, "ddp_w2");
@@ -104,14 +125,22 @@ std::string render_headline(const json& doc, bool md) {
     };
     t.push_back(
         {m["model"].get<std::string>(), ms(floor), ms(d2), ratio(floor), ms(td), ratio(td)});
+    if (alternating) t.back().push_back(alternating_ratio(find_ok(m, "ddp_w2_alt")));
   }
   if (t.size() == 1) return "";
   std::ostringstream os;
   os << (md ? "**Headline**: step time of 2 ranks, median; the synchronized floor is the same "
               "two ranks training side by side with no gradient communication, kept in step by "
-              "a 1-element all-reduce per step\n\n"
+              "a 1-element all-reduce per step"
             : "== headline (2 ranks; floor: no gradient communication, 1-element all-reduce "
-              "per step)\n\n");
+              "per step");
+  if (alternating) {
+    os << (md ? "; alternating steps: each of the two processes alternates a DDP step with a "
+                "floor step, and the ratio is of their medians, with the lowest and highest of "
+                "the repeats' own ratios"
+              : "; alternating: DDP and floor steps alternate in the same processes");
+  }
+  os << (md ? "\n\n" : ")\n\n");
   os << render(t, md) << "\n";
   return os.str();
 }

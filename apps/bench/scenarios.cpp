@@ -199,6 +199,13 @@ std::vector<Scenario> scenarios_for(const BenchOptions& o, const std::string& mo
         named("ddp_w1_alt", "overhead",
               "lockstep DDP, world 1, alternating steps with plain LibTorch in one process");
     add(s);
+    // Issue 20's ratio to the synchronized floor the same way (Note [Alternating steps] in
+    // worker.cpp): two processes, each alternating a DDP step with a floor step.
+    Scenario f = named("ddp_w2_alt", "overhead",
+                       "lockstep DDP, world 2, alternating steps with the synchronized floor in "
+                       "the same two processes");
+    f.world = 2;
+    add(f);
   }
   if (on("dp")) {
     // Note [DataParallel against intra-op threads]
@@ -371,6 +378,7 @@ json compute_targets(const json& models) {
     const json* td = find_scenario(m, "torch_ddp_w2");
     const json* floor = find_scenario(m, "floor_w2");
     const json* alt = find_scenario(m, "ddp_w1_alt");
+    const json* alt2 = find_scenario(m, "ddp_w2_alt");
     const json* dpr = find_dp(m);
     const json* dpref =
         dpr && (*dpr)["reference"].is_string() ? find_scenario(m, (*dpr)["reference"]) : nullptr;
@@ -395,6 +403,11 @@ json compute_targets(const json& models) {
       const double r = med(d2) / med(floor);
       add("lockstep DDP / synchronized floor step time (2 ranks)", r, "(reported)", true, "<= 1.10",
           r <= 1.1);
+    }
+    if (alt2 && alt2->contains("plain_median_ms")) {
+      const double r = med(alt2) / (*alt2)["plain_median_ms"].get<double>();
+      add("lockstep DDP / synchronized floor, alternating steps in the same processes (2 ranks)",
+          r, "(reported)", true, "<= 1.10", r <= 1.1);
     }
     if (td && floor) {
       const double r = med(td) / med(floor);

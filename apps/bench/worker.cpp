@@ -343,19 +343,27 @@ int run_worker(const WorkerConfig& c) {
     per_step = [&, ddp] { ddp_stats.push_back(ddp->last_stats()); };
     after = [&, mem_before] { out["ddp_stats"] = summarise_ddp(ddp_stats, mem_before, numel); };
   } else if (c.kind == "overhead") {
-    // World 1: a plain copy of the model and a DDP-wrapped one take steps alternately in this
-    // process (which goes first alternates too), so that load, allocator and thread pools are
-    // the same for both. `step` times the wrapped one; the plain ones go to plain_step_ms.
+    // Note [Alternating steps]
+    // A plain copy of the model and a DDP-wrapped one take steps alternately in the same
+    // processes (which goes first alternates too, the same on every rank), so that load,
+    // allocator and thread pools are the same for both and a burst of noise hits both alike.
+    // At world 1 the plain step is plain training; at world 2 and more it is the synchronized
+    // floor's step (Note [The synchronized floor]): plain training and a 1-element all-reduce.
+    // `step` times the wrapped one; the plain ones go to plain_step_ms. Each model's weights
+    // and gradients are colder in the cache than in a process of their own (the other model
+    // ran in between), alike for both sides.
     torch::manual_seed(0);
     auto plain_net = std::make_shared<BenchNet>(c.model);
     auto plain_opt = std::make_shared<torch::optim::SGD>((*plain_net)->parameters(),
                                                          torch::optim::SGDOptions(0.01));
     DistributedDataParallel<BenchNetImpl> ddp(net, pg, DDPOptions().bucket_cap_mb(c.bucket_cap_mb));
     auto count = std::make_shared<int>(0);
-    step = [&, ddp, plain_net, plain_opt, count]() mutable {
+    auto token = torch::zeros({1});
+    step = [&, ddp, plain_net, plain_opt, count, token]() mutable {
       auto timed_plain = [&] {
         auto t0 = Clock::now();
         plain_step(*plain_net, *plain_opt, data);
+        if (pg->size() > 1) pg->allreduce(token)->wait();
         plain_ms.push_back(ms_since(t0));
       };
       if (++*count % 2 == 0) timed_plain();

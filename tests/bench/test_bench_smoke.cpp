@@ -181,7 +181,7 @@ json scenario(const std::string& id, const std::string& kind, double median_ms, 
           {"backend", "shm"}};
 }
 
-json synthetic_doc(bool with_floor) {
+json synthetic_doc(bool with_floor, bool with_alternating = false) {
   json m = {{"model", "mlp"}, {"params", 1863690}, {"batch", 64}, {"scenarios", json::array()}};
   m["scenarios"].push_back(scenario("plain", "plain", 10.0, 1));
   if (with_floor) m["scenarios"].push_back(scenario("floor_w2", "floor", 12.5));
@@ -196,6 +196,14 @@ json synthetic_doc(bool with_floor) {
   json alt = scenario("ddp_w1_alt", "overhead", 10.2, 1);
   alt["plain_median_ms"] = 10.0;
   m["scenarios"].push_back(alt);
+  if (with_alternating) {
+    json alt2 = scenario("ddp_w2_alt", "overhead", 13.0);
+    alt2["plain_median_ms"] = 12.5;
+    alt2["repeat_medians_ms"] = {13.0, 14.0, 12.0};
+    alt2["plain_repeat_medians_ms"] = {12.5, 12.5, 12.5};
+    alt2["vs_floor"] = 1.04;
+    m["scenarios"].push_back(alt2);
+  }
   json doc = {{"command", "lockstep-bench --model mlp"},
               {"environment",
                {{"nproc", 2},
@@ -238,6 +246,16 @@ TEST(BenchTargets, DdpAgainstTheFloorAndWorldOneInOneProcess) {
   EXPECT_EQ(find_target(synthetic_doc(false)["targets"],
                         "lockstep DDP / synchronized floor step time (2 ranks)"),
             nullptr);
+  // Note [Alternating steps] at world 2: DDP against the floor steps it alternated with.
+  const std::string alternating =
+      "lockstep DDP / synchronized floor, alternating steps in the same processes (2 ranks)";
+  EXPECT_EQ(find_target(doc["targets"], alternating), nullptr);
+  const json with_alt = synthetic_doc(true, true);
+  const json* alt2 = find_target(with_alt["targets"], alternating);
+  ASSERT_NE(alt2, nullptr);
+  EXPECT_DOUBLE_EQ((*alt2)["value"].get<double>(), 13.0 / 12.5);
+  EXPECT_EQ((*alt2)["goal"], "<= 1.10");
+  EXPECT_TRUE((*alt2)["goal_met"].get<bool>());
 }
 
 TEST(BenchReport, HeadlineShowsDdpOverTheFloorBesidePyTorchDdp) {
@@ -264,6 +282,17 @@ TEST(BenchReport, HeadlineShowsDdpOverTheFloorBesidePyTorchDdp) {
       << old;
   const std::string terminal = bench::render_report(synthetic_doc(true), false);
   EXPECT_NE(terminal.find("== headline"), std::string::npos) << terminal;
+  // With the alternating scenario: one more column, its ratio and its repeats' range
+  // (13/12.5, 14/12.5, 12/12.5).
+  const std::string alt = bench::render_report(synthetic_doc(true, true), true);
+  const size_t alt_row = alt.find("| mlp ", alt.find("**Headline**"));
+  ASSERT_NE(alt_row, std::string::npos) << alt;
+  std::string alt_line = alt.substr(alt_row, alt.find('\n', alt_row) - alt_row);
+  alt_line.erase(std::remove(alt_line.begin(), alt_line.end(), ' '), alt_line.end());
+  EXPECT_EQ(alt_line, "|mlp|12.50|15.00|1.20x|20.00|0.75x|1.04x(0.96-1.12x)|") << alt;
+  EXPECT_NE(alt.find("DDP / floor, alternating steps (repeats)"), std::string::npos) << alt;
+  EXPECT_EQ(md.find("alternating steps (repeats)"), std::string::npos)
+      << "no column where the scenario did not run\n" << md;
 }
 
 TEST(BenchReport, DisturbedScenariosSayWhy) {
@@ -669,7 +698,8 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
     expect_sane_scenario(s, "mlp");
   }
   for (const char* id : {"plain", "floor_w2", "ddp_w1", "ddp_w2", "ddp_w2_gloo", "perparam_w2",
-                         "torch_ddp_w2", "ddp_w1_alt", "plain_2t", "dp_r1", "dp_r2"}) {
+                         "torch_ddp_w2", "ddp_w1_alt", "ddp_w2_alt", "plain_2t", "dp_r1",
+                         "dp_r2"}) {
     EXPECT_TRUE(ids.count(id)) << "scenario " << id << " missing";
   }
   // Everything but PyTorch's DDP needs nothing optional: it must have run, and lockstep's
@@ -709,6 +739,15 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   EXPECT_FALSE(by_id.at("ddp_w1")->contains("vs_floor"));
   // World 1 in one process: the plain steps between the wrapped ones.
   EXPECT_GT(by_id.at("ddp_w1_alt")->at("plain_median_ms").get<double>(), 0.0);
+  // World 2 in the same two processes: the floor steps between the DDP ones, and its ratio
+  // to them (not to the separate floor_w2).
+  const json& alt2 = *by_id.at("ddp_w2_alt");
+  EXPECT_EQ(alt2["world"].get<int>(), 2);
+  EXPECT_NEAR(alt2["vs_floor"].get<double>(),
+              alt2["median_ms"].get<double>() / alt2["plain_median_ms"].get<double>(), 1e-9);
+  EXPECT_EQ(alt2["plain_repeat_medians_ms"].size(), 1u);
+  EXPECT_NE(r.markdown.find("DDP / floor, alternating steps (repeats)"), std::string::npos)
+      << r.markdown;
 
   ASSERT_EQ(r.doc["allreduce"].size(), 2u);
   for (const json& a : r.doc["allreduce"]) {
@@ -737,6 +776,8 @@ TEST(BenchSmoke, TinyRunWritesSaneJsonAndMarkdown) {
   EXPECT_TRUE(targets.count("lockstep DDP / synchronized floor step time (2 ranks)"));
   EXPECT_TRUE(
       targets.count("lockstep DDP world 1 overhead over plain, alternating steps in one process"));
+  EXPECT_TRUE(targets.count(
+      "lockstep DDP / synchronized floor, alternating steps in the same processes (2 ranks)"));
   EXPECT_TRUE(targets.count("DataParallel 2 replicas / 1 module x 2 threads throughput"));
 
   EXPECT_NE(r.markdown.find("| plain LibTorch, 1 process"), std::string::npos) << r.markdown;
