@@ -91,9 +91,10 @@ double per_call_ms(ProcessGroup& pg, int iters, const std::function<void()>& op)
 // all-reduce moves, with every rank at it at once (as in a real step, where both ranks reduce
 // while they share the memory bus and L3): the median per-iteration time of a copy of n
 // floats (memcpy) and of an add of n floats into n (dst[i] += src[i]), after a barrier, in
-// back-to-back iterations like the sweep's. The in-place all-reduce of W ranks costs about
-// an add over n (its reduction reads n and writes n/W) plus a copy of n (W-1)/W (the
-// gather), so these two columns bound from below what any reduction on this machine can do.
+// back-to-back iterations like the sweep's. The in-place all-reduce reads n and writes n per
+// rank (its slice of every rank's region, in one pass: Note [One pass per element]), the
+// bytes of a copy of n, so the copy column bounds it from below and the add column (read 2n,
+// write n) shows what an extra read costs.
 // Both buffers are page-aligned, as the shared regions are: glibc's memcpy on this AMD EPYC
 // VM is 10-30x slower for 16-256 KiB when the destination lies 16 bytes past the source
 // modulo 4 KiB (256 KiB: 342 us against 11-33 us at 0, 48, 64, 80 or 4032 bytes), which two
