@@ -117,15 +117,17 @@ std::string render_headline(const json& doc, bool md) {
     const json* floor = find_ok(m, "floor_w2");
     const json* d2 = find_ok(m, "ddp_w2");
     const json* td = find_ok(m, "torch_ddp_w2");
-    if (!d2 || (!floor && !td)) continue;
+    const json* alt = find_ok(m, "ddp_w2_alt");
+    if ((!d2 || (!floor && !td)) && !alt) continue;
     auto ms = [](const json* s) { return s ? fixed((*s)["median_ms"].get<double>()) : ""; };
     auto ratio = [&](const json* s) {
-      return s ? fixed((*d2)["median_ms"].get<double>() / (*s)["median_ms"].get<double>()) + "x"
-               : "";
+      return s && d2
+                 ? fixed((*d2)["median_ms"].get<double>() / (*s)["median_ms"].get<double>()) + "x"
+                 : "";
     };
     t.push_back(
         {m["model"].get<std::string>(), ms(floor), ms(d2), ratio(floor), ms(td), ratio(td)});
-    if (alternating) t.back().push_back(alternating_ratio(find_ok(m, "ddp_w2_alt")));
+    if (alternating) t.back().push_back(alternating_ratio(alt));
   }
   if (t.size() == 1) return "";
   std::ostringstream os;

@@ -293,6 +293,18 @@ TEST(BenchReport, HeadlineShowsDdpOverTheFloorBesidePyTorchDdp) {
   EXPECT_NE(alt.find("DDP / floor, alternating steps (repeats)"), std::string::npos) << alt;
   EXPECT_EQ(md.find("alternating steps (repeats)"), std::string::npos)
       << "no column where the scenario did not run\n" << md;
+  // `--scenario overhead` alone: no ddp_w2, but the alternating ratio still heads the report.
+  json only_alt = synthetic_doc(true, true);
+  auto& scenarios = only_alt["models"][0]["scenarios"];
+  for (auto it = scenarios.begin(); it != scenarios.end();) {
+    it = (*it)["id"] == "ddp_w2" ? scenarios.erase(it) : std::next(it);
+  }
+  const std::string alone = bench::render_report(only_alt, true);
+  const size_t alone_row = alone.find("| mlp ", alone.find("**Headline**"));
+  ASSERT_NE(alone_row, std::string::npos) << alone;
+  std::string alone_line = alone.substr(alone_row, alone.find('\n', alone_row) - alone_row);
+  alone_line.erase(std::remove(alone_line.begin(), alone_line.end(), ' '), alone_line.end());
+  EXPECT_EQ(alone_line, "|mlp|12.50|||20.00||1.04x(0.96-1.12x)|") << alone;
 }
 
 TEST(BenchReport, DisturbedScenariosSayWhy) {

@@ -126,6 +126,39 @@ TEST(ShmSharedBuffer, OutlivesTheGroupAndMismatchedPathsAreNamed) {
   EXPECT_EQ(survivor.sum().item<float>(), 3000.0f);
 }
 
+// Note [Shared reduction buffers]: every rank writes its reduced slice into its peers'
+// regions, so ranks that name different buffers of the same shape must fail before anything
+// is written, not reduce into a buffer the peer is not reducing (which autograd may be
+// filling at that moment).
+TEST(ShmSharedBuffer, DifferentBuffersOfTheSameShapeFailBeforeAnythingIsWritten) {
+  std::vector<std::string> messages(2);
+  std::vector<bool> untouched(2, false);
+  with_shm(2, [&](const ProcessGroupPtr& pg) {
+    auto first = pg->new_buffer(1000, at::TensorOptions().dtype(at::kFloat));
+    auto second = pg->new_buffer(1000, at::TensorOptions().dtype(at::kFloat));
+    first.fill_(pg->rank() + 1);
+    second.fill_(10 * (pg->rank() + 1));
+    try {
+      pg->allreduce(pg->rank() == 0 ? first : second)->wait();
+      messages[pg->rank()] = "no error";
+    } catch (const lockstep::CommError& e) {
+      messages[pg->rank()] = e.what();
+    }
+    untouched[pg->rank()] = at::all(first == pg->rank() + 1).item<bool>() &&
+                            at::all(second == 10 * (pg->rank() + 1)).item<bool>();
+  }, test_options(unique_job("bufpair")));
+  EXPECT_NE(messages[0].find("shared buffer #1) via shm: rank 1 issued allreduce (shared "
+                             "buffer) #1 (1000 x Float, arg 0, shared buffer #2) instead"),
+            std::string::npos)
+      << messages[0];
+  EXPECT_NE(messages[1].find("rank 0 issued allreduce (shared buffer) #1 (1000 x Float, arg 0, "
+                             "shared buffer #1) instead"),
+            std::string::npos)
+      << messages[1];
+  EXPECT_TRUE(untouched[0]) << "rank 0's regions changed";
+  EXPECT_TRUE(untouched[1]) << "rank 1's regions changed";
+}
+
 INSTANTIATE_TEST_SUITE_P(WorldSizes, ShmWorld, ::testing::Values(1, 2, 3, 4));
 
 TEST(ShmSelection, TransportOptionEnvironmentAndAuto) {

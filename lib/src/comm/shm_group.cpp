@@ -184,7 +184,8 @@ class ShmGroup : public ProcessGroup {
     }
     if (auto buffer = find_buffer(tensor)) {  // Note [Shared reduction buffers]
       Call call = make_call(OpKind::kAllreduceShared, tensor, static_cast<int32_t>(op),
-                            to_string(op));
+                            concat(to_string(op), ", shared buffer #", buffer->number));
+      call.sig.buffer = buffer->number;
       return post([this, call, buffer, fn, avg] { run_allreduce_shared(call, *buffer, fn, avg); });
     }
     Call call = make_call(OpKind::kAllreduce, tensor, static_cast<int32_t>(op), to_string(op));
@@ -204,8 +205,9 @@ class ShmGroup : public ProcessGroup {
     buffer->region_bytes = round_up(std::max<size_t>(1, numel * es), kPage);
     buffer->numel = numel;
     buffer->dtype = dtype;
+    buffer->number = ++buffers_created_;
     buffer->mapping = std::make_unique<Mapping>(
-        rank(), size(), *store(), concat("buffer", ++buffers_created_), job_id_,
+        rank(), size(), *store(), concat("buffer", buffer->number), job_id_,
         buffer->region_bytes * size(), rendezvous_timeout_, nullptr);
     char* mine = buffer->region(rank());
     {
@@ -591,7 +593,9 @@ class ShmGroup : public ProcessGroup {
                                op_name(static_cast<OpKind>(s.kind)), " #", s.seq, " (", s.numel,
                                " x ", c10::toString(static_cast<at::ScalarType>(
                                           s.dtype < 0 ? 0 : s.dtype)),
-                               ", arg ", s.arg, ") instead", by,
+                               ", arg ", s.arg,
+                               s.buffer != 0 ? concat(", shared buffer #", s.buffer) : "",
+                               ") instead", by,
                                ". Every rank must issue the same collectives in the same order "
                                "with the same shapes.", tail));
       }
@@ -656,8 +660,9 @@ class ShmGroup : public ProcessGroup {
     const int64_t per = ((n + w - 1) / w + align - 1) / align * align;
     const int64_t lo = std::min(n, per * rank()), hi = std::min(n, per * (rank() + 1));
     phase(call);  // A: every region holds its rank's contribution
-    verify(call);
+    verify(call);  // the same buffer on every rank, before writing into the peers' regions
     if (w == 1) return;
+    check_abort(call);  // a peer that failed after A (the spin in phase() does not look)
     if (hi > lo) {
       std::vector<void*> slices(w);
       for (int q = 0; q < w; ++q) slices[q] = buffer.region(q) + lo * es;

@@ -36,10 +36,10 @@ struct MaxOp {
 // CPU time taken from backward. So the sums that gradients take (float32, float64, float16,
 // bfloat16; sum or average; up to kUnrolledSources sources) read every source element once
 // and write every destination element once, in one loop that the compiler unrolls over the
-// sources (their count is a template parameter) and vectorises over the elements. A
-// destination may be a source at the same offset (the in-place all-reduce writes every rank's
-// region); each element is read before it is written, in the same iteration, so that aliasing
-// is safe. Other ops, integer dtypes and more sources take the blocked loop below. Both loops
+// sources (their count is a template parameter); for float32 and float64 it also vectorises
+// over the elements (16-bit floats convert element by element). A destination may be a source
+// at the same offset (the in-place all-reduce writes every rank's region); each element is
+// read before it is written, in the same iteration, so that aliasing is safe. Other ops, integer dtypes and more sources take the blocked loop below. Both loops
 // do the same arithmetic in the same order (fold the sources in order in Acc, then divide by
 // the count for an average, then cast), so which one runs never changes a result's bits.
 // (On the 2-core development machine, the MLP's 2.1 MB half of bucket 0 at two ranks: the
@@ -74,19 +74,37 @@ void reduce_blocked(void* const* dsts, int ndst, const void* const* srcs, int ns
   }
 }
 
-// NS sources, ND destinations (1, or one per source), all compile-time.
+// NS sources, ND destinations (1, or one per source), all compile-time. Up to two
+// destinations the loop stores straight from registers: GCC vectorises it behind a runtime
+// check that each destination is either a source at the same address or overlaps none (it
+// accepts the in-place case). With more destinations that check grows past what GCC versions
+// a loop for, so the sum goes to a tile on the stack (which aliases nothing) and each
+// destination is stored from the tile while it is in L1.
 template <typename T, typename Acc, int NS, int ND, bool kAvg>
 void sum_one_pass(void* const* dsts, const void* const* srcs, int64_t n) {
   const T* s[NS];
   T* d[ND];
   for (int k = 0; k < NS; ++k) s[k] = static_cast<const T*>(srcs[k]);
   for (int q = 0; q < ND; ++q) d[q] = static_cast<T*>(dsts[q]);
-  for (int64_t i = 0; i < n; ++i) {
+  auto fold = [&](int64_t i) {
     Acc a = static_cast<Acc>(s[0][i]);
     for (int k = 1; k < NS; ++k) a = a + static_cast<Acc>(s[k][i]);
     if (kAvg) a /= static_cast<Acc>(NS);
-    const T v = static_cast<T>(a);
-    for (int q = 0; q < ND; ++q) d[q][i] = v;
+    return static_cast<T>(a);
+  };
+  if constexpr (ND <= 2) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = fold(i);
+      for (int q = 0; q < ND; ++q) d[q][i] = v;
+    }
+  } else {
+    constexpr int64_t kTile = 1024;
+    T tile[kTile];
+    for (int64_t b = 0; b < n; b += kTile) {
+      const int64_t m = std::min(kTile, n - b);
+      for (int64_t i = 0; i < m; ++i) tile[i] = fold(b + i);
+      for (int q = 0; q < ND; ++q) std::copy(tile, tile + m, d[q] + b);
+    }
   }
 }
 

@@ -26,9 +26,10 @@ struct Signature {
   int64_t numel = 0;
   int32_t arg = 0;  // ReduceOp or root
   uint32_t seq = 0;
+  uint64_t buffer = 0;  // the shared buffer's creation number (Note [Shared reduction buffers])
   bool operator==(const Signature& o) const {
     return kind == o.kind && dtype == o.dtype && numel == o.numel && arg == o.arg &&
-           seq == o.seq;
+           seq == o.seq && buffer == o.buffer;
   }
 };
 
@@ -173,12 +174,19 @@ class Segment {
 // tells every rank that its whole region is reduced and that nobody reads or writes it any
 // more, so it may write the next backward's gradients there. A slice is read and written only
 // by its owner between A and B, and every rank has stopped writing its region at A, so no
-// element is read while another rank writes it. Memory traffic per rank for N bytes: read N
-// and write N (its slice of every region), against read N, write N/W, then read and write
-// N (W-1)/W with a separate gather after a third phase (lockstep before 2026-11-29), and about
-// 3N read and 3N written through the slots.
+// element is read while another rank writes it. Since a rank writes into its peers' regions,
+// the ranks must be reducing the same buffer: its creation number (new_buffer is collective,
+// so the numbers agree) is part of the signature checked after A, and a rank that names
+// another buffer fails the collective on every rank before anything is written. After a
+// failed in-place all-reduce (a timeout, a dead peer) the buffer's contents are undefined and
+// may still change (a slow peer may still be writing its slice); the group is unusable then
+// anyway. Memory traffic per rank for N bytes: read N and write N (its slice of every region),
+// against read N and write N/W, then a gather after phase B reading and writing N (W-1)/W and a
+// third phase after it (lockstep before 2026-11-29), and about 3N read and 3N written through
+// the slots.
 struct SharedBuffer {
   std::unique_ptr<Mapping> mapping;
+  uint64_t number = 0;  // 1 for the group's first new_buffer, ...: the same on every rank
   size_t region_bytes = 0;
   int64_t numel = 0;
   at::ScalarType dtype = at::kFloat;
