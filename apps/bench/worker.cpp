@@ -176,6 +176,15 @@ void plain_step(BenchNet& net, torch::optim::Optimizer& opt, const Batch& data) 
   opt.step();
 }
 
+// Note [The synchronized floor]: the ranks train side by side with no gradient communication;
+// one 1-element all-reduce of `token` per step keeps them in step, so the wait for the slower
+// rank is in the floor as it is in DDP's step.
+void floor_step(BenchNet& net, torch::optim::Optimizer& opt, const Batch& data,
+                ProcessGroup& pg, at::Tensor& token) {
+  plain_step(net, opt, data);
+  pg.allreduce(token)->wait();
+}
+
 // The `ddp_stats` object of a result: lockstep DDP's own view of the timed steps (where the
 // step went, how much of the communication backward had to wait for) and the memory the
 // wrapper added over plain training.
@@ -302,14 +311,8 @@ int run_worker(const WorkerConfig& c) {
   if (c.kind == "plain") {
     step = [&] { plain_step(net, opt, data); };
   } else if (c.kind == "floor") {
-    // Note [The synchronized floor]: the ranks train side by side with no gradient
-    // communication; one 1-element all-reduce per step keeps them in step, so the wait for
-    // the slower rank is in the floor as it is in DDP's step.
     auto token = torch::zeros({1});
-    step = [&, token]() mutable {
-      plain_step(net, opt, data);
-      pg->allreduce(token)->wait();
-    };
+    step = [&, token]() mutable { floor_step(net, opt, data, *pg, token); };
   } else if (c.kind == "perparam") {
     // The pattern of pytorch/examples' cpp/distributed/dist-mnist.cpp: after backward, one
     // blocking all-reduce per parameter, then divide by the world size.
@@ -363,8 +366,11 @@ int run_worker(const WorkerConfig& c) {
     step = [&, ddp, plain_net, plain_opt, count, token]() mutable {
       auto timed_plain = [&] {
         auto t0 = Clock::now();
-        plain_step(*plain_net, *plain_opt, data);
-        if (pg->size() > 1) pg->allreduce(token)->wait();
+        if (pg->size() > 1) {
+          floor_step(*plain_net, *plain_opt, data, *pg, token);
+        } else {
+          plain_step(*plain_net, *plain_opt, data);
+        }
         plain_ms.push_back(ms_since(t0));
       };
       if (++*count % 2 == 0) timed_plain();

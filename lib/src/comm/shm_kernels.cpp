@@ -39,9 +39,10 @@ struct MaxOp {
 // sources (their count is a template parameter); for float32 and float64 it also vectorises
 // over the elements (16-bit floats convert element by element). A destination may be a source
 // at the same offset (the in-place all-reduce writes every rank's region); each element is
-// read before it is written, in the same iteration, so that aliasing is safe. Other ops, integer dtypes and more sources take the blocked loop below. Both loops
-// do the same arithmetic in the same order (fold the sources in order in Acc, then divide by
-// the count for an average, then cast), so which one runs never changes a result's bits.
+// read before it is written, in the same iteration, so that aliasing is safe. Other ops,
+// integer dtypes and more sources take the blocked loop below. Both loops do the same
+// arithmetic in the same order (fold the sources in order in Acc, then divide by the count
+// for an average, then cast), so which one runs never changes a result's bits.
 // (On the 2-core development machine, the MLP's 2.1 MB half of bucket 0 at two ranks: the
 // blocked loop plus a separate gather copy took 400-600 us, one pass writing both regions
 // 100-170 us.)
